@@ -1,0 +1,104 @@
+"""Local, rebuildable caches in one SQLite file under ``<git common dir>/theta``.
+
+- ``stat``: per work-tree path, the stat key of the file last cleaned, the manifest produced and a
+  fast fingerprint (xxh3-128) of every tensor. When git re-cleans a file whose stat key is unchanged
+  (``touch``, ``git status``), each tensor's bytes only need the fingerprint check, not sha256 and
+  encoding. The fingerprint is checked for every tensor, so a stale entry can never be used wrongly.
+- ``digests``: tensor digest -> how it is stored (update and object chain), so a tensor already
+  stored anywhere (another file, branch or shard) costs no new bytes.
+
+Both are caches: losing the file loses speed, never data. Any SQLite error disables the cache for
+the process instead of failing the git command.
+"""
+
+import json
+import sqlite3
+import threading
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stat (path TEXT PRIMARY KEY, key TEXT, manifest BLOB, fingerprints TEXT);
+CREATE TABLE IF NOT EXISTS digests (digest TEXT, dtype TEXT, shape TEXT, entry TEXT,
+                                    PRIMARY KEY (digest, dtype, shape));
+"""
+
+
+class Cache:
+    """SQLite-backed caches; every method degrades to a no-op if the database is unusable."""
+
+    def __init__(self, path):
+        self._path = path
+        self._db = None
+        self._broken = False
+        self._lock = threading.Lock()
+
+    def _conn(self):
+        if self._db is None and not self._broken:
+            try:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(str(self._path), timeout=30, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+                self._db = db
+            except sqlite3.Error:
+                self._broken = True
+        return self._db
+
+    def _run(self, fn, default=None):
+        with self._lock:
+            db = self._conn()
+            if db is None:
+                return default
+            try:
+                with db:
+                    return fn(db)
+            except sqlite3.Error:
+                return default
+
+    # -- stat cache ---------------------------------------------------------------------------
+    def get_stat(self, path, key):
+        """(manifest bytes, {tensor name: fingerprint}) for ``path`` if its stat key matches."""
+        row = self._run(
+            lambda db: db.execute(
+                "SELECT manifest, fingerprints FROM stat WHERE path=? AND key=?", (path, key)
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        try:
+            return bytes(row[0]), json.loads(row[1])
+        except ValueError:
+            return None
+
+    def put_stat(self, path, key, manifest, fingerprints):
+        self._run(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO stat VALUES (?,?,?,?)",
+                (path, key, manifest, json.dumps(fingerprints, sort_keys=True)),
+            )
+        )
+
+    # -- digest index -------------------------------------------------------------------------
+    def get_digest(self, digest, dtype, shape):
+        """The stored ``update oid:size ...`` text for a tensor with this digest, dtype and shape."""
+        row = self._run(
+            lambda db: db.execute(
+                "SELECT entry FROM digests WHERE digest=? AND dtype=? AND shape=?",
+                (digest, dtype, json.dumps(list(shape))),
+            ).fetchone()
+        )
+        return row[0] if row else None
+
+    def put_digests(self, entries):
+        """Remember how each TensorEntry in ``entries`` is stored."""
+        rows = [
+            (
+                e.digest,
+                e.dtype,
+                json.dumps(list(e.shape)),
+                " ".join([e.update, *(str(r) for r in e.objects)]),
+            )
+            for e in entries
+        ]
+        if rows:
+            self._run(lambda db: db.executemany("INSERT OR REPLACE INTO digests VALUES (?,?,?,?)", rows))

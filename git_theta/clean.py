@@ -1,0 +1,236 @@
+"""Clean: turn a checkpoint byte stream into a manifest, storing each new tensor in the object store.
+
+The reader thread pulls one tensor at a time from the stream (git's pipe); worker threads hash and
+encode tensors in parallel (hashlib, numpy and zstandard release the GIL). The bytes of tensors in
+flight are bounded by a budget, so memory stays near the largest tensor, not the checkpoint. A
+tensor whose bytes are already stored (same digest in the parent manifest, the digest index or the
+stat cache) costs no new bytes and no encoding.
+"""
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from . import plugins
+from .codec import encode_tensor, tensor_digest
+from .dtypes import nbytes
+from .errors import CheckpointError, ManifestError
+from .manifest import Manifest, ObjectRef, TensorEntry, is_manifest
+from .peekable import PeekableReader
+from .settings import settings_for
+
+SNIFF_BYTES = 4096
+MAX_MANIFEST = 256 << 20
+
+
+def detect_format(repo, path, head):
+    """The format plugin for ``path``: the ``theta-format`` attribute if set, else by content."""
+    forced = repo.attribute(path, "theta-format") if repo is not None else "unspecified"
+    if forced not in ("unspecified", "set", "unset"):
+        return plugins.get("format", forced, needed_by=f"{path} (attribute theta-format)")
+    candidates = plugins.all_plugins("format")
+    # Prefer formats whose usual suffix matches, then the rest; content decides in both cases.
+    candidates.sort(key=lambda f: not path.endswith(tuple(f.suffixes)))
+    for fmt in candidates:
+        if fmt.sniff(head, path):
+            return fmt
+    raise CheckpointError(
+        f"{path}: not a checkpoint format git-theta knows "
+        f"({', '.join(plugins.names('format'))})",
+        hint="set the format with the attribute theta-format=NAME in .gitattributes, "
+        "or untrack the file with 'git theta untrack'",
+    )
+
+
+def parent_manifest(repo, path):
+    """The manifest this path had in the index (or else HEAD), if any: the base for dedup."""
+    if repo is None:
+        return None
+    for spec in (f":{path}", f"HEAD:{path}"):
+        try:
+            data = repo.read_blob(spec)
+        except Exception:
+            data = None
+        if data and is_manifest(data):
+            try:
+                return Manifest.parse(data, source=spec)
+            except ManifestError:
+                return None
+    return None
+
+
+def stat_key(path):
+    """The identity of a work-tree file as git's index sees it, or None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+class _Budget:
+    """Bounds the bytes of tensors in flight; one tensor may always proceed when none are."""
+
+    def __init__(self, limit):
+        self._limit = limit
+        self._used = 0
+        self._cond = threading.Condition()
+
+    def wait_below(self):
+        with self._cond:
+            while self._used > 0 and self._used >= self._limit:
+                self._cond.wait()
+
+    def add(self, n):
+        with self._cond:
+            self._used += n
+
+    def release(self, n):
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+class Cleaner:
+    """Cleans checkpoints for one repository (reused across files by the filter process)."""
+
+    def __init__(self, repo, settings=None):
+        self.repo = repo
+        self.settings = settings or settings_for(repo)
+        self.store = repo.store
+        self.cache = repo.cache
+        self._pool = None
+
+    def _executor(self):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.settings.threads(), thread_name_prefix="theta-clean")
+        return self._pool
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def clean(self, stream, path):
+        """Read a checkpoint (or a manifest) from ``stream``; return the manifest bytes."""
+        reader = PeekableReader(stream)
+        head = reader.peek(SNIFF_BYTES)
+        if is_manifest(head):
+            data = reader.read(MAX_MANIFEST + 1)
+            if len(data) > MAX_MANIFEST:
+                raise ManifestError(f"{path}: manifest is larger than {MAX_MANIFEST} bytes")
+            Manifest.parse(data, source=path)  # validate; a manifest passes through unchanged
+            return data
+        fmt = detect_format(self.repo, path, head)
+        key = stat_key(path) if self.settings.get_bool("statCache") else None
+        cached = self.cache.get_stat(path, key) if key else None
+        return self._clean_checkpoint(fmt, reader, path, key, cached)
+
+    def _clean_checkpoint(self, fmt, reader, path, key, cached):
+        import xxhash
+
+        parent = parent_manifest(self.repo, path)
+        known = {}  # digest -> TensorEntry from the parent or the stat-cached manifest
+        cached_entries, fingerprints_before = {}, {}
+        if cached is not None:
+            try:
+                cached_entries = Manifest.parse(cached[0], source="stat cache").tensors
+                fingerprints_before = cached[1]
+            except ManifestError:
+                cached_entries = {}
+        for source in (parent.tensors if parent else {}), cached_entries:
+            for entry in source.values():
+                known.setdefault(entry.digest, entry)
+
+        budget = _Budget(self.settings.get_int("memoryBudget"))
+        pool = self._executor()
+
+        def process(tensor):
+            size = len(tensor.data)
+            try:
+                if size != nbytes(tensor.dtype, tensor.shape):
+                    raise CheckpointError(f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
+                                          f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}")
+                fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
+                previous = cached_entries.get(tensor.name)
+                if (
+                    previous is not None
+                    and fingerprints_before.get(tensor.name) == fingerprint
+                    and previous.dtype == tensor.dtype
+                    and previous.shape == tuple(tensor.shape)
+                    and self._all_local(previous)
+                ):
+                    return previous, fingerprint
+                tensor.digest = tensor_digest(tensor.data)
+                entry = self._reuse(tensor, known)
+                if entry is None:
+                    entry = encode_tensor(self.store, tensor)
+                return entry, fingerprint
+            finally:
+                budget.release(size)
+
+        futures = []
+        checkpoint = fmt.split(reader, path)
+        try:
+            for tensor in checkpoint.tensors():
+                budget.add(len(tensor.data))
+                futures.append(pool.submit(process, tensor))
+                budget.wait_below()
+            results = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            for f in futures:
+                if not f.cancelled():
+                    try:
+                        f.result()
+                    except BaseException:
+                        pass
+            raise
+        manifest = Manifest(format=fmt.name, fields=dict(checkpoint.fields))
+        for key_name, data in checkpoint.blobs.items():
+            manifest.blobs[key_name] = self.store.put_bytes(data)
+        fingerprints = {}
+        for entry, fingerprint in results:
+            if entry.name in manifest.tensors:
+                raise CheckpointError(f"{path}: tensor name {entry.name!r} appears twice")
+            manifest.tensors[entry.name] = entry
+            fingerprints[entry.name] = fingerprint
+        data = manifest.serialize()
+        self.cache.put_digests(manifest.tensors.values())
+        if key is not None and stat_key(path) == key:
+            self.cache.put_stat(path, key, data, fingerprints)
+        return data
+
+    def _all_local(self, entry):
+        return all(self.store.has(ref.oid) for ref in entry.objects)
+
+    def _reuse(self, tensor, known):
+        """An existing entry storing exactly these bytes, renamed for this tensor, or None."""
+        # Reuse only entries whose objects are here: the bytes are in hand, so storing them again
+        # is always possible, while an entry pointing at objects nobody has would lose the tensor.
+        entry = known.get(tensor.digest)
+        if (
+            entry is not None
+            and entry.dtype == tensor.dtype
+            and entry.shape == tuple(tensor.shape)
+            and self._all_local(entry)
+        ):
+            return _renamed(entry, tensor.name)
+        stored = self.cache.get_digest(tensor.digest, tensor.dtype, tensor.shape)
+        if stored:
+            update, *refs = stored.split(" ")
+            try:
+                objects = tuple(ObjectRef.parse(r) for r in refs)
+            except ManifestError:
+                return None
+            if objects and all(self.store.has(r.oid) for r in objects):  # same rule as above
+                return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update, objects)
+        return None
+
+
+def _renamed(entry, name):
+    """``entry`` describing a tensor called ``name`` (same bytes, same objects)."""
+    if entry.name == name:
+        return entry
+    return TensorEntry(name, entry.dtype, entry.shape, entry.digest, entry.update, entry.objects)

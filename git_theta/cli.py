@@ -1,0 +1,57 @@
+"""The ``git-theta`` command line (``git theta <verb>``). Only this layer prints and exits."""
+
+import sys
+
+import click
+
+from .errors import GitThetaError
+from .messages import report
+
+
+class ThetaGroup(click.Group):
+    """Lists commands in the order they were added (the order a user meets them)."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+
+@click.group(cls=ThetaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="git-theta", prog_name="git-theta")
+def cli():
+    """Version machine-learning checkpoints with git.
+
+    Checkpoints are stored per tensor in a content-addressed store; git keeps a small text
+    manifest. Run 'git theta install' once, then 'git theta track PATTERN'.
+    """
+
+
+def _register():
+    from .commands import filters, inspect, setup
+
+    for module in (setup, inspect, filters):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main(argv=None):
+    """Run the CLI; GitThetaError becomes ``error:``/``hint:`` lines and its exit code."""
+    try:
+        code = cli.main(args=argv, prog_name="git-theta", standalone_mode=False)
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except GitThetaError as exc:
+        report(exc)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(141)
+    except Exception as exc:  # noqa: BLE001 - last resort: log the traceback, say where it is
+        report(exc)
+        sys.exit(70)
+    sys.exit(code if isinstance(code, int) else 0)

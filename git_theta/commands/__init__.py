@@ -1,0 +1,1 @@
+"""CLI commands, grouped by topic; each module exports COMMANDS."""

@@ -1,0 +1,54 @@
+"""The commands git itself runs: the long-running filter process and the single-shot filters."""
+
+import sys
+
+import click
+
+from ..messages import report
+
+
+@click.command("filter-process", hidden=True)
+def filter_process():
+    """Serve git's long-running filter protocol on stdin/stdout."""
+    from ..filter_process import run
+
+    run(report)
+
+
+@click.command(hidden=True)
+@click.argument("path")
+def clean(path):
+    """Single-shot clean: checkpoint on stdin, manifest on stdout."""
+    from ..clean import Cleaner
+    from ..repo import Repo
+
+    repo = Repo(".")
+    cleaner = Cleaner(repo)
+    try:
+        data = cleaner.clean(sys.stdin.buffer, path)
+    finally:
+        cleaner.close()
+        repo.close()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+@click.command(hidden=True)
+@click.argument("path")
+def smudge(path):
+    """Single-shot smudge: manifest on stdin, checkpoint on stdout."""
+    from ..repo import Repo
+    from ..smudge import Smudger
+
+    repo = Repo(".")
+    smudger = Smudger(repo)
+    data = sys.stdin.buffer.read()
+    try:
+        smudger.smudge(data, path, sys.stdout.buffer)
+    finally:
+        smudger.close()
+        repo.close()
+    sys.stdout.buffer.flush()
+
+
+COMMANDS = [filter_process, clean, smudge]

@@ -1,0 +1,79 @@
+"""Looking at what is tracked: ls-files and plugins."""
+
+import json
+
+import click
+
+from .. import humanize
+
+
+@click.command("ls-files")
+@click.argument("rev", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ls_files(rev, as_json):
+    """List tracked checkpoints in REV (default: the index) with sizes."""
+    from ..inventory import tracked_files
+    from ..repo import Repo
+
+    repo = Repo(".")
+    rows = []
+    for tracked in tracked_files(repo, rev):
+        m = tracked.manifest
+        if m is None:
+            rows.append({"path": tracked.path, "status": tracked.error or "not a manifest (not cleaned)"})
+            continue
+        objects = m.all_objects()
+        local = sum(1 for r in objects if repo.store.has(r.oid))
+        rows.append(
+            {
+                "path": tracked.path,
+                "format": m.format,
+                "tensors": len(m.tensors),
+                "logical_bytes": m.logical_size(),
+                "stored_bytes": sum(r.size for r in objects),
+                "objects": len(objects),
+                "objects_local": local,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps({"rev": rev or ":index", "files": rows}, indent=2))
+        return
+    if not rows:
+        click.echo("no tracked checkpoints", err=True)
+        return
+    header = ("tensors", "logical", "stored", "local", "path")
+    table = [header]
+    for row in rows:
+        if "tensors" not in row:
+            table.append(("-", "-", "-", "-", f"{row['path']}  ({row['status']})"))
+            continue
+        table.append(
+            (
+                str(row["tensors"]),
+                humanize.size(row["logical_bytes"]),
+                humanize.size(row["stored_bytes"]),
+                f"{row['objects_local']}/{row['objects']}",
+                row["path"],
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for r in table:
+        click.echo("  ".join(r[i].rjust(widths[i]) for i in range(4)) + "  " + r[4])
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json):
+    """List installed plugins: formats, update types and merge operators."""
+    from .. import plugins as registry
+
+    rows = registry.describe()
+    if as_json:
+        keys = ("kind", "name", "package", "version", "object")
+        click.echo(json.dumps([dict(zip(keys, r)) for r in rows], indent=2))
+        return
+    for kind, name, package, version, obj in rows:
+        click.echo(f"{kind:7} {name:20} {package} {version}  ({obj})")
+
+
+COMMANDS = [ls_files, plugins]

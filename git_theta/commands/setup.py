@@ -1,0 +1,66 @@
+"""Setting git-theta up: install / uninstall (git config) and track / untrack (.gitattributes)."""
+
+import click
+
+from .. import attributes
+from .. import install as installer
+from ..errors import UsageError
+from ..repo import Repo
+
+
+def _scope(local):
+    if local:
+        Repo(".")  # fails with a clear error outside a repository
+        return "local"
+    return "global"
+
+
+@click.command()
+@click.option("--local", is_flag=True, help="Configure only the current repository.")
+def install(local):
+    """Register the git-theta filter (and drivers) in git config."""
+    scope = _scope(local)
+    changed = installer.install(scope)
+    where = "this repository" if scope == "local" else "your global git config"
+    click.echo(f"git-theta installed in {where}" + ("" if changed else " (already up to date)"))
+
+
+@click.command()
+@click.option("--local", is_flag=True, help="Remove from the current repository's config only.")
+def uninstall(local):
+    """Remove the git config entries that 'git theta install' wrote."""
+    scope = _scope(local)
+    removed, kept = installer.uninstall(scope)
+    for key in kept:
+        click.echo(f"hint: left {key} alone: it no longer holds the value git-theta wrote", err=True)
+    click.echo(f"git-theta uninstalled ({len(removed)} entries removed)")
+
+
+def _work_tree():
+    repo = Repo(".")
+    if repo.work_tree is None:
+        raise UsageError("this command needs a work tree")
+    return repo.work_tree
+
+
+@click.command()
+@click.argument("patterns", nargs=-1, required=True)
+def track(patterns):
+    """Track checkpoints matching PATTERNS (edits .gitattributes)."""
+    changed = attributes.track(_work_tree(), patterns)
+    for pattern in patterns:
+        state = "Tracking" if pattern in changed else "Already tracking"
+        click.echo(f'{state} "{pattern}"')
+
+
+@click.command()
+@click.argument("patterns", nargs=-1, required=True)
+def untrack(patterns):
+    """Stop tracking PATTERNS (files already committed stay manifests until re-added)."""
+    changed = attributes.untrack(_work_tree(), patterns)
+    for pattern in patterns:
+        state = "Untracking" if pattern in changed else "Was not tracking"
+        click.echo(f'{state} "{pattern}"')
+
+
+COMMANDS = [install, uninstall, track, untrack]

@@ -1,0 +1,73 @@
+"""zstandard compression of byte planes, tuned for neural-network weights.
+
+Weight planes are either nearly incompressible (low mantissa bytes) or low-entropy symbols with no
+long repeats (the sign/exponent byte). A fast-strategy zstd with a long minimum match compresses the
+latter better and faster than the default level; the former are detected on a sample and stored raw,
+which saves most of the time. Compressors are per thread because zstd contexts are not thread-safe.
+"""
+
+import threading
+
+from .errors import ObjectCorruptError
+from .object_codec import RAW, ZSTD
+
+SAMPLE = 64 * 1024
+INCOMPRESSIBLE = 0.97  # a sample that shrinks less than this is stored raw
+_local = threading.local()
+
+
+def _compressor():
+    comp = getattr(_local, "compressor", None)
+    if comp is None:
+        import zstandard
+
+        params = zstandard.ZstdCompressionParameters(
+            compression_level=1,
+            strategy=zstandard.STRATEGY_FAST,
+            min_match=7,
+            hash_log=12,
+            window_log=20,
+            write_checksum=False,
+            write_content_size=True,
+        )
+        comp = _local.compressor = zstandard.ZstdCompressor(compression_params=params)
+    return comp
+
+
+def _decompressor():
+    dec = getattr(_local, "decompressor", None)
+    if dec is None:
+        import zstandard
+
+        dec = _local.decompressor = zstandard.ZstdDecompressor()
+    return dec
+
+
+def compress(data):
+    """Return (method, bytes-like): zstd when it pays, the raw bytes otherwise."""
+    view = memoryview(data).cast("B")
+    if len(view) == 0:
+        return RAW, b""
+    comp = _compressor()
+    if len(view) > 4 * SAMPLE:
+        sample = view[len(view) // 2 : len(view) // 2 + SAMPLE]
+        if len(comp.compress(sample)) > INCOMPRESSIBLE * SAMPLE:
+            return RAW, view
+    packed = comp.compress(view)
+    if len(packed) >= len(view):
+        return RAW, view
+    return ZSTD, packed
+
+
+def decompress(method, data, size, oid="?"):
+    """Inverse of :func:`compress`; checks the result has ``size`` bytes."""
+    if method == RAW:
+        out = data
+    else:
+        try:
+            out = _decompressor().decompress(data, max_output_size=size)
+        except Exception as exc:  # zstandard.ZstdError
+            raise ObjectCorruptError(f"object {oid} does not decompress: {exc}") from None
+    if len(out) != size:
+        raise ObjectCorruptError(f"object {oid} decodes to {len(out)} bytes, expected {size}")
+    return out

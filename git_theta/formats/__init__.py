@@ -1,0 +1,1 @@
+"""Checkpoint formats: how a file splits into tensors and file-level data, and joins back."""

@@ -1,0 +1,60 @@
+"""The checkpoint-format plugin interface.
+
+A format turns a checkpoint byte stream into named tensors plus file-level data (``fields``: short
+single-line texts kept in the manifest; ``blobs``: side objects kept in the store), and writes the
+checkpoint back from them. Register a format as an entry point in the ``git_theta.formats`` group.
+Tensors are raw little-endian C-order bytes with a dtype from :mod:`git_theta.dtypes`.
+"""
+
+
+class CheckpointReader:
+    """What :meth:`CheckpointFormat.split` returns.
+
+    Iterate :meth:`tensors` once; afterwards ``fields`` and ``blobs`` are complete. Readers should
+    yield each tensor as soon as its bytes are read so memory stays bounded by the largest tensor.
+    """
+
+    def __init__(self):
+        self.fields = {}
+        self.blobs = {}  # key -> bytes (the clean pipeline stores them)
+
+    def tensors(self):
+        """Yield :class:`git_theta.updates.base.TensorData` objects (without digest)."""
+        raise NotImplementedError
+
+
+class TensorSource:
+    """What a format's :meth:`CheckpointFormat.join` reads tensors from (given by smudge).
+
+    ``specs`` maps each tensor name to its manifest entry (``dtype``, ``shape``). ``iter_data(names)``
+    yields ``(name, bytes-like)`` in the order asked, decoding ahead in parallel. ``read_blob(key)``
+    returns a side object's bytes.
+    """
+
+    specs = {}
+
+    def iter_data(self, names):
+        raise NotImplementedError
+
+    def read_blob(self, key):
+        raise NotImplementedError
+
+
+class CheckpointFormat:
+    """Base class of checkpoint formats. ``name`` is written into manifests: never change it."""
+
+    name = ""
+    #: file name suffixes this format usually has (a hint for sniffing; content decides).
+    suffixes = ()
+
+    def sniff(self, head, path):
+        """True when ``head`` (the first bytes of the file, up to 4 KiB) looks like this format."""
+        raise NotImplementedError
+
+    def split(self, stream, path):
+        """Return a :class:`CheckpointReader` reading the checkpoint from binary ``stream``."""
+        raise NotImplementedError
+
+    def join(self, fields, source, out, path):
+        """Write the checkpoint to binary ``out`` from manifest ``fields`` and a TensorSource."""
+        raise NotImplementedError

@@ -1,0 +1,177 @@
+"""safetensors checkpoints, streamed tensor by tensor, given back byte for byte.
+
+The file is an 8-byte little-endian header length, a JSON header (``__metadata__`` plus, per tensor,
+dtype, shape and data offsets) and the tensor bytes. Clean reads the header, then each tensor in
+offset order straight from git's pipe. The header is not stored when the safetensors library itself
+would write the same bytes (the usual case); otherwise its exact bytes go to the store as the blob
+``header``, so checkout is byte-identical either way. The ``metadata`` field keeps ``__metadata__``
+readable in the manifest.
+"""
+
+import json
+import struct
+
+from ..dtypes import DTYPES, nbytes
+from ..errors import CheckpointError
+from ..updates.base import TensorData
+from .base import CheckpointFormat, CheckpointReader
+
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+# The order in which the safetensors library writes tensors: by dtype rank (descending), then name.
+_WRITE_RANK = {
+    name: rank
+    for rank, name in enumerate(
+        "BOOL U8 I8 F8_E5M2 F8_E4M3 F8_E8M0 I16 U16 F16 BF16 I32 U32 F32 C64 F64 I64 U64".split()
+    )
+}
+
+
+def _canonical_order(items):
+    """Tensor (name, dtype, shape) tuples in the order the safetensors library writes them."""
+    return sorted(items, key=lambda t: (-_WRITE_RANK.get(t[1], -1), t[0]))
+
+
+def build_header(metadata, ordered):
+    """Header bytes (padded with spaces to 8) as the safetensors library writes them."""
+    body = {}
+    if metadata is not None:
+        body["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape in ordered:
+        size = nbytes(dtype, shape)
+        body[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def parse_header(raw, path):
+    """Validate a header; return (metadata or None, [(name, dtype, shape, begin, end)] by offset)."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    tensors = []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: corrupt header entry")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise CheckpointError(
+                f"{where}: unsupported dtype {dtype!r}",
+                hint=f"supported: {', '.join(sorted(DTYPES))}",
+            )
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise CheckpointError(f"{where}: invalid shape {shape!r}")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise CheckpointError(f"{where}: invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if end - begin != nbytes(dtype, shape) or begin < 0:
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets} do not match dtype {dtype} and shape {shape}"
+            )
+        tensors.append((name, dtype, tuple(shape), begin, end))
+    tensors.sort(key=lambda t: (t[3], t[4]))
+    position = 0
+    for name, _, _, begin, end in tensors:
+        if begin != position:
+            problem = "overlap" if begin < position else "leave a gap"
+            raise CheckpointError(f"{path}: tensor {name!r}: data offsets {problem} (corrupt file)")
+        position = end
+    return metadata, tensors
+
+
+def _read_exact(stream, size, path, what):
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = stream.readinto(view[got:])
+        if not n:
+            raise CheckpointError(
+                f"{path}: file is truncated in {what} ({got} of {size} bytes)",
+                hint="the checkpoint was not completely written; save it again",
+            )
+        got += n
+    return buf
+
+
+class _Reader(CheckpointReader):
+    def __init__(self, stream, path):
+        super().__init__()
+        self._stream = stream
+        self._path = path
+
+    def tensors(self):
+        path = self._path
+        head = _read_exact(self._stream, 8, path, "the header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER:
+            raise CheckpointError(f"{path}: safetensors header length {length} is too large (corrupt file)")
+        raw = bytes(_read_exact(self._stream, length, path, "the header"))
+        metadata, tensors = parse_header(raw, path)
+        if metadata is not None:
+            self.fields["metadata"] = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
+        described = [(n, d, s) for n, d, s, _, _ in tensors]
+        if [t[:3] for t in _canonical_order(described)] != described or build_header(
+            metadata, described
+        ) != raw:
+            self.blobs["header"] = raw
+        for name, dtype, shape, begin, end in tensors:
+            data = _read_exact(self._stream, end - begin, path, f"tensor {name!r}")
+            yield TensorData(name, dtype, shape, data)
+        if self._stream.read(1):
+            raise CheckpointError(
+                f"{path}: unexpected bytes after the last tensor (corrupt or not a safetensors file)"
+            )
+
+
+class SafetensorsFormat(CheckpointFormat):
+    """The safetensors format (Hugging Face)."""
+
+    name = "safetensors"
+    suffixes = (".safetensors",)
+
+    def sniff(self, head, path):
+        if len(head) < 10:
+            return path.endswith(self.suffixes)
+        (length,) = struct.unpack("<Q", head[:8])
+        return 2 <= length <= MAX_HEADER and head[8:9] == b"{"
+
+    def split(self, stream, path):
+        return _Reader(stream, path)
+
+    def join(self, fields, source, out, path):
+        metadata = json.loads(fields["metadata"]) if "metadata" in fields else None
+        described = [(name, e.dtype, e.shape) for name, e in source.specs.items()]
+        raw = None
+        if "header" in source.blob_keys:
+            stored = source.read_blob("header")
+            _, tensors = parse_header(stored, path)
+            # A header blob that no longer describes the tensors (after a merge changed shapes,
+            # say) is replaced by a canonical one rather than producing an invalid file.
+            if sorted((n, d, s) for n, d, s, _, _ in tensors) == sorted(described):
+                raw = stored
+                ordered = [(n, d, s) for n, d, s, _, _ in tensors]
+        if raw is None:
+            ordered = _canonical_order(described)
+            raw = build_header(metadata, ordered)
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for _, data in source.iter_data([name for name, _, _ in ordered]):
+            out.write(data)

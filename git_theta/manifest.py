@@ -1,0 +1,227 @@
+"""Manifest v1: the small text file git stores in place of a checkpoint.
+
+Layout (UTF-8, ``\\n`` line ends, every line self-contained so plain ``git diff`` and git's text merge
+stay readable)::
+
+    git-theta manifest v1
+    format safetensors
+    field <key> <value>                          # format-specific text, sorted by key
+    blob <key> <oid>:<size>                      # format-specific side objects, sorted by key
+    tensor <name> <dtype> <shape> <digest> <update> <oid>:<size> [<oid>:<size> ...]
+
+Tensor lines are sorted by name. ``<shape>`` is ``[d0,d1,...]`` (``[]`` for a scalar), ``<digest>``
+the sha256 of the tensor's raw little-endian C-order bytes, ``<update>`` the encoding of the first
+object, and the object list is the whole chain needed to rebuild the tensor: the tensor's own object
+first, then its base, down to a keyframe. Names escape ``%``, whitespace and control characters as
+``%XX`` so a line always splits on single spaces.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import ManifestError
+
+MAGIC = "git-theta manifest"
+VERSION = 1
+FIRST_LINE = f"{MAGIC} v{VERSION}"
+MAX_DIMS = 64
+MAX_ELEMENTS = 1 << 56  # larger than any real tensor; stops absurd shapes from a tampered manifest
+
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+_KEY = re.compile(r"[a-z][a-z0-9_.-]*\Z")
+_UPDATE = re.compile(r"[a-z][a-z0-9_-]*\Z")
+_DTYPE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
+_ESCAPE = re.compile(r"[%\x00-\x20\x7f]")
+
+
+def escape_name(name):
+    """Percent-escape the characters that would break a space-separated line."""
+    return _ESCAPE.sub(lambda m: "%%%02X" % ord(m.group()), name)
+
+
+def unescape_name(text):
+    """Inverse of :func:`escape_name`."""
+    try:
+        return re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    except ValueError as exc:  # pragma: no cover - regex guarantees hex
+        raise ManifestError(f"bad escape in name {text!r}") from exc
+
+
+def is_manifest(data):
+    """True when ``data`` (bytes) starts like a git-theta manifest of any version."""
+    return data[: len(MAGIC)] == MAGIC.encode()
+
+
+def check_oid(oid, context=""):
+    """Raise ManifestError unless ``oid`` is 64 lowercase hex digits (never a path)."""
+    if not isinstance(oid, str) or not _HEX64.match(oid):
+        raise ManifestError(f"invalid object id {oid!r}{context}")
+    return oid
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """One stored object: its sha256 id and size in bytes (what a Git LFS server needs)."""
+
+    oid: str
+    size: int
+
+    def __str__(self):
+        return f"{self.oid}:{self.size}"
+
+    @classmethod
+    def parse(cls, text, context=""):
+        oid, sep, size = text.partition(":")
+        if not sep or not size.isdigit():
+            raise ManifestError(f"invalid object reference {text!r}{context}")
+        return cls(check_oid(oid, context), int(size))
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """How to rebuild one tensor: its identity (digest) and the chain of objects that encode it."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    digest: str
+    update: str
+    objects: tuple  # of ObjectRef: own object first, keyframe last
+
+    @property
+    def chain_depth(self):
+        """Number of deltas above the keyframe (0 for a dense tensor)."""
+        return len(self.objects) - 1
+
+    def line(self):
+        shape = "[" + ",".join(str(d) for d in self.shape) + "]"
+        objects = " ".join(str(ref) for ref in self.objects)
+        return f"tensor {escape_name(self.name)} {self.dtype} {shape} {self.digest} {self.update} {objects}"
+
+    def same_content(self, other):
+        """True when both entries describe bit-identical tensors (no tensor loaded)."""
+        return (
+            other is not None
+            and self.digest == other.digest
+            and self.dtype == other.dtype
+            and self.shape == other.shape
+        )
+
+
+@dataclass
+class Manifest:
+    """A parsed manifest: the format, its file-level fields and side objects, and the tensors."""
+
+    format: str
+    fields: dict = field(default_factory=dict)  # key -> single-line text
+    blobs: dict = field(default_factory=dict)  # key -> ObjectRef
+    tensors: dict = field(default_factory=dict)  # name -> TensorEntry
+
+    def serialize(self):
+        """Canonical bytes: the same manifest always gives the same bytes."""
+        lines = [FIRST_LINE, f"format {self.format}"]
+        for key in sorted(self.fields):
+            value = self.fields[key]
+            if "\n" in value or "\r" in value:
+                raise ManifestError(f"field {key!r} must be a single line")
+            lines.append(f"field {key} {value}")
+        for key in sorted(self.blobs):
+            lines.append(f"blob {key} {self.blobs[key]}")
+        for name in sorted(self.tensors):
+            lines.append(self.tensors[name].line())
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+    def all_objects(self):
+        """Every object the manifest needs, each once, in a stable order."""
+        seen = {}
+        for ref in self.blobs.values():
+            seen.setdefault(ref.oid, ref)
+        for entry in self.tensors.values():
+            for ref in entry.objects:
+                seen.setdefault(ref.oid, ref)
+        return list(seen.values())
+
+    def logical_size(self):
+        """Sum of the raw sizes of all tensors, in bytes."""
+        from .dtypes import nbytes
+
+        return sum(nbytes(e.dtype, e.shape) for e in self.tensors.values())
+
+    @classmethod
+    def parse(cls, data, source="manifest"):
+        """Parse and validate manifest bytes; ManifestError names ``source`` and the bad line."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ManifestError(f"{source}: manifest is not valid UTF-8") from None
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        else:
+            raise ManifestError(f"{source}: manifest is truncated (no final newline)")
+        if not lines or not lines[0].startswith(MAGIC):
+            raise ManifestError(f"{source}: not a git-theta manifest")
+        if lines[0] != FIRST_LINE:
+            raise ManifestError(
+                f"{source}: unknown manifest schema {lines[0][len(MAGIC):].strip()!r}",
+                hint="this manifest was written by a newer git-theta: upgrade with pip install -U git-theta",
+            )
+        if len(lines) < 2 or not lines[1].startswith("format "):
+            raise ManifestError(f"{source}: line 2 must name the format")
+        manifest = cls(format=lines[1][len("format ") :])
+        if not _KEY.match(manifest.format):
+            raise ManifestError(f"{source}: invalid format name {manifest.format!r}")
+        for number, line in enumerate(lines[2:], start=3):
+            where = f" ({source}, line {number})"
+            kind, _, rest = line.partition(" ")
+            if kind == "tensor":
+                entry = _parse_tensor(rest, where)
+                if entry.name in manifest.tensors:
+                    raise ManifestError(f"duplicate tensor {entry.name!r}{where}")
+                manifest.tensors[entry.name] = entry
+            elif kind in ("field", "blob"):
+                key, sep, value = rest.partition(" ")
+                if not sep or not _KEY.match(key):
+                    raise ManifestError(f"malformed {kind} line{where}")
+                table = manifest.fields if kind == "field" else manifest.blobs
+                if key in table:
+                    raise ManifestError(f"duplicate {kind} {key!r}{where}")
+                table[key] = value if kind == "field" else ObjectRef.parse(value, where)
+            else:
+                raise ManifestError(f"unknown line kind {kind!r}{where}")
+        return manifest
+
+
+def _parse_tensor(rest, where):
+    parts = rest.split(" ")
+    if len(parts) < 6:
+        raise ManifestError(f"malformed tensor line{where}")
+    name, dtype, shape_text, digest, update = parts[:5]
+    name = unescape_name(name)
+    if not name:
+        raise ManifestError(f"empty tensor name{where}")
+    if not _DTYPE.match(dtype):
+        raise ManifestError(f"invalid dtype {dtype!r}{where}")
+    shape = _parse_shape(shape_text, where)
+    if not _HEX64.match(digest):
+        raise ManifestError(f"invalid tensor digest {digest!r}{where}")
+    if not _UPDATE.match(update):
+        raise ManifestError(f"invalid update type {update!r}{where}")
+    objects = tuple(ObjectRef.parse(p, where) for p in parts[5:])
+    return TensorEntry(name, dtype, shape, digest, update, objects)
+
+
+def _parse_shape(text, where):
+    if not (text.startswith("[") and text.endswith("]")):
+        raise ManifestError(f"invalid shape {text!r}{where}")
+    inner = text[1:-1]
+    dims = [] if inner == "" else inner.split(",")
+    if len(dims) > MAX_DIMS or not all(d.isdigit() and len(d) <= 18 for d in dims):
+        raise ManifestError(f"invalid shape {text!r}{where}")
+    shape = tuple(int(d) for d in dims)
+    total = 1
+    for d in shape:
+        total *= d
+    if total > MAX_ELEMENTS:
+        raise ManifestError(f"shape {text} is too large{where}")
+    return shape

@@ -1,0 +1,130 @@
+"""Smudge: write a checkpoint back from its manifest, decoding tensors ahead in parallel.
+
+Content that is not a manifest (a file committed before it was tracked) passes through unchanged.
+Every object is checked for presence before anything is written, so a missing object fails the file
+cleanly; every decoded tensor is checked against its digest, so corrupt data is never written out.
+"""
+
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from . import plugins
+from .codec import decode_tensor
+from .errors import ObjectMissingError
+from .formats.base import TensorSource
+from .manifest import Manifest, is_manifest
+from .settings import settings_for
+
+
+class StoreTensorSource(TensorSource):
+    """Decodes a manifest's tensors from the store, a few ahead of the writer, within a byte budget."""
+
+    def __init__(self, manifest, store, pool, path, budget):
+        self.specs = manifest.tensors
+        self.blob_keys = set(manifest.blobs)
+        self._manifest = manifest
+        self._store = store
+        self._pool = pool
+        self._path = path
+        self._budget = budget
+
+    def read_blob(self, key):
+        ref = self._manifest.blobs[key]
+        try:
+            return self._store.read(ref.oid, verify=True)
+        except ObjectMissingError:
+            raise ObjectMissingError(
+                f"{self._path}: object {ref.oid} ({key}) is missing",
+                hint="fetch it with 'git theta fetch'",
+                oids=[ref.oid],
+            ) from None
+
+    def iter_data(self, names):
+        pending = deque()
+        in_flight = 0
+        names = list(names)
+        position = 0
+        try:
+            while position < len(names) or pending:
+                # Keep decoding ahead while the bytes in flight stay under the budget.
+                while position < len(names) and (not pending or in_flight < self._budget):
+                    entry = self.specs[names[position]]
+                    size = entry_size(entry)
+                    pending.append(
+                        (names[position], size, self._pool.submit(decode_tensor, self._store, entry, self._path))
+                    )
+                    in_flight += size
+                    position += 1
+                name, size, future = pending.popleft()
+                data = future.result()
+                in_flight -= size
+                yield name, data
+        finally:
+            for _, _, future in pending:
+                future.cancel()
+
+
+def entry_size(entry):
+    from .dtypes import nbytes
+
+    return nbytes(entry.dtype, entry.shape)
+
+
+class Smudger:
+    """Smudges checkpoints for one repository (reused across files by the filter process)."""
+
+    def __init__(self, repo, settings=None):
+        self.repo = repo
+        self.settings = settings or settings_for(repo)
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def _executor(self):
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.settings.threads(), thread_name_prefix="theta-smudge")
+            return self._pool
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def prepare(self, data, path):
+        """Parse and check a manifest before any output: returns (manifest, format) or None.
+
+        None means ``data`` is not a manifest and passes through unchanged. Raises for an unknown
+        format or missing objects, naming the file, the tensors and the object ids.
+        """
+        if not is_manifest(data):
+            return None
+        manifest = Manifest.parse(data, source=path)
+        fmt = plugins.get("format", manifest.format, needed_by=path)
+        store = self.repo.store
+        missing = [r.oid for r in manifest.all_objects() if not store.has(r.oid)]
+        if missing:
+            first = set(missing)
+            names = [n for n, e in sorted(manifest.tensors.items()) if any(r.oid in first for r in e.objects)]
+            shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ObjectMissingError(
+                f"{path}: {len(missing)} object(s) missing for tensor(s) {shown} (first: {missing[0]})",
+                hint="fetch them with 'git theta fetch', then 'git checkout -- " + path + "'",
+                oids=missing,
+            )
+        return manifest, fmt
+
+    def write(self, manifest, fmt, path, out):
+        """Write the checkpoint ``manifest`` describes to ``out``."""
+        source = StoreTensorSource(
+            manifest, self.repo.store, self._executor(), path, self.settings.get_int("memoryBudget")
+        )
+        fmt.join(manifest.fields, source, out, path)
+        self.repo.cache.put_digests(manifest.tensors.values())
+
+    def smudge(self, data, path, out):
+        prepared = self.prepare(data, path)
+        if prepared is None:
+            out.write(data)
+            return
+        self.write(*prepared, path, out)

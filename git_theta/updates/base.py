@@ -1,0 +1,50 @@
+"""The update-type plugin interface.
+
+An update type turns a tensor (and, for a delta, the base tensor it changes) into an object payload
+and back, bit-exactly. Built-ins and third-party plugins register the same way: an entry point in
+the ``git_theta.updates`` group whose object is a class (or instance) with this interface.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TensorData:
+    """A tensor as raw little-endian C-order bytes plus its description."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    data: object  # bytes-like (bytes, bytearray, memoryview)
+    digest: str = ""
+
+
+@dataclass
+class Encoded:
+    """What an update type produced: header fields for the container and the payload parts."""
+
+    header: dict
+    parts: list  # bytes-like pieces, concatenated in order
+
+
+class UpdateType:
+    """Base class of update types. ``name`` is written into manifests and objects: never change it."""
+
+    name = ""
+    #: True when the encoding needs no base tensor (it can start a chain).
+    keyframe = False
+
+    def encode(self, tensor, base=None):
+        """Encode ``tensor`` (TensorData), optionally against ``base`` (TensorData).
+
+        Return an :class:`Encoded`, or None when this update type does not apply.
+        """
+        raise NotImplementedError
+
+    def decode(self, header, payload, base, spec, oid="?"):
+        """Rebuild the raw bytes of the tensor described by ``spec`` (TensorData without data).
+
+        ``base`` is the raw bytes of the base tensor (None for a keyframe), ``payload`` a
+        memoryview of what :meth:`encode` wrote after the header.
+        """
+        raise NotImplementedError

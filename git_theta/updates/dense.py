@@ -1,0 +1,19 @@
+"""``dense``: the whole tensor as byte planes compressed with zstandard (a keyframe)."""
+
+from ..dtypes import element_count, get_dtype
+from ..planes import decode_planes, encode_planes
+from .base import Encoded, UpdateType
+
+
+class DenseUpdate(UpdateType):
+    """Store the tensor itself; needs no base, so it starts every chain."""
+
+    name = "dense"
+    keyframe = True
+
+    def encode(self, tensor, base=None):
+        return Encoded({}, encode_planes(tensor.data, get_dtype(tensor.dtype).itemsize))
+
+    def decode(self, header, payload, base, spec, oid="?"):
+        itemsize = get_dtype(spec.dtype).itemsize
+        return decode_planes(payload, itemsize * element_count(spec.shape), itemsize, oid)
