@@ -203,7 +203,8 @@ class Cleaner:
         return data
 
     def _all_local(self, entry):
-        return all(self.store.has(ref.oid) for ref in entry.objects)
+        # freshen, not has: a reused object must look recent to a concurrent 'git theta prune'
+        return all(self.store.freshen(ref.oid) for ref in entry.objects)
 
     def _reuse(self, tensor, known):
         """An existing entry storing exactly these bytes, renamed for this tensor, or None."""
@@ -224,7 +225,7 @@ class Cleaner:
                 objects = tuple(ObjectRef.parse(r) for r in refs)
             except ManifestError:
                 return None
-            if objects and all(self.store.has(r.oid) for r in objects):  # same rule as above
+            if objects and all(self.store.freshen(r.oid) for r in objects):  # same rule as above
                 return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update, objects)
         return None
 
