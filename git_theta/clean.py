@@ -12,6 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from . import plugins
+from .allowlist import theta_attribute
 from .codec import encode_tensor, tensor_digest
 from .dtypes import nbytes
 from .errors import CheckpointError, ManifestError
@@ -25,8 +26,8 @@ MAX_MANIFEST = 256 << 20
 
 def detect_format(repo, path, head):
     """The format plugin for ``path``: the ``theta-format`` attribute if set, else by content."""
-    forced = repo.attribute(path, "theta-format") if repo is not None else "unspecified"
-    if forced not in ("unspecified", "set", "unset"):
+    forced = theta_attribute(repo, path, "theta-format") if repo is not None else None
+    if forced is not None:
         return plugins.get("format", forced, needed_by=f"{path} (attribute theta-format)")
     candidates = plugins.all_plugins("format")
     # Prefer formats whose usual suffix matches, then the rest; content decides in both cases.

@@ -71,7 +71,13 @@ def decode_tensor(store, entry, path="?"):
             if not update.keyframe and header.get("base") != expected_base:
                 raise ObjectCorruptError(f"object {ref.oid} is a delta of a different base")
             spec = TensorData(entry.name, entry.dtype, entry.shape, None)
-            data = update.decode(header, payload, data, spec, ref.oid)
+            try:
+                data = update.decode(header, payload, data, spec, ref.oid)
+            except MemoryError:  # a tampered manifest and object can claim any shape
+                raise ObjectCorruptError(
+                    f"object {ref.oid} claims a {entry.dtype} {list(entry.shape)} tensor, "
+                    "too large to decode here"
+                ) from None
         except ObjectCorruptError as exc:
             raise ObjectCorruptError(
                 f"{where}: {exc.message}", hint="run 'git theta fsck' to find every damaged object"
