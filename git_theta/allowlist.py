@@ -40,6 +40,11 @@ def theta_attribute(repo, path, name):
     value = repo.attribute(path, name)
     if value in ("unspecified", "unset"):
         return None
+    if value == "set":
+        raise ConfigError(
+            f"{path}: attribute {name} in .gitattributes needs a value ({name}=NAME)",
+            hint=f"{name} must name {ATTRIBUTES[name]}; see 'git theta plugins'",
+        )
     return check_attribute(name, value, path)
 
 
