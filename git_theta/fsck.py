@@ -153,7 +153,7 @@ def repair(repo, report):
     """Fetch every missing or corrupt object of ``report`` again from the remote.
 
     Corrupt objects are moved aside first (to ``theta/quarantine``) so the fetch can replace them.
-    Returns the oids that were fetched. Needs the remote feature (``git_theta.remote``).
+    Returns the oids asked for. Needs the remote feature (``git_theta.lfs``).
     """
     bad = report.bad_objects()
     if not bad:
@@ -173,17 +173,14 @@ def repair(repo, report):
 
 
 def remote_fetcher():
-    """The remote feature's ``fetch_objects(repo, refs)``, or a clear error when it is not there."""
+    """The remote feature's ``fetch_refs(repo, refs)``, or a clear error when it is not there."""
     try:
-        from . import remote
+        from .lfs.transfer import fetch_refs
     except ImportError:
-        remote = None
-    fetch = getattr(remote, "fetch_objects", None)
-    if fetch is None:
         raise GitThetaError(
             "fsck --repair needs the remote feature (fetching objects from the LFS server), "
             "which this installation of git-theta does not have",
             hint="upgrade git-theta, or copy the objects from a clone that has them into "
             ".git/theta/objects and run 'git theta fsck' again",
-        )
-    return fetch
+        ) from None
+    return fetch_refs

@@ -10,8 +10,9 @@ An object is kept when any of these holds:
   ``git add`` writes objects before git records the manifest in the index, and clean *freshens*
   (touches) every object it reuses, so anything a concurrent command is about to reference is
   recent;
-- it is **not pushed** (unless ``--include-unpushed``): only the remote feature knows what the
-  server has. Until it records that (``git_theta.remote.pushed_oids``), every object counts as
+- it is **not pushed** (unless ``--include-unpushed``): an object counts as pushed when a remote
+  is recorded to hold it (``theta/remotes/<remote>/pushed``, written by ``git theta push``/the
+  pre-push hook, see :func:`pushed_oids`). Without the remote feature every object counts as
   unpushed and only ``--include-unpushed`` deletes anything unreachable.
 
 Deletion moves the object into ``theta/trash`` first and looks at its time again: a writer that
@@ -65,13 +66,22 @@ class PruneResult:
 
 
 def pushed_oids(repo):
-    """Objects the remote is known to have, or None when nothing records that."""
+    """Objects some remote is known to hold, or None when this build has no remote feature.
+
+    The remote feature (``git_theta.lfs``) records, per remote, every oid it uploaded or found
+    already present in ``theta/remotes/<remote>/pushed``; an object in any of them counts as pushed.
+    """
     try:
-        from . import remote
+        from .lfs import transfer  # noqa: F401 - only to know the feature (and its record) exists
     except ImportError:
         return None
-    record = getattr(remote, "pushed_oids", None)
-    return None if record is None else set(record(repo))
+    pushed = set()
+    for record in sorted((repo.theta_dir / "remotes").glob("*/pushed")):
+        try:
+            pushed.update(record.read_text().split())
+        except OSError:
+            continue
+    return pushed
 
 
 def prune(repo, expire=3600, include_unpushed=False, dry_run=False, now=None):
