@@ -16,7 +16,7 @@ Structure JSON: ``null``, booleans, integers, finite floats, strings and lists a
 whose keys are all strings is a JSON object (a key starting with ``$`` gets one more ``$``); every
 other node is an object with a ``"$"`` tag: ``tensor`` / ``view`` (tensors), ``dict`` / ``odict``
 (``items`` as ``[key, value]`` pairs, ``odict`` also ``attrs`` such as a state dict's ``_metadata``),
-``tuple``, ``set``, ``frozenset``, ``size``, ``float`` (non-finite, as its IEEE bits), ``complex``,
+``tuple``, ``set``, ``size``, ``float`` (non-finite, as its IEEE bits), ``complex``,
 ``bytes``, ``dtype`` and ``device``.
 
 Tensor names are the dotted paths of the leaves (``state_dict.layer.weight``,
@@ -136,10 +136,10 @@ class _Encoder:
             return {"$": "tuple", "items": [self.encode(v, where + (i,)) for i, v in enumerate(obj)]}
         if kind is dict or self._is_odict(obj):
             return self._mapping(obj, where)
-        if kind in (set, frozenset):
+        if kind is set:
             items = [self._key(v, where) for v in obj]
             items.sort(key=lambda n: _dump(n))  # a set has no order: make one
-            return {"$": kind.__name__, "items": items}
+            return {"$": "set", "items": items}
         if kind is complex:
             return {"$": "complex", "re": _float_node(obj.real), "im": _float_node(obj.imag)}
         if kind in (bytes, bytearray):
@@ -150,7 +150,7 @@ class _Encoder:
             return {"$": "device", "name": str(obj)}
         raise CheckpointError(
             f"{self.path}: cannot keep a {kind.__module__}.{kind.__qualname__} at {_show(where)}",
-            hint="git-theta keeps tensors, dicts, lists, tuples, sets, numbers, strings, bytes, "
+            hint="git-theta keeps what torch.load(weights_only=True) allows: tensors, dicts, lists, tuples, sets, numbers, strings, bytes, "
             "torch.Size/dtype/device; save other objects separately",
         )
 
@@ -286,9 +286,10 @@ def _load_error(torch, exc, path):
             hint="nothing from it was run; save only tensors and plain data, e.g. "
             "torch.save(model.state_dict(), ...), or convert it to safetensors",
         )
-    summary = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    # torch's messages run on for lines; the first sentence says what broke.
+    summary = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(exc).__name__
     return CheckpointError(
-        f"{path}: truncated or corrupt PyTorch checkpoint ({summary[:200]})",
+        f"{path}: truncated or corrupt PyTorch checkpoint ({summary[:160]})",
         hint="the file was not completely written or is damaged; save it again, then git add it",
     )
 
@@ -401,9 +402,6 @@ class _Decoder:
     def _set(self, node):
         return {self._hashable(self.decode(v)) for v in node["items"]}
 
-    def _frozenset(self, node):
-        return frozenset(self._set(node))
-
     def _size(self, node):
         return self.torch.Size([int(d) for d in node["items"]])
 
@@ -441,6 +439,8 @@ def _spool_tensors(torch, source, path):
         position = 0
         for name, data in source.iter_data(names):
             view = memoryview(data).cast("B")
+            if not len(view):
+                continue
             position += -position % ALIGN
             offsets[name] = position
             tmp.seek(position)
