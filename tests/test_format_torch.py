@@ -121,17 +121,19 @@ def test_tied_weights_and_views_share_storage():
     emb = torch.randn(6, 4)
     x = torch.arange(12.0).reshape(3, 4)
     fused = torch.arange(8.0)
-    obj = {"embed.weight": emb, "lm_head.weight": emb, "x": x, "xT": x.T, "row": x[1], "q": fused[:4], "k": fused[4:]}
+    obj = {"embed.weight": emb, "lm_head.weight": emb, "x": x, "xT": x.T, "row": x[1], "q": fused[:3], "k": fused[4:]}
+    obj["alone"] = torch.arange(10)[2:5]  # the only tensor on a larger storage: stored as its values
     reader, tensors_out, raw = roundtrip(FMT, saved(obj), "m.pt")
     stored = {t.name for t in tensors_out}
-    # The tie and the views of x are stored once; q and k (no tensor is their whole storage) as values.
-    assert stored == {"embed.weight", "x", "q", "k"}
+    # The tie and the views of x are stored once; q and k share a storage stored under q's name.
+    assert stored == {"embed.weight", "x", "q%storage", "alone"}
     back = load(raw)
     assert_same({k: v.contiguous() for k, v in obj.items()}, {k: v.contiguous() for k, v in back.items()})
     ptr = lambda name: back[name].untyped_storage().data_ptr()  # noqa: E731
     assert ptr("embed.weight") == ptr("lm_head.weight")
     assert ptr("x") == ptr("xT") == ptr("row") and back["xT"].stride() == (1, 4)
-    assert ptr("q") != ptr("k")
+    assert ptr("q") == ptr("k") and back["k"].storage_offset() == 4
+    assert back["alone"].untyped_storage().nbytes() == 3 * 8
     assert described(*split(FMT, raw, "m.pt")) == described(reader, tensors_out)
 
 

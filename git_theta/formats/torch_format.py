@@ -8,8 +8,9 @@ bytes; everything else becomes the *structure*, canonical JSON kept in the manif
 ``structure`` (or, when long, the blob ``structure``) where each tensor is a placeholder naming its
 manifest entry. Storage sharing is kept: when several tensors share one storage and one of them is
 the whole storage (tied weights, ``x`` and ``x.T``), that one is stored and the others are recorded
-as views of it (shape, stride, offset) and rebuilt on the same storage at checkout. Other tensors are
-stored as their values. Checkout rebuilds the object and writes it with ``torch.save``, which gives
+as views of it (shape, stride, offset) and rebuilt on the same storage at checkout; when none is
+(slices of a fused weight) the storage is stored once under ``<first view>%storage``. A tensor
+alone on a larger storage, or non-contiguous, is stored as its values. Checkout rebuilds the object and writes it with ``torch.save``, which gives
 the same bytes for the same manifest, so ``git status`` stays clean.
 
 Structure JSON: ``null``, booleans, integers, finite floats, strings and lists are themselves; a dict
@@ -200,37 +201,50 @@ def _covers_storage(t):
     )
 
 
+#: Suffix of the name under which a storage no single tensor covers is stored (never a real name:
+#: "%" in real names is always followed by two hex digits).
+STORAGE_SUFFIX = "%storage"
+
+
 def plan_tensors(encoder):
     """Fill the placeholders; return [(name, tensor)] to store, in structure order.
 
-    Tensors sharing one storage with a tensor that covers it become views of that owner.
+    Tensors sharing one storage become views of the tensor that covers it (tied weights, ``x.T``).
+    When none covers it (``q``, ``k`` sliced from a fused weight) the storage itself is stored
+    once, as a 1-D tensor named after the first view plus ``%storage``, and every view is rebuilt
+    on it. Tensors viewing a storage as another dtype are stored as their values.
     """
+    leaves = encoder.leaves
+    names = tensor_names([where for where, _, _ in leaves])
     groups = {}
-    for index, (_, t, _) in enumerate(encoder.leaves):
+    for index, (_, t, _) in enumerate(leaves):
         storage = t.untyped_storage()
         if storage.nbytes() > 0:
             groups.setdefault((storage.data_ptr(), storage.nbytes()), []).append(index)
-    owner_of = {}  # leaf index -> owner leaf index
-    for members in groups.values():
+    base_of = {}  # leaf index -> name of the stored tensor it is a view of
+    storages = []  # (name, tensor) whole storages stored for views without an owner
+    for (_, nbytes), members in groups.items():
         if len(members) < 2:
             continue
-        owners = [i for i in members if _covers_storage(encoder.leaves[i][1])]
-        if not owners:
-            continue  # no tensor is the whole storage: each is stored as its values
-        owner = owners[0]
-        owner_dtype = encoder.leaves[owner][1].dtype
+        owners = [i for i in members if _covers_storage(leaves[i][1])]
+        first = leaves[members[0]][1]
+        if owners:
+            base, dtype, skip = names[owners[0]], leaves[owners[0]][1].dtype, owners[0]
+        elif nbytes % first.element_size() == 0:
+            base, dtype, skip = names[members[0]] + STORAGE_SUFFIX, first.dtype, None
+            storages.append((base, first.detach().as_strided((nbytes // first.element_size(),), (1,), 0)))
+        else:
+            continue
         for i in members:
-            if i != owner and encoder.leaves[i][1].dtype == owner_dtype:
-                owner_of[i] = owner
-    stored = [i for i in range(len(encoder.leaves)) if i not in owner_of]
-    names = dict(zip(stored, tensor_names([encoder.leaves[i][0] for i in stored])))
+            if i != skip and leaves[i][1].dtype == dtype:
+                base_of[i] = base
     out = []
-    for index, (where, t, node) in enumerate(encoder.leaves):
-        if index in owner_of:
+    for index, (_, t, node) in enumerate(leaves):
+        if index in base_of:
             node.update(
                 {
                     "$": "view",
-                    "of": names[owner_of[index]],
+                    "of": base_of[index],
                     "shape": list(t.shape),
                     "stride": list(t.stride()),
                     "offset": t.storage_offset(),
@@ -245,7 +259,9 @@ def plan_tensors(encoder):
                 node["requires_grad"] = False
         elif t.requires_grad:
             node["requires_grad"] = True
-    return out
+    # A storage whose views all have another dtype is not needed after all.
+    used = set(base_of.values())
+    return out + [(name, t) for name, t in storages if name in used]
 
 
 def tensor_bytes(torch, t, name, path):
