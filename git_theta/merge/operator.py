@@ -12,7 +12,11 @@ Parameter names and defaults follow mergekit 0.1.5 so its recipes carry over; se
 
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from ..errors import GitThetaError, UsageError
+
+
+class OperatorError(GitThetaError):
+    """An operator's formula is undefined for these inputs (the driver adds file and tensor names)."""
 
 
 @dataclass(frozen=True)
