@@ -32,8 +32,8 @@ def run(name, models, base=None, seed=0, **raw):
 
 def triple(shape=(6, 5), seed=0, dtype=np.float32, n=2):
     rng = np.random.default_rng(seed)
-    base = rng.normal(size=shape).astype(dtype)
-    models = [(base + rng.normal(size=shape)).astype(dtype) for _ in range(n)]
+    base = np.asarray(rng.normal(size=shape), dtype=dtype)
+    models = [np.asarray(base + rng.normal(size=shape), dtype=dtype) for _ in range(n)]
     return models, base
 
 
@@ -486,3 +486,13 @@ def test_sce():
 def test_theirs_is_refused_for_octopus_merges():
     with pytest.raises(UsageError, match="exactly 2"):
         resolve(op("theirs"), {}, 3)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (2, 3, 2)])
+@pytest.mark.parametrize("name", sorted(set(ALL) - {"theirs"}))
+def test_scalar_single_entry_and_3d_tensors(name, shape):
+    models, base = triple(shape=shape, seed=13, n=3 if name not in ("slerp", "nuslerp") else 2)
+    raw = {"density": 0.5} if name in RANDOM else {}
+    out = run(name, models, base, **raw)
+    assert isinstance(out, np.ndarray) and out.shape == shape and out.dtype == np.float32
+    assert np.all(np.isfinite(out))
