@@ -57,10 +57,12 @@ class Linear(MergeOperator):
             )
 
     def merge(self, models, base, params, rng):
+        import numpy as np
+
         weights = params["weight"]
         out = weights[0] * models[0]
         for w, m in zip(weights[1:], models[1:]):
             out += w * m
         if params["normalize"]:
             out /= sum(weights)
-        return out.astype(models[0].dtype, copy=False)
+        return np.asarray(out, dtype=models[0].dtype)

@@ -44,4 +44,4 @@ class ModelStock(MergeOperator):
         else:
             t = dtype.type(t[0])
             out = t * mean + (dtype.type(1) - t) * base
-        return out.reshape(base.shape).astype(dtype, copy=False)
+        return np.asarray(out.reshape(base.shape), dtype=dtype)

@@ -40,12 +40,12 @@ class Slerp(MergeOperator):
         ub = b / nb if nb > 1e-8 else b
         dot = float(np.clip(np.vdot(ua, ub), -1.0, 1.0))
         if abs(dot) > self.DOT_THRESHOLD:
-            return _lerp(t, a, b)
+            return np.asarray(_lerp(t, a, b), dtype=a.dtype)
         omega = math.acos(dot)
         s = math.sin(omega)
         dtype = a.dtype.type
         out = dtype(math.sin((1 - t) * omega) / s) * a + dtype(math.sin(t * omega) / s) * b
-        return out.astype(a.dtype, copy=False)
+        return np.asarray(out, dtype=a.dtype)
 
 
 def _nuslerp(t, v0, v1, eps=1e-7):
@@ -93,7 +93,7 @@ class Nuslerp(MergeOperator):
         out = out.reshape(shape)
         if base is not None:
             out = base + out
-        return out.astype(models[0].dtype, copy=False)
+        return np.asarray(out, dtype=models[0].dtype)
 
 
 class Multislerp(MergeOperator):
@@ -138,7 +138,7 @@ class Multislerp(MergeOperator):
         out = out.reshape(models[0].shape)
         if base is not None:
             out = base + out
-        return out.astype(dtype, copy=False)
+        return np.asarray(out, dtype=dtype)
 
 
 class Karcher(MergeOperator):
@@ -182,4 +182,4 @@ class Karcher(MergeOperator):
             if mu_norm > tol:
                 mu = mu / dtype.type(mu_norm)
         scale = sum(alpha * n for n in norms)
-        return (dtype.type(scale) * mu).reshape(models[0].shape).astype(dtype, copy=False)
+        return np.asarray((dtype.type(scale) * mu).reshape(models[0].shape), dtype=dtype)

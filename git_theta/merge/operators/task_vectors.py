@@ -149,9 +149,9 @@ def _uniform(rng, like):
 
     if rng is None:
         raise TypeError("a random merge operator needs an rng (numpy.random.Generator)")
-    # float64 draws for float64 tensors, float32 otherwise (half the memory of the default)
-    dtype = np.float64 if like.dtype == np.float64 else np.float32
-    return rng.random(like.shape, dtype=dtype)
+    # float32 draws whatever the tensor's dtype: half the memory of float64 draws, and the same
+    # masks for a float32 and a float64 copy of the same merge
+    return rng.random(like.shape, dtype=np.float32)
 
 
 def elect(weighted, method):
@@ -190,7 +190,7 @@ class TaskVectorMerge(MergeOperator):
             mixed = np.where(agree, stacked, dtype.type(0)).sum(axis=0)
             w = np.asarray(weights, dtype=dtype).reshape((-1,) + (1,) * base.ndim)
             divisor = np.where(agree, w, dtype.type(0)).sum(axis=0)
-            divisor[divisor == 0] = 1
+            divisor = np.where(divisor == 0, dtype.type(1), divisor)
         else:
             mixed = weighted[0].copy()
             for d in weighted[1:]:
@@ -203,7 +203,7 @@ class TaskVectorMerge(MergeOperator):
             mixed = mixed / divisor
         if params["lambda"] != 1:
             mixed = mixed * dtype.type(params["lambda"])
-        return (base + mixed).astype(dtype, copy=False)
+        return np.asarray(base + mixed, dtype=dtype)
 
 
 def _gta_params(sparsifier, consensus, normalize, rescale):
@@ -343,4 +343,4 @@ class Sce(MergeOperator):
         agree = np.sign(tvs) == elect(tvs, "sum")
         w = np.where(agree, omega.reshape((-1,) + (1,) * base.ndim), dtype.type(0))
         merged = (tvs * w).sum(axis=0) / np.maximum(w.sum(axis=0), dtype.type(1e-6))
-        return (base + merged).astype(dtype, copy=False)
+        return np.asarray(base + merged, dtype=dtype)
