@@ -121,11 +121,11 @@ def _summary(records, old_tensors, new_tensors, unchanged, accumulators):
         "elements_compared": compared,
     }
     if accumulators is not None:
-        stats = total.result()
+        if accumulators:  # norms only over tensors that were compared element by element
+            stats = total.result()
+            result.update(delta_l2=stats["delta_l2"], relative_change=stats["relative_change"])
         result.update(
-            delta_l2=stats["delta_l2"],
-            relative_change=stats["relative_change"],
-            fraction_changed=total.changed / compared if compared else 0.0,
+            fraction_changed=total.changed / compared if compared else None,
             elements_changed=total.changed,
         )
     return result
