@@ -4,6 +4,7 @@ files and tensors added/removed/renamed, --stat without loading, the git diff dr
 import json
 import shutil
 
+import jsonschema
 import numpy as np
 import pytest
 from conftest import random_state_dict, save_safetensors
@@ -12,8 +13,6 @@ from hypothesis import strategies as st
 
 from git_theta import bits, tensor_stats
 from git_theta.compare import group_of, natural_key
-
-jsonschema = pytest.importorskip("jsonschema")
 
 NUMBER = {"type": ["number", "null"]}
 SIDE = {
@@ -224,6 +223,8 @@ def test_diff_numbers_schema_and_text(two_versions):
     numeric = [r for r in rows if "e-" in r]
     positions = {r.index(f"{by_name(f)[r.split()[1]]['stats']['relative_change']:.3e}") for r in numeric}
     assert len(positions) == 1
+    coloured = repo.theta("diff", "HEAD~1", "HEAD", "--color", "always").stdout
+    assert "\x1b[1mmodel.safetensors\x1b[0m" in coloured
     by_change = json.loads(repo.theta("diff", "HEAD~1", "HEAD", "--json", "--sort", "change").stdout)
     rel = [x["stats"]["relative_change"] for x in by_change["files"][0]["tensors"] if x["stats"]]
     assert rel == sorted(rel, reverse=True)

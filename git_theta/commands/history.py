@@ -124,9 +124,9 @@ def _print_diff(result, as_json, stat, style):
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif stat:
-        click.echo(render_stat(result, style))
+        click.echo(render_stat(result, style), color=style.color)  # color=: click strips ANSI off a tty
     else:
-        click.echo(render(result, style))
+        click.echo(render(result, style), color=style.color)
 
 
 @click.command("diff-driver", hidden=True)
@@ -164,7 +164,8 @@ def log(paths, params, max_count, rev, stat, as_json, color):
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        click.echo(render_log(result, _style(color)))
+        style = _style(color)
+        click.echo(render_log(result, style), color=style.color)
 
 
 COMMANDS = [diff, log, diff_driver]
