@@ -26,9 +26,9 @@ def cli():
 
 
 def _register():
-    from .commands import filters, inspect, merge, setup
+    from .commands import filters, history, inspect, merge, setup
 
-    for module in (setup, inspect, filters, merge):
+    for module in (setup, inspect, history, merge, filters):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -38,18 +38,26 @@ def encode_tensor(store, tensor, update_name="dense", base=None, base_entry=None
     return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update.name, chain)
 
 
-def decode_tensor(store, entry, path="?"):
+def decode_tensor(store, entry, path="?", known=None):
     """Raw bytes of the tensor ``entry`` describes, verified against its digest.
 
-    Errors name the file, the tensor and the object.
+    ``known`` is an optional ``(TensorEntry, bytes)`` already decoded (e.g. the older side of a
+    diff): when ``entry``'s chain extends that entry's chain, decoding starts from those bytes
+    instead of the keyframe. Errors name the file, the tensor and the object.
     """
     where = f"{path}: tensor {entry.name!r}"
     if not entry.objects:
         raise ManifestError(f"{where}: no objects listed")
     data = None
     expected_base = None
+    start = len(entry.objects)
+    if known is not None:
+        base_entry, base_data = known
+        depth = len(entry.objects) - len(base_entry.objects)
+        if depth > 0 and tuple(entry.objects[depth:]) == tuple(base_entry.objects):
+            start, data, expected_base = depth, base_data, base_entry.digest
     # Walk the chain from the keyframe (last) to the tensor's own object (first).
-    for depth, ref in reversed(list(enumerate(entry.objects))):
+    for depth, ref in reversed(list(enumerate(entry.objects[:start]))):
         try:
             raw = store.read(ref.oid)
         except ObjectMissingError:

@@ -17,10 +17,12 @@ def _scope(local):
 
 @click.command()
 @click.option("--local", is_flag=True, help="Configure only the current repository.")
-def install(local):
+@click.option("--diff", "diff_driver", is_flag=True,
+              help="Also make 'git diff' print the git-theta summary for checkpoints (diff.theta.command).")
+def install(local, diff_driver):
     """Register the git-theta filter (and drivers) in git config."""
     scope = _scope(local)
-    changed = installer.install(scope)
+    changed = installer.install(scope, extras=("diff",) if diff_driver else ())
     where = "this repository" if scope == "local" else "your global git config"
     click.echo(f"git-theta installed in {where}" + ("" if changed else " (already up to date)"))
 
