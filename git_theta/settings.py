@@ -13,6 +13,9 @@ DEFAULTS = {
     "statCache": (True, "bool", "reuse the last manifest of an unchanged file (checked by content hash)"),
     "threads": (0, "int", "worker threads for encoding and decoding (0: one per core)"),
     "memoryBudget": (192 << 20, "int", "bytes of tensors in flight beyond the one being read"),
+    "maxChainDepth": (8, "int", "deltas on top of a dense keyframe before clean stores a new keyframe"),
+    "baseCache": (256 << 20, "int", "bytes of decoded delta bases kept for reuse during one checkout"),
+    "addRequest": ("", "str", "set by 'git theta add' for the git add it runs: update type/adapter/base by path"),
 }
 
 _TRUE = {"true", "yes", "on", "1"}

@@ -3,6 +3,8 @@
 Content that is not a manifest (a file committed before it was tracked) passes through unchanged.
 Every object is checked for presence before anything is written, so a missing object fails the file
 cleanly; every decoded tensor is checked against its digest, so corrupt data is never written out.
+Delta chains are decoded once per tensor; bases shared between tensors or files of one git command
+(one filter process) are kept in a bounded cache (``theta.baseCache`` bytes).
 """
 
 import threading
@@ -10,7 +12,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from . import plugins
-from .codec import decode_tensor
+from .codec import DecodedCache, decode_tensor
 from .errors import ObjectMissingError
 from .formats.base import TensorSource
 from .manifest import Manifest, is_manifest
@@ -20,7 +22,7 @@ from .settings import settings_for
 class StoreTensorSource(TensorSource):
     """Decodes a manifest's tensors from the store, a few ahead of the writer, within a byte budget."""
 
-    def __init__(self, manifest, store, pool, path, budget):
+    def __init__(self, manifest, store, pool, path, budget, cache=None):
         self.specs = manifest.tensors
         self.blob_keys = set(manifest.blobs)
         self._manifest = manifest
@@ -28,6 +30,7 @@ class StoreTensorSource(TensorSource):
         self._pool = pool
         self._path = path
         self._budget = budget
+        self._cache = cache
 
     def read_blob(self, key):
         ref = self._manifest.blobs[key]
@@ -52,7 +55,7 @@ class StoreTensorSource(TensorSource):
                     entry = self.specs[names[position]]
                     size = entry_size(entry)
                     pending.append(
-                        (names[position], size, self._pool.submit(decode_tensor, self._store, entry, self._path))
+                        (names[position], size, self._pool.submit(decode_tensor, self._store, entry, self._path, self._cache))
                     )
                     in_flight += size
                     position += 1
@@ -79,6 +82,7 @@ class Smudger:
         self.settings = settings or settings_for(repo)
         self._pool = None
         self._lock = threading.Lock()
+        self.cache = DecodedCache(self.settings.get_int("baseCache"))
 
     def _executor(self):
         with self._lock:
@@ -118,7 +122,7 @@ class Smudger:
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""
         source = StoreTensorSource(
-            manifest, self.repo.store, self._executor(), path, self.settings.get_int("memoryBudget")
+            manifest, self.repo.store, self._executor(), path, self.settings.get_int("memoryBudget"), self.cache
         )
         fmt.join(manifest.fields, source, out, path)
         self.repo.cache.put_digests(manifest.tensors.values())
