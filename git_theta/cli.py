@@ -26,9 +26,9 @@ def cli():
 
 
 def _register():
-    from .commands import filters, inspect, setup
+    from .commands import filters, inspect, remote, setup
 
-    for module in (setup, inspect, filters):
+    for module in (setup, inspect, filters, remote):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -39,11 +39,13 @@ class ObjectStore:
         except FileNotFoundError:
             return None
 
-    def put_chunks(self, chunks):
+    def put_chunks(self, chunks, expect=None):
         """Store the concatenation of ``chunks`` (bytes-like); return its ObjectRef.
 
         Hashes while writing, so the data is never held twice. Writing an object that already
-        exists costs the temp file only and leaves the existing object untouched.
+        exists costs the temp file only and leaves the existing object untouched. With ``expect``
+        (an ObjectRef, e.g. a download) bytes whose size or sha256 differ never enter the store:
+        the temp file is removed and ObjectCorruptError raised.
         """
         self._tmp.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
@@ -59,6 +61,12 @@ class ObjectStore:
                     out.flush()
                     os.fsync(out.fileno())
             oid = digest.hexdigest()
+            if expect is not None and (oid, size) != (expect.oid, expect.size):
+                raise ObjectCorruptError(
+                    f"object {expect.oid} arrived corrupt: {size} bytes hashing to {oid[:12]}…, "
+                    f"expected {expect.size} bytes",
+                    hint="the copy on the remote is damaged; re-push it from a clone that has it",
+                )
             final = self.path(oid)
             if final.is_file() and final.stat().st_size == size:
                 os.unlink(tmp_name)

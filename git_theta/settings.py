@@ -13,6 +13,11 @@ DEFAULTS = {
     "statCache": (True, "bool", "reuse the last manifest of an unchanged file (checked by content hash)"),
     "threads": (0, "int", "worker threads for encoding and decoding (0: one per core)"),
     "memoryBudget": (192 << 20, "int", "bytes of tensors in flight beyond the one being read"),
+    "transfers": (4, "int", "objects uploaded or downloaded at once"),
+    "batchSize": (100, "int", "objects per LFS batch request"),
+    "retries": (4, "int", "retries of a failed request (connection error, 429, 5xx) with backoff"),
+    "skipSmudge": (False, "bool", "leave manifests in the work tree at checkout (then: git theta checkout)"),
+    "maxObjectSize": (2 << 30, "int", "largest object sent to a remote; bigger objects are split"),
 }
 
 _TRUE = {"true", "yes", "on", "1"}
