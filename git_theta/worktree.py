@@ -64,6 +64,12 @@ def write_file(repo, smudger, path, manifest, fmt):
         raise
 
 
-def refresh_index(repo):
-    """``git update-index -q --refresh``: re-stat the rewritten files (clean gives the same blob)."""
-    repo.git("update-index", "-q", "--refresh", check=False)
+def refresh_index(repo, paths):
+    """Re-add the rewritten ``paths`` so the index has their new stat data.
+
+    ``update-index --refresh`` is not enough: the index still records the manifest's size, and git
+    treats a size change as a modification without looking at the content. Re-adding runs clean,
+    which gives back the very manifest the index holds, so nothing is staged that was not.
+    """
+    if paths:
+        repo.git("update-index", "-q", "-z", "--stdin", input="\0".join(paths).encode() + b"\0")

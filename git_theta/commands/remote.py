@@ -92,7 +92,7 @@ def _checkout(repo, paths, include, force, remote, as_json):
     finally:
         smudger.close()
         if written:
-            worktree.refresh_index(repo)
+            worktree.refresh_index(repo, written)
     return written, partial, stats
 
 

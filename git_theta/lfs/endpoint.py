@@ -22,6 +22,10 @@ from urllib.parse import urlsplit, urlunsplit
 from ..errors import ConfigError, UsageError
 from ..repo import run_git
 
+_REPO_ENV = {
+    "GIT_DIR", "GIT_WORK_TREE", "GIT_COMMON_DIR", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_PREFIX", "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES",
+}
 _SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+):(?P<path>.*)$")
 
 
@@ -100,7 +104,9 @@ def _directory(path, repo):
     path = Path(os.path.expanduser(str(path)))
     if not path.is_absolute():
         path = (repo.cwd / path).resolve()
-    out = run_git(["rev-parse", "--git-common-dir"], cwd=path, check=False) if path.is_dir() else b""
+    # git exports GIT_DIR & co. to filters and hooks: they must not redirect this look at another repo
+    env = {k: v for k, v in os.environ.items() if k not in _REPO_ENV}
+    out = run_git(["rev-parse", "--git-common-dir"], cwd=path, check=False, env=env) if path.is_dir() else b""
     if out and out.strip():
         common = (path / out.decode().strip()).resolve()
         if common == path or common.parent == path:
