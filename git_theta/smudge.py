@@ -102,10 +102,10 @@ class Smudger:
         manifest = Manifest.parse(data, source=path)
         fmt = plugins.get("format", manifest.format, needed_by=path)
         store = self.repo.store
-        missing = [r.oid for r in manifest.all_objects() if not store.has(r.oid)]
+        missing = [r.oid for r in store.missing(manifest.all_objects())]
         if missing:
             self._fetch_missing(manifest, path)
-            missing = [r.oid for r in manifest.all_objects() if not store.has(r.oid)]
+            missing = [r.oid for r in store.missing(manifest.all_objects())]
         if missing:
             first = set(missing)
             names = [n for n, e in sorted(manifest.tensors.items()) if any(r.oid in first for r in e.objects)]
@@ -123,7 +123,7 @@ class Smudger:
         from .lfs.transfer import fetch_refs
 
         store = self.repo.store
-        refs = [r for r in manifest.all_objects() if not store.has(r.oid)]
+        refs = store.missing(manifest.all_objects())
         try:
             fetch_refs(self.repo, refs, settings=self.settings)
         except UsageError:

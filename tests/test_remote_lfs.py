@@ -131,3 +131,17 @@ def test_server_down_gives_clear_error_and_changes_nothing(repo, make_repo):
     assert result.returncode != 0 and "cannot reach the LFS server" in result.stderr
     assert clone.file(MODEL).read_bytes() == before and _store_oids(clone) == set()
     assert clone.status() == ""
+
+
+def test_objects_over_the_host_limit_travel_in_parts(repo, make_repo, lfs_server):  # noqa: F811
+    repo.git("config", "theta.maxObjectSize", "1024")
+    bare = _publisher(repo, make_repo, lfs_server.url("parts"))
+    repo.git("push", "-q", "origin", "main")
+    manifest = repo.show(f"HEAD:{MODEL}")
+    on_server = lfs_server.objects("parts")
+    assert max(p.stat().st_size for p in on_server.values()) <= 1024
+    assert _oids(manifest) < set(on_server)  # the manifest names chunk indexes; their parts went too
+
+    clone = _clone(repo, bare, "clone")
+    assert clone.file(MODEL).read_bytes() == repo.file(MODEL).read_bytes()
+    assert _store_oids(clone) == set(on_server) and clone.status() == ""

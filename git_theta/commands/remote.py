@@ -73,7 +73,7 @@ def _checkout(repo, paths, include, force, remote, as_json):
         if force or worktree.needs_writing(repo, tracked.path):
             selected.append((tracked.path, tracked.manifest))
     store = repo.store
-    refs = [r for r in objects_of(selected, include) if not store.has(r.oid)]
+    refs = store.missing(objects_of(selected, include))
     stats = None
     if refs:
         endpoint = resolve(repo, remote, "download")
@@ -83,7 +83,7 @@ def _checkout(repo, paths, include, force, remote, as_json):
     written, partial = [], []
     try:
         for path, manifest in selected:
-            if any(not store.has(r.oid) for r in manifest.all_objects()):
+            if store.missing(manifest.all_objects()):
                 partial.append(path)  # --include left some tensors remote: the manifest stays
                 continue
             fmt = plugins.get("format", manifest.format, needed_by=path)

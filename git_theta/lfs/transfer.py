@@ -107,8 +107,16 @@ class Transfer:
     # -- upload -----------------------------------------------------------------------------------
     def upload(self, refs, label="Uploading objects"):
         """Send the objects of ``refs`` the remote lacks; returns TransferStats of what moved."""
-        refs = _dedup(refs)
         store = self.repo.store
+        refs = _dedup(list(refs) + store.chunk_parts(refs))
+        limit = self.settings.get_int("maxObjectSize")
+        too_big = [r for r in refs if limit and r.size > limit]
+        if too_big:
+            raise RemoteError(
+                f"object {too_big[0].oid} is {too_big[0].size} bytes, more than theta.maxObjectSize ({limit})",
+                hint="it was stored before the limit was lowered: re-add the file after "
+                "'git theta checkout --force' so it is stored in parts",
+            )
         stats = TransferStats()
         record = PushedRecord(self.repo, self.endpoint)
         progress = _Progress(sum(r.size for r in refs), label)
@@ -159,10 +167,20 @@ class Transfer:
 
     # -- download ---------------------------------------------------------------------------------
     def download(self, refs, label="Downloading objects"):
-        """Fetch the objects of ``refs`` missing locally; each is verified before it is stored."""
+        """Fetch the objects of ``refs`` missing locally; each is verified before it is stored.
+
+        The parts of chunked objects are only known once their index is here: a second round
+        fetches them.
+        """
+        refs = _dedup(refs)
+        stats = TransferStats()
+        self._download(refs, label, stats)
+        self._download(self.repo.store.chunk_parts(refs), label, stats)
+        return stats
+
+    def _download(self, refs, label, stats):
         store = self.repo.store
         refs = [r for r in _dedup(refs) if store.size(r.oid) != r.size]
-        stats = TransferStats()
         if not refs:
             return stats
         progress = _Progress(sum(r.size for r in refs), label)
