@@ -120,7 +120,7 @@ class Smudger:
 
     def _fetch_missing(self, manifest, path):
         """Fetch the file's missing objects from the default remote, in one batch request."""
-        from .errors import RemoteError, UsageError
+        from .errors import GitThetaError, UsageError
         from .lfs.transfer import fetch_refs
 
         store = self.repo.store
@@ -129,8 +129,13 @@ class Smudger:
             fetch_refs(self.repo, refs, settings=self.settings)
         except UsageError:
             return  # no remote configured: report the missing objects below
-        except RemoteError as exc:
-            raise RemoteError(f"{path}: cannot fetch {len(refs)} missing object(s): {exc.message}", hint=exc.hint) from None
+        except GitThetaError as exc:
+            # Missing, like an object never fetched: the manifest stays, the other files check out.
+            raise ObjectMissingError(
+                f"{path}: {len(refs)} object(s) missing and the fetch failed: {exc.message}",
+                hint=(exc.hint + "; " if exc.hint else "") + f"then run 'git theta checkout {path}'",
+                oids=[r.oid for r in refs],
+            ) from None
 
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""
