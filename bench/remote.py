@@ -31,22 +31,19 @@ SERVER = HERE.parent / "tests" / "lfs_server.py"
 
 
 def make_versions(total_mb, versions, fraction, seed=0):
-    """Tensors of 1024 x 1024 fp32 (4 MiB each) plus a small one; later versions change ``fraction``."""
+    """Yield the versions (the same for a seed): 1024 x 1024 fp32 tensors (4 MiB each) and a small
+    one; each later version changes ``fraction`` of every tensor's entries. One version in memory."""
     rng = np.random.default_rng(seed)
     count = max(1, int(total_mb * (1 << 20) // (4 << 20)))
     state = {f"layers.{i}.weight": (0.02 * rng.standard_normal((1024, 1024))).astype(np.float32) for i in range(count)}
     state["norm.weight"] = np.ones(1024, np.float32)
-    result = [state]
+    yield state
     for _ in range(versions - 1):
-        new = {}
-        for name, value in result[-1].items():
-            value = value.copy()
+        for value in state.values():  # in place: the previous version was saved already
             flat = value.reshape(-1)
             idx = rng.choice(flat.size, max(1, int(flat.size * fraction)), replace=False)
             flat[idx] += (1e-3 * rng.standard_normal(idx.size)).astype(np.float32)
-            new[name] = value
-        result.append(new)
-    return result
+        yield state
 
 
 def du(path):
@@ -79,6 +76,7 @@ def timed(cmd, cwd, env):
 
 
 def run_tool(tool, work, versions, url, env, storage):
+    """Push/clone/pull every version for one tool; returns (tool, step, seconds, bytes) rows."""
     from safetensors.numpy import save_file
 
     git = lambda cwd, *a: subprocess.run(["git", *a], cwd=cwd, env=env, check=True, capture_output=True)  # noqa: E731
@@ -122,7 +120,6 @@ def main():
     args = parser.parse_args()
     size = 500 if args.full else args.size_mb
     tools = ["git-theta"] + (["git-lfs"] if shutil.which("git-lfs") else [])
-    versions = make_versions(size, args.versions, args.fraction)
     with tempfile.TemporaryDirectory(prefix="theta-bench-remote-") as tmp:
         work = Path(tmp)
         env = isolated_env(work / "home")
@@ -137,11 +134,12 @@ def main():
             rows = []
             for tool in tools:
                 url = f"http://127.0.0.1:{port}/team/{tool}.git/info/lfs"
+                versions = make_versions(size, args.versions, args.fraction)
                 rows += run_tool(tool, work, versions, url, env, storage)
         finally:
             server.terminate()
             server.wait()
-    raw = sum(v.nbytes for v in versions[0].values())
+    raw = sum(v.nbytes for v in next(make_versions(size, 1, 0)).values())
     print(f"checkpoint: {raw / 1e6:.0f} MB fp32, {args.versions} versions, {args.fraction:.1%} of entries changed per version")
     print(f"{'tool':10} {'step':9} {'seconds':>8} {'MB moved':>9} {'vs git-lfs':>10}")
     lfs = {step: moved for tool, step, _, moved in rows if tool == "git-lfs"}
