@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from lfs_server import free_port, lfs_server  # noqa: F401 - the fixture
 
 from conftest import GitRepo, random_state_dict, save_safetensors
