@@ -178,7 +178,13 @@ def decode_tensor(store, entry, path="?", cache=None, known=None):
             if not update.keyframe and header.get("base") != expected_base:
                 raise ObjectCorruptError(f"object {ref.oid} is a delta of a different base")
             spec = TensorData(entry.name, entry.dtype, entry.shape, None)
-            data = update.decode(header, payload, data, spec, ref.oid)
+            try:
+                data = update.decode(header, payload, data, spec, ref.oid)
+            except MemoryError:  # a tampered manifest and object can claim any shape
+                raise ObjectCorruptError(
+                    f"object {ref.oid} claims a {entry.dtype} {list(entry.shape)} tensor, "
+                    "too large to decode here"
+                ) from None
             if len(data) != nbytes(entry.dtype, entry.shape):
                 raise ObjectCorruptError(f"object {ref.oid} decodes to the wrong size")
             if depth > 0:

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from .errors import ObjectCorruptError, ObjectMissingError
 from .manifest import ObjectRef, check_oid
+from .testhooks import kill_point
+
+READ_CHUNK = 1 << 20
 
 
 class ObjectStore:
@@ -32,6 +35,22 @@ class ObjectStore:
 
     def has(self, oid):
         return self.path(oid).is_file()
+
+    def freshen(self, oid):
+        """Mark an object as just used (its mtime); False when it is not present.
+
+        Writers that find an object already stored, and clean when it reuses one, call this
+        instead of :meth:`has`: ``git theta prune`` keeps recently touched objects and re-checks
+        the time after moving an object aside, so an object being reused is never lost (the same
+        rule as git's loose objects).
+        """
+        try:
+            os.utime(self.path(oid))
+            return True
+        except FileNotFoundError:
+            return False
+        except PermissionError:  # a shared, read-only store: present, but prune is not ours to run
+            return self.has(oid)
 
     def size(self, oid):
         """Stored size of an object, or None when it is not present."""
@@ -61,6 +80,7 @@ class ObjectStore:
                 if self.fsync:
                     out.flush()
                     os.fsync(out.fileno())
+            kill_point()
             oid = digest.hexdigest()
             if expect is not None and (oid, size) != (expect.oid, expect.size):
                 raise ObjectCorruptError(
@@ -71,11 +91,12 @@ class ObjectStore:
             if split and expect is None and self.max_object_size and size > self.max_object_size:
                 return self._split(tmp_name, oid, size)
             final = self.path(oid)
-            if final.is_file() and final.stat().st_size == size:
+            if self.size(oid) == size and self.freshen(oid):
                 os.unlink(tmp_name)
             else:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp_name, final)
+            kill_point()
             return ObjectRef(oid, size)
         except BaseException:
             try:
@@ -138,6 +159,31 @@ class ObjectStore:
         if chunked.is_index(data):
             return chunked.assemble(oid, data, lambda part: self.read(part, verify=True))
         return data
+
+    def verify(self, oid, size=None):
+        """Check a stored object by streaming it through sha256 (memory: one chunk).
+
+        Raises ObjectMissingError, or ObjectCorruptError when its size or hash is wrong.
+        """
+        digest = hashlib.sha256()
+        actual_size = 0
+        try:
+            with open(self.path(oid), "rb") as handle:
+                while chunk := handle.read(READ_CHUNK):
+                    digest.update(chunk)
+                    actual_size += len(chunk)
+        except FileNotFoundError:
+            raise ObjectMissingError(f"object {oid} is missing", oids=[oid]) from None
+        if size is not None and actual_size != size:
+            raise ObjectCorruptError(
+                f"object {oid} has {actual_size} bytes, the manifest says {size}",
+                hint="delete it and fetch it again: git theta fsck --repair",
+            )
+        if digest.hexdigest() != oid:
+            raise ObjectCorruptError(
+                f"object {oid} is corrupt (its bytes hash to {digest.hexdigest()[:12]}…)",
+                hint="delete it and fetch it again: git theta fsck --repair",
+            )
 
     @staticmethod
     def verify_bytes(oid, data):

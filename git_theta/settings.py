@@ -21,6 +21,7 @@ DEFAULTS = {
     "retries": (4, "int", "retries of a failed request (connection error, 429, 5xx) with backoff"),
     "skipSmudge": (False, "bool", "leave manifests in the work tree at checkout (then: git theta checkout)"),
     "maxObjectSize": (2 << 30, "int", "largest object sent to a remote; bigger objects are split"),
+    "pruneExpire": ("1.hour", "str", "git theta prune keeps unreferenced objects younger than this"),
 }
 
 _TRUE = {"true", "yes", "on", "1"}

@@ -17,6 +17,7 @@ from .errors import ObjectMissingError
 from .formats.base import TensorSource
 from .manifest import Manifest, is_manifest
 from .settings import settings_for
+from .testhooks import kill_point
 
 
 class StoreTensorSource(TensorSource):
@@ -62,6 +63,7 @@ class StoreTensorSource(TensorSource):
                 name, size, future = pending.popleft()
                 data = future.result()
                 in_flight -= size
+                kill_point()
                 yield name, data
         finally:
             for _, _, future in pending:
