@@ -100,7 +100,9 @@ class Smudger:
         if not is_manifest(data):
             return None
         manifest = Manifest.parse(data, source=path)
-        fmt = plugins.get("format", manifest.format, needed_by=path)
+        fmt = plugins.get(
+            "format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD)
+        )
         store = self.repo.store
         missing = [r.oid for r in manifest.all_objects() if not store.has(r.oid)]
         if missing:
