@@ -26,9 +26,9 @@ def cli():
 
 
 def _register():
-    from .commands import filters, inspect, setup
+    from .commands import filters, inspect, merge, setup
 
-    for module in (setup, inspect, filters):
+    for module in (setup, inspect, filters, merge):
         for command in module.COMMANDS:
             cli.add_command(command)
 
