@@ -27,11 +27,11 @@ import struct
 from git_theta.dtypes import nbytes
 from git_theta.errors import CheckpointError
 from git_theta.formats.base import CheckpointFormat, CheckpointReader
+from git_theta.formats.stream import ByteCursor
 from git_theta.manifest import escape_name, unescape_name
 from git_theta.updates.base import TensorData
 
 MAGIC = b"GGUF"
-_CHUNK = 1 << 16
 _META_MAX = 200  # longer metadata values (chat templates...) stay only in the kv blob
 _FIELD_KEY = re.compile(r"[a-z][a-z0-9_.-]*\Z")
 # GGML types stored as ordinary tensors of the same git-theta dtype; all others as raw U8 blocks.
@@ -41,7 +41,6 @@ _SCALARS = {
     "UINT8": "B", "INT8": "b", "UINT16": "H", "INT16": "h", "UINT32": "I", "INT32": "i",
     "FLOAT32": "f", "BOOL": "?", "UINT64": "Q", "INT64": "q", "FLOAT64": "d",
 }
-_TRUNCATED_HINT = "the file was not completely written; save or download it again"
 
 
 def _gguf():
@@ -52,77 +51,6 @@ def _gguf():
 
 def _align(n, alignment):
     return n + (-n % alignment)
-
-
-class _Cursor:
-    """Reads a stream ahead in chunks (the header has many tiny fields) and counts the position.
-
-    While ``recording`` is a bytearray, every byte taken is appended to it.
-    """
-
-    def __init__(self, stream, path):
-        self._stream = stream
-        self._path = path
-        self._buf = bytearray()
-        self.position = 0
-        self.recording = None
-
-    def take(self, n, what):
-        while len(self._buf) < n:
-            more = self._stream.read(max(_CHUNK, n - len(self._buf)))
-            if not more:
-                raise CheckpointError(f"{self._path}: GGUF file is truncated in {what}", hint=_TRUNCATED_HINT)
-            self._buf += more
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        self.position += n
-        if self.recording is not None:
-            self.recording += data
-        return data
-
-    def unpack(self, fmt, what):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))
-
-    def take_large(self, n, what):
-        """``n`` bytes in a new bytearray, read straight into place past the look-ahead buffer."""
-        out = bytearray(n)
-        view = memoryview(out)
-        got = min(n, len(self._buf))
-        view[:got] = self._buf[:got]
-        del self._buf[:got]
-        while got < n:
-            chunk = self._stream.read(min(n - got, 1 << 24))
-            if not chunk:
-                raise CheckpointError(
-                    f"{self._path}: GGUF file is truncated in {what} ({got} of {n} bytes)", hint=_TRUNCATED_HINT
-                )
-            view[got : got + len(chunk)] = chunk
-            got += len(chunk)
-        self.position += n
-        return out
-
-    def skip_zeros(self, n, what):
-        """Consume ``n`` padding bytes, which must be zero (anything else would be lost)."""
-        while n:
-            step = min(n, _CHUNK)
-            if self.take(step, what).count(0) != step:
-                raise CheckpointError(
-                    f"{self._path}: non-zero bytes in {what}",
-                    hint="git-theta stores GGUF padding as zeros; rewrite the file with gguf.GGUFWriter",
-                )
-            n -= step
-
-    def trailing_zeros(self, what):
-        """Consume the rest of the stream (zero padding); return its length."""
-        total = 0
-        while True:
-            data = bytes(self._buf) or self._stream.read(_CHUNK)
-            self._buf = bytearray()
-            if not data:
-                return total
-            if data.count(0) != len(data):
-                raise CheckpointError(f"{self._path}: unexpected bytes {what} (corrupt or not a GGUF file)")
-            total += len(data)
 
 
 def _read_string(cursor, what):
@@ -192,7 +120,7 @@ class _Reader(CheckpointReader):
     def tensors(self):
         path = self._path
         gguf = _gguf()
-        cursor = _Cursor(self._stream, path)
+        cursor = ByteCursor(self._stream, path, "GGUF")
         if cursor.take(4, "the magic") != MAGIC:
             raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
         (version,) = cursor.unpack("I", "the version")

@@ -17,6 +17,7 @@ name for (strings, 4-bit, complex128), and initializers of subgraphs (``If``/``L
 from git_theta.dtypes import nbytes
 from git_theta.errors import CheckpointError
 from git_theta.formats.base import CheckpointFormat, CheckpointReader
+from git_theta.formats.stream import ByteCursor
 from git_theta.manifest import escape_name, unescape_name
 from git_theta.updates.base import TensorData
 
@@ -24,7 +25,6 @@ _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
 _TENSOR_RAW_DATA = 9
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
-_CHUNK = 1 << 16
 # ONNX TensorProto.DataType names -> git-theta dtype names.
 _DTYPES = {
     "FLOAT": "F32", "DOUBLE": "F64", "FLOAT16": "F16", "BFLOAT16": "BF16",
@@ -32,7 +32,6 @@ _DTYPES = {
     "INT8": "I8", "INT16": "I16", "INT32": "I32", "INT64": "I64",
     "UINT8": "U8", "UINT16": "U16", "UINT32": "U32", "UINT64": "U64", "BOOL": "BOOL",
 }
-_TRUNCATED_HINT = "the file was not completely written; export or download it again"
 
 
 def _onnx():
@@ -67,49 +66,8 @@ def decode_varint(data, pos):
             return value, pos
 
 
-class _Stream:
-    """Reads protobuf wire format from a stream, copying what it reads into ``self.copy`` on request."""
-
-    def __init__(self, stream, path):
-        self._stream = stream
-        self._path = path
-        self._buf = bytearray()
-        self.position = 0
-
-    def _fill(self, n):
-        while len(self._buf) < n:
-            more = self._stream.read(max(_CHUNK, n - len(self._buf)))
-            if not more:
-                return False
-            self._buf += more
-        return True
-
-    def at_end(self):
-        return not self._fill(1)
-
-    def take(self, n, what):
-        if n > _CHUNK and len(self._buf) < n:
-            return self._take_large(n, what)
-        if not self._fill(n):
-            raise CheckpointError(f"{self._path}: ONNX file is truncated in {what}", hint=_TRUNCATED_HINT)
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        self.position += n
-        return data
-
-    def _take_large(self, n, what):
-        out = bytearray(n)
-        got = len(self._buf)
-        out[:got] = self._buf
-        self._buf = bytearray()
-        while got < n:
-            chunk = self._stream.read(min(n - got, 1 << 24))
-            if not chunk:
-                raise CheckpointError(f"{self._path}: ONNX file is truncated in {what}", hint=_TRUNCATED_HINT)
-            out[got : got + len(chunk)] = chunk
-            got += len(chunk)
-        self.position += n
-        return out
+class _Wire(ByteCursor):
+    """A ByteCursor that also reads protobuf varints and field headers."""
 
     def varint(self, what):
         """(value, raw bytes) of the next varint."""
@@ -175,7 +133,7 @@ class _Reader(CheckpointReader):
         self._path = path
 
     def tensors(self):
-        wire = _Stream(self._stream, self._path)
+        wire = _Wire(self._stream, self._path, "ONNX")
         skeleton = bytearray()
         cuts = []  # (name, offset in skeleton, size)
         seen = set()
@@ -185,7 +143,7 @@ class _Reader(CheckpointReader):
             if kind != 2:
                 continue
             if number != _MODEL_GRAPH:
-                skeleton += wire.take(length, "the model")
+                skeleton += wire.take_large(length, "the model")
                 continue
             end = wire.position + length
             while wire.position < end:
@@ -193,7 +151,7 @@ class _Reader(CheckpointReader):
                 skeleton += raw
                 if kind != 2:
                     continue
-                payload = wire.take(length, "an initializer" if number == _GRAPH_INITIALIZER else "the graph")
+                payload = wire.take_large(length, "an initializer" if number == _GRAPH_INITIALIZER else "the graph")
                 tensor = self._initializer(payload, seen) if number == _GRAPH_INITIALIZER else None
                 if tensor is None:
                     skeleton += payload
