@@ -65,6 +65,23 @@ class ToyFormat(CheckpointFormat):
 '''
 
 
+TOY_OPERATOR = '''
+"""A toy merge operator: the elementwise maximum of the models."""
+from git_theta.merge.operator import MergeOperator
+
+
+class ToyMax(MergeOperator):
+    name = "toymax"
+    needs_base = False
+    summary = "out = max_i θi"
+
+    def merge(self, models, base, params, rng):
+        import numpy as np
+
+        return np.maximum.reduce(models)
+'''
+
+
 def toy_file(tensors, note="hello"):
     """Bytes of a toy checkpoint holding ``tensors`` (name -> float32 array)."""
     import struct
@@ -129,13 +146,15 @@ def overlay(tmp_path, git_env):
     return Overlay(tmp_path / "overlay", git_env)
 
 
-def test_third_party_format_is_picked_up_by_git_add(tmp_path, overlay, make_repo):
+def test_third_party_plugins_are_picked_up_by_git_add_and_the_merge_driver(tmp_path, overlay, make_repo):
     import numpy as np
+    from safetensors.numpy import load_file, save_file
 
     package = write_package(
         tmp_path / "pkg", "theta-toy-plugin", "theta_toy",
-        {"git_theta.formats": ["toyfmt = theta_toy.fmt:ToyFormat"]},
-        {"fmt.py": TOY_FORMAT.format(name="toyfmt")},
+        {"git_theta.formats": ["toyfmt = theta_toy.fmt:ToyFormat"],
+         "git_theta.merge_operators": ["toymax = theta_toy.ops:ToyMax"]},
+        {"fmt.py": TOY_FORMAT.format(name="toyfmt"), "ops.py": TOY_OPERATOR},
     )
     overlay.pip_install_editable(package)
 
@@ -151,7 +170,7 @@ def test_third_party_format_is_picked_up_by_git_add(tmp_path, overlay, make_repo
     rng = np.random.default_rng(0)
     original = toy_file({"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)})
     repo.file("model.toy").write_bytes(original)
-    repo.commit("add", ".gitattributes", "model.toy")
+    toy_commit = repo.commit("add", ".gitattributes", "model.toy")
     manifest = Manifest.parse(repo.show("HEAD:model.toy"))
     assert manifest.format == "toyfmt"
     assert set(manifest.tensors) == {"w", "b"}
@@ -161,11 +180,31 @@ def test_third_party_format_is_picked_up_by_git_add(tmp_path, overlay, make_repo
     assert repo.file("model.toy").read_bytes() == original
     assert repo.status() == ""
 
+    # The merge driver runs the third-party operator on tensors changed on both sides.
+    assert next(r for r in listed if r["name"] == "toymax")["kind"] == "merge"
+    repo.theta("track", "*.safetensors")
+    repo.git("config", "theta.merge.operator", "toymax")
+    w = rng.standard_normal((3, 5)).astype(np.float32)
+    save_file({"w": w}, str(repo.file("m.safetensors")))
+    repo.commit("base", ".gitattributes", "m.safetensors")
+    repo.git("checkout", "-q", "-b", "theirs")
+    theirs = w + rng.standard_normal(w.shape).astype(np.float32)
+    save_file({"w": theirs}, str(repo.file("m.safetensors")))
+    repo.commit("theirs", "m.safetensors")
+    repo.git("checkout", "-q", "main")
+    ours = w + rng.standard_normal(w.shape).astype(np.float32)
+    save_file({"w": ours}, str(repo.file("m.safetensors")))
+    repo.commit("ours", "m.safetensors")
+    repo.git("merge", "-q", "--no-edit", "theirs")
+    assert np.array_equal(load_file(str(repo.file("m.safetensors")))["w"], np.maximum(ours, theirs))
+    assert Manifest.parse(repo.show("HEAD:m.safetensors")).tensors["w"].shape == (3, 5)
+    assert repo.status() == ""
+
     # A clone whose git-theta lacks the plugin: checkout fails and says which package to install.
     clone = make_repo("clone", init=False)
     clone.git("clone", "-q", "--no-checkout", str(repo.path), ".")
     clone.theta("install", "--local")
-    failed = clone.git("checkout", "main", check=False)
+    failed = clone.git("checkout", "-q", toy_commit, check=False)
     assert failed.returncode != 0
     assert "no format plugin named 'toyfmt' is installed (needed by model.toy)" in failed.stderr
     assert "pip install theta-toy-plugin" in failed.stderr
