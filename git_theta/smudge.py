@@ -111,7 +111,8 @@ class Smudger:
             shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             raise ObjectMissingError(
                 f"{path}: {len(missing)} object(s) missing for tensor(s) {shown} (first: {missing[0]})",
-                hint="fetch them with 'git theta fetch', then 'git checkout -- " + path + "'",
+                hint=f"the file holds its manifest for now; fetch the objects with 'git theta fetch', "
+                f"then write the checkpoint with 'git theta checkout {path}'",
                 oids=missing,
             )
         return manifest, fmt
@@ -123,10 +124,3 @@ class Smudger:
         )
         fmt.join(manifest.fields, source, out, path)
         self.repo.cache.put_digests(manifest.tensors.values())
-
-    def smudge(self, data, path, out):
-        prepared = self.prepare(data, path)
-        if prepared is None:
-            out.write(data)
-            return
-        self.write(*prepared, path, out)

@@ -20,13 +20,12 @@ shaped like the numpy shape with the last dimension counted in bytes (as ``gguf.
 them), with the GGML type in the ``tensor.NNNNN`` line. Bytes come back unchanged either way.
 """
 
-import json
 import re
 import struct
 
 from git_theta.dtypes import nbytes
 from git_theta.errors import CheckpointError
-from git_theta.formats.base import CheckpointFormat, CheckpointReader
+from git_theta.formats.base import CheckpointFormat, CheckpointReader, dump_json
 from git_theta.formats.stream import ByteCursor
 from git_theta.manifest import escape_name, unescape_name
 from git_theta.updates.base import TensorData
@@ -170,9 +169,12 @@ class _Reader(CheckpointReader):
         for index, (name, type_name, _, _, offset) in enumerate(infos):
             self.fields[f"tensor.{index:0{width}d}"] = f"{escape_name(name)} {type_name} {offset}"
         for key, value in meta.items():
-            text = json.dumps(value, ensure_ascii=False) if value is not None else ""
-            if value is not None and _FIELD_KEY.match("meta." + key) and "\n" not in text:
-                self.fields["meta." + key] = text
+            if value is None or not _FIELD_KEY.match("meta." + key):
+                continue
+            try:
+                self.fields["meta." + key] = dump_json(value)
+            except ValueError:  # NaN or infinity: the kv blob has it, the readable copy is skipped
+                pass
 
         # Tensor data, in offset order, straight from the stream.
         cursor.skip_zeros(_align(cursor.position, alignment) - cursor.position, "the header padding")
