@@ -251,6 +251,10 @@ class Cleaner:
                         pass
             raise
         manifest = Manifest(format=fmt.name, fields=dict(checkpoint.fields))
+        package = plugins.provider("format", fmt.name)
+        if package not in (None, plugins.BUILTIN_PACKAGE):
+            # So a clone without the plugin is told which package to install (plugins.get).
+            manifest.fields[plugins.PACKAGE_FIELD] = package
         for key_name, data in checkpoint.blobs.items():
             manifest.blobs[key_name] = self.store.put_bytes(data)
         fingerprints = {}

@@ -106,7 +106,9 @@ class Smudger:
         if not is_manifest(data) or self.settings.get_bool("skipSmudge"):
             return None  # skip-smudge: the manifest stays in the work tree (git theta checkout)
         manifest = Manifest.parse(data, source=path)
-        fmt = plugins.get("format", manifest.format, needed_by=path)
+        fmt = plugins.get(
+            "format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD)
+        )
         store = self.repo.store
         missing = [r.oid for r in store.missing(manifest.all_objects())]
         if missing:

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..manifest import Manifest, is_manifest
 from .config import load_config
 from .engine import FileMerge, Outcome, check_config, merge_manifests
+from .side import SideData
 
 LABELS = ("ours", "theirs")
 
@@ -36,6 +37,7 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
     base = _manifest(base_file, "base", pathname)
     config = load_config(repo, [pathname])
     check_config(config, len(LABELS))
-    result = merge_manifests(pathname, base, [ours, theirs], list(LABELS), config, repo.store)
+    side_data = SideData.for_driver(repo, pathname, [ours, theirs])
+    result = merge_manifests(pathname, base, [ours, theirs], list(LABELS), config, repo.store, side_data=side_data)
     Path(ours_file).write_bytes(result.manifest.serialize())
     return result
