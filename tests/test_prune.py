@@ -152,3 +152,24 @@ def test_parse_expire(text, seconds):
 def test_parse_expire_rejects_garbage():
     with pytest.raises(ConfigError):
         parse_expire("soon")
+
+
+def test_prune_and_fsck_follow_chunked_objects(repo):
+    """With a tiny theta.maxObjectSize, tensors are stored as parts + a chunk index: the manifest
+    names only the index, yet its parts are reachable, verified, and reported when missing."""
+    repo.git("config", "theta.maxObjectSize", "1024")
+    _version(repo, 1)
+    store = ObjectStore(repo.path / ".git" / "theta" / "objects")
+    named = _oids(repo, "HEAD:model.safetensors")
+    parts = {ref.oid for ref in store.chunk_parts([r for r in Manifest.parse(repo.show("HEAD:model.safetensors")).all_objects()])}
+    assert parts and not parts & named
+    assert _prune(repo, "--expire=now", "--all")["deleted"] == 0
+    assert parts | named <= _store_oids(repo)
+    report = json.loads(repo.theta("fsck", "--json").stdout)
+    assert report["ok"] and report["objects"] == len(named | parts)
+    victim = sorted(parts)[0]
+    store.path(victim).unlink()
+    proc = repo.theta("fsck", "--json", check=False)
+    [problem] = json.loads(proc.stdout)["problems"]
+    assert proc.returncode == 1 and problem["kind"] == "missing" and problem["oid"] == victim
+    assert problem["index"] in named and problem["path"] == "model.safetensors"
