@@ -173,3 +173,22 @@ def test_prune_and_fsck_follow_chunked_objects(repo):
     [problem] = json.loads(proc.stdout)["problems"]
     assert proc.returncode == 1 and problem["kind"] == "missing" and problem["oid"] == victim
     assert problem["index"] in named and problem["path"] == "model.safetensors"
+
+
+def test_prune_deletes_unreachable_objects_only_once_pushed(repo, make_repo):
+    bare = make_repo("origin.git", init=False)
+    bare.git("init", "-q", "--bare")
+    repo.git("remote", "add", "origin", str(bare.path))
+    _version(repo, 1)
+    pushed = _version(repo, 2)
+    repo.git("push", "-q", "origin", "main")
+    local = _version(repo, 3)
+    pushed_only = _oids(repo, f"{pushed}:model.safetensors") - _oids(repo, "HEAD~2:model.safetensors")
+    local_only = _oids(repo, f"{local}:model.safetensors") - _oids(repo, f"{pushed}:model.safetensors")
+    repo.git("reset", "-q", "--hard", "HEAD~2")
+    repo.git("update-ref", "-d", "refs/remotes/origin/main")  # v2 now only on the server
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    (repo.path / ".git" / "ORIG_HEAD").unlink()
+    result = _prune(repo, "--expire=now")
+    assert set(result["oids"]) == pushed_only  # the server has them: safe to drop here
+    assert result["kept_unpushed"] == len(local_only) and local_only <= _store_oids(repo)
