@@ -210,8 +210,27 @@ def reachable_oids(repo):
     needed = {}
     for use, data in iter_manifests(repo, "all", work_trees=True):
         needed.update(referenced_refs(data, use.describe()))
-    parts = getattr(repo.store, "chunk_parts", None)
-    result = set(needed)
-    if parts is not None:
-        result.update(ref.oid for ref in parts(list(needed.values())))
-    return result
+    return set(needed) | {ref.oid for ref in chunk_parts(repo.store, needed.values())}
+
+
+def chunk_parts(store, refs):
+    """The parts of the chunk indexes among ``refs`` (present locally); empty without chunking.
+
+    Only objects that start with the chunk-index magic are read in full.
+    """
+    list_parts = getattr(store, "chunk_parts", None)
+    if list_parts is None:
+        return []
+    from .chunked import MAGIC as INDEX_MAGIC, MAX_INDEX
+
+    indexes = []
+    for ref in refs:
+        if ref.size > MAX_INDEX:
+            continue
+        try:
+            with open(store.path(ref.oid), "rb") as handle:
+                if handle.read(len(INDEX_MAGIC)) == INDEX_MAGIC:
+                    indexes.append(ref)
+        except OSError:
+            continue
+    return list_parts(indexes)

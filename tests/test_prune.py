@@ -192,3 +192,23 @@ def test_prune_deletes_unreachable_objects_only_once_pushed(repo, make_repo):
     result = _prune(repo, "--expire=now")
     assert set(result["oids"]) == pushed_only  # the server has them: safe to drop here
     assert result["kept_unpushed"] == len(local_only) and local_only <= _store_oids(repo)
+
+
+def test_prune_keeps_the_old_parts_of_a_recent_chunked_object(repo):
+    repo.git("config", "theta.maxObjectSize", "1024")
+    store = ObjectStore(repo.path / ".git" / "theta" / "objects")
+    _version(repo, 1)
+    dropped = _version(repo, 2)
+    manifest = Manifest.parse(repo.show(f"{dropped}:model.safetensors"))
+    dropped_objects = [r for r in manifest.all_objects() if r.oid not in _oids(repo, "HEAD~1:model.safetensors")]
+    parts = {ref.oid for ref in store.chunk_parts(dropped_objects)}
+    assert parts
+    repo.git("reset", "-q", "--hard", "HEAD~1")
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    (repo.path / ".git" / "ORIG_HEAD").unlink()
+    old = time.time() - 7200
+    for oid in parts:  # the parts look old, the objects naming them were just written
+        os.utime(store.path(oid), (old, old))
+    result = _prune(repo, "--all")
+    assert result["deleted"] == 0 and parts <= _store_oids(repo)
+    assert len(_prune(repo, "--all", "--expire=now")["oids"]) == len(parts) + len(dropped_objects)
