@@ -15,7 +15,8 @@ from git_theta.merge.operator import MergeOperator, OperatorError
 from git_theta.merge.operators.task_vectors import della_probabilities
 from git_theta.merge.params import resolve
 
-ALL = plugins.names("merge")
+# The built-in operators (installed plugin packages, e.g. Fisher with its side data, test themselves).
+ALL = sorted(name for kind, name, package, *_ in plugins.describe() if kind == "merge" and package == "git-theta")
 RANDOM = ["dare_linear", "dare_ties", "della", "della_linear"]
 
 
