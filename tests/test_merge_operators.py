@@ -16,7 +16,7 @@ from git_theta.merge.operators.task_vectors import della_probabilities
 from git_theta.merge.params import resolve
 
 # The built-in operators (installed plugin packages, e.g. Fisher with its side data, test themselves).
-ALL = sorted(name for kind, name, package, *_ in plugins.describe() if kind == "merge" and package == "git-theta")
+ALL = sorted(row["name"] for row in plugins.describe() if row["kind"] == "merge" and row["builtin"])
 RANDOM = ["dare_linear", "dare_ties", "della", "della_linear"]
 
 
