@@ -34,7 +34,7 @@ import sys
 
 from ..errors import CheckpointError, ManifestError, UnsafeCheckpointError
 from ..updates.base import TensorData
-from .base import CheckpointFormat, CheckpointReader, get_json, put_json
+from .base import CheckpointFormat, CheckpointReader, dump_json, get_json, put_json
 from .spool import WriteOnly, spool
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -139,7 +139,7 @@ class _Encoder:
             return self._mapping(obj, where)
         if kind is set:
             items = [self._key(v, where) for v in obj]
-            items.sort(key=lambda n: _dump(n))  # a set has no order: make one
+            items.sort(key=dump_json)  # a set has no order: make one
             return {"$": "set", "items": items}
         if kind is complex:
             return {"$": "complex", "re": _float_node(obj.real), "im": _float_node(obj.imag)}
@@ -180,12 +180,6 @@ class _Encoder:
         if attrs:
             node["attrs"] = self.encode(attrs, where + ("@attrs",))
         return node
-
-
-def _dump(node):
-    from .base import dump_json
-
-    return dump_json(node)
 
 
 def _show(where):
@@ -286,7 +280,7 @@ def tensor_bytes(torch, t, name, path):
     return dtype, shape, memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _load_error(torch, exc, path):
+def _load_error(exc, path):
     import pickle
 
     text = str(exc)
@@ -327,7 +321,7 @@ class _Reader(CheckpointReader):
                 # weights_only=True is the whole point: never retried without it.
                 obj = torch.load(tmp.name, map_location="cpu", weights_only=True, mmap=is_zip)
             except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
-                raise _load_error(torch, exc, path) from None
+                raise _load_error(exc, path) from None
             encoder = _Encoder(torch, path)
             structure = encoder.encode(obj)
             stored = plan_tensors(encoder)
@@ -495,8 +489,11 @@ class TorchFormat(CheckpointFormat):
             return False
         (name_len,) = struct.unpack("<H", head[26:28])
         first = head[30 : 30 + name_len]
-        # torch.save writes <archive>/data.pkl first; other zip members (npz arrays) are not ours.
-        return first.endswith(b"/data.pkl") or first == b"data.pkl"
+        # torch.save writes <archive>/data.pkl first; a zip of .npy arrays is npz. Other zips are
+        # torch's only when the name says so (torch.load then decides).
+        if first.endswith(b"/data.pkl") or first == b"data.pkl":
+            return True
+        return not first.endswith(b".npy") and path.endswith(self.suffixes)
 
     def split(self, stream, path):
         return _Reader(stream, path)
