@@ -276,3 +276,25 @@ def test_bad_pt_on_add_fails_and_keeps_the_index(repo, tmp_path):
         assert repo.git("ls-files", "-s", "model.pt").stdout == entry
         assert store_files(repo) == before  # no new object, nothing left in tmp
     assert not marker.exists()
+
+
+def test_deep_nesting_and_tampered_structure_are_clean_errors():
+    from git_theta.errors import ManifestError
+
+    deep = torch.ones(1)
+    for _ in range(3000):
+        deep = [deep]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # torch.save itself recurses per level
+    try:
+        raw = saved(deep)
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        list(FMT.split(io.BytesIO(raw), "deep.pt").tensors())
+    reader, tensors_out = split(FMT, saved({"w": torch.ones(4), "v": torch.ones(4)[1:]}), "m.pt")
+    for bad in ('{"w":{"$":"tensor","name":"nope"}}', '{"w":{"$":"view","of":"w","shape":[9],"stride":[1],"offset":0}}',
+                '{"w":{"$":"eval"}}', "[" * 5000 + "]" * 5000, "{"):
+        reader.fields["structure"] = bad
+        with pytest.raises(ManifestError):
+            join(FMT, reader, tensors_out, "m.pt")

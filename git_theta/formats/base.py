@@ -98,5 +98,5 @@ def get_json(fields, source, key, path):
         return None
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ManifestError(f"{path}: manifest {key!r} is not valid JSON ({exc})") from None

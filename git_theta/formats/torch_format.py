@@ -31,6 +31,7 @@ names only need to be unique.
 import math
 import struct
 import sys
+import warnings
 
 from ..errors import CheckpointError, ManifestError, UnsafeCheckpointError
 from ..updates.base import TensorData
@@ -318,14 +319,23 @@ class _Reader(CheckpointReader):
             tmp.seek(0)
             is_zip = head.startswith(ZIP_MAGIC)
             try:
-                # weights_only=True is the whole point: never retried without it.
-                obj = torch.load(tmp.name, map_location="cpu", weights_only=True, mmap=is_zip)
+                # torch warns about odd files before failing; the error below says it all.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    # weights_only=True is the whole point: never retried without it.
+                    obj = torch.load(tmp.name, map_location="cpu", weights_only=True, mmap=is_zip)
             except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
                 raise _load_error(exc, path) from None
             encoder = _Encoder(torch, path)
-            structure = encoder.encode(obj)
-            stored = plan_tensors(encoder)
-            put_json(self, "structure", structure)
+            try:
+                structure = encoder.encode(obj)
+                stored = plan_tensors(encoder)  # fills the tensor placeholders in structure
+                put_json(self, "structure", structure)
+            except RecursionError:
+                raise CheckpointError(
+                    f"{path}: the checkpoint's containers are nested too deeply",
+                    hint="flatten the saved structure (dicts of tensors)",
+                ) from None
             del obj, encoder
             for name, t in stored:
                 dtype, shape, data = tensor_bytes(torch, t, name, path)
@@ -507,7 +517,10 @@ class TorchFormat(CheckpointFormat):
                 hint="the manifest was edited by hand or truncated; check out another version",
             )
         decoder = _Decoder(torch, _spool_tensors(torch, source, path), path)
-        obj = decoder.decode(structure)
+        try:
+            obj = decoder.decode(structure)
+        except RecursionError:
+            raise decoder.bad("nested too deeply") from None
         unused = sorted(set(source.specs) - decoder.used)
         if unused:
             raise decoder.bad(f"tensor {unused[0]!r} is in the manifest but not in the structure")
