@@ -10,8 +10,9 @@ manifest entry. Storage sharing is kept: when several tensors share one storage 
 the whole storage (tied weights, ``x`` and ``x.T``), that one is stored and the others are recorded
 as views of it (shape, stride, offset) and rebuilt on the same storage at checkout; when none is
 (slices of a fused weight) the storage is stored once under ``<first view>%storage``. A tensor
-alone on a larger storage, or non-contiguous, is stored as its values. Checkout rebuilds the object and writes it with ``torch.save``, which gives
-the same bytes for the same manifest, so ``git status`` stays clean.
+alone on a larger storage, or non-contiguous, is stored as its values. Checkout rebuilds the object
+and writes it with ``torch.save``, which gives the same bytes for the same manifest, so
+``git status`` stays clean.
 
 Structure JSON: ``null``, booleans, integers, finite floats, strings and lists are themselves; a dict
 whose keys are all strings is a JSON object (a key starting with ``$`` gets one more ``$``); every
@@ -152,8 +153,9 @@ class _Encoder:
             return {"$": "device", "name": str(obj)}
         raise CheckpointError(
             f"{self.path}: cannot keep a {kind.__module__}.{kind.__qualname__} at {_show(where)}",
-            hint="git-theta keeps what torch.load(weights_only=True) allows: tensors, dicts, lists, tuples, sets, numbers, strings, bytes, "
-            "torch.Size/dtype/device; save other objects separately",
+            hint="git-theta keeps what torch.load(weights_only=True) allows: tensors, dicts, "
+            "lists, tuples, sets, numbers, strings, bytes, torch.Size/dtype/device; "
+            "save other objects separately",
         )
 
     @staticmethod
