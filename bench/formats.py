@@ -5,7 +5,7 @@ For each format, times ``git add`` + ``git commit`` of a first version, ``git ad
 with the peak memory of the command (git and its filter) and the bytes stored. The torch file is a
 training checkpoint: ``{"model": state_dict, "optimizer": {"state": ..., "param_groups": ...},
 "step": n}`` with an Adam ``exp_avg`` for every weight, so it is twice the size of the others.
-Checkout is checked bit for bit (safetensors and npz byte-identical, torch tensor-identical).
+Checkout is checked bit for bit (safetensors byte-identical, npz and torch tensor-identical).
 
     python bench/formats.py              # scale 0.25 (~31M parameters, a minute or two)
     python bench/formats.py --scale 1    # GPT-2 small (124M parameters, ~500 MB per fp32 file)
@@ -46,8 +46,12 @@ def save(fmt, state, path, step):
 
 
 def same_checkpoint(fmt, a, b):
-    if fmt != "torch":
+    """safetensors: byte-identical; npz: same arrays (zip timestamps differ); torch: same tensors."""
+    if fmt == "safetensors":
         return Path(a).read_bytes() == Path(b).read_bytes()
+    if fmt == "npz":
+        with np.load(a) as x, np.load(b) as y:
+            return x.files == y.files and all(x[k].dtype == y[k].dtype and x[k].tobytes() == y[k].tobytes() for k in x.files)
     import torch
 
     x, y = torch.load(a, weights_only=True, mmap=True), torch.load(b, weights_only=True, mmap=True)

@@ -298,3 +298,35 @@ def test_deep_nesting_and_tampered_structure_are_clean_errors():
         reader.fields["structure"] = bad
         with pytest.raises(ManifestError):
             join(FMT, reader, tensors_out, "m.pt")
+
+
+def test_seen_bytes_are_recognised_without_parsing(repo, monkeypatch):
+    """After a clean or a checkout, re-cleaning the same bytes (touch; git status) is a lookup."""
+    from git_theta.clean import Cleaner
+    from git_theta.repo import Repo
+    from git_theta.smudge import Smudger
+
+    monkeypatch.chdir(repo.path)
+    raw = saved(checkpoint(1, seed=0))
+    handle = Repo(str(repo.path))
+    cleaner, smudger = Cleaner(handle), Smudger(handle)
+    try:
+        manifest = cleaner.clean(io.BytesIO(raw), "model.pt")
+
+        def no_parse(self, stream, path):
+            raise AssertionError("the file was parsed again")
+
+        monkeypatch.setattr(TorchFormat, "split", no_parse)
+        assert cleaner.clean(io.BytesIO(raw), "model.pt") == manifest
+        out = io.BytesIO()
+        smudger.write(*smudger.prepare(manifest, "model.pt"), "model.pt", out)
+        assert out.getvalue() != raw  # torch.save's bytes, not the original file's
+        assert cleaner.clean(io.BytesIO(out.getvalue()), "model.pt") == manifest
+        with pytest.raises(AssertionError, match="parsed again"):  # other bytes are parsed
+            cleaner.clean(io.BytesIO(saved(checkpoint(2, seed=0))), "model.pt")
+        with pytest.raises(AssertionError, match="parsed again"):  # the cache is per path
+            cleaner.clean(io.BytesIO(raw), "other.pt")
+    finally:
+        cleaner.close()
+        smudger.close()
+        handle.close()

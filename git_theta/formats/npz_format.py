@@ -17,7 +17,7 @@ import struct
 from ..errors import CheckpointError, ManifestError
 from ..updates.base import TensorData
 from .base import CheckpointFormat, CheckpointReader, get_json, put_json
-from .spool import WriteOnly, spool
+from .spool import WriteOnly, spooled
 
 ZIP_MAGIC = b"PK\x03\x04"
 SUFFIX = ".npy"
@@ -62,7 +62,7 @@ class _Reader(CheckpointReader):
         import numpy as np
 
         path = self._path
-        with spool(self._stream, suffix=".npz") as tmp:
+        with spooled(self._stream, suffix=".npz") as tmp:
             try:
                 archive = zipfile.ZipFile(tmp)
             except (zipfile.BadZipFile, struct.error, *_DAMAGED) as exc:
@@ -151,6 +151,7 @@ class NpzFormat(CheckpointFormat):
 
     name = "npz"
     suffixes = (".npz",)
+    spools = True
 
     def sniff(self, head, path):
         if not head.startswith(ZIP_MAGIC) or len(head) < 30:

@@ -37,7 +37,7 @@ import warnings
 from ..errors import CheckpointError, ManifestError, UnsafeCheckpointError
 from ..updates.base import TensorData
 from .base import CheckpointFormat, CheckpointReader, dump_json, get_json, put_json
-from .spool import WriteOnly, spool
+from .spool import WriteOnly, spooled
 
 ZIP_MAGIC = b"PK\x03\x04"
 # Legacy (pre-1.6) torch.save files are a pickle stream starting with this magic number.
@@ -316,7 +316,7 @@ class _Reader(CheckpointReader):
     def tensors(self):
         path = self._path
         torch = import_torch(path)
-        with spool(self._stream, suffix=".pt") as tmp:
+        with spooled(self._stream, suffix=".pt") as tmp:
             head = tmp.read(len(LEGACY_MAGIC))
             tmp.seek(0)
             is_zip = head.startswith(ZIP_MAGIC)
@@ -493,6 +493,7 @@ class TorchFormat(CheckpointFormat):
 
     name = "torch"
     suffixes = (".pt", ".pth", ".bin", ".ckpt")
+    spools = True
 
     def sniff(self, head, path):
         if head.startswith(LEGACY_MAGIC):
