@@ -118,7 +118,9 @@ def test_commit_modify_checkout_through_git(repo):
     assert_same(v1, path.read_bytes())
     first = path.read_bytes()
     os.utime(path, (1, 1))  # git re-cleans the smudged archive: same manifest, status unchanged
-    assert repo.status() == "M  arrays.npz\n"
+    # With the stat cache off, git's re-clean really parses the smudged file again.
+    status = repo.git("-c", "theta.statCache=false", "status", "--porcelain").stdout
+    assert status == "M  arrays.npz\n"
     path.unlink()
     repo.git("checkout", "--", "arrays.npz")
     assert path.read_bytes() == first
