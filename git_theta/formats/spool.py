@@ -42,6 +42,25 @@ class Spool:
         self.name = self.file.name
         self.fingerprint = digest.hexdigest()
 
+    # A Spool is also a readable, seekable binary file, for formats that do not use spooled().
+    def read(self, n=-1):
+        return self.file.read(n)
+
+    def readinto(self, buf):
+        return self.file.readinto(buf)
+
+    def seek(self, offset, whence=0):
+        return self.file.seek(offset, whence)
+
+    def tell(self):
+        return self.file.tell()
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
     def close(self):
         self.file.close()
 
