@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from core import gpt2_shapes, make_state  # noqa: E402
 
-from git_theta.bits import from_float, to_float  # noqa: E402
+from git_theta.bits import from_float  # noqa: E402
 from git_theta.choose import choose  # noqa: E402
 from git_theta.codec import decode_tensor, encode_tensor, store_encoded, tensor_digest  # noqa: E402
 from git_theta.object_store import ObjectStore  # noqa: E402

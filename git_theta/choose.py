@@ -29,7 +29,6 @@ def _candidates():
 
 def sample(tensor, base):
     """(new sample, base sample): the same evenly spaced blocks of both, as flat TensorData."""
-    itemsize = get_dtype(tensor.dtype).itemsize
     new_bits, base_bits = as_bits(tensor.data, tensor.dtype), as_bits(base.data, base.dtype)
     total = len(new_bits)
     starts = np.linspace(0, total - BLOCK_ELEMENTS, SAMPLE_BLOCKS).astype(np.int64)

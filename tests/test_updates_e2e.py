@@ -5,8 +5,6 @@ import json
 import random
 
 import numpy as np
-import pytest
-from safetensors.numpy import load_file
 
 from git_theta.manifest import Manifest
 
