@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from . import plugins
+from .allowlist import theta_attribute
 from .codec import decode_tensor, encode_tensor, encode_update, store_encoded, tensor_digest
 from .dtypes import nbytes
 from .errors import CheckpointError, ConfigError, ManifestError, ObjectCorruptError, ObjectMissingError, UpdateError
@@ -33,8 +34,8 @@ MAX_MANIFEST = 256 << 20
 
 def detect_format(repo, path, head):
     """The format plugin for ``path``: the ``theta-format`` attribute if set, else by content."""
-    forced = repo.attribute(path, "theta-format") if repo is not None else "unspecified"
-    if forced not in ("unspecified", "set", "unset"):
+    forced = theta_attribute(repo, path, "theta-format") if repo is not None else None
+    if forced is not None:
         return plugins.get("format", forced, needed_by=f"{path} (attribute theta-format)")
     candidates = plugins.all_plugins("format")
     # Prefer formats whose usual suffix matches, then the rest; content decides in both cases.
@@ -250,6 +251,10 @@ class Cleaner:
                         pass
             raise
         manifest = Manifest(format=fmt.name, fields=dict(checkpoint.fields))
+        package = plugins.provider("format", fmt.name)
+        if package not in (None, plugins.BUILTIN_PACKAGE):
+            # So a clone without the plugin is told which package to install (plugins.get).
+            manifest.fields[plugins.PACKAGE_FIELD] = package
         for key_name, data in checkpoint.blobs.items():
             manifest.blobs[key_name] = self.store.put_bytes(data)
         fingerprints = {}
@@ -316,7 +321,8 @@ class Cleaner:
             budget.release(size)
 
     def _all_local(self, entry):
-        return all(self.store.has(ref.oid) for ref in entry.objects)
+        # freshen, not has: a reused object must look recent to a concurrent 'git theta prune'
+        return all(self.store.freshen(ref.oid) for ref in entry.objects)
 
     def _reuse(self, tensor, known, use_index=True):
         """An existing entry storing exactly these bytes, renamed for this tensor, or None."""
@@ -337,7 +343,7 @@ class Cleaner:
                 objects = tuple(ObjectRef.parse(r) for r in refs)
             except ManifestError:
                 return None
-            if objects and all(self.store.has(r.oid) for r in objects):  # same rule as above
+            if objects and all(self.store.freshen(r.oid) for r in objects):  # same rule as above
                 return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update, objects)
         return None
 

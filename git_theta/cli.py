@@ -26,9 +26,9 @@ def cli():
 
 
 def _register():
-    from .commands import filters, inspect, setup, updates
+    from .commands import filters, history, inspect, maintenance, merge, remote, setup, updates
 
-    for module in (setup, inspect, filters, updates):
+    for module in (setup, inspect, updates, history, merge, remote, maintenance, filters):
         for command in module.COMMANDS:
             cli.add_command(command)
 

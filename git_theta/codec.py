@@ -129,11 +129,13 @@ def _chain_error(store, entry, where, detail):
     )
 
 
-def decode_tensor(store, entry, path="?", cache=None):
+def decode_tensor(store, entry, path="?", cache=None, known=None):
     """Raw bytes of the tensor ``entry`` describes, verified against its digest.
 
-    ``cache`` (a :class:`DecodedCache`) shares decoded bases between tensors. Errors name the file,
-    the tensor, the chain and the damaged object.
+    ``cache`` (a :class:`DecodedCache`) shares decoded bases between tensors. ``known`` is an
+    optional ``(TensorEntry, bytes)`` already decoded (e.g. the older side of a diff): when
+    ``entry``'s chain extends that entry's chain, decoding starts from those bytes. Errors name the
+    file, the tensor, the chain and the damaged object.
     """
     where = f"{path}: tensor {entry.name!r}"
     if not entry.objects:
@@ -148,6 +150,11 @@ def decode_tensor(store, entry, path="?", cache=None):
                 start, data = position - 1, bytearray(cached)
                 expected_base = tensor_digest(data)
                 break
+    if known is not None:
+        base_entry, base_data = known
+        depth = len(objects) - len(base_entry.objects)
+        if 0 < depth <= start and tuple(objects[depth:]) == tuple(base_entry.objects):
+            start, data, expected_base = depth - 1, bytearray(base_data), base_entry.digest
     try:
         for depth in range(start, -1, -1):
             ref = objects[depth]
@@ -171,7 +178,13 @@ def decode_tensor(store, entry, path="?", cache=None):
             if not update.keyframe and header.get("base") != expected_base:
                 raise ObjectCorruptError(f"object {ref.oid} is a delta of a different base")
             spec = TensorData(entry.name, entry.dtype, entry.shape, None)
-            data = update.decode(header, payload, data, spec, ref.oid)
+            try:
+                data = update.decode(header, payload, data, spec, ref.oid)
+            except MemoryError:  # a tampered manifest and object can claim any shape
+                raise ObjectCorruptError(
+                    f"object {ref.oid} claims a {entry.dtype} {list(entry.shape)} tensor, "
+                    "too large to decode here"
+                ) from None
             if len(data) != nbytes(entry.dtype, entry.shape):
                 raise ObjectCorruptError(f"object {ref.oid} decodes to the wrong size")
             if depth > 0:

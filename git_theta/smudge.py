@@ -17,6 +17,7 @@ from .errors import ObjectMissingError
 from .formats.base import TensorSource
 from .manifest import Manifest, is_manifest
 from .settings import settings_for
+from .testhooks import kill_point
 
 
 class StoreTensorSource(TensorSource):
@@ -62,6 +63,7 @@ class StoreTensorSource(TensorSource):
                 name, size, future = pending.popleft()
                 data = future.result()
                 in_flight -= size
+                kill_point()
                 yield name, data
         finally:
             for _, _, future in pending:
@@ -101,12 +103,17 @@ class Smudger:
         None means ``data`` is not a manifest and passes through unchanged. Raises for an unknown
         format or missing objects, naming the file, the tensors and the object ids.
         """
-        if not is_manifest(data):
-            return None
+        if not is_manifest(data) or self.settings.get_bool("skipSmudge"):
+            return None  # skip-smudge: the manifest stays in the work tree (git theta checkout)
         manifest = Manifest.parse(data, source=path)
-        fmt = plugins.get("format", manifest.format, needed_by=path)
+        fmt = plugins.get(
+            "format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD)
+        )
         store = self.repo.store
-        missing = [r.oid for r in manifest.all_objects() if not store.has(r.oid)]
+        missing = [r.oid for r in store.missing(manifest.all_objects())]
+        if missing:
+            self._fetch_missing(manifest, path)
+            missing = [r.oid for r in store.missing(manifest.all_objects())]
         if missing:
             first = set(missing)
             names = [n for n, e in sorted(manifest.tensors.items()) if any(r.oid in first for r in e.objects)]
@@ -118,6 +125,25 @@ class Smudger:
                 oids=missing,
             )
         return manifest, fmt
+
+    def _fetch_missing(self, manifest, path):
+        """Fetch the file's missing objects from the default remote, in one batch request."""
+        from .errors import GitThetaError, UsageError
+        from .lfs.transfer import fetch_refs
+
+        store = self.repo.store
+        refs = store.missing(manifest.all_objects())
+        try:
+            fetch_refs(self.repo, refs, settings=self.settings)
+        except UsageError:
+            return  # no remote configured: report the missing objects below
+        except GitThetaError as exc:
+            # Missing, like an object never fetched: the manifest stays, the other files check out.
+            raise ObjectMissingError(
+                f"{path}: {len(refs)} object(s) missing and the fetch failed: {exc.message}",
+                hint=(exc.hint + "; " if exc.hint else "") + f"then run 'git theta checkout {path}'",
+                oids=[r.oid for r in refs],
+            ) from None
 
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""

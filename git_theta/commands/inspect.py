@@ -70,16 +70,20 @@ def ls_files(rev, as_json, verbose):
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json):
-    """List installed plugins: formats, update types and merge operators."""
+    """List installed plugins: formats, update types and merge operators, with their packages."""
     from .. import plugins as registry
 
     rows = registry.describe()
     if as_json:
-        keys = ("kind", "name", "package", "version", "object")
-        click.echo(json.dumps([dict(zip(keys, r)) for r in rows], indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
-    for kind, name, package, version, obj in rows:
-        click.echo(f"{kind:7} {name:20} {package} {version}  ({obj})")
+    table = [("kind", "name", "package", "origin")]
+    for row in rows:
+        origin = "built-in" if row["builtin"] else row["location"]
+        table.append((row["kind"], row["name"], f"{row['package']} {row['version']}", origin))
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for r in table:
+        click.echo("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
 
 
 COMMANDS = [ls_files, plugins]
