@@ -56,13 +56,12 @@ def _record(name, status, old, new):
     }
 
 
-def tensor_changes(old_tensors, new_tensors, names=None):
+def tensor_changes(old_tensors, new_tensors):
     """Records for every tensor that differs (added, removed, renamed, changed), plus the pairs of
     entries whose numbers need the tensors loaded, and the names that are unchanged."""
     records, to_load, unchanged = [], [], []
-    wanted = (lambda n: True) if names is None else names.__contains__
-    old_only = {n: e for n, e in old_tensors.items() if n not in new_tensors and wanted(n)}
-    new_only = {n: e for n, e in new_tensors.items() if n not in old_tensors and wanted(n)}
+    old_only = {n: e for n, e in old_tensors.items() if n not in new_tensors}
+    new_only = {n: e for n, e in new_tensors.items() if n not in old_tensors}
     # A tensor that moved to a new name with the same bytes is a rename, not a remove + add.
     by_digest = {}
     for name, entry in sorted(old_only.items()):
@@ -81,7 +80,7 @@ def tensor_changes(old_tensors, new_tensors, names=None):
         records.append(_record(name, "added", None, entry))
     for name, new in new_tensors.items():
         old = old_tensors.get(name)
-        if old is None or not wanted(name):
+        if old is None:
             continue
         if old.same_content(new):
             unchanged.append(name)

@@ -244,6 +244,11 @@ def test_stat_loads_nothing_and_missing_objects_are_clear(two_versions):
     assert full.returncode == 1
     assert "error: model.safetensors: tensor 'model." in full.stderr and "is missing" in full.stderr
     assert "hint:" in full.stderr and "Traceback" not in full.stderr
+    # The git diff driver does not stop git: names and counts, and a warning saying why.
+    repo.theta("install", "--local", "--diff")
+    driver = repo.git("diff", "HEAD~1", "HEAD")
+    assert "M model.layers.1.mlp.weight" not in driver.stdout and "model.layers.1.mlp.weight" in driver.stdout
+    assert "warning: numbers unavailable:" in driver.stdout and "is missing" in driver.stdout
 
 
 def test_plain_git_diff_stat_counts_tensors(two_versions):
