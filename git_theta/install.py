@@ -12,6 +12,8 @@ CONFIG = {
     "filter.theta.clean": "git-theta clean %f",
     "filter.theta.smudge": "git-theta smudge %f",
     "filter.theta.required": "true",
+    "merge.theta.name": "git-theta model merge driver",
+    "merge.theta.driver": "git-theta merge-driver %O %A %B %L %P",
 }
 
 # Opt-in entries: ``git theta install --diff`` makes plain ``git diff`` print the git-theta summary

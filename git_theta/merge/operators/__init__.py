@@ -1,0 +1,1 @@
+"""The built-in merge operators, grouped by family (each registered as an entry point in setup.cfg)."""

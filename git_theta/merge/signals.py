@@ -1,0 +1,119 @@
+"""Similarity signals between task vectors, and the rule behind ``--operator auto``.
+
+For one tensor changed on several branches, :func:`measure` compares the task vectors
+δi = θi − θ0 (pairwise, averaged over pairs for octopus merges):
+
+* ``cosine``          mean pairwise cosine similarity (0 when a task vector is zero);
+* ``sign_agreement``  the fraction of entries changed in the same direction on both sides,
+                      each entry weighted by the smaller of its two changes (1.0 when no entry
+                      is changed on both sides; ≈ 0.5 for independent updates);
+* ``norm_ratio``      smallest ‖δi‖ / largest ‖δi‖ (0 = one side did not move, 1 = equal norms);
+* ``topk_overlap``    fraction of the top-``TOPK`` magnitudes of one task vector that are also in
+                      the other's top-``TOPK`` (≈ TOPK for independent vectors, 1 for identical
+                      supports, 0 for disjoint ones);
+* ``support_overlap`` Jaccard overlap of the sets of changed entries (|δ| > 0);
+* ``density``         mean over models of the fraction of entries that hold ``MASS`` of ‖δi‖²
+                      (small for sparse updates or a few large changes in small noise).
+
+Tensors above ``SAMPLE`` entries are measured on an evenly strided sample (deterministic).
+:func:`choose` maps the signals to an operator and parameters; the thresholds were calibrated with
+``bench/merge_auto_calibration.py`` (its table is in the README), see :data:`RULES`.
+"""
+
+import math
+
+TOPK = 0.1
+MASS = 0.9
+SAMPLE = 1 << 20
+
+#: the decision rule, first match wins (documented in README "Merge operators"); "d" is the TIES
+#: density 2·density rounded to 0.05 in [0.05, 1] (keep twice the entries that hold MASS of ‖δ‖²)
+RULES = (
+    ("one side did not move", "norm_ratio == 0", "task_arithmetic"),
+    ("same update, sparse", "cosine >= 0.9 and density <= 0.25", "ties density=d"),
+    ("same update, dense", "cosine >= 0.9", "linear"),
+    ("shared component", "cosine >= 0.3 and sign_agreement >= 0.75", "ties density=d"),
+    ("disjoint changes", "support_overlap <= 0.1", "task_arithmetic"),
+    ("disjoint sparse skills over noise", "density <= 0.25 and topk_overlap <= TOPK/2", "ties density=d"),
+    ("independent or conflicting updates", "otherwise", "task_arithmetic"),
+)
+
+
+def _flat_sample(x):
+    flat = x.reshape(-1)
+    if flat.size > SAMPLE:
+        flat = flat[:: -(-flat.size // SAMPLE)]
+    return flat
+
+
+def _mass_density(delta):
+    """Fraction of entries whose squares hold MASS of the total (largest first)."""
+    import numpy as np
+
+    sq = np.sort((delta.astype(np.float64) ** 2))[::-1]
+    total = sq.sum()
+    if total == 0:
+        return 0.0
+    k = int(np.searchsorted(np.cumsum(sq), MASS * total)) + 1
+    return min(k, sq.size) / sq.size
+
+
+def _top(delta, k):
+    """Boolean mask of the k largest |δ| (any k of them when magnitudes tie)."""
+    import numpy as np
+
+    mask = np.zeros(delta.size, dtype=bool)
+    if k:
+        mask[np.argpartition(-np.abs(delta), k - 1)[:k]] = True
+    return mask
+
+
+def measure(models, base):
+    """Signals (a dict of floats) between the task vectors of ``models`` relative to ``base``."""
+    import numpy as np
+
+    deltas = [_flat_sample(m).astype(np.float64) - _flat_sample(base) for m in models]
+    n = deltas[0].size
+    norms = [float(np.linalg.norm(d)) for d in deltas]
+    k = max(1, math.ceil(TOPK * n)) if n else 0
+    tops = [_top(d, k) for d in deltas]
+    pairs = {"cosine": [], "sign_agreement": [], "topk_overlap": [], "support_overlap": []}
+    for i in range(len(deltas)):
+        for j in range(i + 1, len(deltas)):
+            a, b = deltas[i], deltas[j]
+            na, nb = norms[i], norms[j]
+            pairs["cosine"].append(float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0)
+            both = (a != 0) & (b != 0)
+            either = (a != 0) | (b != 0)
+            nboth = int(both.sum())
+            # weighted by the smaller of the two changes, so entries where one side only moved by
+            # noise count little next to entries both sides really changed
+            weight = np.minimum(np.abs(a), np.abs(b))
+            total = float(weight.sum())
+            same = float(weight[np.sign(a) == np.sign(b)].sum())
+            pairs["sign_agreement"].append(same / total if total > 0 else 1.0)
+            pairs["support_overlap"].append(nboth / int(either.sum()) if either.any() else 1.0)
+            pairs["topk_overlap"].append(int((tops[i] & tops[j]).sum()) / k if k else 1.0)
+    out = {key: float(np.mean(v)) if v else 1.0 for key, v in pairs.items()}
+    out["norm_ratio"] = min(norms) / max(norms) if max(norms) > 0 else 1.0
+    out["density"] = float(np.mean([_mass_density(d) for d in deltas]))
+    return out
+
+
+def choose(signals):
+    """(operator name, raw params dict) for these signals: the first matching rule of RULES."""
+    s = signals
+    density = min(1.0, max(0.05, round(2 * s["density"] / 0.05) * 0.05))
+    ties = ("ties", {"density": f"{density:.2f}"} if density < 1 else {})
+    sparse = s["density"] <= 0.25
+    if s["norm_ratio"] == 0:
+        return "task_arithmetic", {}
+    if s["cosine"] >= 0.9:
+        return ties if sparse else ("linear", {})
+    if s["cosine"] >= 0.3 and s["sign_agreement"] >= 0.75:
+        return ties
+    if s["support_overlap"] <= 0.1:
+        return "task_arithmetic", {}
+    if sparse and s["topk_overlap"] <= TOPK / 2:
+        return ties
+    return "task_arithmetic", {}
