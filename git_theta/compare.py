@@ -12,7 +12,6 @@ loading"); text, plots and the Python API all read that dict.
 
 import re
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 from .dtypes import element_count, nbytes
 from .settings import settings_for
@@ -94,16 +93,18 @@ def tensor_changes(old_tensors, new_tensors):
 
 def _summary(records, old_tensors, new_tensors, unchanged, accumulators):
     """Counts and aggregate numbers over a set of tensors (a file or a group)."""
-    from .tensor_stats import Accumulator
-
     counts = {s: 0 for s in ("changed", "added", "removed", "renamed")}
     for r in records:
         counts[r["status"]] += 1
-    total = Accumulator()
-    for acc in accumulators or ():
-        total.merge(acc)
+    total = None
+    if accumulators is not None:  # not with --stat, which must not even import numpy
+        from .tensor_stats import Accumulator
+
+        total = Accumulator()
+        for acc in accumulators:
+            total.merge(acc)
     # Elements of tensors compared element by element: unchanged ones count as 0 changed.
-    compared = sum(element_count(old_tensors[n].shape) for n in unchanged) + total.elements
+    compared = sum(element_count(old_tensors[n].shape) for n in unchanged) + (total.elements if total else 0)
     result = {
         "tensors_old": len(old_tensors),
         "tensors_new": len(new_tensors),
@@ -248,6 +249,8 @@ class Differ:
     # -- loading ------------------------------------------------------------------------------
     def _executor(self):
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor  # not needed (nor imported) by --stat
+
             self._pool = ThreadPoolExecutor(self.settings.threads(), thread_name_prefix="theta-diff")
         return self._pool
 
