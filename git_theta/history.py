@@ -11,7 +11,7 @@ the first parent, with the numbers of :mod:`git_theta.tensor_stats`.
 import fnmatch
 import subprocess
 
-from .diff_text import number
+from .diff_text import describe, number
 
 SCHEMA = 1
 _FORMAT = "%H%x1f%P%x1f%an%x1f%aI%x1f%s%x1e"
@@ -155,7 +155,9 @@ def render_log(result, style):
             if detail:
                 for t in f["tensors"]:
                     st = t["stats"] or {}
-                    what = t["status"] if t["status"] != "changed" or st else "changed (shape)"
+                    what = t["status"]
+                    if t["shape_changed"] or t["dtype_changed"]:
+                        what += f" ({describe(t)})"
                     rows.append(["  " + t["name"], what, _rel(st.get("relative_change")),
                                  _pct_tensor(st)])
         lines.extend(table(rows, right=(2, 3), style=style, indent="    "))
