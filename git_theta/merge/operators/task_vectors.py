@@ -222,28 +222,34 @@ class TaskVectorMerge(MergeOperator):
             if w != 1:
                 delta *= dtype.type(w)
             weighted.append(delta)
+        # in place on the arrays we own: peak memory ≈ the task vectors + 2 tensors
+        normalize = params["normalize"]
         if self.consensus:
             positive = elect(weighted, params["consensus"])
             mixed = np.zeros_like(base)
-            divisor = np.zeros_like(base)
+            divisor = np.zeros_like(base) if normalize else None
             for w, d in zip(weights, weighted):
                 agree = agreeing(d, positive)
-                mixed += np.where(agree, d, dtype.type(0))
-                divisor += agree * dtype.type(w)
-            divisor = np.where(divisor == 0, dtype.type(1), divisor)
+                np.copyto(d, 0, where=~agree)
+                mixed += d
+                if normalize:
+                    divisor += agree * dtype.type(w)
+            del weighted
+            if normalize:
+                divisor[divisor == 0] = 1
+                mixed /= divisor
         else:
-            mixed = weighted[0].copy()
+            mixed = weighted[0]
             for d in weighted[1:]:
                 mixed += d
+            del weighted
             divisor = sum(weights)
-            if abs(divisor) < 1e-8:
-                divisor = 1.0
-            divisor = dtype.type(divisor)
-        if params["normalize"]:
-            mixed = mixed / divisor
+            if normalize:
+                mixed /= dtype.type(1.0 if abs(divisor) < 1e-8 else divisor)
         if params["lambda"] != 1:
-            mixed = mixed * dtype.type(params["lambda"])
-        return np.asarray(base + mixed, dtype=dtype)
+            mixed *= dtype.type(params["lambda"])
+        mixed += base
+        return mixed
 
 
 def _gta_params(sparsifier, consensus, normalize, rescale):
