@@ -46,6 +46,17 @@ def _l1_norm(x):
     return float(np.abs(x).sum(dtype=np.float64))
 
 
+def _keep_above(values, threshold, k):
+    """Mask of the entries > threshold, topped up to ``k`` with entries == threshold in index order."""
+    import numpy as np
+
+    flat = values.reshape(-1)
+    mask = flat > threshold
+    missing = k - int(np.count_nonzero(mask))
+    mask[np.flatnonzero(flat == threshold)[:missing]] = True
+    return mask.reshape(values.shape)
+
+
 def top_k_mask(values, k):
     """Boolean mask of the ``k`` largest entries of ``values`` (ties at the threshold: index order)."""
     import numpy as np
@@ -55,23 +66,26 @@ def top_k_mask(values, k):
         return np.ones(values.shape, dtype=bool)
     if k <= 0:
         return np.zeros(values.shape, dtype=bool)
-    flat = values.ravel()
-    threshold = np.partition(flat, n - k)[n - k]
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    mask[np.flatnonzero(flat == threshold)[:missing]] = True
-    return mask.reshape(values.shape)
+    return _keep_above(values, np.partition(values.reshape(-1), n - k)[n - k], k)
 
 
 def magnitude_mask(delta, density):
     """Boolean mask of the ``max(1, floor(density·n))`` largest |δ| of the whole tensor (TIES)."""
     import numpy as np
 
+    n = delta.size
     if density >= 1:
         return np.ones(delta.shape, dtype=bool)
     if density <= 0:
         return np.zeros(delta.shape, dtype=bool)
-    return top_k_mask(np.abs(delta), max(1, int(density * delta.size)))
+    k = min(n, max(1, int(density * n)))
+    # partition |δ| in place for the threshold only (one temporary instead of two), then compare
+    # against a fresh |δ|
+    mag = np.abs(delta).reshape(-1)
+    mag.partition(n - k)
+    threshold = mag[n - k].copy()
+    del mag
+    return _keep_above(np.abs(delta), threshold, k)
 
 
 def outlier_mask(delta, density, gamma):
@@ -188,7 +202,10 @@ def elect(weighted, method):
     score = None
     for d in weighted:
         term = d if method == "sum" else (d > 0).astype(d.dtype) - (d < 0)
-        score = term.copy() if score is None else score + term
+        if score is None:
+            score = term.copy() if term is d else term
+        else:
+            score += term
     return score >= 0
 
 
@@ -233,7 +250,7 @@ class TaskVectorMerge(MergeOperator):
                 np.copyto(d, 0, where=~agree)
                 mixed += d
                 if normalize:
-                    divisor += agree * dtype.type(w)
+                    np.add(divisor, dtype.type(w), out=divisor, where=agree)
             del weighted
             if normalize:
                 divisor[divisor == 0] = 1
