@@ -14,8 +14,6 @@ Randomness (DARE, DELLA masks) comes only from the ``rng`` the driver passes, on
 model order, so a merge is reproducible from the seed.
 """
 
-import math
-
 from ...errors import UsageError
 from ..operator import MergeOperator, Param
 from .basic import WEIGHT
