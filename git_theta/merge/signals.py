@@ -34,7 +34,7 @@ def _ties_density(s):
     return min(1.0, max(0.05, round(2 * s["density"] / 0.05) * 0.05))
 
 
-#: the decision rule, first match wins: (case, condition as documented, predicate, operator, ties?)
+#: the decision rule, first match wins: (case, condition as documented, predicate, action)
 #: (README "Merge operators" shows the same table; "d" is :func:`_ties_density`)
 RULES = (
     ("one side did not move", "norm_ratio == 0", lambda s: s["norm_ratio"] == 0, "task_arithmetic"),
