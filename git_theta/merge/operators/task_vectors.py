@@ -390,12 +390,15 @@ class Sce(MergeOperator):
         import numpy as np
 
         dtype = base.dtype
-        tvs = np.stack([m - base for m in models])
+        shape, base = base.shape, base.reshape(-1)  # sce uses no structure; flat rows are arrays
+        tvs = np.stack([m.reshape(-1) - base for m in models])
         k_frac = params["select_topk"]
         if k_frac < 1:
             var = tvs.var(axis=0)  # population variance across models
-            tvs = tvs * top_k_mask(var, int(np.count_nonzero(var) * k_frac))
-        energy = (tvs.astype(dtype) ** 2).reshape(len(models), -1).mean(axis=1)
+            keep = top_k_mask(var, int(np.count_nonzero(var) * k_frac))
+            del var
+            np.multiply(tvs, keep, out=tvs)
+        energy = np.array([np.mean(np.square(tv)) for tv in tvs], dtype=dtype)
         total = float(energy.sum())
         if abs(total) < 1e-6:
             omega = np.full(len(models), 1 / len(models), dtype=dtype)
@@ -405,8 +408,10 @@ class Sce(MergeOperator):
         merged = np.zeros_like(base)
         total_weight = np.zeros_like(base)
         for om, tv in zip(omega, tvs):
-            w = np.where(agreeing(tv, positive), om, dtype.type(0))
-            merged += tv * w
-            total_weight += w
+            agree = agreeing(tv, positive)
+            np.copyto(tv, 0, where=~agree)
+            merged += tv * om
+            np.add(total_weight, om, out=total_weight, where=agree)
         merged /= np.maximum(total_weight, dtype.type(1e-6))
-        return np.asarray(base + merged, dtype=dtype)
+        merged += base
+        return merged.reshape(shape)
