@@ -1,0 +1,226 @@
+"""Model merging: the merge driver git runs, ``git theta merge`` and ``git theta merge-files``."""
+
+import sys
+
+import click
+
+from ..errors import GitThetaError, UsageError
+from ..messages import report
+
+MAX_LISTED = 20
+
+
+class MergeConflictError(GitThetaError):
+    """Some tensors or files could not be merged by any rule (exit 1, like git merge)."""
+
+
+def conflict_hint():
+    from .. import plugins
+
+    names = ", ".join(plugins.names("merge")) or "none installed"
+    return (
+        "configure an operator and merge again (git merge --abort first): "
+        "'git config theta.merge.operator ties', per tensor 'git config --add theta.merge.rule \"lm_head.* ours\"', "
+        "or 'git theta merge --operator NAME BRANCH'; or keep one side: 'git checkout --ours|--theirs -- PATH'. "
+        f"Operators: {names}"
+    )
+
+
+def print_conflicts(result, stream):
+    conflicts = result.conflicts
+    print(f"git-theta: {result.path}: {len(conflicts)} conflict(s), ours kept:", file=stream)
+    for outcome in conflicts[:MAX_LISTED]:
+        print(f"  {outcome.name}: {outcome.reason}", file=stream)
+    if len(conflicts) > MAX_LISTED:
+        print(f"  ... and {len(conflicts) - MAX_LISTED} more", file=stream)
+
+
+def summary(result):
+    merged = {}
+    for outcome in result.outcomes:
+        if outcome.action in ("operator", "pick"):
+            merged[outcome.operator] = merged.get(outcome.operator, 0) + 1
+    parts = [f"{n} by {op}" for op, n in sorted(merged.items())]
+    parts.append(f"{result.count('take')} by the structural rules")
+    return f"git-theta: {result.path}: merged " + ", ".join(parts)
+
+
+@click.command("merge-driver", hidden=True)
+@click.argument("base")
+@click.argument("ours")
+@click.argument("theirs")
+@click.argument("marker_size", required=False, default="7")
+@click.argument("pathname", required=False, default="")
+def merge_driver(base, ours, theirs, marker_size, pathname):
+    """git's merge driver: merge the manifests BASE, OURS, THEIRS; the result replaces OURS."""
+    from ..merge import driver
+    from ..repo import Repo
+
+    pathname = pathname or ours
+    repo = Repo(".")
+    try:
+        result = driver.run(repo, base, ours, theirs, pathname)
+    except GitThetaError as exc:
+        report(exc, pathname)
+        print(f"hint: {pathname} was left as ours, as a conflict", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - git must see a conflict, never a half-written result
+        report(exc, pathname)
+        sys.exit(2)
+    finally:
+        repo.close()
+    if result.conflicts:
+        print_conflicts(result, sys.stderr)
+        print(f"hint: {conflict_hint()}", file=sys.stderr)
+        sys.exit(1)
+    print(summary(result), file=sys.stderr)
+
+
+def _format_signals(signals):
+    parts = []
+    for key, value in signals.items():
+        if isinstance(value, float):
+            value = f"{value:.3g}"
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _outcome_row(outcome):
+    if outcome.action in ("operator", "pick"):
+        what = f"{outcome.operator} ({outcome.origin})"
+    else:
+        what = outcome.action
+    return what
+
+
+def print_plan(files, conflicts, as_json):
+    """The --dry-run report: per checkpoint and tensor, the rule or operator and the signals."""
+    import json
+
+    if as_json:
+        rows = [
+            {
+                "path": f.path,
+                "tensors": [
+                    {
+                        "name": o.name,
+                        "action": o.action,
+                        "reason": o.reason,
+                        "operator": o.operator or None,
+                        "origin": o.origin or None,
+                        "params": o.params,
+                        "signals": o.signals,
+                    }
+                    for o in f.outcomes
+                ],
+            }
+            for f in files
+        ]
+        other = [{"path": p, "reason": o.reason} for p, o in conflicts if o.name == "file"]
+        click.echo(json.dumps({"files": rows, "file_conflicts": other}, indent=2, default=str))
+        return
+    for f in files:
+        click.echo(f"{f.path}:")
+        width = max((len(o.name) for o in f.outcomes), default=0)
+        for o in f.outcomes:
+            line = f"  {o.name.ljust(width)}  {_outcome_row(o)}: {o.reason}"
+            if o.signals:
+                line += f"  [{_format_signals(o.signals)}]"
+            click.echo(line)
+    for path, o in conflicts:
+        if o.name == "file":
+            click.echo(f"{path}: conflict: {o.reason}")
+    if not files and not conflicts:
+        click.echo("no checkpoint needs a tensor-level merge (git would merge every file by itself)")
+
+
+def _report_conflicts(conflicts):
+    by_path = {}
+    for path, outcome in conflicts:
+        by_path.setdefault(path, []).append(outcome)
+    for path, outcomes in by_path.items():
+        click.echo(f"{path}: {len(outcomes)} conflict(s):", err=True)
+        for o in outcomes[:MAX_LISTED]:
+            click.echo(f"  {o.name}: {o.reason}", err=True)
+        if len(outcomes) > MAX_LISTED:
+            click.echo(f"  ... and {len(outcomes) - MAX_LISTED} more", err=True)
+
+
+@click.command("merge")
+@click.argument("branches", nargs=-1, required=True)
+@click.option("--operator", metavar="NAME|auto", help="Merge operator for tensors changed on several sides.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable); per-model values as comma lists, ours first.")
+@click.option("--base", metavar="REV", help="Merge base (default: the common merge base of HEAD and BRANCHES).")
+@click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs (model soup).")
+@click.option("--dry-run", is_flag=True, help="Show per tensor the rule or operator and the similarity signals; write nothing.")
+@click.option("-m", "--message", help="Commit message of the merge commit.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable output.")
+def merge(branches, operator, params, base, every_tensor, dry_run, message, as_json):
+    """Merge BRANCHES into HEAD, merging models tensor by tensor.
+
+    One branch is a plain 'git merge' through the merge driver with this operator; several
+    branches make one octopus merge commit where the operator sees all task vectors at once.
+    """
+    import subprocess
+
+    from ..merge import porcelain
+    from ..merge.config import load_config, parse_param_flags
+    from ..merge.engine import check_config
+    from ..repo import Repo
+
+    repo = Repo(".")
+    if repo.work_tree is None:
+        raise UsageError("git theta merge needs a work tree")
+    raw = parse_param_flags(params)
+    for branch in branches:
+        porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
+    if len(branches) == 1 and not (base or every_tensor or dry_run):
+        check_config(load_config(repo, [], operator, raw), 2)  # fail before git starts merging
+        repo.close()
+        proc = subprocess.run(["git", *porcelain.git_merge_args(branches[0], operator, raw, message)])
+        sys.exit(proc.returncode)
+    if porcelain.up_to_date(repo, branches):
+        repo.close()
+        click.echo("Already up to date.")
+        return
+    try:
+        if dry_run:
+            merged, _, _ = porcelain.plan_merge(repo, branches, operator, raw, base, every_tensor, dry_run=True)
+            print_plan(merged.files, merged.conflicts, as_json)
+            return
+        commit, merged = porcelain.run_merge(repo, branches, operator, raw, base, every_tensor, message)
+    finally:
+        repo.close()
+    if commit is None:
+        _report_conflicts(merged.conflicts)
+        raise MergeConflictError(
+            "merge not done: the conflicts above have no rule (nothing was changed)",
+            hint=conflict_hint(),
+        )
+    operated = sum(f.count("operator") for f in merged.files)
+    click.echo(f"Merge made by git theta merge ({len(branches) + 1} parents, {operated} tensors by operators): {commit[:12]}")
+
+
+@click.command("merge-files")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--operator", required=True, metavar="NAME", help="Merge operator.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable).")
+@click.option("--base", type=click.Path(exists=True, dir_okay=False), help="The common base checkpoint.")
+@click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the merged checkpoint.")
+def merge_files(files, operator, params, base, every_tensor, output):
+    """Merge checkpoint FILES (outside git history) into OUTPUT."""
+    from ..merge.config import parse_param_flags
+    from ..merge.files import merge_files as run
+
+    result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
+    if result.conflicts:
+        _report_conflicts([(output, o) for o in result.conflicts])
+        raise MergeConflictError(
+            f"{output} not written: the tensors above cannot be merged with {operator}",
+            hint="give --base (operators on task vectors need one) or pick an operator that takes no base (linear)",
+        )
+    click.echo(f"wrote {output}: {result.count('operator')} tensors merged with {operator}, {result.count('take')} copied")
+
+
+COMMANDS = [merge_driver, merge, merge_files]

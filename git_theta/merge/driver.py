@@ -1,0 +1,43 @@
+"""The git merge driver: ``git-theta merge-driver %O %A %B %L %P``.
+
+git calls it for every tracked checkpoint that changed on both sides of a merge, rebase, cherry-pick
+or revert, with three temporary files holding the manifests of the merge base (``%O``), ours (``%A``,
+also where the result goes) and theirs (``%B``). An empty ``%O`` (or one that is not a manifest)
+means there is no common version: every tensor counts as added. In a criss-cross merge git first
+merges the merge bases into a virtual base (``%L`` is then 9 instead of 7); the driver behaves the
+same there: deterministic, never prompting. The result (conflicting tensors keep ours) is always
+written to ``%A``; the caller exits 0 when everything merged, 1 otherwise.
+"""
+
+from pathlib import Path
+
+from ..manifest import Manifest, is_manifest
+from .config import load_config
+from .engine import FileMerge, Outcome, check_config, merge_manifests
+from .side import SideData
+
+LABELS = ("ours", "theirs")
+
+
+def _manifest(path, what, pathname):
+    """The manifest in file ``path``, or None when the file is empty or not a manifest."""
+    data = Path(path).read_bytes()
+    return Manifest.parse(data, source=f"{pathname} ({what})") if is_manifest(data) else None
+
+
+def run(repo, base_file, ours_file, theirs_file, pathname):
+    """Merge the three manifest files; write the result to ``ours_file``; return the FileMerge."""
+    ours = _manifest(ours_file, "ours", pathname)
+    theirs = _manifest(theirs_file, "theirs", pathname)
+    if ours is None or theirs is None:
+        side = "ours" if ours is None else "theirs"
+        message = f"{side} is not a git-theta manifest (a checkpoint committed before it was tracked?)"
+        # Leave %A alone: git then records a conflict with both versions in the index.
+        return FileMerge(pathname, None, [Outcome("file", "conflict", message)])
+    base = _manifest(base_file, "base", pathname)
+    config = load_config(repo, [pathname])
+    check_config(config, len(LABELS))
+    side_data = SideData.for_driver(repo, pathname, [ours, theirs])
+    result = merge_manifests(pathname, base, [ours, theirs], list(LABELS), config, repo.store, side_data=side_data)
+    Path(ours_file).write_bytes(result.manifest.serialize())
+    return result

@@ -1,0 +1,300 @@
+"""Merging manifests: the structural rules per tensor, then the operators, one tensor at a time.
+
+:func:`merge_manifests` is shared by the merge driver (two sides: ours, theirs) and the porcelain
+(any number of sides). Tensors decided by the structural rules (:mod:`.plan`) are taken without
+being loaded. A tensor left to an operator is decoded from the store, widened to float32 (float64
+for F64), merged, rounded back to its dtype and stored as a dense object. Only the tensors of one
+merge step are in memory at a time, so memory is bounded by a few tensors, not by the models.
+"""
+
+import hashlib
+from dataclasses import dataclass, field
+
+from .. import plugins
+from ..errors import GitThetaError, UsageError
+from ..manifest import Manifest
+from .operator import OperatorError
+from .plan import decide
+
+#: operators that pick one input: resolved by entry, bit for bit, whatever the dtype or shape
+PICKS = ("ours", "theirs", "base")
+AUTO = "auto"
+
+
+@dataclass
+class Outcome:
+    """What happened to one tensor (or one file-level field, named ``field:KEY``)."""
+
+    name: str
+    action: str  # "take", "pick", "operator", "conflict"
+    reason: str
+    operator: str = ""
+    origin: str = ""
+    params: dict = field(default_factory=dict)
+    signals: dict = field(default_factory=dict)
+
+
+@dataclass
+class FileMerge:
+    """The merged manifest of one checkpoint (ours kept for conflicts) and what happened per tensor."""
+
+    path: str
+    manifest: Manifest
+    outcomes: list
+
+    @property
+    def conflicts(self):
+        return [o for o in self.outcomes if o.action == "conflict"]
+
+    def count(self, action):
+        return sum(1 for o in self.outcomes if o.action == action)
+
+
+def get_operator(name, origin=""):
+    """The merge operator plugin ``name``; UsageError naming the valid operators if unknown."""
+    if name == AUTO or name in PICKS:  # resolved by the engine itself
+        return None
+    if name not in plugins.names("merge"):
+        valid = ", ".join(plugins.names("merge") + [AUTO]) or "none installed"
+        where = f" (from {origin})" if origin else ""
+        raise UsageError(f"unknown merge operator {name!r}{where}", hint=f"valid operators: {valid}")
+    return plugins.get("merge", name)
+
+
+def check_config(config, n_sides=2):
+    """Fail early, before anything is merged, on unknown operators and bad parameters."""
+    names = [(r.operator, f"rule '{r.glob} {r.operator}' ({r.source})", r.params) for r in config.rules]
+    names += [(a, "attribute theta-merge", config.params) for a in config.attributes.values() if a]
+    if config.operator:
+        names.append((config.operator, config.operator_origin, config.params))
+    for name, origin, params in names:
+        op = get_operator(name, origin)
+        if op is None:
+            continue
+        from .params import resolve
+
+        try:
+            resolve(op, _known(op, params, strict=params), n_sides)
+        except UsageError as exc:
+            raise UsageError(f"{exc.message} (from {origin})", hint=exc.hint) from None
+
+
+def _known(op, params, strict):
+    """The parameters passed to ``op``: all of ``strict`` (unknown ones are errors), and the
+    others only when ``op`` has them (global settings shared by the operators of several rules)."""
+    return {k: v for k, v in params.items() if k in strict or k in op.params}
+
+
+def _subset(op, params, inputs, n_sides):
+    """Per-model comma lists given for every side, cut down to the sides being merged."""
+    if len(inputs) == n_sides:
+        return params
+    out = {}
+    for key, value in params.items():
+        spec = op.params.get(key)
+        parts = value.split(",") if isinstance(value, str) else None
+        if spec is not None and spec.per_model and parts is not None and len(parts) == n_sides:
+            value = ",".join(parts[i] for i in inputs)
+        out[key] = value
+    return out
+
+
+def seed_for(config, name, entries):
+    """The seed of a random operator for one tensor: from ``theta.merge.seed`` if set, else from the
+    digests of its inputs, so the same merge gives the same bytes on any machine."""
+    h = hashlib.sha256()
+    if config.seed is not None:
+        h.update(f"seed:{config.seed}".encode())
+    else:
+        for entry in entries:
+            h.update((entry.digest if entry is not None else "-").encode())
+    h.update(b"\0" + name.encode("utf-8"))
+    return int.from_bytes(h.digest()[:8], "little")
+
+
+class Loader:
+    """Decodes tensors from a store as float arrays in the compute precision.
+
+    ``side`` (a :class:`.side.SideData` or None) supplies the side files of operators that declare
+    ``side_files``.
+    """
+
+    def __init__(self, store, path, side=None):
+        self.store = store
+        self.path = path
+        self.side = side
+
+    def values(self, entry):
+        import numpy as np
+
+        from ..bits import to_float
+        from ..codec import decode_tensor
+
+        precision = np.float64 if entry.dtype == "F64" else np.float32
+        return to_float(decode_tensor(self.store, entry, self.path), entry.dtype, entry.shape, precision)
+
+
+def merge_manifests(path, base, sides, labels, config, store, every_tensor=False, dry_run=False,
+                    with_signals=False, side_data=None):
+    """Merge manifests ``sides`` (ours first) against ``base`` (a Manifest or None).
+
+    Returns a :class:`FileMerge`; conflicting tensors keep ours. With ``dry_run`` nothing is decoded
+    or stored except to compute signals when ``with_signals`` is set. ``side_data`` (a
+    :class:`.side.SideData`) gives operators with ``side_files`` their per-side tensors.
+    """
+    ours = sides[0]
+    formats = {m.format for m in sides}
+    if len(formats) > 1:
+        detail = ", ".join(f"{label} {m.format}" for label, m in zip(labels, sides))
+        return FileMerge(path, ours, [Outcome("format", "conflict", f"different formats ({detail})")])
+    merged = Manifest(format=ours.format)
+    outcomes = []
+    for table in ("fields", "blobs"):
+        merged_table, table_outcomes = _merge_table(
+            table, getattr(base, table) if base is not None else {}, [getattr(m, table) for m in sides], labels
+        )
+        setattr(merged, table, merged_table)
+        outcomes += table_outcomes
+    loader = Loader(store, path, side_data)
+    names = sorted(set().union(*(m.tensors for m in sides), base.tensors if base is not None else ()))
+    for name in names:
+        base_entry = base.tensors.get(name) if base is not None else None
+        entries = [m.tensors.get(name) for m in sides]
+        outcome, entry = _merge_tensor(
+            path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals
+        )
+        outcomes.append(outcome)
+        if entry is not None:
+            merged.tensors[name] = entry
+    return FileMerge(path, merged, outcomes)
+
+
+def _merge_table(kind, base, tables, labels):
+    """Three-way (N-way) merge of file-level fields or blobs: like tensors, by value."""
+    merged, outcomes = {}, []
+    for key in sorted(set(base).union(*tables)):
+        old = base.get(key)
+        values = [t.get(key) for t in tables]
+        changed = [i for i, v in enumerate(values) if v != old]
+        distinct = {values[i] for i in changed}
+        if not changed:
+            value = old
+        elif len(distinct) == 1:
+            value = values[changed[0]]
+        else:
+            value = values[0]
+            who = ", ".join(labels[i] for i in changed)
+            outcomes.append(Outcome(f"{kind[:-1]}:{key}", "conflict", f"file-level {kind[:-1]} changed in {who}"))
+        if value is not None:
+            merged[key] = value
+    return merged, outcomes
+
+
+def _merge_tensor(path, name, base, entries, labels, config, loader, store, every_tensor, dry_run, with_signals):
+    """(Outcome, merged entry or None) for one tensor."""
+    decision = decide(name, base, entries, labels, every_tensor)
+    if decision.action == "take":
+        return Outcome(name, "take", decision.reason), decision.entry
+    choice = config.choose(path, name)
+    if choice is not None and choice.operator in PICKS:
+        index = {"ours": 0, "theirs": 1}.get(choice.operator)
+        entry = base if index is None else entries[min(index, len(entries) - 1)]
+        return Outcome(name, "pick", decision.reason, choice.operator, choice.origin), entry
+    if decision.action == "conflict":
+        return Outcome(name, "conflict", decision.reason), entries[0]
+    if choice is None:
+        return Outcome(name, "conflict", f"{decision.reason}; no merge operator is configured"), entries[0]
+
+    inputs = [entries[i] for i in decision.inputs]
+    base_entry = base if decision.use_base else None
+    signals = {}
+    operator_name, params, origin = choice.operator, choice.params, choice.origin
+    if operator_name == AUTO or (dry_run and with_signals):
+        signals = _signals(loader, inputs, base_entry)
+        if operator_name == AUTO:
+            operator_name, auto_params, reason = _auto(signals)
+            params = {**params, **auto_params}
+            origin = f"auto -> {reason} ({origin})"
+    op = get_operator(operator_name, origin)
+    if base_entry is None and op.needs_base and not op.base_optional:
+        why = "no common base" if base is None else "its dtype or shape differs from the base"
+        return Outcome(name, "conflict", f"{decision.reason}; {operator_name} needs a base ({why})",
+                       operator_name, origin, signals=signals), entries[0]
+    raw = _subset(op, _known(op, params, choice.strict if choice.operator != AUTO else frozenset()),
+                  list(decision.inputs), len(entries))
+    from .params import resolve
+
+    try:
+        resolved = resolve(op, raw, len(inputs))
+    except UsageError as exc:
+        raise UsageError(f"{path}: tensor {name!r}: {exc.message} (from {origin})", hint=exc.hint) from None
+    outcome = Outcome(name, "operator", decision.reason, operator_name, origin, resolved, signals)
+    if dry_run:
+        return outcome, entries[0]
+    return outcome, _run_operator(op, resolved, name, inputs, base_entry, base, config, loader, store,
+                                  list(decision.inputs))
+
+
+def _run_operator(op, params, name, inputs, base_entry, base, config, loader, store, indices=None):
+    """Decode, merge, round back and store one tensor; reuse an input entry if the result equals it.
+
+    ``indices`` are the sides the inputs come from (for operators that read side files).
+    """
+    import numpy as np
+
+    from ..bits import from_float
+    from ..codec import encode_tensor, tensor_digest
+    from ..updates.base import TensorData
+
+    like = inputs[0]
+    models = [loader.values(e) for e in inputs]
+    base_values = loader.values(base_entry) if base_entry is not None else None
+    rng = np.random.default_rng(seed_for(config, name, [base, *inputs])) if op.random else None
+    extra = {}
+    files = tuple(getattr(op, "side_files", ()) or ())
+    if files:
+        indices = list(range(len(inputs))) if indices is None else indices
+        extra["side"] = (
+            loader.side.tensors(files, loader.path, name, indices)
+            if loader.side is not None
+            else {f: [None] * len(inputs) for f in files}
+        )
+    try:
+        out = np.asarray(op.merge(models, base_values, params, rng, **extra))
+    except OperatorError as exc:
+        raise OperatorError(f"{loader.path}: tensor {name!r}: {exc.message}", hint=exc.hint) from None
+    if out.shape != tuple(like.shape):
+        raise GitThetaError(
+            f"{loader.path}: tensor {name!r}: merge operator {op.name!r} returned shape {list(out.shape)}, "
+            f"expected {list(like.shape)}",
+            hint="this is a bug in the operator plugin",
+        )
+    del models, base_values
+    data = from_float(out, like.dtype)
+    digest = tensor_digest(data)
+    for entry in (*inputs, base_entry):
+        if entry is not None and entry.digest == digest:
+            return entry  # e.g. an operator that returned one input: keep its objects (and delta chain)
+    return encode_tensor(store, TensorData(name, like.dtype, tuple(like.shape), data, digest))
+
+
+def _signals(loader, inputs, base_entry):
+    """Similarity signals between the task vectors of the inputs (:func:`.signals.measure`); none
+    without a base (there are no task vectors then)."""
+    if base_entry is None:
+        return {}
+    from .signals import measure
+
+    models = [loader.values(e) for e in inputs]
+    return measure(models, loader.values(base_entry))
+
+
+def _auto(signals):
+    """(operator name, raw params, reason) picked by the signal rule for ``--operator auto``."""
+    from .signals import choose
+
+    if not signals:
+        return "linear", {}, "no base: linear"
+    name, params = choose(signals)
+    detail = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return name, params, f"{name} {detail}".strip()

@@ -1,0 +1,210 @@
+"""``git theta merge``: merge one or more branches with a chosen operator.
+
+One branch (and neither ``--base``, ``--every-tensor`` nor ``--dry-run``) is an ordinary ``git merge``
+whose merge driver gets the operator and parameters through ``git -c theta.merge.*=...``, so the
+result, conflicts, ``--abort`` and ``--continue`` are git's own. Otherwise the merge is computed
+here in one step: every path of the base, HEAD and the branches is merged N-way (checkpoints tensor
+by tensor, each operator seeing all N task vectors at once, other files only when at most one
+side changed them), the result is written as a tree with plumbing and committed with HEAD and
+every branch as parents, then HEAD is fast-forwarded to that commit (which checks the files out
+through the smudge filter). Nothing is written when any path conflicts, or with ``--dry-run``.
+"""
+
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+from ..inventory import theta_paths
+from ..manifest import Manifest, is_manifest
+from .config import load_config
+from .engine import Outcome, check_config, merge_manifests
+from .side import SideData
+
+
+def git_merge_args(branch, operator=None, params=None, message=None):
+    """The ``git -c ... merge`` command line for a one-branch merge through the driver."""
+    args = []
+    if operator:
+        args += ["-c", f"theta.merge.operator={operator}"]
+    for key, value in (params or {}).items():
+        # git config keys cannot hold '_': the driver reads '-' back as '_'
+        args += ["-c", f"theta.merge.{key.replace('_', '-')}={value}"]
+    args += ["merge", "--no-edit"]
+    if message:
+        args += ["-m", message]
+    return args + [branch]
+
+
+@dataclass
+class TreeMerge:
+    """The N-way merge of whole trees: per path the merged (mode, oid) and per checkpoint the details."""
+
+    entries: dict = field(default_factory=dict)  # path -> (mode, oid) or None (deleted)
+    files: list = field(default_factory=list)  # FileMerge per checkpoint merged tensor by tensor
+    conflicts: list = field(default_factory=list)  # (path, Outcome)
+
+
+def _tree(repo, rev):
+    """{path: (mode, oid)} of every blob in ``rev`` (empty for None)."""
+    if rev is None:
+        return {}
+    entries = {}
+    for item in repo.git("ls-tree", "-r", "-z", "--full-tree", rev).split(b"\0"):
+        if item:
+            meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
+            mode, kind, oid = meta.split()
+            if kind in ("blob", "commit"):
+                entries[path] = (mode, oid)
+    return entries
+
+
+def resolve_commit(repo, rev):
+    """The commit id ``rev`` names; UsageError when it names none."""
+    out = repo.git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False).decode().strip()
+    if not out:
+        raise UsageError(f"not a commit: {rev!r}", hint="name a branch, tag or commit")
+    return out
+
+
+def _manifest(repo, oid, path):
+    if oid is None:
+        return None
+    data = repo.read_blob(oid[1])
+    if data is None or not is_manifest(data):
+        return None
+    return Manifest.parse(data, source=path)
+
+
+def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=False):
+    """Merge the trees of ``base`` and ``sides`` (commits, HEAD first) path by path."""
+    trees = [_tree(repo, rev) for rev in sides]
+    base_tree = _tree(repo, base)
+    paths = sorted(set(base_tree).union(*trees))
+    tracked = theta_paths(repo, paths)
+    result = TreeMerge()
+    for path in paths:
+        old = base_tree.get(path)
+        versions = [t.get(path) for t in trees]
+        changed = [i for i, v in enumerate(versions) if v != old]
+        distinct = {versions[i] for i in changed}
+        all_present = all(v is not None for v in versions)
+        if path in tracked and all_present and (len(distinct) > 1 or (every_tensor and len(set(versions)) > 1)):
+            manifests = [_manifest(repo, v, path) for v in versions]
+            if all(m is not None for m in manifests):
+                merged = merge_manifests(
+                    path, _manifest(repo, old, path), manifests, labels, config, repo.store,
+                    every_tensor=every_tensor, dry_run=dry_run, with_signals=dry_run,
+                    side_data=SideData(repo, sides),
+                )
+                result.files.append(merged)
+                result.conflicts += [(path, o) for o in merged.conflicts]
+                result.entries[path] = ("manifest", merged)
+                continue
+        if not changed:
+            result.entries[path] = old
+        elif len(distinct) == 1:
+            result.entries[path] = versions[changed[0]]
+        else:
+            who = ", ".join(labels[i] for i in changed)
+            result.conflicts.append((path, Outcome("file", "conflict", f"changed differently in {who}")))
+    return result
+
+
+def _require_clean(repo):
+    if repo.git("rev-parse", "-q", "--verify", "MERGE_HEAD", check=False).strip():
+        raise UsageError("a merge is in progress", hint="finish it (git commit) or abort it (git merge --abort)")
+    dirty = repo.git("status", "--porcelain", "--untracked-files=no").decode().strip()
+    if dirty:
+        raise UsageError(
+            "your local changes would be overwritten by the merge",
+            hint="commit or stash them first (git stash)",
+        )
+
+
+def merge_commit(repo, tree_merge, parents, message):
+    """Write the merged tree and a commit with ``parents``; fast-forward HEAD to it."""
+    updates = []
+    for path, value in sorted(tree_merge.entries.items()):
+        if value is None:
+            continue
+        if value[0] == "manifest":
+            oid = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=value[1].manifest.serialize())
+            value = ("100644", oid.decode().strip())
+        updates.append(f"{value[0]} {value[1]}\t{path}")
+    fd, index = tempfile.mkstemp(prefix="theta-merge-index-", dir=repo.git_dir)
+    os.close(fd)
+    os.unlink(index)
+    env = {**os.environ, "GIT_INDEX_FILE": index}
+    try:
+        from ..repo import run_git
+
+        run_git(["read-tree", "--empty"], cwd=repo.cwd, env=env)
+        run_git(["update-index", "--index-info"], cwd=repo.cwd, env=env, input="\n".join(updates).encode() + b"\n")
+        tree = run_git(["write-tree"], cwd=repo.cwd, env=env).decode().strip()
+    finally:
+        if os.path.exists(index):
+            os.unlink(index)
+    args = ["commit-tree", tree]
+    for parent in parents:
+        args += ["-p", parent]
+    commit = repo.git(*args, "-F", "-", input=message.encode()).decode().strip()
+    repo.git("merge", "--ff-only", "-q", commit)
+    return commit
+
+
+def default_message(branches, operator, params, base):
+    names = ", ".join(f"'{b}'" for b in branches)
+    text = f"Merge branch{'es' if len(branches) > 1 else ''} {names}"
+    if operator:
+        text += f" with {operator}"
+    detail = [f"{k}={v}" for k, v in sorted((params or {}).items())]
+    body = "\n\ngit theta merge: " + " ".join([f"operator={operator or 'configured'}", *detail])
+    if base:
+        body += f" base={base}"
+    return text + body + "\n"
+
+
+def plan_merge(repo, branches, operator=None, params=None, base=None, every_tensor=False, dry_run=False, seed=None):
+    """Compute the N-way merge of HEAD and ``branches``; returns (TreeMerge, base commit, parents)."""
+    head = resolve_commit(repo, "HEAD")
+    commits = [resolve_commit(repo, b) for b in branches]
+    if base is not None:
+        base_commit = resolve_commit(repo, base)
+    else:
+        out = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
+        base_commit = out[0] if out else None
+    config = load_config(repo, [], operator, params, seed)
+    sides = [head, *commits]
+    labels = ["HEAD", *branches]
+    tree_paths = set(_tree(repo, head))
+    for c in commits:
+        tree_paths |= set(_tree(repo, c))
+    for path in theta_paths(repo, sorted(tree_paths)):
+        value = repo.attribute(path, "theta-merge")
+        config.attributes[path] = None if value in ("unspecified", "set", "unset") else value
+    check_config(config, len(sides))
+    merged = merge_trees(repo, base_commit, sides, labels, config, every_tensor, dry_run)
+    return merged, base_commit, sides
+
+
+def up_to_date(repo, branches):
+    """True when every branch is already contained in HEAD (nothing to merge)."""
+    for branch in branches:
+        commit = resolve_commit(repo, branch)
+        proc = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=repo.cwd)
+        if proc.returncode != 0:
+            return False
+    return True
+
+
+def run_merge(repo, branches, operator=None, params=None, base=None, every_tensor=False, message=None, seed=None):
+    """Merge with plumbing (octopus, --base, --every-tensor); returns (commit, TreeMerge)."""
+    _require_clean(repo)
+    merged, base_commit, parents = plan_merge(repo, branches, operator, params, base, every_tensor, seed=seed)
+    if merged.conflicts:
+        return None, merged
+    commit = merge_commit(repo, merged, parents, message or default_message(branches, operator, params, base))
+    return commit, merged
+
