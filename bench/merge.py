@@ -119,7 +119,6 @@ def bench_git(folder, env, size):
         run(cmd, folder, env)
         wall, rss, cpu = measured(timing)
         rows.append((f"{operator}: merge-files", "git-theta", wall, rss, cpu))
-        out.unlink()
     return rows
 
 
@@ -139,6 +138,19 @@ def mergekit_python(cache):
             return None, "pip would replace torch (CUDA build): skipped"
         subprocess.run([str(python), "-m", "pip", "install", "-q", "mergekit==0.1.5"], check=True)
     return venv / "bin" / "mergekit-yaml", None
+
+
+def compare(ours_file, mergekit_dir):
+    """Largest absolute difference between our merge-files output and mergekit's, over all tensors."""
+    from safetensors import safe_open
+
+    worst = 0.0
+    with safe_open(str(ours_file), "np") as ours:
+        for shard in sorted(Path(mergekit_dir).glob("*.safetensors")):
+            with safe_open(str(shard), "np") as theirs:
+                for name in theirs.keys():
+                    worst = max(worst, float(np.max(np.abs(ours.get_tensor(name) - theirs.get_tensor(name)))))
+    return worst
 
 
 def bench_mergekit(folder, env, cache):
@@ -163,6 +175,9 @@ def bench_mergekit(folder, env, cache):
         run(cmd, folder, mk_env)
         wall, rss, cpu = measured(timing)
         rows.append((f"{operator}: mergekit-yaml", "mergekit 0.1.5", wall, rss, cpu))
+        if operator == "ties":  # deterministic: the two tools must agree
+            rows.append(("ties: max |git-theta - mergekit|", f"{compare(folder / 'files-ties.safetensors', out):.3g}",
+                         None, None, None))
         shutil.rmtree(out)
     return rows
 

@@ -36,6 +36,12 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
     base = _manifest(base_file, "base", pathname)
     config = load_config(repo, [pathname])
     check_config(config, len(LABELS))
-    result = merge_manifests(pathname, base, [ours, theirs], list(LABELS), config, repo.store)
+    from ..settings import settings_for
+
+    settings = settings_for(repo)
+    result = merge_manifests(
+        pathname, base, [ours, theirs], list(LABELS), config, repo.store,
+        workers=settings.threads(), budget=settings.get_int("memoryBudget"),
+    )
     Path(ours_file).write_bytes(result.manifest.serialize())
     return result

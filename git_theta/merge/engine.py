@@ -8,9 +8,13 @@ merge step are in memory at a time, so memory is bounded by a few tensors, not b
 """
 
 import hashlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from .. import plugins
+from ..dtypes import nbytes
 from ..errors import GitThetaError, UsageError
 from ..manifest import Manifest
 from .plan import decide
@@ -129,11 +133,14 @@ class Loader:
 
 
 def merge_manifests(path, base, sides, labels, config, store, every_tensor=False, dry_run=False,
-                    with_signals=False):
+                    with_signals=False, workers=1, budget=192 << 20):
     """Merge manifests ``sides`` (ours first) against ``base`` (a Manifest or None).
 
     Returns a :class:`FileMerge`; conflicting tensors keep ours. With ``dry_run`` nothing is decoded
-    or stored except to compute signals when ``with_signals`` is set.
+    or stored except to compute signals when ``with_signals`` is set. Up to ``workers`` tensors are
+    merged at once (numpy, zstandard and hashlib release the GIL) while the raw bytes of their
+    inputs stay under ``budget``; one merge always proceeds, so memory is bounded by the largest
+    tensor's merge (a small multiple of its inputs), never by the models.
     """
     ours = sides[0]
     formats = {m.format for m in sides}
@@ -150,15 +157,38 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
         outcomes += table_outcomes
     loader = Loader(store, path)
     names = sorted(set().union(*(m.tensors for m in sides), base.tensors if base is not None else ()))
-    for name in names:
-        base_entry = base.tensors.get(name) if base is not None else None
-        entries = [m.tensors.get(name) for m in sides]
-        outcome, entry = _merge_tensor(
-            path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals
-        )
-        outcomes.append(outcome)
-        if entry is not None:
-            merged.tensors[name] = entry
+    pending = deque()  # (name, input bytes, future) of operator merges in flight, oldest first
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="theta-merge") if workers > 1 else None
+
+    def settle(incoming):
+        while pending and (len(pending) >= workers or sum(p[1] for p in pending) + incoming > budget):
+            done_name, _, future = pending.popleft()
+            merged.tensors[done_name] = future.result()
+
+    try:
+        for name in names:
+            base_entry = base.tensors.get(name) if base is not None else None
+            entries = [m.tensors.get(name) for m in sides]
+            outcome, entry = _merge_tensor(
+                path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals
+            )
+            outcomes.append(outcome)
+            if callable(entry):  # an operator merge: run it (in the pool when there is one)
+                if pool is None:
+                    merged.tensors[name] = entry()
+                else:
+                    size = entry.input_bytes
+                    settle(size)
+                    pending.append((name, size, pool.submit(entry)))
+            elif entry is not None:
+                merged.tensors[name] = entry
+        while pending:  # the merges still in flight
+            done_name, _, future = pending.popleft()
+            merged.tensors[done_name] = future.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    merged.tensors = dict(sorted(merged.tensors.items()))
     return FileMerge(path, merged, outcomes)
 
 
@@ -224,7 +254,9 @@ def _merge_tensor(path, name, base, entries, labels, config, loader, store, ever
     outcome = Outcome(name, "operator", decision.reason, operator_name, origin, resolved, signals)
     if dry_run:
         return outcome, entries[0]
-    return outcome, _run_operator(op, resolved, name, inputs, base_entry, base, config, loader, store)
+    job = partial(_run_operator, op, resolved, name, inputs, base_entry, base, config, loader, store)
+    job.input_bytes = sum(nbytes(e.dtype, e.shape) for e in (*inputs, base_entry) if e is not None)
+    return outcome, job
 
 
 def _run_operator(op, params, name, inputs, base_entry, base, config, loader, store):
