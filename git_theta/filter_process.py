@@ -10,7 +10,7 @@ from any library cannot corrupt the protocol.
 import os
 import sys
 
-from .errors import FilterProtocolError, GitThetaError, NotInRepositoryError, PluginError
+from .errors import FilterProtocolError, GitThetaError, NotInRepositoryError, ObjectMissingError, PluginError
 from .pktline import PktContentReader, PktContentWriter, PktReader, PktWriter
 
 CAPABILITIES = ("clean", "smudge")
@@ -107,6 +107,12 @@ class FilterServer:
         data = content.read()
         try:
             prepared = smudger.prepare(data, path)
+        except ObjectMissingError as exc:
+            # git stops a checkout at the first failed file. Leaving the manifest in place (as Git
+            # LFS leaves pointer files) lets every other file check out; the error says how to
+            # fill this one in.
+            self._report(exc, path)
+            prepared = None
         except Exception as exc:  # noqa: BLE001
             self._report(exc, path)
             self._status("error")
@@ -139,8 +145,11 @@ def run(report):
     repo_holder = []
 
     def make_workers():
+        from .hook_install import ensure_hooks
+
         repo = Repo(".")
         repo_holder.append(repo)
+        ensure_hooks(repo)  # a fresh clone gets its pre-push hook, so its pushes carry the objects
         return Cleaner(repo), Smudger(repo)
 
     try:

@@ -4,6 +4,7 @@ import sys
 
 import click
 
+from ..errors import ObjectMissingError
 from ..messages import report
 
 
@@ -44,7 +45,15 @@ def smudge(path):
     smudger = Smudger(repo)
     data = sys.stdin.buffer.read()
     try:
-        smudger.smudge(data, path, sys.stdout.buffer)
+        try:
+            prepared = smudger.prepare(data, path)
+        except ObjectMissingError as exc:
+            report(exc, path)  # keep the manifest, as the filter process does (see filter_process)
+            prepared = None
+        if prepared is None:
+            sys.stdout.buffer.write(data)
+        else:
+            smudger.write(*prepared, path, sys.stdout.buffer)
     finally:
         smudger.close()
         repo.close()

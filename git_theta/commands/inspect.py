@@ -10,8 +10,14 @@ from .. import humanize
 @click.command("ls-files")
 @click.argument("rev", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def ls_files(rev, as_json):
+@click.option("-v", "--verbose", is_flag=True, help="Per tensor: update type, chain depth, stored bytes.")
+def ls_files(rev, as_json, verbose):
     """List tracked checkpoints in REV (default: the index) with sizes."""
+    if verbose:
+        from .updates import ls_files_verbose
+
+        ls_files_verbose(rev, as_json)
+        return
     from ..inventory import tracked_files
     from ..repo import Repo
 
@@ -64,16 +70,20 @@ def ls_files(rev, as_json):
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json):
-    """List installed plugins: formats, update types and merge operators."""
+    """List installed plugins: formats, update types and merge operators, with their packages."""
     from .. import plugins as registry
 
     rows = registry.describe()
     if as_json:
-        keys = ("kind", "name", "package", "version", "object")
-        click.echo(json.dumps([dict(zip(keys, r)) for r in rows], indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
-    for kind, name, package, version, obj in rows:
-        click.echo(f"{kind:7} {name:20} {package} {version}  ({obj})")
+    table = [("kind", "name", "package", "origin")]
+    for row in rows:
+        origin = "built-in" if row["builtin"] else row["location"]
+        table.append((row["kind"], row["name"], f"{row['package']} {row['version']}", origin))
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for r in table:
+        click.echo("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
 
 
 COMMANDS = [ls_files, plugins]

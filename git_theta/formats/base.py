@@ -58,3 +58,45 @@ class CheckpointFormat:
     def join(self, fields, source, out, path):
         """Write the checkpoint to binary ``out`` from manifest ``fields`` and a TensorSource."""
         raise NotImplementedError
+
+
+#: JSON side data longer than this goes to a blob instead of a single-line manifest field.
+MAX_FIELD_CHARS = 2048
+
+
+def dump_json(value):
+    """Canonical single-line JSON (ASCII, no spaces): the same value always gives the same text."""
+    import json
+
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def put_json(reader, key, value):
+    """Keep ``value`` as the manifest field ``key`` when short, else as the blob ``key``.
+
+    Short values stay readable in ``git diff``; long ones (a big optimizer structure) would make
+    one enormous manifest line, so they become a side object.
+    """
+    text = dump_json(value)
+    if len(text) <= MAX_FIELD_CHARS:
+        reader.fields[key] = text
+    else:
+        reader.blobs[key] = text.encode("ascii")
+
+
+def get_json(fields, source, key, path):
+    """The value :func:`put_json` kept under ``key`` (field or blob), or None when absent."""
+    import json
+
+    from ..errors import ManifestError
+
+    if key in fields:
+        text = fields[key]
+    elif key in getattr(source, "blob_keys", ()):
+        text = bytes(source.read_blob(key)).decode("ascii", "replace")
+    else:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: manifest {key!r} is not valid JSON ({exc})") from None

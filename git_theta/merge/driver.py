@@ -14,6 +14,7 @@ from pathlib import Path
 from ..manifest import Manifest, is_manifest
 from .config import load_config
 from .engine import FileMerge, Outcome, check_config, merge_manifests
+from .side import SideData
 
 LABELS = ("ours", "theirs")
 
@@ -39,8 +40,9 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
     from ..settings import settings_for
 
     settings = settings_for(repo)
+    side_data = SideData.for_driver(repo, pathname, [ours, theirs])
     result = merge_manifests(
-        pathname, base, [ours, theirs], list(LABELS), config, repo.store,
+        pathname, base, [ours, theirs], list(LABELS), config, repo.store, side_data=side_data,
         workers=settings.threads(), budget=settings.get_int("memoryBudget"),
     )
     Path(ours_file).write_bytes(result.manifest.serialize())

@@ -17,6 +17,7 @@ from .. import plugins
 from ..dtypes import nbytes
 from ..errors import GitThetaError, UsageError
 from ..manifest import Manifest
+from .operator import OperatorError
 from .plan import decide
 
 #: operators that pick one input: resolved by entry, bit for bit, whatever the dtype or shape
@@ -116,11 +117,16 @@ def seed_for(config, name, entries):
 
 
 class Loader:
-    """Decodes tensors from a store as float arrays in the compute precision."""
+    """Decodes tensors from a store as float arrays in the compute precision.
 
-    def __init__(self, store, path):
+    ``side`` (a :class:`.side.SideData` or None) supplies the side files of operators that declare
+    ``side_files``.
+    """
+
+    def __init__(self, store, path, side=None):
         self.store = store
         self.path = path
+        self.side = side
 
     def values(self, entry):
         import numpy as np
@@ -133,14 +139,15 @@ class Loader:
 
 
 def merge_manifests(path, base, sides, labels, config, store, every_tensor=False, dry_run=False,
-                    with_signals=False, workers=1, budget=192 << 20):
+                    with_signals=False, side_data=None, workers=1, budget=192 << 20):
     """Merge manifests ``sides`` (ours first) against ``base`` (a Manifest or None).
 
     Returns a :class:`FileMerge`; conflicting tensors keep ours. With ``dry_run`` nothing is decoded
-    or stored except to compute signals when ``with_signals`` is set. Up to ``workers`` tensors are
-    merged at once (numpy, zstandard and hashlib release the GIL) while the raw bytes of their
-    inputs stay under ``budget``; one merge always proceeds, so memory is bounded by the largest
-    tensor's merge (a small multiple of its inputs), never by the models.
+    or stored except to compute signals when ``with_signals`` is set. ``side_data`` (a
+    :class:`.side.SideData`) gives operators with ``side_files`` their per-side tensors. Up to
+    ``workers`` tensors are merged at once (numpy, zstandard and hashlib release the GIL) while the
+    raw bytes of their inputs stay under ``budget``; one merge always proceeds, so memory is bounded
+    by the largest tensor's merge (a small multiple of its inputs), never by the models.
     """
     ours = sides[0]
     formats = {m.format for m in sides}
@@ -155,7 +162,7 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
         )
         setattr(merged, table, merged_table)
         outcomes += table_outcomes
-    loader = Loader(store, path)
+    loader = Loader(store, path, side_data)
     names = sorted(set().union(*(m.tensors for m in sides), base.tensors if base is not None else ()))
     pending = deque()  # (name, input bytes, future) of operator merges in flight, oldest first
     pool = ThreadPoolExecutor(workers, thread_name_prefix="theta-merge") if workers > 1 else None
@@ -254,13 +261,17 @@ def _merge_tensor(path, name, base, entries, labels, config, loader, store, ever
     outcome = Outcome(name, "operator", decision.reason, operator_name, origin, resolved, signals)
     if dry_run:
         return outcome, entries[0]
-    job = partial(_run_operator, op, resolved, name, inputs, base_entry, base, config, loader, store)
+    job = partial(_run_operator, op, resolved, name, inputs, base_entry, base, config, loader, store,
+                  list(decision.inputs))
     job.input_bytes = sum(nbytes(e.dtype, e.shape) for e in (*inputs, base_entry) if e is not None)
     return outcome, job
 
 
-def _run_operator(op, params, name, inputs, base_entry, base, config, loader, store):
-    """Decode, merge, round back and store one tensor; reuse an input entry if the result equals it."""
+def _run_operator(op, params, name, inputs, base_entry, base, config, loader, store, indices=None):
+    """Decode, merge, round back and store one tensor; reuse an input entry if the result equals it.
+
+    ``indices`` are the sides the inputs come from (for operators that read side files).
+    """
     import numpy as np
 
     from ..bits import from_float
@@ -271,7 +282,19 @@ def _run_operator(op, params, name, inputs, base_entry, base, config, loader, st
     models = [loader.values(e) for e in inputs]
     base_values = loader.values(base_entry) if base_entry is not None else None
     rng = np.random.default_rng(seed_for(config, name, [base, *inputs])) if op.random else None
-    out = np.asarray(op.merge(models, base_values, params, rng))
+    extra = {}
+    files = tuple(getattr(op, "side_files", ()) or ())
+    if files:
+        indices = list(range(len(inputs))) if indices is None else indices
+        extra["side"] = (
+            loader.side.tensors(files, loader.path, name, indices)
+            if loader.side is not None
+            else {f: [None] * len(inputs) for f in files}
+        )
+    try:
+        out = np.asarray(op.merge(models, base_values, params, rng, **extra))
+    except OperatorError as exc:
+        raise OperatorError(f"{loader.path}: tensor {name!r}: {exc.message}", hint=exc.hint) from None
     if out.shape != tuple(like.shape):
         raise GitThetaError(
             f"{loader.path}: tensor {name!r}: merge operator {op.name!r} returned shape {list(out.shape)}, "

@@ -52,6 +52,10 @@ class MergeOperator:
     min_models = 1
     max_models = None
     params = {}
+    #: files next to the checkpoint whose same-named tensors the operator needs from each side, e.g.
+    #: ("fisher.safetensors",); merge() is then called with ``side={file: [values or None per model]}``
+    #: (see git_theta.merge.side)
+    side_files = ()
     #: one line: the formula
     summary = ""
     #: the paper (or "—" when the method has none)

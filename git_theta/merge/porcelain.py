@@ -20,6 +20,7 @@ from ..inventory import theta_paths
 from ..manifest import Manifest, is_manifest
 from .config import load_config
 from .engine import Outcome, check_config, merge_manifests
+from .side import SideData
 
 
 def git_merge_args(branch, operator=None, params=None, message=None):
@@ -98,6 +99,7 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
                 merged = merge_manifests(
                     path, _manifest(repo, old, path), manifests, labels, config, repo.store,
                     every_tensor=every_tensor, dry_run=dry_run, with_signals=dry_run,
+                    side_data=SideData(repo, sides),
                     workers=settings.threads(), budget=settings.get_int("memoryBudget"),
                 )
                 result.files.append(merged)

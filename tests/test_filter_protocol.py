@@ -1,0 +1,99 @@
+"""The long-running filter protocol on in-memory streams: handshake, per-file errors, abort."""
+
+import io
+
+from git_theta.errors import CheckpointError, NotInRepositoryError
+from git_theta.filter_process import FilterServer
+from git_theta.pktline import PktReader, PktWriter
+
+
+def git_side(requests):
+    """Bytes git would send: welcome, capabilities, then (command, path, content) requests."""
+    out = io.BytesIO()
+    w = PktWriter(out)
+    w.write_text_list(["git-filter-client", "version=2"])
+    w.write_text_list(["capability=clean", "capability=smudge", "capability=delay"])
+    for command, path, content in requests:
+        w.write_text_list([f"command={command}", f"pathname={path}"])
+        for start in range(0, len(content), 1000):
+            w.write_packet(content[start : start + 1000])
+        w.flush()
+    return io.BytesIO(out.getvalue())
+
+
+class Upper:
+    """A stand-in worker: clean upper-cases, smudge lower-cases; 'bad' paths fail."""
+
+    def clean(self, stream, path):
+        data = stream.read()
+        if path.startswith("bad"):
+            raise CheckpointError(f"{path}: corrupt")
+        return data.upper()
+
+    def prepare(self, data, path):
+        if path.startswith("bad"):
+            raise CheckpointError(f"{path}: corrupt")
+        return (data,)
+
+    def write(self, data, path, out):
+        out.write(data.lower())
+
+    def close(self):
+        pass
+
+
+def serve(requests, make_workers):
+    stdout = io.BytesIO()
+    reports = []
+    FilterServer(git_side(requests), stdout, make_workers, lambda exc, path: reports.append((path, str(exc)))).serve()
+    return PktReader(io.BytesIO(stdout.getvalue())), reports
+
+
+def read_response(reader):
+    status = reader.read_key_values()
+    if status.get("status") != "success":
+        return status["status"], None
+    body = b""
+    while (packet := reader.read_packet()) is not None:
+        body += packet
+    trailer = reader.read_key_values()
+    return trailer.get("status", "success"), body
+
+
+def test_handshake_answers_only_supported_capabilities():
+    reader, _ = serve([], lambda: (Upper(), Upper()))
+    assert reader.read_text_list() == ["git-filter-server", "version=2"]
+    assert reader.read_text_list() == ["capability=clean", "capability=smudge"]
+
+
+def test_one_failing_file_answers_error_and_the_process_keeps_serving():
+    big = bytes(range(256)) * 700  # spans many packets
+    worker = Upper()
+    reader, reports = serve(
+        [("clean", "a.bin", b"abc"), ("clean", "bad.bin", big), ("smudge", "b.bin", b"XYZ"), ("smudge", "bad2", b"x")],
+        lambda: (worker, worker),
+    )
+    reader.read_text_list(), reader.read_text_list()
+    assert read_response(reader) == ("success", b"ABC")
+    assert read_response(reader) == ("error", None)
+    assert read_response(reader) == ("success", b"xyz")
+    assert read_response(reader) == ("error", None)
+    assert [p for p, _ in reports] == ["bad.bin", "bad2"]
+
+
+def test_large_content_round_trips_through_packets():
+    big = bytes(range(256)) * 1000
+    reader, _ = serve([("smudge", "m", big.upper())], lambda: (Upper(), Upper()))
+    reader.read_text_list(), reader.read_text_list()
+    assert read_response(reader) == ("success", big.upper().lower())
+
+
+def test_systemic_failure_aborts_every_file():
+    def broken():
+        raise NotInRepositoryError("not a git repository")
+
+    reader, reports = serve([("clean", "a", b"1"), ("clean", "b", b"2")], broken)
+    reader.read_text_list(), reader.read_text_list()
+    assert read_response(reader) == ("abort", None)
+    assert read_response(reader) == ("abort", None)
+    assert len(reports) == 1
