@@ -379,3 +379,14 @@ def test_rules_format_and_precedence():
         build_config([("rule", "lonely")])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         build_config([], rules_text="x linear weight\n")
+
+
+def test_a_global_parameter_no_configured_operator_takes_is_refused():
+    from git_theta.errors import UsageError
+    from git_theta.merge.engine import check_config
+
+    config = build_config([("rule", "embed.* ours"), ("rule", "layer.* linear"), ("density", "0.2")])
+    with pytest.raises(UsageError, match="'density' is not a parameter of any configured operator"):
+        check_config(config)
+    check_config(build_config([("rule", "layer.* ties"), ("rule", "* linear"), ("density", "0.2")]))
+    check_config(build_config([("operator", "auto"), ("density", "0.2")]))

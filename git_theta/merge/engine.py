@@ -23,6 +23,8 @@ from .plan import decide
 #: operators that pick one input: resolved by entry, bit for bit, whatever the dtype or shape
 PICKS = ("ours", "theirs", "base")
 AUTO = "auto"
+#: the operators ``auto`` can pick (see :func:`.signals.choose`)
+AUTO_CHOICES = ("linear", "task_arithmetic", "ties")
 
 
 @dataclass
@@ -71,16 +73,29 @@ def check_config(config, n_sides=2):
     names += [(a, "attribute theta-merge", config.params) for a in config.attributes.values() if a]
     if config.operator:
         names.append((config.operator, config.operator_origin, config.params))
+    accepted = set()  # every parameter name some configured operator takes
     for name, origin, params in names:
         op = get_operator(name, origin)
+        if name == AUTO:
+            accepted.update(*(plugins.get("merge", n).params for n in AUTO_CHOICES if n in plugins.names("merge")))
         if op is None:
             continue
+        accepted.update(op.params)
         from .params import resolve
 
         try:
             resolve(op, _known(op, params, strict=params), n_sides)
         except UsageError as exc:
             raise UsageError(f"{exc.message} (from {origin})", hint=exc.hint) from None
+    configured = [name for name, _, _ in names if name not in PICKS]
+    unknown = sorted(set(config.params) - accepted)
+    if configured and unknown:
+        # rule operators take the global parameters they know; one that no operator knows is a typo
+        raise UsageError(
+            f"merge parameter {', '.join(map(repr, unknown))} is not a parameter of any configured "
+            f"operator ({', '.join(sorted(set(configured)))})",
+            hint=f"parameters they take: {', '.join(sorted(accepted)) or 'none'}",
+        )
 
 
 def _known(op, params, strict):
