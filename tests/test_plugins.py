@@ -67,7 +67,8 @@ class Overlay:
             [str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             check=True, capture_output=True, text=True,
         ).stdout.strip()
-        parents = [p for p in site.getsitepackages() if os.path.isdir(p)]
+        parents = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+        parents = [p for p in parents if os.path.isdir(p)]  # pip --user installs (CI as non-root) too
         (Path(purelib) / "_parent_site.pth").write_text(
             "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in parents) + "\n"
         )
@@ -237,3 +238,13 @@ def test_builtins_register_through_the_entry_points():
     assert {("format", "safetensors"), ("update", "dense")} <= builtin
     for kind, name in builtin:
         assert plugins.get(kind, name).name == name
+
+
+def test_unknown_merge_operator_from_a_plugin_package_says_what_to_install(fake_group):
+    from git_theta.errors import UsageError
+    from git_theta.merge.engine import get_operator
+
+    fake_group("merge", good=f"{__name__}:Named")
+    with pytest.raises(UsageError, match="unknown merge operator 'fisher'") as info:
+        get_operator("fisher", "theta.merge.operator")
+    assert "pip install git-theta-fisher" in info.value.hint
