@@ -36,7 +36,6 @@ def write_gguf(path, layers, width, seed, changed=()):
     import gguf
     from gguf import quants
 
-    rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("bench")
     writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(32000)])
@@ -46,7 +45,6 @@ def write_gguf(path, layers, width, seed, changed=()):
         writer.add_tensor(f"blk.{layer}.attn_q.weight", (r.standard_normal((width, width)) * 0.02).astype(np.float16))
         q = quants.quantize((r.standard_normal((width, width)) * 0.02).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
         writer.add_tensor(f"blk.{layer}.ffn_up.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    del rng
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -54,7 +52,6 @@ def write_gguf(path, layers, width, seed, changed=()):
 
 
 def write_onnx(path, layers, width, seed, changed=()):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     inits, nodes, x = [], [], "x"

@@ -1,6 +1,41 @@
 """git-theta: version machine-learning checkpoints with git.
 
 Importing the package is cheap; the heavy parts (numpy, torch, zstandard) load only when used.
+
+Python API (see the README, "Diffs, history and loading")::
+
+    import git_theta
+    tensors = git_theta.load("model.safetensors", rev="v1.2")           # {name: numpy array}
+    changes = git_theta.diff("model.safetensors", "v1.2", "HEAD")        # what --json prints
 """
 
 __version__ = "0.2.0"
+
+#: side names for :func:`diff`: the staged content and the files on disk
+INDEX = ":index"
+WORKTREE = ":worktree"
+
+
+def load(path, rev="HEAD", repo=".", params=None, framework="numpy", upcast=False):
+    """The tensors of checkpoint ``path`` at revision ``rev`` as ``{name: tensor}``, bit-identical,
+    read from the object store without touching the work tree.
+
+    ``rev`` is any git revision, or ``git_theta.INDEX`` (or None) for the staged version. ``params``
+    limits the result to some tensors (names or fnmatch globs). ``framework`` is ``"numpy"`` or
+    ``"torch"``. numpy has no bf16/float8 dtypes: those come back as raw bit patterns (uint16 /
+    uint8) unless ``upcast=True`` (float32, exact); torch gives torch.bfloat16 etc.
+    """
+    from .api import load as _load
+
+    return _load(path, rev=rev, repo=repo, params=params, framework=framework, upcast=upcast)
+
+
+def diff(path=None, rev_a="HEAD", rev_b=WORKTREE, repo=".", stat=False, sort="name"):
+    """The changes from ``rev_a`` to ``rev_b`` as the dict ``git theta diff --json`` prints.
+
+    ``path`` is a file, directory, glob or a list of them (None: every tracked checkpoint);
+    revisions may be ``git_theta.INDEX`` or ``git_theta.WORKTREE``. ``stat=True`` loads no tensor.
+    """
+    from .api import diff as _diff
+
+    return _diff(path, rev_a=rev_a, rev_b=rev_b, repo=repo, stat=stat, sort=sort)

@@ -52,6 +52,12 @@ def _table(name):
 def to_float(data, dtype_name, shape=None, precision=np.float64):
     """The tensor's values as a float array (float64 by default); ints and bools are converted."""
     dtype = get_dtype(dtype_name)
+    with np.errstate(invalid="ignore"):  # converting a signalling NaN is expected, not an error
+        values = _to_float(data, dtype_name, dtype, precision)
+    return values.reshape(shape) if shape is not None else values
+
+
+def _to_float(data, dtype_name, dtype, precision):
     if dtype_name == "BF16":
         widened = (as_bits(data, "BF16").astype(np.uint32) << 16).view(np.float32)
         values = widened.astype(precision, copy=False)
@@ -61,7 +67,7 @@ def to_float(data, dtype_name, shape=None, precision=np.float64):
         raise TypeError("complex tensors have no real value view")
     else:
         values = np.frombuffer(data, dtype=dtype.numpy_name).astype(precision, copy=False)
-    return values.reshape(shape) if shape is not None else values
+    return values
 
 
 def from_float(values, dtype_name):

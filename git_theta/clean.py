@@ -5,19 +5,28 @@ encode tensors in parallel (hashlib, numpy and zstandard release the GIL). The b
 flight are bounded by a budget, so memory stays near the largest tensor, not the checkpoint. A
 tensor whose bytes are already stored (same digest in the parent manifest, the digest index or the
 stat cache) costs no new bytes and no encoding.
+
+A changed tensor (same name, dtype and shape as in the parent manifest, different digest) is stored
+as the smallest exact encoding of its change (:mod:`git_theta.choose`) against the parent's tensor,
+decoded from the store; the delta names its base by tensor digest. Chains are cut by a dense
+keyframe after ``theta.maxChainDepth`` deltas. ``git theta add`` can force an update type or supply
+the update (an adapter) for one ``git add``: it passes the request in ``GIT_THETA_ADD_REQUEST``.
 """
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from . import plugins
-from .codec import encode_tensor, tensor_digest
+from .allowlist import theta_attribute
+from .codec import decode_tensor, encode_tensor, encode_update, store_encoded, tensor_digest
 from .dtypes import nbytes
-from .errors import CheckpointError, ManifestError
+from .errors import CheckpointError, ConfigError, ManifestError, ObjectCorruptError, ObjectMissingError, UpdateError
 from .manifest import Manifest, ObjectRef, TensorEntry, is_manifest
 from .peekable import PeekableReader
 from .settings import settings_for
+from .updates.base import TensorData
 
 SNIFF_BYTES = 4096
 MAX_MANIFEST = 256 << 20
@@ -25,8 +34,8 @@ MAX_MANIFEST = 256 << 20
 
 def detect_format(repo, path, head):
     """The format plugin for ``path``: the ``theta-format`` attribute if set, else by content."""
-    forced = repo.attribute(path, "theta-format") if repo is not None else "unspecified"
-    if forced not in ("unspecified", "set", "unset"):
+    forced = theta_attribute(repo, path, "theta-format") if repo is not None else None
+    if forced is not None:
         return plugins.get("format", forced, needed_by=f"{path} (attribute theta-format)")
     candidates = plugins.all_plugins("format")
     # Prefer formats whose usual suffix matches, then the rest; content decides in both cases.
@@ -42,11 +51,25 @@ def detect_format(repo, path, head):
     )
 
 
-def parent_manifest(repo, path):
-    """The manifest this path had in the index (or else HEAD), if any: the base for dedup."""
+def parent_manifest(repo, path, base_spec=None):
+    """The manifest this path had in the index (or else HEAD), if any: the base for dedup and deltas.
+
+    ``base_spec`` (``REV:PATH``, from ``git theta add --base``) names another one explicitly.
+    """
     if repo is None:
         return None
-    for spec in (f":{path}", f"HEAD:{path}"):
+    if base_spec not in (None, "HEAD-first"):
+        data = repo.read_blob(base_spec)
+        if not data or not is_manifest(data):
+            raise UpdateError(
+                f"{path}: --base {base_spec} is not a git-theta checkpoint",
+                hint="name a tracked checkpoint as REV:PATH, e.g. HEAD~1:model.safetensors",
+            )
+        return Manifest.parse(data, source=base_spec)
+    # 'git theta add' re-encodes a version that a plain 'git add' may already have put in the
+    # index: its deltas are taken against the committed version first.
+    order = (f"HEAD:{path}", f":{path}") if base_spec == "HEAD-first" else (f":{path}", f"HEAD:{path}")
+    for spec in order:
         try:
             data = repo.read_blob(spec)
         except Exception:
@@ -66,6 +89,38 @@ def stat_key(path):
     except OSError:
         return None
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+class AddRequest:
+    """What ``git theta add`` asked for one path: a forced update type, an adapter, a base."""
+
+    def __init__(self, update_type=None, update_path=None, base=None):
+        self.update_type = update_type
+        self.update_path = update_path
+        self.base = base
+        self.adapter = None
+
+    @classmethod
+    def for_path(cls, settings, path):
+        """The request for ``path`` from the ``addRequest`` setting (JSON by path), or None."""
+        raw = settings.get("addRequest")
+        if not raw:
+            return None
+        try:
+            requests = json.loads(raw)
+            item = requests.get(path)
+        except (ValueError, AttributeError):
+            raise ConfigError(f"GIT_THETA_ADD_REQUEST is not valid JSON: {raw[:80]!r}") from None
+        if item is None:
+            return None
+        request = cls(item.get("update_type"), item.get("update_path"), item.get("base"))
+        if request.update_type is not None:
+            plugins.get("update", request.update_type, needed_by=f"{path} (--update-type)")
+        if request.update_path:
+            from .adapters import load_adapter
+
+            request.adapter = load_adapter(request.update_path, request.update_type)
+        return request
 
 
 class _Budget:
@@ -122,14 +177,18 @@ class Cleaner:
             Manifest.parse(data, source=path)  # validate; a manifest passes through unchanged
             return data
         fmt = detect_format(self.repo, path, head)
+        request = AddRequest.for_path(self.settings, path)
         key = stat_key(path) if self.settings.get_bool("statCache") else None
-        cached = self.cache.get_stat(path, key) if key else None
-        return self._clean_checkpoint(fmt, reader, path, key, cached)
+        # An explicit request re-encodes: the stat cache would hand back the last clean unchanged.
+        cached = self.cache.get_stat(path, key) if key and request is None else None
+        return self._clean_checkpoint(fmt, reader, path, key, cached, request)
 
-    def _clean_checkpoint(self, fmt, reader, path, key, cached):
+    def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
         import xxhash
 
-        parent = parent_manifest(self.repo, path)
+        parent = parent_manifest(self.repo, path, (request.base or "HEAD-first") if request else None)
+        parent_entries = parent.tensors if parent else {}
+        max_depth = self.settings.get_int("maxChainDepth")
         known = {}  # digest -> TensorEntry from the parent or the stat-cached manifest
         cached_entries, fingerprints_before = {}, {}
         if cached is not None:
@@ -162,9 +221,13 @@ class Cleaner:
                 ):
                     return previous, fingerprint
                 tensor.digest = tensor_digest(tensor.data)
-                entry = self._reuse(tensor, known)
+                # With an explicit request, only the parent's entries are reused: the digest index
+                # would hand back the encoding the request is meant to replace.
+                entry = self._reuse(tensor, known, use_index=request is None)
                 if entry is None:
-                    entry = encode_tensor(self.store, tensor)
+                    entry = self._encode_changed(
+                        tensor, parent_entries.get(tensor.name), path, budget, request, max_depth
+                    )
                 return entry, fingerprint
             finally:
                 budget.release(size)
@@ -200,16 +263,68 @@ class Cleaner:
                 raise CheckpointError(f"{path}: tensor name {entry.name!r} appears twice")
             manifest.tensors[entry.name] = entry
             fingerprints[entry.name] = fingerprint
+        if request is not None and request.adapter is not None:
+            request.adapter.finish(path, list(manifest.tensors))
         data = manifest.serialize()
         self.cache.put_digests(manifest.tensors.values())
         if key is not None and stat_key(path) == key:
             self.cache.put_stat(path, key, data, fingerprints)
         return data
 
-    def _all_local(self, entry):
-        return all(self.store.has(ref.oid) for ref in entry.objects)
+    def _encode_changed(self, tensor, base_entry, path, budget, request, max_depth):
+        """Store a tensor whose bytes are new: as a delta of its parent version when that is smaller."""
+        supplied = None
+        if request is not None and request.adapter is not None:
+            key, supplied = request.adapter.lookup(tensor.name)
+            if supplied is not None:
+                request.adapter.used.add(key)
+        usable = (
+            base_entry is not None
+            and base_entry.dtype == tensor.dtype
+            and base_entry.shape == tuple(tensor.shape)
+            and self._all_local(base_entry)
+        )
+        if not usable:
+            if supplied is not None:
+                raise UpdateError(
+                    f"{path}: tensor {tensor.name!r}: no earlier version of the same dtype and shape "
+                    f"to apply {supplied.key!r} from {request.adapter.source} to",
+                    hint="name the version the adapter was trained on with --base REV:PATH",
+                )
+            return encode_tensor(self.store, tensor)
+        size = nbytes(base_entry.dtype, base_entry.shape)
+        budget.add(size)  # the decoded base counts against the bytes in flight
+        try:
+            try:
+                base_bytes = decode_tensor(self.store, base_entry, path)
+            except (ObjectCorruptError, ObjectMissingError):
+                if supplied is not None:
+                    raise
+                # The new bytes are in hand: store them whole rather than on a damaged base.
+                return encode_tensor(self.store, tensor)
+            base = TensorData(base_entry.name, base_entry.dtype, base_entry.shape, base_bytes, base_entry.digest)
+            if supplied is not None:
+                request.adapter.check(path, tensor, base, supplied)
+            if base_entry.chain_depth + 1 > max_depth:
+                return encode_tensor(self.store, tensor)  # a keyframe bounds the chain
+            result = None
+            if supplied is not None:
+                result = encode_update(tensor, supplied.update, base, **supplied.options())
+            elif request is not None and request.update_type is not None:
+                result = encode_update(tensor, request.update_type, base)
+            if result is None:  # not forced, or the forced type does not apply to this tensor
+                from .choose import choose
 
-    def _reuse(self, tensor, known):
+                result = choose(tensor, base)
+            return store_encoded(self.store, tensor, *result, base=base, base_entry=base_entry)
+        finally:
+            budget.release(size)
+
+    def _all_local(self, entry):
+        # freshen, not has: a reused object must look recent to a concurrent 'git theta prune'
+        return all(self.store.freshen(ref.oid) for ref in entry.objects)
+
+    def _reuse(self, tensor, known, use_index=True):
         """An existing entry storing exactly these bytes, renamed for this tensor, or None."""
         # Reuse only entries whose objects are here: the bytes are in hand, so storing them again
         # is always possible, while an entry pointing at objects nobody has would lose the tensor.
@@ -221,14 +336,14 @@ class Cleaner:
             and self._all_local(entry)
         ):
             return _renamed(entry, tensor.name)
-        stored = self.cache.get_digest(tensor.digest, tensor.dtype, tensor.shape)
+        stored = self.cache.get_digest(tensor.digest, tensor.dtype, tensor.shape) if use_index else None
         if stored:
             update, *refs = stored.split(" ")
             try:
                 objects = tuple(ObjectRef.parse(r) for r in refs)
             except ManifestError:
                 return None
-            if objects and all(self.store.has(r.oid) for r in objects):  # same rule as above
+            if objects and all(self.store.freshen(r.oid) for r in objects):  # same rule as above
                 return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update, objects)
         return None
 

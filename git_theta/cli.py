@@ -26,9 +26,9 @@ def cli():
 
 
 def _register():
-    from .commands import filters, inspect, merge, setup
+    from .commands import filters, history, inspect, maintenance, merge, remote, setup, updates
 
-    for module in (setup, inspect, filters, merge):
+    for module in (setup, inspect, updates, history, merge, remote, maintenance, filters):
         for command in module.COMMANDS:
             cli.add_command(command)
 
@@ -36,8 +36,19 @@ def _register():
 _register()
 
 
+def _single_threaded_blas():
+    """One BLAS thread per worker: git-theta parallelises over tensors itself, and a multithreaded
+    OpenBLAS inside each worker thread oversubscribes the cores (measured 100x slower QR under
+    load). Must run before numpy is imported; a value the user set wins."""
+    import os
+
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+
 def main(argv=None):
     """Run the CLI; GitThetaError becomes ``error:``/``hint:`` lines and its exit code."""
+    _single_threaded_blas()
     try:
         code = cli.main(args=argv, prog_name="git-theta", standalone_mode=False)
     except click.exceptions.Abort:

@@ -2,10 +2,14 @@
 
 A tensor's manifest entry lists its object chain: its own object, then the base it is a delta of,
 down to a keyframe. Decoding starts at the keyframe and applies each delta; the result must hash to
-the tensor digest, so a corrupt or tampered object is always detected and never written out.
+the tensor digest, so a corrupt or tampered object is always detected and never written out. When
+decoding fails, every object of the chain is checked so the error names the damaged one and the
+deltas it breaks.
 """
 
 import hashlib
+import threading
+from collections import OrderedDict
 
 from . import object_codec, plugins
 from .dtypes import nbytes
@@ -19,16 +23,26 @@ def tensor_digest(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_tensor(store, tensor, update_name="dense", base=None, base_entry=None):
-    """Store ``tensor`` (TensorData with digest) with the named update; return its TensorEntry.
+def encode_update(tensor, update_name="dense", base=None, **options):
+    """(update plugin, Encoded) for ``tensor`` in the named update type, or None if it does not apply.
 
-    For a delta, ``base`` is the base TensorData and ``base_entry`` its manifest entry (whose chain
-    the new entry extends). Returns None when the update type does not apply to this tensor.
+    Nothing is stored: the caller compares sizes and stores the winner with :func:`store_encoded`.
+    ``options`` go to the update type (``factors=`` for low-rank, ``scale=`` for ia3).
     """
     update = plugins.get("update", update_name)
-    encoded = update.encode(tensor, base)
-    if encoded is None:
+    if not update.keyframe and base is None:
         return None
+    encoded = update.encode(tensor, base, **options)
+    return None if encoded is None else (update, encoded)
+
+
+def encoded_size(encoded):
+    """Payload bytes of an Encoded (what it adds to the store, less the small header)."""
+    return sum(len(p) for p in encoded.parts)
+
+
+def store_encoded(store, tensor, update, encoded, base=None, base_entry=None):
+    """Store an encoding of ``tensor`` and return its TensorEntry (chain extends ``base_entry``'s)."""
     header = dict(encoded.header)
     header.update(update=update.name, dtype=tensor.dtype, shape=list(tensor.shape))
     if not update.keyframe:
@@ -38,27 +52,120 @@ def encode_tensor(store, tensor, update_name="dense", base=None, base_entry=None
     return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update.name, chain)
 
 
-def decode_tensor(store, entry, path="?"):
+def encode_tensor(store, tensor, update_name="dense", base=None, base_entry=None, **options):
+    """Store ``tensor`` (TensorData with digest) with the named update; return its TensorEntry.
+
+    For a delta, ``base`` is the base TensorData and ``base_entry`` its manifest entry (whose chain
+    the new entry extends). Returns None when the update type does not apply to this tensor.
+    """
+    result = encode_update(tensor, update_name, base, **options)
+    if result is None:
+        return None
+    return store_encoded(store, tensor, *result, base=base, base_entry=base_entry)
+
+
+class DecodedCache:
+    """Decoded intermediate tensors of delta chains, by object id, bounded in bytes (LRU).
+
+    The result of applying an object depends on that object alone (its header pins the base by
+    digest, which decoding verifies), so a base shared by several tensors or files in one checkout
+    is decoded once.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._items = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def get(self, oid):
+        with self._lock:
+            data = self._items.get(oid)
+            if data is not None:
+                self._items.move_to_end(oid)
+            return data
+
+    def put(self, oid, data):
+        if len(data) > self.limit:
+            return
+        with self._lock:
+            if oid in self._items:
+                return
+            self._items[oid] = bytes(data)
+            self._used += len(data)
+            while self._used > self.limit:
+                _, old = self._items.popitem(last=False)
+                self._used -= len(old)
+
+
+def _describe_chain(entry):
+    return " -> ".join(f"{ref.oid[:12]}" for ref in entry.objects)
+
+
+def _locate_damage(store, entry):
+    """(position, oid) of the first object in the chain whose bytes do not match its id, or None."""
+    for position, ref in reversed(list(enumerate(entry.objects))):
+        try:
+            store.read(ref.oid, verify=True)
+        except (ObjectCorruptError, ObjectMissingError):
+            return position, ref.oid
+    return None
+
+
+def _chain_error(store, entry, where, detail):
+    """An ObjectCorruptError naming the tensor, the chain, the damaged object and what it breaks."""
+    damaged = _locate_damage(store, entry)
+    chain = f"chain {_describe_chain(entry)} ({entry.chain_depth} delta(s) on a keyframe)"
+    if damaged is not None:
+        position, oid = damaged
+        role = "keyframe" if position == len(entry.objects) - 1 else f"delta at depth {len(entry.objects) - 1 - position}"
+        broken = f"; it breaks {position} delta(s) above it" if position else ""
+        message = f"{where}: object {oid} ({role} of {chain}) is corrupt{broken}: {detail}"
+    else:
+        message = f"{where}: {chain} does not decode: {detail}"
+    return ObjectCorruptError(
+        message,
+        hint="run 'git theta fsck' to find every damaged object; refetch them with 'git theta fetch'",
+    )
+
+
+def decode_tensor(store, entry, path="?", cache=None, known=None):
     """Raw bytes of the tensor ``entry`` describes, verified against its digest.
 
-    Errors name the file, the tensor and the object.
+    ``cache`` (a :class:`DecodedCache`) shares decoded bases between tensors. ``known`` is an
+    optional ``(TensorEntry, bytes)`` already decoded (e.g. the older side of a diff): when
+    ``entry``'s chain extends that entry's chain, decoding starts from those bytes. Errors name the
+    file, the tensor, the chain and the damaged object.
     """
     where = f"{path}: tensor {entry.name!r}"
     if not entry.objects:
         raise ManifestError(f"{where}: no objects listed")
-    data = None
-    expected_base = None
-    # Walk the chain from the keyframe (last) to the tensor's own object (first).
-    for depth, ref in reversed(list(enumerate(entry.objects))):
-        try:
-            raw = store.read(ref.oid)
-        except ObjectMissingError:
-            raise ObjectMissingError(
-                f"{where}: object {ref.oid} is missing",
-                hint="fetch it with 'git theta fetch' (or restore it from a clone that has it)",
-                oids=[ref.oid],
-            ) from None
-        try:
+    objects = list(entry.objects)
+    # Start at the nearest cached level (its bytes were verified when they were cached).
+    start, data, expected_base = len(objects) - 1, None, None
+    if cache is not None:
+        for position in range(1, len(objects)):
+            cached = cache.get(objects[position].oid)
+            if cached is not None:
+                start, data = position - 1, bytearray(cached)
+                expected_base = tensor_digest(data)
+                break
+    if known is not None:
+        base_entry, base_data = known
+        depth = len(objects) - len(base_entry.objects)
+        if 0 < depth <= start and tuple(objects[depth:]) == tuple(base_entry.objects):
+            start, data, expected_base = depth - 1, bytearray(base_data), base_entry.digest
+    try:
+        for depth in range(start, -1, -1):
+            ref = objects[depth]
+            try:
+                raw = store.read(ref.oid)
+            except ObjectMissingError:
+                raise ObjectMissingError(
+                    f"{where}: object {ref.oid} is missing (chain {_describe_chain(entry)})",
+                    hint="fetch it with 'git theta fetch' (or restore it from a clone that has it)",
+                    oids=[ref.oid],
+                ) from None
             header, payload = object_codec.unpack(raw, ref.oid)
             update = plugins.get("update", header["update"], needed_by=f"{where}, object {ref.oid}")
             if header.get("dtype") != entry.dtype or tuple(header.get("shape", ())) != entry.shape:
@@ -66,24 +173,27 @@ def decode_tensor(store, entry, path="?"):
                     f"object {ref.oid} holds a {header.get('dtype')} {header.get('shape')} tensor, "
                     f"the manifest says {entry.dtype} {list(entry.shape)}"
                 )
-            if update.keyframe != (depth == len(entry.objects) - 1):
+            if update.keyframe != (depth == len(objects) - 1):
                 raise ObjectCorruptError(f"object {ref.oid} is out of place in the chain")
             if not update.keyframe and header.get("base") != expected_base:
                 raise ObjectCorruptError(f"object {ref.oid} is a delta of a different base")
             spec = TensorData(entry.name, entry.dtype, entry.shape, None)
-            data = update.decode(header, payload, data, spec, ref.oid)
-        except ObjectCorruptError as exc:
-            raise ObjectCorruptError(
-                f"{where}: {exc.message}", hint="run 'git theta fsck' to find every damaged object"
-            ) from None
-        if len(data) != nbytes(entry.dtype, entry.shape):
-            raise ObjectCorruptError(f"{where}: object {ref.oid} decodes to the wrong size")
-        expected_base = None if depth == 0 else tensor_digest(data)
-    actual = tensor_digest(data)
-    if actual != entry.digest:
-        raise ObjectCorruptError(
-            f"{where}: decoded bytes do not match the tensor digest (object {entry.objects[0].oid} "
-            "or its chain is corrupt, or the manifest was altered)",
-            hint="run 'git theta fsck'; refetch damaged objects with 'git theta fetch'",
-        )
+            try:
+                data = update.decode(header, payload, data, spec, ref.oid)
+            except MemoryError:  # a tampered manifest and object can claim any shape
+                raise ObjectCorruptError(
+                    f"object {ref.oid} claims a {entry.dtype} {list(entry.shape)} tensor, "
+                    "too large to decode here"
+                ) from None
+            if len(data) != nbytes(entry.dtype, entry.shape):
+                raise ObjectCorruptError(f"object {ref.oid} decodes to the wrong size")
+            if depth > 0:
+                expected_base = tensor_digest(data)
+                if cache is not None:
+                    cache.put(ref.oid, data)
+    except ObjectCorruptError as exc:
+        raise _chain_error(store, entry, where, exc.message) from None
+    if tensor_digest(data) != entry.digest:
+        raise _chain_error(store, entry, where, "decoded bytes do not match the tensor digest "
+                           "(or the manifest was altered)")
     return data

@@ -74,3 +74,7 @@ class UpdateError(GitThetaError):
 
 class FilterProtocolError(GitThetaError):
     """git spoke the long-running filter protocol in a way we cannot follow."""
+
+
+class RemoteError(GitThetaError):
+    """A remote (LFS server or directory) refused, failed or could not be reached."""

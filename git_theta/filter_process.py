@@ -145,8 +145,11 @@ def run(report):
     repo_holder = []
 
     def make_workers():
+        from .hook_install import ensure_hooks
+
         repo = Repo(".")
         repo_holder.append(repo)
+        ensure_hooks(repo)  # a fresh clone gets its pre-push hook, so its pushes carry the objects
         return Cleaner(repo), Smudger(repo)
 
     try:

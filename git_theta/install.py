@@ -16,6 +16,13 @@ CONFIG = {
     "merge.theta.driver": "git-theta merge-driver %O %A %B %L %P",
 }
 
+# Opt-in entries: ``git theta install --diff`` makes plain ``git diff`` print the git-theta summary
+# for tracked checkpoints (an external diff command: git diff --stat, git log -p and git show keep
+# showing manifest lines, and git diff --no-ext-diff shows them too).
+OPTIONAL = {
+    "diff": {"diff.theta.command": "git-theta diff-driver"},
+}
+
 
 def _scope_args(scope):
     return ["--local"] if scope == "local" else ["--global"]
@@ -26,10 +33,18 @@ def _get(key, scope, cwd):
     return out.decode().strip() if out else None
 
 
-def install(scope="global", cwd=None):
-    """Write the config entries; return the keys that changed."""
+def _entries(extras=()):
+    entries = dict(CONFIG)
+    for name in extras:
+        entries.update(OPTIONAL[name])
+    return entries
+
+
+def install(scope="global", cwd=None, extras=()):
+    """Write the config entries (plus the ``OPTIONAL`` groups named in ``extras``); return the keys
+    that changed."""
     changed = []
-    for key, value in CONFIG.items():
+    for key, value in _entries(extras).items():
         if _get(key, scope, cwd) != value:
             run_git(["config", *_scope_args(scope), key, value], cwd=cwd)
             changed.append(key)
@@ -39,7 +54,8 @@ def install(scope="global", cwd=None):
 def uninstall(scope="global", cwd=None):
     """Remove the entries install wrote (and left unchanged); return (removed, kept) keys."""
     removed, kept = [], []
-    for key, value in CONFIG.items():
+    everything = _entries(OPTIONAL)
+    for key, value in everything.items():
         current = _get(key, scope, cwd)
         if current is None:
             continue
@@ -48,7 +64,7 @@ def uninstall(scope="global", cwd=None):
             removed.append(key)
         else:
             kept.append(key)
-    for section in sorted({k.rsplit(".", 1)[0] for k in CONFIG}):
+    for section in sorted({k.rsplit(".", 1)[0] for k in everything}):
         left = run_git(
             ["config", *_scope_args(scope), "--get-regexp", "^" + section.replace(".", r"\.") + r"\."],
             cwd=cwd,

@@ -28,6 +28,7 @@ MAX_DIMS = 64
 MAX_ELEMENTS = 1 << 56  # larger than any real tensor; stops absurd shapes from a tampered manifest
 
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+_DIGITS = re.compile(r"[0-9]{1,20}\Z")  # ASCII only: str.isdigit() accepts '²', which int() refuses
 _KEY = re.compile(r"[a-z][a-z0-9_.-]*\Z")
 _UPDATE = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _DTYPE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
@@ -72,7 +73,7 @@ class ObjectRef:
     @classmethod
     def parse(cls, text, context=""):
         oid, sep, size = text.partition(":")
-        if not sep or not size.isdigit():
+        if not sep or not _DIGITS.match(size):
             raise ManifestError(f"invalid object reference {text!r}{context}")
         return cls(check_oid(oid, context), int(size))
 
@@ -216,7 +217,7 @@ def _parse_shape(text, where):
         raise ManifestError(f"invalid shape {text!r}{where}")
     inner = text[1:-1]
     dims = [] if inner == "" else inner.split(",")
-    if len(dims) > MAX_DIMS or not all(d.isdigit() and len(d) <= 18 for d in dims):
+    if len(dims) > MAX_DIMS or not all(_DIGITS.match(d) and len(d) <= 18 for d in dims):
         raise ManifestError(f"invalid shape {text!r}{where}")
     shape = tuple(int(d) for d in dims)
     total = 1

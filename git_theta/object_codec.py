@@ -36,9 +36,19 @@ def unpack(data, oid="?"):
         header = json.loads(bytes(view[8 : 8 + length]))
     except ValueError:
         raise ObjectCorruptError(f"object {oid} has a corrupt header") from None
-    if not isinstance(header, dict) or "update" not in header:
+    if not _well_formed(header):
         raise ObjectCorruptError(f"object {oid} has a corrupt header")
     return header, view[8 + length :]
+
+
+def _well_formed(header):
+    """The fields every decoder relies on have the right types (the rest is the update's business)."""
+    if not isinstance(header, dict) or not isinstance(header.get("update"), str):
+        return False
+    if "dtype" in header and not isinstance(header["dtype"], str):
+        return False
+    shape = header.get("shape", [])
+    return isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
 
 
 def frame(method, data):

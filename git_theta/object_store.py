@@ -14,14 +14,18 @@ from pathlib import Path
 
 from .errors import ObjectCorruptError, ObjectMissingError
 from .manifest import ObjectRef, check_oid
+from .testhooks import kill_point
+
+READ_CHUNK = 1 << 20
 
 
 class ObjectStore:
     """Content-addressed storage of immutable byte objects."""
 
-    def __init__(self, root, fsync=True):
+    def __init__(self, root, fsync=True, max_object_size=0):
         self.root = Path(root)
         self.fsync = fsync
+        self.max_object_size = max_object_size  # 0: never split (see chunked.py)
         self._tmp = self.root / "tmp"
 
     def path(self, oid):
@@ -32,6 +36,22 @@ class ObjectStore:
     def has(self, oid):
         return self.path(oid).is_file()
 
+    def freshen(self, oid):
+        """Mark an object as just used (its mtime); False when it is not present.
+
+        Writers that find an object already stored, and clean when it reuses one, call this
+        instead of :meth:`has`: ``git theta prune`` keeps recently touched objects and re-checks
+        the time after moving an object aside, so an object being reused is never lost (the same
+        rule as git's loose objects).
+        """
+        try:
+            os.utime(self.path(oid))
+            return True
+        except FileNotFoundError:
+            return False
+        except PermissionError:  # a shared, read-only store: present, but prune is not ours to run
+            return self.has(oid)
+
     def size(self, oid):
         """Stored size of an object, or None when it is not present."""
         try:
@@ -39,11 +59,13 @@ class ObjectStore:
         except FileNotFoundError:
             return None
 
-    def put_chunks(self, chunks):
+    def put_chunks(self, chunks, expect=None, split=True):
         """Store the concatenation of ``chunks`` (bytes-like); return its ObjectRef.
 
         Hashes while writing, so the data is never held twice. Writing an object that already
-        exists costs the temp file only and leaves the existing object untouched.
+        exists costs the temp file only and leaves the existing object untouched. With ``expect``
+        (an ObjectRef, e.g. a download) bytes whose size or sha256 differ never enter the store:
+        the temp file is removed and ObjectCorruptError raised.
         """
         self._tmp.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
@@ -58,13 +80,23 @@ class ObjectStore:
                 if self.fsync:
                     out.flush()
                     os.fsync(out.fileno())
+            kill_point()
             oid = digest.hexdigest()
+            if expect is not None and (oid, size) != (expect.oid, expect.size):
+                raise ObjectCorruptError(
+                    f"object {expect.oid} arrived corrupt: {size} bytes hashing to {oid[:12]}…, "
+                    f"expected {expect.size} bytes",
+                    hint="the copy on the remote is damaged; re-push it from a clone that has it",
+                )
+            if split and expect is None and self.max_object_size and size > self.max_object_size:
+                return self._split(tmp_name, oid, size)
             final = self.path(oid)
-            if final.is_file() and final.stat().st_size == size:
+            if self.size(oid) == size and self.freshen(oid):
                 os.unlink(tmp_name)
             else:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp_name, final)
+            kill_point()
             return ObjectRef(oid, size)
         except BaseException:
             try:
@@ -75,6 +107,40 @@ class ObjectStore:
 
     def put_bytes(self, data):
         return self.put_chunks([data])
+
+    def _split(self, tmp_name, oid, size):
+        """Store an over-large object as parts plus a chunk index; return the index's ref."""
+        from . import chunked
+
+        step = self.max_object_size
+        parts = []
+        with open(tmp_name, "rb") as handle:
+            for offset in range(0, size, step):
+                parts.append(self.put_chunks(_blocks(handle, min(step, size - offset)), split=False))
+        os.unlink(tmp_name)
+        return self.put_chunks([chunked.index_bytes(size, oid, parts)], split=False)
+
+    def chunk_parts(self, refs):
+        """The parts of every chunk index among ``refs`` that is present locally."""
+        from . import chunked
+
+        parts = []
+        for ref in refs:
+            if ref.size > chunked.MAX_INDEX or len(chunked.MAGIC) > ref.size:
+                continue
+            try:
+                with open(self.path(ref.oid), "rb") as handle:
+                    data = handle.read(chunked.MAX_INDEX)
+            except FileNotFoundError:
+                continue
+            if chunked.is_index(data):
+                parts.extend(chunked.parse_index(data, ref.oid)[2])
+        return parts
+
+    def missing(self, refs):
+        """The refs (and parts of chunked objects) that are not in the store."""
+        absent = [r for r in refs if not self.has(r.oid)]
+        return absent + [p for p in self.chunk_parts(refs) if not self.has(p.oid)]
 
     def read(self, oid, verify=False):
         """Return an object's bytes. With ``verify`` the sha256 is checked against the id.
@@ -88,7 +154,36 @@ class ObjectStore:
             raise ObjectMissingError(f"object {oid} is missing", oids=[oid]) from None
         if verify:
             self.verify_bytes(oid, data)
+        from . import chunked
+
+        if chunked.is_index(data):
+            return chunked.assemble(oid, data, lambda part: self.read(part, verify=True))
         return data
+
+    def verify(self, oid, size=None):
+        """Check a stored object by streaming it through sha256 (memory: one chunk).
+
+        Raises ObjectMissingError, or ObjectCorruptError when its size or hash is wrong.
+        """
+        digest = hashlib.sha256()
+        actual_size = 0
+        try:
+            with open(self.path(oid), "rb") as handle:
+                while chunk := handle.read(READ_CHUNK):
+                    digest.update(chunk)
+                    actual_size += len(chunk)
+        except FileNotFoundError:
+            raise ObjectMissingError(f"object {oid} is missing", oids=[oid]) from None
+        if size is not None and actual_size != size:
+            raise ObjectCorruptError(
+                f"object {oid} has {actual_size} bytes, the manifest says {size}",
+                hint="delete it and fetch it again: git theta fsck --repair",
+            )
+        if digest.hexdigest() != oid:
+            raise ObjectCorruptError(
+                f"object {oid} is corrupt (its bytes hash to {digest.hexdigest()[:12]}…)",
+                hint="delete it and fetch it again: git theta fsck --repair",
+            )
 
     @staticmethod
     def verify_bytes(oid, data):
@@ -110,3 +205,13 @@ class ObjectStore:
                 for obj in sorted(second.iterdir()):
                     if len(obj.name) == 64:
                         yield obj.name
+
+
+def _blocks(handle, count, block=1 << 20):
+    """Yield ``count`` bytes of ``handle`` in blocks."""
+    while count > 0:
+        data = handle.read(min(block, count))
+        if not data:
+            raise OSError("object file shrank while it was being split")
+        count -= len(data)
+        yield data

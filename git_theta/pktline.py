@@ -46,7 +46,10 @@ class PktReader:
             packet = self.read_packet()
             if packet is None:
                 return items
-            items.append(packet.decode("utf-8").rstrip("\n"))
+            try:
+                items.append(packet.decode("utf-8").rstrip("\n"))
+            except UnicodeDecodeError:
+                raise FilterProtocolError(f"pkt-line text is not UTF-8: {packet[:40]!r}") from None
 
     def read_key_values(self):
         """Read ``key=value`` packets up to a flush into a dict (later keys win)."""

@@ -113,7 +113,12 @@ class Repo:
         from .object_store import ObjectStore
         from .settings import settings_for
 
-        return ObjectStore(self.theta_dir / "objects", fsync=settings_for(self).get_bool("fsync"))
+        settings = settings_for(self)
+        return ObjectStore(
+            self.theta_dir / "objects",
+            fsync=settings.get_bool("fsync"),
+            max_object_size=settings.get_int("maxObjectSize"),
+        )
 
     @cached_property
     def cache(self):

@@ -13,6 +13,15 @@ DEFAULTS = {
     "statCache": (True, "bool", "reuse the last manifest of an unchanged file (checked by content hash)"),
     "threads": (0, "int", "worker threads for encoding and decoding (0: one per core)"),
     "memoryBudget": (192 << 20, "int", "bytes of tensors in flight beyond the one being read"),
+    "maxChainDepth": (8, "int", "deltas on top of a dense keyframe before clean stores a new keyframe"),
+    "baseCache": (256 << 20, "int", "bytes of decoded delta bases kept for reuse during one checkout"),
+    "addRequest": ("", "str", "set by 'git theta add' for the git add it runs: update type/adapter/base by path"),
+    "transfers": (4, "int", "objects uploaded or downloaded at once"),
+    "batchSize": (100, "int", "objects per LFS batch request"),
+    "retries": (4, "int", "retries of a failed request (connection error, 429, 5xx) with backoff"),
+    "skipSmudge": (False, "bool", "leave manifests in the work tree at checkout (then: git theta checkout)"),
+    "maxObjectSize": (2 << 30, "int", "largest object sent to a remote; bigger objects are split"),
+    "pruneExpire": ("1.hour", "str", "git theta prune keeps unreferenced objects younger than this"),
 }
 
 _TRUE = {"true", "yes", "on", "1"}

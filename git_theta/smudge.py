@@ -3,6 +3,8 @@
 Content that is not a manifest (a file committed before it was tracked) passes through unchanged.
 Every object is checked for presence before anything is written, so a missing object fails the file
 cleanly; every decoded tensor is checked against its digest, so corrupt data is never written out.
+Delta chains are decoded once per tensor; bases shared between tensors or files of one git command
+(one filter process) are kept in a bounded cache (``theta.baseCache`` bytes).
 """
 
 import threading
@@ -10,17 +12,18 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from . import plugins
-from .codec import decode_tensor
+from .codec import DecodedCache, decode_tensor
 from .errors import ObjectMissingError
 from .formats.base import TensorSource
 from .manifest import Manifest, is_manifest
 from .settings import settings_for
+from .testhooks import kill_point
 
 
 class StoreTensorSource(TensorSource):
     """Decodes a manifest's tensors from the store, a few ahead of the writer, within a byte budget."""
 
-    def __init__(self, manifest, store, pool, path, budget):
+    def __init__(self, manifest, store, pool, path, budget, cache=None):
         self.specs = manifest.tensors
         self.blob_keys = set(manifest.blobs)
         self._manifest = manifest
@@ -28,6 +31,7 @@ class StoreTensorSource(TensorSource):
         self._pool = pool
         self._path = path
         self._budget = budget
+        self._cache = cache
 
     def read_blob(self, key):
         ref = self._manifest.blobs[key]
@@ -52,13 +56,14 @@ class StoreTensorSource(TensorSource):
                     entry = self.specs[names[position]]
                     size = entry_size(entry)
                     pending.append(
-                        (names[position], size, self._pool.submit(decode_tensor, self._store, entry, self._path))
+                        (names[position], size, self._pool.submit(decode_tensor, self._store, entry, self._path, self._cache))
                     )
                     in_flight += size
                     position += 1
                 name, size, future = pending.popleft()
                 data = future.result()
                 in_flight -= size
+                kill_point()
                 yield name, data
         finally:
             for _, _, future in pending:
@@ -79,6 +84,7 @@ class Smudger:
         self.settings = settings or settings_for(repo)
         self._pool = None
         self._lock = threading.Lock()
+        self.cache = DecodedCache(self.settings.get_int("baseCache"))
 
     def _executor(self):
         with self._lock:
@@ -97,14 +103,17 @@ class Smudger:
         None means ``data`` is not a manifest and passes through unchanged. Raises for an unknown
         format or missing objects, naming the file, the tensors and the object ids.
         """
-        if not is_manifest(data):
-            return None
+        if not is_manifest(data) or self.settings.get_bool("skipSmudge"):
+            return None  # skip-smudge: the manifest stays in the work tree (git theta checkout)
         manifest = Manifest.parse(data, source=path)
         fmt = plugins.get(
             "format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD)
         )
         store = self.repo.store
-        missing = [r.oid for r in manifest.all_objects() if not store.has(r.oid)]
+        missing = [r.oid for r in store.missing(manifest.all_objects())]
+        if missing:
+            self._fetch_missing(manifest, path)
+            missing = [r.oid for r in store.missing(manifest.all_objects())]
         if missing:
             first = set(missing)
             names = [n for n, e in sorted(manifest.tensors.items()) if any(r.oid in first for r in e.objects)]
@@ -117,10 +126,29 @@ class Smudger:
             )
         return manifest, fmt
 
+    def _fetch_missing(self, manifest, path):
+        """Fetch the file's missing objects from the default remote, in one batch request."""
+        from .errors import GitThetaError, UsageError
+        from .lfs.transfer import fetch_refs
+
+        store = self.repo.store
+        refs = store.missing(manifest.all_objects())
+        try:
+            fetch_refs(self.repo, refs, settings=self.settings)
+        except UsageError:
+            return  # no remote configured: report the missing objects below
+        except GitThetaError as exc:
+            # Missing, like an object never fetched: the manifest stays, the other files check out.
+            raise ObjectMissingError(
+                f"{path}: {len(refs)} object(s) missing and the fetch failed: {exc.message}",
+                hint=(exc.hint + "; " if exc.hint else "") + f"then run 'git theta checkout {path}'",
+                oids=[r.oid for r in refs],
+            ) from None
+
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""
         source = StoreTensorSource(
-            manifest, self.repo.store, self._executor(), path, self.settings.get_int("memoryBudget")
+            manifest, self.repo.store, self._executor(), path, self.settings.get_int("memoryBudget"), self.cache
         )
         fmt.join(manifest.fields, source, out, path)
         self.repo.cache.put_digests(manifest.tensors.values())

@@ -127,3 +127,30 @@ def save_safetensors(path, tensors, metadata=None):
     from safetensors.numpy import save_file
 
     save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.fixture
+def cached_repo(tmp_path_factory, tmp_path, git_env):
+    """Factory: ``cached_repo(name, build)`` gives this test its own copy of a repository that
+    ``build(GitRepo)`` filled once per test process (starts from the ``repo`` fixture's set-up).
+
+    Saves the git and git-theta start-ups of building the same history in every test; each test
+    still works on a private copy.
+    """
+
+    def make(name, build):
+        template = tmp_path_factory.getbasetemp() / f"template-{name}"
+        if not template.exists():
+            building = tmp_path_factory.mktemp(f"building-{name}")
+            r = GitRepo(building, git_env)
+            r.git("init", "-q")
+            r.theta("install", "--local")
+            r.theta("track", "*.safetensors", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.npz")
+            r.commit("track checkpoints", ".gitattributes")
+            build(r)
+            building.rename(template)
+        path = tmp_path / name
+        shutil.copytree(template, path, symlinks=True)
+        return GitRepo(path, git_env)  # stat data in the index is stale: git re-checks content
+
+    return make

@@ -499,3 +499,18 @@ def test_scalar_single_entry_and_3d_tensors(name, shape):
     out = run(name, models, base, **raw)
     assert isinstance(out, np.ndarray) and out.shape == shape and out.dtype == np.float32
     assert np.all(np.isfinite(out))
+
+
+def test_breadcrumbs_equal_magnitudes_in_index_order():
+    base = np.zeros(8, dtype=np.float32)
+    a = np.array([1, -1, 1, -1, 1, -1, 1, -1], dtype=np.float32)
+    # n_keep 4, n_top 2, n_bottom 2: stable ascending positions [2, 6) are indices 2..5
+    out = run("breadcrumbs", [a, base], base, density=0.5, gamma=0.25)
+    np.testing.assert_array_equal(out, [0, 0, 1, -1, 1, -1, 0, 0])
+
+
+def test_della_ranks_along_dim_1_of_a_3d_tensor():
+    delta = np.random.default_rng(3).normal(size=(2, 5, 3))
+    p = della_probabilities(delta, 0.5, 0.2)
+    ranks = np.argsort(np.argsort(np.abs(delta), axis=1, kind="stable"), axis=1, kind="stable")
+    np.testing.assert_allclose(p, 0.3 + 0.4 * ranks / 4)

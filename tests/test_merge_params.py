@@ -96,3 +96,11 @@ def test_della_band_edges_are_allowed_and_density_0_1_are_exempt():
 def test_model_count_is_checked(name, n):
     with pytest.raises(UsageError, match="models to merge"):
         resolve(op(name), {}, n)
+
+
+def test_git_config_spellings_of_names():
+    # git config names are case-insensitive and cannot contain '_'
+    p = resolve(op("sce"), {"Select-TopK": "0.5", "int8-mask": "true"}, 2)
+    assert p["select_topk"] == 0.5 and p["int8_mask"] is True
+    with pytest.raises(UsageError, match="given twice"):
+        resolve(op("sce"), {"select-topk": "0.5", "select_topk": "0.4"}, 2)

@@ -10,8 +10,14 @@ from .. import humanize
 @click.command("ls-files")
 @click.argument("rev", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def ls_files(rev, as_json):
+@click.option("-v", "--verbose", is_flag=True, help="Per tensor: update type, chain depth, stored bytes.")
+def ls_files(rev, as_json, verbose):
     """List tracked checkpoints in REV (default: the index) with sizes."""
+    if verbose:
+        from .updates import ls_files_verbose
+
+        ls_files_verbose(rev, as_json)
+        return
     from ..inventory import tracked_files
     from ..repo import Repo
 

@@ -172,11 +172,17 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     if repo.work_tree is None:
         raise UsageError("git theta merge needs a work tree")
     raw = parse_param_flags(params)
+    for branch in branches:
+        porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
     if len(branches) == 1 and not (base or every_tensor or dry_run):
         check_config(load_config(repo, [], operator, raw), 2)  # fail before git starts merging
         repo.close()
         proc = subprocess.run(["git", *porcelain.git_merge_args(branches[0], operator, raw, message)])
         sys.exit(proc.returncode)
+    if porcelain.up_to_date(repo, branches):
+        repo.close()
+        click.echo("Already up to date.")
+        return
     try:
         if dry_run:
             merged, _, _ = porcelain.plan_merge(repo, branches, operator, raw, base, every_tensor, dry_run=True)

@@ -17,12 +17,31 @@ def _scope(local):
 
 @click.command()
 @click.option("--local", is_flag=True, help="Configure only the current repository.")
-def install(local):
+@click.option("--diff", "diff_driver", is_flag=True,
+              help="Also make 'git diff' print the git-theta summary for checkpoints (diff.theta.command).")
+def install(local, diff_driver):
     """Register the git-theta filter (and drivers) in git config."""
     scope = _scope(local)
-    changed = installer.install(scope)
+    changed = installer.install(scope, extras=("diff",) if diff_driver else ())
     where = "this repository" if scope == "local" else "your global git config"
     click.echo(f"git-theta installed in {where}" + ("" if changed else " (already up to date)"))
+    _install_hooks()
+
+
+def _install_hooks():
+    """Inside a repository, place the hooks too (a global install outside one does it later:
+    the filter fills empty hook slots of every repository it runs in)."""
+    from ..errors import NotInRepositoryError
+    from ..hook_install import install_hooks
+
+    try:
+        repo = Repo(".")
+    except NotInRepositoryError:
+        return
+    if repo.work_tree is None:
+        return
+    for _hook, what in install_hooks(repo):
+        click.echo(f"hooks: {what}")
 
 
 @click.command()
@@ -31,6 +50,11 @@ def uninstall(local):
     """Remove the git config entries that 'git theta install' wrote."""
     scope = _scope(local)
     removed, kept = installer.uninstall(scope)
+    if scope == "local":
+        from ..hook_install import uninstall_hooks
+
+        for _hook, what in uninstall_hooks(Repo(".")):
+            click.echo(f"hooks: {what}")
     for key in kept:
         click.echo(f"hint: left {key} alone: it no longer holds the value git-theta wrote", err=True)
     click.echo(f"git-theta uninstalled ({len(removed)} entries removed)")
@@ -48,6 +72,9 @@ def _work_tree():
 def track(patterns):
     """Track checkpoints matching PATTERNS (edits .gitattributes)."""
     changed = attributes.track(_work_tree(), patterns)
+    from ..hook_install import ensure_hooks
+
+    ensure_hooks(Repo("."))
     for pattern in patterns:
         state = "Tracking" if pattern in changed else "Already tracking"
         click.echo(f'{state} "{pattern}"')

@@ -17,6 +17,7 @@ from ..updates.base import TensorData
 from .base import CheckpointFormat, CheckpointReader
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
+_PREALLOCATE = 64 << 20  # tensors up to this size are read into one preallocated buffer
 # The order in which the safetensors library writes tensors: by dtype rank (descending), then name.
 _WRITE_RANK = {
     name: rank
@@ -45,12 +46,24 @@ def build_header(metadata, ordered):
     return raw + b" " * (-len(raw) % 8)
 
 
+def _unique_keys(pairs):
+    """A JSON object hook that refuses duplicate keys (two tensors with one name)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
 def parse_header(raw, path):
     """Validate a header; return (metadata or None, [(name, dtype, shape, begin, end)] by offset)."""
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    except RecursionError:  # absurdly nested JSON
+        raise CheckpointError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None)
@@ -96,17 +109,31 @@ def parse_header(raw, path):
     return metadata, tensors
 
 
+def _truncated(path, what, got, size):
+    return CheckpointError(
+        f"{path}: file is truncated in {what} ({got} of {size} bytes)",
+        hint="the checkpoint was not completely written; save it again",
+    )
+
+
 def _read_exact(stream, size, path, what):
+    if size > _PREALLOCATE:
+        # The header may claim any size: grow with the bytes that actually arrive, so a hostile
+        # or truncated file fails as "truncated" instead of exhausting memory up front.
+        buf = bytearray()
+        while len(buf) < size:
+            chunk = stream.read(min(_PREALLOCATE, size - len(buf)))
+            if not chunk:
+                raise _truncated(path, what, len(buf), size)
+            buf += chunk
+        return buf
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
     while got < size:
         n = stream.readinto(view[got:])
         if not n:
-            raise CheckpointError(
-                f"{path}: file is truncated in {what} ({got} of {size} bytes)",
-                hint="the checkpoint was not completely written; save it again",
-            )
+            raise _truncated(path, what, got, size)
         got += n
     return buf
 

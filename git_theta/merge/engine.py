@@ -216,7 +216,7 @@ def _merge_tensor(path, name, base, entries, labels, config, loader, store, ever
         if operator_name == AUTO:
             operator_name, auto_params, reason = _auto(signals)
             params = {**params, **auto_params}
-            origin = f"{origin}: auto ({reason})"
+            origin = f"auto -> {reason} ({origin})"
     op = get_operator(operator_name, origin)
     if base_entry is None and op.needs_base and not op.base_optional:
         why = "no common base" if base is None else "its dtype or shape differs from the base"
@@ -281,16 +281,22 @@ def _run_operator(op, params, name, inputs, base_entry, base, config, loader, st
 
 
 def _signals(loader, inputs, base_entry):
-    """Similarity signals between the task vectors of the inputs (see :mod:`.signals`)."""
-    from . import signals as signal_module
+    """Similarity signals between the task vectors of the inputs (:func:`.signals.measure`); none
+    without a base (there are no task vectors then)."""
+    if base_entry is None:
+        return {}
+    from .signals import measure
 
     models = [loader.values(e) for e in inputs]
-    base_values = loader.values(base_entry) if base_entry is not None else None
-    return signal_module.compute(models, base_values)
+    return measure(models, loader.values(base_entry))
 
 
 def _auto(signals):
-    """(operator name, raw params, reason) chosen by the signal rule for ``--operator auto``."""
-    from . import signals as signal_module
+    """(operator name, raw params, reason) picked by the signal rule for ``--operator auto``."""
+    from .signals import choose
 
-    return signal_module.choose(signals)
+    if not signals:
+        return "linear", {}, "no base: linear"
+    name, params = choose(signals)
+    detail = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return name, params, f"{name} {detail}".strip()

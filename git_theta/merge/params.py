@@ -87,15 +87,31 @@ def _values(raw):
     return [raw]
 
 
+def _canonical_keys(operator, raw):
+    """Keys lower-cased with '-' read as '_': git config names cannot hold '_' and are
+    case-insensitive, so ``theta.merge.select-topk`` means ``select_topk``."""
+    out = {}
+    for key, value in raw.items():
+        canon = key.strip().lower().replace("-", "_")
+        if canon in out:
+            raise UsageError(
+                f"parameter {canon!r} of merge operator {operator.name!r} is given twice",
+                hint="give each parameter once ('-' and '_' are the same)",
+            )
+        out[canon] = value
+    return out
+
+
 def resolve(operator, raw, n_models):
     """Checked parameters of ``operator`` for a merge of ``n_models`` models.
 
-    ``raw`` maps parameter names to strings or lists (per-model values in model order, ours
+    ``raw`` maps parameter names (case-insensitive, '-' = '_') to strings or lists (per-model values in model order, ours
     first); a single per-model value is broadcast to every model. Missing parameters get their
     (mergekit) defaults. Returns a dict with every parameter of the operator; per-model values are
     lists of length ``n_models``. Raises UsageError for unknown parameters, wrong counts and
     out-of-range values, and for the operator's own cross-parameter constraints.
     """
+    raw = _canonical_keys(operator, raw)
     unknown = sorted(set(raw) - set(operator.params))
     if unknown:
         raise UsageError(

@@ -11,6 +11,7 @@ through the smudge filter). Nothing is written when any path conflicts, or with 
 """
 
 import os
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
@@ -59,7 +60,8 @@ def _tree(repo, rev):
     return entries
 
 
-def _rev(repo, rev):
+def resolve_commit(repo, rev):
+    """The commit id ``rev`` names; UsageError when it names none."""
     out = repo.git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False).decode().strip()
     if not out:
         raise UsageError(f"not a commit: {rev!r}", hint="name a branch, tag or commit")
@@ -166,10 +168,10 @@ def default_message(branches, operator, params, base):
 
 def plan_merge(repo, branches, operator=None, params=None, base=None, every_tensor=False, dry_run=False, seed=None):
     """Compute the N-way merge of HEAD and ``branches``; returns (TreeMerge, base commit, parents)."""
-    head = _rev(repo, "HEAD")
-    commits = [_rev(repo, b) for b in branches]
+    head = resolve_commit(repo, "HEAD")
+    commits = [resolve_commit(repo, b) for b in branches]
     if base is not None:
-        base_commit = _rev(repo, base)
+        base_commit = resolve_commit(repo, base)
     else:
         out = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
         base_commit = out[0] if out else None
@@ -185,6 +187,16 @@ def plan_merge(repo, branches, operator=None, params=None, base=None, every_tens
     check_config(config, len(sides))
     merged = merge_trees(repo, base_commit, sides, labels, config, every_tensor, dry_run)
     return merged, base_commit, sides
+
+
+def up_to_date(repo, branches):
+    """True when every branch is already contained in HEAD (nothing to merge)."""
+    for branch in branches:
+        commit = resolve_commit(repo, branch)
+        proc = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=repo.cwd)
+        if proc.returncode != 0:
+            return False
+    return True
 
 
 def run_merge(repo, branches, operator=None, params=None, base=None, every_tensor=False, message=None, seed=None):

@@ -33,6 +33,11 @@ class UpdateType:
     name = ""
     #: True when the encoding needs no base tensor (it can start a chain).
     keyframe = False
+    #: True when the automatic choice in clean should try this update type on changed tensors.
+    auto = False
+    #: True when its encoded size is proportional to the data, so it can be estimated on a sample
+    #: of the tensor; False when it depends on the whole tensor (low rank): tried in full.
+    sampled = True
 
     def encode(self, tensor, base=None):
         """Encode ``tensor`` (TensorData), optionally against ``base`` (TensorData).

@@ -39,6 +39,7 @@ class IntDeltaUpdate(UpdateType):
     """A delta storing every element's (small) change of bit pattern."""
 
     name = "int-delta"
+    auto = True
 
     def encode(self, tensor, base=None):
         if base is None:

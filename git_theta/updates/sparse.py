@@ -71,6 +71,7 @@ class SparseUpdate(UpdateType):
     """A delta that stores only the changed elements."""
 
     name = "sparse"
+    auto = True
 
     def encode(self, tensor, base=None):
         if base is None:

@@ -40,15 +40,10 @@ def _rescale(default):
 # sparsifiers: each returns a new array (the input is never modified)
 
 
-def l1_rescale(delta, kept):
-    """``kept`` scaled so its L1 norm equals ``delta``'s; unscaled if either norm is < 1e-7."""
+def _l1_norm(x):
     import numpy as np
 
-    before = np.abs(delta).sum()
-    after = np.abs(kept).sum()
-    if before < 1e-7 or after < 1e-7:
-        return kept
-    return kept * (before / after)
+    return float(np.abs(x).sum(dtype=np.float64))
 
 
 def top_k_mask(values, k):
@@ -82,9 +77,9 @@ def magnitude_mask(delta, density):
 def outlier_mask(delta, density, gamma):
     """Breadcrumbs mask: drop the ``floor(gamma·n)`` largest and the smallest, keep ``floor(density·n)``.
 
-    Sorting |δ| ascending, positions [n_bottom, n_bottom + n_keep) survive, n_bottom =
-    max(0, n − n_keep − n_top) (so density + gamma > 1 shrinks the top cut). Stable sort: equal
-    magnitudes are ordered by index.
+    In the stable ascending order of |δ| (equal magnitudes in index order), positions
+    [n_bottom, n_bottom + n_keep) survive, n_bottom = max(0, n − n_keep − n_top) (so density +
+    gamma > 1 shrinks the top cut). Found with a partition, not a sort: O(n).
     """
     import numpy as np
 
@@ -94,10 +89,27 @@ def outlier_mask(delta, density, gamma):
     n_keep = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - n_keep - n_top)
-    order = np.argsort(np.abs(delta).ravel(), kind="stable")
-    mask = np.zeros(n, dtype=bool)
-    mask[order[n_bottom : n_bottom + n_keep]] = True
-    return mask.reshape(delta.shape)
+    return rank_range_mask(np.abs(delta), n_bottom, n_bottom + n_keep)
+
+
+def rank_range_mask(values, start, stop):
+    """Mask of the entries whose position in the stable ascending order of ``values`` is in [start, stop)."""
+    import numpy as np
+
+    flat = values.ravel()
+    mask = np.zeros(flat.size, dtype=bool)
+    if stop <= start:
+        return mask.reshape(values.shape)
+    part = np.partition(flat, [start, stop - 1])
+    lo, hi = part[start], part[stop - 1]
+    mask |= (flat > lo) & (flat < hi)
+    for edge in {lo.item(), hi.item()}:
+        # equal values occupy consecutive positions from count(< edge), in index order
+        idx = np.flatnonzero(flat == edge)
+        first = int(np.count_nonzero(flat < edge))
+        pos = first + np.arange(idx.size)
+        mask[idx[(pos >= start) & (pos < stop)]] = True
+    return mask.reshape(values.shape)
 
 
 def della_probabilities(delta, density, epsilon):
@@ -110,26 +122,35 @@ def della_probabilities(delta, density, epsilon):
 
     work = delta.reshape(1, -1) if delta.ndim < 2 else delta
     ncols = work.shape[1]
-    order = np.argsort(np.abs(work), axis=1, kind="stable")
-    rank = np.argsort(order, axis=1, kind="stable")  # 0-based rank of each entry in its row
+    # rank = position in the stable ascending order of |δ| along dim 1 (equal magnitudes: index
+    # order), by one argsort and a scatter (argsort of the argsort costs a second sort)
     dtype = delta.dtype
     if ncols > 1:
-        r = rank.astype(dtype) / dtype.type(ncols - 1)
+        r = np.arange(ncols, dtype=dtype) / dtype.type(ncols - 1)
     else:
-        r = np.full(work.shape, 0.5, dtype=dtype)
-    p = dtype.type(density - epsilon) + dtype.type(2 * epsilon) * r
+        r = np.full(1, 0.5, dtype=dtype)
+    by_position = dtype.type(density - epsilon) + dtype.type(2 * epsilon) * r
+    order = np.argsort(np.abs(work), axis=1, kind="stable")
+    p = np.empty(work.shape, dtype=dtype)
+    by_position = by_position.reshape((1, ncols) + (1,) * (work.ndim - 2))
+    np.put_along_axis(p, order, np.broadcast_to(by_position, work.shape), axis=1)
     return p.reshape(delta.shape)
 
 
 def sparsify(kind, delta, params, i, rng):
-    """Sparsify model ``i``'s task vector ``delta`` with sparsifier ``kind`` (see module doc)."""
+    """Sparsify model ``i``'s task vector ``delta`` with sparsifier ``kind`` (see module doc).
+
+    ``delta`` must be an array the caller owns: it is zeroed and rescaled in place and returned.
+    With ``rescale`` the kept entries are scaled by ‖δ‖₁/‖kept‖₁ (skipped if either is < 1e-7).
+    """
     import numpy as np
 
     density = params["density"][i]
     if density >= 1:
         return delta
     if density <= 0:
-        return np.zeros_like(delta)
+        delta[...] = 0
+        return delta
     if kind == "magnitude":
         keep = magnitude_mask(delta, density)
     elif kind == "outliers":
@@ -140,8 +161,13 @@ def sparsify(kind, delta, params, i, rng):
         keep = _uniform(rng, delta) < della_probabilities(delta, density, params["epsilon"][i])
     else:
         raise ValueError(f"unknown sparsifier {kind!r}")
-    kept = np.where(keep, delta, delta.dtype.type(0))
-    return l1_rescale(delta, kept) if params["rescale"] else kept
+    before = _l1_norm(delta) if params["rescale"] else 0.0
+    np.copyto(delta, 0, where=~keep)
+    if params["rescale"]:
+        after = _l1_norm(delta)
+        if before >= 1e-7 and after >= 1e-7:
+            delta *= delta.dtype.type(before / after)
+    return delta
 
 
 def _uniform(rng, like):
@@ -155,12 +181,22 @@ def _uniform(rng, like):
 
 
 def elect(weighted, method):
-    """Elected sign (+1/−1, ties → +1) per entry of the stacked weighted deltas (axis 0)."""
+    """Elected direction per entry of the weighted deltas (a list): True = +, False = −.
+
+    "sum": the sign of Σ Di; "count": the sign of Σ sgn(Di); a tie (0) elects +.
+    """
+    score = None
+    for d in weighted:
+        term = d if method == "sum" else (d > 0).astype(d.dtype) - (d < 0)
+        score = term.copy() if score is None else score + term
+    return score >= 0
+
+
+def agreeing(d, positive):
+    """Mask of the entries of ``d`` whose sign is the elected one (a zero never agrees)."""
     import numpy as np
 
-    score = weighted.sum(axis=0) if method == "sum" else np.sign(weighted).sum(axis=0)
-    one = weighted.dtype.type(1)
-    return np.where(score >= 0, one, -one)
+    return np.where(positive, d > 0, d < 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,16 +216,20 @@ class TaskVectorMerge(MergeOperator):
         dtype = base.dtype
         weighted = []
         for i, (w, model) in enumerate(zip(weights, models)):
-            delta = model - base
+            delta = np.asarray(model - base)  # ours to modify (0-d: an array, not a scalar)
             if self.sparsifier is not None:
                 delta = sparsify(self.sparsifier, delta, params, i, rng)
-            weighted.append(delta * dtype.type(w))
+            if w != 1:
+                delta *= dtype.type(w)
+            weighted.append(delta)
         if self.consensus:
-            stacked = np.stack(weighted)
-            agree = np.sign(stacked) == elect(stacked, params["consensus"])
-            mixed = np.where(agree, stacked, dtype.type(0)).sum(axis=0)
-            w = np.asarray(weights, dtype=dtype).reshape((-1,) + (1,) * base.ndim)
-            divisor = np.where(agree, w, dtype.type(0)).sum(axis=0)
+            positive = elect(weighted, params["consensus"])
+            mixed = np.zeros_like(base)
+            divisor = np.zeros_like(base)
+            for w, d in zip(weights, weighted):
+                agree = agreeing(d, positive)
+                mixed += np.where(agree, d, dtype.type(0))
+                divisor += agree * dtype.type(w)
             divisor = np.where(divisor == 0, dtype.type(1), divisor)
         else:
             mixed = weighted[0].copy()
@@ -340,7 +380,12 @@ class Sce(MergeOperator):
             omega = np.full(len(models), 1 / len(models), dtype=dtype)
         else:
             omega = (energy / dtype.type(total)).astype(dtype)
-        agree = np.sign(tvs) == elect(tvs, "sum")
-        w = np.where(agree, omega.reshape((-1,) + (1,) * base.ndim), dtype.type(0))
-        merged = (tvs * w).sum(axis=0) / np.maximum(w.sum(axis=0), dtype.type(1e-6))
+        positive = elect(list(tvs), "sum")
+        merged = np.zeros_like(base)
+        total_weight = np.zeros_like(base)
+        for om, tv in zip(omega, tvs):
+            w = np.where(agreeing(tv, positive), om, dtype.type(0))
+            merged += tv * w
+            total_weight += w
+        merged /= np.maximum(total_weight, dtype.type(1e-6))
         return np.asarray(base + merged, dtype=dtype)

@@ -1,0 +1,142 @@
+"""Commands about how versions are stored: ``git theta add`` with a forced or user-supplied update.
+
+``git theta add`` cannot call the clean filter itself (git runs it), so it passes its choice to the
+``git add`` it runs through the environment: ``GIT_THETA_ADD_REQUEST`` holds JSON keyed by the
+repository-relative path (update type, absolute adapter path, base ``REV:PATH``). The variable only
+exists for that one ``git add`` and its filter process, so nothing is left behind if it fails, and
+the settings layer reads it like any other ``GIT_THETA_*`` setting.
+"""
+
+import json
+import os
+import subprocess
+
+import click
+
+from ..errors import GitThetaError, UsageError
+
+
+@click.command("add", context_settings={"ignore_unknown_options": False})
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--update-type", metavar="NAME", help="Store changed tensors with this update type (see 'git theta plugins').")
+@click.option(
+    "--update-path",
+    "--update-data",
+    "update_path",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="An adapter describing the change: PEFT lora_A/lora_B (scaling from adapter_config.json), "
+    "or <param>/R|C, <param>/data|indices|indptr|shape, <param>/ia3.",
+)
+@click.option("--base", metavar="REV:PATH", help="The version to store the change against (default: HEAD's, else the index's).")
+def add(paths, update_type, update_path, base):
+    """Stage checkpoints like 'git add', choosing how their changes are stored."""
+    from .. import plugins
+    from ..inventory import theta_paths
+    from ..repo import Repo
+
+    repo = Repo(".")
+    if repo.work_tree is None:
+        raise UsageError("git theta add needs a work tree")
+    relative = [repo.relative(p) for p in paths]
+    untracked = sorted(set(relative) - theta_paths(repo, relative))
+    if untracked:
+        raise UsageError(
+            f"{untracked[0]} is not tracked by git-theta",
+            hint=f"track it first: git theta track '{untracked[0]}'",
+        )
+    if update_type is not None:
+        plugins.get("update", update_type, needed_by="--update-type")
+    if update_path is not None:
+        from ..adapters import load_adapter
+
+        load_adapter(update_path, update_type)  # report a bad adapter before git runs
+        update_path = os.path.abspath(update_path)
+    if base is not None:
+        if ":" not in base:
+            raise UsageError(f"--base {base}: expected REV:PATH, e.g. HEAD~1:model.safetensors")
+        data = repo.read_blob(base)
+        if data is None:
+            raise UsageError(f"--base {base} does not exist")
+    request = {p: {"update_type": update_type, "update_path": update_path, "base": base} for p in relative}
+    env = dict(os.environ, GIT_THETA_ADD_REQUEST=json.dumps(request, sort_keys=True))
+    in_index = {
+        line for line in repo.git("ls-files", "-z", "--", *relative).decode("utf-8", "surrogateescape").split("\0") if line
+    }
+    # --renormalize makes git run clean even when the file looks unchanged to the index.
+    for group, extra in ((sorted(in_index), ["--renormalize"]), (sorted(set(relative) - in_index), [])):
+        if group:
+            proc = subprocess.run(["git", "add", *extra, "--", *group], cwd=repo.work_tree, env=env)
+            if proc.returncode != 0:
+                raise GitThetaError(f"git add failed for {', '.join(group)} (see the error above)")
+
+
+COMMANDS = [add]
+
+
+def tensor_rows(manifest):
+    """Per tensor of ``manifest``: name, update type, chain depth, logical and own stored bytes."""
+    from ..dtypes import nbytes
+
+    return [
+        {
+            "name": e.name,
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "update": e.update,
+            "depth": e.chain_depth,
+            "logical_bytes": nbytes(e.dtype, e.shape),
+            "stored_bytes": e.objects[0].size,
+            "chain_bytes": sum(r.size for r in e.objects),
+        }
+        for _, e in sorted(manifest.tensors.items())
+    ]
+
+
+def file_summary(path, rows):
+    """Totals of :func:`tensor_rows` for one file (stored bytes count each object once)."""
+    by_update = {}
+    for row in rows:
+        by_update[row["update"]] = by_update.get(row["update"], 0) + 1
+    return {
+        "path": path,
+        "tensors": len(rows),
+        "logical_bytes": sum(r["logical_bytes"] for r in rows),
+        "stored_bytes": sum(r["stored_bytes"] for r in rows),
+        "max_depth": max((r["depth"] for r in rows), default=0),
+        "updates": dict(sorted(by_update.items())),
+    }
+
+
+def ls_files_verbose(rev, as_json):
+    """``git theta ls-files -v``: a line per tensor and a summary line per file."""
+    from .. import humanize
+    from ..inventory import tracked_files
+    from ..repo import Repo
+
+    repo = Repo(".")
+    files = []
+    for tracked in tracked_files(repo, rev):
+        if tracked.manifest is None:
+            files.append({"path": tracked.path, "status": tracked.error or "not a manifest (not cleaned)"})
+            continue
+        rows = tensor_rows(tracked.manifest)
+        files.append(dict(file_summary(tracked.path, rows), tensor_list=rows))
+    if as_json:
+        click.echo(json.dumps({"rev": rev or ":index", "files": files}, indent=2))
+        return
+    for f in files:
+        if "status" in f:
+            click.echo(f"{f['path']}: {f['status']}")
+            continue
+        for r in f["tensor_list"]:
+            click.echo(
+                f"{r['update']:9} {r['depth']:>2} {humanize.size(r['stored_bytes']):>9} "
+                f"{humanize.size(r['logical_bytes']):>9}  {r['name']}"
+            )
+        kinds = ", ".join(f"{n} {k}" for k, n in f["updates"].items())
+        ratio = f["stored_bytes"] / f["logical_bytes"] if f["logical_bytes"] else 0.0
+        click.echo(
+            f"{f['path']}: {f['tensors']} tensors ({kinds}), logical {humanize.size(f['logical_bytes'])}, "
+            f"stored {humanize.size(f['stored_bytes'])} ({ratio:.3f}), max chain depth {f['max_depth']}"
+        )

@@ -1,0 +1,186 @@
+"""``git theta fsck``: is every object the repository references present, intact and decodable?
+
+Three checks, each reported with the file, the tensor, the commit (or index) and the object id:
+
+1. every object a reachable manifest lists is in the store (``missing``);
+2. its bytes have the size the manifest says and hash to its id (``corrupt``), streamed in 1 MiB
+   chunks so memory stays flat;
+3. every distinct tensor entry decodes through its whole delta chain to its tensor digest
+   (``bad-tensor``), reusing :func:`git_theta.codec.decode_tensor`, the same code checkout runs.
+
+A manifest that does not parse is a ``bad-manifest`` problem. Objects and tensors shared by many
+manifests are checked once; both passes run on a thread pool (hashlib, zstd and numpy release the
+GIL), so memory is bounded by a few tensors, not by the repository.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from .codec import decode_tensor
+from .errors import GitThetaError, ManifestError, ObjectCorruptError, ObjectMissingError
+from .manifest import Manifest
+from .reachability import iter_manifests
+
+
+@dataclass
+class Problem:
+    """One thing wrong, with everything needed to find it."""
+
+    kind: str  # missing | corrupt | bad-tensor | bad-manifest
+    message: str
+    path: str
+    where: str  # "commit <id>", "index", ...
+    commit: str | None = None
+    tensor: str | None = None
+    oid: str | None = None
+    size: int | None = None
+    other_uses: int = 0  # further manifests/tensors referencing the same object
+
+    def line(self):
+        subject = f"tensor {self.tensor!r}" if self.tensor else "manifest"
+        more = f" (and {self.other_uses} more uses)" if self.other_uses else ""
+        return f"{self.kind}: {self.path}: {subject} ({self.where}): {self.message}{more}"
+
+    def as_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    manifests: int = 0
+    objects: int = 0
+    tensors: int = 0
+    bytes_checked: int = 0
+    problems: list = field(default_factory=list)
+
+    @property
+    def ok(self):
+        return not self.problems
+
+    def bad_objects(self):
+        """ObjectRef-like (oid, size) of missing or corrupt objects, each once."""
+        seen = {}
+        for p in self.problems:
+            if p.kind in ("missing", "corrupt") and p.oid:
+                seen.setdefault(p.oid, p.size)
+        return seen
+
+
+@dataclass
+class _ObjectUse:
+    size: int
+    use: object  # reachability.Use of the first manifest that lists it
+    tensor: str | None  # the first tensor (None for a side blob such as a safetensors header)
+    count: int = 1
+
+
+def collect(repo, scope):
+    """Walk the reachable manifests; return (report with manifest problems, objects, tensor entries)."""
+    report = Report()
+    objects = {}  # oid -> _ObjectUse
+    tensors = {}  # (digest, dtype, shape, chain) -> (entry, use)
+    for use, data in iter_manifests(repo, scope):
+        report.manifests += 1
+        try:
+            manifest = Manifest.parse(data, source=use.path)
+        except ManifestError as exc:
+            report.problems.append(
+                Problem("bad-manifest", exc.message, use.path, use.where, use.commit, oid=use.blob)
+            )
+            continue
+        for key, ref in sorted(manifest.blobs.items()):
+            _note(objects, ref, use, None)
+        for entry in manifest.tensors.values():
+            for ref in entry.objects:
+                _note(objects, ref, use, entry.name)
+            tensors.setdefault((entry.digest, entry.dtype, entry.shape, entry.objects), (entry, use))
+    report.objects = len(objects)
+    report.tensors = len(tensors)
+    return report, objects, tensors
+
+
+def _note(objects, ref, use, tensor):
+    known = objects.get(ref.oid)
+    if known is None:
+        objects[ref.oid] = _ObjectUse(ref.size, use, tensor)
+    else:
+        known.count += 1
+
+
+def fsck(repo, scope="head", threads=1):
+    """Check everything reachable in ``scope`` ("head" or "all"); return a :class:`Report`."""
+    report, objects, tensors = collect(repo, scope)
+    store = repo.store
+
+    def check_object(item):
+        oid, info = item
+        try:
+            store.verify(oid, info.size)
+            return oid, None
+        except (ObjectMissingError, ObjectCorruptError) as exc:
+            kind = "missing" if isinstance(exc, ObjectMissingError) else "corrupt"
+            use = info.use
+            message = f"object {oid} is missing" if kind == "missing" else exc.message
+            return oid, Problem(kind, message, use.path, use.where, use.commit, info.tensor, oid,
+                                info.size, info.count - 1)
+
+    def check_tensor(item):
+        entry, use = item
+        try:
+            decode_tensor(store, entry, use.path)
+            return None
+        except GitThetaError as exc:
+            oid = entry.objects[0].oid if entry.objects else None
+            return Problem("bad-tensor", exc.message, use.path, use.where, use.commit, entry.name, oid)
+
+    bad = set()
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="theta-fsck") as pool:
+        for oid, problem in pool.map(check_object, sorted(objects.items())):
+            if problem is None:
+                report.bytes_checked += objects[oid].size
+            else:
+                bad.add(oid)
+                report.problems.append(problem)
+        # Decoding an entry with a known-bad object would only repeat that problem.
+        decodable = [t for t in tensors.values() if not any(r.oid in bad for r in t[0].objects)]
+        for problem in pool.map(check_tensor, decodable):
+            if problem is not None:
+                report.problems.append(problem)
+    return report
+
+
+def repair(repo, report):
+    """Fetch every missing or corrupt object of ``report`` again from the remote.
+
+    Corrupt objects are moved aside first (to ``theta/quarantine``) so the fetch can replace them.
+    Returns the oids asked for. Needs the remote feature (``git_theta.lfs``).
+    """
+    bad = report.bad_objects()
+    if not bad:
+        return []
+    fetch = remote_fetcher()
+    quarantine = repo.theta_dir / "quarantine"
+    for oid in bad:
+        path = repo.store.path(oid)
+        if path.is_file():
+            quarantine.mkdir(parents=True, exist_ok=True)
+            path.replace(quarantine / oid)
+    from .manifest import ObjectRef
+
+    refs = [ObjectRef(oid, size) for oid, size in sorted(bad.items())]
+    fetch(repo, refs)
+    return [r.oid for r in refs]
+
+
+def remote_fetcher():
+    """The remote feature's ``fetch_refs(repo, refs)``, or a clear error when it is not there."""
+    try:
+        from .lfs.transfer import fetch_refs
+    except ImportError:
+        raise GitThetaError(
+            "fsck --repair needs the remote feature (fetching objects from the LFS server), "
+            "which this installation of git-theta does not have",
+            hint="upgrade git-theta, or copy the objects from a clone that has them into "
+            ".git/theta/objects and run 'git theta fsck' again",
+        ) from None
+    return fetch_refs

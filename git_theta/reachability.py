@@ -1,0 +1,212 @@
+"""Which manifests a repository still references, and so which stored objects it needs.
+
+``fsck`` and ``prune`` both start here. A manifest is any blob that starts with the manifest magic,
+wherever it is found (attributes change over history, so the ``filter`` attribute of today cannot say
+which old blobs were cleaned). Roots:
+
+- ``scope="head"``: the commit HEAD points at (its tree only) and the current worktree's index;
+- ``scope="all"``: every ref (branches, tags, remote-tracking refs, ``refs/stash``) with its whole
+  history, every reflog entry (so ``stash@{n}`` too), the HEAD, index and in-progress pseudo-refs
+  (``ORIG_HEAD``, ``MERGE_HEAD``, ``CHERRY_PICK_HEAD``...) of every worktree, and, with
+  ``work_trees=True``, work-tree files that are themselves manifests (a skipped smudge).
+
+Blobs are enumerated with one ``git rev-list --objects --in-commit-order`` piped into
+``git cat-file --batch-check``, so each blob is attributed to the first commit that introduced it
+in walk order, and only blobs small enough to be manifests are read.
+"""
+
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .clean import MAX_MANIFEST
+from .errors import GitCommandError, ManifestError
+from .manifest import MAGIC, Manifest, is_manifest
+
+_HEX = re.compile(rb"^([0-9a-f]{40}|[0-9a-f]{64})\b", re.M)
+_OID_REF = re.compile(r"\b([0-9a-f]{64}):\d+\b")
+# Pseudo-refs of operations in progress: they name commits that may be referenced by nothing else.
+_PSEUDO_REFS = ("ORIG_HEAD", "MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "REBASE_HEAD", "FETCH_HEAD", "AUTO_MERGE")
+
+
+@dataclass(frozen=True)
+class Use:
+    """Where a manifest was found: its blob, its path and the commit (or "index"/"work tree")."""
+
+    blob: str | None
+    path: str
+    commit: str | None
+    where: str
+
+    def describe(self):
+        return f"{self.path} ({self.where})"
+
+
+@dataclass(frozen=True)
+class Worktree:
+    path: Path | None
+    git_dir: Path
+
+
+def worktrees(repo):
+    """Every worktree of the repository (``git worktree list --porcelain``), bare ones without a path."""
+    out = repo.git("worktree", "list", "--porcelain").decode("utf-8", "surrogateescape")
+    result = []
+    for block in out.split("\n\n"):
+        lines = dict(line.partition(" ")[::2] for line in block.splitlines() if line)
+        if "worktree" not in lines:
+            continue
+        path = Path(lines["worktree"])
+        if "bare" in lines:
+            result.append(Worktree(None, repo.common_dir))
+            continue
+        if not path.is_dir():  # a worktree deleted without 'git worktree prune': nothing to read
+            continue
+        git_dir = subprocess.run(
+            ["git", "rev-parse", "--absolute-git-dir"], cwd=path, capture_output=True
+        )
+        if git_dir.returncode == 0:
+            result.append(Worktree(path, Path(git_dir.stdout.decode().strip())))
+    return result
+
+
+def _pseudo_ref_commits(repo, trees):
+    """Commit ids named by in-progress pseudo-refs of every worktree (that exist in the repository)."""
+    candidates = set()
+    for tree in trees:
+        for name in _PSEUDO_REFS:
+            try:
+                data = (tree.git_dir / name).read_bytes()
+            except OSError:
+                continue
+            candidates.update(m.decode() for m in _HEX.findall(data))
+    if not candidates:
+        return []
+    out = repo.git(
+        "cat-file", "--batch-check=%(objectname) %(objecttype)",
+        input="".join(c + "\n" for c in sorted(candidates)).encode(),
+    ).decode()
+    return [line.split()[0] for line in out.splitlines() if line.endswith(" commit")]
+
+
+def _rev_list_blobs(repo, options, commits):
+    """(blob oid, path, commit) of blobs reachable from ``options`` (``--all``...) and ``commits``
+    that are small enough to be manifests."""
+    rev_list = subprocess.Popen(
+        ["git", "rev-list", "--objects", "--in-commit-order", *options, "--stdin"],
+        cwd=repo.cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    check = subprocess.Popen(
+        ["git", "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize) %(rest)"],
+        cwd=repo.cwd,
+        stdin=rev_list.stdout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    rev_list.stdout.close()  # cat-file owns it now
+    rev_list.stdin.write("".join(c + "\n" for c in commits).encode())
+    rev_list.stdin.close()
+    commit = None
+    try:
+        for raw in check.stdout:
+            line = raw.decode("utf-8", "surrogateescape").rstrip("\n")
+            oid, kind, size, *rest = line.split(" ", 3)
+            if kind == "commit":
+                commit = oid
+            elif kind == "blob" and int(size) <= MAX_MANIFEST:
+                yield oid, rest[0] if rest else "", commit
+    finally:
+        check.stdout.close()
+        check.wait()
+        error = rev_list.stderr.read().decode("utf-8", "replace").strip()
+        if rev_list.wait() != 0:
+            raise GitCommandError(f"git rev-list failed: {error.splitlines()[-1] if error else '?'}")
+
+
+def _index_blobs(tree):
+    """(blob oid, path) of every index entry of a worktree, conflict stages included."""
+    out = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=tree.path, capture_output=True)
+    if out.returncode != 0:
+        raise GitCommandError(f"git ls-files failed in {tree.path}: {out.stderr.decode().strip()}")
+    for item in out.stdout.split(b"\0"):
+        if item:
+            meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
+            mode, oid, _stage = meta.split()
+            if mode != "160000":  # submodules are commits, not blobs
+                yield oid, path
+
+
+def _work_tree_manifests(tree, paths):
+    """(path, bytes) of work-tree files that are manifests rather than checkpoints."""
+    for path in sorted(paths):
+        try:
+            with open(tree.path / path, "rb") as handle:
+                if not is_manifest(handle.read(len(MAGIC))):
+                    continue
+                handle.seek(0)
+                data = handle.read(MAX_MANIFEST + 1)
+        except OSError:
+            continue
+        if len(data) <= MAX_MANIFEST:
+            yield path, data
+
+
+def iter_manifests(repo, scope="all", work_trees=False):
+    """Yield ``(Use, manifest bytes)`` for every distinct manifest blob reachable in ``scope``.
+
+    Each blob is yielded once, with the first place it was found.
+    """
+    if scope not in ("head", "all"):
+        raise ValueError(scope)
+    seen = set()
+    trees = worktrees(repo)
+    if scope == "all":
+        current = [t for t in trees if t.path is not None]
+        options, commits = ["--all", "--reflog"], _pseudo_ref_commits(repo, trees)
+    else:
+        current = [Worktree(repo.work_tree, repo.git_dir)] if repo.work_tree else []
+        head = repo.git("rev-parse", "--verify", "-q", "HEAD^{commit}", check=False).decode().strip()
+        options, commits = ["--no-walk"], [head] if head else []
+    # The index first: a staged manifest is attributed to the index, its most recent home.
+    for tree in current:
+        label = "index" if tree.git_dir == repo.git_dir else f"index of worktree {tree.path}"
+        index_paths = set()
+        for oid, path in _index_blobs(tree):
+            index_paths.add(path)
+            if oid not in seen:
+                seen.add(oid)
+                data = repo.read_blob(oid)
+                if data is not None and is_manifest(data):
+                    yield Use(oid, path, None, label), data
+        if work_trees:
+            for path, data in _work_tree_manifests(tree, index_paths):
+                yield Use(None, path, None, f"work tree {tree.path}"), data
+    if options != ["--no-walk"] or commits:
+        for oid, path, commit in _rev_list_blobs(repo, options, commits):
+            if oid in seen:
+                continue
+            seen.add(oid)
+            data = repo.read_blob(oid)
+            if data is not None and is_manifest(data):
+                yield Use(oid, path, commit, f"commit {commit[:12]}" if commit else "?"), data
+
+
+def referenced_oids(manifest_bytes, source):
+    """Object ids a manifest references. An unparseable manifest still protects every oid it names."""
+    try:
+        return {ref.oid for ref in Manifest.parse(manifest_bytes, source=source).all_objects()}
+    except ManifestError:
+        text = manifest_bytes.decode("utf-8", "replace")
+        return set(_OID_REF.findall(text))
+
+
+def reachable_oids(repo):
+    """Every object id needed by a manifest reachable from any ref, reflog, index or work tree."""
+    needed = set()
+    for use, data in iter_manifests(repo, "all", work_trees=True):
+        needed |= referenced_oids(data, use.describe())
+    return needed

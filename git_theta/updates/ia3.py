@@ -1,0 +1,71 @@
+"""``ia3``: a change that scales the base tensor along some axes, as an (IA)^3 adapter does.
+
+Only stored when the user supplies the scaling vector (``git theta add --update-type ia3
+--update-path ...``, the older git-theta's ``<param>/ia3`` side-load naming): the prediction
+``base * scale`` (``scale`` broadcast over the tensor) is computed elementwise in float64, rounded
+to the tensor's dtype, and an exact zigzag residual makes the result bit-exact.
+"""
+
+import numpy as np
+
+from ..bits import as_bits, from_float, to_float
+from ..dtypes import element_count, get_dtype
+from ..errors import ObjectCorruptError
+from ..planes import decode_sections, encode_sections
+from .base import Encoded, UpdateType
+from .int_delta import apply_zigzag_delta, zigzag_delta
+from .low_rank import LOW_RANK_DTYPES
+
+
+def predict(base_values, scale, dtype):
+    """Bit patterns of ``base * scale`` rounded to ``dtype`` (elementwise float64, deterministic)."""
+    with np.errstate(all="ignore"):
+        values = base_values * np.asarray(scale, dtype=np.float64)
+    return np.frombuffer(from_float(values, dtype), dtype=get_dtype(dtype).bits_name)
+
+
+def broadcast_shape(scale_shape, shape):
+    """``scale_shape`` padded on the left to the tensor's rank, or None if it does not broadcast."""
+    if len(scale_shape) > len(shape):
+        return None
+    padded = (1,) * (len(shape) - len(scale_shape)) + tuple(scale_shape)
+    if any(s not in (1, d) for s, d in zip(padded, shape)):
+        return None
+    return padded
+
+
+class IA3Update(UpdateType):
+    """A delta stored as a broadcast scaling vector plus an exact residual."""
+
+    name = "ia3"
+
+    def encode(self, tensor, base=None, scale=None):
+        if base is None or scale is None or tensor.dtype not in LOW_RANK_DTYPES:
+            return None
+        scale = np.asarray(scale, dtype=np.float32)
+        shape = broadcast_shape(scale.shape, tuple(tensor.shape))
+        if shape is None:
+            return None
+        scale = scale.reshape(shape)
+        predicted = predict(to_float(base.data, base.dtype, tuple(tensor.shape)), scale, tensor.dtype)
+        residual = zigzag_delta(as_bits(tensor.data, tensor.dtype), predicted)
+        parts, sections = encode_sections([scale.ravel(), residual])
+        return Encoded({"scale_shape": list(shape), "sections": sections}, parts)
+
+    def decode(self, header, payload, base, spec, oid="?"):
+        sections = header.get("sections")
+        shape = header.get("scale_shape")
+        if (
+            not isinstance(sections, list)
+            or len(sections) != 2
+            or not isinstance(shape, list)
+            or broadcast_shape(shape, tuple(spec.shape)) != tuple(shape)
+        ):
+            raise ObjectCorruptError(f"object {oid} has a corrupt header")
+        scale, residual = decode_sections(payload, sections, oid)
+        if scale.dtype != np.float32 or scale.size != element_count(shape):
+            raise ObjectCorruptError(f"object {oid}: scaling vector has the wrong size")
+        predicted = predict(to_float(base, spec.dtype, tuple(spec.shape)), scale.reshape(shape), spec.dtype)
+        if residual.size != predicted.size or residual.dtype.itemsize != predicted.dtype.itemsize:
+            raise ObjectCorruptError(f"object {oid}: residual has the wrong size")
+        return bytearray(apply_zigzag_delta(predicted, residual.view(predicted.dtype)).tobytes())

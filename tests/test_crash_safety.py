@@ -1,0 +1,120 @@
+"""Crash safety: SIGKILL git-theta at every crash point of ``git add`` and checkout.
+
+The test hook ``GIT_THETA_TEST_KILL_AT=N`` (git_theta/testhooks.py) makes the filter process kill
+itself at its N-th crash point: after an object's temp file is written, after it is renamed into
+place, after smudge hands a tensor to git. That is deterministic (no timing, no sleeps) and visits
+every point. After each kill the repository must be consistent: every stored object hashes to its
+name, the index only references objects that are present, the work-tree file is one whole version
+(never a torn one), and running the command again succeeds.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import random_state_dict, save_safetensors
+from git_theta.manifest import Manifest, is_manifest
+
+TENSORS = 4  # random_state_dict() has 4 tensors: 2 crash points each in clean, 1 each in smudge
+
+
+def _store(repo):
+    return repo.path / ".git" / "theta" / "objects"
+
+
+def _assert_store_sound(repo):
+    """Every object under a real name hashes to that name (temp files may be left in tmp/)."""
+    root = _store(repo)
+    count = 0
+    for dirpath, _dirs, files in os.walk(root):
+        if os.path.basename(dirpath) == "tmp":
+            continue
+        for name in files:
+            data = open(os.path.join(dirpath, name), "rb").read()
+            assert hashlib.sha256(data).hexdigest() == name, f"corrupt object under a real name: {name}"
+            count += 1
+    return count
+
+
+def _assert_index_sound(repo, path="model.safetensors"):
+    staged = repo.show(f":{path}")
+    assert is_manifest(staged), "the index must hold a manifest, never the raw checkpoint"
+    for ref in Manifest.parse(staged).all_objects():
+        obj = _store(repo) / ref.oid[:2] / ref.oid[2:4] / ref.oid
+        assert obj.is_file(), f"index references missing object {ref.oid}"
+    return staged
+
+
+def _killing(repo, n):
+    env = dict(repo.env, GIT_THETA_TEST_KILL_AT=str(n), GIT_THETA_THREADS="1")
+    return env
+
+
+def test_sigkill_during_git_add_at_every_crash_point(repo):
+    save_safetensors(repo.file("model.safetensors"), random_state_dict(0))
+    repo.commit("v0", "model.safetensors")
+    for n in range(1, 2 * TENSORS + 1):
+        save_safetensors(repo.file("model.safetensors"), random_state_dict(n))
+        before = repo.show(":model.safetensors")
+        proc = subprocess.run(["git", "add", "model.safetensors"], cwd=repo.path, env=_killing(repo, n),
+                              capture_output=True)
+        assert proc.returncode != 0, f"kill point {n} was not reached"
+        _assert_store_sound(repo)
+        assert _assert_index_sound(repo) == before  # the failed add left the index alone
+        repo.git("add", "model.safetensors")  # running it again succeeds
+        after = _assert_index_sound(repo)
+        assert after != before
+        repo.git("commit", "-q", "-m", f"v{n}")
+        assert repo.status() == ""
+    # beyond the last crash point the same command simply succeeds
+    save_safetensors(repo.file("model.safetensors"), random_state_dict(99))
+    proc = subprocess.run(["git", "add", "model.safetensors"], cwd=repo.path,
+                          env=_killing(repo, 2 * TENSORS + 1), capture_output=True)
+    assert proc.returncode == 0
+    assert repo.theta("fsck", "--all").returncode == 0
+
+
+@pytest.mark.parametrize("n", [1, TENSORS])  # the first and the last tensor
+def test_sigkill_during_checkout_never_leaves_a_torn_file(repo, n, tmp_path):
+    versions = {}
+    for seed in (1, 2):
+        save_safetensors(repo.file("model.safetensors"), random_state_dict(seed))
+        versions[seed] = repo.file("model.safetensors").read_bytes()
+        repo.commit(f"v{seed}", "model.safetensors")
+    repo.git("tag", "v1", "HEAD~1")
+    proc = subprocess.run(["git", "checkout", "-q", "v1"], cwd=repo.path, env=_killing(repo, n),
+                          capture_output=True)
+    assert proc.returncode != 0, f"kill point {n} was not reached"
+    _assert_store_sound(repo)
+    _assert_index_sound(repo)
+    path = repo.file("model.safetensors")
+    if path.exists():
+        assert path.read_bytes() in (versions[1], versions[2]), "a torn checkpoint under the real name"
+    repo.git("checkout", "-q", "v1")  # running it again succeeds
+    assert path.read_bytes() == versions[1]
+    assert repo.status() == ""
+
+
+def test_two_processes_cleaning_the_same_checkpoint_into_one_store(repo):
+    """Two single-shot cleans of the same big-ish checkpoint at once: both succeed, same manifest."""
+    shapes = {f"layer.{i}.weight": (64, 64) for i in range(12)}
+    save_safetensors(repo.file("model.safetensors"), random_state_dict(7, shapes))
+    procs = []
+    for _ in range(2):
+        with open(repo.file("model.safetensors"), "rb") as stdin:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "git_theta", "clean", "model.safetensors"],
+                cwd=repo.path, env=dict(repo.env, GIT_THETA_STAT_CACHE="false"),
+                stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            ))
+    outputs = [p.communicate() for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err.decode()
+    assert outputs[0][0] == outputs[1][0] and is_manifest(outputs[0][0])
+    manifest = Manifest.parse(outputs[0][0])
+    assert _assert_store_sound(repo) >= len(manifest.all_objects())
+    repo.git("add", "model.safetensors")
+    assert repo.show(":model.safetensors") == outputs[0][0]

@@ -1,0 +1,154 @@
+"""git theta prune: deletes exactly the unreachable, old, pushed-or-allowed objects, and nothing else."""
+
+import json
+import os
+import time
+
+import pytest
+
+from conftest import random_state_dict, save_safetensors
+from git_theta import codec
+from git_theta.errors import ConfigError
+from git_theta.manifest import Manifest
+from git_theta.object_store import ObjectStore
+from git_theta.prune import _delete, parse_expire
+from git_theta.updates.base import TensorData
+
+
+def _oids(repo, spec):
+    return {ref.oid for ref in Manifest.parse(repo.show(spec)).all_objects()}
+
+
+def _store_oids(repo):
+    return set(ObjectStore(repo.path / ".git" / "theta" / "objects").iter_oids())
+
+
+def _version(repo, seed, name="model.safetensors", commit=True):
+    save_safetensors(repo.file(name), random_state_dict(seed))
+    if commit:
+        return repo.commit(f"v{seed}", name)
+    repo.git("add", name)
+
+
+def _prune(repo, *args, cwd=None):
+    return json.loads(repo.theta("prune", "--json", *args, cwd=cwd).stdout)
+
+
+def test_prune_deletes_only_what_nothing_references(repo, tmp_path):
+    _version(repo, 1)
+    _version(repo, 2)
+    dropped = _version(repo, 3)
+    dropped_oids = _oids(repo, f"{dropped}:model.safetensors") - _oids(repo, "HEAD~1:model.safetensors")
+    repo.git("checkout", "-q", "-b", "side", "HEAD~2")
+    _version(repo, 4)                                           # a branch
+    repo.git("checkout", "-q", "main")
+    repo.git("reset", "-q", "--hard", "HEAD~1")                 # drop v3 from main...
+    repo.git("reflog", "expire", "--expire=now", "--all")       # ...and from the reflog
+    (repo.path / ".git" / "ORIG_HEAD").unlink()
+    _version(repo, 5, commit=False)
+    repo.git("stash", "-q")                                     # the stash
+    repo.git("worktree", "add", "-q", str(tmp_path / "wt2"), "side")
+    save_safetensors(tmp_path / "wt2" / "model.safetensors", random_state_dict(6))
+    repo.git("add", "model.safetensors", cwd=tmp_path / "wt2")  # staged in the other worktree only
+    keep = set()
+    for spec in ("main", "main~1", "side", "stash@{0}"):
+        keep |= _oids(repo, f"{spec}:model.safetensors")
+    wt2_index = repo.run("git", "cat-file", "-p", ":model.safetensors", cwd=tmp_path / "wt2").stdout.encode()
+    keep |= {r.oid for r in Manifest.parse(wt2_index).all_objects()}
+    before = _store_oids(repo)
+    assert dropped_oids and dropped_oids <= before and not dropped_oids & keep
+
+    dry = _prune(repo, "--expire=now", "--include-unpushed", "--dry-run")
+    assert set(dry["oids"]) == dropped_oids and _store_oids(repo) == before
+    result = _prune(repo, "--expire=now", "--include-unpushed")
+    assert set(result["oids"]) == dropped_oids
+    assert result["deleted"] == len(dropped_oids) and result["bytes_freed"] > 0
+    assert _store_oids(repo) == before - dropped_oids
+    assert keep <= _store_oids(repo)
+    assert json.loads(repo.theta("fsck", "--all", "--json").stdout)["ok"]
+    # every remaining version still checks out byte for byte
+    repo.git("checkout", "-q", "--detach", "side")
+    assert repo.file("model.safetensors").read_bytes() == _bytes(tmp_path, 4)
+    assert repo.status() == ""
+    assert repo.theta("prune", "--expire=now", "--include-unpushed").stdout.startswith("deleted 0 object(s)")
+
+
+def _bytes(tmp_path, seed):
+    path = tmp_path / f"expected-{seed}.safetensors"
+    save_safetensors(path, random_state_dict(seed))
+    return path.read_bytes()
+
+
+def test_prune_keeps_recent_and_unpushed_objects(repo):
+    _version(repo, 1)
+    dropped = _version(repo, 2)
+    gone = _oids(repo, f"{dropped}:model.safetensors") - _oids(repo, "HEAD~1:model.safetensors")
+    repo.git("reset", "-q", "--hard", "HEAD~1")
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    (repo.path / ".git" / "ORIG_HEAD").unlink()
+    before = _store_oids(repo)
+    # default grace period: objects written a moment ago may belong to a running 'git add'
+    result = _prune(repo, "--include-unpushed")
+    assert result["deleted"] == 0 and result["kept_recent"] == len(gone)
+    # unpushed objects are kept unless asked: nothing records what the remote has yet
+    repo.git("config", "theta.pruneExpire", "now")
+    result = _prune(repo)
+    assert result["deleted"] == 0 and result["kept_unpushed"] == len(gone)
+    assert _store_oids(repo) == before
+    assert _prune(repo, "--all")["deleted"] == len(gone)
+
+
+def test_prune_never_deletes_the_base_of_a_reachable_delta(repo):
+    """Only the delta's manifest references the keyframe (listed in its chain): it must stay."""
+    import numpy as np
+
+    store = ObjectStore(repo.path / ".git" / "theta" / "objects")
+    base_arr = np.arange(64, dtype=np.float32)
+    new_arr = base_arr.copy()
+    new_arr[3] += 1
+    base = TensorData("w", "F32", (64,), base_arr.tobytes(), codec.tensor_digest(base_arr.tobytes()))
+    new = TensorData("w", "F32", (64,), new_arr.tobytes(), codec.tensor_digest(new_arr.tobytes()))
+    base_entry = codec.encode_tensor(store, base)
+    entry = codec.encode_tensor(store, new, "int-delta", base, base_entry)
+    assert entry is not None and len(entry.objects) == 2
+    manifest = Manifest("safetensors", tensors={"w": entry})
+    blob = repo.git("hash-object", "-w", "--stdin", input=manifest.serialize().decode()).stdout.strip()
+    repo.git("update-index", "--add", "--cacheinfo", f"100644,{blob},delta.safetensors")
+    repo.git("commit", "-q", "-m", "a delta")
+    result = _prune(repo, "--expire=now", "--all")
+    assert result["deleted"] == 0
+    assert store.has(base_entry.objects[0].oid)
+    assert codec.decode_tensor(store, entry) == new_arr.tobytes()
+
+
+def test_prune_puts_back_an_object_freshened_while_it_was_moved(tmp_path):
+    """The race with a concurrent writer: the re-check after the move sees the new mtime."""
+    store = ObjectStore(tmp_path / "objects")
+    ref = store.put_bytes(b"payload")
+    path = store.path(ref.oid)
+    old = time.time() - 7200
+    os.utime(path, (old, old))
+    cutoff = time.time() - 3600
+    store.freshen(ref.oid)  # a writer reuses it after prune's scan
+    assert _delete(path, tmp_path / "trash", ref.oid, cutoff) is False
+    assert store.read(ref.oid, verify=True) == b"payload"
+    assert list((tmp_path / "trash").iterdir()) == []
+    # untouched, it goes
+    os.utime(path, (old, old))
+    assert _delete(path, tmp_path / "trash", ref.oid, cutoff) is True
+    assert not store.has(ref.oid)
+    # a writer that finds it gone stores its own copy instead of trusting the old one
+    assert store.freshen(ref.oid) is False
+    assert store.put_bytes(b"payload") == ref and store.has(ref.oid)
+
+
+@pytest.mark.parametrize(
+    "text,seconds", [("now", 0), ("never", None), ("90", 90), ("1.hour", 3600), ("2.weeks.ago", 1209600), ("30m", 1800)]
+)
+def test_parse_expire(text, seconds):
+    assert parse_expire(text) == seconds
+
+
+def test_parse_expire_rejects_garbage():
+    with pytest.raises(ConfigError):
+        parse_expire("soon")
