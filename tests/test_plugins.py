@@ -153,7 +153,7 @@ def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, ov
     assert "pip install theta-toy-plugin" in failed.stderr
 
 
-def test_duplicate_and_malformed_names_fail_at_load(tmp_path, overlay):
+def test_duplicate_name_from_an_installed_package_fails_at_load(tmp_path, overlay):
     duplicate = guide_package(tmp_path / "dup", replace=[
         ("name = theta-toy-plugin", "name = theta-dup-plugin"),
         ("    toy = theta_toy.fmt:ToyFormat", "    safetensors = theta_toy.fmt:ToyFormat"),
