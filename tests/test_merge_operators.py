@@ -37,7 +37,10 @@ def run(name, models, base=None, seed=0, **raw):
     operator = op(name)
     params = resolve(operator, {k: str(v) for k, v in raw.items()}, len(models))
     rng = np.random.default_rng(seed) if operator.random else None
-    return operator.merge(models, base, params, rng)
+    # Operators that read side files (the fisher plugin) get neutral side tensors: ones per model.
+    files = getattr(operator, "side_files", ())
+    extra = {"side": {f: [np.ones_like(m) for m in models] for f in files}} if files else {}
+    return operator.merge(models, base, params, rng, **extra)
 
 
 def triple(shape=(6, 5), seed=0, dtype=np.float32, n=2):
