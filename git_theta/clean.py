@@ -51,14 +51,15 @@ def detect_format(repo, path, head):
     )
 
 
-def parent_manifest(repo, path, base_spec=None):
+def parent_manifest(repo, path, base_spec=None, prefer_head=False):
     """The manifest this path had in the index (or else HEAD), if any: the base for dedup and deltas.
 
-    ``base_spec`` (``REV:PATH``, from ``git theta add --base``) names another one explicitly.
+    ``base_spec`` (``REV:PATH``, from ``git theta add --base``) names another one explicitly;
+    ``prefer_head`` looks at HEAD before the index.
     """
     if repo is None:
         return None
-    if base_spec not in (None, "HEAD-first"):
+    if base_spec is not None:
         data = repo.read_blob(base_spec)
         if not data or not is_manifest(data):
             raise UpdateError(
@@ -68,7 +69,7 @@ def parent_manifest(repo, path, base_spec=None):
         return Manifest.parse(data, source=base_spec)
     # 'git theta add' re-encodes a version that a plain 'git add' may already have put in the
     # index: its deltas are taken against the committed version first.
-    order = (f"HEAD:{path}", f":{path}") if base_spec == "HEAD-first" else (f":{path}", f"HEAD:{path}")
+    order = (f"HEAD:{path}", f":{path}") if prefer_head else (f":{path}", f"HEAD:{path}")
     for spec in order:
         try:
             data = repo.read_blob(spec)
@@ -210,7 +211,9 @@ class Cleaner:
     def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
         import xxhash
 
-        parent = parent_manifest(self.repo, path, (request.base or "HEAD-first") if request else None)
+        parent = parent_manifest(
+            self.repo, path, request.base if request else None, prefer_head=request is not None
+        )
         parent_entries = parent.tensors if parent else {}
         max_depth = self.settings.get_int("maxChainDepth")
         known = {}  # digest -> TensorEntry from the parent or the stat-cached manifest
