@@ -3,10 +3,10 @@
 Clean spools git's stream to a temporary file (a zip needs seeking) and loads it with
 ``torch.load(weights_only=True, mmap=True)``: only tensors and plain data are ever unpickled, a pickle
 that names any other global is refused (:class:`UnsafeCheckpointError`) and nothing in it runs.
-There is no fallback. Tensors stay memory-mapped and are yielded one by one as raw little-endian
-bytes; everything else becomes the *structure*, canonical JSON kept in the manifest field
-``structure`` (or, when long, the blob ``structure``) where each tensor is a placeholder naming its
-manifest entry. Storage sharing is kept: when several tensors share one storage and one of them is
+There is no fallback. Tensors are yielded one by one as raw little-endian bytes, read from the
+spooled file (:class:`StorageFile`) rather than through torch's mapping; everything else becomes
+the *structure*, canonical JSON kept in the manifest field ``structure`` (or, when long, the blob
+``structure``) where each tensor is a placeholder naming its manifest entry. Storage sharing is kept: when several tensors share one storage and one of them is
 the whole storage (tied weights, ``x`` and ``x.T``), that one is stored and the others are recorded
 as views of it (shape, stride, offset) and rebuilt on the same storage at checkout; when none is
 (slices of a fused weight) the storage is stored once under ``<first view>%storage``. A tensor
