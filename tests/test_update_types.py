@@ -198,3 +198,34 @@ def test_residual_forms_roundtrip(mismatch):
         assert mode == "dense"
     arrays = decode_sections(memoryview(b"".join(bytes(p) for p in parts)), sections)
     assert np.array_equal(decode_residual(mode, arrays, predicted, "x"), new)
+
+
+@pytest.mark.parametrize("rows", [40, 400])  # 400 x 256 elements: the sampled path
+@pytest.mark.parametrize(
+    "change,expected",
+    [("few", "sparse"), ("steps", "int-delta"), ("lora", "low-rank"), ("new", "dense")],
+)
+def test_automatic_choice(rows, change, expected):
+    """The automatic choice finds the encoding each kind of change calls for, and it is exact."""
+    from git_theta.choose import choose
+
+    rng = np.random.default_rng(9)
+    base = (rng.standard_normal((rows, 256)) * 0.05).astype(np.float32)
+    if change == "few":
+        new = base.copy()
+        new.reshape(-1)[rng.choice(base.size, base.size // 100, replace=False)] += np.float32(0.01)
+    elif change == "steps":
+        new = (base * (1 + 1e-4 * rng.standard_normal(base.shape))).astype(np.float32)
+    elif change == "lora":
+        new = (base + rng.standard_normal((rows, 4)) @ rng.standard_normal((4, 256)) * 0.01).astype(np.float32)
+    else:
+        new = (rng.standard_normal(base.shape) * 0.05).astype(np.float32)
+    new_t = tensor("w", "F32", base.shape, new.tobytes())
+    base_t = tensor("w", "F32", base.shape, base.tobytes())
+    update, encoded = choose(new_t, base_t)
+    assert update.name == expected
+    header = dict(encoded.header, update=update.name, dtype="F32", shape=list(base.shape))
+    raw = header_bytes(header) + b"".join(bytes(p) for p in encoded.parts)
+    h, payload = unpack(raw)
+    spec = TensorData("w", "F32", base.shape, None)
+    assert bytes(update.decode(h, payload, None if update.keyframe else bytearray(base_t.data), spec)) == new.tobytes()
