@@ -182,7 +182,31 @@ class Cleaner:
         key = stat_key(path) if self.settings.get_bool("statCache") else None
         # An explicit request re-encodes: the stat cache would hand back the last clean unchanged.
         cached = self.cache.get_stat(path, key) if key and request is None else None
-        return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+        if not getattr(fmt, "spools", False):
+            return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+        from .formats.spool import Spool, whole_file_key
+
+        # A zip format reads the whole file before its first tensor anyway: copy it once with a
+        # fingerprint, and a file whose bytes were cleaned or checked out before (touch, git
+        # status) costs that copy, not a parse (for torch, not even the import of torch).
+        remember = self.settings.get_bool("statCache") and request is None
+        with Spool(reader) as spool:
+            if remember:
+                hit = self.cache.get_stat(whole_file_key(path), spool.fingerprint)
+                if hit is not None and self._objects_here(hit[0]):
+                    return hit[0]
+            data = self._clean_checkpoint(fmt, spool, path, key, cached, request)
+            if remember:
+                self.cache.put_stat(whole_file_key(path), spool.fingerprint, data, {})
+            return data
+
+    def _objects_here(self, data):
+        """True when ``data`` is a valid manifest whose objects are all in the local store."""
+        try:
+            manifest = Manifest.parse(data, source="stat cache")
+        except ManifestError:
+            return False
+        return all(self.store.freshen(ref.oid) for ref in manifest.all_objects())
 
     def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
         import xxhash
