@@ -229,3 +229,35 @@ def test_automatic_choice(rows, change, expected):
     h, payload = unpack(raw)
     spec = TensorData("w", "F32", base.shape, None)
     assert bytes(update.decode(h, payload, None if update.keyframe else bytearray(base_t.data), spec)) == new.tobytes()
+
+
+def test_decoded_cache_shares_bases_and_stays_bounded(tmp_path):
+    """A verified immediate base is cached by object id and reused; the cache evicts to its bound."""
+    from git_theta.codec import DecodedCache, decode_tensor, encode_tensor
+    from git_theta.object_store import ObjectStore
+
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    rng = np.random.default_rng(10)
+    values = [rng.standard_normal(64).astype(np.float32)]
+    for _ in range(2):
+        nxt = values[-1].copy()
+        nxt[rng.integers(0, 64)] += 1
+        values.append(nxt)
+    entries, previous = [], None
+    for v in values:
+        t = tensor("w", "F32", (64,), v.tobytes())
+        base = None if previous is None else tensor("w", "F32", (64,), values[len(entries) - 1].tobytes())
+        entry = encode_tensor(store, t, "sparse" if previous else "dense", base, previous)
+        entries.append(entry)
+        previous = entry
+    cache = DecodedCache(limit=300)
+    assert bytes(decode_tensor(store, entries[2], cache=cache)) == values[2].tobytes()
+    assert cache.get(entries[2].objects[1].oid) == values[1].tobytes()  # the immediate base
+    # with the base cached, the keyframe is not read again: remove it and decode still works
+    keyframe = store.path(entries[2].objects[-1].oid)
+    keyframe.chmod(0o644)
+    keyframe.unlink()
+    assert bytes(decode_tensor(store, entries[2], cache=cache)) == values[2].tobytes()
+    cache.put("a" * 64, b"x" * 200)
+    cache.put("b" * 64, b"y" * 200)  # over the 300-byte bound: the least recently used go
+    assert cache.get("a" * 64) is None and cache.get("b" * 64) == b"y" * 200
