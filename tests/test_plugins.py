@@ -21,6 +21,7 @@ import pytest
 from git_theta import plugins
 from git_theta.errors import PluginError
 from git_theta.manifest import Manifest
+from git_theta.merge.operator import MergeOperator
 
 GUIDE = Path(__file__).resolve().parents[1] / "plugins" / "README.md"
 
@@ -192,6 +193,12 @@ class NoMerge:
     name = "nomerge"
 
 
+class Forgetful(MergeOperator):
+    """Subclasses the interface but forgets merge(): the inherited stub does not count."""
+
+    name = "forgetful"
+
+
 def test_malformed_name_is_an_error(fake_group):
     fake_group("merge", **{"Bad.Name": f"{__name__}:Named"})
     with pytest.raises(PluginError, match="malformed merge plugin name 'Bad.Name'"):
@@ -205,10 +212,12 @@ def test_plugin_must_call_itself_by_its_entry_point_name(fake_group):
 
 
 def test_plugin_must_implement_its_interface(fake_group):
-    fake_group("merge", nomerge=f"{__name__}:NoMerge", good=f"{__name__}:Named")
+    fake_group("merge", nomerge=f"{__name__}:NoMerge", forgetful=f"{__name__}:Forgetful", good=f"{__name__}:Named")
     with pytest.raises(PluginError, match="does not implement merge") as info:
         plugins.get("merge", "nomerge")
     assert "merge" in info.value.hint
+    with pytest.raises(PluginError, match="'forgetful' .* does not implement merge"):
+        plugins.get("merge", "forgetful")
     assert plugins.get("merge", "good").name == "good"
 
 
