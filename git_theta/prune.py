@@ -19,6 +19,11 @@ Deletion moves the object into ``theta/trash`` first and looks at its time again
 freshened it between the scan and the move shows up there and the object is put back; a writer
 that comes after the move finds it missing and writes its own copy. Only then is it unlinked.
 Stale temp files of crashed writers (older than the expiry) are removed too.
+
+Known limit: freshening touches the object a manifest names; for a chunked object that is the chunk
+index, not its parts. An unreachable, old chunked object reused by a concurrent ``git add`` at the
+very moment prune deletes it could lose parts (its index is put back, the parts are not); the next
+``git theta fsck`` reports it and ``--repair`` fetches the parts if they were pushed.
 """
 
 import os
