@@ -145,7 +145,8 @@ def merge_commit(repo, tree_merge, parents, message):
         from ..repo import run_git
 
         run_git(["read-tree", "--empty"], cwd=repo.cwd, env=env)
-        run_git(["update-index", "--index-info"], cwd=repo.cwd, env=env, input="\n".join(updates).encode() + b"\n")
+        records = b"".join(u.encode("utf-8", "surrogateescape") + b"\0" for u in updates)
+        run_git(["update-index", "-z", "--index-info"], cwd=repo.cwd, env=env, input=records)
         tree = run_git(["write-tree"], cwd=repo.cwd, env=env).decode().strip()
     finally:
         if os.path.exists(index):
