@@ -390,3 +390,29 @@ def test_a_global_parameter_no_configured_operator_takes_is_refused():
         check_config(config)
     check_config(build_config([("rule", "layer.* ties"), ("rule", "* linear"), ("density", "0.2")]))
     check_config(build_config([("operator", "auto"), ("density", "0.2")]))
+
+
+def test_structural_rules_properties():
+    """For any base/ours/theirs: an unchanged side yields the other; the rules are symmetric."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    version = st.one_of(st.none(), st.sampled_from("abc"))
+
+    @settings(max_examples=60, deadline=None)
+    @given(version, version, version)
+    def check(base, ours, theirs):
+        make = lambda d: None if d is None else entry("t", d)  # noqa: E731
+        forward = decide("t", make(base), [make(ours), make(theirs)], ["x", "y"])
+        backward = decide("t", make(base), [make(theirs), make(ours)], ["y", "x"])
+        assert forward.action == backward.action
+        if ours == base:
+            assert forward.action == "take" and forward.entry == make(theirs)
+        if theirs == base or ours == theirs:
+            assert forward.action == "take" and forward.entry == make(ours)
+        if forward.action == "take":
+            assert forward.entry == backward.entry
+        if forward.action == "operate":
+            assert None not in (ours, theirs) and len({base, ours, theirs}) == 3
+
+    check()
