@@ -12,7 +12,6 @@ loading"); text, plots and the Python API all read that dict.
 
 import re
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 from .dtypes import element_count, nbytes
 from .settings import settings_for
@@ -56,13 +55,12 @@ def _record(name, status, old, new):
     }
 
 
-def tensor_changes(old_tensors, new_tensors, names=None):
+def tensor_changes(old_tensors, new_tensors):
     """Records for every tensor that differs (added, removed, renamed, changed), plus the pairs of
     entries whose numbers need the tensors loaded, and the names that are unchanged."""
     records, to_load, unchanged = [], [], []
-    wanted = (lambda n: True) if names is None else names.__contains__
-    old_only = {n: e for n, e in old_tensors.items() if n not in new_tensors and wanted(n)}
-    new_only = {n: e for n, e in new_tensors.items() if n not in old_tensors and wanted(n)}
+    old_only = {n: e for n, e in old_tensors.items() if n not in new_tensors}
+    new_only = {n: e for n, e in new_tensors.items() if n not in old_tensors}
     # A tensor that moved to a new name with the same bytes is a rename, not a remove + add.
     by_digest = {}
     for name, entry in sorted(old_only.items()):
@@ -81,7 +79,7 @@ def tensor_changes(old_tensors, new_tensors, names=None):
         records.append(_record(name, "added", None, entry))
     for name, new in new_tensors.items():
         old = old_tensors.get(name)
-        if old is None or not wanted(name):
+        if old is None:
             continue
         if old.same_content(new):
             unchanged.append(name)
@@ -95,16 +93,18 @@ def tensor_changes(old_tensors, new_tensors, names=None):
 
 def _summary(records, old_tensors, new_tensors, unchanged, accumulators):
     """Counts and aggregate numbers over a set of tensors (a file or a group)."""
-    from .tensor_stats import Accumulator
-
     counts = {s: 0 for s in ("changed", "added", "removed", "renamed")}
     for r in records:
         counts[r["status"]] += 1
-    total = Accumulator()
-    for acc in accumulators or ():
-        total.merge(acc)
+    total = None
+    if accumulators is not None:  # not with --stat, which must not even import numpy
+        from .tensor_stats import Accumulator
+
+        total = Accumulator()
+        for acc in accumulators:
+            total.merge(acc)
     # Elements of tensors compared element by element: unchanged ones count as 0 changed.
-    compared = sum(element_count(old_tensors[n].shape) for n in unchanged) + total.elements
+    compared = sum(element_count(old_tensors[n].shape) for n in unchanged) + (total.elements if total else 0)
     result = {
         "tensors_old": len(old_tensors),
         "tensors_new": len(new_tensors),
@@ -249,6 +249,8 @@ class Differ:
     # -- loading ------------------------------------------------------------------------------
     def _executor(self):
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor  # not needed (nor imported) by --stat
+
             self._pool = ThreadPoolExecutor(self.settings.threads(), thread_name_prefix="theta-diff")
         return self._pool
 
@@ -281,8 +283,40 @@ class Differ:
 
         store = self.repo.store
         old_data = decode_tensor(store, old, path)
+        if new.update == "sparse" and new.dtype == old.dtype and tuple(new.objects[1:]) == tuple(old.objects):
+            acc = self._from_sparse_delta(path, old_data, new)
+            if acc is not None:
+                return acc
         new_data = decode_tensor(store, new, path, known=(old, old_data))
         return accumulate(old_data, old.dtype, new_data, new.dtype, old.shape)
+
+    def _from_sparse_delta(self, path, old_data, new):
+        """The numbers straight from a ``sparse`` delta on the old tensor (only the changed elements
+        are touched), or None to fall back to decoding. The delta object's hash is verified, since
+        the new tensor is never rebuilt to check its digest."""
+        from . import object_codec
+        from .codec import decode_tensor
+        from .errors import ObjectCorruptError
+        from .planes import decode_sections
+        from .tensor_stats import sparse_accumulate
+        from .updates.sparse import decode_positions
+
+        ref = new.objects[0]
+        try:
+            raw = self.repo.store.read(ref.oid, verify=True)
+            header, payload = object_codec.unpack(raw, ref.oid)
+            sections = header.get("sections")
+            if header.get("update") != "sparse" or not isinstance(sections, list) or len(sections) != 2:
+                return None
+            index, xor = decode_sections(payload, sections, ref.oid)
+            positions = decode_positions(header.get("index"), index, element_count(new.shape), ref.oid)
+            if len(positions) != len(xor) or xor.dtype.itemsize != nbytes(new.dtype, (1,)):
+                return None
+        except ObjectCorruptError:
+            # Let the full decode report it, with the chain and the damaged object named.
+            decode_tensor(self.repo.store, new, path)
+            raise
+        return sparse_accumulate(old_data, new.dtype, positions, xor)
 
 
 FILE_KEYS = ("path", "old_path", "status", "format", "problems", "fields_changed", "summary", "groups", "tensors")

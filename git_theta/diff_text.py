@@ -63,7 +63,7 @@ def table(rows, right=(), style=None, indent="  "):
     return lines
 
 
-def _describe(t):
+def describe(t):
     """The type/shape column of a tensor record."""
     old, new = t["old"], t["new"]
     if old is None or new is None:
@@ -120,7 +120,7 @@ def render(diff, style=None, max_rows=None):
             for t in tensors:
                 mark, colour = _MARK[t["status"]]
                 st = t["stats"]
-                row = [(mark, colour), (_name(t), colour if t["status"] != "changed" else None), _describe(t)]
+                row = [(mark, colour), (_name(t), colour if t["status"] != "changed" else None), describe(t)]
                 if st is not None:
                     row += [number(st["delta_l2"]), number(st["relative_change"]), number(st["max_abs_delta"]),
                             number(st["cosine"], "cos"), number(st["fraction_changed"], "pct")]
@@ -163,7 +163,7 @@ def render_stat(diff, style=None):
             mark, colour = _LETTER[t["status"]], _MARK[t["status"]][1]
             extra = ""
             if t["dtype_changed"] or t["shape_changed"]:
-                extra = f"  ({_describe(t)})"
+                extra = f"  ({describe(t)})"
             lines.append(f"     {style(mark, colour)} {_name(t)}{extra}")
         for problem in f.get("problems", []):
             lines.append("     " + style(f"warning: {problem}", "red"))

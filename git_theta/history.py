@@ -11,7 +11,7 @@ the first parent, with the numbers of :mod:`git_theta.tensor_stats`.
 import fnmatch
 import subprocess
 
-from .diff_text import number
+from .diff_text import describe, number
 
 SCHEMA = 1
 _FORMAT = "%H%x1f%P%x1f%an%x1f%aI%x1f%s%x1e"
@@ -63,6 +63,11 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
     from .inventory import tracked_files
     from .snapshots import resolve_commit
 
+    from .snapshots import has_head
+
+    empty = {"schema": SCHEMA, "rev": rev, "paths": paths or [], "params": params or [], "commits": []}
+    if rev == "HEAD" and not has_head(repo):
+        return empty  # no commits yet: an empty history, as git log would say
     start = resolve_commit(repo, rev)
     files = [t.path for t in tracked_files(repo, start)]
     if paths:
@@ -73,7 +78,7 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
         files = sorted({f for f in files if match(f)} | {p for p in paths if p not in files and p != "."})
     commits = []
     if not files:
-        return {"schema": SCHEMA, "rev": rev, "paths": files, "params": params or [], "commits": commits}
+        return dict(empty, paths=files)
     with Differ(repo, stat=stat) as differ:
         for commit, parents, author, date, subject in _walk(repo, start, files):
             changed_files = []
@@ -150,7 +155,9 @@ def render_log(result, style):
             if detail:
                 for t in f["tensors"]:
                     st = t["stats"] or {}
-                    what = t["status"] if t["status"] != "changed" or st else "changed (shape)"
+                    what = t["status"]
+                    if t["shape_changed"] or t["dtype_changed"]:
+                        what += f" ({describe(t)})"
                     rows.append(["  " + t["name"], what, _rel(st.get("relative_change")),
                                  _pct_tensor(st)])
         lines.extend(table(rows, right=(2, 3), style=style, indent="    "))

@@ -133,6 +133,35 @@ def accumulate(old_data, old_dtype, new_data, new_dtype, shape):
     return acc
 
 
+def sparse_accumulate(old_data, dtype_name, positions, xor):
+    """An :class:`Accumulator` for ``old`` changed only at ``positions`` (bit patterns XOR ``xor``),
+    as a ``sparse`` delta stores it, without building the new tensor: one pass over ``old`` for
+    ‖old‖, the rest from the changed elements alone. None when a value is NaN or infinite (the
+    caller then compares the whole tensors)."""
+    if get_dtype(dtype_name).kind == "complex":
+        return None
+    bits = as_bits(old_data, dtype_name)
+    old_p = to_float(bits[positions].tobytes(), dtype_name)
+    new_p = to_float((bits[positions] ^ xor.view(bits.dtype)).tobytes(), dtype_name)
+    old_sq = 0.0
+    for begin in range(0, len(bits), CHUNK_ELEMENTS):
+        chunk = to_float(bits[begin : begin + CHUNK_ELEMENTS].tobytes(), dtype_name)
+        old_sq += _dot(chunk, chunk)
+    delta_sq, old_p_sq, new_p_sq, dot_p, max_abs = _sums(old_p, new_p)
+    if not all(math.isfinite(x) for x in (old_sq, delta_sq, old_p_sq, new_p_sq, dot_p)):
+        return None
+    acc = Accumulator()
+    acc.delta_sq = delta_sq
+    acc.old_sq = old_sq
+    # Unchanged elements contribute the same to both sides: swap in the changed ones.
+    acc.new_sq = max(0.0, old_sq - old_p_sq + new_p_sq)
+    acc.dot = old_sq - old_p_sq + dot_p
+    acc.max_abs = max_abs
+    acc.changed = int(np.count_nonzero(xor))
+    acc.elements = len(bits)
+    return acc
+
+
 def compare(old_data, old_dtype, new_data, new_dtype, shape):
     """The stats dict of the change from ``old_data`` to ``new_data`` (see :data:`FIELDS`)."""
     return accumulate(old_data, old_dtype, new_data, new_dtype, shape).result()

@@ -244,6 +244,11 @@ def test_stat_loads_nothing_and_missing_objects_are_clear(two_versions):
     assert full.returncode == 1
     assert "error: model.safetensors: tensor 'model." in full.stderr and "is missing" in full.stderr
     assert "hint:" in full.stderr and "Traceback" not in full.stderr
+    # The git diff driver does not stop git: names and counts, and a warning saying why.
+    repo.theta("install", "--local", "--diff")
+    driver = repo.git("diff", "HEAD~1", "HEAD")
+    assert "M model.layers.1.mlp.weight" not in driver.stdout and "model.layers.1.mlp.weight" in driver.stdout
+    assert "warning: numbers unavailable:" in driver.stdout and "is missing" in driver.stdout
 
 
 def test_plain_git_diff_stat_counts_tensors(two_versions):
@@ -331,3 +336,25 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch):
     with pytest.raises(UsageError) as info:
         plot_diff(diff, "x.png")
     assert "matplotlib" in str(info.value) and "git-theta[plot]" in info.value.hint
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 300), st.data())
+def test_sparse_shortcut_matches_full_comparison(size, data):
+    """Numbers computed from a sparse delta alone equal those of the two whole tensors."""
+    rng = np.random.default_rng(size)
+    dtype = data.draw(st.sampled_from(["F32", "BF16", "F16", "I32"]))
+    values = rng.standard_normal(size) * 3
+    old = bits.from_float(values, dtype) if dtype in ("F32", "BF16", "F16") else values.astype("<i4").tobytes()
+    old_bits = bits.as_bits(old, dtype)
+    positions = np.unique(rng.integers(0, size, data.draw(st.integers(1, size))))
+    new_bits = old_bits.copy()
+    new_bits[positions] ^= rng.integers(1, 1 << 7, len(positions)).astype(old_bits.dtype)
+    xor = (new_bits ^ old_bits)[positions]
+    full = tensor_stats.accumulate(old, dtype, new_bits.tobytes(), dtype, (size,)).result()
+    short = tensor_stats.sparse_accumulate(old, dtype, positions, xor)
+    if short is None:  # a flipped bit made a NaN/inf: the caller falls back to the full comparison
+        assert full["nonfinite"] > 0
+        return
+    for key, value in full.items():
+        assert short.result()[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key

@@ -63,7 +63,9 @@ def get_operator(name, origin=""):
     if name not in plugins.names("merge"):
         valid = ", ".join(plugins.names("merge") + [AUTO]) or "none installed"
         where = f" (from {origin})" if origin else ""
-        raise UsageError(f"unknown merge operator {name!r}{where}", hint=f"valid operators: {valid}")
+        package = plugins.KNOWN_PACKAGES.get(("merge", name))
+        hint = f"valid operators: {valid}" + (f"; '{name}' is in the package {package} (pip install {package})" if package else "")
+        raise UsageError(f"unknown merge operator {name!r}{where}", hint=hint)
     return plugins.get("merge", name)
 
 
