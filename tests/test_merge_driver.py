@@ -416,3 +416,21 @@ def test_structural_rules_properties():
             assert None not in (ours, theirs) and len({base, ours, theirs}) == 3
 
     check()
+
+
+def test_file_level_fields_follow_the_same_rules():
+    from git_theta.merge.engine import merge_manifests
+
+    def manifest(metadata):
+        return Manifest("safetensors", fields={"metadata": metadata} if metadata else {}, tensors={"t": entry("t")})
+
+    config = build_config([])
+    base = manifest('{"step":"1"}')
+    one_side = merge_manifests(MODEL, base, [base, manifest('{"step":"2"}')], ["ours", "theirs"], config, None)
+    assert one_side.manifest.fields == {"metadata": '{"step":"2"}'} and not one_side.conflicts
+    both = merge_manifests(MODEL, base, [manifest('{"step":"3"}'), manifest('{"step":"2"}')], ["ours", "theirs"],
+                           config, None)
+    assert both.manifest.fields == {"metadata": '{"step":"3"}'}  # ours kept
+    assert [(o.name, o.reason) for o in both.conflicts] == [("field:metadata", "file-level field changed in ours, theirs")]
+    deleted = merge_manifests(MODEL, base, [manifest(None), base], ["ours", "theirs"], config, None)
+    assert deleted.manifest.fields == {} and not deleted.conflicts
