@@ -343,7 +343,7 @@ def _auto(signals):
     from .signals import choose
 
     if not signals:
-        return "linear", {}, "no base: linear"
+        return "linear", {}, "linear (no base)"
     name, params = choose(signals)
     detail = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
     return name, params, f"{name} {detail}".strip()
