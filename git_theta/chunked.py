@@ -15,7 +15,7 @@ limit. Transfers list the parts of every index they move.
 
 import hashlib
 
-from .errors import ObjectCorruptError
+from .errors import ManifestError, ObjectCorruptError
 from .manifest import ObjectRef
 
 MAGIC = b"git-theta chunked v1\n"
@@ -34,20 +34,34 @@ def index_bytes(size, digest, parts):
 def parse_index(data, oid="?"):
     """(total size, whole digest, [ObjectRef]) of a chunk index; ObjectCorruptError if malformed."""
     try:
-        lines = data[len(MAGIC) :].decode("ascii").splitlines()
+        lines = bytes(data[len(MAGIC) :]).decode("ascii").splitlines()
         size_text, digest = lines[0].split(" ")
         parts = [ObjectRef.parse(line) for line in lines[1:]]
         size = int(size_text)
-    except (ValueError, IndexError, UnicodeDecodeError, Exception) as exc:  # noqa: BLE001
+    except (ValueError, IndexError, ManifestError) as exc:  # UnicodeDecodeError is a ValueError
         raise ObjectCorruptError(f"chunk index {oid} is malformed ({type(exc).__name__})") from None
-    if sum(r.size for r in parts) != size:
+    if not parts or sum(r.size for r in parts) != size or len(digest) != 64:
         raise ObjectCorruptError(f"chunk index {oid}: its parts do not add up to {size} bytes")
     return size, digest, parts
 
 
-def assemble(oid, data, read_part):
-    """The content a chunk index describes, verified; ``read_part(oid)`` returns verified bytes."""
-    size, digest, parts = parse_index(data, oid)
+def as_index(data, oid="?"):
+    """The parsed index when ``data`` is a well-formed chunk index, else None.
+
+    Ordinary content may begin with the magic line by chance (any bytes can be stored), so only a
+    well-formed index counts as one; anything else is returned to its reader as it is.
+    """
+    if not is_index(data) or len(data) > MAX_INDEX:
+        return None
+    try:
+        return parse_index(data, oid)
+    except ObjectCorruptError:
+        return None
+
+
+def assemble(oid, index, read_part):
+    """The content of a parsed chunk index, verified; ``read_part(oid)`` returns verified bytes."""
+    size, digest, parts = index
     whole = b"".join(read_part(ref.oid) for ref in parts)
     if len(whole) != size or hashlib.sha256(whole).hexdigest() != digest:
         raise ObjectCorruptError(f"object {oid}: its reassembled parts do not match the chunk index")

@@ -133,8 +133,9 @@ class ObjectStore:
                     data = handle.read(chunked.MAX_INDEX)
             except FileNotFoundError:
                 continue
-            if chunked.is_index(data):
-                parts.extend(chunked.parse_index(data, ref.oid)[2])
+            index = chunked.as_index(data, ref.oid)
+            if index is not None:
+                parts.extend(index[2])
         return parts
 
     def missing(self, refs):
@@ -156,8 +157,9 @@ class ObjectStore:
             self.verify_bytes(oid, data)
         from . import chunked
 
-        if chunked.is_index(data):
-            return chunked.assemble(oid, data, lambda part: self.read(part, verify=True))
+        index = chunked.as_index(data, oid)
+        if index is not None:
+            return chunked.assemble(oid, index, lambda part: self.read(part, verify=True))
         return data
 
     def verify(self, oid, size=None):

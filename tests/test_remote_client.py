@@ -2,6 +2,7 @@
 and precedence, .lfsconfig's allow-list, bounded retries, Retry-After, credentials via git."""
 
 import base64
+import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -91,6 +92,18 @@ class _Script(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def do_GET(self):
+        """Serves ``BODY``; the first ``broken`` answers promise more bytes than they send."""
+        type(self).seen.append(("GET", self.path))
+        body = type(self).body
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) + 10 if type(self).broken > 0 else len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if type(self).broken > 0:
+            type(self).broken -= 1
+            self.close_connection = True
+
     def log_message(self, *args):
         pass
 
@@ -101,7 +114,7 @@ def scripted(repo, monkeypatch):
     monkeypatch.setenv("HOME", repo.env["HOME"])
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("GIT_TERMINAL_PROMPT", "0")
-    handler = type("Handler", (_Script,), {"script": [], "seen": []})
+    handler = type("Handler", (_Script,), {"script": [], "seen": [], "body": b"", "broken": 0})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -111,6 +124,7 @@ def scripted(repo, monkeypatch):
         ep = endpoint.Endpoint("origin", "http", url=url)
         return LfsClient(ep, Repo(repo.path), Settings(overrides=settings, environ={}))
 
+    client.url = url
     yield client, handler
     server.shutdown()
     server.server_close()
@@ -143,3 +157,25 @@ def test_credentials_come_from_git_credential(scripted, repo):
     client(retries=0).batch("download", [REF])
     sent = [auth for auth, _ in handler.seen]
     assert sent == [None, "Basic " + base64.b64encode(b"alice:s3cret").decode()]
+
+
+def test_broken_download_is_retried_and_every_download_verified(scripted, repo, tmp_path):
+    from git_theta.errors import ObjectCorruptError
+    from git_theta.object_store import ObjectStore
+
+    client, handler = scripted
+    store = ObjectStore(tmp_path / "store", fsync=False)
+    handler.body = b"abc"
+    ref = ObjectRef(hashlib.sha256(b"abc").hexdigest(), 3)
+    action = {"href": client.url + "/obj"}
+    handler.broken = 1  # the first answer breaks off mid-stream
+    client(retries=2).download(action, ref, store)
+    assert store.read(ref.oid, verify=True) == b"abc"
+    assert sum(1 for kind, _ in handler.seen if kind == "GET") == 2
+
+    handler.body = b"abd"  # complete but wrong bytes: rejected at once, nothing stored
+    wrong = ObjectRef("0" * 64, 3)
+    with pytest.raises(ObjectCorruptError, match="arrived corrupt"):
+        client(retries=2).download(action, wrong, store)
+    assert not store.has(wrong.oid)
+    assert sum(1 for kind, _ in handler.seen if kind == "GET") == 3

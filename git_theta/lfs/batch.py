@@ -95,12 +95,27 @@ class LfsClient:
 
     # -- actions ----------------------------------------------------------------------------------
     def download(self, action, ref, store):
-        """Stream one object into ``store``; size and sha256 are checked before it enters."""
-        response = self._request("GET", action["href"], action.get("header") or {}, stream=True)
-        try:
-            store.put_chunks(response.iter_content(CHUNK), expect=ref)
-        finally:
-            response.close()
+        """Stream one object into ``store``; size and sha256 are checked before it enters.
+
+        A connection that breaks mid-stream is retried like a failed request (bounded); bytes that
+        arrive complete but wrong are not: the server's copy is bad, and asking again won't help.
+        """
+        import requests
+
+        for attempt in range(self._retries + 1):
+            response = self._request("GET", action["href"], action.get("header") or {}, stream=True)
+            try:
+                store.put_chunks(response.iter_content(CHUNK), expect=ref)
+                return
+            except requests.RequestException as exc:
+                if attempt == self._retries:
+                    raise RemoteError(
+                        f"downloading object {ref.oid} from {self.url} broke off: {_reason(exc)}",
+                        hint="try again; check the connection to the server",
+                    ) from None
+                time.sleep(retry_delay(attempt))
+            finally:
+                response.close()
 
     def upload(self, action, ref, path):
         """PUT one object's bytes (streamed from ``path``)."""
