@@ -82,7 +82,7 @@ def measured(prefix_file):
     return float(wall), int(rss_kb) / 1024, float(user) + float(system)
 
 
-def bench_git(folder, env, size):
+def bench_git(folder, env):
     repo = folder / "repo"
     repo.mkdir()
     git = lambda *a: run(["git", *a], repo, env)  # noqa: E731
@@ -99,7 +99,7 @@ def bench_git(folder, env, size):
     git("checkout", "-q", "main")
     shutil.copy(folder / "ft2" / "model.safetensors", model)
     git("commit", "-qam", "ft2")
-    rows = [("git add (clean) of the base", "git-theta", add_base, None, None)]
+    yield ("git add (clean) of the base", "git-theta", add_base, None, None)
     timing = folder / "driver-time.txt"
     for operator, params in OPERATORS:
         driver = f"/usr/bin/time -f '{TIME_FORMAT}' -o {timing} git-theta merge-driver %O %A %B %L %P"
@@ -107,8 +107,8 @@ def bench_git(folder, env, size):
         args += [x for k, v in params.items() for x in ("-c", f"theta.merge.{k}={v}")]
         total = run(["git", *args, "merge", "-q", "--no-edit", "ft1"], repo, env)
         wall, rss, cpu = measured(timing)
-        rows.append((f"{operator}: merge driver", "git-theta", wall, rss, cpu))
-        rows.append((f"{operator}: whole git merge (+ checkout)", "git-theta", total, None, None))
+        yield (f"{operator}: merge driver", "git-theta", wall, rss, cpu)
+        yield (f"{operator}: whole git merge (+ checkout)", "git-theta", total, None, None)
         git("reset", "-q", "--hard", "HEAD~1")
     for operator, params in OPERATORS:
         out = folder / f"files-{operator}.safetensors"
@@ -118,9 +118,7 @@ def bench_git(folder, env, size):
         cmd += [str(folder / n / "model.safetensors") for n in ("ft2", "ft1")] + ["-o", str(out)]
         run(cmd, folder, env)
         wall, rss, cpu = measured(timing)
-        rows.append((f"{operator}: merge-files", "git-theta", wall, rss, cpu))
-        out.unlink()
-    return rows
+        yield (f"{operator}: merge-files", "git-theta", wall, rss, cpu)
 
 
 def mergekit_python(cache):
@@ -141,11 +139,32 @@ def mergekit_python(cache):
     return venv / "bin" / "mergekit-yaml", None
 
 
+def compare(ours_file, mergekit_dir):
+    """'max |diff| (differing entries / all)' between our merge-files output and mergekit's.
+
+    TIES keeps the top-k magnitudes; where several entries tie at the k-th magnitude, which of them
+    is kept is arbitrary in both tools (MERGE-OPERATORS.md §4.2), so a few entries at the threshold
+    may differ; everything else must be identical.
+    """
+    from safetensors import safe_open
+
+    worst, differing, total = 0.0, 0, 0
+    with safe_open(str(ours_file), "np") as ours:
+        for shard in sorted(Path(mergekit_dir).glob("*.safetensors")):
+            with safe_open(str(shard), "np") as theirs:
+                for name in theirs.keys():
+                    diff = np.abs(ours.get_tensor(name) - theirs.get_tensor(name))
+                    worst = max(worst, float(diff.max()))
+                    differing += int(np.count_nonzero(diff))
+                    total += diff.size
+    return f"{worst:.3g} ({differing} of {total} entries differ)"
+
+
 def bench_mergekit(folder, env, cache):
     tool, why = mergekit_python(cache)
     if tool is None:
-        return [("mergekit", why, None, None, None)]
-    rows = []
+        yield ("mergekit", why, None, None, None)
+        return
     timing = folder / "mk-time.txt"
     for operator, params in OPERATORS:
         config = {
@@ -162,9 +181,21 @@ def bench_mergekit(folder, env, cache):
         mk_env = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         run(cmd, folder, mk_env)
         wall, rss, cpu = measured(timing)
-        rows.append((f"{operator}: mergekit-yaml", "mergekit 0.1.5", wall, rss, cpu))
+        yield (f"{operator}: mergekit-yaml", "mergekit 0.1.5", wall, rss, cpu)
+        if operator == "ties":  # deterministic: the two tools must agree
+            yield ("ties: max |git-theta - mergekit|", compare(folder / "files-ties.safetensors", out),
+                   None, None, None)
         shutil.rmtree(out)
-    return rows
+
+
+def show(row):
+    what, tool, wall, rss, cpu = row
+    if wall is None:
+        print(f"{what:44} {tool}", flush=True)
+        return
+    rss_text = f"{rss:13.0f}" if rss is not None else f"{'-':>13}"
+    cpu_text = f"{cpu:7.2f}" if cpu is not None else f"{'-':>7}"
+    print(f"{what:44} {tool:16} {wall:8.2f} {cpu_text} {rss_text}", flush=True)
 
 
 def main():
@@ -201,17 +232,12 @@ def main():
         largest = max(int(np.prod(s)) * 4 for s in shapes.values())
         print(f"checkpoint: {len(shapes)} float32 tensors, {size / 2**20:.0f} MiB "
               f"(largest tensor {largest / 2**20:.1f} MiB); fine-tunes move every entry\n")
-        rows = bench_git(folder, env, size)
+        print(f"{'what':44} {'tool':16} {'wall s':>8} {'CPU s':>7} {'peak RSS MiB':>13}", flush=True)
+        for row in bench_git(folder, env):
+            show(row)
         if args.mergekit:
-            rows += bench_mergekit(folder, env, cache)
-    print(f"{'what':44} {'tool':16} {'wall s':>8} {'CPU s':>7} {'peak RSS MiB':>13}")
-    for what, tool, wall, rss, cpu in rows:
-        if wall is None:
-            print(f"{what:44} {tool}")
-            continue
-        rss_text = f"{rss:13.0f}" if rss is not None else f"{'-':>13}"
-        cpu_text = f"{cpu:7.2f}" if cpu is not None else f"{'-':>7}"
-        print(f"{what:44} {tool:16} {wall:8.2f} {cpu_text} {rss_text}")
+            for row in bench_mergekit(folder, env, cache):
+                show(row)
     print("\nCPU s = user + system time of the measured process (robust when other jobs share the cores)")
 
 

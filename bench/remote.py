@@ -79,7 +79,9 @@ def run_tool(tool, work, versions, url, env, storage):
     """Push/clone/pull every version for one tool; returns (tool, step, seconds, bytes) rows."""
     from safetensors.numpy import save_file
 
-    git = lambda cwd, *a: subprocess.run(["git", *a], cwd=cwd, env=env, check=True, capture_output=True)  # noqa: E731
+    def git(cwd, *args):
+        timed(["git", *args], cwd, env)
+
     bare, a, b = work / f"{tool}.git", work / f"{tool}-a", work / f"{tool}-b"
     git(work, "init", "-q", "--bare", str(bare))
     git(work, "init", "-q", str(a))

@@ -34,9 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from core import gpt2_shapes, make_state  # noqa: E402
+from core import du, gpt2_shapes, isolated_env, make_state, measured, save  # noqa: E402
 
-from git_theta.bits import from_float, to_float  # noqa: E402
+from git_theta.bits import from_float  # noqa: E402
 from git_theta.choose import choose  # noqa: E402
 from git_theta.codec import decode_tensor, encode_tensor, store_encoded, tensor_digest  # noqa: E402
 from git_theta.object_store import ObjectStore  # noqa: E402
@@ -192,11 +192,45 @@ def print_table(title, rows):
     print("(LoRA row: fraction of the changed matrices' raw size; last-2-blocks target = their share x 0.6)")
 
 
+def git_versions(work, label, v1, v2, tools):
+    """Real git: add+commit v1, time ``git add`` of v2 (a delta for git-theta) and the checkout of
+    v2 (decoding the chain) for each tool; returns {tool: (add s, checkout s, stored v2 bytes)}."""
+    env = isolated_env(work / "home")
+    files = (work / f"{label}-v1.safetensors", work / f"{label}-v2.safetensors")
+    save(v1, files[0])
+    save(v2, files[1])
+    results = {}
+    for tool in tools:
+        repo = work / f"{tool}-{label}"
+        repo.mkdir()
+        git = lambda *a: subprocess.run(["git", *a], cwd=repo, env=env, check=True, capture_output=True)  # noqa: E731
+        git("init", "-q")
+        kind = "theta" if tool == "git-theta" else "lfs"
+        git(kind, "install", "--local")
+        git(kind, "track", "*.safetensors")
+        store = repo / ".git" / kind / "objects"
+        target = repo / "model.safetensors"
+        target.write_bytes(files[0].read_bytes())
+        git("add", "-A")
+        git("commit", "-qm", "v1")
+        before = du(store)
+        target.write_bytes(files[1].read_bytes())
+        t_add, _ = measured(["git", "add", target.name], repo, env)
+        git("commit", "-qm", "v2")
+        stored = du(store) - before
+        git("checkout", "-q", "HEAD~1", "--", target.name)
+        t_checkout, _ = measured(["git", "checkout", "-q", "HEAD", "--", target.name], repo, env)
+        assert target.read_bytes() == files[1].read_bytes(), f"{tool}: checkout not byte-identical"
+        results[tool] = (t_add, t_checkout, stored)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=0.25, help="synthetic model size (1.0 = GPT-2 small)")
     parser.add_argument("--no-real", action="store_true", help="skip the real MiniLM weights")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-git", action="store_true", help="skip the git add/checkout timing against Git LFS")
     args = parser.parse_args()
     sources = [(f"synthetic GPT-2 shapes, scale {args.scale}", make_state(gpt2_shapes(args.scale), args.seed), 12)]
     if not args.no_real:
@@ -207,6 +241,30 @@ def main():
             with tempfile.TemporaryDirectory() as tmp:
                 rows.append(measure(label, b, n, dtype, changed, ObjectStore(Path(tmp) / "objects", fsync=False)))
         print_table(title, rows)
+    if args.no_git:
+        return
+    import shutil
+
+    tools = ["git-theta"] + (["git-lfs"] if shutil.which("git-lfs") else [])
+    base = {k: v.astype(np.float32) for k, v in sources[0][1].items()}
+    rng = np.random.default_rng(args.seed + 2)
+    cases = {
+        "full fine-tune fp32": {k: np.asarray(v, np.float32) for k, v in fine_tune(base, rng).items()},
+        "1% changed fp32": {k: np.asarray(v, np.float32) for k, v in one_percent(base, rng).items()},
+    }
+    print(f"\nreal git, {sources[0][0]}: 'git add' of a new version and checkout of it (a delta)")
+    print(f"{'new version':22} {'tool':10} {'add (s)':>8} {'checkout (s)':>13} {'stored/raw':>11}")
+    raw = sum(v.nbytes for v in base.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, new in cases.items():
+            work = Path(tmp) / label.replace(" ", "-").replace("%", "pct")
+            work.mkdir()
+            results = git_versions(work, "m", base, new, tools)
+            for tool, (t_add, t_checkout, stored) in results.items():
+                print(f"{label:22} {tool:10} {t_add:8.2f} {t_checkout:13.2f} {stored / raw:11.4f}")
+            if "git-lfs" in results:
+                (a, c, _), (la, lc, _) = results["git-theta"], results["git-lfs"]
+                print(f"{label:22} {'ratio':10} {a / la:8.2f} {c / lc:13.2f}   (targets: add <= 2, checkout <= 1.5)")
 
 
 if __name__ == "__main__":

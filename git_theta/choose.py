@@ -2,7 +2,9 @@
 
 Candidates are the update types that declare ``auto = True`` (built-ins and plugins alike). Those
 whose size scales with the data (``sampled = True``: dense, sparse, int-delta) are compared on a
-sample of evenly spaced blocks of the tensor; the winner is then encoded in full. Candidates that
+sample of evenly spaced blocks of the tensor; the winner is then encoded in full. A candidate with
+an ``encode_if_cheap(tensor, base)`` method (sparse: when few elements changed, encoding them all
+costs one comparison pass) is measured exactly instead. Candidates that
 need the whole tensor's structure (low-rank) are tried in full only when the sampled winner leaves
 room for them. If the full encoding of the winner turns out larger than the dense estimate, dense
 is encoded too and the smaller kept, so a bad sample can cost time but never space.
@@ -29,7 +31,6 @@ def _candidates():
 
 def sample(tensor, base):
     """(new sample, base sample): the same evenly spaced blocks of both, as flat TensorData."""
-    itemsize = get_dtype(tensor.dtype).itemsize
     new_bits, base_bits = as_bits(tensor.data, tensor.dtype), as_bits(base.data, base.dtype)
     total = len(new_bits)
     starts = np.linspace(0, total - BLOCK_ELEMENTS, SAMPLE_BLOCKS).astype(np.int64)
@@ -58,14 +59,25 @@ def choose(tensor, base):
     else:
         new_s, base_s = sample(tensor, base)
         scale = elements / (len(new_s.data) // get_dtype(tensor.dtype).itemsize)
-        estimates = {}
+        estimates, done = {}, {}
         for update in sampled:
+            # Exact when the full encoding is as cheap as a pass over the data (sparse with few
+            # changes): small samples of a sparse change compress badly and mislead the estimate.
+            cheap = getattr(update, "encode_if_cheap", None)
+            encoded = cheap(tensor, base) if cheap is not None else None
+            if encoded is not None:
+                done[update.name] = (update, encoded)
+                estimates[update.name] = encoded_size(encoded)
+                continue
             result = encode_update(new_s, update.name, base_s)
             if result is not None:
                 estimates[update.name] = encoded_size(result[1]) * scale
         winner = min(estimates, key=estimates.get)
-        best = encode_update(tensor, winner, base)
+        best = done.get(winner) or encode_update(tensor, winner, base)
         best_size, dense_size = encoded_size(best[1]), estimates.get("dense")
+        for result in done.values():  # an estimate that came out too low loses to exact sizes
+            if encoded_size(result[1]) < best_size:
+                best, best_size = result, encoded_size(result[1])
         if winner != "dense" and dense_size is not None and best_size > dense_size:
             dense = encode_update(tensor, "dense")
             if encoded_size(dense[1]) < best_size:

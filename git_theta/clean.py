@@ -51,14 +51,15 @@ def detect_format(repo, path, head):
     )
 
 
-def parent_manifest(repo, path, base_spec=None):
+def parent_manifest(repo, path, base_spec=None, prefer_head=False):
     """The manifest this path had in the index (or else HEAD), if any: the base for dedup and deltas.
 
-    ``base_spec`` (``REV:PATH``, from ``git theta add --base``) names another one explicitly.
+    ``base_spec`` (``REV:PATH``, from ``git theta add --base``) names another one explicitly;
+    ``prefer_head`` looks at HEAD before the index.
     """
     if repo is None:
         return None
-    if base_spec not in (None, "HEAD-first"):
+    if base_spec is not None:
         data = repo.read_blob(base_spec)
         if not data or not is_manifest(data):
             raise UpdateError(
@@ -68,7 +69,7 @@ def parent_manifest(repo, path, base_spec=None):
         return Manifest.parse(data, source=base_spec)
     # 'git theta add' re-encodes a version that a plain 'git add' may already have put in the
     # index: its deltas are taken against the committed version first.
-    order = (f"HEAD:{path}", f":{path}") if base_spec == "HEAD-first" else (f":{path}", f"HEAD:{path}")
+    order = (f"HEAD:{path}", f":{path}") if prefer_head else (f":{path}", f"HEAD:{path}")
     for spec in order:
         try:
             data = repo.read_blob(spec)
@@ -181,12 +182,38 @@ class Cleaner:
         key = stat_key(path) if self.settings.get_bool("statCache") else None
         # An explicit request re-encodes: the stat cache would hand back the last clean unchanged.
         cached = self.cache.get_stat(path, key) if key and request is None else None
-        return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+        if not getattr(fmt, "spools", False):
+            return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+        from .formats.spool import Spool, whole_file_key
+
+        # A zip format reads the whole file before its first tensor anyway: copy it once with a
+        # fingerprint, and a file whose bytes were cleaned or checked out before (touch, git
+        # status) costs that copy, not a parse (for torch, not even the import of torch).
+        remember = self.settings.get_bool("statCache") and request is None
+        with Spool(reader) as spool:
+            if remember:
+                hit = self.cache.get_stat(whole_file_key(path), spool.fingerprint)
+                if hit is not None and self._objects_here(hit[0]):
+                    return hit[0]
+            data = self._clean_checkpoint(fmt, spool, path, key, cached, request)
+            if remember:
+                self.cache.put_stat(whole_file_key(path), spool.fingerprint, data, {})
+            return data
+
+    def _objects_here(self, data):
+        """True when ``data`` is a valid manifest whose objects are all in the local store."""
+        try:
+            manifest = Manifest.parse(data, source="stat cache")
+        except ManifestError:
+            return False
+        return all(self.store.freshen(ref.oid) for ref in manifest.all_objects())
 
     def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
         import xxhash
 
-        parent = parent_manifest(self.repo, path, (request.base or "HEAD-first") if request else None)
+        parent = parent_manifest(
+            self.repo, path, request.base if request else None, prefer_head=request is not None
+        )
         parent_entries = parent.tensors if parent else {}
         max_depth = self.settings.get_int("maxChainDepth")
         known = {}  # digest -> TensorEntry from the parent or the stat-cached manifest

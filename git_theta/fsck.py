@@ -35,6 +35,7 @@ class Problem:
     oid: str | None = None
     size: int | None = None
     other_uses: int = 0  # further manifests/tensors referencing the same object
+    index: str | None = None  # for a part of a chunked object: the chunk index the manifest names
 
     def line(self):
         subject = f"tensor {self.tensor!r}" if self.tensor else "manifest"
@@ -72,6 +73,7 @@ class _ObjectUse:
     use: object  # reachability.Use of the first manifest that lists it
     tensor: str | None  # the first tensor (None for a side blob such as a safetensors header)
     count: int = 1
+    index: str | None = None  # for a part of a chunked object: the chunk index listing it
 
 
 def collect(repo, scope):
@@ -99,6 +101,31 @@ def collect(repo, scope):
     return report, objects, tensors
 
 
+def _chunk_parts(store, objects, bad, report):
+    """{part oid: _ObjectUse} of the chunk indexes among the good ``objects``."""
+    list_parts = getattr(store, "chunk_parts", None)
+    parts = {}
+    if list_parts is None:
+        return parts
+    from .manifest import ObjectRef
+
+    for oid, info in sorted(objects.items()):
+        if oid in bad:
+            continue
+        try:
+            found = list_parts([ObjectRef(oid, info.size)])
+        except ObjectCorruptError as exc:
+            bad.add(oid)
+            use = info.use
+            report.problems.append(Problem("corrupt", exc.message, use.path, use.where, use.commit,
+                                           info.tensor, oid, info.size, info.count - 1))
+            continue
+        for ref in found:
+            if ref.oid not in parts:
+                parts[ref.oid] = _ObjectUse(ref.size, info.use, info.tensor, info.count, index=oid)
+    return parts
+
+
 def _note(objects, ref, use, tensor):
     known = objects.get(ref.oid)
     if known is None:
@@ -121,8 +148,10 @@ def fsck(repo, scope="head", threads=1):
             kind = "missing" if isinstance(exc, ObjectMissingError) else "corrupt"
             use = info.use
             message = f"object {oid} is missing" if kind == "missing" else exc.message
+            if info.index:
+                message += f" (a part of chunked object {info.index})"
             return oid, Problem(kind, message, use.path, use.where, use.commit, info.tensor, oid,
-                                info.size, info.count - 1)
+                                info.size, info.count - 1, info.index)
 
     def check_tensor(item):
         entry, use = item
@@ -141,6 +170,16 @@ def fsck(repo, scope="head", threads=1):
             else:
                 bad.add(oid)
                 report.problems.append(problem)
+        # Chunked objects: the manifest names a chunk index; its parts are objects too.
+        parts = _chunk_parts(store, objects, bad, report)
+        for oid, problem in pool.map(check_object, sorted(parts.items())):
+            if problem is None:
+                report.bytes_checked += parts[oid].size
+            else:
+                bad.add(oid)
+                bad.add(problem.index)  # its tensor cannot decode: the problem is this part
+                report.problems.append(problem)
+        report.objects += len(parts)
         # Decoding an entry with a known-bad object would only repeat that problem.
         decodable = [t for t in tensors.values() if not any(r.oid in bad for r in t[0].objects)]
         for problem in pool.map(check_tensor, decodable):

@@ -1,4 +1,6 @@
-"""Placing git-theta's hooks (``git_theta/hooks/``) in a repository without clobbering the user's.
+"""Placing git-theta's hooks in a repository without clobbering the user's.
+
+The scripts live in the top-level ``hooks/`` folder, packaged as ``git_theta/hooks`` (a link to it).
 
 The hooks directory is git's (``git rev-parse --git-path hooks``, so ``core.hooksPath`` is honoured).
 For each hook: absent -> ours is written; ours (any version) -> refreshed; somebody else's ->

@@ -86,7 +86,8 @@ def pushed_oids(repo):
 
 def prune(repo, expire=3600, include_unpushed=False, dry_run=False, now=None):
     """Delete unreachable objects older than ``expire`` seconds (None: never); return PruneResult."""
-    from .reachability import reachable_oids
+    from .manifest import ObjectRef
+    from .reachability import chunk_parts, reachable_oids
 
     now = time.time() if now is None else now
     result = PruneResult(dry_run=dry_run)
@@ -105,19 +106,26 @@ def prune(repo, expire=3600, include_unpushed=False, dry_run=False, now=None):
         candidates.append((oid, st.st_mtime, st.st_size))
     reachable = reachable_oids(repo)
     pushed = None if include_unpushed else pushed_oids(repo)
-    trash = repo.theta_dir / "trash"
+    doomed = []
+    kept = []
     for oid, mtime, size in candidates:
         if oid in reachable:
             result.kept_reachable += 1
         elif mtime > cutoff:
             result.kept_recent += 1
+            kept.append(ObjectRef(oid, size))
         elif not include_unpushed and (pushed is None or oid not in pushed):
             result.kept_unpushed += 1
-        elif dry_run:
-            result.deleted += 1
-            result.bytes_freed += size
-            result.oids.append(oid)
-        elif _delete(repo.store.path(oid), trash, oid, cutoff):
+            kept.append(ObjectRef(oid, size))
+        else:
+            doomed.append((oid, size))
+    # A chunked object kept for being recent or unpushed keeps its parts, however old they are.
+    parts_of_kept = {ref.oid for ref in chunk_parts(repo.store, kept)}
+    trash = repo.theta_dir / "trash"
+    for oid, size in doomed:
+        if oid in parts_of_kept:
+            result.kept_reachable += 1
+        elif dry_run or _delete(repo.store.path(oid), trash, oid, cutoff):
             result.deleted += 1
             result.bytes_freed += size
             result.oids.append(oid)

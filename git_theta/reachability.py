@@ -22,10 +22,10 @@ from pathlib import Path
 
 from .clean import MAX_MANIFEST
 from .errors import GitCommandError, ManifestError
-from .manifest import MAGIC, Manifest, is_manifest
+from .manifest import MAGIC, Manifest, ObjectRef, is_manifest
 
 _HEX = re.compile(rb"^([0-9a-f]{40}|[0-9a-f]{64})\b", re.M)
-_OID_REF = re.compile(r"\b([0-9a-f]{64}):\d+\b")
+_OID_REF = re.compile(r"\b([0-9a-f]{64}):([0-9]{1,20})\b")
 # Pseudo-refs of operations in progress: they name commits that may be referenced by nothing else.
 _PSEUDO_REFS = ("ORIG_HEAD", "MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "REBASE_HEAD", "FETCH_HEAD", "AUTO_MERGE")
 
@@ -195,18 +195,42 @@ def iter_manifests(repo, scope="all", work_trees=False):
                 yield Use(oid, path, commit, f"commit {commit[:12]}" if commit else "?"), data
 
 
-def referenced_oids(manifest_bytes, source):
-    """Object ids a manifest references. An unparseable manifest still protects every oid it names."""
+def referenced_refs(manifest_bytes, source):
+    """{oid: ObjectRef} a manifest references. An unparseable one still protects every oid it names."""
     try:
-        return {ref.oid for ref in Manifest.parse(manifest_bytes, source=source).all_objects()}
+        return {ref.oid: ref for ref in Manifest.parse(manifest_bytes, source=source).all_objects()}
     except ManifestError:
         text = manifest_bytes.decode("utf-8", "replace")
-        return set(_OID_REF.findall(text))
+        return {oid: ObjectRef(oid, int(size)) for oid, size in _OID_REF.findall(text)}
 
 
 def reachable_oids(repo):
-    """Every object id needed by a manifest reachable from any ref, reflog, index or work tree."""
-    needed = set()
+    """Every object id needed by a manifest reachable from any ref, reflog, index or work tree,
+    including the parts of chunked objects (whose index is what the manifest names)."""
+    needed = {}
     for use, data in iter_manifests(repo, "all", work_trees=True):
-        needed |= referenced_oids(data, use.describe())
-    return needed
+        needed.update(referenced_refs(data, use.describe()))
+    return set(needed) | {ref.oid for ref in chunk_parts(repo.store, needed.values())}
+
+
+def chunk_parts(store, refs):
+    """The parts of the chunk indexes among ``refs`` (present locally); empty without chunking.
+
+    Only objects that start with the chunk-index magic are read in full.
+    """
+    list_parts = getattr(store, "chunk_parts", None)
+    if list_parts is None:
+        return []
+    from .chunked import MAGIC as INDEX_MAGIC, MAX_INDEX
+
+    indexes = []
+    for ref in refs:
+        if ref.size > MAX_INDEX:
+            continue
+        try:
+            with open(store.path(ref.oid), "rb") as handle:
+                if handle.read(len(INDEX_MAGIC)) == INDEX_MAGIC:
+                    indexes.append(ref)
+        except OSError:
+            continue
+    return list_parts(indexes)

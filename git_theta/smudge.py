@@ -150,5 +150,14 @@ class Smudger:
         source = StoreTensorSource(
             manifest, self.repo.store, self._executor(), path, self.settings.get_int("memoryBudget"), self.cache
         )
+        remember = getattr(fmt, "spools", False) and self.settings.get_bool("statCache")
+        if remember:
+            from .formats.spool import WriteOnly
+
+            out = WriteOnly(out)  # fingerprints the file, so a later re-clean of it is a lookup
         fmt.join(manifest.fields, source, out, path)
         self.repo.cache.put_digests(manifest.tensors.values())
+        if remember:
+            from .formats.spool import whole_file_key
+
+            self.repo.cache.put_stat(whole_file_key(path), out.fingerprint, manifest.serialize(), {})

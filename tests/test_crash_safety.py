@@ -118,3 +118,38 @@ def test_two_processes_cleaning_the_same_checkpoint_into_one_store(repo):
     assert _assert_store_sound(repo) >= len(manifest.all_objects())
     repo.git("add", "model.safetensors")
     assert repo.show(":model.safetensors") == outputs[0][0]
+
+
+def _store_files(root):
+    return {p.name for p in root.rglob("*") if p.is_file() and p.parent.name != "tmp"} if root.exists() else set()
+
+
+def test_sigkill_during_push_and_fetch(repo, make_repo):
+    """Transfers write through the same temp-and-rename path: a kill leaves both stores sound."""
+    save_safetensors(repo.file("model.safetensors"), random_state_dict(3))
+    repo.commit("v", "model.safetensors")
+    bare = make_repo("origin.git", init=False)
+    bare.git("init", "-q", "--bare")
+    repo.git("remote", "add", "origin", str(bare.path))
+    remote_store = bare.path / "theta" / "objects"
+    wanted = {r.oid for r in Manifest.parse(repo.show("HEAD:model.safetensors")).all_objects()}
+    for n in (1, 2 * TENSORS - 1):  # the first and a late crash point
+        proc = subprocess.run(["git", "theta", "push", "origin"], cwd=repo.path, env=_killing(repo, n),
+                              capture_output=True)
+        assert proc.returncode != 0, f"push kill point {n} was not reached"
+        for name in _store_files(remote_store):
+            data = (remote_store / name[:2] / name[2:4] / name).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == name
+    repo.theta("push", "origin")
+    assert wanted <= _store_files(remote_store)
+    local = _store(repo)
+    for n in (1, 2 * TENSORS - 1):
+        for path in [p for p in local.rglob("*") if p.is_file()]:
+            path.unlink()
+        proc = subprocess.run(["git", "theta", "fetch", "origin"], cwd=repo.path, env=_killing(repo, n),
+                              capture_output=True)
+        assert proc.returncode != 0, f"fetch kill point {n} was not reached"
+        _assert_store_sound(repo)
+        repo.theta("fetch", "origin")  # running it again succeeds
+        assert wanted <= _store_files(local)
+    assert repo.theta("fsck").returncode == 0

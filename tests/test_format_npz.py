@@ -118,7 +118,9 @@ def test_commit_modify_checkout_through_git(repo):
     assert_same(v1, path.read_bytes())
     first = path.read_bytes()
     os.utime(path, (1, 1))  # git re-cleans the smudged archive: same manifest, status unchanged
-    assert repo.status() == "M  arrays.npz\n"
+    # With the stat cache off, git's re-clean really parses the smudged file again.
+    status = repo.git("-c", "theta.statCache=false", "status", "--porcelain").stdout
+    assert status == "M  arrays.npz\n"
     path.unlink()
     repo.git("checkout", "--", "arrays.npz")
     assert path.read_bytes() == first
@@ -137,3 +139,28 @@ def test_bad_npz_on_add_fails_and_keeps_the_index(repo):
     assert len(errors) == 1 and "arrays.npz" in errors[0], proc.stderr
     assert repo.git("ls-files", "-s", "arrays.npz").stdout == entry
     assert store_files(repo) == before
+
+
+class _Attributes:
+    """Stands in for Repo in detect_format: answers ``theta-format`` like git check-attr."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def attribute(self, path, name):
+        return self.value
+
+
+def test_detection_content_first_then_the_attribute():
+    from git_theta.clean import detect_format
+
+    torch = pytest.importorskip("torch")
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(1)}, buf)
+    head_pt, head_npz = buf.getvalue()[:4096], npz({"w": np.ones(1)})[:4096]
+    # Content decides whatever the name says...
+    assert detect_format(_Attributes("unspecified"), "weights.pt", head_npz).name == "npz"
+    assert detect_format(_Attributes("unspecified"), "arrays.npz", head_pt).name == "torch"
+    assert detect_format(_Attributes("unspecified"), "model.bin", head_pt).name == "torch"
+    # ...and the theta-format attribute overrides content.
+    assert detect_format(_Attributes("torch"), "arrays.npz", head_npz).name == "torch"

@@ -251,7 +251,9 @@ def test_commit_modify_checkout_through_git(repo):
     assert tied["lm_head.weight"].untyped_storage().data_ptr() == tied["embed.weight"].untyped_storage().data_ptr()
     assert repo.status() == "M  model.pt\n"  # the old version staged, the work tree matches it
     os.utime(path, (1, 1))  # stat-dirty: git re-cleans the smudged file and must get the same manifest
-    assert repo.status() == "M  model.pt\n"
+    # With the stat cache off, git's re-clean really parses the smudged file again.
+    status = repo.git("-c", "theta.statCache=false", "status", "--porcelain").stdout
+    assert status == "M  model.pt\n"
     first = path.read_bytes()
     path.unlink()
     repo.git("checkout", "--", "model.pt")
@@ -276,3 +278,57 @@ def test_bad_pt_on_add_fails_and_keeps_the_index(repo, tmp_path):
         assert repo.git("ls-files", "-s", "model.pt").stdout == entry
         assert store_files(repo) == before  # no new object, nothing left in tmp
     assert not marker.exists()
+
+
+def test_deep_nesting_and_tampered_structure_are_clean_errors():
+    from git_theta.errors import ManifestError
+
+    deep = torch.ones(1)
+    for _ in range(3000):
+        deep = [deep]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # torch.save itself recurses per level
+    try:
+        raw = saved(deep)
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        list(FMT.split(io.BytesIO(raw), "deep.pt").tensors())
+    reader, tensors_out = split(FMT, saved({"w": torch.ones(4), "v": torch.ones(4)[1:]}), "m.pt")
+    for bad in ('{"w":{"$":"tensor","name":"nope"}}', '{"w":{"$":"view","of":"w","shape":[9],"stride":[1],"offset":0}}',
+                '{"w":{"$":"eval"}}', "[" * 5000 + "]" * 5000, "{"):
+        reader.fields["structure"] = bad
+        with pytest.raises(ManifestError):
+            join(FMT, reader, tensors_out, "m.pt")
+
+
+def test_seen_bytes_are_recognised_without_parsing(repo, monkeypatch):
+    """After a clean or a checkout, re-cleaning the same bytes (touch; git status) is a lookup."""
+    from git_theta.clean import Cleaner
+    from git_theta.repo import Repo
+    from git_theta.smudge import Smudger
+
+    monkeypatch.chdir(repo.path)
+    raw = saved(checkpoint(1, seed=0))
+    handle = Repo(str(repo.path))
+    cleaner, smudger = Cleaner(handle), Smudger(handle)
+    try:
+        manifest = cleaner.clean(io.BytesIO(raw), "model.pt")
+
+        def no_parse(self, stream, path):
+            raise AssertionError("the file was parsed again")
+
+        monkeypatch.setattr(TorchFormat, "split", no_parse)
+        assert cleaner.clean(io.BytesIO(raw), "model.pt") == manifest
+        out = io.BytesIO()
+        smudger.write(*smudger.prepare(manifest, "model.pt"), "model.pt", out)
+        assert out.getvalue() != raw  # torch.save's bytes, not the original file's
+        assert cleaner.clean(io.BytesIO(out.getvalue()), "model.pt") == manifest
+        with pytest.raises(AssertionError, match="parsed again"):  # other bytes are parsed
+            cleaner.clean(io.BytesIO(saved(checkpoint(2, seed=0))), "model.pt")
+        with pytest.raises(AssertionError, match="parsed again"):  # the cache is per path
+            cleaner.clean(io.BytesIO(raw), "other.pt")
+    finally:
+        cleaner.close()
+        smudger.close()
+        handle.close()

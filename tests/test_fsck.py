@@ -104,7 +104,7 @@ def test_fsck_all_covers_stash_reflog_and_bad_manifests(repo):
     assert kinds["bad-manifest"]["path"] == "other.safetensors" and "truncated" in kinds["bad-manifest"]["message"]
 
 
-def test_fsck_repair_needs_the_remote_feature(repo):
+def test_fsck_repair_without_a_remote_is_one_clear_error(repo):
     _commit_version(repo, 1)
     oid = next(iter(_objects(repo, "HEAD:model.safetensors")))
     _object_path(repo, oid).unlink()
@@ -123,3 +123,19 @@ def test_fsck_shared_objects_are_checked_once(repo):
     assert code == 0 and report["tensors"] == 4 and report["manifests"] == 1  # identical manifests: one blob
     assert np.array_equal(np.frombuffer(repo.file("a.safetensors").read_bytes(), np.uint8),
                           np.frombuffer(repo.file("b.safetensors").read_bytes(), np.uint8))
+
+
+def test_fsck_repair_fetches_bad_objects_from_the_remote(repo, make_repo):
+    _commit_version(repo, 1)
+    bare = make_repo("origin.git", init=False)
+    bare.git("init", "-q", "--bare")
+    repo.git("remote", "add", "origin", str(bare.path))
+    repo.git("push", "-q", "origin", "main")  # the pre-push hook uploads the objects
+    oids = sorted(_objects(repo, "HEAD:model.safetensors"))
+    _object_path(repo, oids[0]).unlink()
+    path = _object_path(repo, oids[1])
+    path.write_bytes(path.read_bytes()[:-1])
+    code, report = _fsck(repo, "--repair")
+    assert code == 0 and report["ok"] and sorted(report["repaired"]) == oids[:2]
+    assert (repo.path / ".git" / "theta" / "quarantine" / oids[1]).is_file()  # the damaged copy, set aside
+    assert _fsck(repo)[0] == 0

@@ -83,3 +83,25 @@ def test_read_lfsconfig_keeps_only_allowed_keys(tmp_path):
     (tmp_path / ".lfsconfig").write_text("[lfs]\n\turl = file:///srv/objects\n")
     with pytest.raises(ConfigError, match="not an http"):
         read_lfsconfig(tmp_path)
+
+
+@pytest.mark.parametrize("form", ["path", "file-url"])
+def test_lfsconfig_cannot_point_transfers_at_a_local_directory(repo, make_repo, tmp_path, form):
+    """A cloned .lfsconfig naming a local directory would make 'push' write wherever it likes."""
+    target = tmp_path / "attacker-chosen"
+    url = str(target) if form == "path" else f"file://{target}"
+    (repo.path / ".lfsconfig").write_text(f"[lfs]\n\turl = {url}\n")
+    save_safetensors(repo.file("model.safetensors"), random_state_dict(1))
+    repo.commit("with .lfsconfig")
+    bare = make_repo("origin.git", init=False)
+    bare.git("init", "-q", "--bare")
+    repo.git("remote", "add", "origin", str(bare.path))
+    proc = repo.theta("push", "origin", check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and ".lfsconfig" in errors[0] and "Traceback" not in proc.stderr
+    assert not target.exists()
+    # the user's own config may name a directory remote
+    repo.git("config", "theta.remote.origin.url", str(target))
+    repo.theta("push", "origin")
+    assert any(target.rglob("*"))

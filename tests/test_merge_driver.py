@@ -67,7 +67,9 @@ def fine_tunes(repo):
     base = tensors(0)
     ours = dict(base, **{"layer.0.weight": bump(base["layer.0.weight"], 0.1, 1),
                          "head.weight": bump(base["head.weight"], 0.1, 2)})
-    theirs = dict(base, **{"layer.0.weight": bump(base["layer.0.weight"], 0.1, 3),
+    sparse = base["layer.0.weight"].copy()
+    sparse[[0, 3, 5], [1, 2, 7]] += 1  # a few entries: stored as a delta of the base
+    theirs = dict(base, **{"layer.0.weight": sparse,
                            "embed.weight": bump(base["embed.weight"], 0.1, 4),
                            "extra.weight": np.ones(3, np.float32)})
     branches(repo, base, ours, theirs)
@@ -80,6 +82,8 @@ def test_install_registers_the_driver(repo):
 
 def test_task_arithmetic_merge_through_git_merge(repo, fine_tunes):
     base, ours, theirs = fine_tunes
+    # the inputs are stored as deltas of the base: the driver decodes through the chain
+    assert Manifest.parse(repo.show(f"theirs:{MODEL}")).tensors["layer.0.weight"].chain_depth > 0
     repo.git("config", "theta.merge.operator", "task_arithmetic")
     proc = repo.git("merge", "-q", "--no-edit", "theirs")
     assert "merged 1 by task_arithmetic" in proc.stderr
@@ -205,6 +209,9 @@ def test_criss_cross_builds_a_virtual_base_deterministically(repo):
         repo.commit(f"{branch} 3")
     bases = repo.git("merge-base", "--all", "main", "b").stdout.split()
     assert len(bases) == 2
+    # log the marker size git passes: 9 for the virtual base, 7 for the outer merge
+    driver = repo.git("config", "merge.theta.driver").stdout.strip()
+    repo.git("config", "merge.theta.driver", f"echo %L >> .git/markers.log && {driver}")
     results = []
     for _ in range(2):
         proc = repo.git("merge", "--no-edit", "b")
@@ -213,6 +220,7 @@ def test_criss_cross_builds_a_virtual_base_deterministically(repo):
         assert_merged_cleanly(repo)
         repo.git("reset", "-q", "--hard", "HEAD~1")
     assert results[0] == results[1]
+    assert (repo.path / ".git" / "markers.log").read_text().split() == ["9", "7", "9", "7"]
 
 
 def test_cherry_pick_and_rebase_resolve_by_the_structural_rules(repo):
@@ -371,3 +379,14 @@ def test_rules_format_and_precedence():
         build_config([("rule", "lonely")])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         build_config([], rules_text="x linear weight\n")
+
+
+def test_a_global_parameter_no_configured_operator_takes_is_refused():
+    from git_theta.errors import UsageError
+    from git_theta.merge.engine import check_config
+
+    config = build_config([("rule", "embed.* ours"), ("rule", "layer.* linear"), ("density", "0.2")])
+    with pytest.raises(UsageError, match="'density' is not a parameter of any configured operator"):
+        check_config(config)
+    check_config(build_config([("rule", "layer.* ties"), ("rule", "* linear"), ("density", "0.2")]))
+    check_config(build_config([("operator", "auto"), ("density", "0.2")]))

@@ -8,6 +8,9 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from git_theta import plugins
 from git_theta.errors import UsageError
@@ -15,6 +18,12 @@ from git_theta.merge.operator import MergeOperator, OperatorError
 from git_theta.merge.operators.task_vectors import della_probabilities
 from git_theta.merge.params import resolve
 
+#: the built-in operators, as the issue names them
+EXPECTED = {
+    "ours", "theirs", "base", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+    "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "slerp", "nuslerp",
+    "multislerp", "karcher", "model_stock", "sce",
+}  # fmt: skip
 # The built-in operators (installed plugin packages, e.g. Fisher with its side data, test themselves).
 ALL = sorted(row["name"] for row in plugins.describe() if row["kind"] == "merge" and row["builtin"])
 RANDOM = ["dare_linear", "dare_ties", "della", "della_linear"]
@@ -28,7 +37,10 @@ def run(name, models, base=None, seed=0, **raw):
     operator = op(name)
     params = resolve(operator, {k: str(v) for k, v in raw.items()}, len(models))
     rng = np.random.default_rng(seed) if operator.random else None
-    return operator.merge(models, base, params, rng)
+    # Operators that read side files (the fisher plugin) get neutral side tensors: ones per model.
+    files = getattr(operator, "side_files", ())
+    extra = {"side": {f: [np.ones_like(m) for m in models] for f in files}} if files else {}
+    return operator.merge(models, base, params, rng, **extra)
 
 
 def triple(shape=(6, 5), seed=0, dtype=np.float32, n=2):
@@ -43,13 +55,8 @@ def triple(shape=(6, 5), seed=0, dtype=np.float32, n=2):
 
 
 def test_every_builtin_is_registered_with_its_name_and_documented():
-    expected = {
-        "ours", "theirs", "base", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "slerp", "nuslerp",
-        "multislerp", "karcher", "model_stock", "sce",
-    }  # fmt: skip
-    assert expected <= set(ALL)
-    for name in expected:
+    assert set(ALL) == EXPECTED
+    for name in ALL:
         operator = op(name)
         assert isinstance(operator, MergeOperator) and operator.name == name
         assert operator.summary and operator.paper
@@ -512,3 +519,32 @@ def test_della_ranks_along_dim_1_of_a_3d_tensor():
     p = della_probabilities(delta, 0.5, 0.2)
     ranks = np.argsort(np.argsort(np.abs(delta), axis=1, kind="stable"), axis=1, kind="stable")
     np.testing.assert_allclose(p, 0.3 + 0.4 * ranks / 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# properties (MERGE-OPERATORS.md §11: which operators are symmetric in ours and theirs)
+
+_finite = st.floats(-4, 4, allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    data=arrays(np.float32, (3, 7), elements=_finite),
+    name=st.sampled_from(["linear", "task_arithmetic", "ties", "model_stock", "sce", "karcher", "multislerp"]),
+    density=st.sampled_from([0.3, 1.0]),
+)
+def test_symmetric_operators_do_not_care_which_side_is_ours(data, name, density):
+    base, a, b = data
+    raw = {"density": density} if name == "ties" else {}
+    ab, ba = run(name, [a, b], base, **raw), run(name, [b, a], base, **raw)
+    # equal up to float32 summation order
+    np.testing.assert_allclose(ab, ba, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=arrays(np.float32, (3, 9), elements=_finite))
+def test_ties_on_disjoint_updates_is_task_arithmetic(data):
+    base, a, b = data
+    a = np.where(np.arange(9) % 2 == 0, a, base)  # ours changes even entries, theirs odd ones
+    b = np.where(np.arange(9) % 2 == 1, b, base)
+    np.testing.assert_allclose(run("ties", [a, b], base), run("task_arithmetic", [a, b], base), atol=1e-6)

@@ -103,6 +103,9 @@ def test_dry_run_shows_rules_and_signals_and_writes_nothing(repo, history):
     assert -1 <= w["signals"]["cosine"] <= 1
     text = repo.theta("merge", "--dry-run", "--operator", "ties", "b1", "b2").stdout
     assert "ties (--operator): changed in b1, b2  [cosine=" in text
+    # --base replaces the merge base: against b1, HEAD and b2 both "changed" b back to the original
+    text = repo.theta("merge", "--dry-run", "--base", "b1", "b2").stdout
+    assert "b     take: same change in HEAD, b2" in text and "conflict: changed in HEAD, b2" in text
     assert repo.git("rev-parse", "HEAD").stdout == head
     assert repo.status() == ""
     after = sorted(p.name for p in (repo.path / ".git" / "theta" / "objects").rglob("*") if p.is_file())

@@ -118,6 +118,17 @@ def test_choice_is_the_best_of_the_plain_candidates(kind, expected):
 
 
 def test_rules_table_names_every_operator_choose_returns():
-    ops = " ".join(rule[2] for rule in signals.RULES)
+    ops = " ".join(rule[3] for rule in signals.RULES)
     for name in ("linear", "task_arithmetic", "ties"):
         assert name in ops
+
+
+def test_decide_names_the_matching_case():
+    s = {"norm_ratio": 1.0, "cosine": 0.95, "density": 0.1, "sign_agreement": 1.0,
+         "support_overlap": 1.0, "topk_overlap": 1.0}  # fmt: skip
+    assert signals.decide(s) == ("same update, sparse", "ties", {"density": "0.20"})
+    assert signals.decide({**s, "density": 0.6}) == ("same update, dense", "linear", {})
+    assert signals.decide({**s, "cosine": 0.0, "sign_agreement": 0.5}) == (
+        "independent or conflicting updates", "task_arithmetic", {}
+    )
+    assert signals.decide({**s, "cosine": 0.5, "density": 0.5})[1:] == ("ties", {})  # 2·0.5 = 1: no trim

@@ -9,10 +9,10 @@ see it; deleting the temp dir is the clean-up.
 
 import json
 import os
+import re
 import site
 import subprocess
 import sys
-import textwrap
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -22,64 +22,29 @@ from git_theta import plugins
 from git_theta.errors import PluginError
 from git_theta.manifest import Manifest
 
-TOY_FORMAT = '''
-"""A toy checkpoint format: b"TOY1", a 4-byte header length, a JSON header, the raw tensor bytes."""
-import json
-import struct
-
-from git_theta.dtypes import nbytes
-from git_theta.formats.base import CheckpointFormat, CheckpointReader
-from git_theta.updates.base import TensorData
+GUIDE = Path(__file__).resolve().parents[1] / "plugins" / "README.md"
 
 
-class _Reader(CheckpointReader):
-    def __init__(self, stream):
-        super().__init__()
-        self._stream = stream
-
-    def tensors(self):
-        (length,) = struct.unpack("<I", self._stream.read(8)[4:])
-        header = json.loads(self._stream.read(length))
-        self.fields["note"] = header["note"]
-        for name, dtype, shape in header["tensors"]:
-            yield TensorData(name, dtype, tuple(shape), self._stream.read(nbytes(dtype, shape)))
+def guide_files():
+    """The example package of plugins/README.md: {relative path: text} of its '# file:' blocks."""
+    files = {}
+    for block in re.findall(r"```[a-z]*\n(.*?)```", GUIDE.read_text(), re.S):
+        first, _, rest = block.partition("\n")
+        if first.startswith("# file: "):
+            files[first[len("# file: "):].strip()] = rest
+    return files
 
 
-class ToyFormat(CheckpointFormat):
-    name = "{name}"
-    suffixes = (".toy",)
-
-    def sniff(self, head, path):
-        return head[:4] == b"TOY1"
-
-    def split(self, stream, path):
-        return _Reader(stream)
-
-    def join(self, fields, source, out, path):
-        names = sorted(source.specs)
-        header = {{"note": fields["note"], "tensors": [[n, source.specs[n].dtype, list(source.specs[n].shape)] for n in names]}}
-        raw = json.dumps(header).encode()
-        out.write(b"TOY1" + struct.pack("<I", len(raw)) + raw)
-        for _, data in source.iter_data(names):
-            out.write(data)
-'''
-
-
-TOY_OPERATOR = '''
-"""A toy merge operator: the elementwise maximum of the models."""
-from git_theta.merge.operator import MergeOperator
-
-
-class ToyMax(MergeOperator):
-    name = "toymax"
-    needs_base = False
-    summary = "out = max_i θi"
-
-    def merge(self, models, base, params, rng):
-        import numpy as np
-
-        return np.maximum.reduce(models)
-'''
+def guide_package(root, replace=()):
+    """Write the guide's example package to ``root`` (with text replacements); return ``root``."""
+    for name, text in guide_files().items():
+        for old, new in replace:
+            text = text.replace(old, new)
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    (root / "theta_toy" / "__init__.py").write_text("")
+    return root
 
 
 def toy_file(tensors, note="hello"):
@@ -92,24 +57,6 @@ def toy_file(tensors, note="hello"):
     return b"TOY1" + struct.pack("<I", len(raw)) + raw + b"".join(tensors[n].astype("<f4").tobytes() for n in names)
 
 
-def write_package(root, dist, module, entry_points, files):
-    """A minimal setuptools package in ``root``: setup.cfg, pyproject.toml and module files."""
-    root.mkdir(parents=True)
-    (root / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=64", "wheel"]\nbuild-backend = "setuptools.build_meta"\n'
-    )
-    groups = "".join(f"{group} =\n" + "".join(f"    {line}\n" for line in lines) for group, lines in entry_points.items())
-    (root / "setup.cfg").write_text(
-        f"[metadata]\nname = {dist}\nversion = 0.0.1\n\n[options]\npackages = {module}\n\n"
-        f"[options.entry_points]\n{groups}"
-    )
-    (root / module).mkdir()
-    (root / module / "__init__.py").write_text("")
-    for name, text in files.items():
-        (root / module / name).write_text(textwrap.dedent(text))
-    return root
-
-
 class Overlay:
     """A throwaway virtualenv layered over the test interpreter's packages."""
 
@@ -120,7 +67,8 @@ class Overlay:
             [str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             check=True, capture_output=True, text=True,
         ).stdout.strip()
-        parents = [p for p in site.getsitepackages() if os.path.isdir(p)]
+        parents = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+        parents = [p for p in parents if os.path.isdir(p)]  # pip --user installs (CI as non-root) too
         (Path(purelib) / "_parent_site.pth").write_text(
             "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in parents) + "\n"
         )
@@ -146,20 +94,15 @@ def overlay(tmp_path, git_env):
     return Overlay(tmp_path / "overlay", git_env)
 
 
-def test_third_party_plugins_are_picked_up_by_git_add_and_the_merge_driver(tmp_path, overlay, make_repo):
+def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, overlay, make_repo):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    package = write_package(
-        tmp_path / "pkg", "theta-toy-plugin", "theta_toy",
-        {"git_theta.formats": ["toyfmt = theta_toy.fmt:ToyFormat"],
-         "git_theta.merge_operators": ["toymax = theta_toy.ops:ToyMax"]},
-        {"fmt.py": TOY_FORMAT.format(name="toyfmt"), "ops.py": TOY_OPERATOR},
-    )
+    package = guide_package(tmp_path / "pkg")
     overlay.pip_install_editable(package)
 
     listed = json.loads(overlay.run("git-theta", "plugins", "--json").stdout)
-    toy = next(r for r in listed if r["name"] == "toyfmt")
+    toy = next(r for r in listed if r["name"] == "toy")
     assert (toy["kind"], toy["package"], toy["version"], toy["builtin"]) == ("format", "theta-toy-plugin", "0.0.1", False)
     assert toy["location"] == f"{package} (editable)"
     assert next(r for r in listed if r["name"] == "safetensors")["builtin"] is True
@@ -172,18 +115,18 @@ def test_third_party_plugins_are_picked_up_by_git_add_and_the_merge_driver(tmp_p
     repo.file("model.toy").write_bytes(original)
     toy_commit = repo.commit("add", ".gitattributes", "model.toy")
     manifest = Manifest.parse(repo.show("HEAD:model.toy"))
-    assert manifest.format == "toyfmt"
+    assert manifest.format == "toy"
     assert set(manifest.tensors) == {"w", "b"}
-    assert manifest.fields == {"note": "hello", plugins.PACKAGE_FIELD: "theta-toy-plugin"}
+    assert manifest.fields == {plugins.PACKAGE_FIELD: "theta-toy-plugin"} and set(manifest.blobs) == {"header"}
     repo.file("model.toy").unlink()
     repo.git("checkout", "--", "model.toy")
     assert repo.file("model.toy").read_bytes() == original
     assert repo.status() == ""
 
     # The merge driver runs the third-party operator on tensors changed on both sides.
-    assert next(r for r in listed if r["name"] == "toymax")["kind"] == "merge"
+    assert next(r for r in listed if r["name"] == "elementwise_max")["kind"] == "merge"
     repo.theta("track", "*.safetensors")
-    repo.git("config", "theta.merge.operator", "toymax")
+    repo.git("config", "theta.merge.operator", "elementwise_max")
     w = rng.standard_normal((3, 5)).astype(np.float32)
     save_file({"w": w}, str(repo.file("m.safetensors")))
     repo.commit("base", ".gitattributes", "m.safetensors")
@@ -206,16 +149,16 @@ def test_third_party_plugins_are_picked_up_by_git_add_and_the_merge_driver(tmp_p
     clone.theta("install", "--local")
     failed = clone.git("checkout", "-q", toy_commit, check=False)
     assert failed.returncode != 0
-    assert "no format plugin named 'toyfmt' is installed (needed by model.toy)" in failed.stderr
+    assert "no format plugin named 'toy' is installed (needed by model.toy)" in failed.stderr
     assert "pip install theta-toy-plugin" in failed.stderr
 
 
-def test_duplicate_and_malformed_names_fail_at_load(tmp_path, overlay):
-    duplicate = write_package(
-        tmp_path / "dup", "theta-dup-plugin", "theta_dup",
-        {"git_theta.formats": ["safetensors = theta_dup.fmt:ToyFormat"]},
-        {"fmt.py": TOY_FORMAT.format(name="safetensors")},
-    )
+def test_duplicate_name_from_an_installed_package_fails_at_load(tmp_path, overlay):
+    duplicate = guide_package(tmp_path / "dup", replace=[
+        ("name = theta-toy-plugin", "name = theta-dup-plugin"),
+        ("    toy = theta_toy.fmt:ToyFormat", "    safetensors = theta_toy.fmt:ToyFormat"),
+        ('    name = "toy"', '    name = "safetensors"'),
+    ])
     overlay.pip_install_editable(duplicate)
     proc = overlay.run("git-theta", "plugins")
     assert proc.returncode == 1
@@ -295,3 +238,13 @@ def test_builtins_register_through_the_entry_points():
     assert {("format", "safetensors"), ("update", "dense")} <= builtin
     for kind, name in builtin:
         assert plugins.get(kind, name).name == name
+
+
+def test_unknown_merge_operator_from_a_plugin_package_says_what_to_install(fake_group):
+    from git_theta.errors import UsageError
+    from git_theta.merge.engine import get_operator
+
+    fake_group("merge", good=f"{__name__}:Named")
+    with pytest.raises(UsageError, match="unknown merge operator 'fisher'") as info:
+        get_operator("fisher", "theta.merge.operator")
+    assert "pip install git-theta-fisher" in info.value.hint

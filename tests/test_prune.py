@@ -152,3 +152,63 @@ def test_parse_expire(text, seconds):
 def test_parse_expire_rejects_garbage():
     with pytest.raises(ConfigError):
         parse_expire("soon")
+
+
+def test_prune_and_fsck_follow_chunked_objects(repo):
+    """With a tiny theta.maxObjectSize, tensors are stored as parts + a chunk index: the manifest
+    names only the index, yet its parts are reachable, verified, and reported when missing."""
+    repo.git("config", "theta.maxObjectSize", "1024")
+    _version(repo, 1)
+    store = ObjectStore(repo.path / ".git" / "theta" / "objects")
+    named = _oids(repo, "HEAD:model.safetensors")
+    parts = {ref.oid for ref in store.chunk_parts([r for r in Manifest.parse(repo.show("HEAD:model.safetensors")).all_objects()])}
+    assert parts and not parts & named
+    assert _prune(repo, "--expire=now", "--all")["deleted"] == 0
+    assert parts | named <= _store_oids(repo)
+    report = json.loads(repo.theta("fsck", "--json").stdout)
+    assert report["ok"] and report["objects"] == len(named | parts)
+    victim = sorted(parts)[0]
+    store.path(victim).unlink()
+    proc = repo.theta("fsck", "--json", check=False)
+    [problem] = json.loads(proc.stdout)["problems"]
+    assert proc.returncode == 1 and problem["kind"] == "missing" and problem["oid"] == victim
+    assert problem["index"] in named and problem["path"] == "model.safetensors"
+
+
+def test_prune_deletes_unreachable_objects_only_once_pushed(repo, make_repo):
+    bare = make_repo("origin.git", init=False)
+    bare.git("init", "-q", "--bare")
+    repo.git("remote", "add", "origin", str(bare.path))
+    _version(repo, 1)
+    pushed = _version(repo, 2)
+    repo.git("push", "-q", "origin", "main")
+    local = _version(repo, 3)
+    pushed_only = _oids(repo, f"{pushed}:model.safetensors") - _oids(repo, "HEAD~2:model.safetensors")
+    local_only = _oids(repo, f"{local}:model.safetensors") - _oids(repo, f"{pushed}:model.safetensors")
+    repo.git("reset", "-q", "--hard", "HEAD~2")
+    repo.git("update-ref", "-d", "refs/remotes/origin/main")  # v2 now only on the server
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    (repo.path / ".git" / "ORIG_HEAD").unlink()
+    result = _prune(repo, "--expire=now")
+    assert set(result["oids"]) == pushed_only  # the server has them: safe to drop here
+    assert result["kept_unpushed"] == len(local_only) and local_only <= _store_oids(repo)
+
+
+def test_prune_keeps_the_old_parts_of_a_recent_chunked_object(repo):
+    repo.git("config", "theta.maxObjectSize", "1024")
+    store = ObjectStore(repo.path / ".git" / "theta" / "objects")
+    _version(repo, 1)
+    dropped = _version(repo, 2)
+    manifest = Manifest.parse(repo.show(f"{dropped}:model.safetensors"))
+    dropped_objects = [r for r in manifest.all_objects() if r.oid not in _oids(repo, "HEAD~1:model.safetensors")]
+    parts = {ref.oid for ref in store.chunk_parts(dropped_objects)}
+    assert parts
+    repo.git("reset", "-q", "--hard", "HEAD~1")
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    (repo.path / ".git" / "ORIG_HEAD").unlink()
+    old = time.time() - 7200
+    for oid in parts:  # the parts look old, the objects naming them were just written
+        os.utime(store.path(oid), (old, old))
+    result = _prune(repo, "--all")
+    assert result["deleted"] == 0 and parts <= _store_oids(repo)
+    assert len(_prune(repo, "--all", "--expire=now")["oids"]) == len(parts) + len(dropped_objects)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from git_theta import plugins
-from git_theta.bits import as_bits, from_float, to_float
+from git_theta.bits import as_bits, from_float
 from git_theta.codec import tensor_digest
 from git_theta.dtypes import DTYPES, element_count, get_dtype
 from git_theta.errors import ObjectCorruptError
@@ -178,3 +178,23 @@ def test_corrupt_payload_is_detected(name):
     header, payload = unpack(raw[:-3])
     with pytest.raises(ObjectCorruptError):
         update.decode(header, payload, bytearray(base.data), TensorData("w", "F32", (16, 16), None))
+
+
+@pytest.mark.parametrize("mismatch", [0.0, 0.02, 0.3, 1.0])
+def test_residual_forms_roundtrip(mismatch):
+    """The residual is stored whole or sparsely, whichever is smaller; both decode exactly."""
+    from git_theta.updates.residual import decode_residual, encode_residual
+    from git_theta.planes import decode_sections
+
+    rng = np.random.default_rng(8)
+    predicted = rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32)
+    new = predicted.copy()
+    idx = rng.random(predicted.size) < mismatch
+    new[idx] += rng.integers(1, 5, idx.sum()).astype(np.uint32)
+    mode, parts, sections = encode_residual(new, predicted)
+    if mismatch in (0.0, 0.02):
+        assert mode == "gaps"
+    if mismatch == 1.0:
+        assert mode == "dense"
+    arrays = decode_sections(memoryview(b"".join(bytes(p) for p in parts)), sections)
+    assert np.array_equal(decode_residual(mode, arrays, predicted, "x"), new)

@@ -5,8 +5,6 @@ import json
 import random
 
 import numpy as np
-import pytest
-from safetensors.numpy import load_file
 
 from git_theta.manifest import Manifest
 
@@ -85,19 +83,39 @@ def manifests(repo, specs):
     return result
 
 
-def test_chain_of_ten_versions_checked_out_in_random_order(repo):
-    """Ten versions mixing every automatic update type and a forced one, depth bounded by keyframes."""
+def side_loaded_change(model, rng, path):
+    """attn.weight += R @ C and mlp.bias *= ia3, with the side-load file describing it."""
+    r = rng.standard_normal((48, 2)).astype(np.float32)
+    c = (rng.standard_normal((2, 40)) * 0.01).astype(np.float32)
+    ia3 = (1 + 0.01 * rng.standard_normal(256)).astype(np.float32)
+    save_safetensors(path, {"attn.weight/R": r, "attn.weight/C": c, "mlp.bias/ia3": ia3})
+    out = dict(model)
+    out["attn.weight"] = (model["attn.weight"] + r @ c).astype(np.float32)
+    out["mlp.bias"] = (model["mlp.bias"] * ia3).astype(np.float32)
+    return out
+
+
+def test_chain_of_ten_versions_checked_out_in_random_order(repo, tmp_path):
+    """Ten versions mixing every update type (automatic, forced, side-loaded), depth bounded."""
     repo.git("config", "theta.maxChainDepth", "3")
     rng = np.random.default_rng(7)
     model = base_model()
-    steps = [None, sparse_change, low_rank_change, small_steps, special_values, sparse_change,
-             small_steps, low_rank_change, "forced", sparse_change]
+    side_file = tmp_path / "update.safetensors"
+    steps = [None, sparse_change, low_rank_change, small_steps, special_values, "side-load",
+             small_steps, sparse_change, "forced", sparse_change]
     expected = []
     for i, step in enumerate(steps):
-        model = small_steps(model, rng) if step == "forced" else step(model, rng) if step else model
+        if step == "forced":
+            model = small_steps(model, rng)
+        elif step == "side-load":
+            model = side_loaded_change(model, rng, side_file)
+        elif step is not None:
+            model = step(model, rng)
         expected.append(write(repo, model))
         if step == "forced":
             repo.theta("add", NAME, "--update-type", "sparse")
+        elif step == "side-load":
+            repo.theta("add", NAME, "--update-data", str(side_file))
         else:
             repo.git("add", NAME)
         repo.git("commit", "-q", "-m", f"v{i}")
@@ -105,7 +123,7 @@ def test_chain_of_ten_versions_checked_out_in_random_order(repo):
     assert len(revs) == 10
     found = manifests(repo, [f"{rev}:{NAME}" for rev in revs])
     updates = {e.update for m in found for e in m.tensors.values()}
-    assert {"dense", "sparse", "int-delta", "low-rank"} <= updates
+    assert {"dense", "sparse", "int-delta", "low-rank", "ia3"} <= updates
     assert max(e.chain_depth for m in found for e in m.tensors.values()) == 3  # then a keyframe
     # the forced version: sparse except where the depth limit asked for a keyframe
     assert {e.update for n, e in found[8].tensors.items() if n != "step" and e.chain_depth} == {"sparse"}
@@ -262,43 +280,36 @@ def test_old_side_load_names(repo, tmp_path):
     assert repo.status() == ""
 
 
-def test_corrupt_base_object_names_tensor_and_chain(repo):
+def test_ls_files_verbose_then_corrupt_base_object_names_tensor_and_chain(repo):
     rng = np.random.default_rng(5)
     model = base_model()
     write(repo, model)
     repo.commit("v0", NAME)
     write(repo, sparse_change(model, rng))
     repo.commit("v1", NAME)
-    entry = manifest(repo).tensors["mlp.weight"]
+    m = manifest(repo)
+    entry = m.tensors["mlp.weight"]
     assert entry.chain_depth == 1
+
+    # ls-files -v: a line per tensor, a summary per file, the same in JSON
+    lines = repo.theta("ls-files", "-v").stdout.strip().splitlines()
+    assert any(l.split()[:2] == ["sparse", "1"] and l.endswith("mlp.weight") for l in lines)
+    assert lines[-1].startswith(f"{NAME}: 5 tensors") and "max chain depth 1" in lines[-1]
+    (f,) = json.loads(repo.theta("ls-files", "-v", "--json").stdout)["files"]
+    rows = {r["name"]: r for r in f["tensor_list"]}
+    assert rows["mlp.weight"]["update"] == "sparse" and rows["mlp.weight"]["depth"] == 1
+    assert rows["mlp.weight"]["stored_bytes"] == entry.objects[0].size
+    assert rows["step"]["update"] == "dense" and f["stored_bytes"] == sum(r["stored_bytes"] for r in rows.values())
+
+    # flip bits in the keyframe the delta applies to: checkout names the tensor, chain and object
     keyframe = entry.objects[-1].oid
     obj = repo.path / ".git" / "theta" / "objects" / keyframe[:2] / keyframe[2:4] / keyframe
     obj.chmod(0o644)
     data = bytearray(obj.read_bytes())
-    data[-100] ^= 0xFF  # flip bits in the keyframe's payload
+    data[-100] ^= 0xFF
     obj.write_bytes(bytes(data))
     repo.file(NAME).unlink()
     result = repo.git("checkout", "--", NAME, check=False)
     assert result.returncode != 0
     assert "mlp.weight" in result.stderr and keyframe in result.stderr
     assert "keyframe of chain" in result.stderr and "breaks 1 delta" in result.stderr
-
-
-def test_ls_files_verbose(repo):
-    rng = np.random.default_rng(6)
-    model = base_model()
-    write(repo, model)
-    repo.commit("v0", NAME)
-    write(repo, sparse_change(model, rng))
-    repo.commit("v1", NAME)
-    out = repo.theta("ls-files", "-v").stdout
-    lines = out.strip().splitlines()
-    assert any(l.split()[:2] == ["sparse", "1"] and l.endswith("mlp.weight") for l in lines)
-    assert lines[-1].startswith(f"{NAME}: 5 tensors") and "max chain depth 1" in lines[-1]
-    data = json.loads(repo.theta("ls-files", "-v", "--json").stdout)
-    (f,) = data["files"]
-    rows = {r["name"]: r for r in f["tensor_list"]}
-    m = manifest(repo)
-    assert rows["mlp.weight"]["update"] == "sparse" and rows["mlp.weight"]["depth"] == 1
-    assert rows["mlp.weight"]["stored_bytes"] == m.tensors["mlp.weight"].objects[0].size
-    assert rows["step"]["update"] == "dense" and f["stored_bytes"] == sum(r["stored_bytes"] for r in rows.values())

@@ -46,6 +46,10 @@ class CheckpointFormat:
     name = ""
     #: file name suffixes this format usually has (a hint for sniffing; content decides).
     suffixes = ()
+    #: True when split needs the whole file first (zip): the cleaner then copies git's stream to a
+    #: :class:`~git_theta.formats.spool.Spool` once and passes it as ``stream``; a file whose
+    #: whole-file fingerprint matches the one last cleaned or checked out at its path is not parsed.
+    spools = False
 
     def sniff(self, head, path):
         """True when ``head`` (the first bytes of the file, up to 4 KiB) looks like this format."""
@@ -98,5 +102,5 @@ def get_json(fields, source, key, path):
         return None
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ManifestError(f"{path}: manifest {key!r} is not valid JSON ({exc})") from None

@@ -17,7 +17,7 @@ import struct
 from ..errors import CheckpointError, ManifestError
 from ..updates.base import TensorData
 from .base import CheckpointFormat, CheckpointReader, get_json, put_json
-from .spool import WriteOnly, spool
+from .spool import WriteOnly, spooled
 
 ZIP_MAGIC = b"PK\x03\x04"
 SUFFIX = ".npy"
@@ -39,6 +39,8 @@ _DTYPE_NAMES = {
 }
 # Fixed member timestamp (the zip epoch): checkout output must not depend on the clock.
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# What zipfile and numpy raise on damaged archives (unknown methods, encrypted members, bad CRCs...).
+_DAMAGED = (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, UnicodeDecodeError)
 
 
 def _corrupt(path, exc):
@@ -60,10 +62,10 @@ class _Reader(CheckpointReader):
         import numpy as np
 
         path = self._path
-        with spool(self._stream, suffix=".npz") as tmp:
+        with spooled(self._stream, suffix=".npz") as tmp:
             try:
                 archive = zipfile.ZipFile(tmp)
-            except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            except (zipfile.BadZipFile, struct.error, *_DAMAGED) as exc:
                 raise _corrupt(path, exc) from None
             with archive:
                 infos = archive.infolist()
@@ -105,20 +107,42 @@ class _Reader(CheckpointReader):
                     put_json(self, "fortran_order", fortran)
 
     def _read_array(self, archive, info, name, np):
+        """One member as an array. The header is checked against the member's size before any
+        data is read, so a damaged header cannot ask for a huge allocation."""
         import zipfile
         import zlib
 
+        fmt = np.lib.format
+        readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
         try:
             with archive.open(info) as member:
-                return np.lib.format.read_array(member, allow_pickle=False)
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):
-                raise CheckpointError(
-                    f"{self._path}: array {name!r} is an object array, which needs pickle to load",
-                    hint="git-theta never unpickles; save numeric arrays only",
-                ) from None
-            raise _corrupt(self._path, exc) from None
-        except (zipfile.BadZipFile, OSError, EOFError, struct.error, zlib.error) as exc:
+                version = fmt.read_magic(member)
+                if version not in readers:
+                    raise CheckpointError(
+                        f"{self._path}: array {name!r} uses .npy format version {version[0]}.{version[1]}, "
+                        "which git-theta does not read",
+                        hint="save it with np.savez from a numeric array",
+                    )
+                shape, fortran, dtype = readers[version](member)
+                if dtype.hasobject:
+                    raise CheckpointError(
+                        f"{self._path}: array {name!r} is an object array, which needs pickle to load",
+                        hint="git-theta never unpickles; save numeric arrays only",
+                    )
+                size = dtype.itemsize
+                for dim in shape:
+                    size *= dim
+                if size != info.file_size - member.tell():
+                    raise CheckpointError(
+                        f"{self._path}: array {name!r}: its header describes {size} bytes of data, "
+                        f"the member holds {info.file_size - member.tell()} (corrupt archive)",
+                        hint="the file is damaged; save it again, then git add it",
+                    )
+                data = member.read(size + 1)  # reading to the end makes zipfile check the CRC
+                if len(data) != size:
+                    raise CheckpointError(f"{self._path}: array {name!r} is truncated (corrupt archive)")
+                return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+        except (zipfile.BadZipFile, struct.error, zlib.error, *_DAMAGED) as exc:
             raise _corrupt(self._path, exc) from None
 
 
@@ -127,6 +151,7 @@ class NpzFormat(CheckpointFormat):
 
     name = "npz"
     suffixes = (".npz",)
+    spools = True
 
     def sniff(self, head, path):
         if not head.startswith(ZIP_MAGIC) or len(head) < 30:
@@ -160,7 +185,13 @@ class NpzFormat(CheckpointFormat):
         with zipfile.ZipFile(WriteOnly(out), mode="w", compression=method, allowZip64=True) as archive:
             for name, data in source.iter_data(order):
                 spec = source.specs[name]
-                dtype = np.dtype(get_dtype(spec.dtype).numpy_name)
+                numpy_name = get_dtype(spec.dtype).numpy_name
+                if numpy_name is None:  # only a merged or edited manifest can ask for this
+                    raise ManifestError(
+                        f"{path}: tensor {name!r} has dtype {spec.dtype}, which an npz file cannot hold",
+                        hint="track this checkpoint as safetensors, or cast the tensor before merging",
+                    )
+                dtype = np.dtype(numpy_name)
                 array = np.frombuffer(data, dtype=dtype).reshape(spec.shape)
                 if name in big_endian:
                     array = array.astype(dtype.newbyteorder(">"))

@@ -10,8 +10,9 @@ manifest entry. Storage sharing is kept: when several tensors share one storage 
 the whole storage (tied weights, ``x`` and ``x.T``), that one is stored and the others are recorded
 as views of it (shape, stride, offset) and rebuilt on the same storage at checkout; when none is
 (slices of a fused weight) the storage is stored once under ``<first view>%storage``. A tensor
-alone on a larger storage, or non-contiguous, is stored as its values. Checkout rebuilds the object and writes it with ``torch.save``, which gives
-the same bytes for the same manifest, so ``git status`` stays clean.
+alone on a larger storage, or non-contiguous, is stored as its values. Checkout rebuilds the object
+and writes it with ``torch.save``, which gives the same bytes for the same manifest, so
+``git status`` stays clean.
 
 Structure JSON: ``null``, booleans, integers, finite floats, strings and lists are themselves; a dict
 whose keys are all strings is a JSON object (a key starting with ``$`` gets one more ``$``); every
@@ -31,11 +32,12 @@ names only need to be unique.
 import math
 import struct
 import sys
+import warnings
 
 from ..errors import CheckpointError, ManifestError, UnsafeCheckpointError
 from ..updates.base import TensorData
-from .base import CheckpointFormat, CheckpointReader, get_json, put_json
-from .spool import WriteOnly, spool
+from .base import CheckpointFormat, CheckpointReader, dump_json, get_json, put_json
+from .spool import WriteOnly, spooled
 
 ZIP_MAGIC = b"PK\x03\x04"
 # Legacy (pre-1.6) torch.save files are a pickle stream starting with this magic number.
@@ -139,7 +141,7 @@ class _Encoder:
             return self._mapping(obj, where)
         if kind is set:
             items = [self._key(v, where) for v in obj]
-            items.sort(key=lambda n: _dump(n))  # a set has no order: make one
+            items.sort(key=dump_json)  # a set has no order: make one
             return {"$": "set", "items": items}
         if kind is complex:
             return {"$": "complex", "re": _float_node(obj.real), "im": _float_node(obj.imag)}
@@ -151,8 +153,9 @@ class _Encoder:
             return {"$": "device", "name": str(obj)}
         raise CheckpointError(
             f"{self.path}: cannot keep a {kind.__module__}.{kind.__qualname__} at {_show(where)}",
-            hint="git-theta keeps what torch.load(weights_only=True) allows: tensors, dicts, lists, tuples, sets, numbers, strings, bytes, "
-            "torch.Size/dtype/device; save other objects separately",
+            hint="git-theta keeps what torch.load(weights_only=True) allows: tensors, dicts, "
+            "lists, tuples, sets, numbers, strings, bytes, torch.Size/dtype/device; "
+            "save other objects separately",
         )
 
     @staticmethod
@@ -180,12 +183,6 @@ class _Encoder:
         if attrs:
             node["attrs"] = self.encode(attrs, where + ("@attrs",))
         return node
-
-
-def _dump(node):
-    from .base import dump_json
-
-    return dump_json(node)
 
 
 def _show(where):
@@ -286,7 +283,7 @@ def tensor_bytes(torch, t, name, path):
     return dtype, shape, memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _load_error(torch, exc, path):
+def _load_error(exc, path):
     import pickle
 
     text = str(exc)
@@ -319,19 +316,28 @@ class _Reader(CheckpointReader):
     def tensors(self):
         path = self._path
         torch = import_torch(path)
-        with spool(self._stream, suffix=".pt") as tmp:
+        with spooled(self._stream, suffix=".pt") as tmp:
             head = tmp.read(len(LEGACY_MAGIC))
             tmp.seek(0)
             is_zip = head.startswith(ZIP_MAGIC)
             try:
-                # weights_only=True is the whole point: never retried without it.
-                obj = torch.load(tmp.name, map_location="cpu", weights_only=True, mmap=is_zip)
+                # torch warns about odd files before failing; the error below says it all.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    # weights_only=True is the whole point: never retried without it.
+                    obj = torch.load(tmp.name, map_location="cpu", weights_only=True, mmap=is_zip)
             except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
-                raise _load_error(torch, exc, path) from None
+                raise _load_error(exc, path) from None
             encoder = _Encoder(torch, path)
-            structure = encoder.encode(obj)
-            stored = plan_tensors(encoder)
-            put_json(self, "structure", structure)
+            try:
+                structure = encoder.encode(obj)
+                stored = plan_tensors(encoder)  # fills the tensor placeholders in structure
+                put_json(self, "structure", structure)
+            except RecursionError:
+                raise CheckpointError(
+                    f"{path}: the checkpoint's containers are nested too deeply",
+                    hint="flatten the saved structure (dicts of tensors)",
+                ) from None
             del obj, encoder
             for name, t in stored:
                 dtype, shape, data = tensor_bytes(torch, t, name, path)
@@ -487,6 +493,7 @@ class TorchFormat(CheckpointFormat):
 
     name = "torch"
     suffixes = (".pt", ".pth", ".bin", ".ckpt")
+    spools = True
 
     def sniff(self, head, path):
         if head.startswith(LEGACY_MAGIC):
@@ -495,8 +502,11 @@ class TorchFormat(CheckpointFormat):
             return False
         (name_len,) = struct.unpack("<H", head[26:28])
         first = head[30 : 30 + name_len]
-        # torch.save writes <archive>/data.pkl first; other zip members (npz arrays) are not ours.
-        return first.endswith(b"/data.pkl") or first == b"data.pkl"
+        # torch.save writes <archive>/data.pkl first; a zip of .npy arrays is npz. Other zips are
+        # torch's only when the name says so (torch.load then decides).
+        if first.endswith(b"/data.pkl") or first == b"data.pkl":
+            return True
+        return not first.endswith(b".npy") and path.endswith(self.suffixes)
 
     def split(self, stream, path):
         return _Reader(stream, path)
@@ -510,7 +520,10 @@ class TorchFormat(CheckpointFormat):
                 hint="the manifest was edited by hand or truncated; check out another version",
             )
         decoder = _Decoder(torch, _spool_tensors(torch, source, path), path)
-        obj = decoder.decode(structure)
+        try:
+            obj = decoder.decode(structure)
+        except RecursionError:
+            raise decoder.bad("nested too deeply") from None
         unused = sorted(set(source.specs) - decoder.used)
         if unused:
             raise decoder.bad(f"tensor {unused[0]!r} is in the manifest but not in the structure")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from ..allowlist import check_lfs_url
 from ..errors import ConfigError, UsageError
 from ..repo import run_git
 
@@ -148,6 +149,8 @@ def resolve(repo, remote=None, operation="download"):
     for key in ("lfs.url", f"remote.{remote}.lfsurl"):
         value = _lfsconfig(repo, key)
         if value:
+            # the repository wrote this, not the user: only http(s) servers (git_theta.allowlist)
+            check_lfs_url(value, f"{key} in .lfsconfig")
             return _endpoint(repo, remote, value, f"{key} in .lfsconfig")
     url = None
     if operation == "upload":

@@ -37,7 +37,13 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
     base = _manifest(base_file, "base", pathname)
     config = load_config(repo, [pathname])
     check_config(config, len(LABELS))
+    from ..settings import settings_for
+
+    settings = settings_for(repo)
     side_data = SideData.for_driver(repo, pathname, [ours, theirs])
-    result = merge_manifests(pathname, base, [ours, theirs], list(LABELS), config, repo.store, side_data=side_data)
+    result = merge_manifests(
+        pathname, base, [ours, theirs], list(LABELS), config, repo.store, side_data=side_data,
+        workers=settings.threads(), budget=settings.get_int("memoryBudget"),
+    )
     Path(ours_file).write_bytes(result.manifest.serialize())
     return result

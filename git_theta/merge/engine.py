@@ -8,9 +8,13 @@ merge step are in memory at a time, so memory is bounded by a few tensors, not b
 """
 
 import hashlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from .. import plugins
+from ..dtypes import nbytes
 from ..errors import GitThetaError, UsageError
 from ..manifest import Manifest
 from .operator import OperatorError
@@ -19,6 +23,8 @@ from .plan import decide
 #: operators that pick one input: resolved by entry, bit for bit, whatever the dtype or shape
 PICKS = ("ours", "theirs", "base")
 AUTO = "auto"
+#: the operators ``auto`` can pick (see :func:`.signals.choose`)
+AUTO_CHOICES = ("linear", "task_arithmetic", "ties")
 
 
 @dataclass
@@ -57,7 +63,9 @@ def get_operator(name, origin=""):
     if name not in plugins.names("merge"):
         valid = ", ".join(plugins.names("merge") + [AUTO]) or "none installed"
         where = f" (from {origin})" if origin else ""
-        raise UsageError(f"unknown merge operator {name!r}{where}", hint=f"valid operators: {valid}")
+        package = plugins.KNOWN_PACKAGES.get(("merge", name))
+        hint = f"valid operators: {valid}" + (f"; '{name}' is in the package {package} (pip install {package})" if package else "")
+        raise UsageError(f"unknown merge operator {name!r}{where}", hint=hint)
     return plugins.get("merge", name)
 
 
@@ -67,16 +75,29 @@ def check_config(config, n_sides=2):
     names += [(a, "attribute theta-merge", config.params) for a in config.attributes.values() if a]
     if config.operator:
         names.append((config.operator, config.operator_origin, config.params))
+    accepted = set()  # every parameter name some configured operator takes
     for name, origin, params in names:
         op = get_operator(name, origin)
+        if name == AUTO:
+            accepted.update(*(plugins.get("merge", n).params for n in AUTO_CHOICES if n in plugins.names("merge")))
         if op is None:
             continue
+        accepted.update(op.params)
         from .params import resolve
 
         try:
             resolve(op, _known(op, params, strict=params), n_sides)
         except UsageError as exc:
             raise UsageError(f"{exc.message} (from {origin})", hint=exc.hint) from None
+    configured = [name for name, _, _ in names if name not in PICKS]
+    unknown = sorted(set(config.params) - accepted)
+    if configured and unknown:
+        # rule operators take the global parameters they know; one that no operator knows is a typo
+        raise UsageError(
+            f"merge parameter {', '.join(map(repr, unknown))} is not a parameter of any configured "
+            f"operator ({', '.join(sorted(set(configured)))})",
+            hint=f"parameters they take: {', '.join(sorted(accepted)) or 'none'}",
+        )
 
 
 def _known(op, params, strict):
@@ -135,12 +156,15 @@ class Loader:
 
 
 def merge_manifests(path, base, sides, labels, config, store, every_tensor=False, dry_run=False,
-                    with_signals=False, side_data=None):
+                    with_signals=False, side_data=None, workers=1, budget=192 << 20):
     """Merge manifests ``sides`` (ours first) against ``base`` (a Manifest or None).
 
     Returns a :class:`FileMerge`; conflicting tensors keep ours. With ``dry_run`` nothing is decoded
     or stored except to compute signals when ``with_signals`` is set. ``side_data`` (a
-    :class:`.side.SideData`) gives operators with ``side_files`` their per-side tensors.
+    :class:`.side.SideData`) gives operators with ``side_files`` their per-side tensors. Up to
+    ``workers`` tensors are merged at once (numpy, zstandard and hashlib release the GIL) while the
+    raw bytes of their inputs stay under ``budget``; one merge always proceeds, so memory is bounded
+    by the largest tensor's merge (a small multiple of its inputs), never by the models.
     """
     ours = sides[0]
     formats = {m.format for m in sides}
@@ -157,15 +181,38 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
         outcomes += table_outcomes
     loader = Loader(store, path, side_data)
     names = sorted(set().union(*(m.tensors for m in sides), base.tensors if base is not None else ()))
-    for name in names:
-        base_entry = base.tensors.get(name) if base is not None else None
-        entries = [m.tensors.get(name) for m in sides]
-        outcome, entry = _merge_tensor(
-            path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals
-        )
-        outcomes.append(outcome)
-        if entry is not None:
-            merged.tensors[name] = entry
+    pending = deque()  # (name, input bytes, future) of operator merges in flight, oldest first
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="theta-merge") if workers > 1 else None
+
+    def settle(incoming):
+        while pending and (len(pending) >= workers or sum(p[1] for p in pending) + incoming > budget):
+            done_name, _, future = pending.popleft()
+            merged.tensors[done_name] = future.result()
+
+    try:
+        for name in names:
+            base_entry = base.tensors.get(name) if base is not None else None
+            entries = [m.tensors.get(name) for m in sides]
+            outcome, entry = _merge_tensor(
+                path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals
+            )
+            outcomes.append(outcome)
+            if callable(entry):  # an operator merge: run it (in the pool when there is one)
+                if pool is None:
+                    merged.tensors[name] = entry()
+                else:
+                    size = entry.input_bytes
+                    settle(size)
+                    pending.append((name, size, pool.submit(entry)))
+            elif entry is not None:
+                merged.tensors[name] = entry
+        while pending:  # the merges still in flight
+            done_name, _, future = pending.popleft()
+            merged.tensors[done_name] = future.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    merged.tensors = dict(sorted(merged.tensors.items()))
     return FileMerge(path, merged, outcomes)
 
 
@@ -231,8 +278,10 @@ def _merge_tensor(path, name, base, entries, labels, config, loader, store, ever
     outcome = Outcome(name, "operator", decision.reason, operator_name, origin, resolved, signals)
     if dry_run:
         return outcome, entries[0]
-    return outcome, _run_operator(op, resolved, name, inputs, base_entry, base, config, loader, store,
-                                  list(decision.inputs))
+    job = partial(_run_operator, op, resolved, name, inputs, base_entry, base, config, loader, store,
+                  list(decision.inputs))
+    job.input_bytes = sum(nbytes(e.dtype, e.shape) for e in (*inputs, base_entry) if e is not None)
+    return outcome, job
 
 
 def _run_operator(op, params, name, inputs, base_entry, base, config, loader, store, indices=None):

@@ -40,13 +40,17 @@ def ingest(store, path):
     return manifest, fmt
 
 
-def merge_files(inputs, output, operator, params=None, base=None, every_tensor=False, seed=None, threads=2):
+def merge_files(inputs, output, operator, params=None, base=None, every_tensor=False, seed=None, threads=None):
     """Merge checkpoint files ``inputs`` (first = "ours") into ``output``; return the FileMerge.
 
     Nothing is written when a tensor conflicts (the FileMerge lists the conflicts).
     """
     if len(inputs) < 2 and not every_tensor:
         raise UsageError("merge-files needs at least two checkpoints", hint="list the files to merge")
+    from ..settings import Settings
+
+    settings = Settings()
+    threads = threads or settings.threads()
     config = build_config([], operator=operator, params=params, seed=seed)
     check_config(config, len(inputs))
     with tempfile.TemporaryDirectory(prefix="theta-merge-files-") as tmp:
@@ -58,7 +62,10 @@ def merge_files(inputs, output, operator, params=None, base=None, every_tensor=F
             formats.append(fmt)
         base_manifest = ingest(store, base)[0] if base else None
         labels = [os.path.basename(str(p)) for p in inputs]
-        result = merge_manifests(str(output), base_manifest, sides, labels, config, store, every_tensor=every_tensor)
+        result = merge_manifests(
+            str(output), base_manifest, sides, labels, config, store, every_tensor=every_tensor, workers=threads,
+            budget=settings.get_int("memoryBudget"),
+        )
         if result.conflicts:
             return result
         write_checkpoint(result.manifest, formats[0], store, output, threads)

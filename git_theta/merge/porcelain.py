@@ -79,6 +79,9 @@ def _manifest(repo, oid, path):
 
 def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=False):
     """Merge the trees of ``base`` and ``sides`` (commits, HEAD first) path by path."""
+    from ..settings import settings_for
+
+    settings = settings_for(repo)
     trees = [_tree(repo, rev) for rev in sides]
     base_tree = _tree(repo, base)
     paths = sorted(set(base_tree).union(*trees))
@@ -97,6 +100,7 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
                     path, _manifest(repo, old, path), manifests, labels, config, repo.store,
                     every_tensor=every_tensor, dry_run=dry_run, with_signals=dry_run,
                     side_data=SideData(repo, sides),
+                    workers=settings.threads(), budget=settings.get_int("memoryBudget"),
                 )
                 result.files.append(merged)
                 result.conflicts += [(path, o) for o in merged.conflicts]

@@ -26,16 +26,39 @@ TOPK = 0.1
 MASS = 0.9
 SAMPLE = 1 << 20
 
-#: the decision rule, first match wins (documented in README "Merge operators"); "d" is the TIES
-#: density 2·density rounded to 0.05 in [0.05, 1] (keep twice the entries that hold MASS of ‖δ‖²)
+SPARSE = 0.25  # density at or below which an update counts as sparse
+
+
+def _ties_density(s):
+    """TIES density for these signals: 2·density rounded to 0.05, in [0.05, 1]."""
+    return min(1.0, max(0.05, round(2 * s["density"] / 0.05) * 0.05))
+
+
+#: the decision rule, first match wins: (case, condition as documented, predicate, action)
+#: (README "Merge operators" shows the same table; "d" is :func:`_ties_density`)
 RULES = (
-    ("one side did not move", "norm_ratio == 0", "task_arithmetic"),
-    ("same update, sparse", "cosine >= 0.9 and density <= 0.25", "ties density=d"),
-    ("same update, dense", "cosine >= 0.9", "linear"),
-    ("shared component", "cosine >= 0.3 and sign_agreement >= 0.75", "ties density=d"),
-    ("disjoint changes", "support_overlap <= 0.1", "task_arithmetic"),
-    ("disjoint sparse skills over noise", "density <= 0.25 and topk_overlap <= TOPK/2", "ties density=d"),
-    ("independent or conflicting updates", "otherwise", "task_arithmetic"),
+    ("one side did not move", "norm_ratio == 0", lambda s: s["norm_ratio"] == 0, "task_arithmetic"),
+    (
+        "same update, sparse",
+        "cosine >= 0.9 and density <= 0.25",
+        lambda s: s["cosine"] >= 0.9 and s["density"] <= SPARSE,
+        "ties density=d",
+    ),
+    ("same update, dense", "cosine >= 0.9", lambda s: s["cosine"] >= 0.9, "linear"),
+    (
+        "shared component",
+        "cosine >= 0.3 and sign_agreement >= 0.75",
+        lambda s: s["cosine"] >= 0.3 and s["sign_agreement"] >= 0.75,
+        "ties density=d",
+    ),
+    ("disjoint changes", "support_overlap <= 0.1", lambda s: s["support_overlap"] <= 0.1, "task_arithmetic"),
+    (
+        "disjoint sparse skills over noise",
+        "density <= 0.25 and topk_overlap <= TOPK/2",
+        lambda s: s["density"] <= SPARSE and s["topk_overlap"] <= TOPK / 2,
+        "ties density=d",
+    ),
+    ("independent or conflicting updates", "otherwise", lambda s: True, "task_arithmetic"),
 )
 
 
@@ -100,20 +123,19 @@ def measure(models, base):
     return out
 
 
+def decide(signals):
+    """(case, operator name, raw params) of the first rule of RULES that matches ``signals``."""
+    for case, _, matches, action in RULES:
+        if matches(signals):
+            name = action.split()[0]
+            if action.endswith("density=d"):
+                density = _ties_density(signals)
+                return case, name, ({"density": f"{density:.2f}"} if density < 1 else {})
+            return case, name, {}
+    raise AssertionError("the last rule matches everything")
+
+
 def choose(signals):
     """(operator name, raw params dict) for these signals: the first matching rule of RULES."""
-    s = signals
-    density = min(1.0, max(0.05, round(2 * s["density"] / 0.05) * 0.05))
-    ties = ("ties", {"density": f"{density:.2f}"} if density < 1 else {})
-    sparse = s["density"] <= 0.25
-    if s["norm_ratio"] == 0:
-        return "task_arithmetic", {}
-    if s["cosine"] >= 0.9:
-        return ties if sparse else ("linear", {})
-    if s["cosine"] >= 0.3 and s["sign_agreement"] >= 0.75:
-        return ties
-    if s["support_overlap"] <= 0.1:
-        return "task_arithmetic", {}
-    if sparse and s["topk_overlap"] <= TOPK / 2:
-        return ties
-    return "task_arithmetic", {}
+    _, name, params = decide(signals)
+    return name, params

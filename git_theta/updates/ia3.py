@@ -3,7 +3,7 @@
 Only stored when the user supplies the scaling vector (``git theta add --update-type ia3
 --update-path ...``, the older git-theta's ``<param>/ia3`` side-load naming): the prediction
 ``base * scale`` (``scale`` broadcast over the tensor) is computed elementwise in float64, rounded
-to the tensor's dtype, and an exact zigzag residual makes the result bit-exact.
+to the tensor's dtype, and an exact residual (:mod:`.residual`) makes the result bit-exact.
 """
 
 import numpy as np
@@ -13,7 +13,7 @@ from ..dtypes import element_count, get_dtype
 from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
 from .base import Encoded, UpdateType
-from .int_delta import apply_zigzag_delta, zigzag_delta
+from .residual import decode_residual, encode_residual
 from .low_rank import LOW_RANK_DTYPES
 
 
@@ -48,24 +48,23 @@ class IA3Update(UpdateType):
             return None
         scale = scale.reshape(shape)
         predicted = predict(to_float(base.data, base.dtype, tuple(tensor.shape)), scale, tensor.dtype)
-        residual = zigzag_delta(as_bits(tensor.data, tensor.dtype), predicted)
-        parts, sections = encode_sections([scale.ravel(), residual])
-        return Encoded({"scale_shape": list(shape), "sections": sections}, parts)
+        mode, residual_parts, residual_sections = encode_residual(as_bits(tensor.data, tensor.dtype), predicted)
+        parts, sections = encode_sections([scale.ravel()])
+        header = {"scale_shape": list(shape), "residual": mode, "sections": sections + residual_sections}
+        return Encoded(header, parts + residual_parts)
 
     def decode(self, header, payload, base, spec, oid="?"):
         sections = header.get("sections")
         shape = header.get("scale_shape")
         if (
             not isinstance(sections, list)
-            or len(sections) != 2
+            or len(sections) < 2
             or not isinstance(shape, list)
             or broadcast_shape(shape, tuple(spec.shape)) != tuple(shape)
         ):
             raise ObjectCorruptError(f"object {oid} has a corrupt header")
-        scale, residual = decode_sections(payload, sections, oid)
+        scale, *residual = decode_sections(payload, sections, oid)
         if scale.dtype != np.float32 or scale.size != element_count(shape):
             raise ObjectCorruptError(f"object {oid}: scaling vector has the wrong size")
         predicted = predict(to_float(base, spec.dtype, tuple(spec.shape)), scale.reshape(shape), spec.dtype)
-        if residual.size != predicted.size or residual.dtype.itemsize != predicted.dtype.itemsize:
-            raise ObjectCorruptError(f"object {oid}: residual has the wrong size")
-        return bytearray(apply_zigzag_delta(predicted, residual.view(predicted.dtype)).tobytes())
+        return bytearray(decode_residual(header.get("residual"), residual, predicted, oid).tobytes())

@@ -5,7 +5,8 @@ randomized SVD (or supplied by the user, e.g. a PEFT adapter) and stored as floa
 ``base + A @ B`` is computed in a fixed order with float64 elementwise operations (one rank-1 term
 at a time, never BLAS, whose summation order differs between machines and libraries), rounded to the
 tensor's dtype, and an exact residual (zigzag integer difference of bit patterns) makes the result
-bit-exact. The factorisation itself may differ between machines; decoding never does.
+bit-exact (stored whole or sparsely, see :mod:`.residual`). The factorisation itself may differ
+between machines; decoding never does.
 """
 
 import numpy as np
@@ -15,7 +16,8 @@ from ..dtypes import get_dtype
 from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
 from .base import Encoded, UpdateType
-from .int_delta import apply_zigzag_delta, zigzag_delta
+from .int_delta import zigzag_delta
+from .residual import decode_residual, encode_residual
 
 LOW_RANK_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_RANK = 64
@@ -85,6 +87,30 @@ def randomized_factors(delta, noise=0.0, max_rank=MAX_RANK, tolerance=1e-6):
     return None
 
 
+def plausibly_low_rank(tensor, base, rows=96):
+    """Cheap test on evenly spaced rows: False when the change is surely not low rank.
+
+    Any set of rows of a rank-r matrix has rank <= r, so if a sample of rows already needs more than
+    the largest rank we would store, the whole matrix does too. Costs one small SVD.
+    """
+    m, n = tensor.shape
+    limit = min(MAX_RANK, m // 4, n // 4)
+    if m <= rows + limit:
+        return True
+    itemsize = get_dtype(tensor.dtype).itemsize
+    pick = np.linspace(0, m - 1, rows).astype(np.int64)
+    new_rows = np.frombuffer(tensor.data, dtype=np.uint8).reshape(m, n * itemsize)[pick].tobytes()
+    base_rows = np.frombuffer(base.data, dtype=np.uint8).reshape(m, n * itemsize)[pick].tobytes()
+    sample_new = type(tensor)(tensor.name, tensor.dtype, (rows, n), new_rows)
+    delta = value_delta(sample_new, type(base)(base.name, base.dtype, (rows, n), base_rows))
+    total = float(np.einsum("ij,ij->", delta, delta))
+    if total == 0.0 or not np.isfinite(total):
+        return False
+    s = np.linalg.svd(delta, compute_uv=False)
+    left = float(np.sum(s[limit:] ** 2))
+    return left <= max(1e-6 * total, 4.0 * ulp_energy(new_rows, tensor.dtype, (rows, n)))
+
+
 def value_delta(tensor, base):
     """``new - base`` as float64 (m x n), non-finite changes zeroed (the residual carries them)."""
     shape = tuple(tensor.shape)
@@ -105,9 +131,11 @@ def encode_with_factors(tensor, base, a, b):
     """Encoded factors plus the exact residual of the prediction they give."""
     a = np.ascontiguousarray(a, dtype=np.float32)
     b = np.ascontiguousarray(b, dtype=np.float32)
-    residual = residual_bits(tensor, base, a, b)
-    parts, sections = encode_sections([a.ravel(), b.ravel(), residual])
-    return Encoded({"rank": int(a.shape[1]), "sections": sections}, parts)
+    predicted = predict(to_float(base.data, base.dtype, tuple(tensor.shape)), a, b, tensor.dtype)
+    mode, residual_parts, residual_sections = encode_residual(as_bits(tensor.data, tensor.dtype), predicted)
+    parts, sections = encode_sections([a.ravel(), b.ravel()])
+    header = {"rank": int(a.shape[1]), "residual": mode, "sections": sections + residual_sections}
+    return Encoded(header, parts + residual_parts)
 
 
 class LowRankUpdate(UpdateType):
@@ -126,7 +154,7 @@ class LowRankUpdate(UpdateType):
         if base is None or len(tensor.shape) != 2 or tensor.dtype not in LOW_RANK_DTYPES:
             return None
         if factors is None:
-            if not self.applies(tensor):
+            if not self.applies(tensor) or not plausibly_low_rank(tensor, base):
                 return None
             noise = ulp_energy(tensor.data, tensor.dtype, tensor.shape)
             factors = randomized_factors(value_delta(tensor, base), noise)
@@ -139,17 +167,15 @@ class LowRankUpdate(UpdateType):
         rank = header.get("rank")
         if (
             not isinstance(sections, list)
-            or len(sections) != 3
+            or len(sections) < 3
             or not isinstance(rank, int)
             or rank < 0
             or len(spec.shape) != 2
         ):
             raise ObjectCorruptError(f"object {oid} has a corrupt header")
         m, n = spec.shape
-        a, b, residual = decode_sections(payload, sections, oid)
+        a, b, *residual = decode_sections(payload, sections, oid)
         if a.size != m * rank or b.size != rank * n or a.dtype != np.float32 or b.dtype != np.float32:
             raise ObjectCorruptError(f"object {oid}: low-rank factors have the wrong size")
         predicted = predict(to_float(base, spec.dtype, spec.shape), a.reshape(m, rank), b.reshape(rank, n), spec.dtype)
-        if residual.size != predicted.size or residual.dtype.itemsize != predicted.dtype.itemsize:
-            raise ObjectCorruptError(f"object {oid}: residual has the wrong size")
-        return bytearray(apply_zigzag_delta(predicted, residual.view(predicted.dtype)).tobytes())
+        return bytearray(decode_residual(header.get("residual"), residual, predicted, oid).tobytes())

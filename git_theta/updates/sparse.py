@@ -79,5 +79,17 @@ class SparseUpdate(UpdateType):
         header, parts = encode_sparse_bits(as_bits(tensor.data, tensor.dtype), as_bits(base.data, base.dtype))
         return Encoded(header, parts)
 
+    def encode_if_cheap(self, tensor, base, max_fraction=0.125):
+        """The full encoding when at most ``max_fraction`` of the elements changed, else None.
+
+        Used by the automatic choice: finding the changes is one comparison pass, and encoding a
+        few of them costs less than estimating on a sample (which misjudges sparse changes).
+        """
+        new_bits, base_bits = as_bits(tensor.data, tensor.dtype), as_bits(base.data, base.dtype)
+        if np.count_nonzero(new_bits != base_bits) > max_fraction * len(new_bits):
+            return None
+        header, parts = encode_sparse_bits(new_bits, base_bits)
+        return Encoded(header, parts)
+
     def decode(self, header, payload, base, spec, oid="?"):
         return bytearray(apply_sparse_bits(header, payload, as_bits(base, spec.dtype), oid).tobytes())

@@ -105,7 +105,7 @@ class Multislerp(MergeOperator):
         "eps": Param(1e-8, "float", low=0.0, doc="numerical floor"),
     }
     summary = "out = θ0 + exp_m̂(Σ wi·log_m̂(δ̂i))·Σ wi‖δi‖, m̂ = normalised Σ wi δ̂i (one tangent step)"
-    paper = "— (mergekit; one-step spherical barycentre)"
+    paper = "— (mergekit; C. Goddard's multislerp blog post, one-step spherical barycentre)"
 
     def merge(self, models, base, params, rng):
         import numpy as np
@@ -149,7 +149,7 @@ class Karcher(MergeOperator):
         "tol": Param(1e-5, "float", low=0.0, doc="convergence tolerance"),
     }
     summary = "out = (mean ‖θi‖)·μ, μ = Karcher mean of θi/‖θi‖ on the unit sphere"
-    paper = "Karcher 1977 (Riemannian centre of mass); mergekit's karcher method"
+    paper = "Karcher 1977 (Riemannian centre of mass); mergekit cites arXiv:2603.04972"
 
     def merge(self, models, base, params, rng):
         import numpy as np

@@ -14,8 +14,6 @@ Randomness (DARE, DELLA masks) comes only from the ``rng`` the driver passes, on
 model order, so a merge is reproducible from the seed.
 """
 
-import math
-
 from ...errors import UsageError
 from ..operator import MergeOperator, Param
 from .basic import WEIGHT
@@ -46,6 +44,17 @@ def _l1_norm(x):
     return float(np.abs(x).sum(dtype=np.float64))
 
 
+def _keep_above(values, threshold, k):
+    """Mask of the entries > threshold, topped up to ``k`` with entries == threshold in index order."""
+    import numpy as np
+
+    flat = values.reshape(-1)
+    mask = flat > threshold
+    missing = k - int(np.count_nonzero(mask))
+    mask[np.flatnonzero(flat == threshold)[:missing]] = True
+    return mask.reshape(values.shape)
+
+
 def top_k_mask(values, k):
     """Boolean mask of the ``k`` largest entries of ``values`` (ties at the threshold: index order)."""
     import numpy as np
@@ -55,23 +64,26 @@ def top_k_mask(values, k):
         return np.ones(values.shape, dtype=bool)
     if k <= 0:
         return np.zeros(values.shape, dtype=bool)
-    flat = values.ravel()
-    threshold = np.partition(flat, n - k)[n - k]
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    mask[np.flatnonzero(flat == threshold)[:missing]] = True
-    return mask.reshape(values.shape)
+    return _keep_above(values, np.partition(values.reshape(-1), n - k)[n - k], k)
 
 
 def magnitude_mask(delta, density):
     """Boolean mask of the ``max(1, floor(density·n))`` largest |δ| of the whole tensor (TIES)."""
     import numpy as np
 
+    n = delta.size
     if density >= 1:
         return np.ones(delta.shape, dtype=bool)
     if density <= 0:
         return np.zeros(delta.shape, dtype=bool)
-    return top_k_mask(np.abs(delta), max(1, int(density * delta.size)))
+    k = min(n, max(1, int(density * n)))
+    # partition |δ| in place for the threshold only (one temporary instead of two), then compare
+    # against a fresh |δ|
+    mag = np.abs(delta).reshape(-1)
+    mag.partition(n - k)
+    threshold = mag[n - k].copy()
+    del mag
+    return _keep_above(np.abs(delta), threshold, k)
 
 
 def outlier_mask(delta, density, gamma):
@@ -188,7 +200,10 @@ def elect(weighted, method):
     score = None
     for d in weighted:
         term = d if method == "sum" else (d > 0).astype(d.dtype) - (d < 0)
-        score = term.copy() if score is None else score + term
+        if score is None:
+            score = term.copy() if term is d else term
+        else:
+            score += term
     return score >= 0
 
 
@@ -222,28 +237,34 @@ class TaskVectorMerge(MergeOperator):
             if w != 1:
                 delta *= dtype.type(w)
             weighted.append(delta)
+        # in place on the arrays we own: peak memory ≈ the task vectors + 2 tensors
+        normalize = params["normalize"]
         if self.consensus:
             positive = elect(weighted, params["consensus"])
             mixed = np.zeros_like(base)
-            divisor = np.zeros_like(base)
+            divisor = np.zeros_like(base) if normalize else None
             for w, d in zip(weights, weighted):
                 agree = agreeing(d, positive)
-                mixed += np.where(agree, d, dtype.type(0))
-                divisor += agree * dtype.type(w)
-            divisor = np.where(divisor == 0, dtype.type(1), divisor)
+                np.copyto(d, 0, where=~agree)
+                mixed += d
+                if normalize:
+                    np.add(divisor, dtype.type(w), out=divisor, where=agree)
+            del weighted
+            if normalize:
+                divisor[divisor == 0] = 1
+                mixed /= divisor
         else:
-            mixed = weighted[0].copy()
+            mixed = weighted[0]
             for d in weighted[1:]:
                 mixed += d
+            del weighted
             divisor = sum(weights)
-            if abs(divisor) < 1e-8:
-                divisor = 1.0
-            divisor = dtype.type(divisor)
-        if params["normalize"]:
-            mixed = mixed / divisor
+            if normalize:
+                mixed /= dtype.type(1.0 if abs(divisor) < 1e-8 else divisor)
         if params["lambda"] != 1:
-            mixed = mixed * dtype.type(params["lambda"])
-        return np.asarray(base + mixed, dtype=dtype)
+            mixed *= dtype.type(params["lambda"])
+        mixed += base
+        return mixed
 
 
 def _gta_params(sparsifier, consensus, normalize, rescale):
@@ -369,12 +390,15 @@ class Sce(MergeOperator):
         import numpy as np
 
         dtype = base.dtype
-        tvs = np.stack([m - base for m in models])
+        shape, base = base.shape, base.reshape(-1)  # sce uses no structure; flat rows are arrays
+        tvs = np.stack([m.reshape(-1) - base for m in models])
         k_frac = params["select_topk"]
         if k_frac < 1:
             var = tvs.var(axis=0)  # population variance across models
-            tvs = tvs * top_k_mask(var, int(np.count_nonzero(var) * k_frac))
-        energy = (tvs.astype(dtype) ** 2).reshape(len(models), -1).mean(axis=1)
+            keep = top_k_mask(var, int(np.count_nonzero(var) * k_frac))
+            del var
+            np.multiply(tvs, keep, out=tvs)
+        energy = np.array([np.mean(np.square(tv)) for tv in tvs], dtype=dtype)
         total = float(energy.sum())
         if abs(total) < 1e-6:
             omega = np.full(len(models), 1 / len(models), dtype=dtype)
@@ -384,8 +408,10 @@ class Sce(MergeOperator):
         merged = np.zeros_like(base)
         total_weight = np.zeros_like(base)
         for om, tv in zip(omega, tvs):
-            w = np.where(agreeing(tv, positive), om, dtype.type(0))
-            merged += tv * w
-            total_weight += w
+            agree = agreeing(tv, positive)
+            np.copyto(tv, 0, where=~agree)
+            merged += tv * om
+            np.add(total_weight, om, out=total_weight, where=agree)
         merged /= np.maximum(total_weight, dtype.type(1e-6))
-        return np.asarray(base + merged, dtype=dtype)
+        merged += base
+        return merged.reshape(shape)

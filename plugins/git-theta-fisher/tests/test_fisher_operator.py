@@ -86,12 +86,12 @@ def fine_tunes(repo):
     save_file(ours, str(repo.file("model.safetensors")))
     save_file(fisher_ours, str(repo.file(FISHER_FILE)))
     repo.commit("ours")
-    return ours, theirs, fisher_ours, fisher_theirs
+    return base, ours, theirs, fisher_ours, fisher_theirs
 
 
 @pytest.mark.parametrize("command", [("merge", "-q", "--no-edit", "theirs"), ("cherry-pick", "theirs")])
 def test_git_weights_each_side_by_its_fisher_file(repo, command):
-    ours, theirs, fisher_ours, fisher_theirs = fine_tunes(repo)
+    _, ours, theirs, fisher_ours, fisher_theirs = fine_tunes(repo)
     repo.git(*command)  # the merge driver finds each side's commit (HEAD, GITHEAD_* or a search)
     assert Manifest.parse(repo.show("HEAD:model.safetensors")).tensors
     assert repo.status() == ""
@@ -107,3 +107,23 @@ def test_git_weights_each_side_by_its_fisher_file(repo, command):
     # The Fisher files themselves were averaged by the linear operator.
     np.testing.assert_allclose(load_file(str(repo.file(FISHER_FILE)))["layer.weight"],
                                (fisher_ours["layer.weight"] + fisher_theirs["layer.weight"]) / 2, rtol=1e-6)
+
+
+def test_octopus_merge_by_the_porcelain_reads_every_branch(repo):
+    base, ours, theirs, fisher_ours, fisher_theirs = fine_tunes(repo)
+    repo.git("checkout", "-q", "-b", "third", "HEAD~2")
+    third = dict(base, **{"layer.weight": base["layer.weight"] * 3})
+    fisher_third = {n: np.full(t.shape, 5.0, np.float32) for n, t in base.items()}
+    save_file(third, str(repo.file("model.safetensors")))
+    save_file(fisher_third, str(repo.file(FISHER_FILE)))
+    repo.commit("third")
+    repo.git("checkout", "-q", "main")
+
+    repo.theta("merge", "theirs", "third")  # one octopus commit; the operator sees all three
+    assert len(repo.git("log", "-1", "--format=%P").stdout.split()) == 3
+    assert repo.status() == ""
+    merged = load_file(str(repo.file("model.safetensors")))
+    expected = reference([ours["layer.weight"], theirs["layer.weight"], third["layer.weight"]],
+                         [fisher_ours["layer.weight"], fisher_theirs["layer.weight"], fisher_third["layer.weight"]],
+                         [1.0, 1.0, 1.0], 1e-6)
+    np.testing.assert_allclose(merged["layer.weight"], expected, rtol=1e-6)

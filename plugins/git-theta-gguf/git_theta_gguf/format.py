@@ -147,7 +147,10 @@ class _Reader(CheckpointReader):
 
         infos = []
         for _ in range(tensor_count):
-            name = _read_string(cursor, "a tensor name").decode("utf-8")
+            try:
+                name = _read_string(cursor, "a tensor name").decode("utf-8")
+            except UnicodeDecodeError:
+                raise CheckpointError(f"{path}: a tensor name is not valid UTF-8 (corrupt file)") from None
             (n_dims,) = cursor.unpack("I", f"tensor {name!r}")
             dims = cursor.unpack("Q" * n_dims, f"tensor {name!r}")
             code, offset = cursor.unpack("IQ", f"tensor {name!r}")

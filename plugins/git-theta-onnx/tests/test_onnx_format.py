@@ -157,3 +157,18 @@ def test_truncated_file_is_an_error():
 def test_varint_round_trip():
     for value in (0, 1, 127, 128, 300, 2**35, 2**63 - 1):
         assert decode_varint(encode_varint(value), 0) == (value, len(encode_varint(value)))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_torch_export_round_trips():
+    torch = pytest.importorskip("torch")  # torch is an optional git-theta dependency
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 16),), buffer, dynamo=False)
+    data = buffer.getvalue()
+    reader, tensors, rebuilt = split_join(data)
+    assert rebuilt == data
+    state = model.state_dict()
+    assert set(tensors) == set(state)  # every parameter is a tensor, nothing left in the graph blob
+    for name, tensor in tensors.items():
+        assert bytes(tensor.data) == state[name].numpy().tobytes()

@@ -1,0 +1,50 @@
+"""The exact residual of a predicting update type (low-rank, ia3): prediction bits -> file bits.
+
+The residual is the zigzag-coded wrapping difference between the tensor's bit patterns and the
+prediction's. A good prediction matches most elements exactly, so the residual is stored either
+whole (byte planes + zstd) or, when that is smaller, sparsely: the positions of the non-zero
+entries (gaps or bitmap, as the ``sparse`` update stores them) plus their values. Measured on a
+merged rank-8 LoRA (15% mismatches), the sparse form is ~40% smaller than planes + zstd, which
+cannot code a mostly-zero byte stream much below one bit per element.
+"""
+
+import numpy as np
+
+from ..errors import ObjectCorruptError
+from ..planes import encode_sections
+from .int_delta import apply_zigzag_delta, zigzag_delta
+from .sparse import decode_positions, encode_positions
+
+
+def encode_residual(new_bits, predicted_bits):
+    """(mode, parts, sections) of the smaller residual encoding; mode is written in the header."""
+    zz = zigzag_delta(new_bits, predicted_bits)
+    dense_parts, dense_sections = encode_sections([zz])
+    positions = np.flatnonzero(zz)
+    if len(positions) * 2 >= len(zz):  # more than half differ: the sparse form cannot win
+        return "dense", dense_parts, dense_sections
+    mode, index = encode_positions(positions, len(zz))
+    sparse_parts, sparse_sections = encode_sections([index, zz[positions]])
+    if sum(s["bytes"] for s in sparse_sections) < dense_sections[0]["bytes"]:
+        return mode, sparse_parts, sparse_sections
+    return "dense", dense_parts, dense_sections
+
+
+def decode_residual(mode, arrays, predicted_bits, oid):
+    """The tensor's bit patterns from the prediction and the decoded residual ``arrays``."""
+    if mode == "dense":
+        if len(arrays) != 1:
+            raise ObjectCorruptError(f"object {oid} has a corrupt header")
+        zz = arrays[0]
+    else:
+        if len(arrays) != 2:
+            raise ObjectCorruptError(f"object {oid} has a corrupt header")
+        positions = decode_positions(mode, arrays[0], len(predicted_bits), oid)
+        values = arrays[1]
+        if len(positions) != len(values) or values.dtype.itemsize != predicted_bits.dtype.itemsize:
+            raise ObjectCorruptError(f"object {oid}: residual positions and values disagree")
+        zz = np.zeros(len(predicted_bits), dtype=predicted_bits.dtype)
+        zz[positions] = values.view(predicted_bits.dtype)
+    if zz.size != predicted_bits.size or zz.dtype.itemsize != predicted_bits.dtype.itemsize:
+        raise ObjectCorruptError(f"object {oid}: residual has the wrong size")
+    return apply_zigzag_delta(predicted_bits, zz.view(predicted_bits.dtype))
