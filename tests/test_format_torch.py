@@ -332,3 +332,18 @@ def test_seen_bytes_are_recognised_without_parsing(repo, monkeypatch):
         cleaner.close()
         smudger.close()
         handle.close()
+
+
+def test_mapped_tensors_are_read_from_the_file(tmp_path):
+    """Clean reads tensor bytes with pread (bounded memory), not through torch's whole-file mapping."""
+    from git_theta.formats.torch_format import StorageFile
+
+    obj = {"e": torch.empty(0), "w": torch.randn(4, 4), "b": torch.ones(3, dtype=torch.bfloat16), "x": torch.arange(8)[2:5]}
+    path = tmp_path / "m.pt"
+    torch.save(obj, path)
+    loaded = torch.load(path, weights_only=True, mmap=True)
+    with open(path, "rb") as handle:
+        files = StorageFile(handle, list(loaded.values()))
+        for name in ("w", "b", "x"):
+            assert bytes(files.read(loaded[name])) == bits(obj[name]), name
+        assert files.read(loaded["w"].T) is None  # not contiguous: read through the mapping

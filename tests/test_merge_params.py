@@ -104,3 +104,9 @@ def test_git_config_spellings_of_names():
     assert p["select_topk"] == 0.5 and p["int8_mask"] is True
     with pytest.raises(UsageError, match="given twice"):
         resolve(op("sce"), {"select-topk": "0.5", "select_topk": "0.4"}, 2)
+
+
+def test_canonical_names():
+    from git_theta.merge.params import canonical
+
+    assert canonical("Select-TopK") == "select_topk" and canonical("density") == "density"

@@ -21,6 +21,7 @@ import pytest
 from git_theta import plugins
 from git_theta.errors import PluginError
 from git_theta.manifest import Manifest
+from git_theta.merge.operator import MergeOperator
 
 GUIDE = Path(__file__).resolve().parents[1] / "plugins" / "README.md"
 
@@ -94,7 +95,7 @@ def overlay(tmp_path, git_env):
     return Overlay(tmp_path / "overlay", git_env)
 
 
-def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, overlay, make_repo):
+def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, overlay, make_repo, git_env):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
@@ -113,7 +114,7 @@ def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, ov
     rng = np.random.default_rng(0)
     original = toy_file({"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)})
     repo.file("model.toy").write_bytes(original)
-    toy_commit = repo.commit("add", ".gitattributes", "model.toy")
+    repo.commit("add", ".gitattributes", "model.toy")
     manifest = Manifest.parse(repo.show("HEAD:model.toy"))
     assert manifest.format == "toy"
     assert set(manifest.tensors) == {"w", "b"}
@@ -133,7 +134,9 @@ def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, ov
     repo.git("checkout", "-q", "-b", "theirs")
     theirs = w + rng.standard_normal(w.shape).astype(np.float32)
     save_file({"w": theirs}, str(repo.file("m.safetensors")))
+    repo.theta("add", "--update-type", "xor", "m.safetensors")  # the third-party update type
     repo.commit("theirs", "m.safetensors")
+    assert Manifest.parse(repo.show("HEAD:m.safetensors")).tensors["w"].update == "xor"
     repo.git("checkout", "-q", "main")
     ours = w + rng.standard_normal(w.shape).astype(np.float32)
     save_file({"w": ours}, str(repo.file("m.safetensors")))
@@ -143,14 +146,17 @@ def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, ov
     assert Manifest.parse(repo.show("HEAD:m.safetensors")).tensors["w"].shape == (3, 5)
     assert repo.status() == ""
 
-    # A clone whose git-theta lacks the plugin: checkout fails and says which package to install.
-    clone = make_repo("clone", init=False)
-    clone.git("clone", "-q", "--no-checkout", str(repo.path), ".")
-    clone.theta("install", "--local")
-    failed = clone.git("checkout", "-q", toy_commit, check=False)
+    # The same repository seen by a git-theta without the package: checkouts fail, saying why.
+    repo.env = git_env
+    repo.file("model.toy").unlink()
+    failed = repo.git("checkout", "--", "model.toy", check=False)
     assert failed.returncode != 0
     assert "no format plugin named 'toy' is installed (needed by model.toy)" in failed.stderr
-    assert "pip install theta-toy-plugin" in failed.stderr
+    assert "pip install theta-toy-plugin" in failed.stderr  # the package recorded in the manifest
+    failed = repo.git("checkout", "theirs", "--", "m.safetensors", check=False)
+    assert failed.returncode != 0
+    assert "no update plugin named 'xor' is installed (needed by m.safetensors: tensor 'w'" in failed.stderr
+    assert "'git_theta.updates' entry point 'xor'" in failed.stderr
 
 
 def test_duplicate_name_from_an_installed_package_fails_at_load(tmp_path, overlay):
@@ -192,6 +198,12 @@ class NoMerge:
     name = "nomerge"
 
 
+class Forgetful(MergeOperator):
+    """Subclasses the interface but forgets merge(): the inherited stub does not count."""
+
+    name = "forgetful"
+
+
 def test_malformed_name_is_an_error(fake_group):
     fake_group("merge", **{"Bad.Name": f"{__name__}:Named"})
     with pytest.raises(PluginError, match="malformed merge plugin name 'Bad.Name'"):
@@ -205,10 +217,12 @@ def test_plugin_must_call_itself_by_its_entry_point_name(fake_group):
 
 
 def test_plugin_must_implement_its_interface(fake_group):
-    fake_group("merge", nomerge=f"{__name__}:NoMerge", good=f"{__name__}:Named")
+    fake_group("merge", nomerge=f"{__name__}:NoMerge", forgetful=f"{__name__}:Forgetful", good=f"{__name__}:Named")
     with pytest.raises(PluginError, match="does not implement merge") as info:
         plugins.get("merge", "nomerge")
     assert "merge" in info.value.hint
+    with pytest.raises(PluginError, match="'forgetful' .* does not implement merge"):
+        plugins.get("merge", "forgetful")
     assert plugins.get("merge", "good").name == "good"
 
 

@@ -198,3 +198,66 @@ def test_residual_forms_roundtrip(mismatch):
         assert mode == "dense"
     arrays = decode_sections(memoryview(b"".join(bytes(p) for p in parts)), sections)
     assert np.array_equal(decode_residual(mode, arrays, predicted, "x"), new)
+
+
+@pytest.mark.parametrize("rows", [40, 400])  # 400 x 256 elements: the sampled path
+@pytest.mark.parametrize(
+    "change,expected",
+    [("few", "sparse"), ("steps", "int-delta"), ("lora", "low-rank"), ("new", "dense")],
+)
+def test_automatic_choice(rows, change, expected):
+    """The automatic choice finds the encoding each kind of change calls for, and it is exact."""
+    from git_theta.choose import choose
+
+    rng = np.random.default_rng(9)
+    base = (rng.standard_normal((rows, 256)) * 0.05).astype(np.float32)
+    if change == "few":
+        new = base.copy()
+        new.reshape(-1)[rng.choice(base.size, base.size // 100, replace=False)] += np.float32(0.01)
+    elif change == "steps":
+        new = (base * (1 + 1e-4 * rng.standard_normal(base.shape))).astype(np.float32)
+    elif change == "lora":
+        new = (base + rng.standard_normal((rows, 4)) @ rng.standard_normal((4, 256)) * 0.01).astype(np.float32)
+    else:
+        new = (rng.standard_normal(base.shape) * 0.05).astype(np.float32)
+    new_t = tensor("w", "F32", base.shape, new.tobytes())
+    base_t = tensor("w", "F32", base.shape, base.tobytes())
+    update, encoded = choose(new_t, base_t)
+    assert update.name == expected
+    header = dict(encoded.header, update=update.name, dtype="F32", shape=list(base.shape))
+    raw = header_bytes(header) + b"".join(bytes(p) for p in encoded.parts)
+    h, payload = unpack(raw)
+    spec = TensorData("w", "F32", base.shape, None)
+    assert bytes(update.decode(h, payload, None if update.keyframe else bytearray(base_t.data), spec)) == new.tobytes()
+
+
+def test_decoded_cache_shares_bases_and_stays_bounded(tmp_path):
+    """A verified immediate base is cached by object id and reused; the cache evicts to its bound."""
+    from git_theta.codec import DecodedCache, decode_tensor, encode_tensor
+    from git_theta.object_store import ObjectStore
+
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    rng = np.random.default_rng(10)
+    values = [rng.standard_normal(64).astype(np.float32)]
+    for _ in range(2):
+        nxt = values[-1].copy()
+        nxt[rng.integers(0, 64)] += 1
+        values.append(nxt)
+    entries, previous = [], None
+    for v in values:
+        t = tensor("w", "F32", (64,), v.tobytes())
+        base = None if previous is None else tensor("w", "F32", (64,), values[len(entries) - 1].tobytes())
+        entry = encode_tensor(store, t, "sparse" if previous else "dense", base, previous)
+        entries.append(entry)
+        previous = entry
+    cache = DecodedCache(limit=300)
+    assert bytes(decode_tensor(store, entries[2], cache=cache)) == values[2].tobytes()
+    assert cache.get(entries[2].objects[1].oid) == values[1].tobytes()  # the immediate base
+    # with the base cached, the keyframe is not read again: remove it and decode still works
+    keyframe = store.path(entries[2].objects[-1].oid)
+    keyframe.chmod(0o644)
+    keyframe.unlink()
+    assert bytes(decode_tensor(store, entries[2], cache=cache)) == values[2].tobytes()
+    cache.put("a" * 64, b"x" * 200)
+    cache.put("b" * 64, b"y" * 200)  # over the 300-byte bound: the least recently used go
+    assert cache.get("a" * 64) is None and cache.get("b" * 64) == b"y" * 200

@@ -125,13 +125,15 @@ def ls_files_verbose(rev, as_json):
     if as_json:
         click.echo(json.dumps({"rev": rev or ":index", "files": files}, indent=2))
         return
+    if files:
+        click.echo(f"{'update':9} {'depth':>5} {'stored':>9} {'raw':>9}  tensor")
     for f in files:
         if "status" in f:
             click.echo(f"{f['path']}: {f['status']}")
             continue
         for r in f["tensor_list"]:
             click.echo(
-                f"{r['update']:9} {r['depth']:>2} {humanize.size(r['stored_bytes']):>9} "
+                f"{r['update']:9} {r['depth']:>5} {humanize.size(r['stored_bytes']):>9} "
                 f"{humanize.size(r['logical_bytes']):>9}  {r['name']}"
             )
         kinds = ", ".join(f"{n} {k}" for k, n in f["updates"].items())

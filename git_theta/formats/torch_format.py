@@ -3,10 +3,10 @@
 Clean spools git's stream to a temporary file (a zip needs seeking) and loads it with
 ``torch.load(weights_only=True, mmap=True)``: only tensors and plain data are ever unpickled, a pickle
 that names any other global is refused (:class:`UnsafeCheckpointError`) and nothing in it runs.
-There is no fallback. Tensors stay memory-mapped and are yielded one by one as raw little-endian
-bytes; everything else becomes the *structure*, canonical JSON kept in the manifest field
-``structure`` (or, when long, the blob ``structure``) where each tensor is a placeholder naming its
-manifest entry. Storage sharing is kept: when several tensors share one storage and one of them is
+There is no fallback. Tensors are yielded one by one as raw little-endian bytes, read from the
+spooled file (:class:`StorageFile`) rather than through torch's mapping; everything else becomes
+the *structure*, canonical JSON kept in the manifest field ``structure`` (or, when long, the blob
+``structure``) where each tensor is a placeholder naming its manifest entry. Storage sharing is kept: when several tensors share one storage and one of them is
 the whole storage (tied weights, ``x`` and ``x.T``), that one is stored and the others are recorded
 as views of it (shape, stride, offset) and rebuilt on the same storage at checkout; when none is
 (slices of a fused weight) the storage is stored once under ``<first view>%storage``. A tensor
@@ -261,8 +261,73 @@ def plan_tensors(encoder):
     return out + [(name, t) for name, t in storages if name in used]
 
 
-def tensor_bytes(torch, t, name, path):
-    """(dtype name, shape, little-endian C-order bytes as a memoryview) of tensor ``t``."""
+class StorageFile:
+    """Reads memory-mapped tensors' bytes from the spooled file with ``pread``.
+
+    ``torch.load(mmap=True)`` maps the whole file, and every page read through the mapping counts
+    as the process's memory until all of it is unmapped: reading tensors through it would grow the
+    resident size to the file size. Reading the same bytes from the file keeps memory near the
+    tensors in flight. Each storage's file offset is its address minus the mapping's base, found
+    from the zip's member offsets and checked for every storage; when anything does not match,
+    :meth:`read` returns None and the caller reads through the mapping.
+    """
+
+    def __init__(self, tmp, tensors):
+        self._fd = tmp.fileno()
+        self._base = self._locate(tmp.name, [t.untyped_storage() for t in tensors])
+
+    def _locate(self, name, storages):
+        import os
+        import zipfile
+
+        spans = {}
+        try:
+            with zipfile.ZipFile(name) as archive:
+                for info in archive.infolist():
+                    # torch.save keeps each storage, uncompressed, as <archive>/data/<key>.
+                    if "/data/" not in info.filename or info.compress_type != zipfile.ZIP_STORED:
+                        continue
+                    if not info.file_size:  # empty storages have no address to match
+                        continue
+                    header = os.pread(self._fd, 30, info.header_offset)
+                    if len(header) < 30 or not header.startswith(ZIP_MAGIC):
+                        return None
+                    name_len, extra_len = struct.unpack("<HH", header[26:30])
+                    spans[info.header_offset + 30 + name_len + extra_len] = info.file_size
+        except (zipfile.BadZipFile, OSError, ValueError, struct.error):
+            return None
+        pointers = {s.data_ptr(): s.nbytes() for s in storages if s.nbytes() > 0}
+        if not pointers or not spans:
+            return None
+        base = min(pointers) - min(spans)
+        if any(spans.get(ptr - base) != size for ptr, size in pointers.items()):
+            return None
+        return base
+
+    def read(self, t):
+        """The bytes of contiguous tensor ``t`` (a bytearray), or None when they cannot be read here."""
+        import os
+
+        if self._base is None or not t.is_contiguous() or t.is_conj() or t.is_neg() or t.numel() == 0:
+            return None
+        size = t.numel() * t.element_size()
+        offset = t.untyped_storage().data_ptr() - self._base + t.storage_offset() * t.element_size()
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n <= 0:
+                return None
+            got += n
+        return buf
+
+
+def tensor_bytes(torch, t, name, path, files=None):
+    """(dtype name, shape, little-endian C-order bytes as a memoryview) of tensor ``t``.
+
+    With ``files`` (a :class:`StorageFile`) the bytes are read from the file when possible.
+    """
     dtype = _DTYPE_NAMES.get(str(t.dtype).replace("torch.", ""))
     if dtype is None:
         raise CheckpointError(
@@ -274,10 +339,13 @@ def tensor_bytes(torch, t, name, path):
             f"{path}: tensor {name!r} is {t.layout}/{t.device} (quantized or sparse tensors are not supported)",
             hint="convert it to a dense tensor (t.to_dense() / t.dequantize()) before saving",
         )
-    t = t.detach().resolve_conj().resolve_neg().contiguous()
     if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
         raise CheckpointError("git-theta needs a little-endian machine")
     shape = tuple(t.shape)
+    data = files.read(t) if files is not None else None
+    if data is not None:
+        return dtype, shape, memoryview(data)
+    t = t.detach().resolve_conj().resolve_neg().contiguous()
     if t.numel() == 0:
         return dtype, shape, memoryview(b"")
     return dtype, shape, memoryview(t.reshape(-1).view(torch.uint8).numpy())
@@ -338,9 +406,10 @@ class _Reader(CheckpointReader):
                     f"{path}: the checkpoint's containers are nested too deeply",
                     hint="flatten the saved structure (dicts of tensors)",
                 ) from None
+            files = StorageFile(tmp, [t for _, t in stored]) if is_zip else None
             del obj, encoder
             for name, t in stored:
-                dtype, shape, data = tensor_bytes(torch, t, name, path)
+                dtype, shape, data = tensor_bytes(torch, t, name, path, files)
                 yield TensorData(name, dtype, shape, data)
 
 

@@ -87,12 +87,17 @@ def _values(raw):
     return [raw]
 
 
+def canonical(key):
+    """The parameter name ``key`` stands for: lower case, '-' read as '_' (git config names are
+    case-insensitive and cannot hold '_', so ``theta.merge.select-topk`` means ``select_topk``)."""
+    return key.strip().lower().replace("-", "_")
+
+
 def _canonical_keys(operator, raw):
-    """Keys lower-cased with '-' read as '_': git config names cannot hold '_' and are
-    case-insensitive, so ``theta.merge.select-topk`` means ``select_topk``."""
+    """``raw`` with :func:`canonical` keys; the same parameter given twice is an error."""
     out = {}
     for key, value in raw.items():
-        canon = key.strip().lower().replace("-", "_")
+        canon = canonical(key)
         if canon in out:
             raise UsageError(
                 f"parameter {canon!r} of merge operator {operator.name!r} is given twice",

@@ -14,6 +14,7 @@ from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
 from .base import Encoded, UpdateType
 from .residual import decode_residual, encode_residual
+from .int_delta import as_bytearray
 from .low_rank import LOW_RANK_DTYPES
 
 
@@ -67,4 +68,4 @@ class IA3Update(UpdateType):
         if scale.dtype != np.float32 or scale.size != element_count(shape):
             raise ObjectCorruptError(f"object {oid}: scaling vector has the wrong size")
         predicted = predict(to_float(base, spec.dtype, tuple(spec.shape)), scale.reshape(shape), spec.dtype)
-        return bytearray(decode_residual(header.get("residual"), residual, predicted, oid).tobytes())
+        return as_bytearray(decode_residual(header.get("residual"), residual, predicted, oid))

@@ -19,20 +19,33 @@ _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 def zigzag_delta(new_bits, base_bits):
     """Zigzag-coded wrapping difference ``new - base`` as unsigned integers of the same width."""
     width = new_bits.dtype.itemsize * 8
-    diff = (new_bits - base_bits).view(_SIGNED[new_bits.dtype.itemsize])
-    return ((diff << 1) ^ (diff >> (width - 1))).view(new_bits.dtype)
+    diff = np.subtract(new_bits, base_bits).view(_SIGNED[new_bits.dtype.itemsize])
+    out = np.left_shift(diff, 1)
+    np.right_shift(diff, width - 1, out=diff)  # in place: two temporaries instead of four
+    np.bitwise_xor(out, diff, out=out)
+    return out.view(new_bits.dtype)
 
 
 def apply_zigzag_delta(base_bits, zigzag):
-    """Inverse of :func:`zigzag_delta`."""
+    """Inverse of :func:`zigzag_delta`: ``base + unzigzag(zigzag)``, wrapping.
+
+    Works in place in ``zigzag`` when it is writable (decoders pass freshly decoded arrays), so
+    decoding a delta touches one new array rather than four.
+    """
     one = zigzag.dtype.type(1)
-    diff = (zigzag >> one) ^ (zero_minus(zigzag & one))
-    return base_bits + diff
+    signed = _SIGNED[zigzag.dtype.itemsize]
+    sign = np.bitwise_and(zigzag, one)
+    np.negative(sign.view(signed), out=sign.view(signed))  # 0 -> 0, 1 -> all ones
+    out = zigzag if zigzag.flags.writeable else zigzag.copy()
+    np.right_shift(out, one, out=out)
+    np.bitwise_xor(out, sign, out=out)
+    np.add(out, base_bits, out=out)
+    return out
 
 
-def zero_minus(x):
-    """Wrapping negation of unsigned integers (0 - x)."""
-    return (~x) + x.dtype.type(1)
+def as_bytearray(bits):
+    """The raw bytes of an array as a bytearray (one copy)."""
+    return bytearray(np.ascontiguousarray(bits).view(np.uint8))
 
 
 class IntDeltaUpdate(UpdateType):
@@ -56,4 +69,4 @@ class IntDeltaUpdate(UpdateType):
         base_bits = as_bits(base, spec.dtype)
         if zz.dtype.itemsize != base_bits.dtype.itemsize or len(zz) != len(base_bits):
             raise ObjectCorruptError(f"object {oid}: delta does not match its base")
-        return bytearray(apply_zigzag_delta(base_bits, zz.view(base_bits.dtype)).tobytes())
+        return as_bytearray(apply_zigzag_delta(base_bits, zz.view(base_bits.dtype)))

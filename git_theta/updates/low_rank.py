@@ -16,7 +16,7 @@ from ..dtypes import get_dtype
 from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
 from .base import Encoded, UpdateType
-from .int_delta import zigzag_delta
+from .int_delta import as_bytearray, zigzag_delta
 from .residual import decode_residual, encode_residual
 
 LOW_RANK_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -87,28 +87,32 @@ def randomized_factors(delta, noise=0.0, max_rank=MAX_RANK, tolerance=1e-6):
     return None
 
 
-def plausibly_low_rank(tensor, base, rows=96):
-    """Cheap test on evenly spaced rows: False when the change is surely not low rank.
+def plausibly_low_rank(tensor, base, rows=96, cols=384):
+    """Cheap test on a grid of evenly spaced rows and columns: False when surely not low rank.
 
-    Any set of rows of a rank-r matrix has rank <= r, so if a sample of rows already needs more than
-    the largest rank we would store, the whole matrix does too. Costs one small SVD.
+    Any submatrix of a rank-r matrix has rank <= r, so if a sampled submatrix already needs more
+    than the largest rank we would store, the whole matrix does too. Costs one small SVD.
     """
     m, n = tensor.shape
     limit = min(MAX_RANK, m // 4, n // 4)
     if m <= rows + limit:
         return True
-    itemsize = get_dtype(tensor.dtype).itemsize
-    pick = np.linspace(0, m - 1, rows).astype(np.int64)
-    new_rows = np.frombuffer(tensor.data, dtype=np.uint8).reshape(m, n * itemsize)[pick].tobytes()
-    base_rows = np.frombuffer(base.data, dtype=np.uint8).reshape(m, n * itemsize)[pick].tobytes()
-    sample_new = type(tensor)(tensor.name, tensor.dtype, (rows, n), new_rows)
-    delta = value_delta(sample_new, type(base)(base.name, base.dtype, (rows, n), base_rows))
+    bits = get_dtype(tensor.dtype).bits_name
+    pick_rows = np.linspace(0, m - 1, rows).astype(np.int64)
+    pick_cols = np.linspace(0, n - 1, min(n, cols)).astype(np.int64)
+    grid = np.ix_(pick_rows, pick_cols)
+    shape = (len(pick_rows), len(pick_cols))
+    new_sub = np.frombuffer(tensor.data, dtype=bits).reshape(m, n)[grid].tobytes()
+    base_sub = np.frombuffer(base.data, dtype=bits).reshape(m, n)[grid].tobytes()
+    delta = value_delta(
+        type(tensor)(tensor.name, tensor.dtype, shape, new_sub), type(base)(base.name, base.dtype, shape, base_sub)
+    )
     total = float(np.einsum("ij,ij->", delta, delta))
     if total == 0.0 or not np.isfinite(total):
         return False
     s = np.linalg.svd(delta, compute_uv=False)
     left = float(np.sum(s[limit:] ** 2))
-    return left <= max(1e-6 * total, 4.0 * ulp_energy(new_rows, tensor.dtype, (rows, n)))
+    return left <= max(1e-6 * total, 4.0 * ulp_energy(new_sub, tensor.dtype, shape))
 
 
 def value_delta(tensor, base):
@@ -178,4 +182,4 @@ class LowRankUpdate(UpdateType):
         if a.size != m * rank or b.size != rank * n or a.dtype != np.float32 or b.dtype != np.float32:
             raise ObjectCorruptError(f"object {oid}: low-rank factors have the wrong size")
         predicted = predict(to_float(base, spec.dtype, spec.shape), a.reshape(m, rank), b.reshape(rank, n), spec.dtype)
-        return bytearray(decode_residual(header.get("residual"), residual, predicted, oid).tobytes())
+        return as_bytearray(decode_residual(header.get("residual"), residual, predicted, oid))

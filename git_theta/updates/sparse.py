@@ -11,6 +11,7 @@ from ..bits import as_bits
 from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
 from .base import Encoded, UpdateType
+from .int_delta import as_bytearray
 
 
 def changed_positions(new_bits, base_bits):
@@ -92,4 +93,4 @@ class SparseUpdate(UpdateType):
         return Encoded(header, parts)
 
     def decode(self, header, payload, base, spec, oid="?"):
-        return bytearray(apply_sparse_bits(header, payload, as_bits(base, spec.dtype), oid).tobytes())
+        return as_bytearray(apply_sparse_bits(header, payload, as_bits(base, spec.dtype), oid))

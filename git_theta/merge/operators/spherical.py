@@ -57,10 +57,16 @@ def _nuslerp(t, v0, v1, eps=1e-7):
     u1 = v1 / np.maximum(np.linalg.norm(v1, axis=-1, keepdims=True), dtype(eps))
     c = np.clip((u0 * u1).sum(axis=-1, keepdims=True), -1, 1)
     colinear = (1 - c * c) <= 1e-16
+    if colinear.all():
+        return _lerp(t, v0, v1)
     omega = np.arccos(c)
     s = np.where(colinear, dtype(1), np.sin(omega))
-    slerped = (np.sin(dtype(1 - t) * omega) * v0 + np.sin(dtype(t) * omega) * v1) / s
-    return np.where(colinear, _lerp(t, v0, v1), slerped)
+    # one coefficient per vector: (sin((1−t)Ω)·v0 + sin(tΩ)·v1)/sin Ω, (1−t, t) where colinear
+    c0 = np.where(colinear, dtype(1 - t), np.sin(dtype(1 - t) * omega) / s)
+    c1 = np.where(colinear, dtype(t), np.sin(dtype(t) * omega) / s)
+    out = v0 * c0
+    out += v1 * c1
+    return out
 
 
 class Nuslerp(MergeOperator):
@@ -118,9 +124,13 @@ class Multislerp(MergeOperator):
         w = np.asarray(params["weight"], dtype=dtype)
         if params["normalize_weights"]:
             w = w / w.sum()
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        units = x / (norms + eps)
-        mean = (units * w[:, None]).sum(axis=0)
+        norms = np.linalg.norm(x, axis=1)
+        # unit vectors ui = xi/(ni+eps) are never materialised: m = Σ wi ui = (w/(n+eps)) @ x, and the
+        # tangent mean Σ wi (ui − (ui·m̂) m̂) = m − (Σ wi ui·m̂) m̂ (memory: the stacked inputs + 2).
+        # That is m − (m·m̂) m̂ = 0 analytically: the step only carries rounding, as in mergekit, and
+        # the result is m̂·Σ wi‖xi‖ (kept in mergekit's form so the two agree to rounding)
+        inv = dtype.type(1) / (norms + eps)
+        mean = (w * inv) @ x
         mean_norm = np.linalg.norm(mean)
         if mean_norm < eps:
             if len(models) != 2:
@@ -130,11 +140,13 @@ class Multislerp(MergeOperator):
                 )
             out = w[0] * x[0] + w[1] * x[1]
         else:
-            mean = mean / mean_norm
-            tangents = units - (units @ mean)[:, None] * mean
-            tau = (tangents * w[:, None]).sum(axis=0)
+            mean /= mean_norm
+            dots = (x @ mean) * inv
+            tau = mean * (mean_norm - (w @ dots))
             tau_norm = np.linalg.norm(tau) + eps
-            out = (mean * np.cos(tau_norm) + tau * (np.sin(tau_norm) / tau_norm)) * (norms[:, 0] * w).sum()
+            out = mean * np.cos(tau_norm)
+            out += tau * (np.sin(tau_norm) / tau_norm)
+            out *= (norms * w).sum()
         out = out.reshape(models[0].shape)
         if base is not None:
             out = base + out

@@ -129,3 +129,66 @@ def test_nonzero_padding_is_refused(tmp_path):
         _round_trip(bytes(data))
     with pytest.raises(CheckpointError, match="unexpected bytes after the last tensor"):
         _round_trip(write_gguf(tmp_path / "n.gguf") + b"\x07")
+
+
+def test_a_tensor_that_changed_size_gets_the_canonical_layout(tmp_path):
+    """A merge or edit that resizes a tensor: the recorded offsets no longer fit, join lays the
+    data out as gguf.GGUFWriter does and the file still loads with every tensor in place."""
+    data = write_gguf(tmp_path / "m.gguf")
+    fmt = GgufFormat()
+    reader = fmt.split(io.BytesIO(data), "m.gguf")
+    tensors = {t.name: t for t in reader.tensors()}
+    bigger = np.arange(6 * 64, dtype=np.float32).reshape(6, 64)
+    tensors["token_embd.weight"] = type(tensors["token_embd.weight"])("token_embd.weight", "F32", (6, 64), bigger.tobytes())
+
+    class Source:
+        specs = tensors
+        blob_keys = set(reader.blobs)
+
+        def iter_data(self, names):
+            return ((n, tensors[n].data) for n in names)
+
+        def read_blob(self, key):
+            return reader.blobs[key]
+
+    out = tmp_path / "out.gguf"
+    with open(out, "wb") as f:
+        fmt.join(dict(reader.fields), Source(), f, "m.gguf")
+    loaded = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert np.array_equal(np.asarray(loaded["token_embd.weight"].data), bigger)
+    for name in ("blk.0.attn_q.weight", "blk.0.ffn_up.weight", "blk.0.attn_norm.weight"):
+        assert np.asarray(loaded[name].data).tobytes() == bytes(tensors[name].data)
+    assert [t.data_offset % 32 for t in loaded.values()] == [0] * 4
+
+
+def test_git_merge_of_two_fine_tunes(gguf_repo):
+    """F32/F16 tensors changed on both branches go to the operator; quantized blocks are never
+    averaged, a rule picks a side. The merged file is a valid GGUF and checks out the same."""
+    repo = gguf_repo
+    path = repo.file("model.gguf")
+    write_gguf(path, seed=0)
+    repo.commit("base", "model.gguf")
+    repo.git("checkout", "-q", "-b", "theirs")
+    write_gguf(path, seed=2)
+    repo.commit("theirs", "model.gguf")
+    theirs = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    repo.git("checkout", "-q", "main")
+    write_gguf(path, seed=1)
+    repo.commit("ours", "model.gguf")
+    ours = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+
+    repo.git("config", "theta.merge.operator", "linear")
+    # Without this rule the U8 tensor would be a conflict (the driver averages float dtypes only).
+    repo.git("config", "--add", "theta.merge.rule", "blk.0.attn_q.weight ours")
+    repo.git("merge", "-q", "--no-edit", "theirs")
+    assert repo.status() == ""
+    merged = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    np.testing.assert_allclose(merged["token_embd.weight"], (ours["token_embd.weight"] + theirs["token_embd.weight"]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(merged["blk.0.ffn_up.weight"].astype(np.float32),
+                               (ours["blk.0.ffn_up.weight"].astype(np.float32) + theirs["blk.0.ffn_up.weight"]) / 2, rtol=2e-3, atol=1e-3)
+    assert merged["blk.0.attn_q.weight"].tobytes() == ours["blk.0.attn_q.weight"].tobytes()
+    assert Manifest.parse(repo.show("HEAD:model.gguf")).format == "gguf"
+    written = path.read_bytes()
+    path.unlink()
+    repo.git("checkout", "--", "model.gguf")  # a fresh smudge of the merge result: the same bytes
+    assert path.read_bytes() == written
