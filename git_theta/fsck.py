@@ -103,17 +103,16 @@ def collect(repo, scope):
 
 def _chunk_parts(store, objects, bad, report):
     """{part oid: _ObjectUse} of the chunk indexes among the good ``objects``."""
-    list_parts = getattr(store, "chunk_parts", None)
-    parts = {}
-    if list_parts is None:
-        return parts
     from .manifest import ObjectRef
+    from .reachability import chunk_parts
+
+    parts = {}
 
     for oid, info in sorted(objects.items()):
         if oid in bad:
             continue
         try:
-            found = list_parts([ObjectRef(oid, info.size)])
+            found = chunk_parts(store, [ObjectRef(oid, info.size)])  # only chunk indexes are read
         except ObjectCorruptError as exc:
             bad.add(oid)
             use = info.use

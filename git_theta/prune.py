@@ -145,16 +145,19 @@ def _delete(path, trash, oid, cutoff):
         os.replace(path, aside)
     except FileNotFoundError:
         return True  # someone else deleted it: nothing to free, nothing lost
-    if aside.stat().st_mtime > cutoff:
-        # Freshened by a writer after the scan: it is in use again. Put it back unless a writer
-        # already stored a fresh copy (then both are the same bytes and ours can go).
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
+    try:
+        if aside.stat().st_mtime > cutoff:
+            # Freshened by a writer after the scan: it is in use again. Put it back unless a
+            # writer already stored a fresh copy (then both are the same bytes and ours can go).
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass
+            os.unlink(aside)
+            return False
         os.unlink(aside)
-        return False
-    os.unlink(aside)
+    except FileNotFoundError:  # a concurrent prune finished it (see _recover_trash)
+        pass
     return True
 
 

@@ -114,7 +114,10 @@ def _rev_list_blobs(repo, options, commits):
     try:
         for raw in check.stdout:
             line = raw.decode("utf-8", "surrogateescape").rstrip("\n")
-            oid, kind, size, *rest = line.split(" ", 3)
+            fields = line.split(" ", 3)
+            if len(fields) < 3:  # "<oid> missing": nothing to read
+                continue
+            oid, kind, size, *rest = fields
             if kind == "commit":
                 commit = oid
             elif kind == "blob" and int(size) <= MAX_MANIFEST:

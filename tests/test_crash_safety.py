@@ -153,3 +153,42 @@ def test_sigkill_during_push_and_fetch(repo, make_repo):
         repo.theta("fetch", "origin")  # running it again succeeds
         assert wanted <= _store_files(local)
     assert repo.theta("fsck").returncode == 0
+
+
+def _assert_all_index_stages_sound(repo):
+    """Every manifest in the index (conflict stages included) references only present objects."""
+    for line in repo.git("ls-files", "-s").stdout.splitlines():
+        oid = line.split()[1]
+        data = repo.show(oid)
+        if is_manifest(data):
+            for ref in Manifest.parse(data).all_objects():
+                assert (_store(repo) / ref.oid[:2] / ref.oid[2:4] / ref.oid).is_file(), line
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sigkill_during_a_merge_driver_run(repo, n):
+    """Both sides change the same tensors, so the driver stores merged tensors: kill it there."""
+    import numpy as np
+
+    base = random_state_dict(10)
+    ours = {k: (v + np.float32(0.01)) if k.endswith("weight") else v for k, v in base.items()}
+    theirs = {k: (v - np.float32(0.02)) if k.endswith("weight") else v for k, v in base.items()}
+    save_safetensors(repo.file("model.safetensors"), base)
+    repo.commit("base", "model.safetensors")
+    repo.git("checkout", "-q", "-b", "theirs")
+    save_safetensors(repo.file("model.safetensors"), theirs)
+    repo.commit("theirs", "model.safetensors")
+    repo.git("checkout", "-q", "main")
+    save_safetensors(repo.file("model.safetensors"), ours)
+    repo.commit("ours", "model.safetensors")
+    repo.git("config", "theta.merge.operator", "linear")
+    proc = subprocess.run(["git", "merge", "--no-edit", "theirs"], cwd=repo.path, env=_killing(repo, n),
+                          capture_output=True)
+    assert proc.returncode != 0, f"kill point {n} was not reached"
+    _assert_store_sound(repo)
+    _assert_all_index_stages_sound(repo)
+    repo.git("merge", "--abort")
+    assert repo.status() == ""
+    repo.git("merge", "-q", "--no-edit", "theirs")  # running it again succeeds
+    _assert_index_sound(repo)
+    assert repo.status() == "" and repo.theta("fsck").returncode == 0

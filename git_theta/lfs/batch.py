@@ -9,6 +9,7 @@ credentials come only from ``git credential`` when the server answers 401.
 """
 
 import email.utils
+import re
 import threading
 import time
 from urllib.parse import urlsplit
@@ -21,6 +22,8 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_BACKOFF = 10.0  # seconds between two attempts at most, whatever Retry-After says
 TIMEOUT = (15, 120)  # (connect, read) seconds
 CHUNK = 1 << 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an HTTP header name (RFC 9110 token)
 
 
 def retry_delay(attempt, retry_after=None, base=0.25):
@@ -135,6 +138,8 @@ class LfsClient:
     def _request(self, method, url, headers, json=None, data=None, stream=False, endpoint_auth=False):
         import requests
 
+        _check_action(url, headers, self.url)
+
         attempt = 0
         asked = False
         while True:
@@ -202,6 +207,23 @@ def _ssl_verify(repo):
     if _git_config(repo, "http.sslverify", "bool") == "false":
         return False
     return _git_config(repo, "http.sslcainfo") or True
+
+
+def _check_action(url, headers, endpoint_url):
+    """Refuse what a server's answer may not make us send: non-http(s) or control-character URLs,
+    malformed header names or values (no request smuggling, no local files)."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or _CONTROL.search(url) or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RemoteError(
+            f"the LFS server {endpoint_url} answered an unusable URL {url!r}"[:300],
+            hint="the server (or something between) is broken or hostile; report it to its admins",
+        )
+    for key, value in headers.items():
+        if not (isinstance(key, str) and isinstance(value, str) and _TOKEN.match(key)) or _CONTROL.search(value):
+            raise RemoteError(
+                f"the LFS server {endpoint_url} answered an invalid header {key!r}"[:300],
+                hint="the server (or something between) is broken or hostile; report it to its admins",
+            )
 
 
 def _same_host(a, b):

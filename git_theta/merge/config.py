@@ -15,6 +15,7 @@ from the inputs for random operators.
 
 from dataclasses import dataclass, field
 
+from ..allowlist import theta_attribute
 from ..errors import ConfigError
 from .rules import Rule, normalize_key, parse_rule, parse_rules
 
@@ -121,8 +122,7 @@ def load_config(repo, paths=(), operator=None, params=None, seed=None):
             rules_text = rules_path.read_text(encoding="utf-8")
     config = build_config(read_merge_config(repo.cwd), rules_text, operator, params, seed)
     for path in paths:
-        value = repo.attribute(path, "theta-merge")
-        config.attributes[path] = None if value in ("unspecified", "set", "unset") else value
+        config.attributes[path] = theta_attribute(repo, path, "theta-merge")  # allow-listed, validated
     return config
 
 
