@@ -313,6 +313,12 @@ def test_git_diff_driver_prints_summary(two_versions):
     wt = repo.git("diff").stdout
     assert "new.bias" in wt and "model.layers.0" not in wt
     assert f"{np.linalg.norm(v3['new.bias'] - v2['new.bias']):.3e}" in wt
+    # A rename: git passes 9 arguments (the new path and the similarity line).
+    repo.git("checkout", "-q", "--", "model.safetensors")
+    repo.git("mv", "model.safetensors", "moved.safetensors")
+    renamed = repo.git("diff", "--cached", "-M").stdout
+    assert renamed.startswith("diff --theta a/model.safetensors b/moved.safetensors")
+    assert "model.safetensors -> moved.safetensors (renamed)" in renamed and "8 unchanged" in renamed
     repo.theta("uninstall", "--local")
     assert repo.git("config", "diff.theta.command", check=False).returncode == 1
 

@@ -45,7 +45,8 @@ def ties_reference(base, models, density):
 
 @pytest.fixture
 def history(repo):
-    """main: base; b1, b2, b3 fine-tune 'w'; b1 also changes 'b' and adds notes.txt."""
+    """main: base; b1, b2, b3 fine-tune 'w'; b1 also changes 'b' and adds notes.txt; b1 and b2 add
+    adapter.safetensors with different values."""
     base = model(0)
     save_safetensors(repo.file(MODEL), base)
     repo.commit("base")
@@ -56,6 +57,8 @@ def history(repo):
         if branch == "b1":
             version["b"] = moved(base["b"], 10)
             repo.file("notes.txt").write_text("trained on task 1\n")
+        if branch in ("b1", "b2"):  # a checkpoint added on two branches, differently
+            save_safetensors(repo.file("adapter.safetensors"), {"adapter.weight": np.full(4, i, np.float32)})
         save_safetensors(repo.file(MODEL), version)
         repo.commit(branch)
         versions[branch] = version
@@ -76,6 +79,7 @@ def checked_out(repo):
 
 def test_octopus_ties_combines_all_task_vectors_in_one_commit(repo, history):
     base, versions = history
+    repo.git("config", "theta.merge.rule", "adapter.* linear")  # added on two sides: no base for ties
     proc = repo.theta("merge", "--operator", "ties", "--param", "density=0.5", "b1", "b2", "b3")
     assert "4 parents" in proc.stdout
     parents = repo.git("rev-list", "--parents", "-n1", "HEAD").stdout.split()[1:]
@@ -87,6 +91,8 @@ def test_octopus_ties_combines_all_task_vectors_in_one_commit(repo, history):
     np.testing.assert_allclose(out["w"], expected, rtol=0, atol=1e-6)
     assert out["b"].tobytes() == versions["b1"]["b"].tobytes()  # changed on one branch only
     assert repo.file("notes.txt").read_text() == "trained on task 1\n"  # other files merge too
+    adapter = load_file(str(repo.file("adapter.safetensors")))["adapter.weight"]
+    np.testing.assert_array_equal(adapter, np.full(4, 1.5, np.float32))  # linear over b1 and b2
     # merging again is a no-op, as with git merge
     assert repo.theta("merge", "b1", "b2").stdout.strip() == "Already up to date."
 
@@ -95,7 +101,11 @@ def test_dry_run_shows_rules_and_signals_and_writes_nothing(repo, history):
     head = repo.git("rev-parse", "HEAD").stdout
     objects = sorted(p.name for p in (repo.path / ".git" / "theta" / "objects").rglob("*") if p.is_file())
     proc = repo.theta("merge", "--dry-run", "--json", "--operator", "auto", "b1", "b2")
-    report = {t["name"]: t for t in json.loads(proc.stdout)["files"][0]["tensors"]}
+    files = {f["path"]: f for f in json.loads(proc.stdout)["files"]}
+    report = {t["name"]: t for t in files[MODEL]["tensors"]}
+    adapter = files["adapter.safetensors"]["tensors"][0]
+    assert adapter["action"] == "operator" and adapter["reason"] == "added in b1, b2 with different values"
+    assert adapter["origin"] == "auto -> linear (no base) (--operator)"
     assert report["b"]["action"] == "take" and report["b"]["reason"] == "changed only in b1"
     w = report["w"]
     assert w["action"] == "operator" and w["origin"].startswith("auto -> ")

@@ -168,6 +168,8 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     from ..merge.engine import check_config
     from ..repo import Repo
 
+    if as_json and not dry_run:
+        raise UsageError("--json goes with --dry-run", hint="git theta merge --dry-run --json BRANCH...")
     repo = Repo(".")
     if repo.work_tree is None:
         raise UsageError("git theta merge needs a work tree")

@@ -1,10 +1,10 @@
-"""Merging manifests: the structural rules per tensor, then the operators, one tensor at a time.
+"""Merging manifests: the structural rules per tensor, then the operators, tensor by tensor.
 
-:func:`merge_manifests` is shared by the merge driver (two sides: ours, theirs) and the porcelain
-(any number of sides). Tensors decided by the structural rules (:mod:`.plan`) are taken without
-being loaded. A tensor left to an operator is decoded from the store, widened to float32 (float64
-for F64), merged, rounded back to its dtype and stored as a dense object. Only the tensors of one
-merge step are in memory at a time, so memory is bounded by a few tensors, not by the models.
+:func:`merge_manifests` is shared by the merge driver (two sides: ours, theirs), the porcelain
+(any number of sides) and ``merge-files``. Tensors decided by the structural rules (:mod:`.plan`)
+are taken without being loaded. A tensor left to an operator is decoded from the store, widened to
+float32 (float64 for F64), merged, rounded back to its dtype and stored as a dense object. Only the
+tensors of the merges in flight (a few, within a byte budget) are in memory, never the models.
 """
 
 import hashlib
@@ -343,7 +343,7 @@ def _auto(signals):
     from .signals import choose
 
     if not signals:
-        return "linear", {}, "no base: linear"
+        return "linear", {}, "linear (no base)"
     name, params = choose(signals)
     detail = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
     return name, params, f"{name} {detail}".strip()

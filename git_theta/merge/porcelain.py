@@ -92,10 +92,14 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
         versions = [t.get(path) for t in trees]
         changed = [i for i, v in enumerate(versions) if v != old]
         distinct = {versions[i] for i in changed}
-        all_present = all(v is not None for v in versions)
-        if path in tracked and all_present and (len(distinct) > 1 or (every_tensor and len(set(versions)) > 1)):
+        # a checkpoint changed on several sides is merged tensor by tensor; sides without the file
+        # take part only when the base lacks it too (added on several branches), as empty manifests
+        tensor_level = all(v is not None for v in versions) or old is None
+        if path in tracked and tensor_level and (len(distinct) > 1 or (every_tensor and len(set(versions)) > 1)):
             manifests = [_manifest(repo, v, path) for v in versions]
-            if all(m is not None for m in manifests):
+            if all(m is not None for m, v in zip(manifests, versions) if v is not None):
+                fmt = next(m.format for m in manifests if m is not None)
+                manifests = [m if m is not None else Manifest(format=fmt) for m in manifests]
                 merged = merge_manifests(
                     path, _manifest(repo, old, path), manifests, labels, config, repo.store,
                     every_tensor=every_tensor, dry_run=dry_run, with_signals=dry_run,
@@ -145,7 +149,8 @@ def merge_commit(repo, tree_merge, parents, message):
         from ..repo import run_git
 
         run_git(["read-tree", "--empty"], cwd=repo.cwd, env=env)
-        run_git(["update-index", "--index-info"], cwd=repo.cwd, env=env, input="\n".join(updates).encode() + b"\n")
+        records = b"".join(u.encode("utf-8", "surrogateescape") + b"\0" for u in updates)
+        run_git(["update-index", "-z", "--index-info"], cwd=repo.cwd, env=env, input=records)
         tree = run_git(["write-tree"], cwd=repo.cwd, env=env).decode().strip()
     finally:
         if os.path.exists(index):

@@ -33,8 +33,10 @@ class Rule:
 
 def normalize_key(key):
     """Parameter names are mergekit's (``select_topk``); git config keys cannot hold ``_``, so
-    ``select-topk`` is accepted as the same name."""
-    return key.strip().lower().replace("-", "_")
+    ``select-topk`` is accepted as the same name (see :func:`.params.canonical`)."""
+    from .params import canonical
+
+    return canonical(key)
 
 
 def parse_params(words, source):
