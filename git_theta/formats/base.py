@@ -14,7 +14,9 @@ class CheckpointReader:
     yield each tensor as soon as its bytes are read so memory stays bounded by the largest tensor.
     """
 
-    def __init__(self):
+    def __init__(self, stream=None, path=None):
+        self.stream = stream  # the checkpoint's bytes, as git sends them
+        self.path = path  # the work-tree path, for messages
         self.fields = {}
         self.blobs = {}  # key -> bytes (the clean pipeline stores them)
 

@@ -51,18 +51,13 @@ def _corrupt(path, exc):
 
 
 class _Reader(CheckpointReader):
-    def __init__(self, stream, path):
-        super().__init__()
-        self._stream = stream
-        self._path = path
-
     def tensors(self):
         import zipfile
 
         import numpy as np
 
-        path = self._path
-        with spooled(self._stream, suffix=".npz") as tmp:
+        path = self.path
+        with spooled(self.stream, suffix=".npz") as tmp:
             try:
                 archive = zipfile.ZipFile(tmp)
             except (zipfile.BadZipFile, struct.error, *_DAMAGED) as exc:
@@ -119,14 +114,14 @@ class _Reader(CheckpointReader):
                 version = fmt.read_magic(member)
                 if version not in readers:
                     raise CheckpointError(
-                        f"{self._path}: array {name!r} uses .npy format version {version[0]}.{version[1]}, "
+                        f"{self.path}: array {name!r} uses .npy format version {version[0]}.{version[1]}, "
                         "which git-theta does not read",
                         hint="save it with np.savez from a numeric array",
                     )
                 shape, fortran, dtype = readers[version](member)
                 if dtype.hasobject:
                     raise CheckpointError(
-                        f"{self._path}: array {name!r} is an object array, which needs pickle to load",
+                        f"{self.path}: array {name!r} is an object array, which needs pickle to load",
                         hint="git-theta never unpickles; save numeric arrays only",
                     )
                 size = dtype.itemsize
@@ -134,16 +129,16 @@ class _Reader(CheckpointReader):
                     size *= dim
                 if size != info.file_size - member.tell():
                     raise CheckpointError(
-                        f"{self._path}: array {name!r}: its header describes {size} bytes of data, "
+                        f"{self.path}: array {name!r}: its header describes {size} bytes of data, "
                         f"the member holds {info.file_size - member.tell()} (corrupt archive)",
                         hint="the file is damaged; save it again, then git add it",
                     )
                 data = member.read(size + 1)  # reading to the end makes zipfile check the CRC
                 if len(data) != size:
-                    raise CheckpointError(f"{self._path}: array {name!r} is truncated (corrupt archive)")
+                    raise CheckpointError(f"{self.path}: array {name!r} is truncated (corrupt archive)")
                 return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
         except (zipfile.BadZipFile, struct.error, zlib.error, *_DAMAGED) as exc:
-            raise _corrupt(self._path, exc) from None
+            raise _corrupt(self.path, exc) from None
 
 
 class NpzFormat(CheckpointFormat):

@@ -139,18 +139,13 @@ def _read_exact(stream, size, path, what):
 
 
 class _Reader(CheckpointReader):
-    def __init__(self, stream, path):
-        super().__init__()
-        self._stream = stream
-        self._path = path
-
     def tensors(self):
-        path = self._path
-        head = _read_exact(self._stream, 8, path, "the header length")
+        path = self.path
+        head = _read_exact(self.stream, 8, path, "the header length")
         (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER:
             raise CheckpointError(f"{path}: safetensors header length {length} is too large (corrupt file)")
-        raw = bytes(_read_exact(self._stream, length, path, "the header"))
+        raw = bytes(_read_exact(self.stream, length, path, "the header"))
         metadata, tensors = parse_header(raw, path)
         if metadata is not None:
             self.fields["metadata"] = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
@@ -160,9 +155,9 @@ class _Reader(CheckpointReader):
         ) != raw:
             self.blobs["header"] = raw
         for name, dtype, shape, begin, end in tensors:
-            data = _read_exact(self._stream, end - begin, path, f"tensor {name!r}")
+            data = _read_exact(self.stream, end - begin, path, f"tensor {name!r}")
             yield TensorData(name, dtype, shape, data)
-        if self._stream.read(1):
+        if self.stream.read(1):
             raise CheckpointError(
                 f"{path}: unexpected bytes after the last tensor (corrupt or not a safetensors file)"
             )

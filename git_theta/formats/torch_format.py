@@ -376,15 +376,10 @@ def _load_error(exc, path):
 
 
 class _Reader(CheckpointReader):
-    def __init__(self, stream, path):
-        super().__init__()
-        self._stream = stream
-        self._path = path
-
     def tensors(self):
-        path = self._path
+        path = self.path
         torch = import_torch(path)
-        with spooled(self._stream, suffix=".pt") as tmp:
+        with spooled(self.stream, suffix=".pt") as tmp:
             head = tmp.read(len(LEGACY_MAGIC))
             tmp.seek(0)
             is_zip = head.startswith(ZIP_MAGIC)

@@ -111,15 +111,10 @@ def gguf_dims(type_name, dtype, shape):
 
 
 class _Reader(CheckpointReader):
-    def __init__(self, stream, path):
-        super().__init__()
-        self._stream = stream
-        self._path = path
-
     def tensors(self):
-        path = self._path
+        path = self.path
         gguf = _gguf()
-        cursor = ByteCursor(self._stream, path, "GGUF")
+        cursor = ByteCursor(self.stream, path, "GGUF")
         if cursor.take(4, "the magic") != MAGIC:
             raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
         (version,) = cursor.unpack("I", "the version")

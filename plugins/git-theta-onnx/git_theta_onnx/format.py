@@ -78,7 +78,7 @@ class _Wire(ByteCursor):
             if not byte & 0x80:
                 break
             if len(raw) > 10:
-                raise CheckpointError(f"{self._path}: malformed protobuf in {what} (not an ONNX model?)")
+                raise CheckpointError(f"{self.path}: malformed protobuf in {what} (not an ONNX model?)")
         value, _ = decode_varint(raw, 0)
         return value, bytes(raw)
 
@@ -91,7 +91,7 @@ class _Wire(ByteCursor):
             return number, wire, raw + raw_length, length
         sizes = {0: None, 1: 8, 5: 4}
         if wire not in sizes or number == 0:
-            raise CheckpointError(f"{self._path}: malformed protobuf in {what} (not an ONNX model?)")
+            raise CheckpointError(f"{self.path}: malformed protobuf in {what} (not an ONNX model?)")
         if wire == 0:
             _, raw_value = self.varint(what)
             return number, wire, raw + raw_value, 0
@@ -127,13 +127,8 @@ def _raw_data_span(payload):
 
 
 class _Reader(CheckpointReader):
-    def __init__(self, stream, path):
-        super().__init__()
-        self._stream = stream
-        self._path = path
-
     def tensors(self):
-        wire = _Wire(self._stream, self._path, "ONNX")
+        wire = _Wire(self.stream, self.path, "ONNX")
         skeleton = bytearray()
         cuts = []  # (name, offset in skeleton, size)
         seen = set()
@@ -162,7 +157,7 @@ class _Reader(CheckpointReader):
                 yield TensorData(name, dtype, shape, memoryview(payload)[start:stop])
                 skeleton += payload[stop:]
             if wire.position != end:
-                raise CheckpointError(f"{self._path}: malformed protobuf in the graph (not an ONNX model?)")
+                raise CheckpointError(f"{self.path}: malformed protobuf in the graph (not an ONNX model?)")
         self.blobs["graph"] = bytes(skeleton)
         width = max(5, len(str(len(cuts))))
         for index, (name, offset, size) in enumerate(cuts):
@@ -174,7 +169,7 @@ class _Reader(CheckpointReader):
         try:
             span = _raw_data_span(payload)
         except ValueError:
-            raise CheckpointError(f"{self._path}: malformed protobuf in an initializer (not an ONNX model?)") from None
+            raise CheckpointError(f"{self.path}: malformed protobuf in an initializer (not an ONNX model?)") from None
         if span is None:
             return None
         start, stop, rest = span
@@ -182,7 +177,7 @@ class _Reader(CheckpointReader):
         try:
             proto.ParseFromString(rest)
         except Exception:  # noqa: BLE001 - protobuf's DecodeError; a broken initializer is the model's problem
-            raise CheckpointError(f"{self._path}: an initializer is not a valid TensorProto (corrupt file)") from None
+            raise CheckpointError(f"{self.path}: an initializer is not a valid TensorProto (corrupt file)") from None
         dtype = _DTYPES.get(onnx.TensorProto.DataType.Name(proto.data_type) if proto.data_type in
                             onnx.TensorProto.DataType.values() else "")
         shape = tuple(proto.dims)
