@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from git_theta import plugins
 from git_theta.errors import CheckpointError
+from git_theta.formats.memory import MemorySource, roundtrip
 from git_theta.manifest import Manifest
 from git_theta_gguf.format import GgufFormat
 
@@ -88,23 +89,7 @@ def test_round_trip_through_git(gguf_repo):
 
 
 def _round_trip(data):
-    fmt = GgufFormat()
-    reader = fmt.split(io.BytesIO(data), "m.gguf")
-    tensors = {t.name: t for t in reader.tensors()}
-
-    class Source:
-        specs = tensors
-        blob_keys = set(reader.blobs)
-
-        def iter_data(self, names):
-            return ((n, tensors[n].data) for n in names)
-
-        def read_blob(self, key):
-            return reader.blobs[key]
-
-    out = io.BytesIO()
-    fmt.join(dict(reader.fields), Source(), out, "m.gguf")
-    return out.getvalue()
+    return roundtrip(GgufFormat(), data, "m.gguf")[2]
 
 
 @settings(max_examples=10, deadline=None)
@@ -141,19 +126,9 @@ def test_a_tensor_that_changed_size_gets_the_canonical_layout(tmp_path):
     bigger = np.arange(6 * 64, dtype=np.float32).reshape(6, 64)
     tensors["token_embd.weight"] = type(tensors["token_embd.weight"])("token_embd.weight", "F32", (6, 64), bigger.tobytes())
 
-    class Source:
-        specs = tensors
-        blob_keys = set(reader.blobs)
-
-        def iter_data(self, names):
-            return ((n, tensors[n].data) for n in names)
-
-        def read_blob(self, key):
-            return reader.blobs[key]
-
     out = tmp_path / "out.gguf"
     with open(out, "wb") as f:
-        fmt.join(dict(reader.fields), Source(), f, "m.gguf")
+        fmt.join(dict(reader.fields), MemorySource(reader.blobs, tensors.values()), f, "m.gguf")
     loaded = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
     assert np.array_equal(np.asarray(loaded["token_embd.weight"].data), bigger)
     for name in ("blk.0.attn_q.weight", "blk.0.ffn_up.weight", "blk.0.attn_norm.weight"):

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from git_theta import plugins
 from git_theta.errors import CheckpointError
+from git_theta.formats.memory import MemorySource, roundtrip
 from git_theta.manifest import Manifest
 from git_theta_onnx.format import OnnxFormat, decode_varint, encode_varint
 
@@ -45,27 +46,8 @@ def make_model(seed=0, hidden=8, bias_scale=1.0, producer="test"):
 
 
 def split_join(data):
-    fmt = OnnxFormat()
-    reader = fmt.split(io.BytesIO(data), "m.onnx")
-    tensors = {t.name: t for t in reader.tensors()}
-
-    class Source:
-        specs = tensors
-        blob_keys = set(reader.blobs)
-
-        def iter_data(self, names):
-            return ((n, tensors[n].data) for n in names)
-
-        def read_blob(self, key):
-            return reader.blobs[key]
-
-    out = io.BytesIO()
-    fmt.join(dict(reader.fields), Source(), out, "m.onnx")
-    return reader, tensors, out.getvalue()
-
-
-def test_registered_through_the_entry_point():
-    assert isinstance(plugins.get("format", "onnx"), OnnxFormat)
+    reader, tensors, rebuilt = roundtrip(OnnxFormat(), data, "m.onnx")
+    return reader, {t.name: t for t in tensors}, rebuilt
 
 
 def test_round_trip_through_git(repo):
@@ -135,18 +117,8 @@ def test_shape_change_is_refused():
     small = dict(tensors)
     small["fc1.bias"] = type(tensors["fc1.bias"])("fc1.bias", "F32", (2,), b"\0" * 8)
 
-    class Source:
-        specs = small
-        blob_keys = {"graph"}
-
-        def iter_data(self, names):
-            return ((n, small[n].data) for n in names)
-
-        def read_blob(self, key):
-            return reader.blobs[key]
-
     with pytest.raises(CheckpointError, match="fc1.bias"):
-        OnnxFormat().join(dict(reader.fields), Source(), io.BytesIO(), "m.onnx")
+        OnnxFormat().join(dict(reader.fields), MemorySource(reader.blobs, small.values()), io.BytesIO(), "m.onnx")
 
 
 def test_truncated_file_is_an_error():
