@@ -50,6 +50,10 @@ def split_join(data):
     return reader, {t.name: t for t in tensors}, rebuilt
 
 
+def test_registered_through_the_entry_point():
+    assert isinstance(plugins.get("format", "onnx"), OnnxFormat)
+
+
 def test_round_trip_through_git(repo):
     repo.theta("track", "*.onnx")
     first = make_model()
