@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import du, isolated_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -97,20 +98,6 @@ def measured(cmd, cwd, env):
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     seconds, rss_kib = proc.stdout.split()[-2:]
     return float(seconds), int(rss_kib) / 1024
-
-
-def du(path):
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def isolated_env(home):
-    home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    for key, value in (("user.name", "bench"), ("user.email", "bench@example.invalid"), ("init.defaultBranch", "main")):
-        subprocess.run(["git", "config", "--global", key, value], env=env, check=True)
-    return env
 
 
 def run_tool(tool, work, files, env):

@@ -22,15 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def git_env(home):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0",
-               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.invalid",
-               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@example.invalid",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    return env
+from common import isolated_env
 
 
 def run(args, cwd, env):
@@ -86,7 +78,7 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="theta-bench-diff-") as tmp:
         tmp = Path(tmp)
-        env = git_env(tmp)
+        env = isolated_env(tmp)
         repo = tmp / "repo"
         repo.mkdir()
         run(["git", "init", "-q"], repo, env)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import du, isolated_env
 
 HERE = Path(__file__).resolve().parent
 SERVER = HERE.parent / "tests" / "lfs_server.py"
@@ -46,25 +47,10 @@ def make_versions(total_mb, versions, fraction, seed=0):
         yield state
 
 
-def du(path):
-    path = Path(path)
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
-
-
 def start_server(storage):
     proc = subprocess.Popen([sys.executable, str(SERVER), str(storage)], stdout=subprocess.PIPE, cwd=storage)
     port = int(proc.stdout.readline())
     return proc, port
-
-
-def isolated_env(home):
-    home.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    for key, value in (("user.name", "bench"), ("user.email", "bench@example.invalid"), ("init.defaultBranch", "main")):
-        subprocess.run(["git", "config", "--global", key, value], env=env, check=True)
-    return env
 
 
 def timed(cmd, cwd, env):

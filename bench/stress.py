@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import du, isolated_env
 
 
 def git(repo, *args, env=None, capture=True):
@@ -30,15 +31,6 @@ def git(repo, *args, env=None, capture=True):
     if proc.returncode != 0:
         sys.exit(f"git {' '.join(args)} failed:\n{proc.stderr.decode(errors='replace')}")
     return proc.stdout.decode().strip() if capture else ""
-
-
-def environment(home):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0",
-               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.invalid",
-               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@example.invalid",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    return env
 
 
 def initial_state(rng, size_mb):
@@ -86,14 +78,6 @@ def save(path, state):
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
-def du(path):
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            total += os.path.getsize(os.path.join(root, name))
-    return total
-
-
 def mib(n):
     return f"{n / (1 << 20):,.1f} MiB"
 
@@ -109,7 +93,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="theta-stress-"))
     home = tmp / "home"
     home.mkdir()
-    env = environment(home)
+    env = isolated_env(home)
     repo = tmp / "repo"
     repo.mkdir()
     rng = np.random.default_rng(0)
