@@ -50,6 +50,8 @@ class UpdateType:
         """Rebuild the raw bytes of the tensor described by ``spec`` (TensorData without data).
 
         ``base`` is the raw bytes of the base tensor (None for a keyframe), ``payload`` a
-        memoryview of what :meth:`encode` wrote after the header.
+        memoryview of what :meth:`encode` wrote after the header. A ``bytearray`` base belongs to
+        the chain walk that passed it: a decoder may write the result into it and return it,
+        which saves allocating and copying a tensor-sized buffer.
         """
         raise NotImplementedError

@@ -26,7 +26,7 @@ def zigzag_delta(new_bits, base_bits):
     return out.view(new_bits.dtype)
 
 
-def apply_zigzag_delta(base_bits, zigzag):
+def apply_zigzag_delta(base_bits, zigzag, into=None):
     """Inverse of :func:`zigzag_delta`: ``base + unzigzag(zigzag)``, wrapping.
 
     Works in place in ``zigzag`` when it is writable (decoders pass freshly decoded arrays), so
@@ -39,6 +39,9 @@ def apply_zigzag_delta(base_bits, zigzag):
     out = zigzag if zigzag.flags.writeable else zigzag.copy()
     np.right_shift(out, one, out=out)
     np.bitwise_xor(out, sign, out=out)
+    if into is not None:  # write the sum straight into the caller's buffer (may be base_bits)
+        np.add(out, base_bits, out=into)
+        return into
     np.add(out, base_bits, out=out)
     return out
 
@@ -69,4 +72,7 @@ class IntDeltaUpdate(UpdateType):
         base_bits = as_bits(base, spec.dtype)
         if zz.dtype.itemsize != base_bits.dtype.itemsize or len(zz) != len(base_bits):
             raise ObjectCorruptError(f"object {oid}: delta does not match its base")
+        if isinstance(base, bytearray):  # ours to reuse (see UpdateType.decode)
+            apply_zigzag_delta(base_bits, zz.view(base_bits.dtype), into=base_bits)
+            return base
         return as_bytearray(apply_zigzag_delta(base_bits, zz.view(base_bits.dtype)))

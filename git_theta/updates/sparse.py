@@ -55,7 +55,7 @@ def encode_sparse_bits(new_bits, base_bits):
 
 
 def apply_sparse_bits(header, payload, base_bits, oid):
-    """The bit patterns of ``base_bits`` with the stored XORs applied at the stored positions."""
+    """XOR the stored values into the bit patterns ``base_bits`` at the stored positions, in place."""
     sections = header.get("sections")
     if not isinstance(sections, list) or len(sections) != 2:
         raise ObjectCorruptError(f"object {oid} has a corrupt header")
@@ -63,9 +63,8 @@ def apply_sparse_bits(header, payload, base_bits, oid):
     positions = decode_positions(header.get("index"), index, len(base_bits), oid)
     if len(positions) != len(xor) or xor.dtype.itemsize != base_bits.dtype.itemsize:
         raise ObjectCorruptError(f"object {oid}: sparse positions and values disagree")
-    out = base_bits.copy()
-    out[positions] ^= xor.view(base_bits.dtype)
-    return out
+    base_bits[positions] ^= xor.view(base_bits.dtype)
+    return base_bits
 
 
 class SparseUpdate(UpdateType):
@@ -93,4 +92,7 @@ class SparseUpdate(UpdateType):
         return Encoded(header, parts)
 
     def decode(self, header, payload, base, spec, oid="?"):
-        return as_bytearray(apply_sparse_bits(header, payload, as_bits(base, spec.dtype), oid))
+        if isinstance(base, bytearray):  # ours to reuse (see UpdateType.decode): XOR in place
+            apply_sparse_bits(header, payload, as_bits(base, spec.dtype), oid)
+            return base
+        return as_bytearray(apply_sparse_bits(header, payload, as_bits(base, spec.dtype).copy(), oid))
