@@ -10,7 +10,7 @@ from any library cannot corrupt the protocol.
 import os
 import sys
 
-from .errors import FilterProtocolError, GitThetaError, NotInRepositoryError, ObjectMissingError, PluginError
+from .errors import FilterProtocolError, GitThetaError, NotInRepositoryError, PluginError
 from .pktline import PktContentReader, PktContentWriter, PktReader, PktWriter
 
 CAPABILITIES = ("clean", "smudge")
@@ -106,17 +106,13 @@ class FilterServer:
     def _smudge(self, smudger, content, path):
         data = content.read()
         try:
-            prepared = smudger.prepare(data, path)
-        except ObjectMissingError as exc:
-            # git stops a checkout at the first failed file. Leaving the manifest in place (as Git
-            # LFS leaves pointer files) lets every other file check out; the error says how to
-            # fill this one in.
-            self._report(exc, path)
-            prepared = None
+            prepared, missing = smudger.plan(data, path)
         except Exception as exc:  # noqa: BLE001
             self._report(exc, path)
             self._status("error")
             return
+        if missing is not None:
+            self._report(missing, path)  # the manifest stays; see Smudger.plan
         self._status("success")
         body = PktContentWriter(self._writer)
         try:

@@ -126,6 +126,20 @@ class Smudger:
             )
         return manifest, fmt
 
+    def plan(self, data, path):
+        """What to write for ``data``: ``(prepared, missing)``.
+
+        ``prepared`` is :meth:`prepare`'s result, or None to pass ``data`` through unchanged. A
+        file whose objects are missing passes through too: git stops a checkout at the first file
+        whose filter fails, so the manifest stays in place (as Git LFS leaves pointer files) and
+        every other file still checks out. ``missing`` is then the ObjectMissingError, which says
+        how to fill the file in, for the caller to report. Other errors raise.
+        """
+        try:
+            return self.prepare(data, path), None
+        except ObjectMissingError as exc:
+            return None, exc
+
     def _fetch_missing(self, manifest, path):
         """Fetch the file's missing objects from the default remote, in one batch request."""
         from .errors import GitThetaError, UsageError

@@ -30,10 +30,10 @@ class Upper:
             raise CheckpointError(f"{path}: corrupt")
         return data.upper()
 
-    def prepare(self, data, path):
+    def plan(self, data, path):
         if path.startswith("bad"):
             raise CheckpointError(f"{path}: corrupt")
-        return (data,)
+        return (data,), None
 
     def write(self, data, path, out):
         out.write(data.lower())

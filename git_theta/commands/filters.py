@@ -4,7 +4,6 @@ import sys
 
 import click
 
-from ..errors import ObjectMissingError
 from ..messages import report
 
 
@@ -45,11 +44,9 @@ def smudge(path):
     smudger = Smudger(repo)
     data = sys.stdin.buffer.read()
     try:
-        try:
-            prepared = smudger.prepare(data, path)
-        except ObjectMissingError as exc:
-            report(exc, path)  # keep the manifest, as the filter process does (see filter_process)
-            prepared = None
+        prepared, missing = smudger.plan(data, path)
+        if missing is not None:
+            report(missing, path)  # the manifest stays; see Smudger.plan
         if prepared is None:
             sys.stdout.buffer.write(data)
         else:
