@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 
 from . import object_codec, plugins
+from .buffers import new_buffer
 from .dtypes import nbytes
 from .errors import ManifestError, ObjectCorruptError, ObjectMissingError
 from .manifest import TensorEntry
@@ -69,7 +70,8 @@ class DecodedCache:
 
     The result of applying an object depends on that object alone (its header pins the base by
     digest), so a base shared by several tensors or files in one checkout is decoded once. Only
-    bases of tensors whose final digest checked out are cached.
+    bases of tensors whose final digest checked out are cached. Keeping a base costs a copy of
+    it, so a caller that knows which bases will be needed again names them with :meth:`keep_only`.
     """
 
     def __init__(self, limit):
@@ -77,6 +79,14 @@ class DecodedCache:
         self._items = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
+        self._wanted = None  # None: every base is worth keeping
+
+    def keep_only(self, oids):
+        """From now on keep only these object ids' results (None: keep every one)."""
+        self._wanted = None if oids is None else frozenset(oids)
+
+    def wants(self, oid):
+        return self.limit > 0 and (self._wanted is None or oid in self._wanted)
 
     def get(self, oid):
         with self._lock:
@@ -161,7 +171,8 @@ def _decode_chain(store, entry, path, cache, known, strict):
         for position in range(1, len(objects)):
             cached = cache.get(objects[position].oid)
             if cached is not None:
-                start, data = position - 1, bytearray(cached)
+                start, data = position - 1, new_buffer(len(cached))
+                data[:] = cached
                 expected_base = tensor_digest(data) if strict else None
                 break
     if known is not None:
@@ -204,7 +215,7 @@ def _decode_chain(store, entry, path, cache, known, strict):
                 raise ObjectCorruptError(f"object {ref.oid} decodes to the wrong size")
             if depth > 0 and strict:
                 expected_base = tensor_digest(data)
-            if depth == 1 and cache is not None:
+            if depth == 1 and cache is not None and cache.wants(ref.oid):
                 immediate_base = (ref.oid, bytes(data))  # cached once the result is verified
     except ObjectCorruptError as exc:
         raise _chain_error(store, entry, where, exc.message) from None

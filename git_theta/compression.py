@@ -59,6 +59,36 @@ def compress(data):
     return ZSTD, packed
 
 
+def decompress_into(method, data, out, oid="?"):
+    """Decompress a frame into ``out`` (a writable memoryview), which it must fill exactly.
+
+    Returns the bytes-like holding the result: ``out``, or for a raw frame ``data`` itself (no
+    copy). Decompressing into a reused buffer spares allocating, and faulting in, a new one per
+    plane.
+    """
+    size = len(out)
+    if method == RAW:
+        if len(data) != size:
+            raise ObjectCorruptError(f"object {oid} decodes to {len(data)} bytes, expected {size}")
+        return data
+    got = 0
+    try:
+        with _decompressor().stream_reader(data, read_across_frames=False) as reader:
+            while got < size:
+                count = reader.readinto(out[got:])
+                if not count:
+                    break
+                got += count
+            extra = reader.read(1)
+    except ObjectCorruptError:
+        raise
+    except Exception as exc:  # zstandard.ZstdError
+        raise ObjectCorruptError(f"object {oid} does not decompress: {exc}") from None
+    if got != size or extra:
+        raise ObjectCorruptError(f"object {oid} decodes to {'more' if extra else got} bytes, expected {size}")
+    return out
+
+
 def decompress(method, data, size, oid="?"):
     """Inverse of :func:`compress`; checks the result has ``size`` bytes."""
     if method == RAW:

@@ -11,7 +11,7 @@ and a header description, :func:`decode_sections` gives the arrays back.
 
 import numpy as np
 
-from . import compression
+from . import buffers, compression
 from .errors import ObjectCorruptError
 from .object_codec import frame, iter_frames
 
@@ -51,26 +51,50 @@ def encode_planes(data, itemsize):
     return parts
 
 
-def decode_planes(payload, nbytes, itemsize, oid="?"):
-    """Inverse of :func:`encode_planes`: a bytearray of ``nbytes``."""
-    out = bytearray(nbytes)
-    target = np.frombuffer(out, dtype=np.uint8)
+def iter_chunk_planes(payload, nbytes, itemsize, oid="?"):
+    """Yield ``(start, size, planes)`` for each chunk of :func:`encode_planes` output.
+
+    The planes are uint8 arrays in this thread's scratch space (or views of ``payload`` for raw
+    planes), valid until the next chunk is requested.
+    """
     frames = iter_frames(payload, oid)
     step = chunk_step(itemsize)
     for start in range(0, nbytes, step):
         size = min(step, nbytes - start)
+        area = buffers.scratch(size, "planes")
         planes = []
-        for _ in range(itemsize):
+        for k in range(itemsize):
             try:
                 method, data = next(frames)
             except StopIteration:
                 raise ObjectCorruptError(f"object {oid} is truncated") from None
-            plane = compression.decompress(method, data, size // itemsize, oid)
+            length = size // itemsize
+            plane = compression.decompress_into(method, data, area[k * length : (k + 1) * length], oid)
             planes.append(np.frombuffer(plane, dtype=np.uint8))
-        from_planes(planes, target[start : start + size], itemsize)
+        yield start, size, planes
     if next(frames, None) is not None:
         raise ObjectCorruptError(f"object {oid} has trailing data")
+
+
+def decode_planes(payload, nbytes, itemsize, oid="?", out=None):
+    """Inverse of :func:`encode_planes`: ``out`` (a new bytearray by default) holding ``nbytes``."""
+    out = bytearray(nbytes) if out is None else out
+    target = np.frombuffer(out, dtype=np.uint8)
+    for start, size, planes in iter_chunk_planes(payload, nbytes, itemsize, oid):
+        from_planes(planes, target[start : start + size], itemsize)
     return out
+
+
+def iter_decoded_chunks(payload, nbytes, itemsize, oid="?"):
+    """Yield ``(start, uint8 array)``: :func:`decode_planes`'s output a chunk at a time.
+
+    Each chunk lives in this thread's scratch space until the next is requested, so a decoder
+    that folds the chunks into another buffer needs no tensor-sized temporary.
+    """
+    for start, size, planes in iter_chunk_planes(payload, nbytes, itemsize, oid):
+        chunk = np.frombuffer(buffers.scratch(size, "chunk"), dtype=np.uint8)
+        from_planes(planes, chunk, itemsize)
+        yield start, chunk
 
 
 def encode_sections(arrays):
@@ -86,20 +110,26 @@ def encode_sections(arrays):
     return parts, description
 
 
-def decode_sections(payload, description, oid="?"):
-    """Inverse of :func:`encode_sections`: the list of 1-D arrays."""
-    arrays, pos = [], 0
+def section_spans(payload, description, oid="?"):
+    """Check an :func:`encode_sections` table against ``payload``: yield (dtype, count, frames)."""
+    pos = 0
     try:
         for section in description:
             dtype = np.dtype(section["dtype"])
             count, length = int(section["count"]), int(section["bytes"])
             if dtype.kind not in "uif" or count < 0 or length < 0 or pos + length > len(payload):
                 raise ValueError
-            raw = decode_planes(payload[pos : pos + length], count * dtype.itemsize, dtype.itemsize, oid)
-            arrays.append(np.frombuffer(raw, dtype=dtype))
+            yield dtype, count, payload[pos : pos + length]
             pos += length
     except (KeyError, TypeError, ValueError):
         raise ObjectCorruptError(f"object {oid} has a corrupt section table") from None
     if pos != len(payload):
         raise ObjectCorruptError(f"object {oid} has trailing data")
-    return arrays
+
+
+def decode_sections(payload, description, oid="?"):
+    """Inverse of :func:`encode_sections`: the list of 1-D arrays."""
+    return [
+        np.frombuffer(decode_planes(frames, count * dtype.itemsize, dtype.itemsize, oid), dtype=dtype)
+        for dtype, count, frames in section_spans(payload, description, oid)
+    ]

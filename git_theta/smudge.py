@@ -8,10 +8,11 @@ Delta chains are decoded once per tensor; bases shared between tensors or files 
 """
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from . import plugins
+from .buffers import BufferPool, using
 from .codec import DecodedCache, decode_tensor
 from .errors import ObjectMissingError
 from .formats.base import TensorSource
@@ -23,7 +24,7 @@ from .testhooks import kill_point
 class StoreTensorSource(TensorSource):
     """Decodes a manifest's tensors from the store, a few ahead of the writer, within a byte budget."""
 
-    def __init__(self, manifest, store, pool, path, budget, cache=None):
+    def __init__(self, manifest, store, pool, path, budget, cache=None, buffers=None):
         self.specs = manifest.tensors
         self.blob_keys = set(manifest.blobs)
         self._manifest = manifest
@@ -32,6 +33,13 @@ class StoreTensorSource(TensorSource):
         self._path = path
         self._budget = budget
         self._cache = cache
+        self._buffers = buffers  # a BufferPool when the format releases each tensor it is given
+
+    def _decode(self, entry):
+        if self._buffers is None:
+            return decode_tensor(self._store, entry, self._path, self._cache)
+        with using(self._buffers):
+            return decode_tensor(self._store, entry, self._path, self._cache)
 
     def read_blob(self, key):
         ref = self._manifest.blobs[key]
@@ -56,7 +64,7 @@ class StoreTensorSource(TensorSource):
                     entry = self.specs[names[position]]
                     size = entry_size(entry)
                     pending.append(
-                        (names[position], size, self._pool.submit(decode_tensor, self._store, entry, self._path, self._cache))
+                        (names[position], size, self._pool.submit(self._decode, entry))
                     )
                     in_flight += size
                     position += 1
@@ -65,6 +73,9 @@ class StoreTensorSource(TensorSource):
                 in_flight -= size
                 kill_point()
                 yield name, data
+                if self._buffers is not None:  # the format is done with it (releases_tensors)
+                    self._buffers.give(data)
+                del data
         finally:
             for _, _, future in pending:
                 future.cancel()
@@ -85,6 +96,8 @@ class Smudger:
         self._pool = None
         self._lock = threading.Lock()
         self.cache = DecodedCache(self.settings.get_int("baseCache"))
+        self.buffers = BufferPool(self.settings.get_int("memoryBudget"))
+        self._seen_bases = set()  # delta bases of the files smudged so far by this process
 
     def _executor(self):
         with self._lock:
@@ -159,10 +172,28 @@ class Smudger:
                 oids=[r.oid for r in refs],
             ) from None
 
+    def _keep_shared_bases(self, manifest):
+        """Tell the base cache which bases are worth a copy: those another tensor builds on too.
+
+        That is a base shared by two tensors of this file, or one a file smudged earlier in this
+        git command also used (a checkout of several versions or copies of one model).
+        """
+        bases = Counter(e.objects[1].oid for e in manifest.tensors.values() if len(e.objects) > 1)
+        shared = {oid for oid, count in bases.items() if count > 1 or oid in self._seen_bases}
+        self._seen_bases.update(bases)
+        self.cache.keep_only(shared)
+
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""
+        self._keep_shared_bases(manifest)
         source = StoreTensorSource(
-            manifest, self.repo.store, self._executor(), path, self.settings.get_int("memoryBudget"), self.cache
+            manifest,
+            self.repo.store,
+            self._executor(),
+            path,
+            self.settings.get_int("memoryBudget"),
+            self.cache,
+            self.buffers if getattr(fmt, "releases_tensors", False) else None,
         )
         remember = getattr(fmt, "spools", False) and self.settings.get_bool("statCache")
         if remember:

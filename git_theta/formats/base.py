@@ -29,7 +29,8 @@ class TensorSource:
     """What a format's :meth:`CheckpointFormat.join` reads tensors from (given by smudge).
 
     ``specs`` maps each tensor name to its manifest entry (``dtype``, ``shape``). ``iter_data(names)``
-    yields ``(name, bytes-like)`` in the order asked, decoding ahead in parallel. ``read_blob(key)``
+    yields ``(name, bytes-like)`` in the order asked, decoding ahead in parallel; for a format with
+    ``releases_tensors`` the bytes may be reused once the next item is requested. ``read_blob(key)``
     returns a side object's bytes.
     """
 
@@ -52,6 +53,10 @@ class CheckpointFormat:
     #: :class:`~git_theta.formats.spool.Spool` once and passes it as ``stream``; a file whose
     #: whole-file fingerprint matches the one last cleaned or checked out at its path is not parsed.
     spools = False
+    #: True when :meth:`join` is done with each tensor's bytes once it asks ``iter_data`` for the
+    #: next one (it writes them out and keeps no reference): smudge then decodes later tensors
+    #: into the same buffers instead of allocating new ones.
+    releases_tensors = False
 
     def sniff(self, head, path):
         """True when ``head`` (the first bytes of the file, up to 4 KiB) looks like this format."""

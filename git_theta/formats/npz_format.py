@@ -145,6 +145,7 @@ class NpzFormat(CheckpointFormat):
     """numpy ``.npz`` archives, read with ``allow_pickle=False``."""
 
     name = "npz"
+    releases_tensors = True  # join writes each tensor out before asking for the next
     suffixes = (".npz",)
     spools = True
 

@@ -167,6 +167,7 @@ class SafetensorsFormat(CheckpointFormat):
     """The safetensors format (Hugging Face)."""
 
     name = "safetensors"
+    releases_tensors = True  # join writes each tensor out before asking for the next
     suffixes = (".safetensors",)
 
     def sniff(self, head, path):

@@ -556,6 +556,7 @@ class TorchFormat(CheckpointFormat):
     """PyTorch ``torch.save`` checkpoints, loaded only with ``weights_only=True``."""
 
     name = "torch"
+    releases_tensors = True  # join writes each tensor out before asking for the next
     suffixes = (".pt", ".pth", ".bin", ".ckpt")
     spools = True
 

@@ -1,5 +1,6 @@
 """``dense``: the whole tensor as byte planes compressed with zstandard (a keyframe)."""
 
+from ..buffers import new_buffer
 from ..dtypes import element_count, get_dtype
 from ..planes import decode_planes, encode_planes
 from .base import Encoded, UpdateType
@@ -16,4 +17,5 @@ class DenseUpdate(UpdateType):
 
     def decode(self, header, payload, base, spec, oid="?"):
         itemsize = get_dtype(spec.dtype).itemsize
-        return decode_planes(payload, itemsize * element_count(spec.shape), itemsize, oid)
+        nbytes = itemsize * element_count(spec.shape)
+        return decode_planes(payload, nbytes, itemsize, oid, out=new_buffer(nbytes))

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..bits import as_bits
 from ..errors import ObjectCorruptError
-from ..planes import decode_sections, encode_sections
+from ..planes import encode_sections, iter_decoded_chunks, section_spans
 from .base import Encoded, UpdateType
 
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -68,11 +68,14 @@ class IntDeltaUpdate(UpdateType):
         sections = header.get("sections")
         if not isinstance(sections, list) or len(sections) != 1:
             raise ObjectCorruptError(f"object {oid} has a corrupt header")
-        (zz,) = decode_sections(payload, sections, oid)
+        ((dtype, count, frames),) = section_spans(payload, sections, oid)
+        if not isinstance(base, bytearray):  # not ours to reuse (see UpdateType.decode)
+            base = bytearray(base)
         base_bits = as_bits(base, spec.dtype)
-        if zz.dtype.itemsize != base_bits.dtype.itemsize or len(zz) != len(base_bits):
+        if dtype.itemsize != base_bits.dtype.itemsize or count != len(base_bits):
             raise ObjectCorruptError(f"object {oid}: delta does not match its base")
-        if isinstance(base, bytearray):  # ours to reuse (see UpdateType.decode)
-            apply_zigzag_delta(base_bits, zz.view(base_bits.dtype), into=base_bits)
-            return base
-        return as_bytearray(apply_zigzag_delta(base_bits, zz.view(base_bits.dtype)))
+        # A chunk at a time, into the base: no tensor-sized temporary is allocated.
+        for start, chunk in iter_decoded_chunks(frames, count * dtype.itemsize, dtype.itemsize, oid):
+            part = base_bits[start // dtype.itemsize : (start + len(chunk)) // dtype.itemsize]
+            apply_zigzag_delta(part, chunk.view(base_bits.dtype), into=part)
+        return base

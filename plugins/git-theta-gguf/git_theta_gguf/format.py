@@ -200,6 +200,7 @@ class GgufFormat(CheckpointFormat):
     """GGUF (llama.cpp) checkpoints, including quantized tensor types."""
 
     name = "gguf"
+    releases_tensors = True  # join writes each tensor out before asking for the next
     suffixes = (".gguf",)
 
     def sniff(self, head, path):

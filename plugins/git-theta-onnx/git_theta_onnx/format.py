@@ -198,6 +198,7 @@ class OnnxFormat(CheckpointFormat):
     """ONNX models (``.onnx``): the main graph's initializers are the tensors."""
 
     name = "onnx"
+    releases_tensors = True  # join writes each tensor out before asking for the next
     suffixes = (".onnx",)
 
     def sniff(self, head, path):

@@ -1,0 +1,163 @@
+"""Decoding without fresh memory per tensor: recycled output buffers, chunked deltas, scratch
+planes, the selective base cache and the enlarged pipe to git."""
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from git_theta import buffers, compression, planes, plugins
+from git_theta.codec import DecodedCache, decode_tensor, encode_tensor, tensor_digest
+from git_theta.errors import ObjectCorruptError
+from git_theta.object_store import ObjectStore
+from git_theta.updates.base import TensorData
+
+from conftest import save_safetensors
+
+
+def tensor(name, values):
+    data = values.tobytes()
+    return TensorData(name, "F32", values.shape, data, tensor_digest(data))
+
+
+def test_pool_reuses_buffers_by_size_within_its_bound():
+    pool = buffers.BufferPool(limit=100)
+    first = pool.take(40)
+    assert isinstance(first, bytearray) and len(first) == 40
+    pool.give(first)
+    assert pool.free_bytes == 40
+    assert pool.take(30) is not first  # sizes must match exactly
+    assert pool.take(40) is first and pool.free_bytes == 0
+    older, newer = bytearray(60), bytearray(60)
+    pool.give(older)
+    pool.give(newer)  # 120 bytes > 100: the oldest is dropped
+    assert pool.free_bytes == 60 and pool.take(60) is newer
+    pool.give(bytearray(101))  # larger than the whole pool: not kept
+    assert pool.free_bytes == 0
+
+
+def test_new_buffer_takes_from_the_pool_only_inside_using():
+    pool = buffers.BufferPool(limit=1 << 20)
+    kept = bytearray(64)
+    pool.give(kept)
+    assert buffers.new_buffer(64) is not kept
+    with buffers.using(pool):
+        assert buffers.new_buffer(64) is kept
+    assert buffers.new_buffer(16) == bytearray(16)
+
+
+def test_decompress_into_checks_the_size():
+    data = np.random.default_rng(0).integers(0, 4, 50_000, dtype=np.uint8).tobytes()
+    method, packed = compression.compress(data)
+    assert method == compression.ZSTD
+    out = memoryview(bytearray(len(data)))
+    assert bytes(compression.decompress_into(method, packed, out)) == data
+    for wrong in (len(data) - 1, len(data) + 1):
+        with pytest.raises(ObjectCorruptError, match="bytes, expected"):
+            compression.decompress_into(method, packed, memoryview(bytearray(wrong)), "abc")
+    with pytest.raises(ObjectCorruptError):
+        compression.decompress_into(method, bytes(packed)[: len(packed) // 2], out)
+    with pytest.raises(ObjectCorruptError, match="expected"):
+        compression.decompress_into(compression.RAW, b"xyz", memoryview(bytearray(4)))
+
+
+@pytest.mark.parametrize("update_name", ["dense", "int-delta", "sparse"])
+def test_tensors_spanning_many_chunks_round_trip(tmp_path, monkeypatch, update_name):
+    """Chunked decoding (the int-delta folds chunk by chunk into its base) is exact at chunk edges."""
+    monkeypatch.setattr(planes, "CHUNK_BYTES", 4096 + 12)  # a step that is not a power of two
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal(10_001).astype(np.float32)
+    new = base * (1 + 1e-4 * rng.standard_normal(base.size)).astype(np.float32)
+    new[::97] = np.array([np.nan, -0.0, np.inf], np.float32)[np.arange(new[::97].size) % 3]
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    base_entry = encode_tensor(store, tensor("w", base))
+    entry = encode_tensor(
+        store, tensor("w", new), update_name, None if update_name == "dense" else tensor("w", base), base_entry
+    )
+    assert entry.update == update_name
+    assert bytes(decode_tensor(store, entry)) == new.tobytes()
+
+
+def test_base_cache_keeps_only_the_bases_it_is_told(tmp_path):
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal(256).astype(np.float32)
+    new = base.copy()
+    new[3] += 1
+    base_entry = encode_tensor(store, tensor("w", base))
+    entry = encode_tensor(store, tensor("w", new), "sparse", tensor("w", base), base_entry)
+    cache = DecodedCache(1 << 20)
+    cache.keep_only(set())
+    decode_tensor(store, entry, cache=cache)
+    assert cache.get(base_entry.objects[0].oid) is None  # no copy made for a base nobody shares
+    cache.keep_only({base_entry.objects[0].oid})
+    decode_tensor(store, entry, cache=cache)
+    assert cache.get(base_entry.objects[0].oid) == base.tobytes()
+
+
+class HoldingFormat:
+    """A format that keeps every tensor until the end (so its buffers must not be recycled)."""
+
+    name = "safetensors"
+
+    def join(self, fields, source, out, path):
+        held = list(source.iter_data(sorted(source.specs)))
+        for _, data in held:
+            out.write(bytes(data))
+
+
+class StreamingFormat(HoldingFormat):
+    releases_tensors = True
+
+    def join(self, fields, source, out, path):
+        for _, data in source.iter_data(sorted(source.specs)):
+            out.write(bytes(data))
+
+
+def test_smudge_recycles_buffers_only_for_formats_that_release_them(repo, monkeypatch):
+    from git_theta.clean import Cleaner
+    from git_theta.repo import Repo
+    from git_theta.smudge import Smudger
+
+    monkeypatch.chdir(repo.path)
+    rng = np.random.default_rng(3)
+    tensors = {f"layer.{i}.weight": rng.standard_normal((32, 32)).astype(np.float32) for i in range(6)}
+    save_safetensors(repo.file("model.safetensors"), tensors)
+    handle = Repo(str(repo.path))
+    cleaner, smudger = Cleaner(handle), Smudger(handle)
+    try:
+        with open(repo.file("model.safetensors"), "rb") as f:
+            manifest_bytes = cleaner.clean(f, "model.safetensors")
+        expected = b"".join(tensors[name].tobytes() for name in sorted(tensors))
+        manifest, _ = smudger.prepare(manifest_bytes, "model.safetensors")
+        out = io.BytesIO()
+        smudger.write(manifest, HoldingFormat(), "model.safetensors", out)
+        assert out.getvalue() == expected and smudger.buffers.free_bytes == 0
+        out = io.BytesIO()
+        smudger.write(manifest, StreamingFormat(), "model.safetensors", out)
+        assert out.getvalue() == expected and smudger.buffers.free_bytes > 0
+        # a second file reuses the buffers the first one left, and is still exact
+        out = io.BytesIO()
+        smudger.write(manifest, plugins.get("format", "safetensors"), "model.safetensors", out)
+        with open(repo.file("model.safetensors"), "rb") as f:
+            assert out.getvalue() == f.read()
+    finally:
+        cleaner.close()
+        smudger.close()
+        handle.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
+def test_the_filter_enlarges_its_pipe_to_git():
+    code = (
+        "import fcntl, sys\n"
+        "from git_theta.filter_process import protect_stdout\n"
+        "out = protect_stdout()\n"
+        "print(fcntl.fcntl(out.fileno(), fcntl.F_GETPIPE_SZ), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert proc.stdout == ""
+    assert int(proc.stderr.strip()) >= 1 << 20
