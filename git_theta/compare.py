@@ -295,23 +295,19 @@ class Differ:
         are touched), or None to fall back to decoding. The delta object's hash is verified, since
         the new tensor is never rebuilt to check its digest."""
         from . import object_codec
+        from .bits import as_bits
         from .codec import decode_tensor
         from .errors import ObjectCorruptError
-        from .planes import decode_sections
         from .tensor_stats import sparse_accumulate
-        from .updates.sparse import decode_positions
+        from .updates.sparse import decode_sparse
 
         ref = new.objects[0]
         try:
             raw = self.repo.store.read(ref.oid, verify=True)
             header, payload = object_codec.unpack(raw, ref.oid)
-            sections = header.get("sections")
-            if header.get("update") != "sparse" or not isinstance(sections, list) or len(sections) != 2:
+            if header.get("update") != "sparse" or len(old_data) != nbytes(new.dtype, new.shape):
                 return None
-            index, xor = decode_sections(payload, sections, ref.oid)
-            positions = decode_positions(header.get("index"), index, element_count(new.shape), ref.oid)
-            if len(positions) != len(xor) or xor.dtype.itemsize != nbytes(new.dtype, (1,)):
-                return None
+            positions, xor = decode_sparse(header, payload, as_bits(old_data, new.dtype), ref.oid)
         except ObjectCorruptError:
             # Let the full decode report it, with the chain and the damaged object named.
             decode_tensor(self.repo.store, new, path)

@@ -151,16 +151,88 @@ def test_low_rank_prediction_is_elementwise_fixed_order():
             assert got[i, j] == acc
 
 
-def test_sparse_picks_gaps_or_bitmap():
+def test_sparse_picks_the_smallest_index():
     base = np.zeros(10000, dtype=np.float32)
     few = base.copy()
     few[[5, 700, 9000]] = 1.0
     many = base.copy()
     many[::3] = 2.0
+    scattered = base.copy()
+    scattered[np.random.default_rng(3).choice(10000, 100, replace=False)] = 3.0
     sparse = plugins.get("update", "sparse")
     b = tensor("t", "F32", (10000,), base.tobytes())
-    assert sparse.encode(tensor("t", "F32", (10000,), few.tobytes()), b).header["index"] == "gaps"
+    assert sparse.encode(tensor("t", "F32", (10000,), few.tobytes()), b).header["index"] in ("gaps", "rice")
     assert sparse.encode(tensor("t", "F32", (10000,), many.tobytes()), b).header["index"] == "bitmap"
+    assert sparse.encode(tensor("t", "F32", (10000,), scattered.tobytes()), b).header["index"] == "rice"
+
+
+@FAST
+@given(
+    total=st.integers(1, 5000),
+    density=st.sampled_from([0.0005, 0.01, 0.2, 0.9, 1.0]),
+    clustered=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_rice_index_roundtrip(total, density, clustered, seed):
+    """The Rice code of any sorted set of positions (first, last, runs, one far outlier) decodes back."""
+    from git_theta.updates.sparse import decode_index, encode_rice
+
+    rng = np.random.default_rng(seed)
+    count = max(1, int(total * density))
+    if clustered:  # a run at the start plus the very last element: one huge gap
+        positions = np.unique(np.r_[np.arange(min(count, total)), total - 1])
+    else:
+        positions = np.sort(rng.choice(total, min(count, total), replace=False))
+    unary, low = encode_rice(positions, total)
+    assert np.array_equal(decode_index("rice", [unary, low], total, len(positions), "x"), positions)
+
+
+def test_corrupt_rice_index_is_detected():
+    from git_theta.updates.sparse import decode_index, encode_rice
+
+    positions = np.array([3, 40, 41, 977, 999])
+    unary, low = encode_rice(positions, 1000)
+    bad = [
+        ([unary, low], 4),  # wrong count of values
+        ([unary, low[:-1]], 5),  # low bits cut short
+        ([np.r_[unary, np.uint8(0)], low], 5),  # trailing bytes
+        ([np.zeros_like(unary), low], 5),  # no terminating ones
+        ([np.r_[np.zeros(200, np.uint8), unary], low], 5),  # gaps past the end of the tensor
+        ([unary], 5),  # a section missing
+    ]
+    for arrays, count in bad:
+        with pytest.raises(ObjectCorruptError):
+            decode_index("rice", arrays, 1000, count, "x")
+    with pytest.raises(ObjectCorruptError):
+        decode_index("golomb", [unary], 1000, 5, "x")
+
+
+def test_sparse_values_as_zigzag_steps_and_old_xor_objects():
+    """Small steps of bf16 values are stored as zigzag differences (smaller than XOR); objects
+    written before that coding existed (XOR values, uint32 gaps, no ``values`` key) still decode."""
+    from git_theta.planes import encode_sections
+
+    rng = np.random.default_rng(5)
+    base_values = rng.standard_normal(50_000)
+    new_values = base_values.copy()
+    idx = np.sort(rng.choice(base_values.size, 500, replace=False))
+    new_values[idx] *= 1 + 0.05 * rng.standard_normal(idx.size)
+    base = tensor("t", "BF16", (50_000,), from_float(base_values, "BF16"))
+    new = tensor("t", "BF16", (50_000,), from_float(new_values, "BF16"))
+    sparse = plugins.get("update", "sparse")
+    assert sparse.encode(new, base).header.get("values") == "zigzag"
+    assert roundtrip("sparse", new, base) == new.data
+
+    new_bits, base_bits = as_bits(new.data, "BF16"), as_bits(base.data, "BF16")
+    positions = np.flatnonzero(new_bits != base_bits)
+    gaps = np.diff(positions, prepend=0).astype(np.uint32)
+    parts, sections = encode_sections([gaps, new_bits[positions] ^ base_bits[positions]])
+    header = {"index": "gaps", "sections": sections, "update": "sparse", "dtype": "BF16", "shape": [50_000]}
+    header, payload = unpack(header_bytes(header) + b"".join(bytes(p) for p in parts))
+    spec = TensorData("t", "BF16", (50_000,), None)
+    assert bytes(sparse.decode(header, payload, bytearray(base.data), spec)) == new.data
+    with pytest.raises(ObjectCorruptError):
+        sparse.decode(dict(header, values="delta"), payload, bytearray(base.data), spec)
 
 
 @pytest.mark.parametrize("name", ["dense", *DELTAS])
@@ -193,7 +265,7 @@ def test_residual_forms_roundtrip(mismatch):
     new[idx] += rng.integers(1, 5, idx.sum()).astype(np.uint32)
     mode, parts, sections = encode_residual(new, predicted)
     if mismatch in (0.0, 0.02):
-        assert mode == "gaps"
+        assert mode in ("gaps", "rice")
     if mismatch == 1.0:
         assert mode == "dense"
     arrays = decode_sections(memoryview(b"".join(bytes(p) for p in parts)), sections)

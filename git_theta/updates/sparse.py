@@ -1,8 +1,12 @@
 """``sparse``: only the elements that changed, as positions plus the XOR of their bit patterns.
 
-Positions are stored either as gaps between consecutive changed indices or as a bitmap of the
-whole tensor, whichever compresses smaller. XOR of bit patterns (rather than a difference of values)
-makes every change exact, NaN payloads and -0.0 included.
+Positions are stored in whichever of three codings compresses smallest: the gaps between
+consecutive changed indices (byte planes + zstd), a bitmap of the whole tensor (for dense changes),
+or a Rice code of the gaps (``rice``: each gap's high bits in unary, its low ``k`` bits verbatim),
+which comes within a few percent of the entropy of randomly placed changes and carries no zstd
+table or frame per byte plane: on a 1%-changed bf16 tensor it stores ~1 byte per position against
+~1.2 for zstd'd gaps. XOR of bit patterns (rather than a difference of values) makes every change
+exact, NaN payloads and -0.0 included.
 """
 
 import numpy as np
@@ -11,7 +15,7 @@ from ..bits import as_bits
 from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
 from .base import Encoded, UpdateType
-from .int_delta import as_bytearray
+from .int_delta import apply_zigzag_delta, as_bytearray, zigzag_delta
 
 
 def changed_positions(new_bits, base_bits):
@@ -19,10 +23,22 @@ def changed_positions(new_bits, base_bits):
     return np.flatnonzero(new_bits != base_bits)
 
 
+def _narrow(values):
+    """``values`` (non-negative integers) in the smallest unsigned dtype that holds them all.
+
+    Fewer byte planes means fewer frames and no all-zero planes to store; any decoder of ``gaps``
+    reads every unsigned width.
+    """
+    top = int(values.max()) if len(values) else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return values.astype(dtype)
+    return values.astype(np.uint64)
+
+
 def encode_positions(positions, total):
-    """(mode, array) for the smaller encoding of sorted ``positions`` among ``total`` elements."""
-    index_type = np.uint32 if total < (1 << 32) else np.uint64
-    gaps = np.diff(positions, prepend=0).astype(index_type)
+    """(mode, array) for the smaller of gaps and bitmap for sorted ``positions`` among ``total``."""
+    gaps = _narrow(np.diff(positions, prepend=0))
     bitmap_bytes = (total + 7) // 8
     # Gaps cost about 1-2 bytes each after compression; a bitmap costs total/8 before compression.
     if len(positions) * 2 < bitmap_bytes:
@@ -32,7 +48,73 @@ def encode_positions(positions, total):
     return "bitmap", np.packbits(mask)
 
 
+def rice_parameter(count, total):
+    """Rice parameter ``k`` for ``count`` positions among ``total`` elements.
+
+    Both sides derive it from the counts (the decoder knows ``count`` from the values section), so
+    it is never stored. floor(log2(ln 2 x mean gap)) is the classic choice for geometric gaps.
+    """
+    mean = total * 69 // (100 * count) if count else 0
+    return max(0, mean.bit_length() - 1)
+
+
+def encode_rice(positions, total):
+    """(unary bits, low bits) as packed uint8 arrays: the ``rice`` coding of sorted ``positions``.
+
+    The coded values are ``positions[i] - positions[i-1] - 1`` (and ``positions[0]``): each is
+    written as ``value >> k`` zeros and a one (unary) and its low ``k`` bits, most significant
+    first.
+    """
+    count = len(positions)
+    k = rice_parameter(count, total)
+    values = np.diff(np.asarray(positions, dtype=np.int64) - np.arange(count), prepend=0).astype(np.uint64)
+    high = values >> np.uint64(k)
+    ends = np.cumsum(high + np.uint64(1)) - np.uint64(1)  # where each value's terminating one sits
+    unary = np.zeros(int(ends[-1]) + 1 if count else 0, dtype=np.uint8)
+    unary[ends.astype(np.int64)] = 1
+    shifts = np.arange(k - 1, -1, -1, dtype=np.uint64)
+    low = ((values[:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(unary), np.packbits(low.ravel())
+
+
+def decode_rice(unary, low, count, total, oid):
+    """Inverse of :func:`encode_rice`: the int64 positions, checked to lie in ``range(total)``."""
+    k = rice_parameter(count, total)
+    if unary.dtype != np.uint8 or low.dtype != np.uint8 or len(low) != (count * k + 7) // 8:
+        raise ObjectCorruptError(f"object {oid}: sparse rice index has the wrong size")
+    ends = np.flatnonzero(np.unpackbits(unary))
+    if len(ends) != count or len(unary) != (int(ends[-1]) // 8 + 1 if count else 0):
+        raise ObjectCorruptError(f"object {oid}: sparse rice index is corrupt")
+    values = (np.diff(ends, prepend=-1) - 1).astype(np.uint64) << np.uint64(k)
+    if k:
+        bits = np.unpackbits(low, count=count * k).reshape(count, k)
+        for j in range(k):  # k (<= ~30) vectorised passes: the low bits, most significant first
+            values |= bits[:, j].astype(np.uint64) << np.uint64(k - 1 - j)
+    if count and int(values.max()) >= total:  # a corrupt value must not wrap the sum below
+        raise ObjectCorruptError(f"object {oid}: sparse index out of range")
+    positions = np.cumsum(values, dtype=np.uint64).astype(np.int64) + np.arange(count, dtype=np.int64)
+    if count and positions[-1] >= total:
+        raise ObjectCorruptError(f"object {oid}: sparse index out of range")
+    return positions
+
+
+def encode_index(positions, total):
+    """(mode, parts, sections) of the smallest coding of sorted ``positions`` among ``total``.
+
+    ``mode`` (``gaps``, ``bitmap`` or ``rice``) goes in the header; the sections are followed by
+    the values section, whose length tells :func:`decode_index` how many positions there are.
+    """
+    mode, array = encode_positions(positions, total)
+    parts, sections = encode_sections([array])
+    if len(positions):
+        rice_parts, rice_sections = encode_sections(list(encode_rice(positions, total)))
+        if sum(s["bytes"] for s in rice_sections) < sum(s["bytes"] for s in sections):
+            return "rice", rice_parts, rice_sections
+    return mode, parts, sections
+
+
 def decode_positions(mode, array, total, oid):
+    """Positions of the ``gaps`` and ``bitmap`` codings (one index array)."""
     if mode == "gaps":
         positions = np.cumsum(array.astype(np.uint64), dtype=np.uint64)
         if len(positions) and positions[-1] >= total:
@@ -45,25 +127,63 @@ def decode_positions(mode, array, total, oid):
     raise ObjectCorruptError(f"object {oid}: unknown sparse index mode {mode!r}")
 
 
+def decode_index(mode, arrays, total, count, oid):
+    """Inverse of :func:`encode_index`: the positions from the decoded index ``arrays``.
+
+    ``count`` is the number of values stored after the index (the number of positions).
+    """
+    if mode == "rice":
+        if len(arrays) != 2:
+            raise ObjectCorruptError(f"object {oid} has a corrupt header")
+        return decode_rice(arrays[0], arrays[1], count, total, oid)
+    if len(arrays) != 1:
+        raise ObjectCorruptError(f"object {oid} has a corrupt header")
+    return decode_positions(mode, arrays[0], total, oid)
+
+
 def encode_sparse_bits(new_bits, base_bits):
-    """(header, parts) storing the positions and XOR values where ``new_bits`` differs."""
+    """(header, parts) storing the positions and changed values where ``new_bits`` differs.
+
+    The values are the XOR of the bit patterns or, when it compresses smaller (header
+    ``"values": "zigzag"``; objects without the key are XOR), the zigzag integer difference: a
+    small step of a float changes its low bits by a small amount, which XOR (flipping every bit a
+    carry passes) codes less tightly, ~0.1 byte per change on bf16.
+    """
     positions = changed_positions(new_bits, base_bits)
-    mode, index = encode_positions(positions, len(new_bits))
-    xor = new_bits[positions] ^ base_bits[positions]
-    parts, sections = encode_sections([index, xor])
-    return {"index": mode, "sections": sections}, parts
+    mode, parts, sections = encode_index(positions, len(new_bits))
+    new_values, base_values = new_bits[positions], base_bits[positions]
+    header = {"index": mode}
+    value_parts, value_sections = encode_sections([new_values ^ base_values])
+    zz_parts, zz_sections = encode_sections([zigzag_delta(new_values, base_values)])
+    if zz_sections[0]["bytes"] < value_sections[0]["bytes"]:
+        header["values"] = "zigzag"
+        value_parts, value_sections = zz_parts, zz_sections
+    header["sections"] = sections + value_sections
+    return header, parts + value_parts
+
+
+def decode_sparse(header, payload, base_bits, oid):
+    """(positions, XOR of the bit patterns there) of a ``sparse`` object against ``base_bits``."""
+    sections = header.get("sections")
+    if not isinstance(sections, list) or len(sections) not in (2, 3):
+        raise ObjectCorruptError(f"object {oid} has a corrupt header")
+    *index, values = decode_sections(payload, sections, oid)
+    positions = decode_index(header.get("index"), index, len(base_bits), len(values), oid)
+    if len(positions) != len(values) or values.dtype.itemsize != base_bits.dtype.itemsize:
+        raise ObjectCorruptError(f"object {oid}: sparse positions and values disagree")
+    coding = header.get("values", "xor")
+    if coding == "xor":
+        return positions, values.view(base_bits.dtype)
+    if coding == "zigzag":
+        old = base_bits[positions]
+        return positions, apply_zigzag_delta(old, values.view(base_bits.dtype)) ^ old
+    raise ObjectCorruptError(f"object {oid}: unknown sparse value coding {coding!r}")
 
 
 def apply_sparse_bits(header, payload, base_bits, oid):
-    """XOR the stored values into the bit patterns ``base_bits`` at the stored positions, in place."""
-    sections = header.get("sections")
-    if not isinstance(sections, list) or len(sections) != 2:
-        raise ObjectCorruptError(f"object {oid} has a corrupt header")
-    index, xor = decode_sections(payload, sections, oid)
-    positions = decode_positions(header.get("index"), index, len(base_bits), oid)
-    if len(positions) != len(xor) or xor.dtype.itemsize != base_bits.dtype.itemsize:
-        raise ObjectCorruptError(f"object {oid}: sparse positions and values disagree")
-    base_bits[positions] ^= xor.view(base_bits.dtype)
+    """Apply the stored changes to the bit patterns ``base_bits`` in place."""
+    positions, xor = decode_sparse(header, payload, base_bits, oid)
+    base_bits[positions] ^= xor
     return base_bits
 
 
