@@ -151,6 +151,50 @@ def test_low_rank_prediction_is_elementwise_fixed_order():
             assert got[i, j] == acc
 
 
+def test_low_rank_f32_product_prediction_is_elementwise_fixed_order():
+    """``product="f32"``: the terms summed in float64 in order, rounded to float32, added to the
+    base in float64, rounded to the dtype: evaluated one scalar at a time."""
+    from git_theta.updates.low_rank import predict
+
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((5, 6)).astype(np.float32)
+    a, b = rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((3, 6)).astype(np.float32)
+    got = predict(base, a, b, "F32", product="f32").view(np.float32).reshape(5, 6)
+    for i in range(5):
+        for j in range(6):
+            acc = float(a[i, 0]) * float(b[0, j])
+            for k in range(1, 3):
+                acc = acc + float(a[i, k]) * float(b[k, j])
+            assert got[i, j] == np.float32(float(base[i, j]) + float(np.float32(acc)))
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_low_rank_both_predictions_decode(dtype, monkeypatch):
+    """A float32 LoRA merge picks the float32-product prediction; objects of either prediction
+    (and older ones without the ``product`` key) decode exactly; an unknown one is corrupt."""
+    from git_theta.updates import low_rank
+
+    rng = np.random.default_rng(6)
+    w = (0.02 * rng.standard_normal((64, 48))).astype(np.float32)
+    lora_a = (rng.standard_normal((4, 48)) / 7).astype(np.float32)
+    lora_b = (0.02 * rng.standard_normal((64, 4))).astype(np.float32)
+    merged = w + (lora_b @ lora_a) * np.float32(2.0)
+    base_t = tensor("w", dtype, w.shape, from_float(w, dtype))
+    new_t = tensor("w", dtype, w.shape, from_float(merged, dtype))
+    factors = (lora_b, lora_a * np.float32(2.0))
+    if dtype == "F32":
+        assert low_rank.LowRankUpdate().encode(new_t, base_t, factors=factors).header.get("product") == "f32"
+    for product in low_rank.PRODUCTS:
+        monkeypatch.setattr(low_rank, "choose_product", lambda *args, p=product: p)
+        encoded = low_rank.LowRankUpdate().encode(new_t, base_t, factors=factors)
+        assert encoded.header.get("product") == product
+        assert roundtrip("low-rank", new_t, base_t, factors=factors) == new_t.data
+    header = dict(encoded.header, product="f16", update="low-rank", dtype=dtype, shape=list(w.shape))
+    header, payload = unpack(header_bytes(header) + b"".join(bytes(p) for p in encoded.parts))
+    with pytest.raises(ObjectCorruptError):
+        low_rank.LowRankUpdate().decode(header, payload, bytearray(base_t.data), TensorData("w", dtype, w.shape, None))
+
+
 def test_sparse_picks_the_smallest_index():
     base = np.zeros(10000, dtype=np.float32)
     few = base.copy()

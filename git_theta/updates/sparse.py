@@ -72,9 +72,14 @@ def encode_rice(positions, total):
     ends = np.cumsum(high + np.uint64(1)) - np.uint64(1)  # where each value's terminating one sits
     unary = np.zeros(int(ends[-1]) + 1 if count else 0, dtype=np.uint8)
     unary[ends.astype(np.int64)] = 1
-    shifts = np.arange(k - 1, -1, -1, dtype=np.uint64)
-    low = ((values[:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(unary), np.packbits(low.ravel())
+    width = _low_width(k)
+    low = np.unpackbits(values.astype(f">u{width // 8}").view(np.uint8).reshape(count, width // 8), axis=1)
+    return np.packbits(unary), np.packbits(low[:, width - k :].ravel())
+
+
+def _low_width(k):
+    """Bits of the big-endian integer type that holds ``k`` low bits (8, 16, 32 or 64)."""
+    return next(w for w in (8, 16, 32, 64) if k <= w)
 
 
 def decode_rice(unary, low, count, total, oid):
@@ -85,11 +90,19 @@ def decode_rice(unary, low, count, total, oid):
     ends = np.flatnonzero(np.unpackbits(unary))
     if len(ends) != count or len(unary) != (int(ends[-1]) // 8 + 1 if count else 0):
         raise ObjectCorruptError(f"object {oid}: sparse rice index is corrupt")
-    values = (np.diff(ends, prepend=-1) - 1).astype(np.uint64) << np.uint64(k)
-    if k:
-        bits = np.unpackbits(low, count=count * k).reshape(count, k)
-        for j in range(k):  # k (<= ~30) vectorised passes: the low bits, most significant first
-            values |= bits[:, j].astype(np.uint64) << np.uint64(k - 1 - j)
+    values = np.empty(count, dtype=np.uint64)
+    if count:
+        values[0] = ends[0]
+        np.subtract(ends[1:], ends[:-1] + 1, out=values[1:], casting="unsafe")
+    values <<= np.uint64(k)
+    if k:  # value i's low bits start at bit i*k: join the two 64-bit words holding them
+        padded = np.zeros((len(low) + 15) // 8 * 8, dtype=np.uint8)
+        padded[: len(low)] = low
+        words = padded.view(">u8").astype(np.uint64)
+        bit = np.arange(count, dtype=np.uint64) * np.uint64(k)
+        word, offset = (bit >> np.uint64(6)).astype(np.int64), bit & np.uint64(63)
+        joined = (words[word] << offset) | ((words[word + 1] >> np.uint64(1)) >> (np.uint64(63) - offset))
+        values |= joined >> np.uint64(64 - k)
     if count and int(values.max()) >= total:  # a corrupt value must not wrap the sum below
         raise ObjectCorruptError(f"object {oid}: sparse index out of range")
     positions = np.cumsum(values, dtype=np.uint64).astype(np.int64) + np.arange(count, dtype=np.int64)
@@ -162,8 +175,9 @@ def encode_sparse_bits(new_bits, base_bits):
     return header, parts + value_parts
 
 
-def decode_sparse(header, payload, base_bits, oid):
-    """(positions, XOR of the bit patterns there) of a ``sparse`` object against ``base_bits``."""
+def decode_changes(header, payload, base_bits, oid):
+    """(positions, values, coding) of a ``sparse`` object for ``base_bits``' tensor; ``coding`` is
+    ``xor`` or ``zigzag``, the values are viewed as ``base_bits``' dtype."""
     sections = header.get("sections")
     if not isinstance(sections, list) or len(sections) not in (2, 3):
         raise ObjectCorruptError(f"object {oid} has a corrupt header")
@@ -172,18 +186,27 @@ def decode_sparse(header, payload, base_bits, oid):
     if len(positions) != len(values) or values.dtype.itemsize != base_bits.dtype.itemsize:
         raise ObjectCorruptError(f"object {oid}: sparse positions and values disagree")
     coding = header.get("values", "xor")
+    if coding not in ("xor", "zigzag"):
+        raise ObjectCorruptError(f"object {oid}: unknown sparse value coding {coding!r}")
+    return positions, values.view(base_bits.dtype), coding
+
+
+def decode_sparse(header, payload, base_bits, oid):
+    """(positions, XOR of the bit patterns there) of a ``sparse`` object against ``base_bits``."""
+    positions, values, coding = decode_changes(header, payload, base_bits, oid)
     if coding == "xor":
-        return positions, values.view(base_bits.dtype)
-    if coding == "zigzag":
-        old = base_bits[positions]
-        return positions, apply_zigzag_delta(old, values.view(base_bits.dtype)) ^ old
-    raise ObjectCorruptError(f"object {oid}: unknown sparse value coding {coding!r}")
+        return positions, values
+    old = base_bits[positions]
+    return positions, apply_zigzag_delta(old, values) ^ old
 
 
 def apply_sparse_bits(header, payload, base_bits, oid):
     """Apply the stored changes to the bit patterns ``base_bits`` in place."""
-    positions, xor = decode_sparse(header, payload, base_bits, oid)
-    base_bits[positions] ^= xor
+    positions, values, coding = decode_changes(header, payload, base_bits, oid)
+    if coding == "xor":
+        base_bits[positions] ^= values
+    else:  # one gather and one scatter, as for XOR
+        base_bits[positions] = apply_zigzag_delta(base_bits[positions], values)
     return base_bits
 
 
