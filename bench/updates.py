@@ -290,6 +290,7 @@ def main():
         "full fine-tune fp32": steps[:2],
         "4th fine-tune commit": steps,
         "1% changed fp32": [base, {k: np.asarray(v, np.float32) for k, v in one_percent(base, rng).items()}],
+        "rank-8 LoRA merged": [base, lora_merged(base, rng)],
     }
     print(f"\nreal git, {sources[0][0]}: 'git add' of a new version and checkout of it (a delta)")
     print(f"{'new version':22} {'tool':10} {'add wall/cpu s':>15} {'median checkout s':>20} {'stored/raw':>11}")
