@@ -213,18 +213,19 @@ def cpu_measured(cmd, cwd, env):
     return float(wall), float(cpu)
 
 
-def git_versions(work, label, v1, v2, tools, repeats=5):
-    """Real git: add+commit v1, time ``git add`` of v2 (a delta for git-theta) and the checkout of
-    v2 (decoding the chain) for each tool; returns {tool: (add s, checkout s, stored v2 bytes)}.
+def git_versions(work, label, versions, tools, repeats=5):
+    """Real git: add+commit every version but the last, time ``git add`` of the last (a delta for
+    git-theta) and the checkout of it (decoding its chain) for each tool; returns
+    {tool: (add s, checkout s, stored bytes of the last version)}.
 
     The add is timed once (a second add of the same bytes would be a cache hit). The checkout is
     timed ``repeats`` times, the tools taking turns so that both see the same machine, and the
     median is kept: on a virtual machine one checkout can take 1.5x another for either tool.
     """
     env = isolated_env(work / "home")
-    files = (work / f"{label}-v1.safetensors", work / f"{label}-v2.safetensors")
-    save(v1, files[0])
-    save(v2, files[1])
+    files = [work / f"{label}-v{i}.safetensors" for i in range(len(versions))]
+    for state, path in zip(versions, files):
+        save(state, path)
     results, repos = {}, {}
     for tool in tools:
         repo = repos[tool] = work / f"{tool}-{label}"
@@ -236,13 +237,14 @@ def git_versions(work, label, v1, v2, tools, repeats=5):
         git(kind, "track", "*.safetensors")
         store = repo / ".git" / kind / "objects"
         target = repo / "model.safetensors"
-        target.write_bytes(files[0].read_bytes())
-        git("add", "-A")
-        git("commit", "-qm", "v1")
+        for i, path in enumerate(files[:-1]):
+            target.write_bytes(path.read_bytes())
+            git("add", "-A")
+            git("commit", "-qm", f"v{i}")
         before = du(store)
-        target.write_bytes(files[1].read_bytes())
+        target.write_bytes(files[-1].read_bytes())
         t_add = cpu_measured(["git", "add", target.name], repo, env)
-        git("commit", "-qm", "v2")
+        git("commit", "-qm", "last")
         results[tool] = [t_add, [], du(store) - before]
     for _ in range(repeats):
         for tool, repo in repos.items():
@@ -250,7 +252,7 @@ def git_versions(work, label, v1, v2, tools, repeats=5):
             os.sync()  # the previous write-back must not land in this measurement
             cmd = ["git", "checkout", "-q", "HEAD", "--", "model.safetensors"]
             results[tool][1].append(cpu_measured(cmd, repo, env))
-            assert (repo / "model.safetensors").read_bytes() == files[1].read_bytes(), f"{tool}: not byte-identical"
+            assert (repo / "model.safetensors").read_bytes() == files[-1].read_bytes(), f"{tool}: not byte-identical"
     for result in results.values():
         result[1] = tuple(statistics.median(t[k] for t in result[1]) for k in (0, 1))
     return {tool: tuple(r) for tool, r in results.items()}
@@ -281,9 +283,14 @@ def main():
     tools = ["git-theta"] + (["git-lfs"] if shutil.which("git-lfs") else [])
     base = {k: v.astype(np.float32) for k, v in sources[0][1].items()}
     rng = np.random.default_rng(args.seed + 2)
+    steps = [base]
+    for _ in range(4):  # a fine-tune run committed every few steps
+        steps.append({k: np.asarray(v, np.float32) for k, v in fine_tune(steps[-1], rng).items()})
     cases = {
-        "full fine-tune fp32": {k: np.asarray(v, np.float32) for k, v in fine_tune(base, rng).items()},
-        "1% changed fp32": {k: np.asarray(v, np.float32) for k, v in one_percent(base, rng).items()},
+        "full fine-tune fp32": steps[:2],
+        "4th fine-tune commit": steps,
+        "1% changed fp32": [base, {k: np.asarray(v, np.float32) for k, v in one_percent(base, rng).items()}],
+        "rank-8 LoRA merged": [base, lora_merged(base, rng)],
     }
     print(f"\nreal git, {sources[0][0]}: 'git add' of a new version and checkout of it (a delta)")
     print(f"{'new version':22} {'tool':10} {'add wall/cpu s':>15} {'median checkout s':>20} {'stored/raw':>11}")
@@ -292,7 +299,7 @@ def main():
         for label, new in cases.items():
             work = Path(tmp) / label.replace(" ", "-").replace("%", "pct")
             work.mkdir()
-            results = git_versions(work, "m", base, new, tools, args.repeats)
+            results = git_versions(work, "m", new, tools, args.repeats)
             for tool, (t_add, t_checkout, stored) in results.items():
                 add, checkout = f"{t_add[0]:.2f}/{t_add[1]:.2f}", f"{t_checkout[0]:.2f}/{t_checkout[1]:.2f}"
                 print(f"{label:22} {tool:10} {add:>15} {checkout:>20} {stored / raw:11.4f}")

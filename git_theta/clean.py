@@ -9,7 +9,8 @@ stat cache) costs no new bytes and no encoding.
 A changed tensor (same name, dtype and shape as in the parent manifest, different digest) is stored
 as the smallest exact encoding of its change (:mod:`git_theta.choose`) against the parent's tensor,
 decoded from the store; the delta names its base by tensor digest. Chains are cut by a dense
-keyframe after ``theta.maxChainDepth`` deltas. ``git theta add`` can force an update type or supply
+keyframe after ``theta.maxChainDepth`` deltas, and stack at most ``theta.maxFullDeltas``
+whole-tensor deltas: past that, a whole-tensor change is taken against the chain's keyframe. ``git theta add`` can force an update type or supply
 the update (an adapter) for one ``git add``: it passes the request in ``GIT_THETA_ADD_REQUEST``.
 """
 
@@ -20,9 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import plugins
 from .allowlist import theta_attribute
-from .codec import decode_tensor, encode_tensor, encode_update, store_encoded, tensor_digest
+from .codec import chain_headers, decode_tensor, encode_tensor, encode_update, keyframe_entry, store_encoded, tensor_digest
 from .dtypes import nbytes
-from .errors import CheckpointError, ConfigError, ManifestError, ObjectCorruptError, ObjectMissingError, UpdateError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ManifestError,
+    ObjectCorruptError,
+    ObjectMissingError,
+    PluginError,
+    UpdateError,
+)
 from .manifest import Manifest, ObjectRef, TensorEntry, is_manifest
 from .peekable import PeekableReader
 from .settings import settings_for
@@ -334,18 +343,43 @@ class Cleaner:
                 request.adapter.check(path, tensor, base, supplied)
             if base_entry.chain_depth + 1 > max_depth:
                 return encode_tensor(self.store, tensor)  # a keyframe bounds the chain
-            result = None
-            if supplied is not None:
-                result = encode_update(tensor, supplied.update, base, **supplied.options())
-            elif request is not None and request.update_type is not None:
-                result = encode_update(tensor, request.update_type, base)
-            if result is None:  # not forced, or the forced type does not apply to this tensor
-                from .choose import choose
-
-                result = choose(tensor, base)
+            result = _encode_against(tensor, base, request, supplied)
+            if supplied is None and getattr(result[0], "full_pass", True) and not result[0].keyframe:
+                rebased = self._full_delta_on_keyframe(tensor, base_entry, path, budget, request)
+                if rebased is not None:
+                    return rebased
             return store_encoded(self.store, tensor, *result, base=base, base_entry=base_entry)
         finally:
             budget.release(size)
+
+    def _full_delta_on_keyframe(self, tensor, base_entry, path, budget, request):
+        """Encode ``tensor`` against its chain's keyframe when the chain already stacks
+        ``theta.maxFullDeltas`` whole-tensor deltas; None when the chain has room for one more.
+
+        Each whole-tensor delta (int-delta, low-rank) costs a checkout a pass over the tensor, as
+        much as the keyframe itself: stacking them would make checkout time grow with history. A
+        change against the keyframe is a little larger than against the previous version (the
+        steps add up), but decoding it is one keyframe plus one delta, however long the history.
+        """
+        if base_entry.chain_depth == 0:
+            return None  # the base is the keyframe
+        try:
+            headers = chain_headers(self.store, base_entry)
+            full = sum(getattr(plugins.get("update", h.get("update")), "full_pass", True) for h in headers[:-1])
+            if full < max(1, self.settings.get_int("maxFullDeltas")):
+                return None
+            key_entry = keyframe_entry(base_entry, headers)
+            size = nbytes(key_entry.dtype, key_entry.shape)
+            budget.add(size)
+            try:
+                key_bytes = decode_tensor(self.store, key_entry, path)
+            finally:
+                budget.release(size)
+        except (ObjectCorruptError, ObjectMissingError, PluginError):
+            return encode_tensor(self.store, tensor)  # the new bytes are in hand: store them whole
+        keyframe = TensorData(key_entry.name, key_entry.dtype, key_entry.shape, key_bytes, key_entry.digest)
+        result = _encode_against(tensor, keyframe, request, None)
+        return store_encoded(self.store, tensor, *result, base=keyframe, base_entry=key_entry)
 
     def _all_local(self, entry):
         # freshen, not has: a reused object must look recent to a concurrent 'git theta prune'
@@ -373,6 +407,21 @@ class Cleaner:
             if objects and all(self.store.freshen(r.oid) for r in objects):  # same rule as above
                 return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update, objects)
         return None
+
+
+def _encode_against(tensor, base, request, supplied):
+    """(update, Encoded) for ``tensor`` against ``base``: the supplied adapter's update, else the
+    forced type, else (or where those do not apply) the automatic choice."""
+    result = None
+    if supplied is not None:
+        result = encode_update(tensor, supplied.update, base, **supplied.options())
+    elif request is not None and request.update_type is not None:
+        result = encode_update(tensor, request.update_type, base)
+    if result is None:  # not forced, or the forced type does not apply to this tensor
+        from .choose import choose
+
+        result = choose(tensor, base)
+    return result
 
 
 def _renamed(entry, name):

@@ -65,6 +65,30 @@ def encode_tensor(store, tensor, update_name="dense", base=None, base_entry=None
     return store_encoded(store, tensor, *result, base=base, base_entry=base_entry)
 
 
+def chain_headers(store, entry):
+    """The object headers of ``entry``'s chain, own object first, keyframe last (payloads unread).
+
+    Raises ObjectMissingError / ObjectCorruptError like a decode would.
+    """
+    headers = []
+    for ref in entry.objects:
+        header, _ = object_codec.unpack(store.read(ref.oid), ref.oid)
+        headers.append(header)
+    return headers
+
+
+def keyframe_entry(entry, headers):
+    """A TensorEntry for the keyframe at the bottom of ``entry``'s chain (``headers`` from
+    :func:`chain_headers`); its digest is the one the delta above it names as its base."""
+    if len(entry.objects) < 2:
+        return entry
+    digest = headers[-2].get("base")
+    if not isinstance(digest, str):
+        raise ObjectCorruptError(f"object {entry.objects[-2].oid} names no base")
+    return TensorEntry(entry.name, entry.dtype, entry.shape, digest, headers[-1].get("update", "dense"),
+                       entry.objects[-1:])
+
+
 class DecodedCache:
     """Decoded intermediate tensors of delta chains, by object id, bounded in bytes (LRU).
 

@@ -85,16 +85,25 @@ def decode_planes(payload, nbytes, itemsize, oid="?", out=None):
     return out
 
 
-def iter_decoded_chunks(payload, nbytes, itemsize, oid="?"):
-    """Yield ``(start, uint8 array)``: :func:`decode_planes`'s output a chunk at a time.
+#: bytes interleaved at a time by :func:`iter_decoded_chunks`: small enough to stay in the CPU's
+#: cache while the caller folds the piece into its buffer (measured ~1.5x faster than 8 MiB).
+PIECE_BYTES = 1 << 20
 
-    Each chunk lives in this thread's scratch space until the next is requested, so a decoder
-    that folds the chunks into another buffer needs no tensor-sized temporary.
+
+def iter_decoded_chunks(payload, nbytes, itemsize, oid="?"):
+    """Yield ``(start, uint8 array)``: :func:`decode_planes`'s output a piece at a time.
+
+    Each piece lives in this thread's scratch space until the next is requested, so a decoder
+    that folds the pieces into another buffer needs no tensor-sized temporary.
     """
+    piece = max(itemsize, PIECE_BYTES - PIECE_BYTES % itemsize)
     for start, size, planes in iter_chunk_planes(payload, nbytes, itemsize, oid):
-        chunk = np.frombuffer(buffers.scratch(size, "chunk"), dtype=np.uint8)
-        from_planes(planes, chunk, itemsize)
-        yield start, chunk
+        for offset in range(0, size, piece):
+            length = min(piece, size - offset)
+            chunk = np.frombuffer(buffers.scratch(length, "chunk"), dtype=np.uint8)
+            lo, hi = offset // itemsize, (offset + length) // itemsize
+            from_planes([plane[lo:hi] for plane in planes], chunk, itemsize)
+            yield start + offset, chunk
 
 
 def encode_sections(arrays):

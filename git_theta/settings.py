@@ -14,6 +14,7 @@ DEFAULTS = {
     "threads": (0, "int", "worker threads for encoding and decoding (0: one per core)"),
     "memoryBudget": (192 << 20, "int", "bytes of tensors in flight beyond the one being read"),
     "maxChainDepth": (8, "int", "deltas on top of a dense keyframe before clean stores a new keyframe"),
+    "maxFullDeltas": (1, "int", "whole-tensor deltas (int-delta, low-rank, ia3) one chain stacks; another is taken against the keyframe"),
     "baseCache": (256 << 20, "int", "bytes of decoded delta bases kept for reuse during one checkout"),
     "addRequest": ("", "str", "set by 'git theta add' for the git add it runs: update type/adapter/base by path"),
     "transfers": (4, "int", "objects uploaded or downloaded at once"),

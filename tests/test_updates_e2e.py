@@ -313,3 +313,43 @@ def test_ls_files_verbose_then_corrupt_base_object_names_tensor_and_chain(repo):
     assert result.returncode != 0
     assert "mlp.weight" in result.stderr and keyframe in result.stderr
     assert "keyframe of chain" in result.stderr and "breaks 1 delta" in result.stderr
+
+
+def test_whole_tensor_deltas_are_taken_against_the_keyframe(repo):
+    """A chain stacks theta.maxFullDeltas whole-tensor deltas; cheap sparse ones still stack on top.
+
+    So a checkout decodes a keyframe plus one full delta however many fine-tune steps were
+    committed, and every version still checks out byte for byte.
+    """
+    rng = np.random.default_rng(21)
+    model = base_model()
+    steps = [None, small_steps, small_steps, sparse_change, small_steps, small_steps]
+    expected = []
+    for i, step in enumerate(steps):
+        if step is not None:
+            model = step(model, rng)
+        expected.append(write(repo, model))
+        repo.git("add", NAME)
+        repo.git("commit", "-q", "-m", f"v{i}")
+    revs = repo.git("rev-list", "--reverse", "HEAD").stdout.split()[1:]
+    found = manifests(repo, [f"{rev}:{NAME}" for rev in revs])
+    keyframe = found[0].tensors["mlp.weight"].objects[-1]
+    chains = [m.tensors["mlp.weight"] for m in found]
+    assert [e.update for e in chains] == ["dense", "int-delta", "int-delta", "sparse", "int-delta", "int-delta"]
+    assert [e.chain_depth for e in chains] == [0, 1, 1, 2, 1, 1]  # v3: sparse on v2's full delta
+    assert all(e.objects[-1] == keyframe for e in chains)
+    assert chains[2].objects[1:] == chains[0].objects  # v2 is a delta of v0, not of v1
+    for i, rev in enumerate(revs):
+        repo.git("checkout", "-q", rev)
+        assert repo.file(NAME).read_bytes() == expected[i], f"version {i}"
+
+    repo.git("checkout", "-q", "-")
+    repo.git("checkout", "-q", revs[-1])
+    repo.git("config", "theta.maxFullDeltas", "3")
+    for _ in range(3):
+        model = small_steps(model, rng)
+        write(repo, model)
+        repo.git("add", NAME)
+        repo.git("commit", "-q", "-m", "more")
+    depths = [m.tensors["mlp.weight"].chain_depth for m in manifests(repo, [f"HEAD~{k}:{NAME}" for k in (2, 1, 0)])]
+    assert depths == [2, 3, 1]  # three full deltas stacked, then back to the keyframe

@@ -38,6 +38,10 @@ class UpdateType:
     #: True when its encoded size is proportional to the data, so it can be estimated on a sample
     #: of the tensor; False when it depends on the whole tensor (low rank): tried in full.
     sampled = True
+    #: True when decoding costs a pass over every element, as a keyframe does (int-delta,
+    #: low-rank, ia3), False when it touches only what changed (sparse). A chain stacks at most
+    #: ``theta.maxFullDeltas`` such deltas, so a checkout's decode time stays bounded.
+    full_pass = True
 
     def encode(self, tensor, base=None):
         """Encode ``tensor`` (TensorData), optionally against ``base`` (TensorData).

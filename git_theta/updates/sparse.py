@@ -215,6 +215,7 @@ class SparseUpdate(UpdateType):
 
     name = "sparse"
     auto = True
+    full_pass = False  # decoding touches only the changed elements
 
     def encode(self, tensor, base=None):
         if base is None:
