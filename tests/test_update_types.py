@@ -264,11 +264,19 @@ def test_sparse_values_as_zigzag_steps_and_old_xor_objects():
     base = tensor("t", "BF16", (50_000,), from_float(base_values, "BF16"))
     new = tensor("t", "BF16", (50_000,), from_float(new_values, "BF16"))
     sparse = plugins.get("update", "sparse")
-    assert sparse.encode(new, base).header.get("values") == "zigzag"
+    encoded = sparse.encode(new, base)
+    assert encoded.header.get("values") == "zigzag"
     assert roundtrip("sparse", new, base) == new.data
+
+    # What `git theta diff` reads without rebuilding the tensor: the positions and the XOR there.
+    from git_theta.updates.sparse import decode_sparse
 
     new_bits, base_bits = as_bits(new.data, "BF16"), as_bits(base.data, "BF16")
     positions = np.flatnonzero(new_bits != base_bits)
+    got_positions, got_xor = decode_sparse(encoded.header, memoryview(b"".join(bytes(p) for p in encoded.parts)),
+                                           base_bits, "x")
+    assert np.array_equal(got_positions, positions)
+    assert np.array_equal(got_xor, new_bits[positions] ^ base_bits[positions])
     gaps = np.diff(positions, prepend=0).astype(np.uint32)
     parts, sections = encode_sections([gaps, new_bits[positions] ^ base_bits[positions]])
     header = {"index": "gaps", "sections": sections, "update": "sparse", "dtype": "BF16", "shape": [50_000]}
