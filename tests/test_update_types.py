@@ -210,6 +210,24 @@ def test_sparse_picks_the_smallest_index():
     assert sparse.encode(tensor("t", "F32", (10000,), scattered.tobytes()), b).header["index"] == "rice"
 
 
+def test_sparse_choices_on_a_sample_of_many_changes(monkeypatch):
+    """With more changes than the sample, the index and value codings are chosen on the first ones
+    (random positions: Rice; small float steps: zigzag) and the object still decodes exactly."""
+    from git_theta.updates import sparse
+
+    monkeypatch.setattr(sparse, "SAMPLE_COUNT", 64)
+    rng = np.random.default_rng(9)
+    base_values = rng.standard_normal(40_000)
+    new_values = base_values.copy()
+    idx = rng.choice(base_values.size, 400, replace=False)
+    new_values[idx] *= 1 + 1e-3 * rng.standard_normal(idx.size)
+    base = tensor("t", "BF16", (40_000,), from_float(base_values, "BF16"))
+    new = tensor("t", "BF16", (40_000,), from_float(new_values, "BF16"))
+    header = plugins.get("update", "sparse").encode(new, base).header
+    assert header["index"] == "rice" and header.get("values") == "zigzag"
+    assert roundtrip("sparse", new, base) == new.data
+
+
 @FAST
 @given(
     total=st.integers(1, 5000),

@@ -18,6 +18,9 @@ from .base import Encoded, UpdateType
 from .int_delta import apply_zigzag_delta, as_bytearray, zigzag_delta
 
 
+SAMPLE_COUNT = 1 << 14  # changes on which the coding choices are made when there are more
+
+
 def changed_positions(new_bits, base_bits):
     """Flat indices where the bit patterns differ."""
     return np.flatnonzero(new_bits != base_bits)
@@ -116,13 +119,21 @@ def encode_index(positions, total):
 
     ``mode`` (``gaps``, ``bitmap`` or ``rice``) goes in the header; the sections are followed by
     the values section, whose length tells :func:`decode_index` how many positions there are.
+    Many positions: Rice or not is decided on the first :data:`SAMPLE_COUNT` of them.
     """
     mode, array = encode_positions(positions, total)
+    # Above a quarter of the elements the bitmap (~1 bit each at most) wins: skip the Rice try.
+    if not len(positions) or len(positions) * 4 > total:
+        return (mode, *encode_sections([array]))
+    if len(positions) > SAMPLE_COUNT:
+        head = positions[:SAMPLE_COUNT]
+        if encode_index(head, int(head[-1]) + 1)[0] == "rice":
+            return ("rice", *encode_sections(list(encode_rice(positions, total))))
+        return (mode, *encode_sections([array]))
     parts, sections = encode_sections([array])
-    if len(positions):
-        rice_parts, rice_sections = encode_sections(list(encode_rice(positions, total)))
-        if sum(s["bytes"] for s in rice_sections) < sum(s["bytes"] for s in sections):
-            return "rice", rice_parts, rice_sections
+    rice_parts, rice_sections = encode_sections(list(encode_rice(positions, total)))
+    if sum(s["bytes"] for s in rice_sections) < sum(s["bytes"] for s in sections):
+        return "rice", rice_parts, rice_sections
     return mode, parts, sections
 
 
@@ -160,17 +171,21 @@ def encode_sparse_bits(new_bits, base_bits):
     The values are the XOR of the bit patterns or, when it compresses smaller (header
     ``"values": "zigzag"``; objects without the key are XOR), the zigzag integer difference: a
     small step of a float changes its low bits by a small amount, which XOR (flipping every bit a
-    carry passes) codes less tightly, ~0.1 byte per change on bf16.
+    carry passes) codes less tightly, ~0.1 byte per change on bf16. Many changes: the choice is
+    made on the first :data:`SAMPLE_COUNT` of them.
     """
     positions = changed_positions(new_bits, base_bits)
     mode, parts, sections = encode_index(positions, len(new_bits))
     new_values, base_values = new_bits[positions], base_bits[positions]
+    head = slice(0, SAMPLE_COUNT)
+    xor_size = encode_sections([new_values[head] ^ base_values[head]])[1][0]["bytes"]
+    zigzag_size = encode_sections([zigzag_delta(new_values[head], base_values[head])])[1][0]["bytes"]
     header = {"index": mode}
-    value_parts, value_sections = encode_sections([new_values ^ base_values])
-    zz_parts, zz_sections = encode_sections([zigzag_delta(new_values, base_values)])
-    if zz_sections[0]["bytes"] < value_sections[0]["bytes"]:
+    if zigzag_size < xor_size:
         header["values"] = "zigzag"
-        value_parts, value_sections = zz_parts, zz_sections
+        value_parts, value_sections = encode_sections([zigzag_delta(new_values, base_values)])
+    else:
+        value_parts, value_sections = encode_sections([new_values ^ base_values])
     header["sections"] = sections + value_sections
     return header, parts + value_parts
 
