@@ -21,7 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import plugins
 from .allowlist import theta_attribute
-from .codec import chain_headers, decode_tensor, encode_tensor, encode_update, keyframe_entry, store_encoded, tensor_digest
+from .codec import (
+    chain_headers,
+    decode_tensor,
+    encode_tensor,
+    encode_update,
+    encoded_size,
+    keyframe_entry,
+    store_encoded,
+    tensor_digest,
+)
 from .dtypes import nbytes
 from .errors import (
     CheckpointError,
@@ -329,10 +338,20 @@ class Cleaner:
                 )
             return encode_tensor(self.store, tensor)
         size = nbytes(base_entry.dtype, base_entry.shape)
-        budget.add(size)  # the decoded base counts against the bytes in flight
+        deep = base_entry.chain_depth + 1 > max_depth
+        full_chain = supplied is None and not deep and self._chain_is_full(base_entry)
+        budget.add(size * (2 if full_chain else 1))  # decoded bases count against the bytes in flight
         try:
             try:
-                base_bytes = decode_tensor(self.store, base_entry, path)
+                keyframe = None
+                if full_chain:
+                    key_entry = keyframe_entry(base_entry, chain_headers(self.store, base_entry))
+                    keyframe = TensorData(key_entry.name, key_entry.dtype, key_entry.shape,
+                                          decode_tensor(self.store, key_entry, path), key_entry.digest)
+                    # The parent starts from the keyframe just decoded: one keyframe decode, not two.
+                    base_bytes = decode_tensor(self.store, base_entry, path, known=(key_entry, keyframe.data))
+                else:
+                    base_bytes = decode_tensor(self.store, base_entry, path)
             except (ObjectCorruptError, ObjectMissingError):
                 if supplied is not None:
                     raise
@@ -341,45 +360,38 @@ class Cleaner:
             base = TensorData(base_entry.name, base_entry.dtype, base_entry.shape, base_bytes, base_entry.digest)
             if supplied is not None:
                 request.adapter.check(path, tensor, base, supplied)
-            if base_entry.chain_depth + 1 > max_depth:
+            if deep:
                 return encode_tensor(self.store, tensor)  # a keyframe bounds the chain
-            result = _encode_against(tensor, base, request, supplied)
-            if supplied is None and getattr(result[0], "full_pass", True) and not result[0].keyframe:
-                rebased = self._full_delta_on_keyframe(tensor, base_entry, path, budget, request)
-                if rebased is not None:
-                    return rebased
+            if keyframe is not None:
+                # The chain holds theta.maxFullDeltas whole-tensor deltas already: only a partial
+                # delta (sparse) may stack on the parent; anything else is taken on the keyframe.
+                result = _partial_delta(tensor, base, request)
+                if result is None:
+                    result = _encode_against(tensor, keyframe, request, None)
+                    return store_encoded(self.store, tensor, *result, base=keyframe, base_entry=key_entry)
+            else:
+                result = _encode_against(tensor, base, request, supplied)
             return store_encoded(self.store, tensor, *result, base=base, base_entry=base_entry)
         finally:
-            budget.release(size)
+            budget.release(size * (2 if full_chain else 1))
 
-    def _full_delta_on_keyframe(self, tensor, base_entry, path, budget, request):
-        """Encode ``tensor`` against its chain's keyframe when the chain already stacks
-        ``theta.maxFullDeltas`` whole-tensor deltas; None when the chain has room for one more.
+    def _chain_is_full(self, entry):
+        """True when ``entry``'s chain stacks ``theta.maxFullDeltas`` whole-tensor deltas already.
 
         Each whole-tensor delta (int-delta, low-rank) costs a checkout a pass over the tensor, as
         much as the keyframe itself: stacking them would make checkout time grow with history. A
         change against the keyframe is a little larger than against the previous version (the
         steps add up), but decoding it is one keyframe plus one delta, however long the history.
+        Reads only object headers; a chain that cannot be read is left to the decode to report.
         """
-        if base_entry.chain_depth == 0:
-            return None  # the base is the keyframe
+        if entry.chain_depth == 0:
+            return False
         try:
-            headers = chain_headers(self.store, base_entry)
+            headers = chain_headers(self.store, entry)
             full = sum(getattr(plugins.get("update", h.get("update")), "full_pass", True) for h in headers[:-1])
-            if full < max(1, self.settings.get_int("maxFullDeltas")):
-                return None
-            key_entry = keyframe_entry(base_entry, headers)
-            size = nbytes(key_entry.dtype, key_entry.shape)
-            budget.add(size)
-            try:
-                key_bytes = decode_tensor(self.store, key_entry, path)
-            finally:
-                budget.release(size)
         except (ObjectCorruptError, ObjectMissingError, PluginError):
-            return encode_tensor(self.store, tensor)  # the new bytes are in hand: store them whole
-        keyframe = TensorData(key_entry.name, key_entry.dtype, key_entry.shape, key_bytes, key_entry.digest)
-        result = _encode_against(tensor, keyframe, request, None)
-        return store_encoded(self.store, tensor, *result, base=keyframe, base_entry=key_entry)
+            return False
+        return full >= max(1, self.settings.get_int("maxFullDeltas"))
 
     def _all_local(self, entry):
         # freshen, not has: a reused object must look recent to a concurrent 'git theta prune'
@@ -422,6 +434,25 @@ def _encode_against(tensor, base, request, supplied):
 
         result = choose(tensor, base)
     return result
+
+
+def _partial_delta(tensor, base, request):
+    """(update, Encoded) of an update type whose decode touches only what changed (sparse), when
+    one applies to ``tensor`` against ``base``: the forced type if it is such a type, else the
+    smallest cheap encoding of those types (``encode_if_cheap``); None otherwise."""
+    if request is not None and request.update_type is not None:
+        forced = plugins.get("update", request.update_type)
+        if getattr(forced, "full_pass", True):
+            return None
+        return encode_update(tensor, forced.name, base)
+    found = []
+    for update in plugins.all_plugins("update"):
+        cheap = getattr(update, "encode_if_cheap", None)
+        if getattr(update, "auto", False) and not getattr(update, "full_pass", True) and cheap is not None:
+            encoded = cheap(tensor, base)
+            if encoded is not None:
+                found.append((update, encoded))
+    return min(found, key=lambda r: encoded_size(r[1])) if found else None
 
 
 def _renamed(entry, name):

@@ -178,6 +178,11 @@ def run(report):
             stdout.flush()
         except (BrokenPipeError, ValueError):
             pass
+    # git waits for this process to exit before its own command returns. Everything is closed and
+    # flushed: skip the interpreter's teardown (freeing every buffer and module one by one), which
+    # costs 0.05-0.1 s after a large checkout.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 __all__ = ["FilterServer", "run", "GitThetaError"]

@@ -353,3 +353,28 @@ def test_whole_tensor_deltas_are_taken_against_the_keyframe(repo):
         repo.git("commit", "-q", "-m", "more")
     depths = [m.tensors["mlp.weight"].chain_depth for m in manifests(repo, [f"HEAD~{k}:{NAME}" for k in (2, 1, 0)])]
     assert depths == [2, 3, 1]  # three full deltas stacked, then back to the keyframe
+
+
+def test_forced_types_on_a_full_chain(repo):
+    """On a chain full of whole-tensor deltas a forced sparse change stacks on the parent, a forced
+    int-delta goes to the keyframe; both check out exactly."""
+    rng = np.random.default_rng(5)
+    model = base_model()
+    expected = []
+    for i, (step, forced) in enumerate([(None, None), (small_steps, None), (small_steps, "sparse"),
+                                        (small_steps, "int-delta")]):
+        if step is not None:
+            model = step(model, rng)
+        expected.append(write(repo, model))
+        if forced:
+            repo.theta("add", NAME, "--update-type", forced)
+        else:
+            repo.git("add", NAME)
+        repo.git("commit", "-q", "-m", f"v{i}")
+    found = manifests(repo, [f"HEAD~{k}:{NAME}" for k in (3, 2, 1, 0)])
+    chains = [m.tensors["mlp.weight"] for m in found]
+    assert [(e.update, e.chain_depth) for e in chains] == [("dense", 0), ("int-delta", 1), ("sparse", 2), ("int-delta", 1)]
+    assert chains[2].objects[1:] == chains[1].objects and chains[3].objects[1:] == chains[0].objects
+    for k, data in zip((3, 2, 1, 0), expected):
+        repo.git("checkout", "-q", f"HEAD~{k}", "--", NAME)
+        assert repo.file(NAME).read_bytes() == data
