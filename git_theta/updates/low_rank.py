@@ -24,7 +24,7 @@ from ..dtypes import get_dtype
 from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
 from .base import Encoded, UpdateType
-from .int_delta import as_bytearray, zigzag_delta
+from .int_delta import zigzag_delta
 from .residual import decode_residual, encode_residual
 
 LOW_RANK_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -39,19 +39,22 @@ PRODUCTS = (None, "f32")  # header "product": how the low-rank product is rounde
 SAMPLE_ELEMENTS = 1 << 16  # rows sampled to choose between the predictions
 
 
-def predict(base_values, a, b, dtype, product=None):
+def predict(base_values, a, b, dtype, product=None, out=None):
     """Bit patterns of ``base + a @ b`` rounded to ``dtype``, computed deterministically.
 
     Each element is ``base[i, j] + a[i, 0] * b[0, j] + a[i, 1] * b[1, j] + ...`` in float64, in that
     order, every product and sum rounded separately (numpy elementwise operations, no FMA, no BLAS).
     With ``product="f32"`` the sum of the terms (``a[i, 0] * b[0, j] + a[i, 1] * b[1, j] + ...`` in
     float64, in that order) is rounded to float32 first and then added to the base in float64.
+    ``out`` (an array of the dtype's bit patterns) receives the result; it may share memory with
+    ``base_values``, since each block of rows is read before it is written.
     """
     m = base_values.shape[0]
     n = base_values.shape[1] if base_values.ndim == 2 else 0
     a64 = np.asarray(a, dtype=np.float64)
     b64 = np.asarray(b, dtype=np.float64)
-    out = np.empty(m * n, dtype=get_dtype(dtype).bits_name)
+    if out is None:
+        out = np.empty(m * n, dtype=get_dtype(dtype).bits_name)
     # Round straight into ``out`` where numpy has the dtype (astype rounds to nearest even, as
     # from_float does); bf16 goes through from_float.
     direct = get_dtype(dtype).numpy_name if dtype != "BF16" else None
@@ -243,6 +246,11 @@ class LowRankUpdate(UpdateType):
         product = header.get("product")
         if product not in PRODUCTS:
             raise ObjectCorruptError(f"object {oid}: unknown low-rank product rounding {product!r}")
-        base_values = base_values_of(base, spec.dtype, spec.shape)
-        predicted = predict(base_values, a.reshape(m, rank), b.reshape(rank, n), spec.dtype, product)
-        return as_bytearray(decode_residual(header.get("residual"), residual, predicted, oid))
+        if not isinstance(base, bytearray):  # not ours to reuse (see UpdateType.decode)
+            base = bytearray(base)
+        # The prediction and then the residual are written over the base, a block at a time.
+        predicted = as_bits(base, spec.dtype)
+        predict(base_values_of(base, spec.dtype, spec.shape), a.reshape(m, rank), b.reshape(rank, n),
+                spec.dtype, product, out=predicted)
+        decode_residual(header.get("residual"), residual, predicted, oid, in_place=True)
+        return base

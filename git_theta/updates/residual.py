@@ -31,21 +31,26 @@ def encode_residual(new_bits, predicted_bits):
     return "dense", dense_parts, dense_sections
 
 
-def decode_residual(mode, arrays, predicted_bits, oid):
-    """The tensor's bit patterns from the prediction and the decoded residual ``arrays``."""
+def decode_residual(mode, arrays, predicted_bits, oid, in_place=False):
+    """The tensor's bit patterns from the prediction and the decoded residual ``arrays``.
+
+    With ``in_place`` the result is written into ``predicted_bits`` (and returned); a sparse
+    residual then touches only the entries it changes.
+    """
     if mode == "dense":
         if len(arrays) != 1:
             raise ObjectCorruptError(f"object {oid} has a corrupt header")
         zz = arrays[0]
-    else:
-        if len(arrays) not in (2, 3):
-            raise ObjectCorruptError(f"object {oid} has a corrupt header")
-        *index, values = arrays
-        positions = decode_index(mode, index, len(predicted_bits), len(values), oid)
-        if len(positions) != len(values) or values.dtype.itemsize != predicted_bits.dtype.itemsize:
-            raise ObjectCorruptError(f"object {oid}: residual positions and values disagree")
-        zz = np.zeros(len(predicted_bits), dtype=predicted_bits.dtype)
-        zz[positions] = values.view(predicted_bits.dtype)
-    if zz.size != predicted_bits.size or zz.dtype.itemsize != predicted_bits.dtype.itemsize:
-        raise ObjectCorruptError(f"object {oid}: residual has the wrong size")
-    return apply_zigzag_delta(predicted_bits, zz.view(predicted_bits.dtype))
+        if zz.size != predicted_bits.size or zz.dtype.itemsize != predicted_bits.dtype.itemsize:
+            raise ObjectCorruptError(f"object {oid}: residual has the wrong size")
+        zz = zz.view(predicted_bits.dtype)
+        return apply_zigzag_delta(predicted_bits, zz, into=predicted_bits if in_place else None)
+    if len(arrays) not in (2, 3):
+        raise ObjectCorruptError(f"object {oid} has a corrupt header")
+    *index, values = arrays
+    positions = decode_index(mode, index, len(predicted_bits), len(values), oid)
+    if len(positions) != len(values) or values.dtype.itemsize != predicted_bits.dtype.itemsize:
+        raise ObjectCorruptError(f"object {oid}: residual positions and values disagree")
+    out = predicted_bits if in_place else predicted_bits.copy()
+    out[positions] = apply_zigzag_delta(out[positions], values.view(predicted_bits.dtype))
+    return out
