@@ -93,22 +93,22 @@ def decode_rice(unary, low, count, total, oid):
     ends = np.flatnonzero(np.unpackbits(unary))
     if len(ends) != count or len(unary) != (int(ends[-1]) // 8 + 1 if count else 0):
         raise ObjectCorruptError(f"object {oid}: sparse rice index is corrupt")
-    values = np.empty(count, dtype=np.uint64)
-    if count:
-        values[0] = ends[0]
-        np.subtract(ends[1:], ends[:-1] + 1, out=values[1:], casting="unsafe")
-    values <<= np.uint64(k)
-    if k:  # value i's low bits start at bit i*k: join the two 64-bit words holding them
-        padded = np.zeros((len(low) + 15) // 8 * 8, dtype=np.uint8)
-        padded[: len(low)] = low
-        words = padded.view(">u8").astype(np.uint64)
-        bit = np.arange(count, dtype=np.uint64) * np.uint64(k)
-        word, offset = (bit >> np.uint64(6)).astype(np.int64), bit & np.uint64(63)
-        joined = (words[word] << offset) | ((words[word + 1] >> np.uint64(1)) >> (np.uint64(63) - offset))
-        values |= joined >> np.uint64(64 - k)
-    if count and int(values.max()) >= total:  # a corrupt value must not wrap the sum below
+    # positions[i] = (zeros before the i-th one) << k + (low bits of values 0..i) + i: the high
+    # parts need no decoding of their own, and the whole sum is four passes over int64.
+    if count and (int(ends[-1]) - count + 1) > (total >> k):  # checked before shifting: no wrap
         raise ObjectCorruptError(f"object {oid}: sparse index out of range")
-    positions = np.cumsum(values, dtype=np.uint64).astype(np.int64) + np.arange(count, dtype=np.int64)
+    index = np.arange(count, dtype=np.int64)
+    positions = ends - index
+    positions <<= k
+    if k:
+        rows = np.packbits(np.unpackbits(low, count=count * k).reshape(count, k), axis=1)
+        width = rows.shape[1]  # each value's k low bits, most significant first, zero-padded
+        if width not in (1, 2, 4, 8):
+            rows = np.concatenate([rows, np.zeros((count, 8 - width), dtype=np.uint8)], axis=1)
+            width = 8
+        positions += np.cumsum(rows.view(f">u{width}").ravel() >> (8 * width - k), dtype=np.int64)
+    positions += index
+    # Every value is >= 0, so the positions increase: only the last can be out of range.
     if count and positions[-1] >= total:
         raise ObjectCorruptError(f"object {oid}: sparse index out of range")
     return positions
