@@ -4,6 +4,7 @@ import sys
 
 import click
 
+from .entry import single_threaded_blas
 from .errors import GitThetaError
 from .messages import report
 
@@ -36,19 +37,9 @@ def _register():
 _register()
 
 
-def _single_threaded_blas():
-    """One BLAS thread per worker: git-theta parallelises over tensors itself, and a multithreaded
-    OpenBLAS inside each worker thread oversubscribes the cores (measured 100x slower QR under
-    load). Must run before numpy is imported; a value the user set wins."""
-    import os
-
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, "1")
-
-
 def main(argv=None):
     """Run the CLI; GitThetaError becomes ``error:``/``hint:`` lines and its exit code."""
-    _single_threaded_blas()
+    single_threaded_blas()
     try:
         code = cli.main(args=argv, prog_name="git-theta", standalone_mode=False)
     except click.exceptions.Abort:

@@ -97,3 +97,31 @@ def test_systemic_failure_aborts_every_file():
     assert read_response(reader) == ("abort", None)
     assert read_response(reader) == ("abort", None)
     assert len(reports) == 1
+
+
+def test_the_executable_serves_the_filter_without_the_cli(repo):
+    """`git-theta filter-process` skips the command-line layer (its start-up is paid by every git
+    command), still answers a handshake, and reports git going away mid-handshake as the CLI did."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.argv = ['git-theta', 'filter-process']\n"
+        "from git_theta.entry import main\n"
+        "main()\n"
+    )
+    welcome = b"0016git-filter-client\n000eversion=2\n0000" + b"0015capability=clean\n0000"
+    proc = subprocess.run([sys.executable, "-c", code], input=welcome, cwd=repo.path, env=repo.env,
+                          capture_output=True)
+    assert b"git-filter-server" in proc.stdout and b"capability=clean" in proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    probe = (
+        "import sys; sys.argv = ['git-theta', 'filter-process']\n"
+        "import git_theta.filter_process as fp\n"
+        "fp.run = lambda report: print('click' in sys.modules)\n"
+        "from git_theta.entry import main\n"
+        "main()\n"
+    )
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+    proc = subprocess.run([sys.executable, "-c", code], input=b"", cwd=repo.path, env=repo.env, capture_output=True)
+    assert proc.returncode == 130 and b"error: aborted" in proc.stderr
