@@ -155,7 +155,7 @@ def fsck(repo, scope="head", threads=1):
     def check_tensor(item):
         entry, use = item
         try:
-            decode_tensor(store, entry, use.path)
+            decode_tensor(store, entry, use.path, full=True)  # sha256 of every tensor, not the checksum
             return None
         except GitThetaError as exc:
             oid = entry.objects[0].oid if entry.objects else None
