@@ -60,7 +60,8 @@ def compress(data):
 
 
 def decompress_into(method, data, out, oid="?"):
-    """Decompress a frame into ``out`` (a writable memoryview), which it must fill exactly.
+    """Inverse of :func:`compress`: decompress a frame into ``out`` (a writable memoryview), which
+    it must fill exactly.
 
     Returns the bytes-like holding the result: ``out``, or for a raw frame ``data`` itself (no
     copy). Decompressing into a reused buffer spares allocating, and faulting in, a new one per
@@ -80,24 +81,9 @@ def decompress_into(method, data, out, oid="?"):
                     break
                 got += count
             extra = reader.read(1)
-    except ObjectCorruptError:
-        raise
     except Exception as exc:  # zstandard.ZstdError
         raise ObjectCorruptError(f"object {oid} does not decompress: {exc}") from None
     if got != size or extra:
         raise ObjectCorruptError(f"object {oid} decodes to {'more' if extra else got} bytes, expected {size}")
     return out
 
-
-def decompress(method, data, size, oid="?"):
-    """Inverse of :func:`compress`; checks the result has ``size`` bytes."""
-    if method == RAW:
-        out = data
-    else:
-        try:
-            out = _decompressor().decompress(data, max_output_size=size)
-        except Exception as exc:  # zstandard.ZstdError
-            raise ObjectCorruptError(f"object {oid} does not decompress: {exc}") from None
-    if len(out) != size:
-        raise ObjectCorruptError(f"object {oid} decodes to {len(out)} bytes, expected {size}")
-    return out
