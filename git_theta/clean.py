@@ -339,13 +339,14 @@ class Cleaner:
             return encode_tensor(self.store, tensor)
         size = nbytes(base_entry.dtype, base_entry.shape)
         deep = base_entry.chain_depth + 1 > max_depth
-        full_chain = supplied is None and not deep and self._chain_is_full(base_entry)
-        budget.add(size * (2 if full_chain else 1))  # decoded bases count against the bytes in flight
+        full_headers = None if supplied is not None or deep else self._full_chain_headers(base_entry)
+        held = size * (1 if full_headers is None else 2)  # decoded bases count against the bytes in flight
+        budget.add(held)
         try:
             try:
                 keyframe = None
-                if full_chain:
-                    key_entry = keyframe_entry(base_entry, chain_headers(self.store, base_entry))
+                if full_headers is not None:
+                    key_entry = keyframe_entry(base_entry, full_headers)
                     keyframe = TensorData(key_entry.name, key_entry.dtype, key_entry.shape,
                                           decode_tensor(self.store, key_entry, path), key_entry.digest)
                     # The parent starts from the keyframe just decoded: one keyframe decode, not two.
@@ -373,10 +374,11 @@ class Cleaner:
                 result = _encode_against(tensor, base, request, supplied)
             return store_encoded(self.store, tensor, *result, base=base, base_entry=base_entry)
         finally:
-            budget.release(size * (2 if full_chain else 1))
+            budget.release(held)
 
-    def _chain_is_full(self, entry):
-        """True when ``entry``'s chain stacks ``theta.maxFullDeltas`` whole-tensor deltas already.
+    def _full_chain_headers(self, entry):
+        """The object headers of ``entry``'s chain (see :func:`chain_headers`) when it stacks
+        ``theta.maxFullDeltas`` whole-tensor deltas already, else None.
 
         Each whole-tensor delta (int-delta, low-rank) costs a checkout a pass over the tensor, as
         much as the keyframe itself: stacking them would make checkout time grow with history. A
@@ -385,13 +387,13 @@ class Cleaner:
         Reads only object headers; a chain that cannot be read is left to the decode to report.
         """
         if entry.chain_depth == 0:
-            return False
+            return None
         try:
             headers = chain_headers(self.store, entry)
             full = sum(getattr(plugins.get("update", h.get("update")), "full_pass", True) for h in headers[:-1])
         except (ObjectCorruptError, ObjectMissingError, PluginError):
-            return False
-        return full >= max(1, self.settings.get_int("maxFullDeltas"))
+            return None
+        return headers if full >= max(1, self.settings.get_int("maxFullDeltas")) else None
 
     def _all_local(self, entry):
         # freshen, not has: a reused object must look recent to a concurrent 'git theta prune'
