@@ -5,8 +5,7 @@ import sys
 import click
 
 from .entry import single_threaded_blas
-from .errors import GitThetaError
-from .messages import report
+from .messages import exit_reporting
 
 
 class ThetaGroup(click.Group):
@@ -40,20 +39,13 @@ _register()
 def main(argv=None):
     """Run the CLI; GitThetaError becomes ``error:``/``hint:`` lines and its exit code."""
     single_threaded_blas()
-    try:
-        code = cli.main(args=argv, prog_name="git-theta", standalone_mode=False)
-    except click.exceptions.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except GitThetaError as exc:
-        report(exc)
-        sys.exit(exc.exit_code)
-    except BrokenPipeError:
-        sys.exit(141)
-    except Exception as exc:  # noqa: BLE001 - last resort: log the traceback, say where it is
-        report(exc)
-        sys.exit(70)
+
+    def invoke():
+        try:
+            return cli.main(args=argv, prog_name="git-theta", standalone_mode=False)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+
+    code = exit_reporting(invoke, aborts=(click.exceptions.Abort,))
     sys.exit(code if isinstance(code, int) else 0)

@@ -22,21 +22,12 @@ def main():
     """Entry point of the ``git-theta`` console script."""
     if sys.argv[1:] == ["filter-process"]:
         single_threaded_blas()
-        from .errors import GitThetaError
         from .filter_process import run
-        from .messages import report
+        from .messages import exit_reporting, report
 
-        try:
-            run(report)  # ends the process itself once git closes the pipe
-        except (EOFError, KeyboardInterrupt):  # git went away mid-handshake (as click reports it)
-            print("error: aborted", file=sys.stderr)
-            sys.exit(130)
-        except GitThetaError as exc:
-            report(exc)
-            sys.exit(exc.exit_code)
-        except Exception as exc:  # noqa: BLE001 - last resort, as cli.main does
-            report(exc)
-            sys.exit(70)
+        # run ends the process itself once git closes the pipe; git going away mid-handshake
+        # (EOFError) is reported as click reports it on the CLI path.
+        exit_reporting(lambda: run(report))
         return
     from .cli import main as cli_main
 

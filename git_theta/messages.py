@@ -24,3 +24,25 @@ def report(exc, path=None, stream=None):
     if log:
         print(f"hint: the traceback is in {log}; please include it in a bug report", file=stream)
     stream.flush()
+
+
+def exit_reporting(call, aborts=(EOFError, KeyboardInterrupt)):
+    """Return ``call()``; what escapes it becomes git-style lines and the process's exit code.
+
+    For the executable's entry points only (the CLI and git's filter process): ``aborts`` (the
+    user or git going away) exit 130, GitThetaError its own code, a closed pipe 141, anything else
+    70 with a crash log.
+    """
+    try:
+        return call()
+    except aborts:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except GitThetaError as exc:
+        report(exc)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(141)
+    except Exception as exc:  # noqa: BLE001 - last resort: log the traceback, say where it is
+        report(exc)
+        sys.exit(70)
