@@ -53,15 +53,19 @@ def _killing(repo, n):
     return env
 
 
+def _killed_at(repo, n, *command):
+    """Run ``command`` with git-theta killed at crash point ``n``; it must have died there."""
+    proc = subprocess.run(list(command), cwd=repo.path, env=_killing(repo, n), capture_output=True)
+    assert proc.returncode != 0, f"{' '.join(command)}: kill point {n} was not reached"
+
+
 def test_sigkill_during_git_add_at_every_crash_point(repo):
     save_safetensors(repo.file("model.safetensors"), random_state_dict(0))
     repo.commit("v0", "model.safetensors")
     for n in range(1, 2 * TENSORS + 1):
         save_safetensors(repo.file("model.safetensors"), random_state_dict(n))
         before = repo.show(":model.safetensors")
-        proc = subprocess.run(["git", "add", "model.safetensors"], cwd=repo.path, env=_killing(repo, n),
-                              capture_output=True)
-        assert proc.returncode != 0, f"kill point {n} was not reached"
+        _killed_at(repo, n, "git", "add", "model.safetensors")
         _assert_store_sound(repo)
         assert _assert_index_sound(repo) == before  # the failed add left the index alone
         repo.git("add", "model.safetensors")  # running it again succeeds
@@ -85,9 +89,7 @@ def test_sigkill_during_checkout_never_leaves_a_torn_file(repo, n, tmp_path):
         versions[seed] = repo.file("model.safetensors").read_bytes()
         repo.commit(f"v{seed}", "model.safetensors")
     repo.git("tag", "v1", "HEAD~1")
-    proc = subprocess.run(["git", "checkout", "-q", "v1"], cwd=repo.path, env=_killing(repo, n),
-                          capture_output=True)
-    assert proc.returncode != 0, f"kill point {n} was not reached"
+    _killed_at(repo, n, "git", "checkout", "-q", "v1")
     _assert_store_sound(repo)
     _assert_index_sound(repo)
     path = repo.file("model.safetensors")
@@ -134,9 +136,7 @@ def test_sigkill_during_push_and_fetch(repo, make_repo):
     remote_store = bare.path / "theta" / "objects"
     wanted = {r.oid for r in Manifest.parse(repo.show("HEAD:model.safetensors")).all_objects()}
     for n in (1, 2 * TENSORS - 1):  # the first and a late crash point
-        proc = subprocess.run(["git", "theta", "push", "origin"], cwd=repo.path, env=_killing(repo, n),
-                              capture_output=True)
-        assert proc.returncode != 0, f"push kill point {n} was not reached"
+        _killed_at(repo, n, "git", "theta", "push", "origin")
         for name in _store_files(remote_store):
             data = (remote_store / name[:2] / name[2:4] / name).read_bytes()
             assert hashlib.sha256(data).hexdigest() == name
@@ -146,9 +146,7 @@ def test_sigkill_during_push_and_fetch(repo, make_repo):
     for n in (1, 2 * TENSORS - 1):
         for path in [p for p in local.rglob("*") if p.is_file()]:
             path.unlink()
-        proc = subprocess.run(["git", "theta", "fetch", "origin"], cwd=repo.path, env=_killing(repo, n),
-                              capture_output=True)
-        assert proc.returncode != 0, f"fetch kill point {n} was not reached"
+        _killed_at(repo, n, "git", "theta", "fetch", "origin")
         _assert_store_sound(repo)
         repo.theta("fetch", "origin")  # running it again succeeds
         assert wanted <= _store_files(local)
@@ -182,9 +180,7 @@ def test_sigkill_during_a_merge_driver_run(repo, n):
     save_safetensors(repo.file("model.safetensors"), ours)
     repo.commit("ours", "model.safetensors")
     repo.git("config", "theta.merge.operator", "linear")
-    proc = subprocess.run(["git", "merge", "--no-edit", "theirs"], cwd=repo.path, env=_killing(repo, n),
-                          capture_output=True)
-    assert proc.returncode != 0, f"kill point {n} was not reached"
+    _killed_at(repo, n, "git", "merge", "--no-edit", "theirs")
     _assert_store_sound(repo)
     _assert_all_index_stages_sound(repo)
     repo.git("merge", "--abort")
