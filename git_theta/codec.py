@@ -203,6 +203,14 @@ def decode_tensor(store, entry, path="?", cache=None, known=None, strict=False, 
     return _decode_chain(store, entry, path, None, None, True, True)
 
 
+def _own_copy(data):
+    """A copy of ``data`` the chain walk owns, so the deltas above it may decode in place."""
+    view = memoryview(data).cast("B")
+    copy = new_buffer(len(view))
+    copy[:] = view
+    return copy
+
+
 def _decode_chain(store, entry, path, cache, known, strict, full=False):
     where = f"{path}: tensor {entry.name!r}"
     if not entry.objects:
@@ -214,15 +222,14 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
         for position in range(1, len(objects)):
             cached = cache.get(objects[position].oid)
             if cached is not None:
-                start, data = position - 1, new_buffer(len(cached))
-                data[:] = cached
+                start, data = position - 1, _own_copy(cached)
                 expected_base = tensor_digest(data) if strict else None
                 break
     if known is not None:
         base_entry, base_data = known
         depth = len(objects) - len(base_entry.objects)
         if 0 < depth <= start and tuple(objects[depth:]) == tuple(base_entry.objects):
-            start, data, expected_base = depth - 1, bytearray(base_data), base_entry.digest
+            start, data, expected_base = depth - 1, _own_copy(base_data), base_entry.digest
     immediate_base, top = None, {}
     try:
         for depth in range(start, -1, -1):
