@@ -54,7 +54,7 @@ class BufferPool:
 
 @contextmanager
 def using(pool):
-    """Make :func:`new_buffer` take from ``pool`` in this thread for the duration."""
+    """Make :func:`new_buffer` take from ``pool`` (None: allocate) in this thread for the duration."""
     previous = getattr(_local, "pool", None)
     _local.pool = pool
     try:

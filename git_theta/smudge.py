@@ -36,9 +36,7 @@ class StoreTensorSource(TensorSource):
         self._buffers = buffers  # a BufferPool when the format releases each tensor it is given
 
     def _decode(self, entry):
-        if self._buffers is None:
-            return decode_tensor(self._store, entry, self._path, self._cache)
-        with using(self._buffers):
+        with using(self._buffers):  # None: plain new buffers
             return decode_tensor(self._store, entry, self._path, self._cache)
 
     def read_blob(self, key):
