@@ -59,3 +59,9 @@ class UpdateType:
         which saves allocating and copying a tensor-sized buffer.
         """
         raise NotImplementedError
+
+
+def writable_base(base):
+    """``base`` itself when the chain walk handed it over to be decoded in place (a bytearray, see
+    :meth:`UpdateType.decode`), else a bytearray copy of it."""
+    return base if isinstance(base, bytearray) else bytearray(base)

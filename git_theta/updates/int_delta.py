@@ -11,7 +11,7 @@ import numpy as np
 from ..bits import as_bits
 from ..errors import ObjectCorruptError
 from ..planes import encode_sections, iter_decoded_chunks, section_spans
-from .base import Encoded, UpdateType
+from .base import Encoded, UpdateType, writable_base
 
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
@@ -69,8 +69,7 @@ class IntDeltaUpdate(UpdateType):
         if not isinstance(sections, list) or len(sections) != 1:
             raise ObjectCorruptError(f"object {oid} has a corrupt header")
         ((dtype, count, frames),) = section_spans(payload, sections, oid)
-        if not isinstance(base, bytearray):  # not ours to reuse (see UpdateType.decode)
-            base = bytearray(base)
+        base = writable_base(base)
         base_bits = as_bits(base, spec.dtype)
         if dtype.itemsize != base_bits.dtype.itemsize or count != len(base_bits):
             raise ObjectCorruptError(f"object {oid}: delta does not match its base")

@@ -23,7 +23,7 @@ from ..bits import as_bits, from_float, to_float
 from ..dtypes import get_dtype
 from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
-from .base import Encoded, UpdateType
+from .base import Encoded, UpdateType, writable_base
 from .int_delta import zigzag_delta
 from .residual import decode_residual, encode_residual
 
@@ -246,8 +246,7 @@ class LowRankUpdate(UpdateType):
         product = header.get("product")
         if product not in PRODUCTS:
             raise ObjectCorruptError(f"object {oid}: unknown low-rank product rounding {product!r}")
-        if not isinstance(base, bytearray):  # not ours to reuse (see UpdateType.decode)
-            base = bytearray(base)
+        base = writable_base(base)
         # The prediction and then the residual are written over the base, a block at a time.
         predicted = as_bits(base, spec.dtype)
         predict(base_values_of(base, spec.dtype, spec.shape), a.reshape(m, rank), b.reshape(rank, n),

@@ -14,8 +14,8 @@ import numpy as np
 from ..bits import as_bits
 from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
-from .base import Encoded, UpdateType
-from .int_delta import apply_zigzag_delta, as_bytearray, zigzag_delta
+from .base import Encoded, UpdateType, writable_base
+from .int_delta import apply_zigzag_delta, zigzag_delta
 
 
 SAMPLE_COUNT = 1 << 14  # changes on which the coding choices are made when there are more
@@ -251,7 +251,6 @@ class SparseUpdate(UpdateType):
         return Encoded(header, parts)
 
     def decode(self, header, payload, base, spec, oid="?"):
-        if isinstance(base, bytearray):  # ours to reuse (see UpdateType.decode): XOR in place
-            apply_sparse_bits(header, payload, as_bits(base, spec.dtype), oid)
-            return base
-        return as_bytearray(apply_sparse_bits(header, payload, as_bits(base, spec.dtype).copy(), oid))
+        base = writable_base(base)  # the changes are applied in place
+        apply_sparse_bits(header, payload, as_bits(base, spec.dtype), oid)
+        return base
