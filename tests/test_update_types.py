@@ -249,6 +249,22 @@ def test_rice_index_roundtrip(total, density, clustered, seed):
     assert np.array_equal(decode_index("rice", [unary, low], total, len(positions), "x"), positions)
 
 
+@FAST
+@given(k=st.integers(1, 64), count=st.integers(0, 300), seed=st.integers(0, 2**32 - 1))
+def test_packed_fields_roundtrip(k, count, seed):
+    """Fields of any width 1-64 bits (the Rice code's low bits) unpack to the values packed,
+    and the packing is the plain MSB-first bit stream older objects hold."""
+    from git_theta.updates.sparse import pack_fields, unpack_fields
+
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 2**63, count, dtype=np.uint64) >> np.uint64(63 - (k - 1))
+    values[: count // 3] = (1 << k) - 1  # all ones: the widest field
+    packed = pack_fields(values, k)
+    stream = "".join(format(int(v), f"0{k}b") for v in values)
+    assert packed.tobytes() == int(stream + "0" * (-len(stream) % 8) or "0", 2).to_bytes(len(packed), "big")
+    assert np.array_equal(unpack_fields(packed, count, k).astype(np.uint64), values)
+
+
 def test_corrupt_rice_index_is_detected():
     from git_theta.updates.sparse import decode_index, encode_rice
 

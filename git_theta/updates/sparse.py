@@ -75,14 +75,42 @@ def encode_rice(positions, total):
     ends = np.cumsum(high + np.uint64(1)) - np.uint64(1)  # where each value's terminating one sits
     unary = np.zeros(int(ends[-1]) + 1 if count else 0, dtype=np.uint8)
     unary[ends.astype(np.int64)] = 1
-    width = _low_width(k)
-    low = np.unpackbits(values.astype(f">u{width // 8}").view(np.uint8).reshape(count, width // 8), axis=1)
-    return np.packbits(unary), np.packbits(low[:, width - k :].ravel())
+    return np.packbits(unary), pack_fields(values, k)
 
 
-def _low_width(k):
-    """Bits of the big-endian integer type that holds ``k`` low bits (8, 16, 32 or 64)."""
-    return next(w for w in (8, 16, 32, 64) if k <= w)
+def pack_fields(values, k):
+    """The low ``k`` bits of each of ``values`` (unsigned), packed back to back, most significant
+    bit first: the inverse of :func:`unpack_fields`."""
+    bits = np.empty((len(values), k), dtype=np.uint8)
+    for column in range(k):
+        bits[:, column] = (values >> values.dtype.type(k - 1 - column)) & values.dtype.type(1)
+    return np.packbits(bits.ravel())
+
+
+def set_bits(packed, count=None):
+    """Indices of the one bits of a packed bit array (most significant bit first), as int64.
+
+    The unpacked bits are viewed as bool: numpy's nonzero is several times faster on bool than
+    on uint8 (measured 1.8 ms against 13 ms for 2.8M bits).
+    """
+    return np.flatnonzero(np.unpackbits(packed, count=count).view(bool))
+
+
+def unpack_fields(packed, count, k):
+    """``count`` unsigned ``k``-bit fields packed back to back, most significant bit first.
+
+    The bits are assembled a column at a time (``k`` passes over ``count`` small integers),
+    several times faster than repacking each field's bits (1.7 ms against 17.6 ms for 1.4M
+    2-bit fields).
+    """
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if k <= 8 * np.dtype(t).itemsize)
+    bits = np.unpackbits(packed, count=count * k).reshape(count, k)
+    out = bits[:, 0].astype(dtype)
+    one = dtype(1)
+    for column in range(1, k):
+        out <<= one
+        out |= bits[:, column]
+    return out
 
 
 def decode_rice(unary, low, count, total, oid):
@@ -90,23 +118,18 @@ def decode_rice(unary, low, count, total, oid):
     k = rice_parameter(count, total)
     if unary.dtype != np.uint8 or low.dtype != np.uint8 or len(low) != (count * k + 7) // 8:
         raise ObjectCorruptError(f"object {oid}: sparse rice index has the wrong size")
-    ends = np.flatnonzero(np.unpackbits(unary))
-    if len(ends) != count or len(unary) != (int(ends[-1]) // 8 + 1 if count else 0):
+    positions = set_bits(unary)  # where each value's terminating one sits
+    if len(positions) != count or len(unary) != (int(positions[-1]) // 8 + 1 if count else 0):
         raise ObjectCorruptError(f"object {oid}: sparse rice index is corrupt")
     # positions[i] = (zeros before the i-th one) << k + (low bits of values 0..i) + i: the high
-    # parts need no decoding of their own, and the whole sum is four passes over int64.
-    if count and (int(ends[-1]) - count + 1) > (total >> k):  # checked before shifting: no wrap
+    # parts need no decoding of their own, and the whole sum is a few passes over int64.
+    if count and (int(positions[-1]) - count + 1) > (total >> k):  # checked before shifting: no wrap
         raise ObjectCorruptError(f"object {oid}: sparse index out of range")
     index = np.arange(count, dtype=np.int64)
-    positions = ends - index
+    positions -= index
     positions <<= k
     if k:
-        rows = np.packbits(np.unpackbits(low, count=count * k).reshape(count, k), axis=1)
-        width = rows.shape[1]  # each value's k low bits, most significant first, zero-padded
-        if width not in (1, 2, 4, 8):
-            rows = np.concatenate([rows, np.zeros((count, 8 - width), dtype=np.uint8)], axis=1)
-            width = 8
-        positions += np.cumsum(rows.view(f">u{width}").ravel() >> (8 * width - k), dtype=np.int64)
+        positions += np.cumsum(unpack_fields(low, count, k), dtype=np.int64)
     positions += index
     # Every value is >= 0, so the positions increase: only the last can be out of range.
     if count and positions[-1] >= total:
@@ -147,7 +170,7 @@ def decode_positions(mode, array, total, oid):
     if mode == "bitmap":
         if len(array) != (total + 7) // 8:
             raise ObjectCorruptError(f"object {oid}: sparse bitmap has the wrong size")
-        return np.flatnonzero(np.unpackbits(array, count=total))
+        return set_bits(array, total)
     raise ObjectCorruptError(f"object {oid}: unknown sparse index mode {mode!r}")
 
 
