@@ -4,6 +4,8 @@ A packet is four hex digits giving the total length (including those four) follo
 ``0000`` is a flush packet. Payloads are at most 65516 bytes.
 """
 
+import os
+
 from .errors import FilterProtocolError
 
 MAX_PAYLOAD = 65516
@@ -125,17 +127,46 @@ class PktContentReader:
             pass
 
 
+#: packets gathered into one system call by :meth:`PktWriter.write_packets` (~1 MiB, the size
+#: the filter grows its pipe to)
+PACKETS_PER_CALL = 16
+
+
 class PktWriter:
     """Writes packets to a binary stream."""
 
     def __init__(self, stream):
         self._stream = stream
+        try:
+            self._fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+            self._fd = None
 
     def write_packet(self, payload):
         if len(payload) > MAX_PAYLOAD:
             raise ValueError("pkt-line payload too long")
         self._stream.write(b"%04x" % (len(payload) + 4))
         self._stream.write(payload)
+
+    def write_packets(self, payloads):
+        """Write full packets, several per system call where the stream is a file descriptor.
+
+        The payloads go to the kernel straight from the caller's buffers (``writev``): a
+        buffered stream would copy every byte once more, and one call per packet wakes the
+        reader for each 64 KiB.
+        """
+        if self._fd is None or not hasattr(os, "writev"):
+            for payload in payloads:
+                self.write_packet(payload)
+            return
+        self._stream.flush()  # keep the order of what was written before
+        for first in range(0, len(payloads), PACKETS_PER_CALL):
+            parts = []
+            for payload in payloads[first : first + PACKETS_PER_CALL]:
+                if len(payload) > MAX_PAYLOAD:
+                    raise ValueError("pkt-line payload too long")
+                parts += [b"%04x" % (len(payload) + 4), payload]
+            _write_all(self._fd, parts)
 
     def write_text(self, text):
         self.write_packet(text.encode("utf-8") + b"\n")
@@ -148,6 +179,18 @@ class PktWriter:
         for item in items:
             self.write_text(item)
         self.flush()
+
+
+def _write_all(fd, parts):
+    """``os.writev`` until every byte of ``parts`` is written (a pipe may take part of them)."""
+    parts = [memoryview(part).cast("B") for part in parts]
+    while parts:
+        written = os.writev(fd, parts)
+        while parts and written >= len(parts[0]):
+            written -= len(parts[0])
+            parts.pop(0)
+        if parts and written:
+            parts[0] = parts[0][written:]
 
 
 class PktContentWriter:
@@ -173,8 +216,7 @@ class PktContentWriter:
             self._pkt.write_packet(bytes(self._pending))
             self._pending.clear()
         full = len(view) - len(view) % MAX_PAYLOAD
-        for start in range(0, full, MAX_PAYLOAD):
-            self._pkt.write_packet(view[start : start + MAX_PAYLOAD])
+        self._pkt.write_packets([view[start : start + MAX_PAYLOAD] for start in range(0, full, MAX_PAYLOAD)])
         self._pending += view[full:]
         return len(data)
 

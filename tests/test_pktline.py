@@ -90,3 +90,37 @@ def test_content_reader_read_all_and_drain():
 def test_writer_refuses_oversized_packet():
     with pytest.raises(ValueError):
         PktWriter(io.BytesIO()).write_packet(b"x" * (MAX_PAYLOAD + 1))
+
+
+def test_content_through_a_pipe_fd_with_partial_writes(tmp_path, monkeypatch):
+    """On a file descriptor, full packets go out several per writev call, straight from the
+    caller's buffer; a pipe that takes only part of a call gets the rest, and text written before
+    stays in order."""
+    import os
+
+    real_writev = os.writev
+    calls = []
+
+    def stingy_writev(fd, parts):  # a pipe accepting at most 100,000 bytes per call
+        calls.append(len(parts))
+        budget, taken = 100_000, []
+        for part in parts:
+            taken.append(bytes(part[: max(0, budget)]))
+            budget -= len(part)
+        return real_writev(fd, [t for t in taken if t])
+
+    monkeypatch.setattr(os, "writev", stingy_writev)
+    data = bytes(range(256)) * 2000  # 512,000 bytes: 7 full packets and a partial one
+    path = tmp_path / "out"
+    with open(path, "wb", buffering=1 << 16) as stream:
+        writer = PktWriter(stream)
+        writer.write_text("status=success")
+        body = PktContentWriter(writer)
+        body.write(data)
+        body.flush()
+        writer.flush()
+    assert max(calls) == 14  # 7 packets, a header and a payload each, in one call at first
+    with open(path, "rb") as stream:
+        reader = PktReader(stream)
+        assert reader.read_packet() == b"status=success\n"
+        assert PktContentReader(reader).read() == data
