@@ -162,3 +162,34 @@ def test_the_filter_enlarges_its_pipe_to_git():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert proc.stdout == ""
     assert int(proc.stderr.strip()) >= 1 << 20
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_zero_planes_are_skipped_not_lost(monkeypatch, itemsize):
+    """Planes of zeros (a delta's high bytes) are interleaved as words without them; a plane that
+    compresses as well but is not zero (all ones), and a plane zero in one chunk only, decode
+    exactly too, as whole chunks and as pieces."""
+    monkeypatch.setattr(planes, "CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(planes, "PIECE_BYTES", 5000)
+    skipped = []
+    real = planes._words_from_planes
+    monkeypatch.setattr(planes, "_words_from_planes", lambda p, w: (skipped.append(sum(x is None for x in p)), real(p, w)))
+    rng = np.random.default_rng(itemsize)
+    count = 3 * (1 << 16) // itemsize + 5  # three chunks and a bit
+    grid = rng.integers(0, 256, (count, itemsize), dtype=np.uint8)
+    grid[:, itemsize // 2 :] = 0  # the high half of every element is zero
+    if itemsize > 1:
+        grid[:, -1] = 1  # except the top byte: constant, tiny once compressed, not zero
+        grid[: count // 3, -1] = 0  # ... and zero in the first chunk
+    data = grid.tobytes()
+    encoded = b"".join(bytes(p) for p in planes.encode_planes(data, itemsize))
+    out = bytearray(len(data))
+    planes.decode_planes(encoded, len(data), itemsize, out=out)
+    assert bytes(out) == data
+    pieces = bytearray(len(data))
+    for start, piece in planes.iter_decoded_chunks(encoded, len(data), itemsize):
+        pieces[start : start + len(piece)] = piece.tobytes()
+    assert bytes(pieces) == data
+    if itemsize > 1:
+        # the zero high half; the constant top byte only where it is zero (the first chunk)
+        assert max(skipped) == itemsize // 2 and min(skipped) == max(1, itemsize // 2 - 1)
