@@ -8,13 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from git_theta.bits import from_float
 from git_theta.errors import ObjectCorruptError
-from git_theta.object_codec import header_bytes, unpack
 from git_theta.updates import low_rank
-from git_theta.updates.base import TensorData
 from git_theta.updates.exact_product import ExactProduct, exact_dot32, round_exact
-from test_update_types import roundtrip, tensor
+from test_update_types import decode_encoded, merged_lora, roundtrip, tensor
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -130,40 +127,22 @@ def test_non_finite_factors_are_corrupt():
         ExactProduct(a, np.ones((1, 1), np.float32), "abc")
 
 
-def lora_case(dtype="F32", seed=6):
-    rng = np.random.default_rng(seed)
-    w = (0.02 * rng.standard_normal((64, 48))).astype(np.float32)
-    lora_a = (rng.standard_normal((4, 48)) / 7).astype(np.float32)
-    lora_b = (0.02 * rng.standard_normal((64, 4))).astype(np.float32)
-    merged = w + (lora_b @ lora_a) * np.float32(2.0)
-    base_t = tensor("w", dtype, w.shape, from_float(w, dtype))
-    new_t = tensor("w", dtype, w.shape, from_float(merged, dtype))
-    return new_t, base_t, (lora_b, lora_a * np.float32(2.0))
-
-
-def decode(header, parts, base_t, dtype):
-    header = dict(header, update="low-rank", dtype=dtype, shape=list(base_t.shape))
-    header, payload = unpack(header_bytes(header) + b"".join(bytes(p) for p in parts))
-    spec = TensorData("w", dtype, base_t.shape, None)
-    return bytes(low_rank.LowRankUpdate().decode(header, payload, bytearray(base_t.data), spec))
-
-
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F64"])
 def test_float32_products_are_stored_in_the_exact_order(dtype, monkeypatch):
     """New float32-product objects use the exact order and decode bit for bit; objects in the
     ordered sum (older ones) still decode; a bad order is corrupt."""
-    new_t, base_t, factors = lora_case(dtype)
+    new_t, base_t, factors = merged_lora(dtype)
     monkeypatch.setattr(low_rank, "choose_product", lambda *args: "f32")
     encoded = low_rank.LowRankUpdate().encode(new_t, base_t, factors=factors)
     assert encoded.header["order"] == "exact"
-    assert decode(encoded.header, encoded.parts, base_t, dtype) == bytes(new_t.data)
+    assert decode_encoded("low-rank", encoded, base_t) == bytes(new_t.data)
     monkeypatch.setattr(low_rank, "exact_budget", lambda elements: -1)  # as before the exact order
     older = low_rank.LowRankUpdate().encode(new_t, base_t, factors=factors)
     assert "order" not in older.header
-    assert decode(older.header, older.parts, base_t, dtype) == bytes(new_t.data)
+    assert decode_encoded("low-rank", older, base_t) == bytes(new_t.data)
     for bad in ({"order": "fast"}, {"order": "exact", "product": None}):
         with pytest.raises(ObjectCorruptError):
-            decode(dict(encoded.header, **bad), encoded.parts, base_t, dtype)
+            decode_encoded("low-rank", encoded, base_t, **bad)
 
 
 def test_factors_that_cancel_everywhere_keep_the_ordered_sum():

@@ -168,20 +168,33 @@ def test_low_rank_f32_product_prediction_is_elementwise_fixed_order():
             assert got[i, j] == np.float32(float(base[i, j]) + float(np.float32(acc)))
 
 
-@pytest.mark.parametrize("dtype", ["F32", "BF16"])
-def test_low_rank_both_predictions_decode(dtype, monkeypatch):
-    """A float32 LoRA merge picks the float32-product prediction; objects of either prediction
-    (and older ones without the ``product`` key) decode exactly; an unknown one is corrupt."""
-    from git_theta.updates import low_rank
-
-    rng = np.random.default_rng(6)
+def merged_lora(dtype, seed=6):
+    """(new, base, factors): a rank-4 LoRA merged in float32 (PEFT's ``W + B @ A * scale``)."""
+    rng = np.random.default_rng(seed)
     w = (0.02 * rng.standard_normal((64, 48))).astype(np.float32)
     lora_a = (rng.standard_normal((4, 48)) / 7).astype(np.float32)
     lora_b = (0.02 * rng.standard_normal((64, 4))).astype(np.float32)
     merged = w + (lora_b @ lora_a) * np.float32(2.0)
     base_t = tensor("w", dtype, w.shape, from_float(w, dtype))
     new_t = tensor("w", dtype, w.shape, from_float(merged, dtype))
-    factors = (lora_b, lora_a * np.float32(2.0))
+    return new_t, base_t, (lora_b, lora_a * np.float32(2.0))
+
+
+def decode_encoded(update_name, encoded, base, **changes):
+    """Decode ``encoded`` (an Encoded for ``base``'s tensor), its header changed by ``changes``."""
+    header = dict(encoded.header, update=update_name, dtype=base.dtype, shape=list(base.shape), **changes)
+    header, payload = unpack(header_bytes(header) + b"".join(bytes(p) for p in encoded.parts))
+    spec = TensorData(base.name, base.dtype, base.shape, None)
+    return bytes(plugins.get("update", update_name).decode(header, payload, bytearray(base.data), spec))
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_low_rank_both_predictions_decode(dtype, monkeypatch):
+    """A float32 LoRA merge picks the float32-product prediction; objects of either prediction
+    (and older ones without the ``product`` key) decode exactly; an unknown one is corrupt."""
+    from git_theta.updates import low_rank
+
+    new_t, base_t, factors = merged_lora(dtype)
     if dtype == "F32":
         assert low_rank.LowRankUpdate().encode(new_t, base_t, factors=factors).header.get("product") == "f32"
     for product in low_rank.PRODUCTS:
@@ -189,10 +202,8 @@ def test_low_rank_both_predictions_decode(dtype, monkeypatch):
         encoded = low_rank.LowRankUpdate().encode(new_t, base_t, factors=factors)
         assert encoded.header.get("product") == product
         assert roundtrip("low-rank", new_t, base_t, factors=factors) == new_t.data
-    header = dict(encoded.header, product="f16", update="low-rank", dtype=dtype, shape=list(w.shape))
-    header, payload = unpack(header_bytes(header) + b"".join(bytes(p) for p in encoded.parts))
     with pytest.raises(ObjectCorruptError):
-        low_rank.LowRankUpdate().decode(header, payload, bytearray(base_t.data), TensorData("w", dtype, w.shape, None))
+        decode_encoded("low-rank", encoded, base_t, product="f16")
 
 
 def test_sparse_picks_the_smallest_index():
