@@ -4,14 +4,17 @@
 rounded once to float32. Its value does not depend on how the sum is evaluated, so a decoder may
 use any matrix multiply (numpy's BLAS, multithreaded, blocked, with or without FMA) as long as it
 proves the rounding: for a sum of ``r`` products of float32 numbers, any float64 evaluation order
-is within ``r * 2**-53 * sum(|a[i, k] * b[k, j]|)`` of the exact value (products of two float32
-are exact in float64). Rounding the interval ``s +- bound`` to float32 gives one value almost
-everywhere; the few elements whose interval straddles a rounding boundary (about 1 in 300,000
-on merged LoRAs) are computed exactly with rationals. The result is bit-identical on every machine and library, and it
-costs a matrix multiply plus a few elementwise passes instead of two passes per rank.
+is within ``(r - 1) * 2**-53 * sum(|a[i, k] * b[k, j]|)`` of the exact value (products of two
+float32 are exact in float64). Rounding the interval ``s +- bound`` to float32 gives one value
+almost everywhere; the few elements whose interval straddles a rounding boundary (about 1 in
+300,000 on merged LoRAs) are computed exactly with rationals. The result is bit-identical on
+every machine and library, and it costs a matrix multiply plus a few elementwise passes instead
+of two passes per rank.
 
 Exact zero is +0.0 (a float64 sum of signed zeros has an order-dependent sign); no non-finite
 factor is accepted (the encoder never writes one, and NaN payloads would depend on the library).
+A decoder refuses factors that leave more elements to rationals than the encoder ever stores
+(``limit``): a crafted object must not make a checkout crawl.
 """
 
 from fractions import Fraction
@@ -57,7 +60,8 @@ def exact_dot32(a_row, b_column):
 class ExactProduct:
     """Blocks of ``round32(a @ b)`` for float32 factors ``a`` (m x r) and ``b`` (r x n)."""
 
-    def __init__(self, a, b, oid="?"):
+    def __init__(self, a, b, oid="?", limit=None):
+        self.oid, self.limit = oid, limit
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise ObjectCorruptError(f"object {oid}: low-rank factors are not finite")
         self.a = np.asarray(a, dtype=np.float64)
@@ -91,7 +95,13 @@ class ExactProduct:
         self._high[...] = np.add(total, error, out=self._edge)
         # Bit patterns, not values, are compared: -0.0 and +0.0 must differ (zero's sign).
         np.not_equal(out.view(np.uint32), self._high.view(np.uint32), out=self._differ)
-        for flat in np.flatnonzero(self._differ):
+        uncertain = np.flatnonzero(self._differ)
+        if self.limit is not None and self.ambiguous + len(uncertain) > self.limit:
+            raise ObjectCorruptError(
+                f"object {self.oid}: low-rank factors whose terms cancel almost everywhere "
+                "(not written by git-theta)"
+            )
+        for flat in uncertain:
             row, column = divmod(int(flat), shape[1])
             out[row, column] = exact_dot32(self.a[start + row], self.b[:, column])
             self.ambiguous += 1

@@ -71,7 +71,10 @@ def predict(base_values, a, b, dtype, product=None, out=None, order=None, oid="?
     direct = get_dtype(dtype).numpy_name if dtype != "BF16" else None
     rows = max(1, ROW_BLOCK // max(n, 1))
     if order == "exact":
-        products = _exact_products(a, b, product, dtype, oid)
+        # A decode (no ``stats``) refuses objects the encoder would not write: twice its budget,
+        # as another BLAS may straddle a few other boundaries.
+        limit = 2 * exact_budget(m * n) if stats is None else None
+        products = _exact_products(a, b, product, dtype, oid, limit)
     else:
         products = _ordered_products(a, b, product)
     with np.errstate(all="ignore"):
@@ -114,11 +117,11 @@ def _ordered_products(a, b, product):
     return blocks
 
 
-def _exact_products(a, b, product, dtype, oid):
+def _exact_products(a, b, product, dtype, oid, limit):
     """``blocks(start, stop, base_values)`` -> float64 rows of ``base + round32(a @ b)``."""
     if product != "f32":
         raise ObjectCorruptError(f"object {oid}: the exact low-rank order needs the float32 product")
-    exact = ExactProduct(a, b, oid)
+    exact = ExactProduct(a, b, oid, limit)
     n = exact.b.shape[1]
     rows = max(1, ROW_BLOCK // max(n, 1))
     rounded = np.empty((min(rows, exact.a.shape[0]), n), dtype=np.float32)
