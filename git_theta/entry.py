@@ -18,8 +18,33 @@ def single_threaded_blas():
         os.environ.setdefault(name, "1")
 
 
+#: glibc's mallopt parameters: the size from which blocks are mapped, and the free memory at the
+#: top of the heap that is returned to the system
+_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD = -3, -1
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for the next allocation instead of returning it.
+
+    Decoding allocates and frees temporaries of a few MiB per block of every tensor (positions,
+    products, numpy intermediates); by default glibc maps each one afresh and unmaps it when
+    freed, and every fresh page costs a page fault, expensive on a virtual machine. Keeping them
+    (up to 32 MiB blocks, glibc's limit) measured 137k -> 82k page faults and ~0.1 s less system
+    time when checking out a merged-LoRA version of a 475 MB model. A no-op elsewhere than glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter is linked with
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
 def main():
     """Entry point of the ``git-theta`` console script."""
+    keep_freed_memory()
     if sys.argv[1:] == ["filter-process"]:
         single_threaded_blas()
         from .filter_process import run
