@@ -245,10 +245,12 @@ def test_sparse_choices_on_a_sample_of_many_changes(monkeypatch):
     density=st.sampled_from([0.0005, 0.01, 0.2, 0.9, 1.0]),
     clustered=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
+    step=st.sampled_from([1, 3, 1 << 18]),
 )
-def test_rice_index_roundtrip(total, density, clustered, seed):
-    """The Rice code of any sorted set of positions (first, last, runs, one far outlier) decodes back."""
-    from git_theta.updates.sparse import decode_index, encode_rice
+def test_rice_index_roundtrip(total, density, clustered, seed, step):
+    """The Rice code of any sorted set of positions (first, last, runs, one far outlier) decodes
+    back, whether in one run or a few bytes of the code at a time (runs without a position)."""
+    from git_theta.updates import sparse
 
     rng = np.random.default_rng(seed)
     count = max(1, int(total * density))
@@ -256,8 +258,12 @@ def test_rice_index_roundtrip(total, density, clustered, seed):
         positions = np.unique(np.r_[np.arange(min(count, total)), total - 1])
     else:
         positions = np.sort(rng.choice(total, min(count, total), replace=False))
-    unary, low = encode_rice(positions, total)
-    assert np.array_equal(decode_index("rice", [unary, low], total, len(positions), "x"), positions)
+    unary, low = sparse.encode_rice(positions, total)
+    default, sparse.RICE_STEP = sparse.RICE_STEP, step
+    try:
+        assert np.array_equal(sparse.decode_index("rice", [unary, low], total, len(positions), "x"), positions)
+    finally:
+        sparse.RICE_STEP = default
 
 
 @FAST
@@ -276,9 +282,13 @@ def test_packed_fields_roundtrip(k, count, seed):
     assert np.array_equal(unpack_fields(packed, count, k).astype(np.uint64), values)
 
 
-def test_corrupt_rice_index_is_detected():
+@pytest.mark.parametrize("step", [1, 1 << 18])
+def test_corrupt_rice_index_is_detected(step, monkeypatch):
+    """Corrupt codes are refused whether decoded whole or a byte at a time."""
+    from git_theta.updates import sparse
     from git_theta.updates.sparse import decode_index, encode_rice
 
+    monkeypatch.setattr(sparse, "RICE_STEP", step)
     positions = np.array([3, 40, 41, 977, 999])
     unary, low = encode_rice(positions, 1000)
     bad = [
@@ -288,6 +298,7 @@ def test_corrupt_rice_index_is_detected():
         ([np.zeros_like(unary), low], 5),  # no terminating ones
         ([np.r_[np.zeros(200, np.uint8), unary], low], 5),  # gaps past the end of the tensor
         ([unary], 5),  # a section missing
+        ([np.r_[unary, np.uint8(0xFF)], low], 5),  # more ones than values
     ]
     for arrays, count in bad:
         with pytest.raises(ObjectCorruptError):

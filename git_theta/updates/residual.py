@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ObjectCorruptError
 from ..planes import encode_sections
 from .int_delta import apply_zigzag_delta, zigzag_delta
-from .sparse import decode_index, encode_index
+from .sparse import apply_changes, encode_index
 
 
 def encode_residual(new_bits, predicted_bits):
@@ -48,9 +48,5 @@ def decode_residual(mode, arrays, predicted_bits, oid, in_place=False):
     if len(arrays) not in (2, 3):
         raise ObjectCorruptError(f"object {oid} has a corrupt header")
     *index, values = arrays
-    positions = decode_index(mode, index, len(predicted_bits), len(values), oid)
-    if len(positions) != len(values) or values.dtype.itemsize != predicted_bits.dtype.itemsize:
-        raise ObjectCorruptError(f"object {oid}: residual positions and values disagree")
     out = predicted_bits if in_place else predicted_bits.copy()
-    out[positions] = apply_zigzag_delta(out[positions], values.view(predicted_bits.dtype))
-    return out
+    return apply_changes(mode, index, values, out, "zigzag", oid)
