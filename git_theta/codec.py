@@ -24,14 +24,24 @@ def tensor_digest(data):
     return hashlib.sha256(data).hexdigest()
 
 
-CHECKSUM = "xxh3-128:"
+CHECKSUM = "xxh3-128:"  # of the tensor's bytes (objects that also record its digest)
+BOUND_CHECKSUM = "xxh3-128d:"  # of the tensor's digest (32 bytes) followed by its bytes
 
 
-def tensor_checksum(data):
-    """The read-time checksum an object records of the tensor it decodes to (xxh3-128, tagged)."""
+def tensor_checksum(data, digest=None):
+    """The read-time checksum an object records of the tensor it decodes to (xxh3-128, tagged).
+
+    With ``digest`` (the tensor's sha256, hex) the checksum covers the digest too, so it also
+    fails when a manifest names another tensor for the object: the object need not record the
+    digest (64 bytes of header per object, 0.07% of a 15 MB model's new version).
+    """
     import xxhash
 
-    return CHECKSUM + xxhash.xxh3_128_hexdigest(data)
+    if digest is None:
+        return CHECKSUM + xxhash.xxh3_128_hexdigest(data)
+    hasher = xxhash.xxh3_128(bytes.fromhex(digest))
+    hasher.update(data)
+    return BOUND_CHECKSUM + hasher.hexdigest()
 
 
 def encode_update(tensor, update_name="dense", base=None, **options):
@@ -56,7 +66,7 @@ def store_encoded(store, tensor, update, encoded, base=None, base_entry=None):
     """Store an encoding of ``tensor`` and return its TensorEntry (chain extends ``base_entry``'s)."""
     header = dict(encoded.header)
     header.update(update=update.name, dtype=tensor.dtype, shape=list(tensor.shape))
-    header.update(digest=tensor.digest, check=tensor_checksum(tensor.data))
+    header["check"] = tensor_checksum(tensor.data, tensor.digest)
     if not update.keyframe:
         header["base"] = base.digest
     ref = store.put_chunks([object_codec.header_bytes(header), *encoded.parts])
@@ -177,13 +187,14 @@ def _chain_error(store, entry, where, detail):
 def decode_tensor(store, entry, path="?", cache=None, known=None, strict=False, full=False):
     """Raw bytes of the tensor ``entry`` describes, verified.
 
-    An object records the sha256 digest of the tensor it decodes to and an xxh3-128 checksum of
-    its bytes (both written by the encoder, which had the tensor). A read checks that the recorded
-    digest is the manifest's and that the decoded bytes have the recorded checksum: the same
-    detection of corrupt objects, decoder faults and altered manifests as hashing the result with
-    sha256, at a tenth of the cost (objects are checked against their ids, sha256 of their bytes,
-    when they enter the store). ``full`` (fsck) hashes the result with sha256 as well; objects
-    written before checksums existed are always checked that way.
+    An object records an xxh3-128 checksum of the tensor it decodes to, taken over the tensor's
+    sha256 digest and its bytes (written by the encoder, which had the tensor; some earlier
+    objects record the digest beside a checksum of the bytes alone). A read checks the decoded bytes and the
+    manifest's digest against it: the same detection of corrupt objects, decoder faults and
+    altered manifests as hashing the result with sha256, at a tenth of the cost (objects are
+    checked against their ids, sha256 of their bytes, when they enter the store). ``full`` (fsck)
+    hashes the result with sha256 as well; objects written before checksums existed are always
+    checked that way.
 
     ``cache`` (a :class:`DecodedCache`) shares decoded bases between tensors. ``known`` is an
     optional ``(TensorEntry, bytes)`` already decoded (e.g. the older side of a diff): when
@@ -275,8 +286,9 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
         raise _chain_error(store, entry, where, f"the object decodes to the tensor with digest "
                            f"{str(recorded)[:12]}, the manifest names digest {entry.digest[:12]} "
                            "(the manifest was altered)")
-    if isinstance(checksum, str) and checksum.startswith(CHECKSUM) and not (full or strict):
-        if tensor_checksum(data) != checksum:
+    bound = isinstance(checksum, str) and checksum.startswith(BOUND_CHECKSUM)
+    if isinstance(checksum, str) and (bound or checksum.startswith(CHECKSUM)) and not (full or strict):
+        if tensor_checksum(data, entry.digest if bound else None) != checksum:
             raise _chain_error(store, entry, where, "decoded bytes do not match the recorded checksum")
     elif tensor_digest(data) != entry.digest:
         raise _chain_error(store, entry, where, "decoded bytes do not match the tensor digest "

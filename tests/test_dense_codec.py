@@ -67,7 +67,7 @@ def _store_with_header(store, tensor, **header_changes):
 
     update, encoded = encode_update(tensor, "dense")
     header = dict(encoded.header, update="dense", dtype=tensor.dtype, shape=list(tensor.shape))
-    header.update(digest=tensor.digest, check=tensor_checksum(tensor.data))
+    header["check"] = tensor_checksum(tensor.data, tensor.digest)
     for key, value in header_changes.items():
         if value is None:
             header.pop(key)
@@ -78,9 +78,10 @@ def _store_with_header(store, tensor, **header_changes):
 
 
 def test_reads_check_the_recorded_checksum_and_digest(tmp_path, monkeypatch):
-    """New objects record the tensor's digest and an xxh3-128 checksum; a read checks both (a
-    wrong checksum or a manifest naming another tensor fails), fsck's full read hashes with sha256,
-    and objects without the fields (written before them) are checked with sha256."""
+    """New objects record an xxh3-128 checksum over the tensor's digest and bytes; a read checks it
+    (a wrong checksum or a manifest naming another tensor fails), fsck's full read hashes with
+    sha256, objects recording the digest beside a checksum of the bytes alone (written before) are
+    checked both ways, and objects without either are checked with sha256."""
     from git_theta.codec import tensor_checksum
     from git_theta.object_codec import unpack
 
@@ -89,36 +90,44 @@ def test_reads_check_the_recorded_checksum_and_digest(tmp_path, monkeypatch):
     tensor = TensorData("layer.w", "F32", (64,), raw, tensor_digest(raw))
     entry = encode_tensor(store, tensor)
     header, _ = unpack(store.read(entry.objects[0].oid))
-    assert header["digest"] == tensor.digest and header["check"] == tensor_checksum(raw)
+    assert "digest" not in header and header["check"] == tensor_checksum(raw, tensor.digest)
+    assert header["check"] != tensor_checksum(raw, tensor_digest(b"another tensor"))
     assert bytes(decode_tensor(store, entry)) == raw
 
     other = np.ones(64, dtype=np.float32).tobytes()
     # An object whose bytes are not the tensor its header records: the checksum catches it (and
     # the diagnostic retry, which hashes with sha256, confirms and names the object).
     swapped = _store_with_header(store, TensorData("layer.w", "F32", (64,), other, tensor_digest(other)),
-                                 digest=tensor.digest, check=tensor_checksum(raw))
+                                 check=tensor_checksum(raw, tensor.digest))
     swapped = entry.__class__(entry.name, entry.dtype, entry.shape, tensor.digest, "dense", swapped.objects)
     with pytest.raises(ObjectCorruptError, match="layer.w"):
         decode_tensor(store, swapped, "model.safetensors")
     # A damaged checksum field over intact bytes: the sha256 retry proves the bytes right.
-    wrong = _store_with_header(store, tensor, check=tensor_checksum(b"something else"))
+    wrong = _store_with_header(store, tensor, check=tensor_checksum(b"something else", tensor.digest))
     assert bytes(decode_tensor(store, wrong)) == raw
     import git_theta.codec as codec
 
     calls = []
-    monkeypatch.setattr(codec, "tensor_checksum", lambda data: calls.append(1) or tensor_checksum(data))
+    monkeypatch.setattr(codec, "tensor_checksum", lambda *args: calls.append(1) or tensor_checksum(*args))
     decode_tensor(store, entry)
     assert calls  # a plain read checks the checksum...
     calls.clear()
     decode_tensor(store, entry, full=True)
     assert not calls  # ...fsck's full read hashes with sha256 instead
+    monkeypatch.undo()
 
-    renamed = entry.__class__(entry.name, entry.dtype, entry.shape, tensor_digest(other), "dense", entry.objects)
+    def renamed(stored):  # the manifest names another tensor for the same objects
+        return entry.__class__(entry.name, entry.dtype, entry.shape, tensor_digest(other), "dense", stored.objects)
+
     with pytest.raises(ObjectCorruptError, match="manifest was altered"):
-        decode_tensor(store, renamed, "model.safetensors")
+        decode_tensor(store, renamed(entry), "model.safetensors")
 
-    old = _store_with_header(store, tensor, digest=None, check=None)
+    earlier = _store_with_header(store, tensor, digest=tensor.digest, check=tensor_checksum(raw))
+    assert bytes(decode_tensor(store, earlier)) == raw
+    with pytest.raises(ObjectCorruptError, match="manifest was altered"):
+        decode_tensor(store, renamed(earlier), "model.safetensors")
+
+    old = _store_with_header(store, tensor, check=None)
     assert bytes(decode_tensor(store, old)) == raw
-    liar = entry.__class__(entry.name, entry.dtype, entry.shape, tensor_digest(other), "dense", old.objects)
     with pytest.raises(ObjectCorruptError, match="tensor digest"):
-        decode_tensor(store, liar, "model.safetensors")
+        decode_tensor(store, renamed(old), "model.safetensors")
