@@ -14,7 +14,6 @@ from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
 from .base import Encoded, UpdateType
 from .residual import decode_residual, encode_residual
-from .int_delta import as_bytearray
 from .low_rank import LOW_RANK_DTYPES
 
 
@@ -68,4 +67,6 @@ class IA3Update(UpdateType):
         if scale.dtype != np.float32 or scale.size != element_count(shape):
             raise ObjectCorruptError(f"object {oid}: scaling vector has the wrong size")
         predicted = predict(to_float(base, spec.dtype, tuple(spec.shape)), scale.reshape(shape), spec.dtype)
-        return as_bytearray(decode_residual(header.get("residual"), residual, predicted, oid))
+        out = bytearray(predicted)  # the residual is applied over the prediction, in place
+        decode_residual(header.get("residual"), residual, as_bits(out, spec.dtype), oid)
+        return out

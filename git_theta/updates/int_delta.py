@@ -46,11 +46,6 @@ def apply_zigzag_delta(base_bits, zigzag, into=None):
     return out
 
 
-def as_bytearray(bits):
-    """The raw bytes of an array as a bytearray (one copy)."""
-    return bytearray(np.ascontiguousarray(bits).view(np.uint8))
-
-
 class IntDeltaUpdate(UpdateType):
     """A delta storing every element's (small) change of bit pattern."""
 

@@ -327,5 +327,5 @@ class LowRankUpdate(UpdateType):
         predicted = as_bits(base, spec.dtype)
         predict(base_values_of(base, spec.dtype, spec.shape), a.reshape(m, rank), b.reshape(rank, n),
                 spec.dtype, product, out=predicted, order=order, oid=oid)
-        decode_residual(header.get("residual"), residual, predicted, oid, in_place=True)
+        decode_residual(header.get("residual"), residual, predicted, oid)
         return base

@@ -31,22 +31,18 @@ def encode_residual(new_bits, predicted_bits):
     return "dense", dense_parts, dense_sections
 
 
-def decode_residual(mode, arrays, predicted_bits, oid, in_place=False):
-    """The tensor's bit patterns from the prediction and the decoded residual ``arrays``.
-
-    With ``in_place`` the result is written into ``predicted_bits`` (and returned); a sparse
-    residual then touches only the entries it changes.
-    """
+def decode_residual(mode, arrays, predicted_bits, oid):
+    """The tensor's bit patterns from the prediction and the decoded residual ``arrays``, written
+    over ``predicted_bits`` (which must be writable) and returned; a sparse residual touches only
+    the entries it changes."""
     if mode == "dense":
         if len(arrays) != 1:
             raise ObjectCorruptError(f"object {oid} has a corrupt header")
         zz = arrays[0]
         if zz.size != predicted_bits.size or zz.dtype.itemsize != predicted_bits.dtype.itemsize:
             raise ObjectCorruptError(f"object {oid}: residual has the wrong size")
-        zz = zz.view(predicted_bits.dtype)
-        return apply_zigzag_delta(predicted_bits, zz, into=predicted_bits if in_place else None)
+        return apply_zigzag_delta(predicted_bits, zz.view(predicted_bits.dtype), into=predicted_bits)
     if len(arrays) not in (2, 3):
         raise ObjectCorruptError(f"object {oid} has a corrupt header")
     *index, values = arrays
-    out = predicted_bits if in_place else predicted_bits.copy()
-    return apply_changes(mode, index, values, out, "zigzag", oid)
+    return apply_changes(mode, index, values, predicted_bits, "zigzag", oid)
