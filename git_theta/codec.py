@@ -189,12 +189,12 @@ def decode_tensor(store, entry, path="?", cache=None, known=None, strict=False, 
 
     An object records an xxh3-128 checksum of the tensor it decodes to, taken over the tensor's
     sha256 digest and its bytes (written by the encoder, which had the tensor; some earlier
-    objects record the digest beside a checksum of the bytes alone). A read checks the decoded bytes and the
-    manifest's digest against it: the same detection of corrupt objects, decoder faults and
-    altered manifests as hashing the result with sha256, at a tenth of the cost (objects are
-    checked against their ids, sha256 of their bytes, when they enter the store). ``full`` (fsck)
-    hashes the result with sha256 as well; objects written before checksums existed are always
-    checked that way.
+    objects record the digest beside a checksum of the bytes alone). A read checks the decoded
+    bytes and the manifest's digest against it: the same detection of corrupt objects, decoder
+    faults and altered manifests as hashing the result with sha256, at a tenth of the cost
+    (objects are checked against their ids, sha256 of their bytes, when they enter the store).
+    ``full`` (fsck) hashes the result with sha256 as well; objects written before checksums
+    existed are always checked that way.
 
     ``cache`` (a :class:`DecodedCache`) shares decoded bases between tensors. ``known`` is an
     optional ``(TensorEntry, bytes)`` already decoded (e.g. the older side of a diff): when

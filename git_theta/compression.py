@@ -86,4 +86,3 @@ def decompress_into(method, data, out, oid="?"):
     if got != size or extra:
         raise ObjectCorruptError(f"object {oid} decodes to {'more' if extra else got} bytes, expected {size}")
     return out
-

@@ -143,9 +143,7 @@ class PktWriter:
             self._fd = None
 
     def write_packet(self, payload):
-        if len(payload) > MAX_PAYLOAD:
-            raise ValueError("pkt-line payload too long")
-        self._stream.write(b"%04x" % (len(payload) + 4))
+        self._stream.write(_length_prefix(payload))
         self._stream.write(payload)
 
     def write_packets(self, payloads):
@@ -163,9 +161,7 @@ class PktWriter:
         for first in range(0, len(payloads), PACKETS_PER_CALL):
             parts = []
             for payload in payloads[first : first + PACKETS_PER_CALL]:
-                if len(payload) > MAX_PAYLOAD:
-                    raise ValueError("pkt-line payload too long")
-                parts += [b"%04x" % (len(payload) + 4), payload]
+                parts += [_length_prefix(payload), payload]
             _write_all(self._fd, parts)
 
     def write_text(self, text):
@@ -179,6 +175,13 @@ class PktWriter:
         for item in items:
             self.write_text(item)
         self.flush()
+
+
+def _length_prefix(payload):
+    """The four hex digits that start a packet carrying ``payload``."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("pkt-line payload too long")
+    return b"%04x" % (len(payload) + 4)
 
 
 def _write_all(fd, parts):

@@ -87,13 +87,13 @@ def iter_chunk_planes(payload, nbytes, itemsize, oid="?"):
     for start in range(0, nbytes, step):
         size = min(step, nbytes - start)
         area = buffers.scratch(size, "planes")
+        length = size // itemsize
         planes = []
         for k in range(itemsize):
             try:
                 method, data = next(frames)
             except StopIteration:
                 raise ObjectCorruptError(f"object {oid} is truncated") from None
-            length = size // itemsize
             plane = np.frombuffer(
                 compression.decompress_into(method, data, area[k * length : (k + 1) * length], oid), dtype=np.uint8
             )
