@@ -23,6 +23,10 @@ import numpy as np
 
 from ..errors import ObjectCorruptError
 
+
+class TooManyUncertain(ObjectCorruptError):
+    """More elements than ``limit`` would be left to rationals (their terms cancel)."""
+
 #: float32: significand bits (with the implicit one), smallest normal exponent, largest exponent
 _F32 = (24, -126, 127)
 
@@ -73,7 +77,7 @@ class ExactProduct:
         # of the exact sum. Four more units cover that bound's own rounding and keep the float64
         # rounding of s +- error off a float32 rounding boundary the exact sum could be beyond.
         self.row_error = (row_bound * ((rank + 3) * 2.0**-53))[:, None]
-        self.ambiguous = 0  # elements computed exactly so far (for the encoder's choice)
+        self.ambiguous = 0  # elements computed with rationals so far
 
     def sums(self, start, stop, out):
         """float64 sums of rows ``start:stop``, in any order: here numpy's matrix multiply."""
@@ -97,7 +101,7 @@ class ExactProduct:
         np.not_equal(out.view(np.uint32), self._high.view(np.uint32), out=self._differ)
         uncertain = np.flatnonzero(self._differ)
         if self.limit is not None and self.ambiguous + len(uncertain) > self.limit:
-            raise ObjectCorruptError(
+            raise TooManyUncertain(
                 f"object {self.oid}: low-rank factors whose terms cancel almost everywhere "
                 "(not written by git-theta)"
             )

@@ -29,7 +29,7 @@ from ..dtypes import get_dtype
 from ..errors import ObjectCorruptError
 from ..planes import decode_sections, encode_sections
 from .base import Encoded, UpdateType, writable_base
-from .exact_product import ExactProduct
+from .exact_product import ExactProduct, TooManyUncertain
 from .int_delta import zigzag_delta
 from .residual import decode_residual, encode_residual
 
@@ -47,7 +47,7 @@ ORDERS = (None, "exact")  # header "order": how the float32 product is summed (s
 EXACT_LIMIT = 4096  # elements the exact order may leave to rationals, at least (see encode)
 
 
-def predict(base_values, a, b, dtype, product=None, out=None, order=None, oid="?", stats=None):
+def predict(base_values, a, b, dtype, product=None, out=None, order=None, oid="?", limit=None):
     """Bit patterns of ``base + a @ b`` rounded to ``dtype``, computed deterministically.
 
     Each element is ``base[i, j] + a[i, 0] * b[0, j] + a[i, 1] * b[1, j] + ...`` in float64, in that
@@ -59,8 +59,8 @@ def predict(base_values, a, b, dtype, product=None, out=None, order=None, oid="?
     BLAS: two to three times faster, and it differs from the ordered sum only where the order's
     last float64 bit decides a float32 rounding.
     ``out`` (an array of the dtype's bit patterns) receives the result; it may share memory with
-    ``base_values``, since each block of rows is read before it is written. ``stats`` (a dict)
-    receives ``"exact"``: the elements the exact order had to compute with rationals.
+    ``base_values``, since each block of rows is read before it is written. ``limit`` bounds the
+    elements the exact order may compute with rationals (:class:`.TooManyUncertain` past it).
     """
     m = base_values.shape[0]
     n = base_values.shape[1] if base_values.ndim == 2 else 0
@@ -71,9 +71,6 @@ def predict(base_values, a, b, dtype, product=None, out=None, order=None, oid="?
     direct = get_dtype(dtype).numpy_name if dtype != "BF16" else None
     rows = max(1, ROW_BLOCK // max(n, 1))
     if order == "exact":
-        # A decode (no ``stats``) refuses objects the encoder would not write: twice its budget,
-        # as another BLAS may straddle a few other boundaries.
-        limit = 2 * exact_budget(m * n) if stats is None else None
         products = _exact_products(a, b, product, dtype, oid, limit)
     else:
         products = _ordered_products(a, b, product)
@@ -86,8 +83,6 @@ def predict(base_values, a, b, dtype, product=None, out=None, order=None, oid="?
                 target.view(direct).reshape(stop - start, n)[...] = acc
             else:
                 target[...] = np.frombuffer(from_float(acc, dtype), dtype=out.dtype)
-    if stats is not None and order == "exact":
-        stats["exact"] = products.exact.ambiguous
     return out
 
 
@@ -135,7 +130,6 @@ def _exact_products(a, b, product, dtype, oid, limit):
             return np.add(product32, base_values[start:stop], out=product32)
         return np.add(product32, base_values[start:stop], out=acc[: stop - start], dtype=np.float64)
 
-    blocks.exact = exact
     return blocks
 
 
@@ -264,10 +258,11 @@ def encode_with_factors(tensor, base, a, b):
     values = base_values_of(base.data, base.dtype, tuple(tensor.shape))
     order, predicted = None, None
     if product == "f32" and np.isfinite(a).all() and np.isfinite(b).all():
-        stats = {}
-        predicted = predict(values, a, b, tensor.dtype, product, order="exact", stats=stats)
-        if stats["exact"] <= exact_budget(values.size):
+        try:
+            predicted = predict(values, a, b, tensor.dtype, product, order="exact", limit=exact_budget(values.size))
             order = "exact"
+        except TooManyUncertain:  # the terms cancel in too many places: stopped at the budget
+            pass
     if order is None:
         predicted = predict(values, a, b, tensor.dtype, product)
     mode, residual_parts, residual_sections = encode_residual(as_bits(tensor.data, tensor.dtype), predicted)
@@ -325,7 +320,9 @@ class LowRankUpdate(UpdateType):
         base = writable_base(base)
         # The prediction and then the residual are written over the base, a block at a time.
         predicted = as_bits(base, spec.dtype)
+        # An object needing more rationals than the encoder allows is refused, not decoded slowly:
+        # twice its budget, as another BLAS may straddle a few other rounding boundaries.
         predict(base_values_of(base, spec.dtype, spec.shape), a.reshape(m, rank), b.reshape(rank, n),
-                spec.dtype, product, out=predicted, order=order, oid=oid)
+                spec.dtype, product, out=predicted, order=order, oid=oid, limit=2 * exact_budget(m * n))
         decode_residual(header.get("residual"), residual, predicted, oid)
         return base
