@@ -10,8 +10,9 @@ A changed tensor (same name, dtype and shape as in the parent manifest, differen
 as the smallest exact encoding of its change (:mod:`git_theta.choose`) against the parent's tensor,
 decoded from the store; the delta names its base by tensor digest. Chains are cut by a dense
 keyframe after ``theta.maxChainDepth`` deltas, and stack at most ``theta.maxFullDeltas``
-whole-tensor deltas: past that, a whole-tensor change is taken against the chain's keyframe. ``git theta add`` can force an update type or supply
-the update (an adapter) for one ``git add``: it passes the request in ``GIT_THETA_ADD_REQUEST``.
+whole-tensor deltas: past that, a whole-tensor change is taken against the chain's keyframe.
+``git theta add`` can force an update type or supply the update (an adapter) for one ``git add``:
+it passes the request in ``GIT_THETA_ADD_REQUEST``.
 """
 
 import json
