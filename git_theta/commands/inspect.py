@@ -12,7 +12,12 @@ from .. import humanize
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-v", "--verbose", is_flag=True, help="Per tensor: update type, chain depth, stored bytes.")
 def ls_files(rev, as_json, verbose):
-    """List tracked checkpoints in REV (default: the index) with sizes."""
+    """List tracked checkpoints in REV (default: the index) with sizes.
+
+    'logical' is the raw size of the tensors; 'stored' is the bytes of the objects this version
+    added to the store (a tensor unchanged since the parent version, or already stored, adds
+    nothing); 'local' counts the objects present in this clone.
+    """
     if verbose:
         from .updates import ls_files_verbose
 

@@ -160,6 +160,22 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
 
     One branch is a plain 'git merge' through the merge driver with this operator; several
     branches make one octopus merge commit where the operator sees all task vectors at once.
+    A tensor changed on one side only is taken from that side bit for bit; only tensors changed
+    on several sides go to an operator.
+
+    \b
+    Operators (mergekit's names and parameters): ours, theirs, base, linear,
+    task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
+    della, della_linear, sce, slerp, nuslerp, multislerp, karcher, model_stock,
+    plus those of installed plugins ('git theta plugins'); 'auto' picks one per
+    tensor from the task vectors' similarity.
+
+    Without --operator, the operator comes from a .thetamerge rule, the theta-merge attribute
+    or 'git config theta.merge.operator'; when none names one, every tensor changed on several
+    sides is a conflict: ours is kept for it, the rest is merged, and git records the conflict.
+
+    \b
+    Example: git theta merge --operator ties --param density=0.2 math code
     """
     import subprocess
 

@@ -70,7 +70,14 @@ def _work_tree():
 @click.command()
 @click.argument("patterns", nargs=-1, required=True)
 def track(patterns):
-    """Track checkpoints matching PATTERNS (edits .gitattributes)."""
+    """Track checkpoints matching PATTERNS (edits .gitattributes).
+
+    Each pattern gets the line 'PATTERN filter=theta diff=theta merge=theta -text'; quote
+    patterns so the shell does not expand them, and commit .gitattributes.
+
+    \b
+    Example: git theta track '*.safetensors' '*.pt' 'checkpoints/**/*.bin'
+    """
     changed = attributes.track(_work_tree(), patterns)
     from ..hook_install import ensure_hooks
 

@@ -1,0 +1,92 @@
+"""mkdocs hook: the settings table of docs/configuration.md, generated from git-theta's defaults.
+
+The page holds the placeholder ``<!-- settings-table -->``; at build time it is replaced by one row
+per entry of ``DEFAULTS`` (git config key, environment variable, default, meaning), read from the
+installed package, so the page cannot drift from the code. A missing placeholder fails the build.
+
+Pages other engineers are writing (listed in ``PENDING``) get a short generated stand-in while their
+file does not exist yet, so links to them resolve under ``mkdocs build --strict``; once the real
+file is in ``docs/`` it is used and the stand-in is never made.
+"""
+
+import importlib
+
+from mkdocs.structure.files import File
+
+PLACEHOLDER = "<!-- settings-table -->"
+
+#: docs page -> what it will hold (generated only while the file is absent)
+PENDING = {
+    "operators.md": ("Merge operators", "the reference of every merge operator"),
+    "merge-search.md": ("Choosing an operator: --operator auto", "`git theta merge --operator auto`"),
+    "security.md": ("Security", "the threat model: what a repository, a server or a checkpoint can and cannot do"),
+}
+
+
+def _settings_module():
+    """The settings module: ``git_theta.config`` after the issue-14 move, ``git_theta.settings`` before."""
+    for name in ("git_theta.config", "git_theta.settings"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "DEFAULTS"):
+            return module
+    raise ImportError("neither git_theta.config nor git_theta.settings defines DEFAULTS")
+
+
+def _size(value):
+    """192 MiB rather than 201326592 for byte sizes that are whole MiB or GiB."""
+    for shift, unit in ((30, "GiB"), (20, "MiB")):
+        if value >= 1 << shift and value % (1 << shift) == 0:
+            return f"{value >> shift} {unit}"
+    return str(value)
+
+
+def _default(value, kind):
+    if kind == "bool":
+        return "`true`" if value else "`false`"
+    if kind == "int":
+        return _size(value)
+    return f"`{value}`" if value != "" else "unset"
+
+
+def env_name(module, name):
+    """The ``GIT_THETA_*`` variable of setting ``name``, as the settings module computes it."""
+    return module._env_name(name)
+
+
+def settings_table():
+    """The Markdown table of every setting in DEFAULTS, in the order the code lists them."""
+    module = _settings_module()
+    rows = [
+        "| git config | environment | default | type | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, (default, kind, meaning) in module.DEFAULTS.items():
+        meaning = meaning.replace("|", "\\|")
+        rows.append(
+            f"| `theta.{name}` | `{env_name(module, name)}` | {_default(default, kind)} | {kind} | {meaning} |"
+        )
+    return "\n".join(rows)
+
+
+def on_files(files, config):
+    """Add a stand-in for each pending page whose file is not in docs/ yet."""
+    for src, (title, what) in PENDING.items():
+        if files.get_file_from_path(src) is None:
+            text = (
+                f"# {title}\n\nThis page ({what}) is being written as part of issue 14 and is not "
+                "in this build yet.\n"
+            )
+            files.append(File.generated(config, src, content=text))
+    return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    """Replace the placeholder of configuration.md with the generated table."""
+    if page.file.src_uri != "configuration.md":
+        return markdown
+    if PLACEHOLDER not in markdown:
+        raise ValueError(f"docs/configuration.md lost its placeholder {PLACEHOLDER}")
+    return markdown.replace(PLACEHOLDER, settings_table())
