@@ -350,3 +350,59 @@ def test_per_object_server_error_is_stripped_and_quoted(server, tmp_path):
             transfer.download([REF])
     assert _printable(info.value.message) and "\n" not in info.value.message
     assert "the server said \"" in info.value.message
+
+
+# -- 1b. no redirect from https to http ----------------------------------------------------------
+def _tls_server(tmp_path, handler):
+    """An https server on 127.0.0.1 with a throw-away self-signed certificate; (httpd, cert)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, cert
+
+
+def test_a_redirect_from_https_to_http_is_refused(server, tmp_path, monkeypatch):
+    """The https object URL redirects to http:// (the plain server): git-lfs refuses that
+    ("refusing insecure redirect"), and so do we: the http server never gets a request."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):  # they would override the test's CA
+        monkeypatch.delenv(name, raising=False)
+    plain, plain_port = server
+    plain.objects = {REF.oid: DATA}
+
+    class Hop(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{plain_port}/obj/{REF.oid}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd, cert = _tls_server(tmp_path, Hop)
+    try:
+        port = httpd.server_address[1]
+        client = _client(tmp_path, f"https://127.0.0.1:{port}/team/m.git/info/lfs")
+        client._session.verify = str(cert)
+        client._auth = ("alice", "s3cret")
+        store = ObjectStore(tmp_path / "objects", fsync=False)
+        with pytest.raises(RemoteError, match="insecure redirect"):
+            client.download({"href": f"https://127.0.0.1:{port}/hop", "header": {}}, REF, store)
+        assert plain.seen == [] and not _stored(store)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
