@@ -406,3 +406,18 @@ def test_a_redirect_from_https_to_http_is_refused(server, tmp_path, monkeypatch)
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_netrc_credentials_never_reach_an_http_href_of_an_https_endpoint(server, tmp_path):
+    """requests reads ~/.netrc by host name alone: a login for the https endpoint's host must not
+    go to an http:// href the server names on that host."""
+    handler, port = server
+    handler.objects = {REF.oid: DATA}
+    netrc = tmp_path / ".netrc"  # HOME is tmp_path (the fixture)
+    netrc.write_text("machine 127.0.0.1 login alice password s3cret\n")
+    netrc.chmod(0o600)
+    client = _client(tmp_path, f"https://127.0.0.1:{port}/team/m.git/info/lfs")
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    client.download({"href": f"http://127.0.0.1:{port}/obj/{REF.oid}", "header": {}}, REF, store)
+    assert store.read(REF.oid, verify=True) == DATA
+    assert handler.seen and all(auth is None for _, _, auth in handler.seen)

@@ -188,10 +188,12 @@ class LfsClient:
             # git-lfs's rule: the endpoint's credentials only for the endpoint's scheme, host and port
             own = endpoint_auth or same_origin(url, self.url)
             auth = self._auth if own and "Authorization" not in headers else None
+            # requests would otherwise add ~/.netrc's login for the host, whatever the scheme
+            sent = auth if auth is not None or own else _no_auth
             body = data() if callable(data) else data
             try:
                 response = self._session.request(
-                    method, url, headers=headers, json=json, data=body, stream=True, timeout=TIMEOUT, auth=auth
+                    method, url, headers=headers, json=json, data=body, stream=True, timeout=TIMEOUT, auth=sent
                 )
             except requests.RequestException as exc:
                 if attempt < self._retries:
@@ -284,6 +286,11 @@ def same_origin(a, b):
 
 _DEFAULT_PORT = {"http": 80, "https": 443}
 _BROKEN = "the server (or something between) is broken or hostile; report it to its admins"
+
+
+def _no_auth(request):
+    """An explicit "no credentials" for requests (None would let it read ~/.netrc)."""
+    return request
 
 
 def _session_class():
