@@ -335,6 +335,8 @@ def test_server_error_message_is_stripped_and_quoted(server, repo):
     lines = result.stderr.splitlines()
     assert not any(line.startswith("hint: run") for line in lines), lines
     assert "the server said \"" in result.stderr and "quota exceeded" in result.stderr
+    assert "[31m" not in result.stderr  # the whole escape sequence goes, not only its ESC
+    assert "failed for object" not in result.stderr  # a refused request is one error, not one per object
 
 
 def test_per_object_server_error_is_stripped_and_quoted(server, tmp_path):

@@ -27,10 +27,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # What a terminal may act on in server text: C0/C1 controls (ESC starts ANSI sequences), DEL, and
 # Unicode format characters (bidirectional overrides can reorder what is shown).
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]+")
+# Whole terminal escape sequences (CSI "ESC [ ... m", OSC "ESC ] ... BEL"), removed before the rest.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.")
 BATCH_BASE = 1 << 20  # bytes of batch answer allowed whatever the batch size...
 BATCH_PER_OBJECT = 64 << 10  # ...plus this much per object asked about (signed URLs, headers)
 SERVER_TEXT = 200  # characters of a server's message shown at most
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an HTTP header name (RFC 9110 token)
+
+
+class MalformedAnswerError(RemoteError):
+    """The server answered, but not in the Batch API's shape (or beyond its size bound)."""
 
 
 def batch_limit(count):
@@ -42,7 +48,7 @@ def server_text(value, limit=SERVER_TEXT):
     """Text a server sent, made safe to print: control and format characters become one space,
     it is cut to ``limit`` characters and quoted, so it can neither move the cursor, colour the
     terminal nor start a line of its own (a fake ``hint:``)."""
-    text = _UNPRINTABLE.sub(" ", str(value)).strip()
+    text = _UNPRINTABLE.sub(" ", _ESCAPES.sub("", str(value))).strip()
     if len(text) > limit:
         text = text[:limit] + "…"
     return json.dumps(text, ensure_ascii=False)
@@ -102,7 +108,7 @@ class LfsClient:
         """Ask the server about ``refs``; returns the response objects keyed by oid.
 
         The answer is read up to :func:`batch_limit` bytes; a whole answer that is not a JSON
-        object with a list of objects raises RemoteError. Each object's own shape is checked by
+        object with a list of objects raises MalformedAnswerError. Each object's own shape is checked by
         :func:`object_actions` when it is used, so one malformed object fails alone.
         """
         body = {
@@ -116,23 +122,23 @@ class LfsClient:
             "POST", self.url + "/objects/batch", headers, json=body, endpoint_auth=True
         )
         try:
-            raw = _read_limited(response, batch_limit(len(refs)), f"{self.url}: the batch answer")
+            raw = _read_limited(response, batch_limit(len(refs)), f"{self.url}: the batch answer", MalformedAnswerError)
         finally:
             response.close()
         try:
             payload = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            raise RemoteError(f"{self.url}: the batch answer is not valid JSON", hint=_BROKEN) from None
+            raise MalformedAnswerError(f"{self.url}: the batch answer is not valid JSON", hint=_BROKEN) from None
         if not isinstance(payload, dict):
-            raise RemoteError(f"{self.url}: the batch answer is not a JSON object", hint=_BROKEN)
+            raise MalformedAnswerError(f"{self.url}: the batch answer is not a JSON object", hint=_BROKEN)
         objects = payload.get("objects")
         if objects is None:
             objects = []
         if not isinstance(objects, list):
-            raise RemoteError(f"{self.url}: the batch answer's 'objects' is not a list", hint=_BROKEN)
+            raise MalformedAnswerError(f"{self.url}: the batch answer's 'objects' is not a list", hint=_BROKEN)
         transfer = payload.get("transfer", "basic")
         if transfer != "basic":
-            raise RemoteError(
+            raise MalformedAnswerError(
                 f"{self.url}: the server chose the unsupported transfer {server_text(transfer, 40)}", hint=_BROKEN
             )
         return {obj["oid"]: obj for obj in objects if isinstance(obj, dict) and isinstance(obj.get("oid"), str)}
@@ -313,16 +319,16 @@ def _session_class():
     return Session
 
 
-def _read_limited(response, limit, what):
-    """The body of ``response``, refused (RemoteError) as soon as it passes ``limit`` bytes."""
+def _read_limited(response, limit, what, error=RemoteError):
+    """The body of ``response``, refused (``error``) as soon as it passes ``limit`` bytes."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise RemoteError(f"{what} declares {declared} bytes, more than the {limit} allowed", hint=_BROKEN)
+        raise error(f"{what} declares {declared} bytes, more than the {limit} allowed", hint=_BROKEN)
     parts, size = [], 0
     for chunk in response.iter_content(64 << 10):
         size += len(chunk)
         if size > limit:
-            raise RemoteError(f"{what} is larger than the {limit} bytes allowed", hint=_BROKEN)
+            raise error(f"{what} is larger than the {limit} bytes allowed", hint=_BROKEN)
         parts.append(chunk)
     return b"".join(parts)
 

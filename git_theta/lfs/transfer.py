@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import GitThetaError, ObjectMissingError, RemoteError
 from ..settings import settings_for
-from .batch import LfsClient, TransferStats, object_actions
+from .batch import LfsClient, MalformedAnswerError, TransferStats, object_actions
 from .directory import DirectoryRemote
 
 
@@ -108,10 +108,11 @@ class Transfer:
 
     def _ask(self, operation, batch, failures):
         """``(ref, checked actions)`` for each ref of ``batch`` the server answered usably; every
-        other ref goes to ``failures`` with its reason, also when the whole answer is unusable."""
+        other ref goes to ``failures`` with its reason, also when the whole answer is malformed.
+        A refused or failed request (HTTP error, no connection) raises: nothing else would work."""
         try:
             answer = self._http.batch(operation, batch)
-        except RemoteError as exc:
+        except MalformedAnswerError as exc:
             failures.extend((ref, exc) for ref in batch)
             return []
         return self._checked(answer, batch, failures)
