@@ -9,10 +9,10 @@ import base64
 import hashlib
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from loopback import isolate_git, serving
 
 from conftest import GitRepo, random_state_dict, save_safetensors
 from git_theta.errors import GitThetaError, ObjectCorruptError, RemoteError
@@ -109,16 +109,10 @@ class _Lfs(BaseHTTPRequestHandler):
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     """(handler class, port) of a scripted LFS server on a free loopback port."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    monkeypatch.setenv("GIT_TERMINAL_PROMPT", "0")
+    isolate_git(monkeypatch, tmp_path)
     handler = type("Handler", (_Lfs,), {"objects": {}, "bad": {}, "seen": []})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield handler, httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(handler) as httpd:
+        yield handler, httpd.server_address[1]
 
 
 def _client(tmp_path, url):
@@ -355,8 +349,8 @@ def test_per_object_server_error_is_stripped_and_quoted(server, tmp_path):
 
 
 # -- 1b. no redirect from https to http ----------------------------------------------------------
-def _tls_server(tmp_path, handler):
-    """An https server on 127.0.0.1 with a throw-away self-signed certificate; (httpd, cert)."""
+def _tls_wrapper(tmp_path):
+    """(socket wrapper, cert path): TLS with a throw-away self-signed certificate for 127.0.0.1."""
     import shutil
     import ssl
     import subprocess
@@ -369,12 +363,9 @@ def _tls_server(tmp_path, handler):
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, cert
+    return (lambda sock: context.wrap_socket(sock, server_side=True)), cert
 
 
 def test_a_redirect_from_https_to_http_is_refused(server, tmp_path, monkeypatch):
@@ -395,8 +386,8 @@ def test_a_redirect_from_https_to_http_is_refused(server, tmp_path, monkeypatch)
         def log_message(self, *args):
             pass
 
-    httpd, cert = _tls_server(tmp_path, Hop)
-    try:
+    wrap, cert = _tls_wrapper(tmp_path)
+    with serving(Hop, wrap) as httpd:
         port = httpd.server_address[1]
         client = _client(tmp_path, f"https://127.0.0.1:{port}/team/m.git/info/lfs")
         client._session.verify = str(cert)
@@ -405,9 +396,6 @@ def test_a_redirect_from_https_to_http_is_refused(server, tmp_path, monkeypatch)
         with pytest.raises(RemoteError, match="insecure redirect"):
             client.download({"href": f"https://127.0.0.1:{port}/hop", "header": {}}, REF, store)
         assert plain.seen == [] and not _stored(store)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_netrc_credentials_never_reach_an_http_href_of_an_https_endpoint(server, tmp_path):
