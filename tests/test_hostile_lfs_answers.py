@@ -278,10 +278,12 @@ def test_objects_not_a_list_fails_every_object_of_the_batch(server, tmp_path):
             transfer.download([REF, OTHER_REF])
 
 
-def test_clone_with_one_malformed_answer_checks_out_the_other_files(server, repo, make_repo):
-    """``git clone`` of a repository whose committed .lfsconfig names the server: one object's
-    answer has no href. The other checkpoint is written; the bad one keeps its manifest with a
-    hint; no crash log, no "internal error"."""
+@pytest.mark.parametrize("attack", ["no href", "huge body"])
+def test_clone_with_one_bad_answer_checks_out_the_other_files(server, repo, make_repo, attack):
+    """``git clone`` of a repository whose committed .lfsconfig names the server: one file's
+    objects get an answer without href, or a body 2 MiB longer than the object (streamed without
+    Content-Length). The other checkpoint is written; the bad one keeps its manifest with a hint;
+    no crash log, no "internal error", nothing of the long body left on disk."""
     handler, port = server
     url = f"http://127.0.0.1:{port}/team/m.git/info/lfs"
     (repo.path / ".lfsconfig").write_text(f'[lfs]\n\turl = "{url}"\n')
@@ -293,7 +295,11 @@ def test_clone_with_one_malformed_answer_checks_out_the_other_files(server, repo
     from git_theta.manifest import Manifest
 
     bad = Manifest.parse(repo.show("HEAD:bad.safetensors")).all_objects()
-    handler.bad = {r.oid: _href_missing for r in bad}
+    if attack == "no href":
+        handler.bad = {r.oid: _href_missing for r in bad}
+    else:
+        handler.no_length = True
+        handler.objects.update({r.oid: handler.objects[r.oid] + b"x" * BIG for r in bad})
     bare = make_repo("bare.git", init=False)
     bare.git("init", "-q", "--bare")
     repo.git("push", "-q", "--no-verify", str(bare.path), "main")
@@ -306,7 +312,8 @@ def test_clone_with_one_malformed_answer_checks_out_the_other_files(server, repo
     assert clone.file("good.safetensors").read_bytes() == repo.file("good.safetensors").read_bytes()
     assert clone.file("bad.safetensors").read_bytes() == repo.show("HEAD:bad.safetensors")
     assert "bad.safetensors" in result.stderr and "git theta checkout bad.safetensors" in result.stderr
-    assert "href" in result.stderr
+    assert ("href" if attack == "no href" else "the server sent more bytes") in result.stderr
+    assert not [p for p in (target / ".git" / "theta" / "objects" / "tmp").rglob("*") if p.is_file()]
 
 
 # -- 4. server text is quoted, never raw ------------------------------------------------------------
