@@ -108,8 +108,8 @@ class LfsClient:
         """Ask the server about ``refs``; returns the response objects keyed by oid.
 
         The answer is read up to :func:`batch_limit` bytes; a whole answer that is not a JSON
-        object with a list of objects raises MalformedAnswerError. Each object's own shape is checked by
-        :func:`object_actions` when it is used, so one malformed object fails alone.
+        object with a list of objects raises MalformedAnswerError. Each object's own shape is
+        checked by :func:`object_actions` when it is used, so one malformed object fails alone.
         """
         body = {
             "operation": operation,
@@ -118,11 +118,10 @@ class LfsClient:
             "hash_algo": "sha256",
         }
         headers = {"Accept": MEDIA_TYPE, "Content-Type": MEDIA_TYPE}
-        response = self._request(
-            "POST", self.url + "/objects/batch", headers, json=body, endpoint_auth=True
-        )
+        response = self._request("POST", self.url + "/objects/batch", headers, json=body, endpoint_auth=True)
         try:
-            raw = _read_limited(response, batch_limit(len(refs)), f"{self.url}: the batch answer", MalformedAnswerError)
+            what = f"{self.url}: the batch answer"
+            raw = _read_limited(response, batch_limit(len(refs)), what, MalformedAnswerError)
         finally:
             response.close()
         try:
@@ -353,7 +352,7 @@ def _bounded_body(response, ref, url):
         yield chunk
 
 
-def object_actions(obj, ref):
+def object_actions(obj):
     """The checked actions of one object's batch answer: ``{name: {"href", "header"}}``.
 
     Raises RemoteError for an error the server reported or an answer of the wrong shape (missing

@@ -122,7 +122,7 @@ class Transfer:
         result = []
         for ref in batch:
             try:
-                result.append((ref, object_actions(answer.get(ref.oid), ref)))
+                result.append((ref, object_actions(answer.get(ref.oid))))
             except RemoteError as exc:
                 failures.append((ref, exc))
         return result
