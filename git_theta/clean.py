@@ -48,6 +48,7 @@ from .settings import settings_for
 from .updates.base import TensorData
 
 SNIFF_BYTES = 4096
+INLINE_BYTES = 64 << 10  # tensors up to this size are cleaned in the reading thread, not the pool
 MAX_MANIFEST = 256 << 20
 
 
@@ -249,6 +250,9 @@ class Cleaner:
 
         budget = _Budget(self.settings.get_int("memoryBudget"))
         pool = self._executor()
+        # Entries this clean made, by content: a file with many identical tensors (600k empty ones
+        # in a hostile header) stores and looks up each content once, not once per tensor.
+        made_here = {}
 
         def process(tensor):
             size = len(tensor.data)
@@ -267,6 +271,10 @@ class Cleaner:
                 ):
                     return previous, fingerprint
                 tensor.digest = tensor_digest(tensor.data)
+                content = (tensor.digest, tensor.dtype, tuple(tensor.shape))
+                same = made_here.get(content) if request is None else None
+                if same is not None:
+                    return _renamed(same, tensor.name), fingerprint
                 # With an explicit request, only the parent's entries are reused: the digest index
                 # would hand back the encoding the request is meant to replace.
                 entry = self._reuse(tensor, known, use_index=request is None)
@@ -274,6 +282,7 @@ class Cleaner:
                     entry = self._encode_changed(
                         tensor, parent_entries.get(tensor.name), path, budget, request, max_depth
                     )
+                made_here.setdefault(content, entry)
                 return entry, fingerprint
             finally:
                 budget.release(size)
@@ -283,6 +292,9 @@ class Cleaner:
         try:
             for tensor in checkpoint.tensors():
                 budget.add(len(tensor.data))
+                if len(tensor.data) <= INLINE_BYTES:
+                    futures.append(_Done(process(tensor)))  # a thread hand-off costs more than the work
+                    continue
                 futures.append(pool.submit(process, tensor))
                 budget.wait_below()
             results = [f.result() for f in futures]
@@ -312,7 +324,8 @@ class Cleaner:
         if request is not None and request.adapter is not None:
             request.adapter.finish(path, list(manifest.tensors))
         data = manifest.serialize()
-        self.cache.put_digests(manifest.tensors.values())
+        unique = {(e.digest, e.dtype, e.shape): e for e in manifest.tensors.values()}
+        self.cache.put_digests(unique.values())  # one row per content, however many tensors share it
         if key is not None and stat_key(path) == key:
             self.cache.put_stat(path, key, data, fingerprints)
         return data
@@ -456,6 +469,24 @@ def _partial_delta(tensor, base, request):
             if encoded is not None:
                 found.append((update, encoded))
     return min(found, key=lambda r: encoded_size(r[1])) if found else None
+
+
+class _Done:
+    """The result of a tensor processed in the calling thread, shaped like a finished Future."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+    def cancel(self):
+        return False
+
+    def cancelled(self):
+        return False
 
 
 def _renamed(entry, name):

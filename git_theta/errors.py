@@ -5,6 +5,12 @@ code. Every message should name the file, the tensor and the object concerned wh
 and every hint should say what the user can do next.
 """
 
+import errno
+import os
+
+# errnos that mean "the file system (or the user's quota on it) is full"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 class GitThetaError(Exception):
     """Base class of every error git-theta reports to a user."""
@@ -78,3 +84,28 @@ class FilterProtocolError(GitThetaError):
 
 class RemoteError(GitThetaError):
     """A remote (LFS server or directory) refused, failed or could not be reached."""
+
+
+class DiskFullError(GitThetaError):
+    """A file system filled up (or a quota ran out) while git-theta wrote to it.
+
+    Raised where the directory written to is known (the object store, the spool's temp dir), so the
+    message names that file system; the partial file is removed before it is raised.
+    """
+
+    @classmethod
+    def check(cls, exc, directory, doing, hint=None):
+        """Raise DiskFullError for ``exc`` when it is ENOSPC/EDQUOT while ``doing`` in ``directory``."""
+        if not (isinstance(exc, OSError) and exc.errno in DISK_FULL):
+            return
+        directory = os.path.realpath(directory)
+        mount = directory
+        while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+            mount = os.path.dirname(mount)
+        what = "no space left" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        raise cls(
+            f"{what} on the file system mounted at {mount} while {doing} in {directory}; "
+            "the partial file was removed and nothing was changed",
+            hint=hint or f"free space on {mount} (git theta prune deletes unreferenced objects), "
+            "then run the command again",
+        ) from None

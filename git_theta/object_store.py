@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import ObjectCorruptError, ObjectMissingError
+from .errors import DiskFullError, ObjectCorruptError, ObjectMissingError
 from .manifest import ObjectRef, check_oid
 from .testhooks import kill_point
 
@@ -67,10 +67,14 @@ class ObjectStore:
         (an ObjectRef, e.g. a download) bytes whose size or sha256 differ never enter the store:
         the temp file is removed and ObjectCorruptError raised.
         """
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="obj-")
+        except OSError as exc:
+            DiskFullError.check(exc, self.root, "storing an object")
+            raise
         digest = hashlib.sha256()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="obj-")
         try:
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
@@ -98,11 +102,12 @@ class ObjectStore:
                 os.replace(tmp_name, final)
             kill_point()
             return ObjectRef(oid, size)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.unlink(tmp_name)
             except FileNotFoundError:
                 pass
+            DiskFullError.check(exc, self.root, "storing an object")
             raise
 
     def put_bytes(self, data):

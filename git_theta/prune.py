@@ -10,6 +10,9 @@ An object is kept when any of these holds:
   ``git add`` writes objects before git records the manifest in the index, and clean *freshens*
   (touches) every object it reuses, so anything a concurrent command is about to reference is
   recent;
+- every object is kept when the index of any worktree (a linked one whose folder moved included)
+  exists but cannot be read: what it stages is unknown, so nothing is assumed unreferenced
+  (``PruneResult.kept_all`` says why);
 - it is **not pushed** (unless ``--include-unpushed``): an object counts as pushed when a remote
   is recorded to hold it (``theta/remotes/<remote>/pushed``, written by ``git theta push``/the
   pre-push hook, see :func:`pushed_oids`). Without the remote feature every object counts as
@@ -64,6 +67,7 @@ class PruneResult:
     restored: int = 0  # moved aside but freshened meanwhile by a concurrent writer, so put back
     temp_files: int = 0
     dry_run: bool = False
+    kept_all: str | None = None  # why nothing at all was deleted (an unreadable worktree index)
     oids: list = field(default_factory=list)
 
     def as_dict(self):
@@ -92,7 +96,7 @@ def pushed_oids(repo):
 def prune(repo, expire=3600, include_unpushed=False, dry_run=False, now=None):
     """Delete unreachable objects older than ``expire`` seconds (None: never); return PruneResult."""
     from .manifest import ObjectRef
-    from .reachability import chunk_parts, reachable_oids
+    from .reachability import IndexUnreadableError, chunk_parts, reachable_oids
 
     now = time.time() if now is None else now
     result = PruneResult(dry_run=dry_run)
@@ -109,7 +113,12 @@ def prune(repo, expire=3600, include_unpushed=False, dry_run=False, now=None):
         except FileNotFoundError:
             continue
         candidates.append((oid, st.st_mtime, st.st_size))
-    reachable = reachable_oids(repo)
+    try:
+        reachable = reachable_oids(repo)
+    except IndexUnreadableError as exc:
+        result.kept_reachable = len(candidates)
+        result.kept_all = exc.message
+        return result
     pushed = None if include_unpushed else pushed_oids(repo)
     doomed = []
     kept = []

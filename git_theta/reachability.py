@@ -45,29 +45,37 @@ class Use:
 
 @dataclass(frozen=True)
 class Worktree:
+    """A worktree: its work-tree folder (None when bare, or moved away without
+    ``git worktree repair``) and its own git directory (HEAD, index, pseudo-refs)."""
+
     path: Path | None
     git_dir: Path
 
 
+class IndexUnreadableError(GitCommandError):
+    """A worktree's index exists but git cannot read it: what it stages is unknown."""
+
+
 def worktrees(repo):
-    """Every worktree of the repository (``git worktree list --porcelain``), bare ones without a path."""
+    """Every worktree of the repository, found by its git directory, not its folder.
+
+    The main one is the common git directory; each linked one has ``<common>/worktrees/<id>``. A
+    linked worktree whose folder was moved or deleted without ``git worktree prune`` still has its
+    index and HEAD there, and what it stages must stay referenced, so it is listed (path None).
+    """
     out = repo.git("worktree", "list", "--porcelain").decode("utf-8", "surrogateescape")
-    result = []
-    for block in out.split("\n\n"):
-        lines = dict(line.partition(" ")[::2] for line in block.splitlines() if line)
-        if "worktree" not in lines:
+    first = dict(line.partition(" ")[::2] for line in out.split("\n\n")[0].splitlines() if line)
+    main = Path(first["worktree"]) if "worktree" in first and "bare" not in first else None
+    result = [Worktree(main if main is not None and main.is_dir() else None, repo.common_dir)]
+    admin_root = repo.common_dir / "worktrees"
+    for admin in sorted(admin_root.iterdir()) if admin_root.is_dir() else []:
+        if not (admin / "HEAD").is_file():
             continue
-        path = Path(lines["worktree"])
-        if "bare" in lines:
-            result.append(Worktree(None, repo.common_dir))
-            continue
-        if not path.is_dir():  # a worktree deleted without 'git worktree prune': nothing to read
-            continue
-        git_dir = subprocess.run(
-            ["git", "rev-parse", "--absolute-git-dir"], cwd=path, capture_output=True
-        )
-        if git_dir.returncode == 0:
-            result.append(Worktree(path, Path(git_dir.stdout.decode().strip())))
+        try:
+            folder = Path((admin / "gitdir").read_text().strip()).parent
+        except OSError:
+            folder = None
+        result.append(Worktree(folder if folder is not None and folder.is_dir() else None, admin))
     return result
 
 
@@ -131,10 +139,24 @@ def _rev_list_blobs(repo, options, commits):
 
 
 def _index_blobs(tree):
-    """(blob oid, path) of every index entry of a worktree, conflict stages included."""
-    out = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=tree.path, capture_output=True)
+    """(blob oid, path) of every index entry of a worktree, conflict stages included.
+
+    Read through the worktree's git directory, so a worktree whose folder moved is read too; an
+    index that exists but cannot be read raises IndexUnreadableError (nothing may be assumed gone).
+    """
+    import os
+
+    if not (tree.git_dir / "index").exists():
+        return  # a bare repository, or a worktree that never staged anything
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_DIR"] = str(tree.git_dir)
+    out = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=tree.git_dir, env=env, capture_output=True)
     if out.returncode != 0:
-        raise GitCommandError(f"git ls-files failed in {tree.path}: {out.stderr.decode().strip()}")
+        error = out.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise IndexUnreadableError(
+            f"cannot read the index of worktree {tree.path or tree.git_dir}: {error[-1] if error else '?'}",
+            hint="fix or remove that worktree (git worktree repair / git worktree remove), then try again",
+        )
     for item in out.stdout.split(b"\0"):
         if item:
             meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
@@ -168,7 +190,7 @@ def iter_manifests(repo, scope="all", work_trees=False):
     seen = set()
     trees = worktrees(repo)
     if scope == "all":
-        current = [t for t in trees if t.path is not None]
+        current = trees
         options, commits = ["--all", "--reflog"], _pseudo_ref_commits(repo, trees)
     else:
         current = [Worktree(repo.work_tree, repo.git_dir)] if repo.work_tree else []
@@ -176,7 +198,7 @@ def iter_manifests(repo, scope="all", work_trees=False):
         options, commits = ["--no-walk"], [head] if head else []
     # The index first: a staged manifest is attributed to the index, its most recent home.
     for tree in current:
-        label = "index" if tree.git_dir == repo.git_dir else f"index of worktree {tree.path}"
+        label = "index" if tree.git_dir == repo.git_dir else f"index of worktree {tree.path or tree.git_dir}"
         index_paths = set()
         for oid, path in _index_blobs(tree):
             index_paths.add(path)
@@ -185,7 +207,7 @@ def iter_manifests(repo, scope="all", work_trees=False):
                 data = repo.read_blob(oid)
                 if data is not None and is_manifest(data):
                     yield Use(oid, path, None, label), data
-        if work_trees:
+        if work_trees and tree.path is not None:
             for path, data in _work_tree_manifests(tree, index_paths):
                 yield Use(None, path, None, f"work tree {tree.path}"), data
     if options != ["--no-walk"] or commits:

@@ -2,12 +2,18 @@
 
 A push must send every object of every manifest in the pushed commits, not only the tips: a
 colleague may check out any of them. ``git rev-list --objects NEW --not OLD`` lists exactly the blobs
-the pushed range adds; the ones at tracked paths (``filter=theta``) that are manifests give the
-objects, whole delta chains included (the manifest lists each tensor's chain).
+the pushed range adds; the ones that are manifests give the objects, whole delta chains included
+(the manifest lists each tensor's chain).
+
+A manifest is recognised by its content (a blob that starts with the manifest magic), never by
+today's ``filter`` attribute of its path: the tracking patterns and the paths change over history
+(``git mv`` into ``models/``, a narrowed pattern), and an old version at a path no longer tracked
+still needs its objects on the remote.
 """
 
+from .errors import ManifestError
 from .inventory import theta_paths, tracked_files
-from .manifest import Manifest, is_manifest
+from .manifest import MAGIC, Manifest, is_manifest
 
 MAX_MANIFEST = 256 << 20  # a bigger blob at a tracked path is a raw checkpoint, not a manifest
 
@@ -26,21 +32,29 @@ def manifests_in_range(repo, include, exclude=(), exclude_remote=None):
         oid, sep, path = line.partition(" ")
         if sep and path:
             blobs.setdefault(oid, path)
-    tracked = theta_paths(repo, sorted(set(blobs.values())))
-    candidates = [oid for oid, path in blobs.items() if path in tracked]
-    if not candidates:
+    if not blobs:
         return []
     sizes = repo.git(
-        "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)", input="\n".join(candidates).encode() + b"\n"
+        "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)", input="\n".join(blobs).encode() + b"\n"
     )
-    result = []
+    result, broken = [], []
     for line in sizes.decode().splitlines():
         parts = line.split()
-        if len(parts) != 3 or parts[1] != "blob" or int(parts[2]) > MAX_MANIFEST:
+        if len(parts) != 3 or parts[1] != "blob" or not len(MAGIC) <= int(parts[2]) <= MAX_MANIFEST:
             continue
         data = repo.read_blob(parts[0])
         if data and is_manifest(data):
-            result.append((blobs[parts[0]], Manifest.parse(data, source=f"{blobs[parts[0]]} ({parts[0][:12]})")))
+            path = blobs[parts[0]]
+            try:
+                result.append((path, Manifest.parse(data, source=f"{path} ({parts[0][:12]})")))
+            except ManifestError as exc:
+                broken.append((path, exc))
+    # A file that merely starts like a manifest (an example in the docs) is no checkpoint; one at a
+    # path tracked today is, and a push must not go on without its objects.
+    tracked = theta_paths(repo, sorted({path for path, _ in broken}))
+    for path, exc in broken:
+        if path in tracked:
+            raise exc
     return result
 
 

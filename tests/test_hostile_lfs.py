@@ -7,10 +7,10 @@ real id, no temp file), and credentials for the LFS host never reach another hos
 import base64
 import hashlib
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from loopback import isolate_git, serving
 
 from git_theta.errors import GitThetaError
 from git_theta.lfs import endpoint
@@ -51,22 +51,16 @@ class _Objects(BaseHTTPRequestHandler):
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     """(client, handler, port, store) against a local object server."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    monkeypatch.setenv("GIT_TERMINAL_PROMPT", "0")
+    isolate_git(monkeypatch, tmp_path)
     subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
     handler = type("Handler", (_Objects,), {"seen": []})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    port = httpd.server_address[1]
-    url = f"http://127.0.0.1:{port}/team/m.git/info/lfs"
-    client = LfsClient(endpoint.Endpoint("origin", "http", url=url), Repo(tmp_path / "repo"),
-                       Settings(overrides={"retries": 0}, environ={}))
-    store = ObjectStore(tmp_path / "objects", fsync=False)
-    yield client, handler, port, store
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(handler) as httpd:
+        port = httpd.server_address[1]
+        url = f"http://127.0.0.1:{port}/team/m.git/info/lfs"
+        client = LfsClient(endpoint.Endpoint("origin", "http", url=url), Repo(tmp_path / "repo"),
+                           Settings(overrides={"retries": 0}, environ={}))
+        store = ObjectStore(tmp_path / "objects", fsync=False)
+        yield client, handler, port, store
 
 
 def _nothing_stored(store):

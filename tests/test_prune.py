@@ -212,3 +212,41 @@ def test_prune_keeps_the_old_parts_of_a_recent_chunked_object(repo):
     result = _prune(repo, "--all")
     assert result["deleted"] == 0 and parts <= _store_oids(repo)
     assert len(_prune(repo, "--all", "--expire=now")["oids"]) == len(parts) + len(dropped_objects)
+
+
+def test_prune_keeps_what_a_moved_worktree_stages(repo, tmp_path):
+    """Issue 13: a checkpoint staged in a linked worktree whose folder was then moved (no
+    'git worktree repair') stays referenced by that worktree's index; prune must not delete it."""
+    _version(repo, 1)
+    repo.git("worktree", "add", "-q", "-b", "side", str(tmp_path / "wt2"))
+    save_safetensors(tmp_path / "wt2" / "model.safetensors", random_state_dict(7))
+    repo.git("add", "model.safetensors", cwd=tmp_path / "wt2")
+    staged = repo.run("git", "cat-file", "-p", ":model.safetensors", cwd=tmp_path / "wt2").stdout.encode()
+    staged_oids = {r.oid for r in Manifest.parse(staged).all_objects()}
+    (tmp_path / "wt2").rename(tmp_path / "moved")
+
+    _prune(repo, "--expire=now", "--include-unpushed")
+    assert staged_oids <= _store_oids(repo)
+    # the moved worktree's next commit references objects that are all still there
+    repo.run("git", "worktree", "repair", str(tmp_path / "moved"))
+    repo.run("git", "commit", "-q", "-m", "staged", cwd=tmp_path / "moved")
+    assert json.loads(repo.theta("fsck", "--all", "--json").stdout)["ok"]
+
+
+def test_prune_keeps_everything_when_a_worktree_index_is_unreadable(repo, tmp_path):
+    _version(repo, 1)
+    dropped = _version(repo, 2)
+    repo.git("reset", "-q", "--hard", "HEAD~1")  # v2 is referenced by nothing any more
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    (repo.path / ".git" / "ORIG_HEAD").unlink()
+    unreachable = _oids(repo, f"{dropped}:model.safetensors") - _oids(repo, "HEAD:model.safetensors")
+    assert unreachable
+    repo.git("worktree", "add", "-q", "-b", "side", str(tmp_path / "wt2"))
+    index = repo.path / ".git" / "worktrees" / "wt2" / "index"
+    index.write_bytes(b"DIRC garbage, not an index")
+    before = _store_oids(repo)
+    result = _prune(repo, "--expire=now", "--include-unpushed")
+    assert result["deleted"] == 0 and "wt2" in result["kept_all"]
+    assert _store_oids(repo) == before
+    text = repo.theta("prune", "--expire=now", "--include-unpushed")
+    assert "kept all" in text.stderr and "cannot read the index" in text.stderr and "hint:" in text.stderr

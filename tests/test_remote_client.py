@@ -93,13 +93,13 @@ class _Script(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def do_GET(self):
-        """Serves ``BODY``; the first ``broken`` answers promise more bytes than they send."""
+        """Serves ``BODY``; the first ``broken`` answers break off before its last byte."""
         type(self).seen.append(("GET", self.path))
         body = type(self).body
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body) + 10 if type(self).broken > 0 else len(body)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body[:-1] if type(self).broken > 0 else body)
         if type(self).broken > 0:
             type(self).broken -= 1
             self.close_connection = True

@@ -74,6 +74,11 @@ def prune(dry_run, keep_unpushed, delete_all, expire, as_json):
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
+    if result.kept_all:
+        click.echo(f"kept all {result.kept_reachable} object(s): {result.kept_all}", err=True)
+        click.echo("hint: fix or remove that worktree (git worktree repair / git worktree remove), "
+                   "then run 'git theta prune' again", err=True)
+        return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {result.deleted} object(s), {humanize.size(result.bytes_freed)}")
     click.echo(

@@ -226,9 +226,12 @@ def status(remote, ask, as_json):
     except UsageError:
         endpoint = None
     pushed = PushedRecord(repo, endpoint).load() if endpoint else set()
-    if ask and endpoint is not None and files:
+    # Old versions in commits the remote lacks need their objects there too, whatever their path
+    # and whether today's patterns still track it (what a push uploads: git_theta.reachable).
+    history = _unpushed_history(repo, endpoint) if endpoint else []
+    if ask and endpoint is not None and (files or history):
         with Transfer(repo, endpoint) as transfer:
-            pushed = transfer.present([r for t in files for r in t.manifest.all_objects()])
+            pushed = transfer.present([r for t in files for r in t.manifest.all_objects()] + history)
     rows = []
     for tracked in files:
         objects = tracked.manifest.all_objects()
@@ -245,8 +248,15 @@ def status(remote, ask, as_json):
             }
         )
     where = {"remote": endpoint.remote, "endpoint": endpoint.describe(), "source": endpoint.source} if endpoint else None
+    late = [r for r in history if r.oid not in pushed]
+    unpushed = {"objects": len(history), "not_pushed": len(late), "not_pushed_bytes": sum(r.size for r in late)}
     if as_json:
-        click.echo(json.dumps({"remote": where, "checked_with_server": bool(ask), "files": rows}, indent=2))
+        click.echo(
+            json.dumps(
+                {"remote": where, "checked_with_server": bool(ask), "files": rows, "unpushed_commits": unpushed},
+                indent=2,
+            )
+        )
         return
     if where:
         how = "asked the server" if ask else "as recorded by this clone"
@@ -259,6 +269,22 @@ def status(remote, ask, as_json):
             f"{row['path']}: {row['objects']} objects, {row['local']} local, "
             f"{row['missing']} missing ({humanize.size(row['missing_bytes'])}){pushed_text}"
         )
+    if late:
+        click.echo(
+            f"commits not on {where['remote']}: {len(late)} object(s) not pushed "
+            f"({humanize.size(unpushed['not_pushed_bytes'])}), old versions included; 'git push' uploads them"
+        )
+
+
+def _unpushed_history(repo, endpoint):
+    """The objects of every checkpoint version in HEAD's commits that ``endpoint.remote``'s
+    remote-tracking refs do not contain (all of HEAD's history before a first push)."""
+    from ..reachable import manifests_in_range, objects_of
+    from ..snapshots import has_head
+
+    if not has_head(repo):
+        return []
+    return objects_of(manifests_in_range(repo, ["HEAD"], exclude_remote=endpoint.remote))
 
 
 COMMANDS = [push, fetch, pull, checkout, status, pre_push]

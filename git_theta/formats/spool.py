@@ -19,13 +19,27 @@ def whole_file_key(path):
     return "/whole-file/" + path
 
 
+def _disk_full(exc):
+    """A full temp file system is the user's to fix (TMPDIR), not a bug: say which one."""
+    from ..errors import DiskFullError
+
+    DiskFullError.check(
+        exc, tempfile.gettempdir(), "copying the file to a temporary file",
+        hint="free space there, or point TMPDIR at a larger file system, then run the command again",
+    )
+
+
 class Spool:
     """A named temporary copy of a binary stream (deleted on close) and the xxh3-128 of its bytes."""
 
     def __init__(self, stream, suffix=""):
         import xxhash
 
-        self.file = tempfile.NamedTemporaryFile(prefix="git-theta-spool-", suffix=suffix)
+        try:
+            self.file = tempfile.NamedTemporaryFile(prefix="git-theta-spool-", suffix=suffix)
+        except OSError as exc:
+            _disk_full(exc)
+            raise
         try:
             digest = xxhash.xxh3_128()
             while True:
@@ -36,8 +50,9 @@ class Spool:
                 self.file.write(chunk)
             self.file.flush()
             self.file.seek(0)
-        except BaseException:
+        except BaseException as exc:
             self.file.close()
+            _disk_full(exc)
             raise
         self.name = self.file.name
         self.fingerprint = digest.hexdigest()

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import GitThetaError, ObjectMissingError, RemoteError
 from ..settings import settings_for
-from .batch import LfsClient, TransferStats
+from .batch import LfsClient, MalformedAnswerError, TransferStats, object_actions
 from .directory import DirectoryRemote
 
 
@@ -100,9 +100,32 @@ class Transfer:
             return {r.oid for r in self._dir.present(refs)}
         found = set()
         for batch in _batches(refs, self.batch_size):
-            answer = self._http.batch("download", batch)
-            found.update(oid for oid, obj in answer.items() if obj.get("actions", {}).get("download"))
+            answer = self._http.batch("download", batch)  # an unusable answer says nothing: raise
+            for ref, actions in self._checked(answer, batch, []):
+                if "download" in actions:
+                    found.add(ref.oid)
         return found
+
+    def _ask(self, operation, batch, failures):
+        """``(ref, checked actions)`` for each ref of ``batch`` the server answered usably; every
+        other ref goes to ``failures`` with its reason, also when the whole answer is malformed.
+        A refused or failed request (HTTP error, no connection) raises: nothing else would work."""
+        try:
+            answer = self._http.batch(operation, batch)
+        except MalformedAnswerError as exc:
+            failures.extend((ref, exc) for ref in batch)
+            return []
+        return self._checked(answer, batch, failures)
+
+    @staticmethod
+    def _checked(answer, batch, failures):
+        result = []
+        for ref in batch:
+            try:
+                result.append((ref, object_actions(answer.get(ref.oid))))
+            except RemoteError as exc:
+                failures.append((ref, exc))
+        return result
 
     # -- upload -----------------------------------------------------------------------------------
     def upload(self, refs, label="Uploading objects"):
@@ -129,14 +152,8 @@ class Transfer:
                         needed = self._dir.needs_upload(batch)
                         jobs = [(r, lambda r=r: self._dir.upload(r, store)) for r in needed]
                     else:
-                        answer = self._http.batch("upload", batch)
                         needed = []
-                        for ref in batch:
-                            obj = answer.get(ref.oid)
-                            if obj is None or obj.get("error"):
-                                failures.append((ref, _object_error(obj)))
-                                continue
-                            actions = obj.get("actions") or {}
+                        for ref, actions in self._ask("upload", batch, failures):
                             if "upload" in actions:
                                 needed.append(ref)
                                 jobs.append((ref, lambda r=ref, a=actions: self._upload_http(r, a, store)))
@@ -197,12 +214,10 @@ class Transfer:
                             else:
                                 failures.append((ref, "not on the remote"))
                     else:
-                        answer = self._http.batch("download", batch)
-                        for ref in batch:
-                            obj = answer.get(ref.oid)
-                            action = ((obj or {}).get("actions") or {}).get("download")
+                        for ref, actions in self._ask("download", batch, failures):
+                            action = actions.get("download")
                             if action is None:
-                                failures.append((ref, _object_error(obj) if obj and obj.get("error") else "not on the remote"))
+                                failures.append((ref, "not on the remote"))
                                 continue
                             jobs.append((ref, lambda r=ref, a=action: self._http.download(a, r, store)))
                     self._run(pool, jobs, stats, progress, failures)
@@ -228,13 +243,6 @@ class Transfer:
             progress.update(ref.size)
             done.append(ref)
         return done
-
-
-def _object_error(obj):
-    if not obj:
-        return "the server did not answer for it"
-    error = obj.get("error") or {}
-    return f"server error {error.get('code', '?')}: {error.get('message', '')}".strip()
 
 
 def _raise_failures(failures, verb, endpoint):
