@@ -19,15 +19,16 @@ _TORCH_DTYPES = {
 }
 
 
-def run_diff(repo, old, new, paths=None, stat=False, sort="name"):
-    """The diff dict between two sides (revisions, :data:`INDEX`, :data:`WORKTREE`) of ``repo``."""
+def run_diff(repo, old, new, paths=None, stat=False, sort="name", by_file=False):
+    """The diff dict between two sides (revisions, :data:`INDEX`, :data:`WORKTREE`) of ``repo``:
+    by model (a sharded folder is one entry), or file by file with ``by_file``."""
     from .compare import Differ
 
     def side(name):
         # Before the first commit HEAD is empty, as for git diff --cached.
         return EMPTY if name == "HEAD" and not has_head(repo) else name
 
-    with Differ(repo, stat=stat, sort=sort) as differ:
+    with Differ(repo, stat=stat, sort=sort, by_file=by_file) as differ:
         a = snapshot(repo, side(old), paths)
         b = snapshot(repo, side(new), paths)
         result = differ.diff(a, b)
@@ -41,14 +42,14 @@ def _open(repo):
     return Repo(repo) if isinstance(repo, (str, os.PathLike)) else repo
 
 
-def diff(path=None, rev_a="HEAD", rev_b=WORKTREE, repo=".", stat=False, sort="name"):
-    """What ``git theta diff --json`` prints, as a dict (see the README for the schema)."""
+def diff(path=None, rev_a="HEAD", rev_b=WORKTREE, repo=".", stat=False, sort="name", by_file=False):
+    """What ``git theta diff --json`` prints, as a dict (schema: README and docs/models.md)."""
     r = _open(repo)
     try:
         paths = None
         if path is not None:
             paths = repo_paths(r, [path] if isinstance(path, (str, os.PathLike)) else list(path), cwd=_cwd(repo))
-        return run_diff(r, rev_a, rev_b, paths=paths, stat=stat, sort=sort)
+        return run_diff(r, rev_a, rev_b, paths=paths, stat=stat, sort=sort, by_file=by_file)
     finally:
         if r is not repo:
             r.close()
