@@ -93,6 +93,9 @@ def select(names, params):
 def load(path, rev="HEAD", repo=".", params=None, framework="numpy", upcast=False):
     """{name: tensor} of checkpoint ``path`` at ``rev``, bit-identical, without touching the work tree.
 
+    ``path`` may be a file, or a model of several files: its folder or its index json (all the
+    shards' tensors by name; ``params`` selects across shards).
+
     ``framework="numpy"`` gives numpy arrays; bf16 and float8 tensors (no numpy dtype) come back as
     their raw bit patterns (uint16 / uint8) unless ``upcast=True`` (float32, exact). ``"torch"``
     gives torch tensors of the stored dtype (torch.bfloat16, torch.float8_e4m3fn, ...).
@@ -102,12 +105,53 @@ def load(path, rev="HEAD", repo=".", params=None, framework="numpy", upcast=Fals
     r = _open(repo)
     try:
         (rel,) = repo_paths(r, [path], cwd=_cwd(repo))
-        manifest = read_manifest(r, rel, rev)
-        names = select(list(manifest.tensors), params)
-        return dict(_tensors(r, manifest, names, rel, framework, upcast))
+        model = _model_at(r, rel, rev)
+        if model is None:
+            manifest = read_manifest(r, rel, rev)
+            names = select(list(manifest.tensors), params)
+            return dict(_tensors(r, manifest, names, rel, framework, upcast))
+        # A model of several files: every shard's tensors by name, read shard by shard.
+        from .git.models import tensors_of
+
+        manifests = {p: read_manifest(r, p, rev) for p in model.files}
+        located = tensors_of(model, manifests)
+        names = select(list(located), params)
+        result = {}
+        for shard in model.files:
+            wanted = [n for n in names if located[n][0] == shard]
+            if wanted:
+                result.update(_tensors(r, manifests[shard], wanted, shard, framework, upcast))
+        return {n: result[n] for n in names}
     finally:
         if r is not repo:
             r.close()
+
+
+def _model_at(repo, path, rev):
+    """The model of several files ``path`` names at ``rev`` (a folder or an index json), or None
+    when it names a single file (or nothing: :func:`read_manifest` reports that)."""
+    from .git.models import group, model_for_path, sidecars_at
+    from .inventory import tracked_files, version_paths
+
+    commit = None if rev in (None, INDEX) else resolve_commit(repo, rev)
+    paths = version_paths(repo, commit)
+    if path in paths and not path.endswith(".json"):
+        return None  # a file: the file itself, as before
+    folder = path if path not in paths else path.rsplit("/", 1)[0] if "/" in path else ""
+    folder = "" if folder == "." else folder.rstrip("/")
+    inside = [p for p in paths if (p.rsplit("/", 1)[0] if "/" in p else "") == folder]
+    files = [t.path for t in tracked_files(repo, commit, paths=inside)]
+    models = group(files, sidecars_at(repo, commit, inside), exists=paths.__contains__)
+    model = model_for_path(models, "" if path == "." else path)
+    if model is None:
+        if not files:
+            return None
+        where = "the index" if commit is None else rev
+        raise UsageError(
+            f"{path}: names no single model at {where} (models there: {', '.join(m.name for m in models)})",
+            hint="name one of those models, a file, or an index json",
+        )
+    return model
 
 
 def _tensors(repo, manifest, names, path, framework, upcast):

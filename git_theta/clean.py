@@ -140,6 +140,8 @@ class AddRequest:
             from .adapters import load_adapter
 
             request.adapter = load_adapter(request.update_path, request.update_type)
+            if item.get("targets") is not None:  # a shard of a sharded model: its own targets only
+                request.adapter.restrict(item["targets"])
         return request
 
 

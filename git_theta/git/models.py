@@ -325,3 +325,33 @@ class ParentModels:
                     for name, entry in manifest.tensors.items():
                         result.setdefault(name, entry)
         return result
+
+
+def model_rows(repo, rev, tracked, file_rows):
+    """``git theta ls-files`` rows of the models of several files (or an adapter) in ``rev``:
+    name, files, index, adapter_of, and totals of the files' rows (objects counted once)."""
+    from ..inventory import version_paths
+
+    commit = None if rev is None else rev
+    paths = version_paths(repo, commit)
+    by_path = {r["path"]: r for r in file_rows}
+    manifests = {t.path: t.manifest for t in tracked}
+    models = group(sorted(by_path), sidecars_at(repo, commit, sorted(paths)), exists=paths.__contains__)
+    rows = []
+    for m in models:
+        if len(m.files) == 1 and m.index is None and m.adapter_config is None:
+            continue
+        tensors_of(m, manifests)  # a tensor in two files is an error here too
+        objects = {}
+        for p in m.files:
+            if manifests.get(p) is not None:
+                objects.update((ref.oid, ref) for ref in manifests[p].all_objects())
+        rows.append({
+            "model": m.name, "files": list(m.files), "index": m.index, "adapter_of": m.base,
+            "tensors": sum(by_path[p].get("tensors", 0) for p in m.files),
+            "logical_bytes": sum(by_path[p].get("logical_bytes", 0) for p in m.files),
+            "stored_bytes": sum(r.size for r in objects.values()),
+            "objects": len(objects),
+            "objects_local": sum(1 for oid in objects if repo.store.has(oid)),
+        })
+    return rows
