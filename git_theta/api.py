@@ -7,6 +7,7 @@ touches the work tree (except that a diff against the work tree cleans the modif
 
 import fnmatch
 import os
+import posixpath
 
 from .errors import ManifestError, UsageError
 from .snapshots import EMPTY, INDEX, WORKTREE, has_head, manifest_of, repo_paths, resolve_commit, snapshot
@@ -135,14 +136,19 @@ def _model_at(repo, path, rev):
 
     commit = None if rev in (None, INDEX) else resolve_commit(repo, rev)
     paths = version_paths(repo, commit)
-    if path in paths and not path.endswith(".json"):
-        return None  # a file: the file itself, as before
-    folder = path if path not in paths else path.rsplit("/", 1)[0] if "/" in path else ""
-    folder = "" if folder == "." else folder.rstrip("/")
-    inside = [p for p in paths if (p.rsplit("/", 1)[0] if "/" in p else "") == folder]
+    path = "" if path == "." else path.rstrip("/")
+    if path in paths:
+        if not path.endswith(".json"):
+            return None  # a file: the file itself, as before
+        folder = posixpath.dirname(path)
+    elif path == "" or any(p.startswith(path + "/") for p in paths):
+        folder = path
+    else:
+        return None  # nothing there: read_manifest says so
+    inside = [p for p in paths if posixpath.dirname(p) == folder]
     files = [t.path for t in tracked_files(repo, commit, paths=inside)]
     models = group(files, sidecars_at(repo, commit, inside), exists=paths.__contains__)
-    model = model_for_path(models, "" if path == "." else path)
+    model = model_for_path(models, path)
     if model is None:
         if not files:
             return None

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -17,6 +18,7 @@ from safetensors.numpy import load_file
 import git_theta
 from conftest import save_safetensors
 from format_helpers import object_files
+from test_diff import SCHEMA as DIFF_SCHEMA
 
 HF = Path("/work/shared/fixtures/hf")
 needs_fixtures = pytest.mark.skipif(not (HF / "fresh").is_dir(), reason="HF fixtures not present")
@@ -83,7 +85,10 @@ def manifests(repo, rev, folder="model"):
 
 
 def diff_json(repo, *args):
-    return json.loads(repo.theta("diff", "--json", *args).stdout)
+    """``git theta diff --json``, checked against the documented schema (version 2)."""
+    result = json.loads(repo.theta("diff", "--json", *args).stdout)
+    jsonschema.validate(result, DIFF_SCHEMA)
+    return result
 
 
 def folder_tensors(folder):
