@@ -322,3 +322,62 @@ def error_of(call):
     with pytest.raises(GitThetaError) as info:
         call()
     return info.value.message
+
+
+def test_merge_where_one_branch_resharded(repo):
+    tensors = llama()
+    names = list(tensors)
+    save_sharded(repo.file("m"), tensors, split(names, 4))
+    repo.commit("base: 4 shards")
+    repo.git("checkout", "-q", "-b", "reshard")
+    save_sharded(repo.file("m"), tensors, [names[i::3] for i in range(3)])  # interleaved: no shard resembles an old one
+    repo.commit("re-shard to 3 files")
+    repo.git("checkout", "-q", "main")
+    tuned = dict(tensors)
+    target = "model.layers.0.self_attn.q_proj.weight"
+    tuned[target] = tensors[target] + np.float32(0.01)
+    save_sharded(repo.file("m"), tuned, split(names, 4))
+    repo.commit("tune one tensor")
+
+    plain = repo.git("merge", "--no-edit", "reshard", check=False)
+    assert plain.returncode != 0  # git sees a shard deleted on one side and modified on the other
+    repo.git("merge", "--abort")
+
+    out = repo.theta("merge", "reshard")
+    assert "Merge made by git theta merge" in out.stdout
+    assert repo.status() == ""
+    files = sorted(p.name for p in repo.file("m").glob("*.safetensors"))
+    assert files == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]  # the re-sharded layout
+    index = json.loads(repo.file("m/model.safetensors.index.json").read_text())
+    on_disk = {n: f for f in files for n in load_file(str(repo.file(f"m/{f}")))}
+    assert index["weight_map"] == on_disk and len(on_disk) == len(names)
+    loaded = folder_tensors(repo.file("m"))
+    assert all(np.array_equal(loaded[k], tuned[k]) for k in names)
+    assert repo.git("rev-list", "--count", "HEAD^@").stdout.strip() == "4"  # two parents, a merge
+    (entry,) = diff_json(repo, "--stat", "HEAD^1", "HEAD")["files"]
+    assert entry["summary"]["changed"] == 0 and entry["layout"]["resharded"]
+    (entry,) = diff_json(repo, "--stat", "HEAD^2", "HEAD")["files"]
+    assert [t["name"] for t in entry["tensors"]] == [target] and not entry["layout"]["resharded"]
+
+
+def test_merge_when_both_sides_resharded_keeps_the_base_layout(repo):
+    tensors = llama(layers=2)
+    names = list(tensors)
+    save_sharded(repo.file("m"), tensors, split(names, 3))
+    repo.commit("base: 3 shards")
+    base_files = sorted(p.name for p in repo.file("m").glob("*.safetensors"))
+    repo.git("checkout", "-q", "-b", "other")
+    a = dict(tensors, **{"lm_head.weight": tensors["lm_head.weight"] * 2})
+    save_sharded(repo.file("m"), a, split(names, 2))
+    repo.commit("theirs: 2 shards, head doubled")
+    repo.git("checkout", "-q", "main")
+    b = dict(tensors, **{"model.norm.weight": tensors["model.norm.weight"] + 1})
+    save_sharded(repo.file("m"), b, [names[i::5] for i in range(5)])
+    repo.commit("ours: 5 shards, norm moved")
+    repo.theta("merge", "other")
+    assert sorted(p.name for p in repo.file("m").glob("*.safetensors")) == base_files
+    loaded = folder_tensors(repo.file("m"))
+    assert np.array_equal(loaded["lm_head.weight"], a["lm_head.weight"])
+    assert np.array_equal(loaded["model.norm.weight"], b["model.norm.weight"])
+    index = json.loads(repo.file("m/model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(base_files) and repo.status() == ""
