@@ -190,6 +190,16 @@ def test_reshard_more_and_fewer_files_and_a_changed_moved_tensor(repo):
     assert "re-sharded 5 -> 10 files, 1 tensor changed" in text and "m (model, 10 files)" in text
     assert np.array_equal(git_theta.load("m", rev="HEAD~2", repo=repo.path)[target], tensors[target])
 
+    # the log follows the model through its layouts: the re-shard changed no tensor
+    log = json.loads(repo.theta("log", "--json", "--", "m").stdout)
+    assert [c["subject"] for c in log["commits"]] == ["10 shards, one tensor tuned", "8 shards"]
+    (newest,) = log["commits"][0]["files"]
+    assert (newest["path"], newest["kind"], newest["summary"]["changed"]) == ("m", "model", 1)
+    assert [t["name"] for t in newest["tensors"]] == [target]
+    plot = repo.path / "change.png"
+    repo.theta("diff", "HEAD~1", "HEAD", "--plot", str(plot))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_renames_pair_by_name_structure_within_the_model(repo):
     tensors = llama(layers=2)

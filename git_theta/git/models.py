@@ -299,6 +299,23 @@ class ParentModels:
             self._manifests[oid] = manifest
         return self._manifests[oid]
 
+    def at(self, rev, folder, own_stem):
+        """A Manifest of all the tensors of the files of ``folder`` with stem ``own_stem`` in
+        commit ``rev`` (a model as it was then, whatever its layout); None when it has none."""
+        from ..manifest import Manifest
+
+        key = (folder, rev)
+        if key not in self._listings:
+            self._listings[key] = list(_folder_blobs(self.repo, folder, rev))
+        result = None
+        for other, oid in self._listings[key]:
+            if stem(other) == own_stem and not is_sidecar(other):
+                manifest = self._manifest(oid, other)
+                if manifest is not None:
+                    result = result or Manifest(format=manifest.format)
+                    result.tensors.update(manifest.tensors)
+        return result
+
     def entries(self, path, prefer_head=False):
         """{tensor name: TensorEntry} of ``path``'s model in the parent version, other files
         included; the first version in order (index, HEAD) that holds a name wins."""
