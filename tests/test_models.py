@@ -391,3 +391,30 @@ def test_merge_when_both_sides_resharded_keeps_the_base_layout(repo):
     assert np.array_equal(loaded["model.norm.weight"], b["model.norm.weight"])
     index = json.loads(repo.file("m/model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(base_files) and repo.status() == ""
+
+
+def test_merge_driver_flags_a_tensor_moved_to_another_shard(repo):
+    tensors = llama(layers=2)
+    names = list(tensors)
+    shards = split(names, 3)
+    save_sharded(repo.file("m"), tensors, shards)
+    repo.commit("base")
+    moved = shards[0][0]
+    repo.git("checkout", "-q", "-b", "tune")
+    tuned = dict(tensors, **{moved: tensors[moved] + np.float32(0.5)})
+    save_sharded(repo.file("m"), tuned, shards)
+    repo.commit("tune the first tensor of shard 1")
+    repo.git("checkout", "-q", "main")
+    other = [shards[0][1:], shards[1] + [moved], shards[2]]  # same file names, the tensor moved
+    save_sharded(repo.file("m"), tensors, other)
+    repo.commit("re-saved: the tensor now in shard 2")
+
+    plain = repo.git("merge", "--no-edit", "tune", check=False)
+    assert plain.returncode != 0
+    assert f"{moved}: moved to another shard on ours" in plain.stderr and "git theta merge" in plain.stderr
+    repo.git("merge", "--abort")
+    repo.theta("merge", "tune")
+    loaded = folder_tensors(repo.file("m"))
+    assert np.array_equal(loaded[moved], tuned[moved]) and len(loaded) == len(names)
+    assert moved in load_file(str(repo.file("m/model-00002-of-00003.safetensors")))  # ours' layout
+    assert repo.status() == ""

@@ -225,6 +225,11 @@ def sidecars_at(repo, rev, paths):
     return result
 
 
+def is_shard(path):
+    """True for a file named like one shard of several (``model-00001-of-00008.safetensors``)."""
+    return _SHARD.match(posixpath.basename(path)) is not None
+
+
 def stem(path):
     """The model a file name belongs to, by name: ``model-00001-of-00008.safetensors``,
     ``model.safetensors`` and ``model.safetensors.index.json`` all give ``model``."""

@@ -145,3 +145,29 @@ def _distribute(repo, plan, target, sidecars, merged):
         data = (json.dumps(doc, indent=2) + "\n").encode()
         oid = repo.git("hash-object", "-w", "--no-filters", "--stdin", input=data).decode().strip()
     plan.entries[model.index] = ("100644", oid)
+
+
+def moved_elsewhere(repo, pathname, ours, theirs, theirs_commit):
+    """For git's merge driver on one shard: {tensor name: side label} for the tensors of this file
+    (on any side) that a side holds in *another* file of the model. git hands the driver one path,
+    and the other file's version of such a tensor is merged (or not) on its own, so no per-path
+    result can be right: the driver reports them as conflicts and points to ``git theta merge``,
+    which merges the model whole."""
+    from ..git.models import ParentModels, is_shard, stem
+
+    if not is_shard(pathname):
+        return {}
+    reader = ParentModels(repo)
+    folder, own = posixpath.dirname(pathname), stem(pathname)
+    names = set(ours.tensors) | set(theirs.tensors)
+    moved = {}
+    for label, here, commit in (("ours", ours, "HEAD"), ("theirs", theirs, theirs_commit)):
+        if commit is None:
+            continue
+        model = reader.at(commit, folder, own)
+        if model is None:
+            continue
+        for name in names:
+            if name not in here.tensors and name in model.tensors:
+                moved.setdefault(name, label)
+    return moved
