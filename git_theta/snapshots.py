@@ -122,8 +122,9 @@ def _worktree(repo, match, cleaner):
         if path in base.files:
             dirty[path] = status.decode()
     sidecars = _worktree_sidecars(repo, base.sidecars)
+    paths = _OnDisk(base.paths, repo.work_tree)
     if not dirty:
-        return Snapshot(WORKTREE, base.files, sidecars, base.paths)
+        return Snapshot(WORKTREE, base.files, sidecars, paths)
     files = dict(base.files)
     own = cleaner is None
     if own:
@@ -140,7 +141,18 @@ def _worktree(repo, match, cleaner):
     finally:
         if own:
             cleaner.close()
-    return Snapshot(WORKTREE, files, sidecars, base.paths)
+    return Snapshot(WORKTREE, files, sidecars, paths)
+
+
+class _OnDisk(set):
+    """The index's paths, and any file in the work tree (an index json may name a new shard)."""
+
+    def __init__(self, paths, top):
+        super().__init__(paths)
+        self.top = top
+
+    def __contains__(self, path):
+        return set.__contains__(self, path) or os.path.isfile(os.path.join(self.top, path))
 
 
 def _worktree_sidecars(repo, staged):

@@ -135,7 +135,7 @@ def _folder_models(folder, paths, sidecars, exists, strict):
         weight_map = {n: join(s) for n, s in parse_index(sidecars[index], index).items()}
         shards = sorted(set(weight_map.values()))
         for shard in shards:
-            if shard not in left and strict and not exists(shard) and shard not in paths:
+            if strict and shard not in paths and not exists(shard):
                 raise ModelError(
                     f"{index} names shard {shard}, which is not a tracked file of this version",
                     hint="add the shard (git theta add), or save the model again so the index matches its files",

@@ -67,6 +67,8 @@ def _relayouts(repo, base_tree, trees, tracked):
             continue  # added or deleted as a whole: the per-path rules apply
         if not all(len(v[0].files) > 1 or v[0].index for v in (base, *sides)):
             continue
+        if not all(any(v[1].get(p) is not None for p in v[0].files) for v in (base, *sides)):
+            continue  # no manifest on a side (committed untracked): the per-path rules report it
         base_layout = _layout(*base)
         layouts = [_layout(*s) for s in sides]
         changed = [i for i, lay in enumerate(layouts) if lay != base_layout]
