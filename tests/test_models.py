@@ -158,6 +158,27 @@ def test_transformers_resave_tune_and_reshard(repo):
     assert repo.status() == ""
 
 
+@needs_fixtures
+def test_real_peft_adapter_merged_into_a_sharded_model(repo):
+    put_folder(repo, HF / "tuned", "tuned")
+    put_folder(repo, HF / "adapter", "adapter")  # its config names "tuned" as the base
+    repo.commit("tuned + its adapter")
+    assert "adapter/  (1 file, adapter of tuned)" in repo.theta("ls-files").stdout
+    put_folder(repo, HF / "lora-merged", "tuned")
+    repo.theta("add", "tuned/", "--update-path", "adapter/")
+    repo.git("commit", "-q", "-m", "merge_and_unload")
+    stored = manifests(repo, "HEAD", "tuned")
+    projections = {f"model.layers.{i}.self_attn.{m}.weight" for i in range(3) for m in ("q_proj", "v_proj")}
+    assert {n for n, (_, u, _) in stored.items() if u != "dense"} == projections
+    assert all(stored[n][1:] == ("low-rank", 1) for n in projections)
+    assert len({stored[n][0] for n in projections}) > 1  # the targets are spread over several shards
+    expected = folder_tensors(HF / "lora-merged")
+    loaded = git_theta.load("tuned", repo=repo.path)
+    assert loaded.keys() == expected.keys() and all(np.array_equal(loaded[k], expected[k]) for k in expected)
+    (entry,) = diff_json(repo, "--stat", "HEAD~1", "HEAD", "--", "tuned")["files"]
+    assert entry["summary"]["changed"] == 6 and {t["name"] for t in entry["tensors"]} == projections
+
+
 def test_reshard_more_and_fewer_files_and_a_changed_moved_tensor(repo):
     tensors = llama()
     names = list(tensors)
@@ -420,3 +441,12 @@ def test_merge_driver_flags_a_tensor_moved_to_another_shard(repo):
     assert np.array_equal(loaded[moved], tuned[moved]) and len(loaded) == len(names)
     assert moved in load_file(str(repo.file("m/model-00002-of-00003.safetensors")))  # ours' layout
     assert repo.status() == ""
+
+
+def test_hostile_index_json_is_a_clear_error():
+    from git_theta.git.models import ModelError, group
+
+    for data in (b"[" * 100000, b"{not json", b'{"weight_map": {"a": "../../etc/passwd"}}', b'{"weight_map": [1]}'):
+        with pytest.raises(ModelError) as info:
+            group(["m/model-00001-of-00002.safetensors"], {"m/model.safetensors.index.json": data})
+        assert info.value.message.startswith("m/model.safetensors.index.json: ")

@@ -75,8 +75,8 @@ def parse_index(data, path):
         doc = json.loads(data, object_pairs_hook=pairs)
     except ModelError:
         raise
-    except ValueError as exc:
-        raise ModelError(f"{path}: not valid json ({exc})", hint="fix or remove the index json") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting
+        raise ModelError(f"{path}: not valid json ({type(exc).__name__})", hint="fix or remove the index json") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelError(f"{path}: no 'weight_map' of tensor names to shard files", hint="fix or remove the index json")
@@ -90,7 +90,7 @@ def adapter_base(data, config_path, model_names):
     """The model an adapter config's ``base_model_name_or_path`` names among ``model_names``, or None."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     base = doc.get("base_model_name_or_path") if isinstance(doc, dict) else None
     if not isinstance(base, str) or not base:
