@@ -450,3 +450,32 @@ def test_hostile_index_json_is_a_clear_error():
         with pytest.raises(ModelError) as info:
             group(["m/model-00001-of-00002.safetensors"], {"m/model.safetensors.index.json": data})
         assert info.value.message.startswith("m/model.safetensors.index.json: ")
+
+
+def test_merge_across_layouts_uses_the_operators_and_reports_conflicts(repo):
+    tensors = llama(layers=2)
+    names = list(tensors)
+    target = "model.layers.1.mlp.up_proj.weight"
+    save_sharded(repo.file("m"), tensors, split(names, 3))
+    repo.commit("base")
+    repo.git("checkout", "-q", "-b", "other")
+    theirs = dict(tensors, **{target: tensors[target] + np.float32(0.25)})
+    save_sharded(repo.file("m"), theirs, [names[i::2] for i in range(2)])
+    repo.commit("theirs: re-sharded to 2 files and tuned")
+    repo.git("checkout", "-q", "main")
+    ours = dict(tensors, **{target: tensors[target] - np.float32(0.125)})
+    save_sharded(repo.file("m"), ours, split(names, 3))
+    repo.commit("ours: tuned the same tensor")
+    head = repo.git("rev-parse", "HEAD").stdout
+
+    bad = repo.theta("merge", "other", check=False)
+    assert bad.returncode == 1 and "m: 1 conflict(s)" in bad.stderr and target in bad.stderr
+    assert repo.git("rev-parse", "HEAD").stdout == head and repo.status() == ""  # nothing changed
+
+    repo.theta("merge", "other", "--operator", "task_arithmetic", "--param", "weight=1")
+    loaded = folder_tensors(repo.file("m"))
+    expected = tensors[target] + (ours[target] - tensors[target]) + (theirs[target] - tensors[target])
+    np.testing.assert_allclose(loaded[target], expected, rtol=0, atol=1e-6)
+    assert sorted(p.name for p in repo.file("m").glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # theirs re-sharded
+    assert all(np.array_equal(loaded[k], tensors[k]) for k in names if k != target)
