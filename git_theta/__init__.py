@@ -6,6 +6,7 @@ Python API (see the README, "Diffs, history and loading")::
 
     import git_theta
     tensors = git_theta.load("model.safetensors", rev="v1.2")           # {name: numpy array}
+    tensors = git_theta.load("llama/", rev="v1.2")                      # a sharded folder: all shards
     changes = git_theta.diff("model.safetensors", "v1.2", "HEAD")        # what --json prints
 """
 
@@ -30,12 +31,14 @@ def load(path, rev="HEAD", repo=".", params=None, framework="numpy", upcast=Fals
     return _load(path, rev=rev, repo=repo, params=params, framework=framework, upcast=upcast)
 
 
-def diff(path=None, rev_a="HEAD", rev_b=WORKTREE, repo=".", stat=False, sort="name"):
+def diff(path=None, rev_a="HEAD", rev_b=WORKTREE, repo=".", stat=False, sort="name", by_file=False):
     """The changes from ``rev_a`` to ``rev_b`` as the dict ``git theta diff --json`` prints.
 
     ``path`` is a file, directory, glob or a list of them (None: every tracked checkpoint);
     revisions may be ``git_theta.INDEX`` or ``git_theta.WORKTREE``. ``stat=True`` loads no tensor.
+    A sharded folder is one model entry (tensors by name across shards); ``by_file=True`` gives
+    one entry per file instead (docs/models.md).
     """
     from .api import diff as _diff
 
-    return _diff(path, rev_a=rev_a, rev_b=rev_b, repo=repo, stat=stat, sort=sort)
+    return _diff(path, rev_a=rev_a, rev_b=rev_b, repo=repo, stat=stat, sort=sort, by_file=by_file)

@@ -97,6 +97,19 @@ class Adapter:
             return hits[0], self.updates[hits[0]]
         return None, None
 
+    def targets_in(self, names):
+        """The adapter targets that match one of the checkpoint tensor ``names`` (the rule of
+        :meth:`lookup` and :meth:`finish`)."""
+        names = list(names)
+        return sorted(
+            key for key in self.updates
+            if any(n == key or n.endswith("." + key) or key.endswith("." + n) for n in names)
+        )
+
+    def restrict(self, keys):
+        """Keep only the updates of ``keys``: the targets one shard of a sharded model holds."""
+        self.updates = {k: u for k, u in self.updates.items() if k in set(keys)}
+
     def check(self, path, tensor, base, supplied):
         """Raise UpdateError unless ``supplied`` explains the change from ``base`` to ``tensor``."""
         shape = tuple(tensor.shape)
@@ -135,7 +148,7 @@ class Adapter:
         for key, supplied in sorted(self.updates.items()):
             if key in self.used:
                 continue
-            matched = [n for n in names if n == key or n.endswith("." + key) or key.endswith("." + n)]
+            matched = [n for n in names if key in self.targets_in([n])]
             if not matched:
                 raise UpdateError(
                     f"{path}: update {supplied.key!r} in {self.source} matches no tensor of the checkpoint",

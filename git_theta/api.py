@@ -7,6 +7,7 @@ touches the work tree (except that a diff against the work tree cleans the modif
 
 import fnmatch
 import os
+import posixpath
 
 from .errors import ManifestError, UsageError
 from .snapshots import EMPTY, INDEX, WORKTREE, has_head, manifest_of, repo_paths, resolve_commit, snapshot
@@ -19,15 +20,16 @@ _TORCH_DTYPES = {
 }
 
 
-def run_diff(repo, old, new, paths=None, stat=False, sort="name"):
-    """The diff dict between two sides (revisions, :data:`INDEX`, :data:`WORKTREE`) of ``repo``."""
+def run_diff(repo, old, new, paths=None, stat=False, sort="name", by_file=False):
+    """The diff dict between two sides (revisions, :data:`INDEX`, :data:`WORKTREE`) of ``repo``:
+    by model (a sharded folder is one entry), or file by file with ``by_file``."""
     from .compare import Differ
 
     def side(name):
         # Before the first commit HEAD is empty, as for git diff --cached.
         return EMPTY if name == "HEAD" and not has_head(repo) else name
 
-    with Differ(repo, stat=stat, sort=sort) as differ:
+    with Differ(repo, stat=stat, sort=sort, by_file=by_file) as differ:
         a = snapshot(repo, side(old), paths)
         b = snapshot(repo, side(new), paths)
         result = differ.diff(a, b)
@@ -41,14 +43,14 @@ def _open(repo):
     return Repo(repo) if isinstance(repo, (str, os.PathLike)) else repo
 
 
-def diff(path=None, rev_a="HEAD", rev_b=WORKTREE, repo=".", stat=False, sort="name"):
-    """What ``git theta diff --json`` prints, as a dict (see the README for the schema)."""
+def diff(path=None, rev_a="HEAD", rev_b=WORKTREE, repo=".", stat=False, sort="name", by_file=False):
+    """What ``git theta diff --json`` prints, as a dict (schema: README and docs/models.md)."""
     r = _open(repo)
     try:
         paths = None
         if path is not None:
             paths = repo_paths(r, [path] if isinstance(path, (str, os.PathLike)) else list(path), cwd=_cwd(repo))
-        return run_diff(r, rev_a, rev_b, paths=paths, stat=stat, sort=sort)
+        return run_diff(r, rev_a, rev_b, paths=paths, stat=stat, sort=sort, by_file=by_file)
     finally:
         if r is not repo:
             r.close()
@@ -92,6 +94,9 @@ def select(names, params):
 def load(path, rev="HEAD", repo=".", params=None, framework="numpy", upcast=False):
     """{name: tensor} of checkpoint ``path`` at ``rev``, bit-identical, without touching the work tree.
 
+    ``path`` may be a file, or a model of several files: its folder or its index json (all the
+    shards' tensors by name; ``params`` selects across shards).
+
     ``framework="numpy"`` gives numpy arrays; bf16 and float8 tensors (no numpy dtype) come back as
     their raw bit patterns (uint16 / uint8) unless ``upcast=True`` (float32, exact). ``"torch"``
     gives torch tensors of the stored dtype (torch.bfloat16, torch.float8_e4m3fn, ...).
@@ -101,12 +106,58 @@ def load(path, rev="HEAD", repo=".", params=None, framework="numpy", upcast=Fals
     r = _open(repo)
     try:
         (rel,) = repo_paths(r, [path], cwd=_cwd(repo))
-        manifest = read_manifest(r, rel, rev)
-        names = select(list(manifest.tensors), params)
-        return dict(_tensors(r, manifest, names, rel, framework, upcast))
+        model = _model_at(r, rel, rev)
+        if model is None:
+            manifest = read_manifest(r, rel, rev)
+            names = select(list(manifest.tensors), params)
+            return dict(_tensors(r, manifest, names, rel, framework, upcast))
+        # A model of several files: every shard's tensors by name, read shard by shard.
+        from .git.models import tensors_of
+
+        manifests = {p: read_manifest(r, p, rev) for p in model.files}
+        located = tensors_of(model, manifests)
+        names = select(list(located), params)
+        result = {}
+        for shard in model.files:
+            wanted = [n for n in names if located[n][0] == shard]
+            if wanted:
+                result.update(_tensors(r, manifests[shard], wanted, shard, framework, upcast))
+        return {n: result[n] for n in names}
     finally:
         if r is not repo:
             r.close()
+
+
+def _model_at(repo, path, rev):
+    """The model of several files ``path`` names at ``rev`` (a folder or an index json), or None
+    when it names a single file (or nothing: :func:`read_manifest` reports that)."""
+    from .git.models import group, model_for_path, sidecars_at
+    from .inventory import tracked_files, version_paths
+
+    commit = None if rev in (None, INDEX) else resolve_commit(repo, rev)
+    paths = version_paths(repo, commit)
+    path = "" if path == "." else path.rstrip("/")
+    if path in paths:
+        if not path.endswith(".json"):
+            return None  # a file: the file itself, as before
+        folder = posixpath.dirname(path)
+    elif path == "" or any(p.startswith(path + "/") for p in paths):
+        folder = path
+    else:
+        return None  # nothing there: read_manifest says so
+    inside = [p for p in paths if posixpath.dirname(p) == folder]
+    files = [t.path for t in tracked_files(repo, commit, paths=inside)]
+    models = group(files, sidecars_at(repo, commit, inside), exists=paths.__contains__)
+    model = model_for_path(models, path)
+    if model is None:
+        if not files:
+            return None
+        where = "the index" if commit is None else rev
+        raise UsageError(
+            f"{path}: names no single model at {where} (models there: {', '.join(m.name for m in models)})",
+            hint="name one of those models, a file, or an index json",
+        )
+    return model
 
 
 def _tensors(repo, manifest, names, path, framework, upcast):

@@ -141,6 +141,8 @@ class AddRequest:
             from .adapters import load_adapter
 
             request.adapter = load_adapter(request.update_path, request.update_type)
+            if item.get("targets") is not None:  # a shard of a sharded model: its own targets only
+                request.adapter.restrict(item["targets"])
         return request
 
 
@@ -176,6 +178,9 @@ class Cleaner:
         self.store = repo.store
         self.cache = repo.cache
         self._pool = None
+        from .git.models import ParentModels
+
+        self._models = ParentModels(repo)  # a tensor's base by name anywhere in its model
 
     def _executor(self):
         if self._pool is None:
@@ -235,6 +240,10 @@ class Cleaner:
             self.repo, path, request.base if request else None, prefer_head=request is not None
         )
         parent_entries = parent.tensors if parent else {}
+        if request is None or request.base is None:
+            # Other files of the same model (a re-shard moves tensors between files): by name,
+            # then their digests below. The file's own parent version comes first.
+            parent_entries = {**self._models.entries(path, prefer_head=request is not None), **parent_entries}
         max_depth = self.settings.get_int("maxChainDepth")
         known = {}  # digest -> TensorEntry from the parent or the stat-cached manifest
         cached_entries, fingerprints_before = {}, {}
@@ -244,7 +253,7 @@ class Cleaner:
                 fingerprints_before = cached[1]
             except ManifestError:
                 cached_entries = {}
-        for source in (parent.tensors if parent else {}), cached_entries:
+        for source in parent_entries, cached_entries:
             for entry in source.values():
                 known.setdefault(entry.digest, entry)
 

@@ -16,7 +16,7 @@ from collections import deque
 from .dtypes import element_count, nbytes
 from .settings import settings_for
 
-SCHEMA = 1
+SCHEMA = 2  # 2: entries are models (kind, layout, shards_old/new); 'by' says model or file
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -68,7 +68,9 @@ def tensor_changes(old_tensors, new_tensors):
     for name, entry in sorted(new_only.items()):
         candidates = by_digest.get((entry.digest, entry.dtype, entry.shape))
         if candidates:
-            old_name = candidates.pop(0)
+            # Equal bytes are common (norms initialised to ones): pair by name structure first.
+            old_name = max(candidates, key=lambda c: _name_likeness(c, name))
+            candidates.remove(old_name)
             record = _record(name, "renamed", old_only.pop(old_name), entry)
             record["old_name"] = old_name
             records.append(record)
@@ -89,6 +91,14 @@ def tensor_changes(old_tensors, new_tensors):
         if old.shape == new.shape:
             to_load.append((record, old, new))
     return records, to_load, unchanged
+
+
+def _name_likeness(a, b):
+    """How alike two tensor names are: shared trailing components, then shared leading ones."""
+    pa, pb = a.split("."), b.split(".")
+    tail = next((i for i, (x, y) in enumerate(zip(reversed(pa), reversed(pb))) if x != y), min(len(pa), len(pb)))
+    head = next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), min(len(pa), len(pb)))
+    return (tail, head, len(pa) == len(pb))
 
 
 def _summary(records, old_tensors, new_tensors, unchanged, accumulators):
@@ -134,8 +144,9 @@ def _summary(records, old_tensors, new_tensors, unchanged, accumulators):
 class Differ:
     """Compares manifests; loads the changed tensors (unless ``stat``) with a bounded prefetch."""
 
-    def __init__(self, repo, stat=False, sort="name", settings=None):
+    def __init__(self, repo, stat=False, sort="name", settings=None, by_file=False):
         self.repo = repo
+        self.by_file = by_file
         self.stat = stat
         self.sort = sort
         self.settings = settings or settings_for(repo)
@@ -156,6 +167,10 @@ class Differ:
     def diff(self, old, new):
         """The diff dict (schema :data:`SCHEMA`) between two :class:`~git_theta.snapshots.Snapshot`."""
         files = []
+        if not self.by_file:
+            from .compare_models import diff_models
+
+            files, old, new = diff_models(self, old, new)
         old_paths, new_paths = set(old.files), set(new.files)
         for path in sorted(old_paths & new_paths):
             a, b = old.files[path], new.files[path]
@@ -175,7 +190,8 @@ class Differ:
         for path in added:
             files.append(self.file(path, path, None, new.files[path]))
         files.sort(key=lambda f: natural_key(f["path"]))
-        return {"schema": SCHEMA, "old": old.label, "new": new.label, "stat": self.stat, "files": files}
+        by = "file" if self.by_file else "model"
+        return {"schema": SCHEMA, "old": old.label, "new": new.label, "stat": self.stat, "by": by, "files": files}
 
     # -- one file -----------------------------------------------------------------------------
     def file(self, old_path, new_path, old, new):
@@ -191,7 +207,7 @@ class Differ:
         entry = self.manifests(new_path, old_m, new_m)
         if status == "modified" and not entry["tensors"] and not problems and not entry["fields_changed"]:
             return None
-        entry.update(path=new_path, old_path=old_path, status=status)
+        entry.update(path=new_path, old_path=old_path, status=status, kind="file")
         if problems:
             entry["problems"] = problems
         return {k: entry[k] for k in FILE_KEYS if k in entry}
@@ -315,7 +331,7 @@ class Differ:
         return sparse_accumulate(old_data, new.dtype, positions, xor)
 
 
-FILE_KEYS = ("path", "old_path", "status", "format", "problems", "fields_changed", "summary", "groups", "tensors")
+FILE_KEYS = ("path", "old_path", "status", "kind", "format", "problems", "fields_changed", "summary", "groups", "tensors")
 
 
 def _fields_changed(a, b):

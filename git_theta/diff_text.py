@@ -84,6 +84,25 @@ def _counts(summary):
     return ", ".join(parts)
 
 
+def layout_text(f):
+    """The layout line of a model entry ("re-sharded 8 -> 5 files, 0 tensors changed"), or None."""
+    change = f.get("layout")
+    if not change or not change["resharded"]:
+        return None
+    moved = f", {change['moved']} moved" if change["moved"] and change["files_old"] == change["files_new"] else ""
+    n = f["summary"]["changed"]
+    return (f"re-sharded {change['files_old']} -> {change['files_new']} files{moved}, "
+            f"{n} tensor{'s' if n != 1 else ''} changed")
+
+
+def _model_note(f):
+    if f.get("kind") != "model":
+        return ""
+    files = len(f["shards_new"] or f["shards_old"])
+    note = f" (model, {files} file{'s' if files != 1 else ''}"
+    return note + (f", adapter of {f['adapter_of']})" if f.get("adapter_of") else ")")
+
+
 def _file_title(f, style):
     if f["status"] == "renamed":
         title = f"{f['old_path']} -> {f['path']}"
@@ -91,7 +110,8 @@ def _file_title(f, style):
         title = f["path"]
     s = f["summary"]
     tag = {"added": " (new file)", "removed": " (deleted file)", "renamed": " (renamed)"}.get(f["status"], "")
-    return style(f"{title}{tag}", "bold") + f"  {f['format'] or '?'}, {s['tensors_old']} -> {s['tensors_new']} tensors"
+    return (style(f"{title}{tag}", "bold") + _model_note(f)
+            + f"  {f['format'] or '?'}, {s['tensors_old']} -> {s['tensors_new']} tensors")
 
 
 def render(diff, style=None, max_rows=None):
@@ -111,6 +131,8 @@ def render(diff, style=None, max_rows=None):
         if s["fraction_changed"] is not None and s["elements_compared"]:
             line += f"; {number(s['fraction_changed'], 'pct')} of compared elements changed"
         lines.append(line)
+        if layout_text(f):
+            lines.append("  " + layout_text(f))
         if f.get("fields_changed"):
             lines.append("  file fields changed: " + ", ".join(f["fields_changed"]))
         tensors = f["tensors"] if max_rows is None else f["tensors"][:max_rows]
@@ -158,7 +180,9 @@ def render_stat(diff, style=None):
             totals[k] += s[k]
         title = f"{f['old_path']} -> {f['path']}" if f["status"] == "renamed" else f["path"]
         tag = {"added": "new file, ", "removed": "deleted, ", "renamed": "renamed, "}.get(f["status"], "")
-        lines.append(f" {style(title, 'bold')} | {tag}{_counts(s)} ({s['tensors_old']} -> {s['tensors_new']} tensors)")
+        lines.append(f" {style(title, 'bold')}{_model_note(f)} | {tag}{_counts(s)} ({s['tensors_old']} -> {s['tensors_new']} tensors)")
+        if layout_text(f):
+            lines.append(f"     {layout_text(f)}")
         for t in f["tensors"]:
             mark, colour = _LETTER[t["status"]], _MARK[t["status"]][1]
             extra = ""
@@ -170,7 +194,8 @@ def render_stat(diff, style=None):
     n = len(diff["files"])
     if n:
         parts = [f"{v} tensor{'s' if v != 1 else ''} {k}" for k, v in totals.items() if v]
-        lines.append(f" {n} file{'s' if n != 1 else ''} changed" + (", " + ", ".join(parts) if parts else ""))
+        unit = "model" if diff.get("by") == "model" else "file"
+        lines.append(f" {n} {unit}{'s' if n != 1 else ''} changed" + (", " + ", ".join(parts) if parts else ""))
     else:
         lines.append("no tensor changes")
     return "\n".join(lines)

@@ -79,12 +79,13 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
     commits = []
     if not files:
         return dict(empty, paths=files)
+    units, walk_paths, at = _units(repo, start, files)
     with Differ(repo, stat=stat) as differ:
-        for commit, parents, author, date, subject in _walk(repo, start, files):
+        for commit, parents, author, date, subject in _walk(repo, start, walk_paths):
             changed_files = []
-            for path in files:
-                new = _manifest(repo, commit, path)
-                olds = [_manifest(repo, p, path) for p in parents] or [None]
+            for path, model in units:
+                new = at(commit, path, model)
+                olds = [at(p, path, model) for p in parents] or [None]
                 names = _changed_names(new, olds, params)
                 if not names:
                     continue
@@ -94,6 +95,7 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
                     names = _matching(_names(new) | _names(olds[0]), params)
                 entry = differ.manifests(path, olds[0], new, names=names)
                 entry["path"] = path
+                entry["kind"] = "model" if model is not None else "file"
                 changed_files.append(entry)
             if changed_files:
                 commits.append(
@@ -110,6 +112,33 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
                 if max_count is not None and len(commits) >= max_count:
                     break
     return {"schema": SCHEMA, "rev": rev, "paths": files, "params": params or [], "commits": commits}
+
+
+def _units(repo, start, files):
+    """What the log follows: [(name, model)] where a model of several files (a sharded folder) is
+    one unit read by tensor name across whatever shards it had at each commit (model is then
+    (folder, stem)), else the file itself (model None); the paths for git log; a reader
+    ``at(commit, name, model)`` of the unit's Manifest (None when absent)."""
+    from .git.models import ParentModels, group, sidecars_at, stem
+    from .inventory import version_paths
+
+    paths = version_paths(repo, start)
+    models = group([f for f in files if f in paths], sidecars_at(repo, start, sorted(paths)), exists=paths.__contains__)
+    units, walk = [], []
+    grouped = set()
+    for m in models:
+        if len(m.files) > 1 or m.index is not None:
+            units.append((m.name, (m.folder, stem(m.files[0]))))
+            walk.append(m.folder or ".")
+            grouped.update(m.files)
+    units += [(f, None) for f in files if f not in grouped]
+    walk += [f for f in files if f not in grouped]
+    reader = ParentModels(repo)
+
+    def at(commit, name, model):
+        return _manifest(repo, commit, name) if model is None else reader.at(commit, *model)
+
+    return sorted(units, key=lambda u: u[0]), sorted(set(walk)), at
 
 
 def _names(manifest):

@@ -66,3 +66,8 @@ def tracked_files(repo, rev=None, paths=None):
                 error = exc.message
         result.append(TrackedFile(path, entries[path], manifest, error))
     return result
+
+
+def version_paths(repo, rev=None):
+    """Every path of ``rev``'s tree (or of the index), tracked or not."""
+    return {path for path, _ in _entries(repo, rev)}

@@ -27,6 +27,8 @@ class Snapshot:
 
     label: str
     files: dict = field(default_factory=dict)
+    sidecars: dict = field(default_factory=dict)  # index json / adapter config path -> bytes (models)
+    paths: set = field(default_factory=set)  # every path of the version (an index may name any)
 
 
 def resolve_commit(repo, rev):
@@ -90,7 +92,11 @@ def snapshot(repo, side, paths=None, cleaner=None):
         return _worktree(repo, match, cleaner)
     rev = None if side == INDEX else resolve_commit(repo, side)
     files = {t.path: t for t in tracked_files(repo, rev) if match(t.path)}
-    return Snapshot(side, files)
+    from .git.models import sidecars_at
+    from .inventory import version_paths
+
+    paths = version_paths(repo, rev)
+    return Snapshot(side, files, sidecars_at(repo, rev, sorted(paths)), paths)
 
 
 @contextmanager
@@ -115,8 +121,10 @@ def _worktree(repo, match, cleaner):
         path = path.decode("utf-8", "surrogateescape")
         if path in base.files:
             dirty[path] = status.decode()
+    sidecars = _worktree_sidecars(repo, base.sidecars)
+    paths = _OnDisk(base.paths, repo.work_tree)
     if not dirty:
-        return Snapshot(WORKTREE, base.files)
+        return Snapshot(WORKTREE, base.files, sidecars, paths)
     files = dict(base.files)
     own = cleaner is None
     if own:
@@ -133,7 +141,32 @@ def _worktree(repo, match, cleaner):
     finally:
         if own:
             cleaner.close()
-    return Snapshot(WORKTREE, files)
+    return Snapshot(WORKTREE, files, sidecars, paths)
+
+
+class _OnDisk(set):
+    """The index's paths, and any file in the work tree (an index json may name a new shard)."""
+
+    def __init__(self, paths, top):
+        super().__init__(paths)
+        self.top = top
+
+    def __contains__(self, path):
+        return set.__contains__(self, path) or os.path.isfile(os.path.join(self.top, path))
+
+
+def _worktree_sidecars(repo, staged):
+    """The index jsons and adapter configs as they are in the work tree (those git tracks)."""
+    from .git.models import MAX_SIDECAR
+
+    result = {}
+    for path in staged:
+        try:
+            with open(os.path.join(repo.work_tree, path), "rb") as f:
+                result[path] = f.read(MAX_SIDECAR)
+        except OSError:
+            continue
+    return result
 
 
 def clean_file(cleaner, path):

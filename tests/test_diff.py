@@ -31,19 +31,34 @@ SUMMARY_KEYS = ["tensors_old", "tensors_new", "unchanged", "changed", "added", "
                 "fraction_changed", "elements_changed", "elements_compared"]
 SUMMARY = {"type": "object", "required": SUMMARY_KEYS, "properties": {k: NUMBER for k in SUMMARY_KEYS},
            "additionalProperties": False}
-# The documented --json schema (README, "Diffs, history and loading"), version 1.
+LAYOUT = {"type": "object", "required": ["files_old", "files_new", "moved", "resharded"],
+          "properties": {"files_old": {"type": "integer"}, "files_new": {"type": "integer"},
+                         "moved": {"type": "integer"}, "resharded": {"type": "boolean"}},
+          "additionalProperties": False}
+# The documented --json schema (README, "Diffs, history and loading"; docs/models.md), version 2:
+# entries are models (kind "model": several files, an index or an adapter) or one-file models (kind "file").
 SCHEMA = {
     "type": "object",
-    "required": ["schema", "old", "new", "stat", "files"],
+    "required": ["schema", "old", "new", "stat", "by", "files"],
     "properties": {
-        "schema": {"const": 1},
+        "schema": {"const": 2},
         "stat": {"type": "boolean"},
+        "by": {"enum": ["model", "file"]},
         "files": {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["path", "old_path", "status", "format", "fields_changed", "summary", "groups", "tensors"],
+                "required": ["path", "old_path", "status", "kind", "format", "fields_changed", "summary", "groups",
+                             "tensors"],
+                "if": {"properties": {"kind": {"const": "model"}}},
+                "then": {"required": ["layout", "shards_old", "shards_new", "index", "adapter_of"]},
                 "properties": {
+                    "kind": {"enum": ["file", "model"]},
+                    "layout": LAYOUT,
+                    "shards_old": {"type": "array", "items": {"type": "string"}},
+                    "shards_new": {"type": "array", "items": {"type": "string"}},
+                    "index": {"type": ["string", "null"]},
+                    "adapter_of": {"type": ["string", "null"]},
                     "status": {"enum": ["modified", "added", "removed", "renamed"]},
                     "summary": SUMMARY,
                     "groups": {"type": "array", "items": {

@@ -82,8 +82,9 @@ def sides(revs, cached):
 @click.option("--sort", type=click.Choice(["name", "change"]), default="name", show_default=True,
               help="Order tensors and layers by name or by relative change (largest first).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the relative change per tensor to this PNG.")
+@click.option("--by-file", is_flag=True, help="One entry per checkpoint file, not per model (sharded folders).")
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
-def diff(revs, cached, stat, as_json, sort, plot_path, color):
+def diff(revs, cached, stat, as_json, sort, plot_path, by_file, color):
     """Show what changed in tracked checkpoints, tensor by tensor.
 
     \b
@@ -106,7 +107,7 @@ def diff(revs, cached, stat, as_json, sort, plot_path, color):
         old, new = sides(revs, cached)
         if plot_path and stat:
             raise UsageError("--plot needs the numbers: drop --stat")
-        result = run_diff(repo, old, new, paths=paths, stat=stat, sort=sort)
+        result = run_diff(repo, old, new, paths=paths, stat=stat, sort=sort, by_file=by_file)
     finally:
         repo.close()
     if plot_path:

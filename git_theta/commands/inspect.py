@@ -11,8 +11,10 @@ from .. import humanize
 @click.argument("rev", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-v", "--verbose", is_flag=True, help="Per tensor: update type, chain depth, stored bytes.")
-def ls_files(rev, as_json, verbose):
-    """List tracked checkpoints in REV (default: the index) with sizes.
+@click.option("--by-file", is_flag=True, help="One line per file, not per model (sharded folders).")
+def ls_files(rev, as_json, verbose, by_file):
+    """List tracked checkpoints in REV (default: the index) with sizes, a sharded folder as one
+    model (and a PEFT adapter as an adapter of its base).
 
     'logical' is the raw size of the tensors; 'stored' is the bytes of the objects this version
     added to the store (a tensor unchanged since the parent version, or already stored, adds
@@ -46,12 +48,19 @@ def ls_files(rev, as_json, verbose):
                 "objects_local": local,
             }
         )
+    from ..git.models import model_rows
+
+    models = model_rows(repo, rev, tracked_files(repo, rev), rows)
     if as_json:
-        click.echo(json.dumps({"rev": rev or ":index", "files": rows}, indent=2))
+        click.echo(json.dumps({"rev": rev or ":index", "files": rows, "models": models}, indent=2))
         return
     if not rows:
         click.echo("no tracked checkpoints", err=True)
         return
+    if not by_file:
+        rows = [r for r in rows if r["path"] not in {p for m in models for p in m["files"]}]
+        rows += [dict(m, path=m["model"] + _model_note(m)) for m in models]
+        rows.sort(key=lambda r: r["path"])
     header = ("tensors", "logical", "stored", "local", "path")
     table = [header]
     for row in rows:
@@ -70,6 +79,14 @@ def ls_files(rev, as_json, verbose):
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     for r in table:
         click.echo("  ".join(r[i].rjust(widths[i]) for i in range(4)) + "  " + r[4])
+
+
+def _model_note(model):
+    n = len(model["files"])
+    note = f"/  ({n} file{'s' if n != 1 else ''}"
+    if model["adapter_of"]:
+        note += f", adapter of {model['adapter_of']}"
+    return note + ")"
 
 
 @click.command()

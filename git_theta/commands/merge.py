@@ -161,7 +161,8 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     One branch is a plain 'git merge' through the merge driver with this operator; several
     branches make one octopus merge commit where the operator sees all task vectors at once.
     A tensor changed on one side only is taken from that side bit for bit; only tensors changed
-    on several sides go to an operator.
+    on several sides go to an operator. A sharded model re-sharded on a side is merged whole, by
+    tensor name, into one layout.
 
     \b
     Operators (mergekit's names and parameters): ours, theirs, base, linear,
@@ -192,7 +193,10 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     raw = parse_param_flags(params)
     for branch in branches:
         porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
-    if len(branches) == 1 and not (base or every_tensor or dry_run):
+    one_git_merge = len(branches) == 1 and not (base or every_tensor or dry_run)
+    if one_git_merge and porcelain.needs_model_merge(repo, branches[0]):
+        one_git_merge = False  # a side re-sharded a model: merged whole here, git cannot pair the shards
+    if one_git_merge:
         check_config(load_config(repo, [], operator, raw), 2)  # fail before git starts merging
         if not repo.git("config", "--get", "merge.theta.driver", check=False).strip():
             raise UsageError(

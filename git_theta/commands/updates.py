@@ -24,13 +24,16 @@ from ..errors import GitThetaError, UsageError
     "--update-data",
     "update_path",
     metavar="FILE",
-    type=click.Path(exists=True, dir_okay=False),
-    help="An adapter describing the change: PEFT lora_A/lora_B (scaling from adapter_config.json), "
-    "or <param>/R|C, <param>/data|indices|indptr|shape, <param>/ia3.",
+    type=click.Path(exists=True),
+    help="An adapter describing the change: PEFT lora_A/lora_B (scaling from adapter_config.json; "
+    "a PEFT adapter folder works too), or <param>/R|C, <param>/data|indices|indptr|shape, <param>/ia3. "
+    "With a sharded model each target is applied to whichever shard holds it.",
 )
 @click.option("--base", metavar="REV:PATH", help="The version to store the change against (default: HEAD's, else the index's).")
 def add(paths, update_type, update_path, base):
-    """Stage checkpoints like 'git add', choosing how their changes are stored."""
+    """Stage checkpoints like 'git add', choosing how their changes are stored.
+
+    A folder stands for the tracked checkpoints in it (a sharded model: all its shards)."""
     from .. import plugins
     from ..inventory import theta_paths
     from ..repo import Repo
@@ -38,7 +41,7 @@ def add(paths, update_type, update_path, base):
     repo = Repo(".")
     if repo.work_tree is None:
         raise UsageError("git theta add needs a work tree")
-    relative = [repo.relative(p) for p in paths]
+    relative = _expand_folders(repo, [repo.relative(p) for p in paths])
     untracked = sorted(set(relative) - theta_paths(repo, relative))
     if untracked:
         raise UsageError(
@@ -47,10 +50,13 @@ def add(paths, update_type, update_path, base):
         )
     if update_type is not None:
         plugins.get("update", update_type, needed_by="--update-type")
+    targets = {}
     if update_path is not None:
         from ..adapters import load_adapter
 
-        load_adapter(update_path, update_type)  # report a bad adapter before git runs
+        update_path = _adapter_file(update_path)
+        adapter = load_adapter(update_path, update_type)  # report a bad adapter before git runs
+        targets = _targets_by_file(repo, adapter, relative)
         update_path = os.path.abspath(update_path)
     if base is not None:
         if ":" not in base:
@@ -59,12 +65,16 @@ def add(paths, update_type, update_path, base):
         if data is None:
             raise UsageError(f"--base {base} does not exist")
     request = {p: {"update_type": update_type, "update_path": update_path, "base": base} for p in relative}
+    if update_path is not None:
+        for p in relative:
+            request[p]["targets"] = targets.get(p, [])
     env = dict(os.environ, GIT_THETA_ADD_REQUEST=json.dumps(request, sort_keys=True))
     in_index = {
         line for line in repo.git("ls-files", "-z", "--", *relative).decode("utf-8", "surrogateescape").split("\0") if line
     }
+    gone = {p for p in in_index if not os.path.lexists(os.path.join(repo.work_tree, p))}  # a re-shard's old files
     # --renormalize makes git run clean even when the file looks unchanged to the index.
-    for group, extra in ((sorted(in_index), ["--renormalize"]), (sorted(set(relative) - in_index), [])):
+    for group, extra in ((sorted(in_index - gone), ["--renormalize"]), (sorted(set(relative) - in_index | gone), [])):
         if group:
             proc = subprocess.run(["git", "add", *extra, "--", *group], cwd=repo.work_tree, env=env)
             if proc.returncode != 0:
@@ -72,6 +82,75 @@ def add(paths, update_type, update_path, base):
 
 
 COMMANDS = [add]
+
+
+def _expand_folders(repo, relative):
+    """Repository paths with each folder replaced by the tracked checkpoints in it (its model's
+    shards, staged or new), in order, each once."""
+    from ..inventory import theta_paths
+
+    result = []
+    for path in relative:
+        if not os.path.isdir(os.path.join(repo.work_tree, path)):
+            result.append(path)
+            continue
+        out = repo.git("ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", path or ".")
+        inside = sorted({p for p in out.decode("utf-8", "surrogateescape").split("\0") if p})
+        found = sorted(theta_paths(repo, inside))
+        if not found:
+            raise UsageError(f"{path or '.'}: no checkpoint tracked by git-theta in this folder",
+                             hint="track the files first: git theta track 'PATTERN'")
+        result.extend(found)
+    return list(dict.fromkeys(result))
+
+
+def _adapter_file(path):
+    """The adapter weights file of ``path``: itself, or a PEFT folder's adapter_model.*."""
+    if not os.path.isdir(path):
+        return path
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise UsageError(f"{path}: a folder without adapter_model.safetensors (or .bin)",
+                     hint="name the adapter file itself with --update-path")
+
+
+def _targets_by_file(repo, adapter, relative):
+    """{path: [adapter target]}: which of the files holds each of the adapter's targets (a sharded
+    model holds each in one shard). UpdateError naming a target no file holds."""
+    from ..errors import UpdateError
+
+    holders = {}
+    relative = [p for p in relative if os.path.isfile(os.path.join(repo.work_tree, p))]  # not deletions
+    for path in relative:
+        names = _tensor_names(os.path.join(repo.work_tree, path), path)
+        for key in adapter.targets_in(names):
+            holders.setdefault(key, []).append(path)
+    for key, supplied in sorted(adapter.updates.items()):
+        if key not in holders:
+            where = relative[0] if len(relative) == 1 else f"the {len(relative)} files given"
+            raise UpdateError(
+                f"update {supplied.key!r} in {adapter.source}: target tensor {key!r} matches no tensor of {where}",
+                hint="check that the adapter belongs to this model (a sharded model: name its folder "
+                "or all its shards)",
+            )
+    return {p: sorted(k for k, held in holders.items() if p in held) for p in relative}
+
+
+def _tensor_names(full_path, path):
+    """The tensor names of the checkpoint file ``full_path``: from the header alone for
+    safetensors, else by reading the file through its format."""
+    from ..clean import detect_format
+
+    with open(full_path, "rb") as stream:
+        head = stream.read(4096)
+        stream.seek(0)
+        fmt = detect_format(None, path, head)
+        if fmt.name == "safetensors":
+            from ..formats.safetensors_format import header_names
+
+            return header_names(stream, path)
+        return [t.name for t in fmt.split(stream, path).tensors()]
 
 
 def tensor_rows(manifest):

@@ -138,15 +138,25 @@ def _read_exact(stream, size, path, what):
     return buf
 
 
+def _read_header(stream, path):
+    """(raw header bytes, metadata, tensors) read from the start of ``stream``."""
+    head = _read_exact(stream, 8, path, "the header length")
+    (length,) = struct.unpack("<Q", head)
+    if length > MAX_HEADER:
+        raise CheckpointError(f"{path}: safetensors header length {length} is too large (corrupt file)")
+    raw = bytes(_read_exact(stream, length, path, "the header"))
+    return (raw, *parse_header(raw, path))
+
+
+def header_names(stream, path):
+    """The tensor names of a safetensors file, from its header alone (no tensor is read)."""
+    return [t[0] for t in _read_header(stream, path)[2]]
+
+
 class _Reader(CheckpointReader):
     def tensors(self):
         path = self.path
-        head = _read_exact(self.stream, 8, path, "the header length")
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER:
-            raise CheckpointError(f"{path}: safetensors header length {length} is too large (corrupt file)")
-        raw = bytes(_read_exact(self.stream, length, path, "the header"))
-        metadata, tensors = parse_header(raw, path)
+        raw, metadata, tensors = _read_header(self.stream, path)
         if metadata is not None:
             self.fields["metadata"] = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
         described = [(n, d, s) for n, d, s, _, _ in tensors]

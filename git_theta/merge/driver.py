@@ -45,5 +45,29 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
         pathname, base, [ours, theirs], list(LABELS), config, repo.store, side_data=side_data,
         workers=settings.threads(), budget=settings.get_int("memoryBudget"),
     )
+    _flag_moved(repo, pathname, ours, theirs, result)
     Path(ours_file).write_bytes(result.manifest.serialize())
     return result
+
+
+def _flag_moved(repo, pathname, ours, theirs, result):
+    """Turn the outcome of a tensor that a side moved to another shard into a conflict (ours kept):
+    only ``git theta merge`` sees both files (merge/models.py)."""
+    from .engine import Outcome
+    from .models import moved_elsewhere
+    from .side import _find_commit
+
+    moved = moved_elsewhere(repo, pathname, ours, theirs, _find_commit(repo, pathname, theirs, ours=False))
+    if not moved:
+        return
+    for i, outcome in enumerate(result.outcomes):
+        if outcome.name in moved:
+            result.outcomes[i] = Outcome(
+                outcome.name, "conflict",
+                f"moved to another shard on {moved[outcome.name]}: merge the whole model with "
+                "'git merge --abort' then 'git theta merge BRANCH'",
+            )
+            if outcome.name in ours.tensors:
+                result.manifest.tensors[outcome.name] = ours.tensors[outcome.name]
+            else:
+                result.manifest.tensors.pop(outcome.name, None)

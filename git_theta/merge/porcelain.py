@@ -87,7 +87,20 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
     paths = sorted(set(base_tree).union(*trees))
     tracked = theta_paths(repo, paths)
     result = TreeMerge()
+    # Models re-sharded on a side are merged whole, by tensor name, into one layout (merge/models.py).
+    from .models import plan_models
+
+    plans = plan_models(repo, base_tree, trees, labels, config, tracked, dict(
+        every_tensor=every_tensor, dry_run=dry_run, with_signals=dry_run, side_data=SideData(repo, sides),
+        workers=settings.threads(), budget=settings.get_int("memoryBudget")))
+    for plan in plans:
+        result.files.append(plan.merge)
+        result.conflicts += [(plan.name, o) for o in plan.merge.conflicts]
+        result.entries.update(plan.entries)
+    covered = set().union(*(plan.covered for plan in plans))
     for path in paths:
+        if path in covered:
+            continue
         old = base_tree.get(path)
         versions = [t.get(path) for t in trees]
         changed = [i for i, v in enumerate(versions) if v != old]
@@ -196,6 +209,21 @@ def plan_merge(repo, branches, operator=None, params=None, base=None, every_tens
     check_config(config, len(sides))
     merged = merge_trees(repo, base_commit, sides, labels, config, every_tensor, dry_run)
     return merged, base_commit, sides
+
+
+def needs_model_merge(repo, branch):
+    """True when a sharded model's layout differs between the merge base and HEAD or ``branch``:
+    git's per-path merge cannot pair the shards, ``git theta merge`` merges the model whole."""
+    from .models import relayout_names
+
+    head, commit = resolve_commit(repo, "HEAD"), resolve_commit(repo, branch)
+    out = repo.git("merge-base", head, commit, check=False).decode().split()
+    if not out:
+        return False
+    trees = [_tree(repo, head), _tree(repo, commit)]
+    base_tree = _tree(repo, out[0])
+    tracked = theta_paths(repo, sorted(set(base_tree).union(*trees)))
+    return bool(relayout_names(repo, base_tree, trees, tracked))
 
 
 def up_to_date(repo, branches):
