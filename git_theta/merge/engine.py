@@ -18,6 +18,7 @@ from ..dtypes import nbytes
 from ..errors import GitThetaError, UsageError
 from ..manifest import Manifest
 from .operator import OperatorError
+from .params import describe, layer_count, position
 from .plan import decide
 
 #: operators that pick one input: resolved by entry, bit for bit, whatever the dtype or shape
@@ -70,34 +71,54 @@ def get_operator(name, origin=""):
 
 
 def check_config(config, n_sides=2):
-    """Fail early, before anything is merged, on unknown operators and bad parameters."""
-    names = [(r.operator, f"rule '{r.glob} {r.operator}' ({r.source})", r.params) for r in config.rules]
-    names += [(a, "attribute theta-merge", config.params) for a in config.attributes.values() if a]
+    """Fail early, before anything is merged, on unknown operators and bad parameters.
+
+    Returns notes (one line each) about parameters from git config that an operator does not take:
+    they apply to the operators that take them and are ignored by the others. Only an explicit
+    ``--param`` (``config.explicit``) that the operator does not take is an error, naming its origin.
+    """
+    names = [(r.operator, f"rule '{r.glob} {r.operator}' ({r.source})", r.params, frozenset(r.params))
+             for r in config.rules]
+    names += [(a, "attribute theta-merge", config.params, config.explicit) for a in config.attributes.values() if a]
     if config.operator:
-        names.append((config.operator, config.operator_origin, config.params))
+        names.append((config.operator, config.operator_origin, config.params, config.explicit))
     accepted = set()  # every parameter name some configured operator takes
-    for name, origin, params in names:
+    notes = []
+    for name, origin, params, strict in names:
         op = get_operator(name, origin)
         if name == AUTO:
             accepted.update(*(plugins.get("merge", n).params for n in AUTO_CHOICES if n in plugins.names("merge")))
         if op is None:
             continue
         accepted.update(op.params)
+        for key in sorted(set(strict) - set(op.params)):
+            where = config.origins.get(key, origin) if strict is config.explicit else origin
+            raise UsageError(
+                f"merge operator {name!r} has no parameter {key!r} (from {where})",
+                hint=f"{describe(op)}; drop the parameter or pick an operator that takes it",
+            )
         from .params import resolve
 
         try:
-            resolve(op, _known(op, params, strict=params), n_sides)
+            resolve(op, _known(op, params, strict=strict), n_sides)
         except UsageError as exc:
             raise UsageError(f"{exc.message} (from {origin})", hint=exc.hint) from None
-    configured = [name for name, _, _ in names if name not in PICKS]
-    unknown = sorted(set(config.params) - accepted)
-    if configured and unknown:
-        # rule operators take the global parameters they know; one that no operator knows is a typo
+    configured = sorted({name for name, _, _, _ in names if name not in PICKS})
+    known = set().union(*(plugins.get("merge", n).params for n in plugins.names("merge")))
+    typos = sorted(set(config.params) - known - accepted)
+    if configured and typos:
+        # a name no installed operator takes is a typo (mergekit would ignore 'normalise' silently)
         raise UsageError(
-            f"merge parameter {', '.join(map(repr, unknown))} is not a parameter of any configured "
-            f"operator ({', '.join(sorted(set(configured)))})",
-            hint=f"parameters they take: {', '.join(sorted(accepted)) or 'none'}",
+            f"{', '.join(config.origins.get(k, repr(k)) for k in typos)}: no merge operator has a parameter "
+            f"{', '.join(map(repr, typos))}",
+            hint=f"parameters the configured operators ({', '.join(configured)}) take: {', '.join(sorted(accepted)) or 'none'}",
         )
+    for key in sorted(set(config.params) - set(config.explicit)):
+        for name in configured:
+            op = get_operator(name)
+            if op is not None and key not in op.params:
+                notes.append(f"{config.origins.get(key, key)} is ignored by {name}, which does not take {key!r}")
+    return notes
 
 
 def _known(op, params, strict):
@@ -181,6 +202,7 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
         outcomes += table_outcomes
     loader = Loader(store, path, side_data)
     names = sorted(set().union(*(m.tensors for m in sides), base.tensors if base is not None else ()))
+    layers = layer_count(names)  # for gradient parameters (params.position)
     pending = deque()  # (name, input bytes, future) of operator merges in flight, oldest first
     pool = ThreadPoolExecutor(workers, thread_name_prefix="theta-merge") if workers > 1 else None
 
@@ -194,7 +216,8 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
             base_entry = base.tensors.get(name) if base is not None else None
             entries = [m.tensors.get(name) for m in sides]
             outcome, entry = _merge_tensor(
-                path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals
+                path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals,
+                layers,
             )
             outcomes.append(outcome)
             if callable(entry):  # an operator merge: run it (in the pool when there is one)
@@ -237,8 +260,9 @@ def _merge_table(kind, base, tables, labels):
     return merged, outcomes
 
 
-def _merge_tensor(path, name, base, entries, labels, config, loader, store, every_tensor, dry_run, with_signals):
-    """(Outcome, merged entry or None) for one tensor."""
+def _merge_tensor(path, name, base, entries, labels, config, loader, store, every_tensor, dry_run, with_signals,
+                  layers=0):
+    """(Outcome, merged entry or None) for one tensor (``layers``: the file's layer count, for gradients)."""
     decision = decide(name, base, entries, labels, every_tensor)
     if decision.action == "take":
         return Outcome(name, "take", decision.reason), decision.entry
@@ -272,7 +296,7 @@ def _merge_tensor(path, name, base, entries, labels, config, loader, store, ever
     from .params import resolve
 
     try:
-        resolved = resolve(op, raw, len(inputs))
+        resolved = resolve(op, raw, len(inputs), tensor=name, x=position(name, layers))
     except UsageError as exc:
         raise UsageError(f"{path}: tensor {name!r}: {exc.message} (from {origin})", hint=exc.hint) from None
     outcome = Outcome(name, "operator", decision.reason, operator_name, origin, resolved, signals)

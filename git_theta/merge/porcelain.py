@@ -95,7 +95,7 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
         # a checkpoint changed on several sides is merged tensor by tensor; sides without the file
         # take part only when the base lacks it too (added on several branches), as empty manifests
         tensor_level = all(v is not None for v in versions) or old is None
-        if path in tracked and tensor_level and (len(distinct) > 1 or (every_tensor and len(set(versions)) > 1)):
+        if path in tracked and tensor_level and (len(distinct) > 1 or every_tensor):
             manifests = [_manifest(repo, v, path) for v in versions]
             if all(m is not None for m, v in zip(manifests, versions) if v is not None):
                 fmt = next(m.format for m in manifests if m is not None)
