@@ -209,25 +209,52 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
 
 
 @click.command("merge-files")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--operator", required=True, metavar="NAME", help="Merge operator.")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yml",
+              help="Run a mergekit recipe (models are local files or folders); no FILES then.")
+@click.option("--operator", metavar="NAME", help="Merge operator (required without --config).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable).")
 @click.option("--base", type=click.Path(exists=True, dir_okay=False), help="The common base checkpoint.")
 @click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the merged checkpoint.")
-def merge_files(files, operator, params, base, every_tensor, output):
-    """Merge checkpoint FILES (outside git history) into OUTPUT."""
+def merge_files(files, recipe, operator, params, base, every_tensor, output):
+    """Merge checkpoint FILES (outside git history) into OUTPUT, or run a mergekit recipe."""
     from ..merge.config import parse_param_flags
     from ..merge.files import merge_files as run
+    from ..merge.files import merge_recipe
 
-    result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
+    if recipe:
+        if files or operator or params or base or every_tensor:
+            raise UsageError("--config takes the models, operator and parameters from the recipe",
+                             hint="drop FILES, --operator, --param, --base and --every-tensor, or drop --config")
+        result = merge_recipe(recipe, output)
+        operator = result_operator = f"the recipe's {_recipe_method(result)}"
+    else:
+        if not operator:
+            raise UsageError("merge-files needs --operator NAME (or --config RECIPE.yml)",
+                             hint="for example: git theta merge-files --operator ties --base base.safetensors a.safetensors b.safetensors -o out.safetensors")
+        if not files:
+            raise UsageError("merge-files needs the checkpoint files to merge", hint="list them before -o OUT")
+        result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
+        result_operator = operator
+    _print_notes(getattr(result, "notes", ()))
     if result.conflicts:
         _report_conflicts([(output, o) for o in result.conflicts])
         raise MergeConflictError(
             f"{output} not written: the tensors above cannot be merged with {operator}",
             hint="give --base (operators on task vectors need one) or pick an operator that takes no base (linear)",
         )
-    click.echo(f"wrote {output}: {result.count('operator')} tensors merged with {operator}, {result.count('take')} copied")
+    click.echo(f"wrote {output}: {result.count('operator')} tensors merged with {result_operator}, "
+               f"{result.count('take')} copied")
+
+
+def _recipe_method(result):
+    return next((o.operator for o in result.outcomes if o.operator), "method")
+
+
+def _print_notes(notes):
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 COMMANDS = [merge_driver, merge, merge_files]

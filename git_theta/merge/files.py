@@ -19,10 +19,15 @@ from ..object_store import ObjectStore
 from ..peekable import PeekableReader
 from .config import build_config
 from .engine import check_config, merge_manifests
+from .plan import MERGEABLE_DTYPES
 
 
-def ingest(store, path):
-    """Read checkpoint ``path`` into ``store``; return its manifest and format plugin."""
+def ingest(store, path, dtype=None):
+    """Read checkpoint ``path`` into ``store``; return its manifest and format plugin.
+
+    ``dtype`` (a recipe's ``dtype:``) casts every floating tensor to that dtype first, as mergekit
+    casts its inputs before merging.
+    """
     try:
         handle = open(path, "rb")
     except OSError as exc:
@@ -33,6 +38,8 @@ def ingest(store, path):
         checkpoint = fmt.split(reader, str(path))
         manifest = Manifest(format=fmt.name)
         for tensor in checkpoint.tensors():
+            if dtype is not None and tensor.dtype != dtype and tensor.dtype in MERGEABLE_DTYPES:
+                tensor = _cast(tensor, dtype)
             tensor.digest = tensor_digest(tensor.data)
             manifest.tensors[tensor.name] = encode_tensor(store, tensor)
         manifest.fields = dict(checkpoint.fields)
@@ -40,21 +47,30 @@ def ingest(store, path):
     return manifest, fmt
 
 
+def _cast(tensor, dtype):
+    import numpy as np
+
+    from ..bits import from_float, to_float
+    from ..updates.base import TensorData
+
+    values = to_float(tensor.data, tensor.dtype, tensor.shape, np.float64)
+    return TensorData(tensor.name, dtype, tuple(tensor.shape), from_float(values, dtype))
+
+
 def merge_files(inputs, output, operator, params=None, base=None, every_tensor=False, seed=None, threads=None):
     """Merge checkpoint files ``inputs`` (first = "ours") into ``output``; return the FileMerge.
 
-    Nothing is written when a tensor conflicts (the FileMerge lists the conflicts).
+    One input needs ``base`` (the operator then works on its one task vector, e.g. ``dare_linear``
+    sparsifying a fine-tune) and merges every tensor. Nothing is written when a tensor conflicts
+    (the FileMerge lists the conflicts). ``result.notes`` holds one-line notes for the user.
     """
-    if len(inputs) < 2 and not every_tensor:
-        raise UsageError("merge-files needs at least two checkpoints", hint="list the files to merge")
-    from ..settings import Settings
-
-    settings = Settings()
-    threads = threads or settings.threads()
+    if len(inputs) < 2 and not (every_tensor or base):
+        raise UsageError("merge-files needs two checkpoints, or one and --base",
+                         hint="list the files to merge (or give the base a single fine-tune came from)")
+    every_tensor = every_tensor or len(inputs) == 1
     config = build_config([], operator=operator, params=params, seed=seed)
-    check_config(config, len(inputs))
-    with tempfile.TemporaryDirectory(prefix="theta-merge-files-") as tmp:
-        store = ObjectStore(Path(tmp) / "objects", fsync=False)
+    notes = check_config(config, len(inputs))
+    with _staging() as store:
         sides, formats = [], []
         for path in inputs:
             manifest, fmt = ingest(store, path)
@@ -62,13 +78,92 @@ def merge_files(inputs, output, operator, params=None, base=None, every_tensor=F
             formats.append(fmt)
         base_manifest = ingest(store, base)[0] if base else None
         labels = [os.path.basename(str(p)) for p in inputs]
-        result = merge_manifests(
-            str(output), base_manifest, sides, labels, config, store, every_tensor=every_tensor, workers=threads,
-            budget=settings.get_int("memoryBudget"),
-        )
-        if result.conflicts:
-            return result
-        write_checkpoint(result.manifest, formats[0], store, output, threads)
+        result = _merge_and_write(output, base_manifest, sides, labels, config, store, formats[0], every_tensor, threads)
+    result.notes = notes
+    return result
+
+
+def merge_recipe(recipe_path, output, threads=None, resolve=None):
+    """Run the mergekit recipe ``recipe_path`` on local checkpoints; write ``output``.
+
+    Model references are files, or folders holding one checkpoint file (:func:`checkpoint_file`).
+    Every tensor goes through the recipe's method, as in mergekit. Returns the FileMerge, with
+    ``notes`` (ignored recipe keys and parameters).
+    """
+    from .recipe import RecipeConfig, check, load_recipe, parts, sliced_manifests
+
+    recipe = load_recipe(recipe_path)
+    plan = parts(recipe)
+    notes = recipe.notes + check(recipe, plan)
+    if recipe.out_dtype is not None and recipe.out_dtype != recipe.dtype:
+        raise UsageError(f"{recipe_path}: out_dtype different from dtype is not supported",
+                         hint="drop out_dtype, or set dtype to the dtype you want written")
+    refs = list(dict.fromkeys(s.model for part in plan for s in part.inputs + ([part.base] if part.base else [])))
+    files = {ref: (resolve or checkpoint_file)(ref, recipe_path) for ref in refs}
+    with _staging() as store:
+        manifests, formats = {}, {}
+        for ref in refs:
+            manifests[ref], formats[ref] = ingest(store, files[ref], recipe.dtype)
+        fmt = formats[plan[0].inputs[0].model]
+        if recipe.slices is None:
+            sides = [manifests[s.model] for s in plan[0].inputs]
+            base = manifests[plan[0].base.model] if plan[0].base is not None else None
+            config = RecipeConfig(recipe, plan)
+        else:
+            sides, base, layout = sliced_manifests(recipe, plan, manifests, fmt.name)
+            config = RecipeConfig(recipe, plan, layout)
+        notes += check_config(config, len(sides))
+        labels = [s.model for s in plan[0].inputs]
+        result = _merge_and_write(output, base, sides, labels, config, store, fmt, True, threads)
+    result.notes = notes
+    return result
+
+
+def checkpoint_file(ref, recipe_path=None):
+    """The checkpoint a recipe's model reference names: a file, or a folder holding one checkpoint
+    (``model.safetensors``, else its only ``*.safetensors``, else ``pytorch_model.bin``)."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors"
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise UsageError(f"{recipe_path}: {ref} holds {len(found)} safetensors files (a sharded checkpoint?)",
+                             hint="merge a single-file checkpoint: name the file as the model")
+        if (path / "pytorch_model.bin").is_file():
+            return path / "pytorch_model.bin"
+        raise UsageError(f"{recipe_path}: {ref} holds no checkpoint file", hint="name the checkpoint file itself")
+    raise UsageError(f"{recipe_path}: model {ref!r} is not a local file or folder",
+                     hint="git theta merge-files reads local checkpoints only (nothing is downloaded); "
+                     "use a path, or git theta merge --config with branches")
+
+
+class _staging:
+    """A temporary object store for the inputs, removed afterwards."""
+
+    def __enter__(self):
+        self._tmp = tempfile.TemporaryDirectory(prefix="theta-merge-files-")
+        return ObjectStore(Path(self._tmp.name) / "objects", fsync=False)
+
+    def __exit__(self, *exc):
+        self._tmp.cleanup()
+
+
+def _merge_and_write(output, base, sides, labels, config, store, fmt, every_tensor, threads):
+    from ..settings import Settings
+
+    settings = Settings()
+    threads = threads or settings.threads()
+    result = merge_manifests(
+        str(output), base, sides, labels, config, store, every_tensor=every_tensor, workers=threads,
+        budget=settings.get_int("memoryBudget"),
+    )
+    if not result.conflicts:
+        write_checkpoint(result.manifest, fmt, store, output, threads)
     return result
 
 

@@ -99,7 +99,7 @@ class ArceeFusion(MergeOperator):
 
         a, b = models  # a plays mergekit's base_model
         diff = b - a
-        importance = np.abs(diff) * _kl_last_axis(b, a)[..., None] if b.ndim else np.abs(diff)
+        importance = np.abs(diff) * _kl_last_axis(b, a)[..., None] if b.ndim else np.abs(diff)  # |δ|·KL, as mergekit
         flat = importance.reshape(-1)
         if flat.size > self.SAMPLE:
             flat = flat[rng.integers(0, flat.size, self.SAMPLE)]  # with replacement, as mergekit
@@ -121,8 +121,23 @@ def _softmax(x):
 
 
 def _kl_last_axis(p_logits, q_logits, eps=1e-8):
-    """KL(softmax p ‖ softmax q) along the last axis, each softmax + eps (mergekit's importance)."""
+    """KL(softmax p ‖ softmax q) along the last axis, each softmax + eps (mergekit's importance).
+
+    Between a model and a close fine-tune this KL is of the order of float32 rounding (1e-7), so
+    its value, even its sign, depends on how softmax rounds: with torch installed it is computed
+    with torch's kernels, as mergekit does, so the same entries pass the threshold; numpy otherwise.
+    """
     import numpy as np
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        p_t, q_t = torch.from_numpy(np.ascontiguousarray(p_logits)), torch.from_numpy(np.ascontiguousarray(q_logits))
+        p = torch.softmax(p_t, dim=-1) + eps
+        q = torch.softmax(q_t, dim=-1) + eps
+        return torch.sum(p * torch.log(p / q), dim=-1).numpy()
 
     p = _softmax(p_logits) + p_logits.dtype.type(eps)
     q = _softmax(q_logits) + q_logits.dtype.type(eps)
