@@ -69,6 +69,8 @@ def merge_driver(base, ours, theirs, marker_size, pathname):
         sys.exit(2)
     finally:
         repo.close()
+    for note in getattr(result, "notes", ()):
+        print(f"git-theta: note: {note}", file=sys.stderr)
     if result.conflicts:
         print_conflicts(result, sys.stderr)
         print(f"hint: {conflict_hint()}", file=sys.stderr)
@@ -147,7 +149,9 @@ def _report_conflicts(conflicts):
 
 
 @click.command("merge")
-@click.argument("branches", nargs=-1, required=True)
+@click.argument("branches", nargs=-1)
+@click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yml",
+              help="Merge with a mergekit recipe whose models are revisions; BRANCHES may map NAME=REV.")
 @click.option("--operator", metavar="NAME|auto", help="Merge operator for tensors changed on several sides.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable); per-model values as comma lists, ours first.")
 @click.option("--base", metavar="REV", help="Merge base (default: the common merge base of HEAD and BRANCHES).")
@@ -155,11 +159,12 @@ def _report_conflicts(conflicts):
 @click.option("--dry-run", is_flag=True, help="Show per tensor the rule or operator and the similarity signals; write nothing.")
 @click.option("-m", "--message", help="Commit message of the merge commit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable output.")
-def merge(branches, operator, params, base, every_tensor, dry_run, message, as_json):
+def merge(branches, recipe, operator, params, base, every_tensor, dry_run, message, as_json):
     """Merge BRANCHES into HEAD, merging models tensor by tensor.
 
     One branch is a plain 'git merge' through the merge driver with this operator; several
     branches make one octopus merge commit where the operator sees all task vectors at once.
+    With --config, a mergekit recipe names the models as revisions (or NAME=REV arguments map them).
     """
     import subprocess
 
@@ -170,6 +175,13 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
 
     if as_json and not dry_run:
         raise UsageError("--json goes with --dry-run", hint="git theta merge --dry-run --json BRANCH...")
+    if recipe:
+        if operator or params or base or every_tensor:
+            raise UsageError("--config takes the operator, parameters and base from the recipe",
+                             hint="drop --operator, --param, --base and --every-tensor, or drop --config")
+        return _merge_recipe(recipe, branches, dry_run, message, as_json)
+    if not branches:
+        raise UsageError("git theta merge needs a BRANCH (or --config RECIPE.yml)", hint="git theta merge --operator ties BRANCH")
     repo = Repo(".")
     if repo.work_tree is None:
         raise UsageError("git theta merge needs a work tree")
@@ -177,7 +189,7 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     for branch in branches:
         porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
     if len(branches) == 1 and not (base or every_tensor or dry_run):
-        check_config(load_config(repo, [], operator, raw), 2)  # fail before git starts merging
+        _print_notes(check_config(load_config(repo, [], operator, raw), 2))  # fail before git starts merging
         if not repo.git("config", "--get", "merge.theta.driver", check=False).strip():
             raise UsageError(
                 "the git-theta merge driver is not configured (merge.theta.driver)",
@@ -193,11 +205,18 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     try:
         if dry_run:
             merged, _, _ = porcelain.plan_merge(repo, branches, operator, raw, base, every_tensor, dry_run=True)
+            _print_notes(merged.notes)
             print_plan(merged.files, merged.conflicts, as_json)
             return
         commit, merged = porcelain.run_merge(repo, branches, operator, raw, base, every_tensor, message)
     finally:
         repo.close()
+    _finish(commit, merged, len(branches) + 1)
+
+
+def _finish(commit, merged, parents):
+    """Report a porcelain merge: its notes, then the commit or the conflicts (exit 1)."""
+    _print_notes(merged.notes)
     if commit is None:
         _report_conflicts(merged.conflicts)
         raise MergeConflictError(
@@ -205,7 +224,32 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
             hint=conflict_hint(),
         )
     operated = sum(f.count("operator") for f in merged.files)
-    click.echo(f"Merge made by git theta merge ({len(branches) + 1} parents, {operated} tensors by operators): {commit[:12]}")
+    click.echo(f"Merge made by git theta merge ({parents} parents, {operated} tensors by operators): {commit[:12]}")
+
+
+def _merge_recipe(recipe, branches, dry_run, message, as_json):
+    """``git theta merge --config RECIPE [NAME=REV | REV]...``."""
+    from ..merge import porcelain
+    from ..repo import Repo
+
+    mapping = {}
+    for item in branches:
+        name, sep, rev = item.partition("=")
+        mapping[name] = rev if sep else name
+    repo = Repo(".")
+    if repo.work_tree is None:
+        raise UsageError("git theta merge needs a work tree")
+    try:
+        if dry_run:
+            merged, _, _ = porcelain.plan_recipe(repo, recipe, mapping, dry_run=True)
+            _print_notes(merged.notes)
+            print_plan(merged.files, merged.conflicts, as_json)
+            return
+        commit, merged = porcelain.run_recipe(repo, recipe, mapping, message)
+        parents = len(repo.git("rev-list", "--parents", "-n1", commit).split()) - 1 if commit else 0
+    finally:
+        repo.close()
+    _finish(commit, merged, parents)
 
 
 @click.command("merge-files")

@@ -161,23 +161,84 @@ class Loader:
     ``side_files``.
     """
 
-    def __init__(self, store, path, side=None):
+    def __init__(self, store, path, side=None, deltas=None):
         self.store = store
         self.path = path
         self.side = side
+        self.deltas = deltas  # a DeltaPolicy: store results as deltas of an input (None: dense)
 
-    def values(self, entry):
+    def raw(self, entry):
+        from ..codec import decode_tensor
+
+        return decode_tensor(self.store, entry, self.path)
+
+    def values(self, entry, raw=None):
         import numpy as np
 
         from ..bits import to_float
-        from ..codec import decode_tensor
 
         precision = np.float64 if entry.dtype == "F64" else np.float32
-        return to_float(decode_tensor(self.store, entry, self.path), entry.dtype, entry.shape, precision)
+        return to_float(self.raw(entry) if raw is None else raw, entry.dtype, entry.shape, precision)
+
+
+@dataclass(frozen=True)
+class DeltaPolicy:
+    """How merge results are stored: as the smallest exact encoding against ours, theirs or the
+    base (the same choice clean makes, :mod:`git_theta.choose`), within clean's chain limits."""
+
+    max_depth: int = 8  # theta.maxChainDepth
+    max_full: int = 1  # theta.maxFullDeltas
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(settings.get_int("maxChainDepth"), max(1, settings.get_int("maxFullDeltas")))
+
+
+def store_compact(store, tensor, candidates, policy):
+    """Store merged ``tensor`` as the smallest encoding against any of ``candidates`` ((entry, raw
+    bytes) of the inputs and the base), or dense; return its TensorEntry.
+
+    A candidate is skipped when a delta on it would pass ``theta.maxChainDepth``; one whose chain
+    holds ``theta.maxFullDeltas`` whole-tensor deltas takes only a partial (sparse) delta, as in clean.
+    """
+    from ..choose import choose
+    from ..clean import _partial_delta
+    from ..codec import encode_tensor, encoded_size, store_encoded
+    from ..updates.base import TensorData
+
+    best, seen = None, set()
+    for entry, raw in candidates:
+        if (entry is None or entry.digest in seen or entry.dtype != tensor.dtype
+                or tuple(entry.shape) != tuple(tensor.shape) or entry.chain_depth + 1 > policy.max_depth):
+            continue
+        seen.add(entry.digest)
+        base = TensorData(entry.name, entry.dtype, tuple(entry.shape), raw, entry.digest)
+        result = choose(tensor, base)
+        if (not result[0].keyframe and getattr(result[0], "full_pass", True)
+                and _full_deltas(store, entry) >= policy.max_full):
+            result = _partial_delta(tensor, base, None)
+            if result is None:
+                continue
+        if best is None or encoded_size(result[1]) < encoded_size(best[0][1]):
+            best = (result, base, entry)
+    if best is None:
+        return encode_tensor(store, tensor)
+    (update, encoded), base, entry = best
+    return store_encoded(store, tensor, update, encoded, base=base, base_entry=entry)
+
+
+def _full_deltas(store, entry):
+    """How many whole-tensor deltas (int-delta, low-rank, ...) ``entry``'s chain stacks."""
+    from ..codec import chain_headers
+
+    if entry.chain_depth == 0:
+        return 0
+    headers = chain_headers(store, entry)
+    return sum(getattr(plugins.get("update", h.get("update")), "full_pass", True) for h in headers[:-1])
 
 
 def merge_manifests(path, base, sides, labels, config, store, every_tensor=False, dry_run=False,
-                    with_signals=False, side_data=None, workers=1, budget=192 << 20):
+                    with_signals=False, side_data=None, workers=1, budget=192 << 20, deltas=None):
     """Merge manifests ``sides`` (ours first) against ``base`` (a Manifest or None).
 
     Returns a :class:`FileMerge`; conflicting tensors keep ours. With ``dry_run`` nothing is decoded
@@ -185,7 +246,9 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
     :class:`.side.SideData`) gives operators with ``side_files`` their per-side tensors. Up to
     ``workers`` tensors are merged at once (numpy, zstandard and hashlib release the GIL) while the
     raw bytes of their inputs stay under ``budget``; one merge always proceeds, so memory is bounded
-    by the largest tensor's merge (a small multiple of its inputs), never by the models.
+    by the largest tensor's merge (a small multiple of its inputs), never by the models. With
+    ``deltas`` (a :class:`DeltaPolicy`) a merged tensor is stored as a delta of an input when that
+    is smaller (a merge commit then costs about what its change costs); without, dense.
     """
     ours = sides[0]
     formats = {m.format for m in sides}
@@ -200,7 +263,7 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
         )
         setattr(merged, table, merged_table)
         outcomes += table_outcomes
-    loader = Loader(store, path, side_data)
+    loader = Loader(store, path, side_data, deltas)
     names = sorted(set().union(*(m.tensors for m in sides), base.tensors if base is not None else ()))
     layers = layer_count(names)  # for gradient parameters (params.position)
     pending = deque()  # (name, input bytes, future) of operator merges in flight, oldest first
@@ -320,8 +383,11 @@ def _run_operator(op, params, name, inputs, base_entry, base, config, loader, st
     from ..updates.base import TensorData
 
     like = inputs[0]
-    models = [loader.values(e) for e in inputs]
-    base_values = loader.values(base_entry) if base_entry is not None else None
+    raws = [loader.raw(e) for e in (*inputs, base_entry) if e is not None]
+    models = [loader.values(e, r) for e, r in zip(inputs, raws)]
+    base_values = loader.values(base_entry, raws[-1]) if base_entry is not None else None
+    if loader.deltas is None:
+        raws = None  # nothing to encode against: free the bytes now
     rng = np.random.default_rng(seed_for(config, name, [base, *inputs])) if op.random else None
     extra = {}
     files = tuple(getattr(op, "side_files", ()) or ())
@@ -348,7 +414,11 @@ def _run_operator(op, params, name, inputs, base_entry, base, config, loader, st
     for entry in (*inputs, base_entry):
         if entry is not None and entry.digest == digest:
             return entry  # e.g. an operator that returned one input: keep its objects (and delta chain)
-    return encode_tensor(store, TensorData(name, like.dtype, tuple(like.shape), data, digest))
+    tensor = TensorData(name, like.dtype, tuple(like.shape), data, digest)
+    if loader.deltas is not None:
+        candidates = list(zip([e for e in (*inputs, base_entry) if e is not None], raws))
+        return store_compact(store, tensor, candidates, loader.deltas)
+    return encode_tensor(store, tensor)
 
 
 def _signals(loader, inputs, base_entry):

@@ -33,7 +33,7 @@ class Ram(MergeOperator):
         tvs *= active
         scale = unique + shared / np.maximum(count, 1).astype(tvs.dtype)
         merged = (tvs * scale.astype(tvs.dtype)).sum(axis=0)
-        return base + merged.reshape(base.shape)
+        return np.asarray(base + merged.reshape(base.shape), dtype=base.dtype)
 
 
 class RamPlusTl(MergeOperator):
@@ -58,7 +58,7 @@ class RamPlusTl(MergeOperator):
         tvs *= active
         merged = (tvs * unique * boost[:, None]).sum(axis=0)
         merged += (tvs * (shared / np.maximum(count, 1).astype(tvs.dtype))).sum(axis=0)
-        return base + merged.reshape(base.shape)
+        return np.asarray(base + merged.reshape(base.shape), dtype=base.dtype)
 
 
 class NearSwap(MergeOperator):
@@ -79,7 +79,7 @@ class NearSwap(MergeOperator):
         a, b = models
         dtype = a.dtype.type
         weight = np.clip(dtype(params["t"]) / np.maximum(np.abs(a - b), dtype(1e-6)), 0, 1)
-        out = weight * b
+        out = np.asarray(weight * b, dtype=a.dtype)
         out += (1 - weight) * a
         return out
 
@@ -110,7 +110,7 @@ class ArceeFusion(MergeOperator):
         median, q1, q3 = part[idx[0]], part[idx[1]], part[idx[2]]
         threshold = median + importance.dtype.type(1.5) * (q3 - q1)
         diff *= importance >= threshold
-        return a + diff
+        return np.asarray(a + diff, dtype=a.dtype)
 
 
 def _softmax(x):
@@ -154,7 +154,9 @@ class Passthrough(MergeOperator):
 
     def merge(self, models, base, params, rng):
         scale = params["scale"][0]
-        return models[0] * models[0].dtype.type(scale) if scale != 1 else models[0].copy()
+        import numpy as np
+
+        return np.asarray(models[0] * models[0].dtype.type(scale), dtype=models[0].dtype)
 
 
 def _require(op, params, key, example):
