@@ -141,7 +141,7 @@ def parse_recipe(data, source="recipe"):
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
         raise UsageError(f"{source}: 'merge_method' is missing", hint="for example merge_method: ties")
-    get_operator(method, source)  # an unknown method: error naming the valid ones
+    get_operator(method, f"{source}: merge_method")  # an unknown method: error naming the valid ones
     recipe.method = method
     recipe.base_model = _ref(data.get("base_model"), source, "base_model") if data.get("base_model") is not None else None
     recipe.params = _params(data.get("parameters"), source, "parameters")
