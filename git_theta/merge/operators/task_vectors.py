@@ -85,8 +85,9 @@ def magnitude_mask(delta, density):
     del mag
     mag = np.abs(delta)
     mask = mag > threshold
-    if np.count_nonzero(mag == threshold) > k - np.count_nonzero(mask):
+    if threshold != 0 and np.count_nonzero(mag == threshold) > k - np.count_nonzero(mask):
         # several magnitudes equal the k-th: which of them survive is the order of mergekit's sort
+        # (tied zeros need no sort: keeping a zero or not changes nothing)
         chosen = _torch_top_k(mag, k)
         if chosen is not None:
             return chosen
