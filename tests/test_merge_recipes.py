@@ -353,3 +353,24 @@ def test_a_merge_commit_is_stored_as_a_delta(tmp_path, repo, fraction):
     repo.file("model.safetensors").unlink()
     repo.git("checkout", "--", "model.safetensors")
     assert repo.file("model.safetensors").read_bytes() == (tmp_path / "out.safetensors").read_bytes()
+
+
+def test_merge_files_reads_safetensors_inputs_in_place_and_notices_a_changed_file(files):
+    """Inputs are not copied into a temporary store: their tensors are read back from the files,
+    and a file that changed meanwhile is an error, never a silently wrong merge."""
+    from git_theta.errors import CheckpointError
+    from git_theta.merge.files import StreamedStore, ingest
+    from git_theta.object_store import ObjectStore
+
+    folder, models = files
+    store = StreamedStore(ObjectStore(folder / "tmp-objects", fsync=False))
+    manifest, _ = ingest(store, folder / "a.safetensors")
+    assert all(not e.objects for e in manifest.tensors.values())
+    assert not any(p.is_file() for p in (folder / "tmp-objects").rglob("*"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    entry = manifest.tensors[name]
+    assert np.frombuffer(store.read_tensor(entry), np.float32).reshape(entry.shape).tolist() == models["a"][name].tolist()
+    changed = dict(models["a"], **{name: models["a"][name] + 1})
+    save_safetensors(folder / "a.safetensors", changed)
+    with pytest.raises(CheckpointError, match="changed while it was being merged"):
+        store.read_tensor(entry)

@@ -170,7 +170,10 @@ class Loader:
     def raw(self, entry):
         from ..codec import decode_tensor
 
-        return decode_tensor(self.store, entry, self.path)
+        # merge-files reads input tensors from their files (files.StreamedStore), not the store
+        read = getattr(self.store, "read_tensor", None)
+        data = read(entry) if read is not None else None
+        return data if data is not None else decode_tensor(self.store, entry, self.path)
 
     def values(self, entry, raw=None):
         import numpy as np

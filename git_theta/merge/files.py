@@ -1,9 +1,13 @@
 """``git theta merge-files``: merge checkpoint files outside git history.
 
-Each input is read with its format plugin (the same ``split`` the clean filter uses) and stored
-tensor by tensor in a temporary object store, so the merge itself is exactly the one the driver
-does (:func:`.engine.merge_manifests`), then the result is written with the format's ``join`` (as
-smudge does) to a temporary file renamed onto the output. Memory stays near a few tensors.
+Each input is read once with its format plugin (the same ``split`` the clean filter uses) to hash
+its tensors; a tensor whose bytes lie contiguous in the file (every safetensors tensor) is not
+copied anywhere: the merge reads it back from the input file when it needs it (and checks its
+digest then, so a file changed meanwhile is an error, not a wrong merge). Tensors of formats that
+do not store raw bytes in place are staged in a temporary object store, as are the merged tensors.
+The merge itself is exactly the one the driver does (:func:`.engine.merge_manifests`); the result
+is written with the format's ``join`` (as smudge does) to a temporary file renamed onto the output.
+Memory stays near a few tensors.
 """
 
 import os
@@ -23,28 +27,102 @@ from .plan import MERGEABLE_DTYPES
 
 
 def ingest(store, path, dtype=None):
-    """Read checkpoint ``path`` into ``store``; return its manifest and format plugin.
+    """Read checkpoint ``path``; return its manifest and format plugin.
 
-    ``dtype`` (a recipe's ``dtype:``) casts every floating tensor to that dtype first, as mergekit
-    casts its inputs before merging.
+    Tensors found in place in the file are registered with ``store`` (a :class:`StreamedStore`)
+    to be read from the file later; the others are stored in it. ``dtype`` (a recipe's ``dtype:``)
+    casts every floating tensor to that dtype first, as mergekit casts its inputs before merging
+    (cast tensors are stored: they are not in the file).
     """
     try:
         handle = open(path, "rb")
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
     with handle:
-        reader = PeekableReader(handle)
+        reader = _Counting(PeekableReader(handle))
         fmt = detect_format(None, str(path), reader.peek(SNIFF_BYTES))
         checkpoint = fmt.split(reader, str(path))
         manifest = Manifest(format=fmt.name)
         for tensor in checkpoint.tensors():
-            if dtype is not None and tensor.dtype != dtype and tensor.dtype in MERGEABLE_DTYPES:
+            cast = dtype is not None and tensor.dtype != dtype and tensor.dtype in MERGEABLE_DTYPES
+            if cast:
                 tensor = _cast(tensor, dtype)
             tensor.digest = tensor_digest(tensor.data)
-            manifest.tensors[tensor.name] = encode_tensor(store, tensor)
+            entry = None if cast else store.in_place(path, handle, reader.offset, tensor)
+            manifest.tensors[tensor.name] = entry or encode_tensor(store, tensor)
         manifest.fields = dict(checkpoint.fields)
         manifest.blobs = {k: store.put_bytes(v) for k, v in checkpoint.blobs.items()}
     return manifest, fmt
+
+
+class _Counting:
+    """A reader that counts the bytes its user consumed (the offset in the file after a tensor)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.offset = 0
+
+    def peek(self, n):
+        return self.inner.peek(n)
+
+    def read(self, n=-1):
+        data = self.inner.read(n)
+        self.offset += len(data)
+        return data
+
+    def readinto(self, buf):
+        n = self.inner.readinto(buf)
+        self.offset += n or 0
+        return n
+
+    def readable(self):
+        return True
+
+    def __getattr__(self, name):  # anything else a format uses (offsets are then only claims,
+        return getattr(self.inner, name)  # checked against the file by StreamedStore.in_place)
+
+
+class StreamedStore:
+    """An object store for merge-files whose input tensors stay in their files.
+
+    Everything an ObjectStore does goes to the temporary store ``inner``; :meth:`in_place` registers
+    a tensor whose bytes are the file's bytes at a known offset, and :meth:`read_tensor` reads it
+    back (the engine's loader and the writer ask it before decoding from the store).
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self._places = {}  # digest -> (path, offset, size)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def in_place(self, path, handle, end, tensor):
+        """A TensorEntry with no objects for ``tensor`` when its bytes are ``path``'s bytes just
+        before offset ``end``; None when they are not (then the caller stores the tensor)."""
+        from ..manifest import TensorEntry
+
+        data = memoryview(tensor.data).cast("B")
+        begin = end - data.nbytes
+        if begin < 0:
+            return None
+        if os.pread(handle.fileno(), data.nbytes, begin) != data:
+            return None  # compressed, converted or not contiguous in the file: stage it
+        self._places.setdefault(tensor.digest, (str(path), begin, data.nbytes))
+        return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, "dense", ())
+
+    def read_tensor(self, entry):
+        """The bytes of ``entry`` read from its input file, or None when it is not in a file."""
+        place = self._places.get(entry.digest) if not entry.objects else None
+        if place is None:
+            return None
+        path, begin, size = place
+        with open(path, "rb") as handle:
+            data = os.pread(handle.fileno(), size, begin)
+        if len(data) != size or tensor_digest(data) != entry.digest:
+            raise CheckpointError(f"{path}: tensor {entry.name!r} changed while it was being merged",
+                                  hint="leave the input files alone during git theta merge-files, and run it again")
+        return data
 
 
 def _cast(tensor, dtype):
@@ -143,11 +221,11 @@ def checkpoint_file(ref, recipe_path=None):
 
 
 class _staging:
-    """A temporary object store for the inputs, removed afterwards."""
+    """A :class:`StreamedStore` over a temporary object store, removed afterwards."""
 
     def __enter__(self):
         self._tmp = tempfile.TemporaryDirectory(prefix="theta-merge-files-")
-        return ObjectStore(Path(self._tmp.name) / "objects", fsync=False)
+        return StreamedStore(ObjectStore(Path(self._tmp.name) / "objects", fsync=False))
 
     def __exit__(self, *exc):
         self._tmp.cleanup()
@@ -172,11 +250,18 @@ def write_checkpoint(manifest, fmt, store, output, threads):
     from ..settings import DEFAULTS
     from ..smudge import StoreTensorSource
 
+    class _Source(StoreTensorSource):
+        """Tensors taken from an input file are read from it, the others decoded from the store."""
+
+        def _decode(self, entry):
+            data = getattr(self._store, "read_tensor", lambda e: None)(entry)
+            return data if data is not None else super()._decode(entry)
+
     output = Path(output)
     fd, tmp = tempfile.mkstemp(prefix=output.name + ".", suffix=".tmp", dir=output.parent or ".")
     try:
         with os.fdopen(fd, "wb") as out, ThreadPoolExecutor(threads) as pool:
-            source = StoreTensorSource(manifest, store, pool, str(output), DEFAULTS["memoryBudget"][0])
+            source = _Source(manifest, store, pool, str(output), DEFAULTS["memoryBudget"][0])
             fmt.join(manifest.fields, source, out, str(output))
         os.replace(tmp, output)
     except BaseException:
