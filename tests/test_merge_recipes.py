@@ -114,6 +114,21 @@ def test_per_model_values_with_gradients_and_the_default_when_no_filter_matches(
         resolve(op, {"density": "[0.5,"}, 2)
 
 
+def test_thetamerge_rules_take_quoted_gradients_and_filter_lists():
+    from git_theta.errors import ConfigError
+    from git_theta.merge.config import build_config
+
+    text = 'lm_head.* ours\nmodel.layers.* slerp "t=[{filter: self_attn, value: [0, 1]}, {value: 0.5}]"\n'
+    config = build_config([], rules_text=text)
+    choice = config.choose("m.safetensors", "model.layers.3.self_attn.q_proj.weight")
+    assert choice.operator == "slerp"
+    got = resolve(plugins.get("merge", "slerp"), choice.params, 2, tensor="model.layers.3.self_attn.q_proj.weight",
+                  x=position("model.layers.3.self_attn.q_proj.weight", LAYERS))
+    assert got["t"] == 1.0
+    with pytest.raises(ConfigError, match="unbalanced quotes"):
+        build_config([], rules_text='model.* slerp "t=[0, 1]\n')
+
+
 # ------------------------------------------------------------------------------------------------
 # recipe parsing
 

@@ -3,8 +3,10 @@
 :func:`merge_manifests` is shared by the merge driver (two sides: ours, theirs), the porcelain
 (any number of sides) and ``merge-files``. Tensors decided by the structural rules (:mod:`.plan`)
 are taken without being loaded. A tensor left to an operator is decoded from the store, widened to
-float32 (float64 for F64), merged, rounded back to its dtype and stored as a dense object. Only the
-tensors of the merges in flight (a few, within a byte budget) are in memory, never the models.
+float32 (float64 for F64), merged, rounded back to its dtype and stored: inside git as the smallest
+exact encoding against ours, theirs or the base (:class:`DeltaPolicy`), else densely. Parameters are
+evaluated per tensor (gradients at its layer, filter lists by its name). Only the tensors of the
+merges in flight (a few, within a byte budget) are in memory, never the models.
 """
 
 import hashlib
