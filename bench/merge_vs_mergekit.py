@@ -49,6 +49,13 @@ CASES = [
     ("model_stock singular", "model_stock", {}, "a-a", True),
     ("sce topk=0.5", "sce", {"select_topk": 0.5}, "abc", True),
     ("sce", "sce", {}, "ab", True),
+    ("ties d=0.3 equal magnitudes", "ties", {"density": 0.3}, "qq", True),
+    ("ties d=0.5 equal magnitudes 3 models", "ties", {"density": 0.5, "weight": [1.0, 0.5, 2.0]}, "qqq", True),
+    ("ram 3 models", "ram", {}, "sparse", True),
+    ("ramplus_tl 3 models", "ramplus_tl", {"r": 0.5, "alpha": 0.4}, "sparse", True),
+    ("nearswap t=0.5", "nearswap", {"t": 0.5}, "ab", "first"),
+    ("arcee_fusion", "arcee_fusion", {}, "ab", "first"),
+    ("passthrough scale=0.5", "passthrough", {"scale": [0.5]}, "a", False),
 ]
 RANDOM = [
     ("dare_linear d=0.3", "dare_linear", {"density": 0.3}, "ab", True),
@@ -57,7 +64,7 @@ RANDOM = [
     ("della_linear d=0.5", "della_linear", {"density": 0.5}, "ab", True),
 ]
 
-COUNT = {"ab": 2, "abc": 3, "a2a": 2, "a-a": 2, "ao": 2}
+COUNT = {"ab": 2, "abc": 3, "a2a": 2, "a-a": 2, "ao": 2, "qq": 2, "qqq": 3, "sparse": 3, "a": 1}
 
 CHILD = r"""
 import json, sys
@@ -70,15 +77,17 @@ for i, (label, name, params, inputs, uses_base) in enumerate(cases):
     tensors = []
     while f"{i}_{len(tensors)}" in data:
         tensors.append(torch.from_numpy(data[f"{i}_{len(tensors)}"]))
-    if uses_base:
+    if uses_base is True:
         tensors = [torch.from_numpy(data[f"{i}_base"])] + tensors
     mk_params = {}
     for key, value in params.items():
         if isinstance(value, list):
-            value = ([None] if uses_base else []) + value  # per input; the base gets none
+            value = ([None] if uses_base is True else []) + value  # per input; the base gets none
             value = {k: v for k, v in enumerate(value) if v is not None}
         mk_params[key] = value
-    if name == "slerp":
+    if uses_base == "first":  # nearswap, arcee_fusion: the first input plays base_model
+        res = merge_tensors(tensors, name, parameters=mk_params, base_index=0)
+    elif name == "slerp":
         res = merge_tensors(tensors, name, parameters=mk_params, base_index=0)
     else:
         res = merge_tensors(tensors, name, parameters=mk_params, base_index=0 if uses_base else None)
@@ -98,6 +107,13 @@ def inputs_for(spec, rng, shape=(24, 16)):
         return base, [a, -a]
     if spec == "ao":
         return base, [a, base.copy()]
+    if spec in ("qq", "qqq"):  # task vectors on a coarse grid: many equal magnitudes at the k-th
+        steps = [base + np.round(rng.normal(size=shape) * 2).astype(np.float32) / 4 for _ in spec]
+        return base, steps
+    if spec == "sparse":  # each fine-tune changes a third of the entries; some overlap
+        return base, [base + rng.normal(size=shape).astype(np.float32) * (rng.random(shape) < 0.33) for _ in range(3)]
+    if spec == "a":
+        return base, [a]
     return base, {"ab": [a, b], "abc": [a, b, c]}[spec]
 
 

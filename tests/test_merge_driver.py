@@ -284,11 +284,11 @@ def test_bad_input_shape_mismatch_missing_object_and_parameters(repo):
     repo.git("merge", "--abort")
     for config, message in (
         ("theta.merge.density=1.5", "must be in [0.0, 1.0], got 1.5"),
-        ("theta.merge.densty=0.5", "has no parameter 'densty'"),
+        ("theta.merge.densty=0.5", "no merge operator has a parameter 'densty'"),
     ):
         proc = repo.git("-c", "theta.merge.operator=ties", "-c", config, "merge", "--no-edit", "theirs", check=False)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr
-        assert "hint: parameters of ties:" in proc.stderr
+        assert "hint: parameters" in proc.stderr and "ties" in proc.stderr
         assert repo.status().startswith("UU ")
         repo.git("merge", "--abort")
         assert repo.file(MODEL).read_bytes() == before
@@ -381,13 +381,21 @@ def test_rules_format_and_precedence():
         build_config([], rules_text="x linear weight\n")
 
 
-def test_a_global_parameter_no_configured_operator_takes_is_refused():
+def test_config_scope_git_config_notes_explicit_param_errors_typos_refused():
+    """A git config parameter applies where it is taken and is noted elsewhere; only --param (or a
+    name no operator has) is an error, naming where the value came from."""
     from git_theta.errors import UsageError
     from git_theta.merge.engine import check_config
 
-    config = build_config([("rule", "embed.* ours"), ("rule", "layer.* linear"), ("density", "0.2")])
-    with pytest.raises(UsageError, match="'density' is not a parameter of any configured operator"):
-        check_config(config)
+    notes = check_config(build_config([("rule", "embed.* ours"), ("rule", "layer.* linear"), ("density", "0.2")]))
+    assert notes == ["git config theta.merge.density is ignored by linear, which does not take 'density'"]
+    notes = check_config(build_config([("density", "0.2")], operator="task_arithmetic"))
+    assert notes == ["git config theta.merge.density is ignored by task_arithmetic, which does not take 'density'"]
+    assert check_config(build_config([("density", "0.2")], operator="ties")) == []
+    with pytest.raises(UsageError, match=r"has no parameter 'density' \(from --param density=0.2\)"):
+        check_config(build_config([], operator="task_arithmetic", params={"density": "0.2"}))
+    with pytest.raises(UsageError, match="git config theta.merge.densty: no merge operator has a parameter 'densty'"):
+        check_config(build_config([("densty", "0.2")], operator="ties"))
     check_config(build_config([("rule", "layer.* ties"), ("rule", "* linear"), ("density", "0.2")]))
     check_config(build_config([("operator", "auto"), ("density", "0.2")]))
 

@@ -22,11 +22,16 @@ from git_theta.merge.params import resolve
 EXPECTED = {
     "ours", "theirs", "base", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
     "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "slerp", "nuslerp",
-    "multislerp", "karcher", "model_stock", "sce",
+    "multislerp", "karcher", "model_stock", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion",
+    "passthrough",
 }  # fmt: skip
 # The built-in operators (installed plugin packages, e.g. Fisher with its side data, test themselves).
 ALL = sorted(row["name"] for row in plugins.describe() if row["kind"] == "merge" and row["builtin"])
 RANDOM = ["dare_linear", "dare_ties", "della", "della_linear"]
+#: random only to sample tensors of more than a million entries
+SAMPLING = ["arcee_fusion"]
+#: parameters without a default (mergekit requires them), for the tests that run every operator
+NEEDED = {"nearswap": {"t": 0.3}}
 
 
 def op(name):
@@ -35,6 +40,9 @@ def op(name):
 
 def run(name, models, base=None, seed=0, **raw):
     operator = op(name)
+    if operator.max_models == 1:  # passthrough: one input
+        models = models[:1]
+    raw = {**NEEDED.get(name, {}), **raw}
     params = resolve(operator, {k: str(v) for k, v in raw.items()}, len(models))
     rng = np.random.default_rng(seed) if operator.random else None
     # Operators that read side files (the fisher plugin) get neutral side tensors: ones per model.
@@ -60,7 +68,7 @@ def test_every_builtin_is_registered_with_its_name_and_documented():
         operator = op(name)
         assert isinstance(operator, MergeOperator) and operator.name == name
         assert operator.summary and operator.paper
-        assert operator.random == (name in RANDOM)
+        assert operator.random == (name in RANDOM or name in SAMPLING)
 
 
 @pytest.mark.parametrize("name", sorted(set(ALL) - {"theirs"}))
@@ -183,11 +191,21 @@ def test_ties_sign_election_ties_and_sum_vs_count():
     np.testing.assert_array_equal(out, [2.0, -4.0, 3.0, 0.0])
 
 
-def test_ties_equal_magnitudes_trim_deterministically():
-    base = np.zeros(6, dtype=np.float32)
-    a = np.array([1, -1, 1, -1, 1, -1], dtype=np.float32)  # all equal magnitudes
-    out = run("ties", [a, base], base, density=0.5)
-    np.testing.assert_array_equal(out, [1, -1, 1, 0, 0, 0])
+def test_ties_equal_magnitudes_break_at_the_kth_as_mergekits_sort():
+    """mergekit keeps ``argsort(|δ| as float32, descending)[:k]``; torch's sort is not stable, so
+    among magnitudes equal to the k-th the survivors are its sort's choice, not index order."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    base = np.zeros(5000, dtype=np.float32)
+    a = (rng.integers(-3, 4, size=5000) / 4).astype(np.float32)  # 7 magnitudes: ties everywhere
+    k = int(0.3 * a.size)
+    keep = np.zeros(a.size, dtype=bool)
+    keep[torch.argsort(torch.from_numpy(np.abs(a)), descending=True)[:k].numpy()] = True
+    out = run("ties", [a], base, density=0.3)
+    np.testing.assert_array_equal(out, np.where(keep, a, 0))
+    index_order = np.abs(a) > np.sort(np.abs(a))[-k]
+    index_order[np.flatnonzero(np.abs(a) == np.sort(np.abs(a))[-k])[: k - index_order.sum()]] = True
+    assert not np.array_equal(keep, index_order)  # the case the rule matters for
 
 
 def test_ties_theirs_unchanged_at_density_1_is_ours():
@@ -499,7 +517,7 @@ def test_theirs_is_refused_for_octopus_merges():
 @pytest.mark.parametrize("shape", [(), (1,), (2, 3, 2)])
 @pytest.mark.parametrize("name", sorted(set(ALL) - {"theirs"}))
 def test_scalar_single_entry_and_3d_tensors(name, shape):
-    models, base = triple(shape=shape, seed=13, n=3 if name not in ("slerp", "nuslerp") else 2)
+    models, base = triple(shape=shape, seed=13, n=min(3, op(name).max_models or 3))
     raw = {"density": 0.5} if name in RANDOM else {}
     out = run(name, models, base, **raw)
     assert isinstance(out, np.ndarray) and out.shape == shape and out.dtype == np.float32
@@ -548,3 +566,85 @@ def test_ties_on_disjoint_updates_is_task_arithmetic(data):
     a = np.where(np.arange(9) % 2 == 0, a, base)  # ours changes even entries, theirs odd ones
     b = np.where(np.arange(9) % 2 == 1, b, base)
     np.testing.assert_allclose(run("ties", [a, b], base), run("task_arithmetic", [a, b], base), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# ram, ramplus_tl, nearswap, arcee_fusion, passthrough (MERGE-OPERATORS.md §7), entry by entry
+
+
+def _sparse_models(n=3, size=40, seed=21):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=size)
+    models = [base + rng.normal(size=size) * (rng.random(size) < 0.4) for _ in range(n)]
+    return models, base
+
+
+def test_ram_keeps_unique_changes_and_averages_shared_ones():
+    models, base = _sparse_models()
+    eps = 1e-5
+    ref = base.copy()
+    for j in range(base.size):
+        active = [m[j] - base[j] for m in models if abs(m[j] - base[j]) > eps]
+        if len(active) == 1:
+            ref[j] += active[0]
+        elif active:
+            ref[j] += sum(active) / len(active)
+    np.testing.assert_allclose(run("ram", models, base), ref, rtol=1e-12, atol=1e-12)
+    # one model: its task vector whole (entries under epsilon dropped)
+    np.testing.assert_allclose(run("ram", models[:1], base), models[0], atol=1e-12)
+
+
+def test_ramplus_tl_boosts_unique_changes_by_the_overlap_ratio():
+    models, base = _sparse_models(seed=22)
+    r, alpha, eps = 0.5, 0.4, 1e-5
+    deltas = [m - base for m in models]
+    active = [np.abs(d) > eps for d in deltas]
+    count = sum(a.astype(int) for a in active)
+    ref = base.copy()
+    for k, (d, a) in enumerate(zip(deltas, active)):
+        shared, unique = int(np.sum(a & (count > 1))), int(np.sum(a & (count == 1)))
+        boost = 1 + r * min(max(shared / max(unique, eps), 0), alpha)
+        for j in range(base.size):
+            if a[j]:
+                ref[j] += d[j] * boost if count[j] == 1 else d[j] / count[j]
+    out = run("ramplus_tl", models, base, r=r, alpha=alpha)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_nearswap_takes_the_other_value_where_the_models_are_close():
+    rng = np.random.default_rng(23)
+    a = rng.normal(size=30)
+    b = a + rng.normal(size=30) * np.where(np.arange(30) % 3 == 0, 0.01, 1.0)
+    t = 0.05
+    ref = np.array([(min(max(t / max(abs(y - x), 1e-6), 0), 1)) * y + (1 - min(max(t / max(abs(y - x), 1e-6), 0), 1)) * x
+                    for x, y in zip(a, b)])
+    np.testing.assert_allclose(run("nearswap", [a, b], None, t=t), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(UsageError, match="needs parameter 't'"):
+        resolve(op("nearswap"), {}, 2)
+
+
+def test_arcee_fusion_imports_the_salient_changes():
+    rng = np.random.default_rng(24)
+    a = rng.normal(size=(6, 50))
+    b = a + rng.normal(size=(6, 50)) * 0.5 * (rng.random((6, 50)) < 0.3)
+    imp = np.zeros_like(a)
+    for i in range(6):
+        p = np.exp(b[i]) / np.exp(b[i]).sum() + 1e-8
+        q = np.exp(a[i]) / np.exp(a[i]).sum() + 1e-8
+        kl = sum(pj * math.log(pj / qj) for pj, qj in zip(p, q))
+        imp[i] = np.abs(b[i] - a[i]) * kl
+    flat = np.sort(imp.ravel())
+    n = flat.size
+    thr = flat[int(0.5 * (n - 1))] + 1.5 * (flat[int(0.75 * (n - 1))] - flat[int(0.25 * (n - 1))])
+    ref = a + (b - a) * (imp >= thr)
+    out = run("arcee_fusion", [a, b], None)
+    np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-12)
+    assert 0 < np.count_nonzero(out != a) < np.count_nonzero(b != a)  # some changes in, not all
+
+
+def test_passthrough_scales_its_one_input():
+    models, _ = triple()
+    np.testing.assert_array_equal(run("passthrough", models[:1], scale=0.5), models[0] * np.float32(0.5))
+    np.testing.assert_array_equal(run("passthrough", models[:1]), models[0])
+    with pytest.raises(UsageError, match="exactly 1"):
+        resolve(op("passthrough"), {}, 2)

@@ -69,6 +69,8 @@ def merge_driver(base, ours, theirs, marker_size, pathname):
         sys.exit(2)
     finally:
         repo.close()
+    for note in getattr(result, "notes", ()):
+        print(f"git-theta: note: {note}", file=sys.stderr)
     if result.conflicts:
         print_conflicts(result, sys.stderr)
         print(f"hint: {conflict_hint()}", file=sys.stderr)
@@ -147,7 +149,9 @@ def _report_conflicts(conflicts):
 
 
 @click.command("merge")
-@click.argument("branches", nargs=-1, required=True)
+@click.argument("branches", nargs=-1)
+@click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yml",
+              help="Merge with a mergekit recipe whose models are revisions; BRANCHES may map NAME=REV.")
 @click.option("--operator", metavar="NAME|auto", help="Merge operator for tensors changed on several sides.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable); per-model values as comma lists, ours first.")
 @click.option("--base", metavar="REV", help="Merge base (default: the common merge base of HEAD and BRANCHES).")
@@ -155,19 +159,21 @@ def _report_conflicts(conflicts):
 @click.option("--dry-run", is_flag=True, help="Show per tensor the rule or operator and the similarity signals; write nothing.")
 @click.option("-m", "--message", help="Commit message of the merge commit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable output.")
-def merge(branches, operator, params, base, every_tensor, dry_run, message, as_json):
+def merge(branches, recipe, operator, params, base, every_tensor, dry_run, message, as_json):
     """Merge BRANCHES into HEAD, merging models tensor by tensor.
 
     One branch is a plain 'git merge' through the merge driver with this operator; several
     branches make one octopus merge commit where the operator sees all task vectors at once.
     A tensor changed on one side only is taken from that side bit for bit; only tensors changed
     on several sides go to an operator. A sharded model re-sharded on a side is merged whole, by
-    tensor name, into one layout.
+    tensor name, into one layout. With --config, a mergekit recipe names the models as revisions
+    (or NAME=REV arguments map them).
 
     \b
     Operators (mergekit's names and parameters): ours, theirs, base, linear,
     task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
     della, della_linear, sce, slerp, nuslerp, multislerp, karcher, model_stock,
+    ram, ramplus_tl, nearswap, arcee_fusion, passthrough,
     plus those of installed plugins ('git theta plugins'); 'auto' picks one per
     tensor from the task vectors' similarity.
 
@@ -187,6 +193,13 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
 
     if as_json and not dry_run:
         raise UsageError("--json goes with --dry-run", hint="git theta merge --dry-run --json BRANCH...")
+    if recipe:
+        if operator or params or base or every_tensor:
+            raise UsageError("--config takes the operator, parameters and base from the recipe",
+                             hint="drop --operator, --param, --base and --every-tensor, or drop --config")
+        return _merge_recipe(recipe, branches, dry_run, message, as_json)
+    if not branches:
+        raise UsageError("git theta merge needs a BRANCH (or --config RECIPE.yml)", hint="git theta merge --operator ties BRANCH")
     repo = Repo(".")
     if repo.work_tree is None:
         raise UsageError("git theta merge needs a work tree")
@@ -197,7 +210,7 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     if one_git_merge and porcelain.needs_model_merge(repo, branches[0]):
         one_git_merge = False  # a side re-sharded a model: merged whole here, git cannot pair the shards
     if one_git_merge:
-        check_config(load_config(repo, [], operator, raw), 2)  # fail before git starts merging
+        _print_notes(check_config(load_config(repo, [], operator, raw), 2))  # fail before git starts merging
         if not repo.git("config", "--get", "merge.theta.driver", check=False).strip():
             raise UsageError(
                 "the git-theta merge driver is not configured (merge.theta.driver)",
@@ -213,11 +226,18 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     try:
         if dry_run:
             merged, _, _ = porcelain.plan_merge(repo, branches, operator, raw, base, every_tensor, dry_run=True)
+            _print_notes(merged.notes)
             print_plan(merged.files, merged.conflicts, as_json)
             return
         commit, merged = porcelain.run_merge(repo, branches, operator, raw, base, every_tensor, message)
     finally:
         repo.close()
+    _finish(commit, merged, len(branches) + 1)
+
+
+def _finish(commit, merged, parents):
+    """Report a porcelain merge: its notes, then the commit or the conflicts (exit 1)."""
+    _print_notes(merged.notes)
     if commit is None:
         _report_conflicts(merged.conflicts)
         raise MergeConflictError(
@@ -225,29 +245,81 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
             hint=conflict_hint(),
         )
     operated = sum(f.count("operator") for f in merged.files)
-    click.echo(f"Merge made by git theta merge ({len(branches) + 1} parents, {operated} tensors by operators): {commit[:12]}")
+    click.echo(f"Merge made by git theta merge ({parents} parents, {operated} tensors by operators): {commit[:12]}")
+
+
+def _merge_recipe(recipe, branches, dry_run, message, as_json):
+    """``git theta merge --config RECIPE [NAME=REV | REV]...``."""
+    from ..merge import porcelain
+    from ..repo import Repo
+
+    mapping = {}
+    for item in branches:
+        name, sep, rev = item.partition("=")
+        mapping[name] = rev if sep else name
+    repo = Repo(".")
+    if repo.work_tree is None:
+        raise UsageError("git theta merge needs a work tree")
+    try:
+        if dry_run:
+            merged, _, _ = porcelain.plan_recipe(repo, recipe, mapping, dry_run=True)
+            _print_notes(merged.notes)
+            print_plan(merged.files, merged.conflicts, as_json)
+            return
+        commit, merged = porcelain.run_recipe(repo, recipe, mapping, message)
+        parents = len(repo.git("rev-list", "--parents", "-n1", commit).split()) - 1 if commit else 0
+    finally:
+        repo.close()
+    _finish(commit, merged, parents)
 
 
 @click.command("merge-files")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--operator", required=True, metavar="NAME", help="Merge operator.")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yml",
+              help="Run a mergekit recipe (models are local files or folders); no FILES then.")
+@click.option("--operator", metavar="NAME", help="Merge operator (required without --config).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable).")
 @click.option("--base", type=click.Path(exists=True, dir_okay=False), help="The common base checkpoint.")
 @click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the merged checkpoint.")
-def merge_files(files, operator, params, base, every_tensor, output):
-    """Merge checkpoint FILES (outside git history) into OUTPUT."""
+def merge_files(files, recipe, operator, params, base, every_tensor, output):
+    """Merge checkpoint FILES (outside git history) into OUTPUT, or run a mergekit recipe."""
     from ..merge.config import parse_param_flags
     from ..merge.files import merge_files as run
+    from ..merge.files import merge_recipe
 
-    result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
+    if recipe:
+        if files or operator or params or base or every_tensor:
+            raise UsageError("--config takes the models, operator and parameters from the recipe",
+                             hint="drop FILES, --operator, --param, --base and --every-tensor, or drop --config")
+        result = merge_recipe(recipe, output)
+        operator = result_operator = f"the recipe's {_recipe_method(result)}"
+    else:
+        if not operator:
+            raise UsageError("merge-files needs --operator NAME (or --config RECIPE.yml)",
+                             hint="for example: git theta merge-files --operator ties --base base.safetensors a.safetensors b.safetensors -o out.safetensors")
+        if not files:
+            raise UsageError("merge-files needs the checkpoint files to merge", hint="list them before -o OUT")
+        result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
+        result_operator = operator
+    _print_notes(getattr(result, "notes", ()))
     if result.conflicts:
         _report_conflicts([(output, o) for o in result.conflicts])
         raise MergeConflictError(
             f"{output} not written: the tensors above cannot be merged with {operator}",
             hint="give --base (operators on task vectors need one) or pick an operator that takes no base (linear)",
         )
-    click.echo(f"wrote {output}: {result.count('operator')} tensors merged with {operator}, {result.count('take')} copied")
+    click.echo(f"wrote {output}: {result.count('operator')} tensors merged with {result_operator}, "
+               f"{result.count('take')} copied")
+
+
+def _recipe_method(result):
+    return next((o.operator for o in result.outcomes if o.operator), "method")
+
+
+def _print_notes(notes):
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 COMMANDS = [merge_driver, merge, merge_files]

@@ -44,6 +44,11 @@ class MergeConfig:
     rules: list = field(default_factory=list)
     attributes: dict = field(default_factory=dict)  # path -> operator name (None: unspecified)
     operator_origin: str = "theta.merge.operator"
+    #: where each parameter value came from ("git config theta.merge.density", "--param density=0.2")
+    origins: dict = field(default_factory=dict)
+    #: parameters given explicitly (``--param``): an operator that does not take one is an error;
+    #: the others (git config) apply to the operators that take them and are ignored by the rest
+    explicit: frozenset = frozenset()
 
     def choose(self, path, tensor_name):
         """The Choice for tensor ``tensor_name`` of checkpoint ``path``, or None when nothing is set."""
@@ -55,9 +60,9 @@ class MergeConfig:
                               frozenset(rule.params))
         attribute = self.attributes.get(path)
         if attribute:
-            return Choice(attribute, dict(self.params), f"attribute theta-merge={attribute}", frozenset(self.params))
+            return Choice(attribute, dict(self.params), f"attribute theta-merge={attribute}", self.explicit)
         if self.operator:
-            return Choice(self.operator, dict(self.params), self.operator_origin, frozenset(self.params))
+            return Choice(self.operator, dict(self.params), self.operator_origin, self.explicit)
         return None
 
 
@@ -99,6 +104,7 @@ def build_config(pairs, rules_text=None, operator=None, params=None, seed=None, 
                 config_rules.append(rule)
         else:
             config.params[normalize_key(key)] = value.strip()
+            config.origins[normalize_key(key)] = f"git config theta.merge.{key}"
     flag_rules = [parse_rule(text, "--rule") for text in rules]
     config.rules = [r for r in flag_rules if r is not None] + config_rules
     if rules_text is not None:
@@ -108,6 +114,8 @@ def build_config(pairs, rules_text=None, operator=None, params=None, seed=None, 
         config.operator_origin = "--operator"
     for key, value in (params or {}).items():
         config.params[normalize_key(key)] = value
+        config.origins[normalize_key(key)] = f"--param {normalize_key(key)}={value}"
+    config.explicit = frozenset(normalize_key(k) for k in (params or {}))
     if seed is not None:
         config.seed = parse_seed(seed, "--seed")
     return config

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..manifest import Manifest, is_manifest
 from .config import load_config
-from .engine import FileMerge, Outcome, check_config, merge_manifests
+from .engine import DeltaPolicy, FileMerge, Outcome, check_config, merge_manifests
 from .side import SideData
 
 LABELS = ("ours", "theirs")
@@ -36,7 +36,7 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
         return FileMerge(pathname, None, [Outcome("file", "conflict", message)])
     base = _manifest(base_file, "base", pathname)
     config = load_config(repo, [pathname])
-    check_config(config, len(LABELS))
+    notes = check_config(config, len(LABELS))
     from ..settings import settings_for
 
     settings = settings_for(repo)
@@ -44,9 +44,11 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
     result = merge_manifests(
         pathname, base, [ours, theirs], list(LABELS), config, repo.store, side_data=side_data,
         workers=settings.threads(), budget=settings.get_int("memoryBudget"),
+        deltas=DeltaPolicy.from_settings(settings),
     )
     _flag_moved(repo, pathname, ours, theirs, result)
     Path(ours_file).write_bytes(result.manifest.serialize())
+    result.notes = notes
     return result
 
 

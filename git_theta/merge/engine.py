@@ -3,8 +3,10 @@
 :func:`merge_manifests` is shared by the merge driver (two sides: ours, theirs), the porcelain
 (any number of sides) and ``merge-files``. Tensors decided by the structural rules (:mod:`.plan`)
 are taken without being loaded. A tensor left to an operator is decoded from the store, widened to
-float32 (float64 for F64), merged, rounded back to its dtype and stored as a dense object. Only the
-tensors of the merges in flight (a few, within a byte budget) are in memory, never the models.
+float32 (float64 for F64), merged, rounded back to its dtype and stored: inside git as the smallest
+exact encoding against ours, theirs or the base (:class:`DeltaPolicy`), else densely. Parameters are
+evaluated per tensor (gradients at its layer, filter lists by its name). Only the tensors of the
+merges in flight (a few, within a byte budget) are in memory, never the models.
 """
 
 import hashlib
@@ -18,6 +20,7 @@ from ..dtypes import nbytes
 from ..errors import GitThetaError, UsageError
 from ..manifest import Manifest
 from .operator import OperatorError
+from .params import describe, layer_count, position
 from .plan import decide
 
 #: operators that pick one input: resolved by entry, bit for bit, whatever the dtype or shape
@@ -70,34 +73,54 @@ def get_operator(name, origin=""):
 
 
 def check_config(config, n_sides=2):
-    """Fail early, before anything is merged, on unknown operators and bad parameters."""
-    names = [(r.operator, f"rule '{r.glob} {r.operator}' ({r.source})", r.params) for r in config.rules]
-    names += [(a, "attribute theta-merge", config.params) for a in config.attributes.values() if a]
+    """Fail early, before anything is merged, on unknown operators and bad parameters.
+
+    Returns notes (one line each) about parameters from git config that an operator does not take:
+    they apply to the operators that take them and are ignored by the others. Only an explicit
+    ``--param`` (``config.explicit``) that the operator does not take is an error, naming its origin.
+    """
+    names = [(r.operator, f"rule '{r.glob} {r.operator}' ({r.source})", r.params, frozenset(r.params))
+             for r in config.rules]
+    names += [(a, "attribute theta-merge", config.params, config.explicit) for a in config.attributes.values() if a]
     if config.operator:
-        names.append((config.operator, config.operator_origin, config.params))
+        names.append((config.operator, config.operator_origin, config.params, config.explicit))
     accepted = set()  # every parameter name some configured operator takes
-    for name, origin, params in names:
+    notes = []
+    for name, origin, params, strict in names:
         op = get_operator(name, origin)
         if name == AUTO:
             accepted.update(*(plugins.get("merge", n).params for n in AUTO_CHOICES if n in plugins.names("merge")))
         if op is None:
             continue
         accepted.update(op.params)
+        for key in sorted(set(strict) - set(op.params)):
+            where = config.origins.get(key, origin) if strict is config.explicit else origin
+            raise UsageError(
+                f"merge operator {name!r} has no parameter {key!r} (from {where})",
+                hint=f"{describe(op)}; drop the parameter or pick an operator that takes it",
+            )
         from .params import resolve
 
         try:
-            resolve(op, _known(op, params, strict=params), n_sides)
+            resolve(op, _known(op, params, strict=strict), n_sides)
         except UsageError as exc:
             raise UsageError(f"{exc.message} (from {origin})", hint=exc.hint) from None
-    configured = [name for name, _, _ in names if name not in PICKS]
-    unknown = sorted(set(config.params) - accepted)
-    if configured and unknown:
-        # rule operators take the global parameters they know; one that no operator knows is a typo
+    configured = sorted({name for name, _, _, _ in names if name not in PICKS})
+    known = set().union(*(plugins.get("merge", n).params for n in plugins.names("merge")))
+    typos = sorted(set(config.params) - known - accepted)
+    if configured and typos:
+        # a name no installed operator takes is a typo (mergekit would ignore 'normalise' silently)
         raise UsageError(
-            f"merge parameter {', '.join(map(repr, unknown))} is not a parameter of any configured "
-            f"operator ({', '.join(sorted(set(configured)))})",
-            hint=f"parameters they take: {', '.join(sorted(accepted)) or 'none'}",
+            f"{', '.join(config.origins.get(k, repr(k)) for k in typos)}: no merge operator has a parameter "
+            f"{', '.join(map(repr, typos))}",
+            hint=f"parameters the configured operators ({', '.join(configured)}) take: {', '.join(sorted(accepted)) or 'none'}",
         )
+    for key in sorted(set(config.params) - set(config.explicit)):
+        for name in configured:
+            op = get_operator(name)
+            if op is not None and key not in op.params:
+                notes.append(f"{config.origins.get(key, key)} is ignored by {name}, which does not take {key!r}")
+    return notes
 
 
 def _known(op, params, strict):
@@ -140,23 +163,87 @@ class Loader:
     ``side_files``.
     """
 
-    def __init__(self, store, path, side=None):
+    def __init__(self, store, path, side=None, deltas=None):
         self.store = store
         self.path = path
         self.side = side
+        self.deltas = deltas  # a DeltaPolicy: store results as deltas of an input (None: dense)
 
-    def values(self, entry):
+    def raw(self, entry):
+        from ..codec import decode_tensor
+
+        # merge-files reads input tensors from their files (files.StreamedStore), not the store
+        read = getattr(self.store, "read_tensor", None)
+        data = read(entry) if read is not None else None
+        return data if data is not None else decode_tensor(self.store, entry, self.path)
+
+    def values(self, entry, raw=None):
         import numpy as np
 
         from ..bits import to_float
-        from ..codec import decode_tensor
 
         precision = np.float64 if entry.dtype == "F64" else np.float32
-        return to_float(decode_tensor(self.store, entry, self.path), entry.dtype, entry.shape, precision)
+        return to_float(self.raw(entry) if raw is None else raw, entry.dtype, entry.shape, precision)
+
+
+@dataclass(frozen=True)
+class DeltaPolicy:
+    """How merge results are stored: as the smallest exact encoding against ours, theirs or the
+    base (the same choice clean makes, :mod:`git_theta.choose`), within clean's chain limits."""
+
+    max_depth: int = 8  # theta.maxChainDepth
+    max_full: int = 1  # theta.maxFullDeltas
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(settings.get_int("maxChainDepth"), max(1, settings.get_int("maxFullDeltas")))
+
+
+def store_compact(store, tensor, candidates, policy):
+    """Store merged ``tensor`` as the smallest encoding against any of ``candidates`` ((entry, raw
+    bytes) of the inputs and the base), or dense; return its TensorEntry.
+
+    A candidate is skipped when a delta on it would pass ``theta.maxChainDepth``; one whose chain
+    holds ``theta.maxFullDeltas`` whole-tensor deltas takes only a partial (sparse) delta, as in clean.
+    """
+    from ..choose import choose
+    from ..clean import _partial_delta
+    from ..codec import encode_tensor, encoded_size, store_encoded
+    from ..updates.base import TensorData
+
+    best, seen = None, set()
+    for entry, raw in candidates:
+        if (entry is None or entry.digest in seen or entry.dtype != tensor.dtype
+                or tuple(entry.shape) != tuple(tensor.shape) or entry.chain_depth + 1 > policy.max_depth):
+            continue
+        seen.add(entry.digest)
+        base = TensorData(entry.name, entry.dtype, tuple(entry.shape), raw, entry.digest)
+        result = choose(tensor, base)
+        if (not result[0].keyframe and getattr(result[0], "full_pass", True)
+                and _full_deltas(store, entry) >= policy.max_full):
+            result = _partial_delta(tensor, base, None)
+            if result is None:
+                continue
+        if best is None or encoded_size(result[1]) < encoded_size(best[0][1]):
+            best = (result, base, entry)
+    if best is None:
+        return encode_tensor(store, tensor)
+    (update, encoded), base, entry = best
+    return store_encoded(store, tensor, update, encoded, base=base, base_entry=entry)
+
+
+def _full_deltas(store, entry):
+    """How many whole-tensor deltas (int-delta, low-rank, ...) ``entry``'s chain stacks."""
+    from ..codec import chain_headers
+
+    if entry.chain_depth == 0:
+        return 0
+    headers = chain_headers(store, entry)
+    return sum(getattr(plugins.get("update", h.get("update")), "full_pass", True) for h in headers[:-1])
 
 
 def merge_manifests(path, base, sides, labels, config, store, every_tensor=False, dry_run=False,
-                    with_signals=False, side_data=None, workers=1, budget=192 << 20):
+                    with_signals=False, side_data=None, workers=1, budget=192 << 20, deltas=None):
     """Merge manifests ``sides`` (ours first) against ``base`` (a Manifest or None).
 
     Returns a :class:`FileMerge`; conflicting tensors keep ours. With ``dry_run`` nothing is decoded
@@ -164,7 +251,9 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
     :class:`.side.SideData`) gives operators with ``side_files`` their per-side tensors. Up to
     ``workers`` tensors are merged at once (numpy, zstandard and hashlib release the GIL) while the
     raw bytes of their inputs stay under ``budget``; one merge always proceeds, so memory is bounded
-    by the largest tensor's merge (a small multiple of its inputs), never by the models.
+    by the largest tensor's merge (a small multiple of its inputs), never by the models. With
+    ``deltas`` (a :class:`DeltaPolicy`) a merged tensor is stored as a delta of an input when that
+    is smaller (a merge commit then costs about what its change costs); without, dense.
     """
     ours = sides[0]
     formats = {m.format for m in sides}
@@ -179,8 +268,9 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
         )
         setattr(merged, table, merged_table)
         outcomes += table_outcomes
-    loader = Loader(store, path, side_data)
+    loader = Loader(store, path, side_data, deltas)
     names = sorted(set().union(*(m.tensors for m in sides), base.tensors if base is not None else ()))
+    layers = layer_count(names)  # for gradient parameters (params.position)
     pending = deque()  # (name, input bytes, future) of operator merges in flight, oldest first
     pool = ThreadPoolExecutor(workers, thread_name_prefix="theta-merge") if workers > 1 else None
 
@@ -194,7 +284,8 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
             base_entry = base.tensors.get(name) if base is not None else None
             entries = [m.tensors.get(name) for m in sides]
             outcome, entry = _merge_tensor(
-                path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals
+                path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals,
+                layers,
             )
             outcomes.append(outcome)
             if callable(entry):  # an operator merge: run it (in the pool when there is one)
@@ -237,8 +328,9 @@ def _merge_table(kind, base, tables, labels):
     return merged, outcomes
 
 
-def _merge_tensor(path, name, base, entries, labels, config, loader, store, every_tensor, dry_run, with_signals):
-    """(Outcome, merged entry or None) for one tensor."""
+def _merge_tensor(path, name, base, entries, labels, config, loader, store, every_tensor, dry_run, with_signals,
+                  layers=0):
+    """(Outcome, merged entry or None) for one tensor (``layers``: the file's layer count, for gradients)."""
     decision = decide(name, base, entries, labels, every_tensor)
     if decision.action == "take":
         return Outcome(name, "take", decision.reason), decision.entry
@@ -272,7 +364,7 @@ def _merge_tensor(path, name, base, entries, labels, config, loader, store, ever
     from .params import resolve
 
     try:
-        resolved = resolve(op, raw, len(inputs))
+        resolved = resolve(op, raw, len(inputs), tensor=name, x=position(name, layers))
     except UsageError as exc:
         raise UsageError(f"{path}: tensor {name!r}: {exc.message} (from {origin})", hint=exc.hint) from None
     outcome = Outcome(name, "operator", decision.reason, operator_name, origin, resolved, signals)
@@ -296,8 +388,11 @@ def _run_operator(op, params, name, inputs, base_entry, base, config, loader, st
     from ..updates.base import TensorData
 
     like = inputs[0]
-    models = [loader.values(e) for e in inputs]
-    base_values = loader.values(base_entry) if base_entry is not None else None
+    raws = [loader.raw(e) for e in (*inputs, base_entry) if e is not None]
+    models = [loader.values(e, r) for e, r in zip(inputs, raws)]
+    base_values = loader.values(base_entry, raws[-1]) if base_entry is not None else None
+    if loader.deltas is None:
+        raws = None  # nothing to encode against: free the bytes now
     rng = np.random.default_rng(seed_for(config, name, [base, *inputs])) if op.random else None
     extra = {}
     files = tuple(getattr(op, "side_files", ()) or ())
@@ -324,7 +419,11 @@ def _run_operator(op, params, name, inputs, base_entry, base, config, loader, st
     for entry in (*inputs, base_entry):
         if entry is not None and entry.digest == digest:
             return entry  # e.g. an operator that returned one input: keep its objects (and delta chain)
-    return encode_tensor(store, TensorData(name, like.dtype, tuple(like.shape), data, digest))
+    tensor = TensorData(name, like.dtype, tuple(like.shape), data, digest)
+    if loader.deltas is not None:
+        candidates = list(zip([e for e in (*inputs, base_entry) if e is not None], raws))
+        return store_compact(store, tensor, candidates, loader.deltas)
+    return encode_tensor(store, tensor)
 
 
 def _signals(loader, inputs, base_entry):

@@ -7,7 +7,7 @@ entry-point group; the entry point's name is the operator's ``name`` and is stab
 written into git config, attributes and merge commit messages).
 
 Parameter names and defaults follow mergekit 0.1.5 so its recipes carry over; see
-``/README.md`` ("Merge operators") for the table and the places where we depart from it.
+``docs/operators.md`` for the table and the places where we depart from it.
 """
 
 from dataclasses import dataclass, field

@@ -104,13 +104,13 @@ def decide(name, base, sides, labels, every_tensor=False):
 
 
 def _every_tensor(name, base, sides, labels):
-    """``--every-tensor``: every input goes to the operator when all sides have the tensor alike."""
+    """``--every-tensor``: every input goes to the operator when all sides have the tensor alike,
+    even when they are all equal (as mergekit: a non-normalised ``linear`` with weights 0.6 and 0.6
+    doubles-and-scales a tensor both sides share, and ``dare_linear`` sparsifies a single fine-tune)."""
     if any(entry is None for entry in sides):
         return None
     kinds = {(e.dtype, e.shape) for e in sides}
     if len(kinds) > 1 or next(iter(kinds))[0] not in MERGEABLE_DTYPES:
         return None
-    if all(_same(e, sides[0]) for e in sides) and (base is None or _same(base, sides[0])):
-        return Decision(name, "take", "identical everywhere", sides[0])
     use_base = base is not None and (base.dtype, base.shape) == next(iter(kinds))
     return Decision(name, "operate", "every tensor", inputs=tuple(range(len(sides))), use_base=use_base)

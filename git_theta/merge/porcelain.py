@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..inventory import theta_paths
 from ..manifest import Manifest, is_manifest
 from .config import load_config
-from .engine import Outcome, check_config, merge_manifests
+from .engine import DeltaPolicy, Outcome, check_config, merge_manifests
 from .side import SideData
 
 
@@ -44,6 +44,7 @@ class TreeMerge:
     entries: dict = field(default_factory=dict)  # path -> (mode, oid) or None (deleted)
     files: list = field(default_factory=list)  # FileMerge per checkpoint merged tensor by tensor
     conflicts: list = field(default_factory=list)  # (path, Outcome)
+    notes: list = field(default_factory=list)  # one-line notes for the user (ignored settings)
 
 
 def _tree(repo, rev):
@@ -108,7 +109,7 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
         # a checkpoint changed on several sides is merged tensor by tensor; sides without the file
         # take part only when the base lacks it too (added on several branches), as empty manifests
         tensor_level = all(v is not None for v in versions) or old is None
-        if path in tracked and tensor_level and (len(distinct) > 1 or (every_tensor and len(set(versions)) > 1)):
+        if path in tracked and tensor_level and (len(distinct) > 1 or every_tensor):
             manifests = [_manifest(repo, v, path) for v in versions]
             if all(m is not None for m, v in zip(manifests, versions) if v is not None):
                 fmt = next(m.format for m in manifests if m is not None)
@@ -118,6 +119,7 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
                     every_tensor=every_tensor, dry_run=dry_run, with_signals=dry_run,
                     side_data=SideData(repo, sides),
                     workers=settings.threads(), budget=settings.get_int("memoryBudget"),
+                    deltas=DeltaPolicy.from_settings(settings),
                 )
                 result.files.append(merged)
                 result.conflicts += [(path, o) for o in merged.conflicts]
@@ -200,15 +202,77 @@ def plan_merge(repo, branches, operator=None, params=None, base=None, every_tens
     config = load_config(repo, [], operator, params, seed)
     sides = [head, *commits]
     labels = ["HEAD", *branches]
+    if every_tensor and head == base_commit and _takes_base(config.operator):
+        # HEAD is the base (a branch of fine-tunes merged onto it): the base is no input of an
+        # operator on task vectors, as mergekit leaves base_model out of them; one branch then is
+        # one task vector (dare_linear sparsifying a fine-tune)
+        sides, labels = commits, list(branches)
     tree_paths = set(_tree(repo, head))
     for c in commits:
         tree_paths |= set(_tree(repo, c))
     for path in theta_paths(repo, sorted(tree_paths)):
         value = repo.attribute(path, "theta-merge")
         config.attributes[path] = None if value in ("unspecified", "set", "unset") else value
-    check_config(config, len(sides))
+    notes = check_config(config, len(sides))  # before anything is merged
     merged = merge_trees(repo, base_commit, sides, labels, config, every_tensor, dry_run)
-    return merged, base_commit, sides
+    merged.notes = notes
+    return merged, base_commit, [head, *commits]
+
+
+def _takes_base(name):
+    from .engine import get_operator
+
+    op = get_operator(name) if name else None
+    return op is not None and op.needs_base and not op.base_optional
+
+
+def plan_recipe(repo, recipe_path, mapping=None, dry_run=False):
+    """Plan a mergekit recipe whose models are git revisions; returns (TreeMerge, base, parents).
+
+    ``mapping`` maps a recipe's model names to revisions (``NAME=REV`` on the command line); other
+    names are revisions themselves. HEAD must be the recipe's base_model or one of its models.
+    """
+    from .recipe import RecipeConfig, check, load_recipe, parts
+
+    recipe = load_recipe(recipe_path)
+    if recipe.slices is not None:
+        raise UsageError(f"{recipe_path}: slices (layer stacking) run with merge-files only",
+                         hint="git theta merge-files --config RECIPE -o OUT on checked-out files")
+    plan = parts(recipe)
+    mapping = dict(mapping or {})
+    unknown = sorted(set(mapping) - set(recipe.references()))
+    if unknown:
+        raise UsageError(f"{recipe_path}: no model named {', '.join(map(repr, unknown))} in the recipe",
+                         hint=f"its models: {', '.join(recipe.references())}")
+    commit = {ref: resolve_commit(repo, mapping.get(ref, ref)) for ref in recipe.references()}
+    head = resolve_commit(repo, "HEAD")
+    part = plan[0]
+    sides = [commit[s.model] for s in part.inputs]
+    if part.base is not None:
+        base_commit = commit[part.base.model]
+    else:
+        out = repo.git("merge-base", "--octopus", *sides, check=False).decode().split()
+        base_commit = out[0] if out else None
+    if head not in sides and head != base_commit:
+        raise UsageError(f"{recipe_path}: HEAD is neither the recipe's base_model nor one of its models",
+                         hint="check out the branch the result belongs on (usually the base model's) first")
+    config = RecipeConfig(recipe, plan)
+    labels = [mapping.get(s.model, s.model) for s in part.inputs]
+    notes = recipe.notes + check(recipe, plan) + check_config(config, len(sides))  # before anything is merged
+    merged = merge_trees(repo, base_commit, sides, labels, config, every_tensor=True, dry_run=dry_run)
+    merged.notes = notes
+    parents = [head] + [c for c in dict.fromkeys(sides) if c != head]
+    return merged, base_commit, parents
+
+
+def run_recipe(repo, recipe_path, mapping=None, message=None):
+    """Merge with a mergekit recipe whose models are revisions; returns (commit or None, TreeMerge)."""
+    _require_clean(repo)
+    merged, base_commit, parents = plan_recipe(repo, recipe_path, mapping)
+    if merged.conflicts:
+        return None, merged
+    text = message or f"Merge with recipe {os.path.basename(str(recipe_path))}\n\ngit theta merge --config {recipe_path}\n"
+    return merge_commit(repo, merged, parents, text), merged
 
 
 def needs_model_merge(repo, branch):

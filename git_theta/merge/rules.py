@@ -2,7 +2,8 @@
 
 One rule per line: ``GLOB OPERATOR [KEY=VALUE ...]``. ``GLOB`` is matched against the tensor name
 with shell-style wildcards (``*``, ``?``, ``[...]``; ``*`` also crosses dots); the first matching
-rule wins. Values are plain strings (numbers, booleans, comma lists for per-model parameters),
+rule wins. Values are plain strings (numbers, booleans, comma lists for per-model parameters,
+gradients ``[0,0.5,1]`` and filter lists in YAML flow syntax; quote a word holding spaces),
 passed to the operator's parameter resolution: nothing in a rule is ever executed. Blank lines and
 lines starting with ``#`` are ignored. Rules come from the multi-valued git config key
 ``theta.merge.rule`` (first) and from a ``.thetamerge`` file at the root of the work tree.
@@ -10,6 +11,7 @@ lines starting with ``#`` are ignored. Rules come from the multi-valued git conf
 
 import fnmatch
 import re
+import shlex
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -59,7 +61,12 @@ def parse_rule(line, source):
     text = line.strip()
     if not text or text.startswith("#"):
         return None
-    words = text.split()
+    try:
+        # quotes keep a value with spaces in one word: "t=[{filter: mlp, value: [0, 1]}, {value: 0.5}]"
+        words = shlex.split(text)
+    except ValueError:
+        raise ConfigError(f"{source}: unbalanced quotes in merge rule {text!r}",
+                          hint="close the quote, e.g. 'model.* slerp \"t=[0, 0.5, 1]\"'") from None
     if len(words) < 2 or not _OPERATOR.match(words[1]):
         raise ConfigError(
             f"{source}: malformed merge rule {text!r}",

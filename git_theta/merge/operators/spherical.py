@@ -49,23 +49,28 @@ class Slerp(MergeOperator):
 
 
 def _nuslerp(t, v0, v1, eps=1e-7):
-    """Slerp along the last axis of ``v0``/``v1`` (rows), lerp where a pair is exactly colinear."""
+    """Slerp along the last axis of ``v0``/``v1`` (rows), lerp where a pair is exactly colinear.
+
+    The operations are mergekit's, in its order (sum of the two sine terms, then one division by
+    sin Ω), so float32 rounding agrees with it entry for entry, not only to a tolerance.
+    """
     import numpy as np
 
     dtype = v0.dtype.type
     u0 = v0 / np.maximum(np.linalg.norm(v0, axis=-1, keepdims=True), dtype(eps))
     u1 = v1 / np.maximum(np.linalg.norm(v1, axis=-1, keepdims=True), dtype(eps))
     c = np.clip((u0 * u1).sum(axis=-1, keepdims=True), -1, 1)
+    del u0, u1
     colinear = (1 - c * c) <= 1e-16
     if colinear.all():
         return _lerp(t, v0, v1)
-    omega = np.arccos(c)
-    s = np.where(colinear, dtype(1), np.sin(omega))
-    # one coefficient per vector: (sin((1−t)Ω)·v0 + sin(tΩ)·v1)/sin Ω, (1−t, t) where colinear
-    c0 = np.where(colinear, dtype(1 - t), np.sin(dtype(1 - t) * omega) / s)
-    c1 = np.where(colinear, dtype(t), np.sin(dtype(t) * omega) / s)
-    out = v0 * c0
-    out += v1 * c1
+    omega = np.arccos(np.where(colinear, dtype(0), c))
+    with np.errstate(divide="ignore", invalid="ignore"):  # colinear rows divide by 0; replaced below
+        out = np.sin(dtype(1 - t) * omega) * v0
+        out += np.sin(dtype(t) * omega) * v1
+        out /= np.sin(omega)
+    if colinear.any():
+        out = np.where(colinear, _lerp(t, v0, v1), out)
     return out
 
 

@@ -83,7 +83,34 @@ def magnitude_mask(delta, density):
     mag.partition(n - k)
     threshold = mag[n - k].copy()
     del mag
-    return _keep_above(np.abs(delta), threshold, k)
+    mag = np.abs(delta)
+    mask = mag > threshold
+    if threshold != 0 and np.count_nonzero(mag == threshold) > k - np.count_nonzero(mask):
+        # several magnitudes equal the k-th: which of them survive is the order of mergekit's sort
+        # (tied zeros need no sort: keeping a zero or not changes nothing)
+        chosen = _torch_top_k(mag, k)
+        if chosen is not None:
+            return chosen
+    return _keep_above(mag, threshold, k)
+
+
+def _torch_top_k(mag, k):
+    """The mask mergekit keeps: the first ``k`` of ``torch.argsort(|δ| as float32, descending=True)``.
+
+    torch's sort is not stable, so among equal magnitudes the survivors are whatever its sort
+    puts first; the only exact way to match is to run that sort. None without torch (then equal
+    magnitudes are kept in index order).
+    """
+    import numpy as np
+
+    try:
+        import torch
+    except ImportError:
+        return None
+    flat = torch.from_numpy(np.ascontiguousarray(mag, dtype=np.float32).reshape(-1))
+    mask = np.zeros(mag.size, dtype=bool)
+    mask[torch.argsort(flat, descending=True)[:k].numpy()] = True
+    return mask.reshape(mag.shape)
 
 
 def outlier_mask(delta, density, gamma):
