@@ -9,6 +9,15 @@ Python API (see the README, "Diffs, history and loading")::
     changes = git_theta.diff("model.safetensors", "v1.2", "HEAD")        # what --json prints
 """
 
+from __future__ import annotations
+
+# ``typing`` is not imported at run time: the filter process imports this package, and its
+# start-up stays light (mypy reads any name TYPE_CHECKING as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any, Literal
+
 __version__ = "0.2.0"
 
 #: side names for :func:`diff`: the staged content and the files on disk
@@ -16,7 +25,14 @@ INDEX = ":index"
 WORKTREE = ":worktree"
 
 
-def load(path, rev="HEAD", repo=".", params=None, framework="numpy", upcast=False):
+def load(
+    path: str,
+    rev: str | None = "HEAD",
+    repo: str = ".",
+    params: Iterable[str] | None = None,
+    framework: Literal["numpy", "torch"] = "numpy",
+    upcast: bool = False,
+) -> dict[str, Any]:
     """The tensors of checkpoint ``path`` at revision ``rev`` as ``{name: tensor}``, bit-identical,
     read from the object store without touching the work tree.
 
@@ -30,7 +46,14 @@ def load(path, rev="HEAD", repo=".", params=None, framework="numpy", upcast=Fals
     return _load(path, rev=rev, repo=repo, params=params, framework=framework, upcast=upcast)
 
 
-def diff(path=None, rev_a="HEAD", rev_b=WORKTREE, repo=".", stat=False, sort="name"):
+def diff(
+    path: str | list[str] | None = None,
+    rev_a: str | None = "HEAD",
+    rev_b: str | None = WORKTREE,
+    repo: str = ".",
+    stat: bool = False,
+    sort: str = "name",
+) -> dict[str, Any]:
     """The changes from ``rev_a`` to ``rev_b`` as the dict ``git theta diff --json`` prints.
 
     ``path`` is a file, directory, glob or a list of them (None: every tracked checkpoint);
