@@ -293,7 +293,7 @@ def test_ls_files_verbose_then_corrupt_base_object_names_tensor_and_chain(repo):
 
     # ls-files -v: a line per tensor, a summary per file, the same in JSON
     lines = repo.theta("ls-files", "-v").stdout.strip().splitlines()
-    assert any(l.split()[:2] == ["sparse", "1"] and l.endswith("mlp.weight") for l in lines)
+    assert any(x.split()[:2] == ["sparse", "1"] and x.endswith("mlp.weight") for x in lines)
     assert lines[-1].startswith(f"{NAME}: 5 tensors") and "max chain depth 1" in lines[-1]
     (f,) = json.loads(repo.theta("ls-files", "-v", "--json").stdout)["files"]
     rows = {r["name"]: r for r in f["tensor_list"]}
