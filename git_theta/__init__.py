@@ -11,6 +11,9 @@ Python API (see the README, "Diffs, history and loading")::
 
 from __future__ import annotations
 
+import sys
+import types
+
 # ``typing`` is not imported at run time: the filter process imports this package, and its
 # start-up stays light (mypy reads any name TYPE_CHECKING as true).
 TYPE_CHECKING = False
@@ -62,3 +65,25 @@ def diff(
     from .api import diff as _diff
 
     return _diff(path, rev_a=rev_a, rev_b=rev_b, repo=repo, stat=stat, sort=sort)
+
+
+class _CallableDiffPackage(types.ModuleType):
+    """The subpackage ``git_theta.diff`` (the diff engine), callable as the function :func:`diff`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return _diff_function(*args, **kwargs)
+
+
+class _Package(types.ModuleType):
+    """This package's module type: importing the subpackage ``git_theta.diff`` (which the import
+    system then sets as the attribute ``diff``) keeps ``git_theta.diff(...)`` working, because the
+    subpackage becomes callable as the public function it replaces."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "diff" and isinstance(value, types.ModuleType) and not callable(value):
+            value.__class__ = _CallableDiffPackage
+        super().__setattr__(name, value)
+
+
+_diff_function = diff
+sys.modules[__name__].__class__ = _Package

@@ -41,3 +41,21 @@ def test_plugin_api_and_filter_import_no_heavy_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def test_the_diff_function_survives_a_diff_subpackage():
+    """git_theta.diff is a public function and (after issue 14's relayout) a subpackage: importing
+    the subpackage must leave ``git_theta.diff(...)`` callable, with the subpackage's attributes."""
+    code = """
+import sys, types, git_theta
+calls = []
+git_theta._diff_function = lambda *a, **k: calls.append((a, k)) or {"files": []}
+sub = types.ModuleType("git_theta.diff")
+sub.text = "the text module"
+sys.modules["git_theta.diff"] = sub
+setattr(git_theta, "diff", sub)  # what the import system does for a submodule
+assert git_theta.diff is sub and git_theta.diff.text == "the text module"
+assert git_theta.diff("m.safetensors", stat=True) == {"files": []}
+assert calls == [(("m.safetensors",), {"stat": True})]
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
