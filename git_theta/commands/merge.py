@@ -178,7 +178,9 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
         porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
     if len(branches) == 1 and not (base or every_tensor or dry_run):
         check_config(load_config(repo, [], operator, raw), 2)  # fail before git starts merging
-        if not repo.git("config", "--get", "merge.theta.driver", check=False).strip():
+        from ..settings import settings_for
+
+        if not (settings_for(repo).value("merge.theta.driver") or "").strip():
             raise UsageError(
                 "the git-theta merge driver is not configured (merge.theta.driver)",
                 hint="run 'git theta install' (or 'git theta install --local')",
