@@ -1,0 +1,1 @@
+"""The only code that runs git: the repository, attributes, hooks, install, scans of manifests."""
