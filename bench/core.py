@@ -14,12 +14,10 @@ Git LFS must be installed (``apt-get install git-lfs``); without it only git-the
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np

@@ -16,7 +16,6 @@ Run: ``python bench/diff.py [--full] [--changed 0.1] [--repeat 3]``. Prints a ta
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

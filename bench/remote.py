@@ -16,7 +16,6 @@ installed (``apt-get install git-lfs``).
 """
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys

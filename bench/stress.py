@@ -14,7 +14,6 @@ byte with what was committed. Prints a table of times and sizes.
 
 import argparse
 import hashlib
-import os
 import shutil
 import subprocess
 import sys

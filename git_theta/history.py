@@ -60,6 +60,7 @@ def _matching(tensors, params):
 def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=False):
     """The log dict: ``{"schema", "rev", "paths", "params", "commits": [...]}``, newest first."""
     from .compare import Differ
+    from .git.footprint import added_by
     from .inventory import tracked_files
     from .snapshots import resolve_commit
 
@@ -98,6 +99,11 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
                 entry["kind"] = "model" if model is not None else "file"
                 changed_files.append(entry)
             if changed_files:
+                # what the commit added to the store, per file (one meaning of "stored", see
+                # git_theta.git.footprint): known from manifests, so --stat has it too
+                added = added_by(repo, commit)
+                for entry in changed_files:
+                    entry["stored_bytes"] = added[entry["path"]].bytes if entry["path"] in added else 0
                 commits.append(
                     {
                         "commit": commit,
@@ -165,8 +171,9 @@ def _changed_names(new, olds, params):
     return names
 
 
-def render_log(result, style):
-    """Text of the log: one header per commit, a line per file, a line per tensor with --param."""
+def render_log(result, style, size=lambda n: f"{n} B"):
+    """Text of the log: one header per commit, a line per file, a line per tensor with --param.
+    ``size`` formats a byte count (the command line passes its human-readable one)."""
     from .diff_text import table
 
     lines = []
@@ -180,7 +187,8 @@ def render_log(result, style):
         for f in c["files"]:
             s = f["summary"]
             counts = ", ".join(f"{s[k]} {k}" for k in ("changed", "added", "removed", "renamed") if s[k])
-            rows.append([f["path"], counts, _rel(s["relative_change"]), _pct(s)])
+            stored = f"stored {size(f['stored_bytes'])}" if "stored_bytes" in f else ""
+            rows.append([f["path"], counts, _rel(s["relative_change"]), _pct(s), stored])
             if detail:
                 for t in f["tensors"]:
                     st = t["stats"] or {}
@@ -188,8 +196,8 @@ def render_log(result, style):
                     if t["shape_changed"] or t["dtype_changed"]:
                         what += f" ({describe(t)})"
                     rows.append(["  " + t["name"], what, _rel(st.get("relative_change")),
-                                 _pct_tensor(st)])
-        lines.extend(table(rows, right=(2, 3), style=style, indent="    "))
+                                 _pct_tensor(st), ""])
+        lines.extend(table(rows, right=(2, 3, 4), style=style, indent="    "))
     if not result["commits"]:
         lines.append("no commits changed " + (", ".join(result["params"]) if result["params"] else "these files"))
     return "\n".join(lines)

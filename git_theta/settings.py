@@ -1,9 +1,19 @@
-"""Settings, resolved once per process: command-line flag > ``GIT_THETA_*`` environment variable >
-git config ``theta.*`` > default. No other module reads the environment for settings.
+"""Settings and git config, read once per process: command-line flag > environment variable > git
+config > default, resolved here and nowhere else.
+
+git config is read with one ``git config -z --list`` per repository and process (every scope,
+includes followed, multi-valued keys kept in git's order): the ``theta.*`` settings below, the
+``theta.merge.*`` keys, the remote keys (``lfs.url``, ``remote.<name>.*``, ``branch.<name>.remote``)
+and ``http.*``, where ``http.<url>.<key>`` applies to the URLs it matches as ``git config
+--get-urlmatch`` decides (:meth:`Settings.url_value`). Not read here, on purpose: the scoped reads
+and writes of ``git theta install`` (one scope, not the merged view), files a repository supplies
+(``.lfsconfig``, read key by key through the allow-list) and ``git config --get-colorbool`` (git
+decides colour from the terminal too).
 """
 
 import os
 import subprocess
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -38,13 +48,114 @@ def _env_name(name):
     return "GIT_THETA_" + "".join(out)
 
 
+def config_key(key):
+    """``key`` as ``git config --list`` spells it: section and name lower case, subsection as is."""
+    section, _, rest = key.partition(".")
+    middle, dot, name = rest.rpartition(".")
+    return f"{section.lower()}.{middle}{dot}{name.lower()}" if rest else section.lower()
+
+
+def parse_bool(value, what):
+    """git's booleans (a key without ``=`` is true); ConfigError naming ``what`` otherwise."""
+    if value is None or isinstance(value, bool):
+        return True if value is None else value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{what} must be true or false, not {value!r}")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _url_match(pattern, url):
+    """How well the ``http.<pattern>.*`` section matches ``url`` as git's urlmatch ranks it
+    (host length, path length, user given), or None when it does not apply."""
+    try:
+        want, have = urlsplit(pattern), urlsplit(url)
+        want_port, have_port = want.port, have.port
+    except ValueError:
+        return None
+    if not want.scheme or want.scheme.lower() != have.scheme.lower():
+        return None
+    want_host, have_host = (want.hostname or ""), (have.hostname or "")
+    want_labels, have_labels = want_host.split("."), have_host.split(".")
+    if len(want_labels) != len(have_labels) or any(
+        w != "*" and w != h for w, h in zip(want_labels, have_labels)
+    ):
+        return None
+    default = _DEFAULT_PORTS.get(have.scheme.lower())
+    if (want_port or default) != (have_port or default):
+        return None
+    if want.username is not None and want.username != have.username:
+        return None
+    path = want.path.rstrip("/")
+    if path and not (have.path == path or have.path.startswith(path + "/")):
+        return None
+    return (len(want_host), len(path), want.username is not None)
+
+
 class Settings:
     """Resolved settings for one repository (or none)."""
 
     def __init__(self, config=None, overrides=None, environ=None):
-        self._config = config or {}
+        #: git config: [(key, value)] in git's order (value None: a key without '=')
+        self._items = list(config.items()) if isinstance(config, dict) else list(config or ())
+        self._config = {}
+        for key, value in self._items:
+            self._config.setdefault(key, []).append(value)
         self._overrides = overrides or {}
         self._environ = os.environ if environ is None else environ
+
+    # -- git config, any key -------------------------------------------------------------------
+    def values(self, key):
+        """Every value of git config ``key`` (multi-valued keys), in git's order."""
+        return list(self._config.get(config_key(key), ()))
+
+    def value(self, key):
+        """The value of git config ``key`` as ``git config --get`` gives it (the last), or None."""
+        found = self._config.get(config_key(key))
+        if not found:
+            return None
+        return "true" if found[-1] is None else found[-1]
+
+    def entries(self, prefix):
+        """``[(key, value)]`` of every git config key starting with ``prefix``, in git's order."""
+        prefix = prefix.lower()
+        return [(k, "true" if v is None else v) for k, v in self._items if k.startswith(prefix)]
+
+    def url_value(self, section, name, url):
+        """``<section>.<url>.<name>`` for the config URL that best matches ``url``, else
+        ``<section>.<name>``: what ``git config --get-urlmatch <section>.<name> <url>`` answers."""
+        section, name = section.lower(), name.lower()
+        best, best_rank = None, None
+        for key, value in self._items:
+            if not (key.startswith(section + ".") and key.endswith("." + name)):
+                continue
+            pattern = key[len(section) + 1 : -len(name) - 1]
+            rank = (-1,) if not pattern else _url_match(pattern, url)
+            if rank is not None and (best_rank is None or rank >= best_rank):
+                best, best_rank = ("true" if value is None else value), rank
+        return best
+
+    def ssl_verify(self, url):
+        """What an HTTP session to ``url`` verifies TLS with, as git does: False when
+        ``GIT_SSL_NO_VERIFY`` is set or ``http[.<url>].sslVerify`` is false, else the CA bundle of
+        ``GIT_SSL_CAINFO`` / ``http[.<url>].sslCAInfo``, else True (the system's)."""
+        if self._environ.get("GIT_SSL_NO_VERIFY"):
+            return False
+        verify = self.url_value("http", "sslVerify", url)
+        if verify is not None and not parse_bool(verify, "http.sslVerify"):
+            return False
+        return self._environ.get("GIT_SSL_CAINFO") or self.url_value("http", "sslCAInfo", url) or True
+
+    def proxy(self, url):
+        """The proxy for ``url``: ``http[.<url>].proxy`` (requests reads the *_proxy variables)."""
+        return self.url_value("http", "proxy", url) or None
+
+    # -- theta.* settings ----------------------------------------------------------------------
 
     def raw(self, name):
         """The winning raw value (string or flag value) for ``name``, or None."""
@@ -53,7 +164,7 @@ class Settings:
         env = self._environ.get(_env_name(name))
         if env is not None:
             return env
-        return self._config.get("theta." + name.lower())
+        return self.value("theta." + name)
 
     def get(self, name, default=None):
         value = self.raw(name)
@@ -62,15 +173,7 @@ class Settings:
         return value
 
     def get_bool(self, name):
-        value = self.get(name)
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ConfigError(f"theta.{name} must be true or false, not {value!r}")
+        return parse_bool(self.get(name), f"theta.{name}")
 
     def get_int(self, name):
         value = self.get(name)
@@ -82,7 +185,7 @@ class Settings:
     def section(self, prefix):
         """Every config key under ``theta.<prefix>.`` (lowercase names) with its raw value."""
         start = "theta." + prefix.lower() + "."
-        return {k[len(start) :]: v for k, v in self._config.items() if k.startswith(start)}
+        return {k[len(start) :]: v for k, v in self.entries(start)}
 
     def threads(self):
         n = self.get_int("threads")
@@ -90,17 +193,16 @@ class Settings:
 
 
 def read_git_config(cwd):
-    """All ``theta.*`` git config entries (keys lowercased as git reports them)."""
-    proc = subprocess.run(
-        ["git", "config", "-z", "--get-regexp", r"^theta\."], cwd=cwd, capture_output=True
-    )
-    config = {}
+    """Every git config entry seen from ``cwd``: ``[(key, value)]`` in git's order, keys spelt as
+    :func:`config_key` spells them; value None for a key written without ``=``."""
+    proc = subprocess.run(["git", "config", "-z", "--list"], cwd=cwd, capture_output=True)
+    items = []
     for item in proc.stdout.split(b"\0"):
         if not item:
             continue
-        key, _, value = item.decode("utf-8", "replace").partition("\n")
-        config[key] = value
-    return config
+        key, newline, value = item.decode("utf-8", "replace").partition("\n")
+        items.append((key, value if newline else None))
+    return items
 
 
 _cache = {}
@@ -110,5 +212,15 @@ def settings_for(repo, overrides=None):
     """Settings for ``repo`` (config read once per process and repository)."""
     key = str(repo.cwd) if repo is not None else None
     if key not in _cache:
-        _cache[key] = read_git_config(repo.cwd) if repo is not None else {}
+        _cache[key] = read_git_config(repo.cwd) if repo is not None else []
     return Settings(_cache[key], overrides)
+
+
+def forget(repo=None):
+    """Drop the config snapshot of ``repo`` (None: of every repository), so the next
+    :func:`settings_for` reads git config again: for a long-running Python process that changed
+    git config since (git-theta's commands never do)."""
+    if repo is None:
+        _cache.clear()
+    else:
+        _cache.pop(str(repo.cwd), None)

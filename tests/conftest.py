@@ -15,6 +15,17 @@ import pytest
 
 GIT_THETA = shutil.which("git-theta", path=os.path.dirname(sys.executable)) or shutil.which("git-theta")
 
+#: fixtures that drive real git: a test using any of them (directly or through another fixture)
+#: is an end-to-end test. ``python -m pytest -m "not e2e"`` is the fast unit loop.
+E2E_FIXTURES = {"git_env"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses the real-git fixtures ``e2e`` (see CONTRIBUTING.md)."""
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture
 def git_env(tmp_path):

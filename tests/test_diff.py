@@ -7,7 +7,7 @@ import shutil
 import jsonschema
 import numpy as np
 import pytest
-from conftest import random_state_dict, save_safetensors
+from conftest import GIT_THETA, random_state_dict, save_safetensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -313,7 +313,7 @@ def test_worktree_index_and_files_added_removed_renamed(repo):
 def test_git_diff_driver_prints_summary(two_versions):
     repo, v1, v2 = two_versions
     repo.theta("install", "--local", "--diff")
-    assert repo.git("config", "diff.theta.command").stdout.strip() == "git-theta diff-driver"
+    assert repo.git("config", "diff.theta.command").stdout.strip() == f"{GIT_THETA} diff-driver"
     out = repo.git("diff", "HEAD~1", "HEAD").stdout
     assert out.startswith("diff --theta a/model.safetensors b/model.safetensors")
     assert "model.layers.0.attn.weight" in out and "rel.change" in out

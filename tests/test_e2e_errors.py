@@ -43,9 +43,9 @@ def test_broken_safetensors_fails_add_and_keeps_the_index(repo, damage, words):
 def test_missing_object_fails_that_file_only(repo):
     a = committed(repo, "a.safetensors", 1)
     b = committed(repo, "b.safetensors", 2)
-    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    b_bytes = b.read_bytes()
     manifest = repo.show("HEAD:a.safetensors").decode()
-    line = next(l for l in manifest.splitlines() if l.startswith("tensor head.weight"))
+    line = next(t for t in manifest.splitlines() if t.startswith("tensor head.weight"))
     oid = line.split()[-1].split(":")[0]
     victim = objects_dir(repo) / oid[:2] / oid[2:4] / oid
     victim.unlink()

@@ -26,7 +26,7 @@ HOSTILE = {
     "non-ascii digits in shape": (_m(f"tensor w F32 [²] {D} dense {OID}:10"), "invalid shape"),
     "non-hex object id": (_m(f"tensor w F32 [2] {D} dense {'zz' * 32}:10"), "invalid object id"),
     "path-like object id": (_m(f"tensor w F32 [2] {D} dense ../../../../etc/passwd:10"), "invalid object id"),
-    "path-like blob id": (_m(f"blob header ../../x:1"), "invalid object id"),
+    "path-like blob id": (_m("blob header ../../x:1"), "invalid object id"),
     "uppercase object id": (_m(f"tensor w F32 [2] {D} dense {OID.upper()}:10"), "invalid object id"),
     "duplicate tensor names": (_m(f"tensor w F32 [2] {D} dense {OID}:10", f"tensor w F32 [2] {D} dense {OID}:10"), "duplicate tensor"),
     "duplicate fields": (_m("field metadata {}", "field metadata {}"), "duplicate field"),

@@ -7,7 +7,7 @@ stores (a manifest), that the work-tree file is what a fresh checkout of the res
 
 import numpy as np
 import pytest
-from conftest import save_safetensors
+from conftest import GIT_THETA, save_safetensors
 from safetensors.numpy import load_file
 
 from git_theta.manifest import Manifest
@@ -77,7 +77,8 @@ def fine_tunes(repo):
 
 
 def test_install_registers_the_driver(repo):
-    assert repo.git("config", "merge.theta.driver").stdout.strip() == "git-theta merge-driver %O %A %B %L %P"
+    driver = repo.git("config", "merge.theta.driver").stdout.strip()
+    assert driver == f"{GIT_THETA} merge-driver %O %A %B %L %P"
 
 
 def test_task_arithmetic_merge_through_git_merge(repo, fine_tunes):

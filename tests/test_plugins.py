@@ -110,6 +110,7 @@ def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, ov
 
     repo = make_repo("toy")
     repo.env = overlay.env
+    repo.theta("install", "--local")  # install records the git-theta it runs from: the overlay's
     repo.theta("track", "*.toy")
     rng = np.random.default_rng(0)
     original = toy_file({"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)})
@@ -148,6 +149,7 @@ def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, ov
 
     # The same repository seen by a git-theta without the package: checkouts fail, saying why.
     repo.env = git_env
+    repo.theta("install", "--local")  # git now runs this installation's git-theta
     repo.file("model.toy").unlink()
     failed = repo.git("checkout", "--", "model.toy", check=False)
     assert failed.returncode != 0

@@ -16,7 +16,7 @@ from git_theta.lfs.batch import MAX_BACKOFF, LfsClient, retry_delay
 from git_theta.lfs.credentials import CredentialError
 from git_theta.manifest import ObjectRef
 from git_theta.repo import Repo
-from git_theta.settings import Settings
+from git_theta.settings import Settings, forget
 
 REF = ObjectRef("a" * 64, 3)
 
@@ -55,10 +55,13 @@ def test_endpoint_precedence_and_lfsconfig_allow_list(repo, monkeypatch):
     with pytest.raises(ValueError):
         endpoint._lfsconfig(r, "credential.helper")  # only lfs.url / remote.*.lfsurl are ever read
     repo.git("config", "remote.origin.lfsurl", "https://per-remote.example.com/y")
+    forget()  # git config is read once per process: read it again after changing it
     assert endpoint.resolve(r, "origin").url == "https://per-remote.example.com/y"
     repo.git("config", "lfs.url", "https://global.example.com/z")
+    forget()
     assert endpoint.resolve(r, "origin").url == "https://global.example.com/z"
     repo.git("config", "theta.remote.origin.url", str(repo.path.parent / "shared"))
+    forget()
     found = endpoint.resolve(r, "origin")
     assert found.kind == "dir" and found.path == repo.path.parent / "shared"
 

@@ -46,6 +46,9 @@ def test_push_to_bare_repository_uses_its_store(repo, make_repo):
     assert clone.show(f"HEAD:{MODEL}") == manifest and clone.status() == ""
     # the clone got the hook from its filter run, so its own pushes carry objects too
     assert "git-theta pre-push hook" in (clone.path / ".git" / "hooks" / "pre-push").read_text()
+    # what the clone downloaded from origin is on origin: nothing counts as "not pushed"
+    (row,) = json.loads(clone.theta("status", "--json").stdout)["files"]
+    assert row["objects"] == len(_oids(manifest)) and row["not_pushed"] == 0 and row["not_pushed_bytes"] == 0
 
 
 def test_shared_directory_remote_push_and_fetch(repo, make_repo, tmp_path):

@@ -165,8 +165,10 @@ def log(paths, params, max_count, rev, stat, as_json, color):
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
+        from .. import humanize
+
         style = _style(color)
-        click.echo(render_log(result, style), color=style.color)
+        click.echo(render_log(result, style, humanize.size), color=style.color)
 
 
 COMMANDS = [diff, log, diff_driver]

@@ -211,7 +211,9 @@ def merge(branches, recipe, operator, params, base, every_tensor, dry_run, messa
         one_git_merge = False  # a side re-sharded a model: merged whole here, git cannot pair the shards
     if one_git_merge:
         _print_notes(check_config(load_config(repo, [], operator, raw), 2))  # fail before git starts merging
-        if not repo.git("config", "--get", "merge.theta.driver", check=False).strip():
+        from ..settings import settings_for
+
+        if not (settings_for(repo).value("merge.theta.driver") or "").strip():
             raise UsageError(
                 "the git-theta merge driver is not configured (merge.theta.driver)",
                 hint="run 'git theta install' (or 'git theta install --local')",

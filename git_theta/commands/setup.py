@@ -19,10 +19,17 @@ def _scope(local):
 @click.option("--local", is_flag=True, help="Configure only the current repository.")
 @click.option("--diff", "diff_driver", is_flag=True,
               help="Also make 'git diff' print the git-theta summary for checkpoints (diff.theta.command).")
-def install(local, diff_driver):
-    """Register the git-theta filter (and drivers) in git config."""
+@click.option("--portable", is_flag=True,
+              help="Record the bare 'git-theta' command (found on PATH when git runs it) instead of this "
+              "installation's absolute path: for a global config shared between machines.")
+def install(local, diff_driver, portable):
+    """Register the git-theta filter (and drivers) in git config.
+
+    The commands are recorded with the absolute path of this installation's git-theta, so git finds
+    it when its virtual environment is not active.
+    """
     scope = _scope(local)
-    changed = installer.install(scope, extras=("diff",) if diff_driver else ())
+    changed = installer.install(scope, extras=("diff",) if diff_driver else (), portable=portable)
     where = "this repository" if scope == "local" else "your global git config"
     click.echo(f"git-theta installed in {where}" + ("" if changed else " (already up to date)"))
     _install_hooks()

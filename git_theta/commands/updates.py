@@ -153,27 +153,36 @@ def _tensor_names(full_path, path):
         return [t.name for t in fmt.split(stream, path).tensors()]
 
 
-def tensor_rows(manifest):
-    """Per tensor of ``manifest``: name, update type, chain depth, logical and own stored bytes."""
+def tensor_rows(manifest, added):
+    """Per tensor of ``manifest``: name, update type, chain depth, logical bytes, stored bytes
+    (its own object when this version added it: see :mod:`git_theta.git.footprint`; ``added`` is
+    the set of oids the version added, each counted at its first tensor) and chain bytes."""
     from ..dtypes import nbytes
 
-    return [
-        {
-            "name": e.name,
-            "dtype": e.dtype,
-            "shape": list(e.shape),
-            "update": e.update,
-            "depth": e.chain_depth,
-            "logical_bytes": nbytes(e.dtype, e.shape),
-            "stored_bytes": e.objects[0].size,
-            "chain_bytes": sum(r.size for r in e.objects),
-        }
-        for _, e in sorted(manifest.tensors.items())
-    ]
+    counted = set()
+    rows = []
+    for _, e in sorted(manifest.tensors.items()):
+        own = e.objects[0]
+        new = own.oid in added and own.oid not in counted
+        counted.add(own.oid)
+        rows.append(
+            {
+                "name": e.name,
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "update": e.update,
+                "depth": e.chain_depth,
+                "logical_bytes": nbytes(e.dtype, e.shape),
+                "stored_bytes": own.size if new else 0,
+                "chain_bytes": sum(r.size for r in e.objects),
+            }
+        )
+    return rows
 
 
-def file_summary(path, rows):
-    """Totals of :func:`tensor_rows` for one file (stored bytes count each object once)."""
+def file_summary(path, rows, stored=None):
+    """Totals of :func:`tensor_rows` for one file; ``stored`` the bytes the version added for it
+    (side objects included), else the tensors' sum."""
     by_update = {}
     for row in rows:
         by_update[row["update"]] = by_update.get(row["update"], 0) + 1
@@ -181,7 +190,7 @@ def file_summary(path, rows):
         "path": path,
         "tensors": len(rows),
         "logical_bytes": sum(r["logical_bytes"] for r in rows),
-        "stored_bytes": sum(r["stored_bytes"] for r in rows),
+        "stored_bytes": sum(r["stored_bytes"] for r in rows) if stored is None else stored,
         "max_depth": max((r["depth"] for r in rows), default=0),
         "updates": dict(sorted(by_update.items())),
     }
@@ -190,17 +199,20 @@ def file_summary(path, rows):
 def ls_files_verbose(rev, as_json):
     """``git theta ls-files -v``: a line per tensor and a summary line per file."""
     from .. import humanize
+    from ..git.footprint import added_by
     from ..inventory import tracked_files
     from ..repo import Repo
 
     repo = Repo(".")
     files = []
-    for tracked in tracked_files(repo, rev):
+    tracked_list = tracked_files(repo, rev)
+    added = added_by(repo, rev, tracked_list)
+    for tracked in tracked_list:
         if tracked.manifest is None:
             files.append({"path": tracked.path, "status": tracked.error or "not a manifest (not cleaned)"})
             continue
-        rows = tensor_rows(tracked.manifest)
-        files.append(dict(file_summary(tracked.path, rows), tensor_list=rows))
+        rows = tensor_rows(tracked.manifest, added[tracked.path].oids)
+        files.append(dict(file_summary(tracked.path, rows, added[tracked.path].bytes), tensor_list=rows))
     if as_json:
         click.echo(json.dumps({"rev": rev or ":index", "files": files}, indent=2))
         return

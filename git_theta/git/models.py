@@ -372,7 +372,10 @@ def model_rows(repo, rev, tracked, file_rows):
             "model": m.name, "files": list(m.files), "index": m.index, "adapter_of": m.base,
             "tensors": sum(by_path[p].get("tensors", 0) for p in m.files),
             "logical_bytes": sum(by_path[p].get("logical_bytes", 0) for p in m.files),
-            "stored_bytes": sum(r.size for r in objects.values()),
+            # bytes this version added (per-file figures never count an object twice); chain: all
+            # a checkout of the model needs
+            "stored_bytes": sum(by_path[p].get("stored_bytes", 0) for p in m.files),
+            "chain_bytes": sum(r.size for r in objects.values()),
             "objects": len(objects),
             "objects_local": sum(1 for oid in objects if repo.store.has(oid)),
         })

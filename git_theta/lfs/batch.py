@@ -92,8 +92,9 @@ class LfsClient:
         self._cwd = repo.cwd
         self._retries = max(0, settings.get_int("retries"))
         self._session = _session_class()()
-        self._session.verify = _ssl_verify(repo)
-        proxy = _git_config(repo, "http.proxy")
+        # http.<url>.* applies to this endpoint as git's --get-urlmatch decides (git_theta.settings)
+        self._session.verify = settings.ssl_verify(self.url)
+        proxy = settings.proxy(self.url)
         if proxy:
             self._session.proxies = {"http": proxy, "https": proxy}
         self._auth = None
@@ -240,25 +241,6 @@ class LfsClient:
                 self._approved = True
                 credentials.approve(self.url, *auth, cwd=self._cwd)
             return response
-
-
-def _git_config(repo, key, kind=None):
-    from ..repo import run_git
-
-    args = ["config"] + ([f"--type={kind}"] if kind else []) + ["--get", key]
-    out = run_git(args, cwd=repo.cwd, check=False)
-    return out.decode().strip() if out and out.strip() else None
-
-
-def _ssl_verify(repo):
-    """``http.sslVerify`` (false disables checks) and ``http.sslCAInfo`` (a CA bundle), like git."""
-    import os
-
-    if os.environ.get("GIT_SSL_NO_VERIFY"):
-        return False
-    if _git_config(repo, "http.sslverify", "bool") == "false":
-        return False
-    return _git_config(repo, "http.sslcainfo") or True
 
 
 def _check_action(url, headers, endpoint_url):

@@ -50,8 +50,9 @@ class Endpoint:
 
 
 def _config(repo, key):
-    out = run_git(["config", "--get", key], cwd=repo.cwd, check=False)
-    value = out.decode("utf-8", "replace").strip() if out else ""
+    from ..settings import settings_for
+
+    value = (settings_for(repo).value(key) or "").strip()
     return value or None
 
 

@@ -47,7 +47,9 @@ class _Progress:
 
 
 class PushedRecord:
-    """oids a remote is known to hold (uploaded by us, or reported present): ``theta/remotes/<key>``."""
+    """oids a remote is known to hold: uploaded by us, reported present by it, or downloaded from
+    it (a fresh clone's objects came from its origin, so they are not "not pushed" there):
+    ``theta/remotes/<key>/pushed``."""
 
     def __init__(self, repo, endpoint):
         self.path = repo.theta_dir / "remotes" / endpoint.key / "pushed"
@@ -201,6 +203,7 @@ class Transfer:
         if not refs:
             return stats
         progress = _Progress(sum(r.size for r in refs), label)
+        record = PushedRecord(self.repo, self.endpoint)  # what we download, the remote holds
         failures = []
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="theta-download") as pool:
@@ -220,7 +223,7 @@ class Transfer:
                                 failures.append((ref, "not on the remote"))
                                 continue
                             jobs.append((ref, lambda r=ref, a=action: self._http.download(a, r, store)))
-                    self._run(pool, jobs, stats, progress, failures)
+                    record.add([r.oid for r in self._run(pool, jobs, stats, progress, failures)])
         finally:
             progress.close()
         _raise_failures(failures, "download from", self.endpoint)

@@ -66,17 +66,11 @@ class MergeConfig:
         return None
 
 
-def read_merge_config(cwd):
+def read_merge_config(repo):
     """(key, value) pairs of every ``theta.merge.*`` git config entry, in git's order."""
-    from ..repo import run_git
+    from ..settings import settings_for
 
-    out = run_git(["config", "-z", "--get-regexp", r"^theta\.merge\."], cwd=cwd, check=False)
-    pairs = []
-    for item in out.split(b"\0"):
-        if item:
-            key, _, value = item.decode("utf-8", "replace").partition("\n")
-            pairs.append((key[len("theta.merge."):], value))
-    return pairs
+    return [(key[len("theta.merge."):], value) for key, value in settings_for(repo).entries("theta.merge.")]
 
 
 def parse_seed(value, source):
@@ -128,7 +122,7 @@ def load_config(repo, paths=(), operator=None, params=None, seed=None):
         rules_path = repo.work_tree / RULES_FILE
         if rules_path.is_file():
             rules_text = rules_path.read_text(encoding="utf-8")
-    config = build_config(read_merge_config(repo.cwd), rules_text, operator, params, seed)
+    config = build_config(read_merge_config(repo), rules_text, operator, params, seed)
     for path in paths:
         config.attributes[path] = theta_attribute(repo, path, "theta-merge")  # allow-listed, validated
     return config

@@ -13,8 +13,7 @@ gradients averaged over examples, as the paper computes it). The merge driver ha
 the Fisher tensors of each side through ``side_files`` (see ``git_theta.merge.side``).
 """
 
-from git_theta.errors import UsageError
-from git_theta.merge.operator import MergeOperator, OperatorError, Param
+from git_theta.plugin_api import MergeOperator, OperatorError, Param, UsageError
 
 FISHER_FILE = "fisher.safetensors"
 _HINT = (

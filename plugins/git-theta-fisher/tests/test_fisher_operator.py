@@ -4,11 +4,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from git_theta import plugins
-from git_theta.errors import UsageError
-from git_theta.manifest import Manifest
-from git_theta.merge.operator import OperatorError
-from git_theta.merge.params import resolve
+from git_theta.plugin_api import Manifest, OperatorError, UsageError, get_plugin, resolve_params
 from git_theta_fisher.operator import FISHER_FILE, FisherMerge
 
 
@@ -20,12 +16,12 @@ def reference(models, fishers, weights, epsilon):
 
 def run(models, fishers, **raw):
     op = FisherMerge()
-    params = resolve(op, raw, len(models))
+    params = resolve_params(op, raw, len(models))
     return op.merge(models, None, params, None, side={FISHER_FILE: fishers})
 
 
 def test_is_the_registered_fisher_operator():
-    op = plugins.get("merge", "fisher")
+    op = get_plugin("merge", "fisher")
     assert isinstance(op, FisherMerge) and op.side_files == (FISHER_FILE,)
 
 
@@ -60,7 +56,7 @@ def test_missing_or_bad_fisher_is_an_error():
     with pytest.raises(OperatorError, match="is 0 for every model"):
         run([model, model], [np.zeros(3, np.float32)] * 2, epsilon="0")
     with pytest.raises(UsageError, match="weights sum to 0"):
-        FisherMerge().validate(resolve(FisherMerge(), {"weight": "0,0"}, 2), 2)
+        FisherMerge().validate(resolve_params(FisherMerge(), {"weight": "0,0"}, 2), 2)
 
 
 def fine_tunes(repo):

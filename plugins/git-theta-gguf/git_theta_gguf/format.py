@@ -23,12 +23,17 @@ them), with the GGML type in the ``tensor.NNNNN`` line. Bytes come back unchange
 import re
 import struct
 
-from git_theta.dtypes import nbytes
-from git_theta.errors import CheckpointError
-from git_theta.formats.base import CheckpointFormat, CheckpointReader, dump_json
-from git_theta.formats.stream import ByteCursor
-from git_theta.manifest import escape_name, unescape_name
-from git_theta.updates.base import TensorData
+from git_theta.plugin_api import (
+    ByteCursor,
+    CheckpointError,
+    CheckpointFormat,
+    CheckpointReader,
+    TensorData,
+    dump_json,
+    escape_name,
+    nbytes,
+    unescape_name,
+)
 
 MAGIC = b"GGUF"
 _META_MAX = 200  # longer metadata values (chat templates...) stay only in the kv blob

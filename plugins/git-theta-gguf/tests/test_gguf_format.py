@@ -8,10 +8,7 @@ import pytest
 from gguf import quants
 from hypothesis import given, settings, strategies as st
 
-from git_theta import plugins
-from git_theta.errors import CheckpointError
-from git_theta.formats.memory import MemorySource, roundtrip
-from git_theta.manifest import Manifest
+from git_theta.plugin_api import CheckpointError, Manifest, MemorySource, get_plugin, plugin_names, roundtrip
 from git_theta_gguf.format import GgufFormat
 
 
@@ -47,8 +44,8 @@ def gguf_repo(repo):
 
 
 def test_registered_through_the_entry_point():
-    assert "gguf" in plugins.names("format")
-    assert isinstance(plugins.get("format", "gguf"), GgufFormat)
+    assert "gguf" in plugin_names("format")
+    assert isinstance(get_plugin("format", "gguf"), GgufFormat)
 
 
 def test_round_trip_through_git(gguf_repo):

@@ -14,12 +14,16 @@ values held in typed fields (``float_data``...) instead of ``raw_data``, dtypes 
 name for (strings, 4-bit, complex128), and initializers of subgraphs (``If``/``Loop`` bodies).
 """
 
-from git_theta.dtypes import nbytes
-from git_theta.errors import CheckpointError
-from git_theta.formats.base import CheckpointFormat, CheckpointReader
-from git_theta.formats.stream import ByteCursor
-from git_theta.manifest import escape_name, unescape_name
-from git_theta.updates.base import TensorData
+from git_theta.plugin_api import (
+    ByteCursor,
+    CheckpointError,
+    CheckpointFormat,
+    CheckpointReader,
+    TensorData,
+    escape_name,
+    nbytes,
+    unescape_name,
+)
 
 _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5

@@ -8,10 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from git_theta import plugins
-from git_theta.errors import CheckpointError
-from git_theta.formats.memory import MemorySource, roundtrip
-from git_theta.manifest import Manifest
+from git_theta.plugin_api import CheckpointError, Manifest, MemorySource, get_plugin, roundtrip
 from git_theta_onnx.format import OnnxFormat, decode_varint, encode_varint
 
 
@@ -51,7 +48,7 @@ def split_join(data):
 
 
 def test_registered_through_the_entry_point():
-    assert isinstance(plugins.get("format", "onnx"), OnnxFormat)
+    assert isinstance(get_plugin("format", "onnx"), OnnxFormat)
 
 
 def test_round_trip_through_git(repo):
