@@ -20,9 +20,10 @@ def ls_files(rev, as_json, verbose, by_file):
     """List tracked checkpoints in REV (default: the index) with sizes, a sharded folder as one
     model (and a PEFT adapter as an adapter of its base).
 
-    logical: the checkpoint's tensor bytes. stored: what this version added to the object store
-    (objects its parent commit, or HEAD for the index, did not reference). chain: every object a
-    checkout of it needs (its deltas and their bases). local: objects present here / referenced.
+    'logical' is the checkpoint's tensor bytes; 'stored' is the bytes of the objects this version
+    added to the store (objects its parent commit, or HEAD for the index, did not reference);
+    'chain' is every object a checkout of it needs (its deltas and their bases); 'local' counts
+    the objects present here of those referenced.
     """
     if verbose:
         from .updates import ls_files_verbose
