@@ -224,6 +224,12 @@ def test_trust_is_recorded_locally_and_only_for_verified_pairs(repo):
     repo.git("checkout", "HEAD", "--", "model.safetensors", check=False)
     assert pair_key(forged.tensors["w"]) not in ledger()
     assert pair_key(forged.tensors["b"]) in ledger()  # the same pair as the genuine 'b'
+    # fsck --forget-trust starts from an empty ledger and trusts again only what it verifies:
+    # HEAD (the forged version) and the index (the genuine version, staged by the checkout).
+    with sqlite3.connect(repo.path / ".git" / "theta" / "cache.sqlite3") as db:
+        db.execute("INSERT INTO trusted VALUES (?)", (b"x" * 32,))
+    assert repo.theta("fsck", "--forget-trust", check=False).returncode == 1
+    assert ledger() == {pair_key(e) for e in genuine.tensors.values()}
 
 
 def test_object_claiming_a_huge_tensor_fails_before_allocating(repo):
