@@ -114,7 +114,9 @@ class Cache:
         return self._run(lambda db: db.execute("SELECT 1 FROM trusted WHERE pair=?", (key,)).fetchone()) is not None
 
     def put_trusted(self, keys):
+        """Record the ledger keys ``keys`` as trusted."""
         self._run(lambda db: db.executemany("INSERT OR IGNORE INTO trusted VALUES (?)", [(k,) for k in keys]))
 
     def forget_trusted(self):
+        """Forget every trusted pair."""
         self._run(lambda db: db.execute("DELETE FROM trusted"))

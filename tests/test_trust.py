@@ -124,9 +124,10 @@ def test_forged_checksum_is_refused_by_every_decode_path(repo):
     assert repo.git("checkout", "--", "model.safetensors", check=False).returncode != 0
 
 
-def test_forged_checksum_in_a_merge_input_is_refused(repo):
+def test_forged_checksum_in_a_diff_or_merge_input_is_refused(repo):
     """Both sides changed w; theirs claims a genuine digest (of 3w) for an object decoding to the
-    attacker's bytes: the merge operator's input is refused, the work tree keeps ours."""
+    attacker's bytes: the numeric diff and the merge operator's input refuse it; the work tree
+    keeps ours."""
     save_safetensors(repo.file("model.safetensors"), GENUINE)
     repo.commit("genuine", "model.safetensors")
     repo.git("checkout", "-q", "-b", "theirs")
@@ -139,6 +140,8 @@ def test_forged_checksum_in_a_merge_input_is_refused(repo):
     save_safetensors(repo.file("model.safetensors"), dict(GENUINE, w=ours))
     repo.commit("ours changes w", "model.safetensors")
     fresh_clone_state(repo)
+    diff = repo.theta("diff", "main", "theirs", check=False)  # a numeric diff decodes both sides
+    assert diff.returncode != 0 and "tensor digest" in diff.stderr, diff.stdout + diff.stderr
     merge = repo.theta("merge", "--operator", "linear", "theirs", check=False)
     assert merge.returncode != 0, merge.stdout + merge.stderr
     assert "tensor digest" in merge.stderr, merge.stderr
