@@ -5,7 +5,11 @@
   (``touch``, ``git status``), each tensor's bytes only need the fingerprint check, not sha256 and
   encoding. The fingerprint is checked for every tensor, so a stale entry can never be used wrongly.
 - ``digests``: tensor digest -> how it is stored (update and object chain), so a tensor already
-  stored anywhere (another file, branch or shard) costs no new bytes.
+  stored anywhere (another file, branch or shard) costs no new bytes. A hint only: clean reuses
+  an entry only when the trust ledger vouches for it.
+- ``trusted``: the trust ledger (:mod:`git_theta.store.trust`), keys of the (object chain ->
+  tensor digest) pairs this clone verified with sha256 or encoded itself. Nothing a repository or
+  remote ships can write it.
 
 Both are caches: losing the file loses speed, never data. Any SQLite error disables the cache for
 the process instead of failing the git command.
@@ -19,6 +23,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stat (path TEXT PRIMARY KEY, key TEXT, manifest BLOB, fingerprints TEXT);
 CREATE TABLE IF NOT EXISTS digests (digest TEXT, dtype TEXT, shape TEXT, entry TEXT,
                                     PRIMARY KEY (digest, dtype, shape));
+CREATE TABLE IF NOT EXISTS trusted (pair BLOB PRIMARY KEY) WITHOUT ROWID;
 """
 
 
@@ -102,3 +107,16 @@ class Cache:
         ]
         if rows:
             self._run(lambda db: db.executemany("INSERT OR REPLACE INTO digests VALUES (?,?,?,?)", rows))
+
+    # -- trust ledger (see git_theta.store.trust) ------------------------------------------------
+    def is_trusted(self, key):
+        """True when the pair with ledger key ``key`` (bytes) is recorded as trusted."""
+        return self._run(lambda db: db.execute("SELECT 1 FROM trusted WHERE pair=?", (key,)).fetchone()) is not None
+
+    def put_trusted(self, keys):
+        """Record the ledger keys ``keys`` as trusted."""
+        self._run(lambda db: db.executemany("INSERT OR IGNORE INTO trusted VALUES (?)", [(k,) for k in keys]))
+
+    def forget_trusted(self):
+        """Forget every trusted pair."""
+        self._run(lambda db: db.execute("DELETE FROM trusted"))

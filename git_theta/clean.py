@@ -231,7 +231,10 @@ class Cleaner:
             manifest = Manifest.parse(data, source="stat cache")
         except ManifestError:
             return False
-        return all(self.store.freshen(ref.oid) for ref in manifest.all_objects())
+        trust = self.store.trust
+        return all(self.store.freshen(ref.oid) for ref in manifest.all_objects()) and (
+            trust is None or all(trust.trusted(e) for e in manifest.tensors.values())
+        )
 
     def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
         import xxhash
@@ -277,6 +280,7 @@ class Cleaner:
                     and previous.dtype == tensor.dtype
                     and previous.shape == tuple(tensor.shape)
                     and self._all_local(previous)
+                    and self._vouched(previous, path, check=False)
                 ):
                     return previous, fingerprint
                 tensor.digest = tensor_digest(tensor.data)
@@ -286,7 +290,7 @@ class Cleaner:
                     return _renamed(same, tensor.name), fingerprint
                 # With an explicit request, only the parent's entries are reused: the digest index
                 # would hand back the encoding the request is meant to replace.
-                entry = self._reuse(tensor, known, use_index=request is None)
+                entry = self._reuse(tensor, known, path, use_index=request is None)
                 if entry is None:
                     entry = self._encode_changed(
                         tensor, parent_entries.get(tensor.name), path, budget, request, max_depth
@@ -422,7 +426,26 @@ class Cleaner:
         # freshen, not has: a reused object must look recent to a concurrent 'git theta prune'
         return all(self.store.freshen(ref.oid) for ref in entry.objects)
 
-    def _reuse(self, tensor, known, use_index=True):
+    def _vouched(self, entry, path, check=True):
+        """True when ``entry``'s (chain -> digest) pair is trusted (see git_theta.store.trust), or,
+        with ``check``, decodes now to bytes whose sha256 is its digest (then it is recorded).
+
+        A parent manifest, the digest index and the stat cache can all hold pairs this clone never
+        checked (a repository's author wrote them): reusing one unchecked could store another
+        tensor's bytes under this tensor's digest.
+        """
+        trust = self.store.trust
+        if trust is None or trust.trusted(entry):
+            return True
+        if not check:
+            return False
+        try:
+            decode_tensor(self.store, entry, path)  # sha256-verified, and recorded when it matches
+            return True
+        except (ObjectCorruptError, ObjectMissingError, PluginError):
+            return False
+
+    def _reuse(self, tensor, known, path, use_index=True):
         """An existing entry storing exactly these bytes, renamed for this tensor, or None."""
         # Reuse only entries whose objects are here: the bytes are in hand, so storing them again
         # is always possible, while an entry pointing at objects nobody has would lose the tensor.
@@ -432,6 +455,7 @@ class Cleaner:
             and entry.dtype == tensor.dtype
             and entry.shape == tuple(tensor.shape)
             and self._all_local(entry)
+            and self._vouched(entry, path)
         ):
             return _renamed(entry, tensor.name)
         stored = self.cache.get_digest(tensor.digest, tensor.dtype, tensor.shape) if use_index else None
@@ -441,8 +465,9 @@ class Cleaner:
                 objects = tuple(ObjectRef.parse(r) for r in refs)
             except ManifestError:
                 return None
-            if objects and all(self.store.freshen(r.oid) for r in objects):  # same rule as above
-                return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update, objects)
+            entry = TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update, objects)
+            if objects and self._all_local(entry) and self._vouched(entry, path):  # same rules as above
+                return entry
         return None
 
 

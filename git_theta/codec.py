@@ -71,7 +71,10 @@ def store_encoded(store, tensor, update, encoded, base=None, base_entry=None):
         header["base"] = base.digest
     ref = store.put_chunks([object_codec.header_bytes(header), *encoded.parts])
     chain = (ref,) + (tuple(base_entry.objects) if not update.keyframe else ())
-    return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update.name, chain)
+    entry = TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update.name, chain)
+    if store.trust is not None:  # encoded here from bytes whose digest the caller computed
+        store.trust.record([entry])
+    return entry
 
 
 def encode_tensor(store, tensor, update_name="dense", base=None, base_entry=None, **options):
@@ -113,10 +116,12 @@ def keyframe_entry(entry, headers):
 class DecodedCache:
     """Decoded intermediate tensors of delta chains, by object id, bounded in bytes (LRU).
 
-    The result of applying an object depends on that object alone (its header pins the base by
-    digest), so a base shared by several tensors or files in one checkout is decoded once. Only
-    bases of tensors whose final digest checked out are cached. Keeping a base costs a copy of
-    it, so a caller that knows which bases will be needed again names them with :meth:`keep_only`.
+    A decoded base is keyed by the object ids of the chain that produced it (its own object down
+    to the keyframe), never by one object: a base's header names its base by a digest nobody
+    checked, so two chains sharing an object may decode it to different bytes. A base shared by
+    several tensors or files in one checkout is decoded once. Only bases of tensors whose final
+    digest checked out are cached. Keeping a base costs a copy of it, so a caller that knows which
+    bases will be needed again names them (by their own object id) with :meth:`keep_only`.
     """
 
     def __init__(self, limit):
@@ -133,20 +138,21 @@ class DecodedCache:
     def wants(self, oid):
         return self.limit > 0 and (self._wanted is None or oid in self._wanted)
 
-    def get(self, oid):
+    def get(self, chain):
+        """The decoded bytes of ``chain`` (a tuple of object ids, own object first), or None."""
         with self._lock:
-            data = self._items.get(oid)
+            data = self._items.get(chain)
             if data is not None:
-                self._items.move_to_end(oid)
+                self._items.move_to_end(chain)
             return data
 
-    def put(self, oid, data):
+    def put(self, chain, data):
         if len(data) > self.limit:
             return
         with self._lock:
-            if oid in self._items:
+            if chain in self._items:
                 return
-            self._items[oid] = bytes(data)
+            self._items[chain] = bytes(data)
             self._used += len(data)
             while self._used > self.limit:
                 _, old = self._items.popitem(last=False)
@@ -154,7 +160,24 @@ class DecodedCache:
 
 
 def _describe_chain(entry):
-    return " -> ".join(f"{ref.oid[:12]}" for ref in entry.objects)
+    """The chain's object ids, shortened; a long (hostile) chain shows its ends and its length."""
+    oids = [ref.oid[:12] for ref in entry.objects]
+    if len(oids) > 6:
+        oids = [*oids[:3], f"... {len(oids) - 5} more ...", *oids[-2:]]
+    return " -> ".join(oids)
+
+
+def check_chain_length(store, entry, where):
+    """Refuse a chain longer than the store accepts (``theta.maxChainDepth`` plus a margin) before
+    anything of it is read: a hostile manifest can repeat one delta 100,000 times."""
+    limit = store.max_chain_objects
+    if len(entry.objects) > limit:
+        raise ObjectCorruptError(
+            f"{where}: chain of {len(entry.objects)} objects (first {entry.objects[0].oid}) is longer "
+            f"than {limit}, the most this clone decodes",
+            hint="a damaged or hostile manifest; if its chains really are this deep, raise "
+            "theta.maxChainDepth (the limit is that plus a margin of 16)",
+        )
 
 
 def _locate_damage(store, entry):
@@ -176,25 +199,24 @@ def _chain_error(store, entry, where, detail):
         role = "keyframe" if position == len(entry.objects) - 1 else f"delta at depth {len(entry.objects) - 1 - position}"
         broken = f"; it breaks {position} delta(s) above it" if position else ""
         message = f"{where}: object {oid} ({role} of {chain}) is corrupt{broken}: {detail}"
+        hint = "run 'git theta fsck' to find every damaged object; refetch them with 'git theta fetch'"
     else:
         message = f"{where}: {chain} does not decode: {detail}"
-    return ObjectCorruptError(
-        message,
-        hint="run 'git theta fsck' to find every damaged object; refetch them with 'git theta fetch'",
-    )
+        hint = ("its objects are intact, so the manifest pairs the tensor's digest with objects that "
+                "make other bytes: do not use this version; 'git theta fsck' lists every use")
+    return ObjectCorruptError(message, hint=hint)
 
 
 def decode_tensor(store, entry, path="?", cache=None, known=None, strict=False, full=False):
     """Raw bytes of the tensor ``entry`` describes, verified.
 
-    An object records an xxh3-128 checksum of the tensor it decodes to, taken over the tensor's
-    sha256 digest and its bytes (written by the encoder, which had the tensor; some earlier
-    objects record the digest beside a checksum of the bytes alone). A read checks the decoded
-    bytes and the manifest's digest against it: the same detection of corrupt objects, decoder
-    faults and altered manifests as hashing the result with sha256, at a tenth of the cost
-    (objects are checked against their ids, sha256 of their bytes, when they enter the store).
-    ``full`` (fsck) hashes the result with sha256 as well; objects written before checksums
-    existed are always checked that way.
+    A pair (chain -> digest) this clone has not checked yet (see :mod:`git_theta.store.trust`) is
+    verified by hashing the result with sha256, and recorded as trusted when it matches. A trusted
+    pair is read with the object's xxh3-128 checksum of the tensor (taken over the digest and the
+    bytes): it detects corrupt objects and decoder faults at a tenth of the cost, but proves
+    nothing on its own, since the object's author chose it. ``full`` (fsck) always hashes with
+    sha256; objects written before checksums existed are always checked that way. A chain longer
+    than ``store.max_chain_objects`` is refused before any object is read.
 
     ``cache`` (a :class:`DecodedCache`) shares decoded bases between tensors. ``known`` is an
     optional ``(TensorEntry, bytes)`` already decoded (e.g. the older side of a diff): when
@@ -206,6 +228,7 @@ def decode_tensor(store, entry, path="?", cache=None, known=None, strict=False, 
     only to explain a failure: a failed decode is retried strictly, without the cache, and that
     retry's error says which object and which link of the chain is wrong.
     """
+    check_chain_length(store, entry, f"{path}: tensor {entry.name!r}")
     try:
         return _decode_chain(store, entry, path, cache, known, strict, full)
     except ObjectCorruptError:
@@ -231,7 +254,7 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
     start, data, expected_base = len(objects) - 1, None, None
     if cache is not None:
         for position in range(1, len(objects)):
-            cached = cache.get(objects[position].oid)
+            cached = cache.get(tuple(ref.oid for ref in objects[position:]))
             if cached is not None:
                 start, data = position - 1, _own_copy(cached)
                 expected_base = tensor_digest(data) if strict else None
@@ -278,7 +301,8 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
             if depth > 0 and strict:
                 expected_base = tensor_digest(data)
             if depth == 1 and cache is not None and cache.wants(ref.oid):
-                immediate_base = (ref.oid, bytes(data))  # cached once the result is verified
+                # cached once the result is verified
+                immediate_base = (tuple(r.oid for r in objects[1:]), bytes(data))
     except ObjectCorruptError as exc:
         raise _chain_error(store, entry, where, exc.message) from None
     recorded, checksum = top.get("digest"), top.get("check")
@@ -287,12 +311,17 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
                            f"{str(recorded)[:12]}, the manifest names digest {entry.digest[:12]} "
                            "(the manifest was altered)")
     bound = isinstance(checksum, str) and checksum.startswith(BOUND_CHECKSUM)
-    if isinstance(checksum, str) and (bound or checksum.startswith(CHECKSUM)) and not (full or strict):
+    # The object's checksum was chosen by whoever wrote the object: it only stands in for sha256
+    # on a pair this clone has verified or encoded itself (the trust ledger, DESIGN §12).
+    fast = not (full or strict) and store.trust is not None and store.trust.trusted(entry)
+    if fast and isinstance(checksum, str) and (bound or checksum.startswith(CHECKSUM)):
         if tensor_checksum(data, entry.digest if bound else None) != checksum:
             raise _chain_error(store, entry, where, "decoded bytes do not match the recorded checksum")
     elif tensor_digest(data) != entry.digest:
         raise _chain_error(store, entry, where, "decoded bytes do not match the tensor digest "
-                           "(or the manifest was altered)")
+                           "(the object is forged or damaged, or the manifest was altered)")
+    elif store.trust is not None:
+        store.trust.record([entry])
     if immediate_base is not None:
         cache.put(*immediate_base)
     return data

@@ -59,6 +59,19 @@ def compress(data):
     return ZSTD, packed
 
 
+def declared_size(data, oid="?"):
+    """The content size a zstd frame's header declares (our frames always declare it)."""
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError:
+        size = -1
+    if size < 0:
+        raise ObjectCorruptError(f"object {oid} has a zstd frame without a valid content size")
+    return size
+
+
 def decompress_into(method, data, out, oid="?"):
     """Inverse of :func:`compress`: decompress a frame into ``out`` (a writable memoryview), which
     it must fill exactly.

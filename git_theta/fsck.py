@@ -80,7 +80,7 @@ def collect(repo, scope):
     """Walk the reachable manifests; return (report with manifest problems, objects, tensor entries)."""
     report = Report()
     objects = {}  # oid -> _ObjectUse
-    tensors = {}  # (digest, dtype, shape, chain) -> (entry, use)
+    tensors = {}  # (digest, dtype, shape, chain) -> (entry, [use of every manifest listing it])
     for use, data in iter_manifests(repo, scope):
         report.manifests += 1
         try:
@@ -95,7 +95,8 @@ def collect(repo, scope):
         for entry in manifest.tensors.values():
             for ref in entry.objects:
                 _note(objects, ref, use, entry.name)
-            tensors.setdefault((entry.digest, entry.dtype, entry.shape, entry.objects), (entry, use))
+            key = (entry.digest, entry.dtype, entry.shape, entry.objects)
+            tensors.setdefault(key, (entry, []))[1].append((use, entry.name))
     report.objects = len(objects)
     report.tensors = len(tensors)
     return report, objects, tensors
@@ -153,13 +154,18 @@ def fsck(repo, scope="head", threads=1):
                                 info.size, info.count - 1, info.index)
 
     def check_tensor(item):
-        entry, use = item
+        """Decode one distinct (chain -> digest) pair; a problem for every manifest that uses it."""
+        entry, uses = item
         try:
-            decode_tensor(store, entry, use.path, full=True)  # sha256 of every tensor, not the checksum
-            return None
+            decode_tensor(store, entry, uses[0][0].path, full=True)  # sha256, never the checksum
+            return []
         except GitThetaError as exc:
             oid = entry.objects[0].oid if entry.objects else None
-            return Problem("bad-tensor", exc.message, use.path, use.where, use.commit, entry.name, oid)
+            # The message opens with the first use's file and tensor; each problem names its own.
+            prefix = f"{uses[0][0].path}: tensor {uses[0][1]!r}: "
+            message = exc.message[len(prefix):] if exc.message.startswith(prefix) else exc.message
+            return [Problem("bad-tensor", message, use.path, use.where, use.commit, name, oid)
+                    for use, name in uses]
 
     bad = set()
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="theta-fsck") as pool:
@@ -181,9 +187,8 @@ def fsck(repo, scope="head", threads=1):
         report.objects += len(parts)
         # Decoding an entry with a known-bad object would only repeat that problem.
         decodable = [t for t in tensors.values() if not any(r.oid in bad for r in t[0].objects)]
-        for problem in pool.map(check_tensor, decodable):
-            if problem is not None:
-                report.problems.append(problem)
+        for problems in pool.map(check_tensor, decodable):
+            report.problems.extend(problems)
     return report
 
 

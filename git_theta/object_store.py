@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .errors import DiskFullError, ObjectCorruptError, ObjectMissingError
 from .manifest import ObjectRef, check_oid
+from .settings import DEFAULTS
+from .store.trust import max_chain_objects
 from .testhooks import kill_point
 
 READ_CHUNK = 1 << 20
@@ -26,6 +28,10 @@ class ObjectStore:
         self.root = Path(root)
         self.fsync = fsync
         self.max_object_size = max_object_size  # 0: never split (see chunked.py)
+        # Set by the repository (Repo.store): the trust ledger and the longest chain decoding
+        # accepts. Without a ledger nothing is trusted, so every decode is sha256-verified.
+        self.trust = None
+        self.max_chain_objects = max_chain_objects(DEFAULTS["maxChainDepth"][0])
         self._tmp = self.root / "tmp"
 
     def path(self, oid):

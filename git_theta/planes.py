@@ -13,9 +13,12 @@ import numpy as np
 
 from . import buffers, compression
 from .errors import ObjectCorruptError
-from .object_codec import frame, iter_frames
+from .object_codec import RAW, frame, iter_frames
 
 CHUNK_BYTES = 8 << 20
+#: the most a zstd frame can expand: a block yields at most 128 KiB and takes at least 4 bytes
+#: (3 of block header and one of RLE byte), so no frame of n bytes decompresses past 32768 n.
+ZSTD_MAX_RATIO = 32768
 ZERO_HINT = 64  # a zstd frame under 1/64 of its plane's size is checked for being all zeros
 
 
@@ -107,8 +110,40 @@ def iter_chunk_planes(payload, nbytes, itemsize, oid="?"):
         raise ObjectCorruptError(f"object {oid} has trailing data")
 
 
+def check_planes(payload, nbytes, itemsize, oid="?"):
+    """Check that ``payload`` can produce ``nbytes`` of :func:`encode_planes` output, before a
+    byte of it is allocated: the right number of frames, each raw frame exactly its plane's
+    length, each zstd frame declaring its plane's length and not more than zstd can expand its
+    bytes to. Reads frame headers only; a header claiming 4 GiB over 139 bytes fails here.
+    """
+    from .compression import declared_size
+
+    def refuse(detail):
+        raise ObjectCorruptError(
+            f"object {oid}: its {len(payload)}-byte payload cannot hold the {nbytes} bytes its "
+            f"header claims ({detail})"
+        )
+
+    frames = iter_frames(payload, oid)
+    step = chunk_step(itemsize)
+    for start in range(0, nbytes, step):
+        length = min(step, nbytes - start) // itemsize
+        for _ in range(itemsize):
+            method, data = next(frames, (None, None))
+            if method is None:
+                refuse("too few frames")
+            size = len(data) if method == RAW else declared_size(data, oid)
+            if size != length or len(data) * ZSTD_MAX_RATIO < length:
+                refuse(f"a frame of {size} bytes where {length} belong")
+    if next(frames, None) is not None:
+        raise ObjectCorruptError(f"object {oid} has trailing data")
+
+
 def decode_planes(payload, nbytes, itemsize, oid="?", out=None):
-    """Inverse of :func:`encode_planes`: ``out`` (a new bytearray by default) holding ``nbytes``."""
+    """Inverse of :func:`encode_planes`: ``out`` (a new bytearray by default) holding ``nbytes``.
+    Without ``out`` the payload is first checked to really hold that much (:func:`check_planes`)."""
+    if out is None:
+        check_planes(payload, nbytes, itemsize, oid)
     out = bytearray(nbytes) if out is None else out
     target = np.frombuffer(out, dtype=np.uint8)
     for start, size, planes in iter_chunk_planes(payload, nbytes, itemsize, oid):

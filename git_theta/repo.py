@@ -113,12 +113,17 @@ class Repo:
         from .object_store import ObjectStore
         from .settings import settings_for
 
+        from .store.trust import TrustLedger, max_chain_objects
+
         settings = settings_for(self)
-        return ObjectStore(
+        store = ObjectStore(
             self.theta_dir / "objects",
             fsync=settings.get_bool("fsync"),
             max_object_size=settings.get_int("maxObjectSize"),
         )
+        store.trust = TrustLedger(self.cache)
+        store.max_chain_objects = max_chain_objects(settings.get_int("maxChainDepth"))
+        return store
 
     @cached_property
     def cache(self):

@@ -78,14 +78,17 @@ def _store_with_header(store, tensor, **header_changes):
 
 
 def test_reads_check_the_recorded_checksum_and_digest(tmp_path, monkeypatch):
-    """New objects record an xxh3-128 checksum over the tensor's digest and bytes; a read checks it
-    (a wrong checksum or a manifest naming another tensor fails), fsck's full read hashes with
-    sha256, objects recording the digest beside a checksum of the bytes alone (written before) are
-    checked both ways, and objects without either are checked with sha256."""
+    """New objects record an xxh3-128 checksum over the tensor's digest and bytes; a read of a
+    trusted pair checks it (a wrong checksum or a manifest naming another tensor fails), fsck's
+    full read hashes with sha256, objects recording the digest beside a checksum of the bytes alone
+    (written before) are checked both ways, and objects without either are checked with sha256."""
+    from git_theta.cache import Cache
     from git_theta.codec import tensor_checksum
     from git_theta.object_codec import unpack
+    from git_theta.store.trust import TrustLedger
 
-    store = ObjectStore(tmp_path, fsync=False)
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    store.trust = TrustLedger(Cache(tmp_path / "cache.sqlite3"))  # encode_tensor records its pairs
     raw = np.arange(64, dtype=np.float32).tobytes()
     tensor = TensorData("layer.w", "F32", (64,), raw, tensor_digest(raw))
     entry = encode_tensor(store, tensor)

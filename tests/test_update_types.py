@@ -412,7 +412,8 @@ def test_automatic_choice(rows, change, expected):
 
 
 def test_decoded_cache_shares_bases_and_stays_bounded(tmp_path):
-    """A verified immediate base is cached by object id and reused; the cache evicts to its bound."""
+    """A verified immediate base is cached by its chain's object ids and reused; the cache evicts
+    to its bound."""
     from git_theta.codec import DecodedCache, decode_tensor, encode_tensor
     from git_theta.object_store import ObjectStore
 
@@ -432,7 +433,8 @@ def test_decoded_cache_shares_bases_and_stays_bounded(tmp_path):
         previous = entry
     cache = DecodedCache(limit=300)
     assert bytes(decode_tensor(store, entries[2], cache=cache)) == values[2].tobytes()
-    assert cache.get(entries[2].objects[1].oid) == values[1].tobytes()  # the immediate base
+    base_chain = tuple(r.oid for r in entries[2].objects[1:])
+    assert cache.get(base_chain) == values[1].tobytes()  # the immediate base
     # with the base cached, the keyframe is not read again: remove it and decode still works
     keyframe = store.path(entries[2].objects[-1].oid)
     keyframe.chmod(0o644)

@@ -13,8 +13,11 @@ from .. import humanize
 @click.option("--repair", is_flag=True, help="Fetch missing or corrupt objects again from the remote.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--threads", type=int, default=None, help="Worker threads (default: theta.threads).")
+@click.option("--forget-trust", is_flag=True,
+              help="First forget every pair this clone trusts (docs/security.md), so every tensor is "
+              "sha256-verified again; the check re-trusts what it verifies.")
 @click.pass_context
-def fsck(ctx, everything, repair, as_json, threads):
+def fsck(ctx, everything, repair, as_json, threads, forget_trust):
     """Verify that every referenced object is present, intact and decodes to its tensor."""
     from ..fsck import fsck as run_fsck
     from ..fsck import repair as run_repair
@@ -24,6 +27,8 @@ def fsck(ctx, everything, repair, as_json, threads):
     repo = Repo(".")
     threads = threads or settings_for(repo).threads()
     scope = "all" if everything else "head"
+    if forget_trust:
+        repo.store.trust.forget()
     report = run_fsck(repo, scope, threads)
     repaired = []
     if repair and not report.ok:

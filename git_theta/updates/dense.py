@@ -2,7 +2,7 @@
 
 from ..buffers import new_buffer
 from ..dtypes import element_count, get_dtype
-from ..planes import decode_planes, encode_planes
+from ..planes import check_planes, decode_planes, encode_planes
 from .base import Encoded, UpdateType
 
 
@@ -18,4 +18,5 @@ class DenseUpdate(UpdateType):
     def decode(self, header, payload, base, spec, oid="?"):
         itemsize = get_dtype(spec.dtype).itemsize
         nbytes = itemsize * element_count(spec.shape)
+        check_planes(payload, nbytes, itemsize, oid)  # before allocating what the header claims
         return decode_planes(payload, nbytes, itemsize, oid, out=new_buffer(nbytes))
