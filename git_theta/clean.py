@@ -48,6 +48,8 @@ from .settings import settings_for
 from .updates.base import TensorData
 
 SNIFF_BYTES = 4096
+BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
+BATCH_TENSORS = 256  # ...or this many tensors
 MAX_MANIFEST = 256 << 20
 
 
@@ -250,59 +252,83 @@ class Cleaner:
         budget = _Budget(self.settings.get_int("memoryBudget"))
         pool = self._executor()
 
-        def process(tensor):
+        def check(tensor):
+            """(entry, fingerprint) when the stat cache already has this tensor, else (None, fingerprint)
+            with the tensor's digest set."""
             size = len(tensor.data)
+            if size != nbytes(tensor.dtype, tensor.shape):
+                raise CheckpointError(f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
+                                      f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}")
+            fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
+            previous = cached_entries.get(tensor.name)
+            if (
+                previous is not None
+                and fingerprints_before.get(tensor.name) == fingerprint
+                and previous.dtype == tensor.dtype
+                and previous.shape == tuple(tensor.shape)
+                and self._all_local(previous)
+            ):
+                return previous, fingerprint
+            tensor.digest = tensor_digest(tensor.data)
+            return None, fingerprint
+
+        def process(batch):
+            """(entry, fingerprint) of each tensor of ``batch``: one digest-index query per batch."""
             try:
-                if size != nbytes(tensor.dtype, tensor.shape):
-                    raise CheckpointError(f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
-                                          f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}")
-                fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
-                previous = cached_entries.get(tensor.name)
-                if (
-                    previous is not None
-                    and fingerprints_before.get(tensor.name) == fingerprint
-                    and previous.dtype == tensor.dtype
-                    and previous.shape == tuple(tensor.shape)
-                    and self._all_local(previous)
-                ):
-                    return previous, fingerprint
-                tensor.digest = tensor_digest(tensor.data)
+                checked = [check(tensor) for tensor in batch]
                 # With an explicit request, only the parent's entries are reused: the digest index
                 # would hand back the encoding the request is meant to replace.
-                entry = self._reuse(tensor, known, use_index=request is None)
-                if entry is None:
-                    entry = self._encode_changed(
-                        tensor, parent_entries.get(tensor.name), path, budget, request, max_depth
-                    )
-                return entry, fingerprint
+                lookups = [t for t, (e, _) in zip(batch, checked) if e is None and t.digest not in known]
+                stored = self.cache.get_digests(lookups) if request is None and lookups else {}
+                results = []
+                for tensor, (entry, fingerprint) in zip(batch, checked):
+                    if entry is None:
+                        entry = self._reuse(tensor, known, stored)
+                    if entry is None:
+                        entry = self._encode_changed(
+                            tensor, parent_entries.get(tensor.name), path, budget, request, max_depth
+                        )
+                    results.append((entry, fingerprint))
+                return results
             finally:
-                budget.release(size)
+                budget.release(sum(len(t.data) for t in batch))
 
-        futures = []
-        checkpoint = fmt.split(reader, path)
-        try:
-            for tensor in checkpoint.tensors():
-                budget.add(len(tensor.data))
-                futures.append(pool.submit(process, tensor))
-                budget.wait_below()
-            results = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            for f in futures:
-                if not f.cancelled():
-                    try:
-                        f.result()
-                    except BaseException:
-                        pass
-            raise
-        manifest = Manifest(format=fmt.name, fields=dict(checkpoint.fields))
-        package = plugins.provider("format", fmt.name)
-        if package not in (None, plugins.BUILTIN_PACKAGE):
-            # So a clone without the plugin is told which package to install (plugins.get).
-            manifest.fields[plugins.PACKAGE_FIELD] = package
-        for key_name, data in checkpoint.blobs.items():
-            manifest.blobs[key_name] = self.store.put_bytes(data)
+        # Small objects go into packs, written (one fsync, one rename each) before the manifest.
+        with self.store.packing():
+            futures = []
+            checkpoint = fmt.split(reader, path)
+            try:
+                # Small tensors go to the workers in batches: a future, a lock round and an index
+                # query per tensor cost more than hashing a small tensor.
+                batch, batch_bytes = [], 0
+                for tensor in checkpoint.tensors():
+                    budget.add(len(tensor.data))
+                    batch.append(tensor)
+                    batch_bytes += len(tensor.data)
+                    if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_TENSORS:
+                        futures.append(pool.submit(process, batch))
+                        batch, batch_bytes = [], 0
+                        budget.wait_below()
+                if batch:
+                    futures.append(pool.submit(process, batch))
+                results = [result for f in futures for result in f.result()]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                for f in futures:
+                    if not f.cancelled():
+                        try:
+                            f.result()
+                        except BaseException:
+                            pass
+                raise
+            manifest = Manifest(format=fmt.name, fields=dict(checkpoint.fields))
+            package = plugins.provider("format", fmt.name)
+            if package not in (None, plugins.BUILTIN_PACKAGE):
+                # So a clone without the plugin is told which package to install (plugins.get).
+                manifest.fields[plugins.PACKAGE_FIELD] = package
+            for key_name, data in checkpoint.blobs.items():
+                manifest.blobs[key_name] = self.store.put_bytes(data)
         fingerprints = {}
         for entry, fingerprint in results:
             if entry.name in manifest.tensors:
@@ -400,8 +426,10 @@ class Cleaner:
         # freshen, not has: a reused object must look recent to a concurrent 'git theta prune'
         return all(self.store.freshen(ref.oid) for ref in entry.objects)
 
-    def _reuse(self, tensor, known, use_index=True):
-        """An existing entry storing exactly these bytes, renamed for this tensor, or None."""
+    def _reuse(self, tensor, known, stored=None):
+        """An existing entry storing exactly these bytes, renamed for this tensor, or None.
+
+        ``stored`` is the digest index's answer for a batch (:meth:`Cache.get_digests`)."""
         # Reuse only entries whose objects are here: the bytes are in hand, so storing them again
         # is always possible, while an entry pointing at objects nobody has would lose the tensor.
         entry = known.get(tensor.digest)
@@ -412,7 +440,7 @@ class Cleaner:
             and self._all_local(entry)
         ):
             return _renamed(entry, tensor.name)
-        stored = self.cache.get_digest(tensor.digest, tensor.dtype, tensor.shape) if use_index else None
+        stored = (stored or {}).get((tensor.digest, tensor.dtype, tuple(tensor.shape)))
         if stored:
             update, *refs = stored.split(" ")
             try:

@@ -22,6 +22,8 @@ DEFAULTS = {
     "retries": (4, "int", "retries of a failed request (connection error, 429, 5xx) with backoff"),
     "skipSmudge": (False, "bool", "leave manifests in the work tree at checkout (then: git theta checkout)"),
     "maxObjectSize": (2 << 30, "int", "largest object sent to a remote; bigger objects are split"),
+    "packThreshold": (256 << 10, "int", "objects up to this many bytes written by one clean go into a pack (0: never pack)"),
+    "packSize": (64 << 20, "int", "bytes of small objects collected before a pack is written"),
     "pruneExpire": ("1.hour", "str", "git theta prune keeps unreferenced objects younger than this"),
 }
 

@@ -127,7 +127,7 @@ class Smudger:
             missing = [r.oid for r in store.missing(manifest.all_objects())]
         if missing:
             first = set(missing)
-            names = [n for n, e in sorted(manifest.tensors.items()) if any(r.oid in first for r in e.objects)]
+            names = [n for n, e in sorted(manifest.tensors.items()) if any(r.home.oid in first for r in e.objects)]
             shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             raise ObjectMissingError(
                 f"{path}: {len(missing)} object(s) missing for tensor(s) {shown} (first: {missing[0]})",

@@ -1,0 +1,1 @@
+"""The content-addressed object store: objects, containers, chunked objects, packs, caches."""
