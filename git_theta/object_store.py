@@ -62,7 +62,11 @@ class ObjectStore:
         return os.path.join(self._root_text, oid[:2], oid[2:4], oid)
 
     def has(self, oid):
-        return self._member(oid) is not None or os.path.isfile(self._loose(oid))
+        return (
+            self._member(oid) is not None
+            or os.path.isfile(self._loose(oid))
+            or self._member(oid, reload=True) is not None
+        )
 
     # -- packs ----------------------------------------------------------------------------------
     @contextmanager
