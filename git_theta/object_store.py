@@ -136,6 +136,13 @@ class ObjectStore:
         self._packs_dir.mkdir(parents=True, exist_ok=True)
         (self._packs_dir / oid).touch()
 
+    def packed_ref(self, oid):
+        """The ObjectRef (pack included) of an object in a pack already loaded, freshened; else None."""
+        found = self._members.get(oid)
+        if found is None or not self._freshen_pack(found[0]):
+            return None
+        return ObjectRef(oid, found[2], ObjectRef(found[0], self._pack_sizes[found[0]]))
+
     def _freshen_pack(self, pack):
         if pack in self._fresh_packs:
             return True

@@ -90,9 +90,9 @@ class PackWriter:
 
     ``add`` returns the member's ObjectRef at once; its ``pack`` is a :class:`PendingPack` whose
     oid and size are set when the pack is written (:meth:`flush`), before any manifest naming it
-    is handed to git. Reuse of stored tensors happens before (clean finds an unchanged tensor by
-    its digest and never encodes it); objects are not looked up again here, so a pack depends
-    only on what was cleaned: two cleans of one checkpoint write the same pack and manifest.
+    is handed to git. An object already in a pack the store had loaded is not added again (a
+    file's unchanged header blob, say); loose objects are not looked for (clean finds unchanged
+    tensors by their digest before encoding), which keeps this free of per-object file system calls.
     """
 
     def __init__(self, store, limit):
@@ -111,6 +111,9 @@ class PackWriter:
         with self._lock:
             if oid in self._members:
                 return ObjectRef(oid, len(data), self._pack)
+            stored = self._store.packed_ref(oid)  # in a pack this store knew when packing began
+            if stored is not None and stored.size == len(data):
+                return stored
             # A pack never exceeds the limit (theta.packSize, and the host's theta.maxObjectSize).
             if self._members and self._size_with(len(data)) > self._limit:
                 full = self._take()
