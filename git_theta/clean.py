@@ -9,7 +9,7 @@ stat cache) costs no new bytes and no encoding.
 A changed tensor (same name, dtype and shape as in the parent manifest, different digest) is stored
 as the smallest exact encoding of its change (:mod:`git_theta.choose`) against the parent's tensor,
 decoded from the store; the delta names its base by tensor digest. Chains are cut by a dense
-keyframe after ``theta.maxChainDepth`` deltas, and stack at most ``theta.maxFullDeltas``
+keyframe when they cost too much (:mod:`git_theta.tensors.keyframes`), and stack at most ``theta.maxFullDeltas``
 whole-tensor deltas: past that, a whole-tensor change is taken against the chain's keyframe.
 ``git theta add`` can force an update type or supply the update (an adapter) for one ``git add``:
 it passes the request in ``GIT_THETA_ADD_REQUEST``.
@@ -45,6 +45,7 @@ from .errors import (
 from .manifest import Manifest, ObjectRef, TensorEntry, is_manifest
 from .peekable import PeekableReader
 from .settings import settings_for
+from .tensors.keyframes import needs_keyframe
 from .updates.base import TensorData
 
 SNIFF_BYTES = 4096
@@ -365,7 +366,7 @@ class Cleaner:
                 )
             return encode_tensor(self.store, tensor)
         size = nbytes(base_entry.dtype, base_entry.shape)
-        deep = base_entry.chain_depth + 1 > max_depth
+        deep = needs_keyframe(base_entry, max_depth, self.settings.get_int("keyframePercent"))
         full_headers = None if supplied is not None or deep else self._full_chain_headers(base_entry)
         held = size * (1 if full_headers is None else 2)  # decoded bases count against the bytes in flight
         budget.add(held)
