@@ -43,16 +43,11 @@ def _decompressor():
     return dec
 
 
-TINY = 64
-
-
 def compress(data):
     """Return (method, bytes-like): zstd when it pays, the raw bytes otherwise."""
     view = memoryview(data).cast("B")
     if len(view) == 0:
         return RAW, b""
-    if len(view) < TINY:
-        return RAW, view  # a zstd frame's own header outweighs any saving
     comp = _compressor()
     if len(view) > 4 * SAMPLE:
         sample = view[len(view) // 2 : len(view) // 2 + SAMPLE]

@@ -11,8 +11,11 @@ stay readable)::
 
 Version 2 (written only when some object lives in a pack, see :mod:`git_theta.store.packs`) adds
 ``pack <oid>:<size>`` lines, sorted by oid, after the fields; object references may then end in
-``@<n>``, the 0-based number of the pack line holding the object. Version 1 manifests read as before
-and a manifest without packed objects is still written as version 1, byte for byte.
+``@<prefix>``, the first hex digits (at least 12, as many as make it unique among the manifest's
+pack lines) of the id of the pack holding the object. A prefix rather than a line number keeps an
+unchanged tensor's line unchanged when a later version adds a pack, so ``git diff`` and git's text
+merge of manifests stay line-by-line. Version 1 manifests read as before and a manifest without
+packed objects is still written as version 1, byte for byte.
 
 Tensor lines are sorted by name. ``<shape>`` is ``[d0,d1,...]`` (``[]`` for a scalar), ``<digest>``
 the sha256 of the tensor's raw little-endian C-order bytes, ``<update>`` the encoding of the first
@@ -35,7 +38,8 @@ MAX_ELEMENTS = 1 << 56  # larger than any real tensor; stops absurd shapes from 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _DIGITS = re.compile(r"[0-9]{1,20}\Z")
-_PACK_NUMBER = re.compile(r"[0-9]{1,9}\Z")  # ASCII only: str.isdigit() accepts '²', which int() refuses
+_PACK_PREFIX = re.compile(r"[0-9a-f]{12,64}\Z")
+PACK_PREFIX = 12  # ASCII only: str.isdigit() accepts '²', which int() refuses
 _KEY = re.compile(r"[a-z][a-z0-9_.-]*\Z")
 _UPDATE = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _DTYPE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
@@ -94,14 +98,15 @@ class ObjectRef:
     @classmethod
     def parse(cls, text, context="", packs=None):
         """Parse ``oid:size``, ``oid:size@poid:psize`` or, with ``packs`` (a manifest's pack
-        lines), ``oid:size@n``."""
+        lines), ``oid:size@<pack id prefix>``."""
         text, at, where = text.partition("@")
         pack = None
         if at:
-            if packs is not None and _PACK_NUMBER.match(where):
-                if int(where) >= len(packs):
-                    raise ManifestError(f"object reference {text}@{where} names no pack line{context}")
-                pack = packs[int(where)]
+            if packs is not None and _PACK_PREFIX.match(where):
+                matches = [p for p in packs if p.oid.startswith(where)]
+                if len(matches) != 1:
+                    raise ManifestError(f"object reference {text}@{where} names no single pack line{context}")
+                pack = matches[0]
             elif "@" in where:
                 raise ManifestError(f"invalid object reference {text}@{where}{context}")
             else:
@@ -112,11 +117,22 @@ class ObjectRef:
         return cls(check_oid(oid, context), int(size), pack)
 
 
-def _ref_text(ref, numbers):
-    """A reference as a manifest writes it: packed objects name their pack line by number."""
+def _ref_text(ref, names):
+    """A reference as a manifest writes it: packed objects name their pack by an id prefix."""
     if ref.pack is None:
         return f"{ref.oid}:{ref.size}"
-    return f"{ref.oid}:{ref.size}@{numbers[ref.pack.oid]}"
+    return f"{ref.oid}:{ref.size}@{names[ref.pack.oid]}"
+
+
+def _pack_names(oids):
+    """{pack oid: shortest prefix of at least PACK_PREFIX digits unique among ``oids``}."""
+    names = {}
+    for oid in oids:
+        length = PACK_PREFIX
+        while any(o != oid and o.startswith(oid[:length]) for o in oids):
+            length += 1
+        names[oid] = oid[:length]
+    return names
 
 
 @dataclass(frozen=True)
@@ -136,7 +152,7 @@ class TensorEntry:
         return len(self.objects) - 1
 
     def line(self, numbers=None):
-        """The manifest line; ``numbers`` maps pack oids to their pack line numbers."""
+        """The manifest line; ``numbers`` maps pack oids to the prefixes that name them."""
         shape = "[" + ",".join(str(d) for d in self.shape) + "]"
         objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
         return f"tensor {escape_name(self.name)} {self.dtype} {shape} {self.digest} {self.update} {objects}"
@@ -176,7 +192,7 @@ class Manifest:
     def serialize(self):
         """Canonical bytes: the same manifest always gives the same bytes."""
         packs = self.packs()
-        numbers = {ref.oid: n for n, ref in enumerate(packs)}
+        numbers = _pack_names([ref.oid for ref in packs])
         lines = [PACKED_LINE if packs else FIRST_LINE, f"format {self.format}"]
         for key in sorted(self.fields):
             value = self.fields[key]

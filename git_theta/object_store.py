@@ -283,7 +283,8 @@ class ObjectStore:
             for offset in range(0, size, step):
                 parts.append(self.put_chunks(_blocks(handle, min(step, size - offset)), split=False))
         os.unlink(tmp_name)
-        return self.put_chunks([chunked.index_bytes(size, oid, parts)], split=False)
+        # Never packed: transfers find the parts by reading the index as a file of its own.
+        return self.put_chunks([chunked.index_bytes(size, oid, parts)], split=False, pack=False)
 
     def chunk_parts(self, refs):
         """The parts of every chunk index among ``refs`` that is present locally."""
@@ -291,7 +292,7 @@ class ObjectStore:
 
         parts = []
         for ref in refs:
-            if ref.size > chunked.MAX_INDEX or len(chunked.MAGIC) > ref.size:
+            if ref.size > chunked.MAX_INDEX or len(chunked.MAGIC) > ref.size or ref.pack is not None:
                 continue
             try:
                 with open(self.path(ref.oid), "rb") as handle:

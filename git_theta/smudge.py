@@ -134,13 +134,15 @@ class Smudger:
             "format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD)
         )
         store = self.repo.store
-        missing = [r.oid for r in store.missing(manifest.all_objects())]
+        # Packed objects are checked one by one: a pack that is here may still lack one a
+        # (damaged or hostile) manifest names.
+        missing = [r.oid for r in store.missing(manifest.member_objects())]
         if missing:
             self._fetch_missing(manifest, path)
-            missing = [r.oid for r in store.missing(manifest.all_objects())]
+            missing = [r.oid for r in store.missing(manifest.member_objects())]
         if missing:
             first = set(missing)
-            names = [n for n, e in sorted(manifest.tensors.items()) if any(r.home.oid in first for r in e.objects)]
+            names = [n for n, e in sorted(manifest.tensors.items()) if any(r.oid in first for r in e.objects)]
             shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             raise ObjectMissingError(
                 f"{path}: {len(missing)} object(s) missing for tensor(s) {shown} (first: {missing[0]})",

@@ -227,6 +227,7 @@ def checkpoint(step, seed):
 
 
 def test_commit_modify_checkout_through_git(repo):
+    repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     path = repo.file("model.pt")
     v1 = checkpoint(1, seed=0)
     torch.save(v1, path)

@@ -23,6 +23,7 @@ def write_shards(repo, tensors, shards):
 
 
 def test_sharded_checkpoint_and_a_tensor_moving_shards(repo):
+    repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     tensors = random_state_dict(seed=3, shapes=SHAPES)
     first = write_shards(repo, tensors, [["embed.weight", "layer.0.weight"], ["layer.0.bias", "layer.1.weight", "head.weight"]])
     repo.commit("sharded v1")

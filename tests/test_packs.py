@@ -111,14 +111,14 @@ def _entry(name, refs):
     return TensorEntry(name, "F32", (2,), "d" * 64, "dense", tuple(refs))
 
 
-def test_manifest_v2_names_packs_by_number_and_v1_is_unchanged():
+def test_manifest_v2_names_packs_by_id_prefix_and_v1_is_unchanged():
     pack = ObjectRef("b" * 64, 999)
     packed = ObjectRef("a" * 64, 10, pack)
     loose = ObjectRef("c" * 64, 20)
     m = Manifest("safetensors", tensors={"x": _entry("x", [packed]), "y": _entry("y", [loose, packed])})
     data = m.serialize()
     assert data.startswith(b"git-theta manifest v2\nformat safetensors\npack " + b"b" * 64 + b":999\n")
-    assert b"a" * 64 + b":10@0" in data
+    assert b"a" * 64 + b":10@" + b"b" * 12 + b"\n" in data
     back = Manifest.parse(data)
     assert back.serialize() == data and back.tensors["y"].objects[1].pack.oid == "b" * 64
     assert back.all_objects() == [pack, loose]  # what travels: the pack and the loose object
@@ -130,7 +130,9 @@ def test_manifest_v2_names_packs_by_number_and_v1_is_unchanged():
 
 
 @pytest.mark.parametrize("bad", [
-    b"git-theta manifest v2\nformat safetensors\ntensor x F32 [2] " + b"d" * 64 + b" dense " + b"a" * 64 + b":1@0\n",
+    b"git-theta manifest v2\nformat safetensors\ntensor x F32 [2] " + b"d" * 64 + b" dense " + b"a" * 64 + b":1@" + b"b" * 12 + b"\n",
+    b"git-theta manifest v2\nformat safetensors\npack " + b"b" * 64 + b":9\npack " + b"b" * 63 + b"c:9\ntensor x F32 [2] "
+    + b"d" * 64 + b" dense " + b"a" * 64 + b":1@" + b"b" * 12 + b"\n",  # an ambiguous prefix
     b"git-theta manifest v1\nformat safetensors\npack " + b"b" * 64 + b":9\n",
     b"git-theta manifest v2\nformat safetensors\npack " + b"b" * 64 + b":9\npack " + b"a" * 64 + b":9\n",
 ])
