@@ -94,6 +94,25 @@ class Cache:
         )
         return row[0] if row else None
 
+    def get_digests(self, tensors):
+        """{(digest, dtype, shape): stored text} for those of ``tensors`` (with digest, dtype and
+        shape) the index knows, in one query."""
+        digests = sorted({t.digest for t in tensors})
+        rows = self._run(
+            lambda db: db.execute(
+                f"SELECT digest, dtype, shape, entry FROM digests WHERE digest IN ({','.join('?' * len(digests))})",
+                digests,
+            ).fetchall(),
+            default=[],
+        )
+        found = {}
+        for digest, dtype, shape, entry in rows:
+            try:
+                found[(digest, dtype, tuple(json.loads(shape)))] = entry
+            except (ValueError, TypeError):
+                continue
+        return found
+
     def put_digests(self, entries):
         """Remember how each TensorEntry in ``entries`` is stored."""
         rows = [

@@ -9,7 +9,7 @@ stat cache) costs no new bytes and no encoding.
 A changed tensor (same name, dtype and shape as in the parent manifest, different digest) is stored
 as the smallest exact encoding of its change (:mod:`git_theta.choose`) against the parent's tensor,
 decoded from the store; the delta names its base by tensor digest. Chains are cut by a dense
-keyframe after ``theta.maxChainDepth`` deltas, and stack at most ``theta.maxFullDeltas``
+keyframe when they cost too much (:mod:`git_theta.tensors.keyframes`), and stack at most ``theta.maxFullDeltas``
 whole-tensor deltas: past that, a whole-tensor change is taken against the chain's keyframe.
 ``git theta add`` can force an update type or supply the update (an adapter) for one ``git add``:
 it passes the request in ``GIT_THETA_ADD_REQUEST``.
@@ -45,10 +45,12 @@ from .errors import (
 from .manifest import Manifest, ObjectRef, TensorEntry, is_manifest
 from .peekable import PeekableReader
 from .settings import settings_for
+from .tensors.keyframes import needs_keyframe
 from .updates.base import TensorData
 
 SNIFF_BYTES = 4096
-INLINE_BYTES = 64 << 10  # tensors up to this size are cleaned in the reading thread, not the pool
+BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
+BATCH_TENSORS = 256  # ...or this many tensors
 MAX_MANIFEST = 256 << 20
 
 
@@ -266,68 +268,96 @@ class Cleaner:
         # in a hostile header) stores and looks up each content once, not once per tensor.
         made_here = {}
 
-        def process(tensor):
+        def check(tensor):
+            """(entry, fingerprint) when the stat cache already has this tensor, else (None, fingerprint)
+            with the tensor's digest set."""
             size = len(tensor.data)
+            if size != nbytes(tensor.dtype, tensor.shape):
+                raise CheckpointError(f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
+                                      f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}")
+            fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
+            previous = cached_entries.get(tensor.name)
+            if (
+                previous is not None
+                and fingerprints_before.get(tensor.name) == fingerprint
+                and previous.dtype == tensor.dtype
+                and previous.shape == tuple(tensor.shape)
+                and self._all_local(previous)
+                and self._vouched(previous, path, check=False)
+            ):
+                return previous, fingerprint
+            tensor.digest = tensor_digest(tensor.data)
+            return None, fingerprint
+
+        def clean_new(tensor, stored):
+            """The entry of a tensor the stat cache did not have: one this clean already made for
+            the same content (a file of many identical tensors stores and looks up each content
+            once), an existing entry storing these bytes, else a new encoding."""
+            content = (tensor.digest, tensor.dtype, tuple(tensor.shape))
+            same = made_here.get(content) if request is None else None
+            if same is not None:
+                return _renamed(same, tensor.name)
+            entry = self._reuse(tensor, known, path, stored)
+            if entry is None:
+                entry = self._encode_changed(
+                    tensor, parent_entries.get(tensor.name), path, budget, request, max_depth
+                )
+            made_here.setdefault(content, entry)
+            return entry
+
+        def process(batch):
+            """(entry, fingerprint) of each tensor of ``batch``: one digest-index query per batch."""
             try:
-                if size != nbytes(tensor.dtype, tensor.shape):
-                    raise CheckpointError(f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
-                                          f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}")
-                fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
-                previous = cached_entries.get(tensor.name)
-                if (
-                    previous is not None
-                    and fingerprints_before.get(tensor.name) == fingerprint
-                    and previous.dtype == tensor.dtype
-                    and previous.shape == tuple(tensor.shape)
-                    and self._all_local(previous)
-                    and self._vouched(previous, path, check=False)
-                ):
-                    return previous, fingerprint
-                tensor.digest = tensor_digest(tensor.data)
-                content = (tensor.digest, tensor.dtype, tuple(tensor.shape))
-                same = made_here.get(content) if request is None else None
-                if same is not None:
-                    return _renamed(same, tensor.name), fingerprint
+                checked = [check(tensor) for tensor in batch]
                 # With an explicit request, only the parent's entries are reused: the digest index
                 # would hand back the encoding the request is meant to replace.
-                entry = self._reuse(tensor, known, path, use_index=request is None)
-                if entry is None:
-                    entry = self._encode_changed(
-                        tensor, parent_entries.get(tensor.name), path, budget, request, max_depth
-                    )
-                made_here.setdefault(content, entry)
-                return entry, fingerprint
+                lookups = [t for t, (e, _) in zip(batch, checked) if e is None and t.digest not in known]
+                stored = self.cache.get_digests(lookups) if request is None and lookups else {}
+                results = []
+                for tensor, (entry, fingerprint) in zip(batch, checked):
+                    if entry is None:
+                        entry = clean_new(tensor, stored)
+                    results.append((entry, fingerprint))
+                return results
             finally:
-                budget.release(size)
+                budget.release(sum(len(t.data) for t in batch))
 
-        futures = []
-        checkpoint = fmt.split(reader, path)
-        try:
-            for tensor in checkpoint.tensors():
-                budget.add(len(tensor.data))
-                if len(tensor.data) <= INLINE_BYTES:
-                    futures.append(_Done(process(tensor)))  # a thread hand-off costs more than the work
-                    continue
-                futures.append(pool.submit(process, tensor))
-                budget.wait_below()
-            results = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            for f in futures:
-                if not f.cancelled():
-                    try:
-                        f.result()
-                    except BaseException:
-                        pass
-            raise
-        manifest = Manifest(format=fmt.name, fields=dict(checkpoint.fields))
-        package = plugins.provider("format", fmt.name)
-        if package not in (None, plugins.BUILTIN_PACKAGE):
-            # So a clone without the plugin is told which package to install (plugins.get).
-            manifest.fields[plugins.PACKAGE_FIELD] = package
-        for key_name, data in checkpoint.blobs.items():
-            manifest.blobs[key_name] = self.store.put_bytes(data)
+        # Small objects go into packs, written (one fsync, one rename each) before the manifest.
+        with self.store.packing():
+            futures = []
+            checkpoint = fmt.split(reader, path)
+            try:
+                # Small tensors go to the workers in batches: a future, a lock round and an index
+                # query per tensor cost more than hashing a small tensor.
+                batch, batch_bytes = [], 0
+                for tensor in checkpoint.tensors():
+                    budget.add(len(tensor.data))
+                    batch.append(tensor)
+                    batch_bytes += len(tensor.data)
+                    if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_TENSORS:
+                        futures.append(pool.submit(process, batch))
+                        batch, batch_bytes = [], 0
+                        budget.wait_below()
+                if batch:
+                    futures.append(pool.submit(process, batch))
+                results = [result for f in futures for result in f.result()]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                for f in futures:
+                    if not f.cancelled():
+                        try:
+                            f.result()
+                        except BaseException:
+                            pass
+                raise
+            manifest = Manifest(format=fmt.name, fields=dict(checkpoint.fields))
+            package = plugins.provider("format", fmt.name)
+            if package not in (None, plugins.BUILTIN_PACKAGE):
+                # So a clone without the plugin is told which package to install (plugins.get).
+                manifest.fields[plugins.PACKAGE_FIELD] = package
+            for key_name, data in checkpoint.blobs.items():
+                manifest.blobs[key_name] = self.store.put_bytes(data)
         fingerprints = {}
         for entry, fingerprint in results:
             if entry.name in manifest.tensors:
@@ -365,7 +395,7 @@ class Cleaner:
                 )
             return encode_tensor(self.store, tensor)
         size = nbytes(base_entry.dtype, base_entry.shape)
-        deep = base_entry.chain_depth + 1 > max_depth
+        deep = needs_keyframe(base_entry, max_depth, self.settings.get_int("keyframePercent"))
         full_headers = None if supplied is not None or deep else self._full_chain_headers(base_entry)
         held = size * (1 if full_headers is None else 2)  # decoded bases count against the bytes in flight
         budget.add(held)
@@ -445,8 +475,10 @@ class Cleaner:
         except (ObjectCorruptError, ObjectMissingError, PluginError):
             return False
 
-    def _reuse(self, tensor, known, path, use_index=True):
-        """An existing entry storing exactly these bytes, renamed for this tensor, or None."""
+    def _reuse(self, tensor, known, path, stored=None):
+        """An existing entry storing exactly these bytes, renamed for this tensor, or None.
+
+        ``stored`` is the digest index's answer for a batch (:meth:`Cache.get_digests`)."""
         # Reuse only entries whose objects are here: the bytes are in hand, so storing them again
         # is always possible, while an entry pointing at objects nobody has would lose the tensor.
         entry = known.get(tensor.digest)
@@ -458,7 +490,7 @@ class Cleaner:
             and self._vouched(entry, path)
         ):
             return _renamed(entry, tensor.name)
-        stored = self.cache.get_digest(tensor.digest, tensor.dtype, tensor.shape) if use_index else None
+        stored = (stored or {}).get((tensor.digest, tensor.dtype, tuple(tensor.shape)))
         if stored:
             update, *refs = stored.split(" ")
             try:
@@ -503,28 +535,3 @@ def _partial_delta(tensor, base, request):
             if encoded is not None:
                 found.append((update, encoded))
     return min(found, key=lambda r: encoded_size(r[1])) if found else None
-
-
-class _Done:
-    """The result of a tensor processed in the calling thread, shaped like a finished Future."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value):
-        self._value = value
-
-    def result(self):
-        return self._value
-
-    def cancel(self):
-        return False
-
-    def cancelled(self):
-        return False
-
-
-def _renamed(entry, name):
-    """``entry`` describing a tensor called ``name`` (same bytes, same objects)."""
-    if entry.name == name:
-        return entry
-    return TensorEntry(name, entry.dtype, entry.shape, entry.digest, entry.update, entry.objects)

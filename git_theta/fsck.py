@@ -4,7 +4,7 @@ Three checks, each reported with the file, the tensor, the commit (or index) and
 
 1. every object a reachable manifest lists is in the store (``missing``);
 2. its bytes have the size the manifest says and hash to its id (``corrupt``), streamed in 1 MiB
-   chunks so memory stays flat;
+   chunks so memory stays flat (a packed object is checked as its pack, whose hash covers it);
 3. every distinct tensor entry decodes through its whole delta chain to its tensor digest
    (``bad-tensor``), reusing :func:`git_theta.codec.decode_tensor`, the same code checkout runs.
 
@@ -90,11 +90,12 @@ def collect(repo, scope):
                 Problem("bad-manifest", exc.message, use.path, use.where, use.commit, oid=use.blob)
             )
             continue
+        # A packed object is checked as its pack: the pack's sha256 covers every member.
         for key, ref in sorted(manifest.blobs.items()):
-            _note(objects, ref, use, None)
+            _note(objects, ref.home, use, None)
         for entry in manifest.tensors.values():
             for ref in entry.objects:
-                _note(objects, ref, use, entry.name)
+                _note(objects, ref.home, use, entry.name)
             key = (entry.digest, entry.dtype, entry.shape, entry.objects)
             tensors.setdefault(key, (entry, []))[1].append((use, entry.name))
     report.objects = len(objects)
@@ -186,7 +187,7 @@ def fsck(repo, scope="head", threads=1):
                 report.problems.append(problem)
         report.objects += len(parts)
         # Decoding an entry with a known-bad object would only repeat that problem.
-        decodable = [t for t in tensors.values() if not any(r.oid in bad for r in t[0].objects)]
+        decodable = [t for t in tensors.values() if not any(r.home.oid in bad for r in t[0].objects)]
         for problems in pool.map(check_tensor, decodable):
             report.problems.extend(problems)
     return report

@@ -9,6 +9,14 @@ stay readable)::
     blob <key> <oid>:<size>                      # format-specific side objects, sorted by key
     tensor <name> <dtype> <shape> <digest> <update> <oid>:<size> [<oid>:<size> ...]
 
+Version 2 (written only when some object lives in a pack, see :mod:`git_theta.store.packs`) adds
+``pack <oid>:<size>`` lines, sorted by oid, after the fields; object references may then end in
+``@<prefix>``, the first hex digits (at least 12, as many as make it unique among the manifest's
+pack lines) of the id of the pack holding the object. A prefix rather than a line number keeps an
+unchanged tensor's line unchanged when a later version adds a pack, so ``git diff`` and git's text
+merge of manifests stay line-by-line. Version 1 manifests read as before and a manifest without
+packed objects is still written as version 1, byte for byte.
+
 Tensor lines are sorted by name. ``<shape>`` is ``[d0,d1,...]`` (``[]`` for a scalar), ``<digest>``
 the sha256 of the tensor's raw little-endian C-order bytes, ``<update>`` the encoding of the first
 object, and the object list is the whole chain needed to rebuild the tensor: the tensor's own object
@@ -24,11 +32,14 @@ from .errors import ManifestError
 MAGIC = "git-theta manifest"
 VERSION = 1
 FIRST_LINE = f"{MAGIC} v{VERSION}"
+PACKED_LINE = f"{MAGIC} v2"  # a manifest with pack lines
 MAX_DIMS = 64
 MAX_ELEMENTS = 1 << 56  # larger than any real tensor; stops absurd shapes from a tampered manifest
 
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
-_DIGITS = re.compile(r"[0-9]{1,20}\Z")  # ASCII only: str.isdigit() accepts '²', which int() refuses
+_DIGITS = re.compile(r"[0-9]{1,20}\Z")
+_PACK_PREFIX = re.compile(r"[0-9a-f]{12,64}\Z")
+PACK_PREFIX = 12  # ASCII only: str.isdigit() accepts '²', which int() refuses
 _KEY = re.compile(r"[a-z][a-z0-9_.-]*\Z")
 _UPDATE = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _DTYPE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
@@ -62,20 +73,66 @@ def check_oid(oid, context=""):
 
 @dataclass(frozen=True)
 class ObjectRef:
-    """One stored object: its sha256 id and size in bytes (what a Git LFS server needs)."""
+    """One stored object: its sha256 id and size in bytes (what a Git LFS server needs).
+
+    ``pack`` is the pack object holding it (an ObjectRef, or a pack still being written whose
+    ``oid`` is filled in when it is), None for an object stored on its own. It says where the
+    object travels and is kept, not what it is: two refs to the same oid are equal either way.
+    """
 
     oid: str
     size: int
+    pack: object = field(default=None, compare=False, repr=False)
 
     def __str__(self):
+        if self.pack is not None:
+            return f"{self.oid}:{self.size}@{self.pack.oid}:{self.pack.size}"
         return f"{self.oid}:{self.size}"
 
+    @property
+    def home(self):
+        """The object that is stored and transferred for this one: its pack, or itself."""
+        pack = self.pack
+        return self if pack is None else ObjectRef(pack.oid, pack.size)
+
     @classmethod
-    def parse(cls, text, context=""):
+    def parse(cls, text, context="", packs=None):
+        """Parse ``oid:size``, ``oid:size@poid:psize`` or, with ``packs`` (a manifest's pack
+        lines), ``oid:size@<pack id prefix>``."""
+        text, at, where = text.partition("@")
+        pack = None
+        if at:
+            if packs is not None and _PACK_PREFIX.match(where):
+                matches = [p for p in packs if p.oid.startswith(where)]
+                if len(matches) != 1:
+                    raise ManifestError(f"object reference {text}@{where} names no single pack line{context}")
+                pack = matches[0]
+            elif "@" in where:
+                raise ManifestError(f"invalid object reference {text}@{where}{context}")
+            else:
+                pack = cls.parse(where, context)
         oid, sep, size = text.partition(":")
         if not sep or not _DIGITS.match(size):
             raise ManifestError(f"invalid object reference {text!r}{context}")
-        return cls(check_oid(oid, context), int(size))
+        return cls(check_oid(oid, context), int(size), pack)
+
+
+def _ref_text(ref, names):
+    """A reference as a manifest writes it: packed objects name their pack by an id prefix."""
+    if ref.pack is None:
+        return f"{ref.oid}:{ref.size}"
+    return f"{ref.oid}:{ref.size}@{names[ref.pack.oid]}"
+
+
+def _pack_names(oids):
+    """{pack oid: shortest prefix of at least PACK_PREFIX digits unique among ``oids``}."""
+    names = {}
+    for oid in oids:
+        length = PACK_PREFIX
+        while any(o != oid and o.startswith(oid[:length]) for o in oids):
+            length += 1
+        names[oid] = oid[:length]
+    return names
 
 
 @dataclass(frozen=True)
@@ -94,9 +151,10 @@ class TensorEntry:
         """Number of deltas above the keyframe (0 for a dense tensor)."""
         return len(self.objects) - 1
 
-    def line(self):
+    def line(self, numbers=None):
+        """The manifest line; ``numbers`` maps pack oids to the prefixes that name them."""
         shape = "[" + ",".join(str(d) for d in self.shape) + "]"
-        objects = " ".join(str(ref) for ref in self.objects)
+        objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
         return f"tensor {escape_name(self.name)} {self.dtype} {shape} {self.digest} {self.update} {objects}"
 
     def same_content(self, other):
@@ -118,28 +176,50 @@ class Manifest:
     blobs: dict = field(default_factory=dict)  # key -> ObjectRef
     tensors: dict = field(default_factory=dict)  # name -> TensorEntry
 
+    def packs(self):
+        """The pack objects holding any of the manifest's objects, sorted by oid."""
+        found = {}
+        for ref in self._refs():
+            if ref.pack is not None:
+                found.setdefault(ref.pack.oid, ref.home)
+        return [found[oid] for oid in sorted(found)]
+
+    def _refs(self):
+        yield from self.blobs.values()
+        for entry in self.tensors.values():
+            yield from entry.objects
+
     def serialize(self):
         """Canonical bytes: the same manifest always gives the same bytes."""
-        lines = [FIRST_LINE, f"format {self.format}"]
+        packs = self.packs()
+        numbers = _pack_names([ref.oid for ref in packs])
+        lines = [PACKED_LINE if packs else FIRST_LINE, f"format {self.format}"]
         for key in sorted(self.fields):
             value = self.fields[key]
             if "\n" in value or "\r" in value:
                 raise ManifestError(f"field {key!r} must be a single line")
             lines.append(f"field {key} {value}")
+        lines.extend(f"pack {ref}" for ref in packs)
         for key in sorted(self.blobs):
-            lines.append(f"blob {key} {self.blobs[key]}")
+            lines.append(f"blob {key} {_ref_text(self.blobs[key], numbers)}")
         for name in sorted(self.tensors):
-            lines.append(self.tensors[name].line())
+            lines.append(self.tensors[name].line(numbers))
         return ("\n".join(lines) + "\n").encode("utf-8")
 
     def all_objects(self):
-        """Every object the manifest needs, each once, in a stable order."""
+        """Every stored object the manifest needs, each once, in a stable order: a packed object
+        counts as its pack (what is stored, kept and transferred)."""
         seen = {}
-        for ref in self.blobs.values():
+        for ref in self._refs():
+            home = ref.home
+            seen.setdefault(home.oid, home)
+        return list(seen.values())
+
+    def member_objects(self):
+        """Every object the manifest's tensors and blobs decode from, packed ones included."""
+        seen = {}
+        for ref in self._refs():
             seen.setdefault(ref.oid, ref)
-        for entry in self.tensors.values():
-            for ref in entry.objects:
-                seen.setdefault(ref.oid, ref)
         return list(seen.values())
 
     def logical_size(self):
@@ -162,7 +242,7 @@ class Manifest:
             raise ManifestError(f"{source}: manifest is truncated (no final newline)")
         if not lines or not lines[0].startswith(MAGIC):
             raise ManifestError(f"{source}: not a git-theta manifest")
-        if lines[0] != FIRST_LINE:
+        if lines[0] not in (FIRST_LINE, PACKED_LINE):
             raise ManifestError(
                 f"{source}: unknown manifest schema {lines[0][len(MAGIC):].strip()!r}",
                 hint="this manifest was written by a newer git-theta: upgrade with pip install -U git-theta",
@@ -170,16 +250,22 @@ class Manifest:
         if len(lines) < 2 or not lines[1].startswith("format "):
             raise ManifestError(f"{source}: line 2 must name the format")
         manifest = cls(format=lines[1][len("format ") :])
+        packs = [] if lines[0] == PACKED_LINE else None
         if not _KEY.match(manifest.format):
             raise ManifestError(f"{source}: invalid format name {manifest.format!r}")
         for number, line in enumerate(lines[2:], start=3):
             where = f" ({source}, line {number})"
             kind, _, rest = line.partition(" ")
             if kind == "tensor":
-                entry = _parse_tensor(rest, where)
+                entry = _parse_tensor(rest, where, packs)
                 if entry.name in manifest.tensors:
                     raise ManifestError(f"duplicate tensor {entry.name!r}{where}")
                 manifest.tensors[entry.name] = entry
+            elif kind == "pack" and packs is not None:
+                pack = ObjectRef.parse(rest, where)
+                if packs and pack.oid <= packs[-1].oid:
+                    raise ManifestError(f"pack lines out of order{where}")
+                packs.append(pack)
             elif kind in ("field", "blob"):
                 key, sep, value = rest.partition(" ")
                 if not sep or not _KEY.match(key):
@@ -187,13 +273,13 @@ class Manifest:
                 table = manifest.fields if kind == "field" else manifest.blobs
                 if key in table:
                     raise ManifestError(f"duplicate {kind} {key!r}{where}")
-                table[key] = value if kind == "field" else ObjectRef.parse(value, where)
+                table[key] = value if kind == "field" else ObjectRef.parse(value, where, packs)
             else:
                 raise ManifestError(f"unknown line kind {kind!r}{where}")
         return manifest
 
 
-def _parse_tensor(rest, where):
+def _parse_tensor(rest, where, packs=None):
     parts = rest.split(" ")
     if len(parts) < 6:
         raise ManifestError(f"malformed tensor line{where}")
@@ -208,7 +294,7 @@ def _parse_tensor(rest, where):
         raise ManifestError(f"invalid tensor digest {digest!r}{where}")
     if not _UPDATE.match(update):
         raise ManifestError(f"invalid update type {update!r}{where}")
-    objects = tuple(ObjectRef.parse(p, where) for p in parts[5:])
+    objects = tuple(ObjectRef.parse(p, where, packs) for p in parts[5:])
     return TensorEntry(name, dtype, shape, digest, update, objects)
 
 

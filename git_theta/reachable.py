@@ -69,17 +69,18 @@ def manifests_at(repo, revs):
 
 
 def objects_of(manifests, include=None):
-    """Every ObjectRef the manifests need (each once). ``include``: tensor-name globs; then only the
-    matching tensors' chains (and the file-level blobs) are listed."""
+    """Every ObjectRef the manifests need (each once; a packed object counts as its pack).
+    ``include``: tensor-name globs; then only the matching tensors' chains (and the file-level
+    blobs) are listed."""
     from fnmatch import fnmatchcase
 
     seen = {}
     for _path, manifest in manifests:
         for ref in manifest.blobs.values():
-            seen.setdefault(ref.oid, ref)
+            seen.setdefault(ref.home.oid, ref.home)
         for name, entry in manifest.tensors.items():
             if include and not any(fnmatchcase(name, pattern) for pattern in include):
                 continue
             for ref in entry.objects:
-                seen.setdefault(ref.oid, ref)
+                seen.setdefault(ref.home.oid, ref.home)
     return list(seen.values())

@@ -120,6 +120,8 @@ class Repo:
             self.theta_dir / "objects",
             fsync=settings.get_bool("fsync"),
             max_object_size=settings.get_int("maxObjectSize"),
+            pack_threshold=settings.get_int("packThreshold"),
+            pack_size=settings.get_int("packSize"),
         )
         store.trust = TrustLedger(self.cache)
         store.max_chain_objects = max_chain_objects(settings.get_int("maxChainDepth"))
@@ -149,6 +151,8 @@ class Repo:
         if self._cat_file is not None:
             self._cat_file.close()
             self._cat_file = None
+        if "store" in self.__dict__:
+            self.store.close()
 
     def relative(self, path):
         """``path`` relative to the work tree root, with forward slashes (git's pathname)."""

@@ -23,7 +23,8 @@ DEFAULTS = {
     "statCache": (True, "bool", "reuse the last manifest of an unchanged file (checked by content hash)"),
     "threads": (0, "int", "worker threads for encoding and decoding (0: one per core)"),
     "memoryBudget": (192 << 20, "int", "bytes of tensors in flight beyond the one being read"),
-    "maxChainDepth": (8, "int", "deltas on top of a dense keyframe before clean stores a new keyframe"),
+    "maxChainDepth": (32, "int", "deltas on top of a dense keyframe before clean stores a new keyframe in any case"),
+    "keyframePercent": (50, "int", "a new keyframe once the deltas on a keyframe add up to this percent of its size"),
     "maxFullDeltas": (1, "int", "whole-tensor deltas (int-delta, low-rank, ia3) one chain stacks; another is taken against the keyframe"),
     "baseCache": (256 << 20, "int", "bytes of decoded delta bases kept for reuse during one checkout"),
     "addRequest": ("", "str", "set by 'git theta add' for the git add it runs: update type/adapter/base by path"),
@@ -32,6 +33,8 @@ DEFAULTS = {
     "retries": (4, "int", "retries of a failed request (connection error, 429, 5xx) with backoff"),
     "skipSmudge": (False, "bool", "leave manifests in the work tree at checkout (then: git theta checkout)"),
     "maxObjectSize": (2 << 30, "int", "largest object sent to a remote; bigger objects are split"),
+    "packThreshold": (256 << 10, "int", "objects up to this many bytes written by one clean go into a pack (0: never pack)"),
+    "packSize": (64 << 20, "int", "bytes of small objects collected before a pack is written"),
     "pruneExpire": ("1.hour", "str", "git theta prune keeps unreferenced objects younger than this"),
 }
 

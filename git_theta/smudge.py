@@ -20,6 +20,9 @@ from .manifest import Manifest, is_manifest
 from .settings import settings_for
 from .testhooks import kill_point
 
+BATCH_BYTES = 1 << 20  # consecutive tensors decoded by one worker task, up to this many bytes...
+BATCH_TENSORS = 256  # ...or this many tensors
+
 
 class StoreTensorSource(TensorSource):
     """Decodes a manifest's tensors from the store, a few ahead of the writer, within a byte budget."""
@@ -50,30 +53,40 @@ class StoreTensorSource(TensorSource):
                 oids=[ref.oid],
             ) from None
 
+    def _decode_many(self, entries):
+        return [self._decode(entry) for entry in entries]
+
     def iter_data(self, names):
-        pending = deque()
+        pending = deque()  # (names, sizes, future of their decoded bytes)
         in_flight = 0
         names = list(names)
         position = 0
         try:
             while position < len(names) or pending:
-                # Keep decoding ahead while the bytes in flight stay under the budget.
+                # Keep decoding ahead while the bytes in flight stay under the budget; small
+                # tensors go to a worker in batches (a future per 16-byte tensor costs more than
+                # decoding it).
                 while position < len(names) and (not pending or in_flight < self._budget):
-                    entry = self.specs[names[position]]
-                    size = entry_size(entry)
-                    pending.append(
-                        (names[position], size, self._pool.submit(self._decode, entry))
-                    )
-                    in_flight += size
-                    position += 1
-                name, size, future = pending.popleft()
-                data = future.result()
-                in_flight -= size
-                kill_point()
-                yield name, data
-                if self._buffers is not None:  # the format is done with it (releases_tensors)
-                    self._buffers.give(data)
-                del data
+                    start, batch, sizes, batch_bytes = position, [], [], 0
+                    while position < len(names) and len(batch) < BATCH_TENSORS and batch_bytes < BATCH_BYTES:
+                        entry = self.specs[names[position]]
+                        batch.append(entry)
+                        sizes.append(entry_size(entry))
+                        batch_bytes += sizes[-1]
+                        position += 1
+                    pending.append((names[start:position], sizes, self._pool.submit(self._decode_many, batch)))
+                    in_flight += batch_bytes
+                batch_names, sizes, future = pending.popleft()
+                decoded = future.result()
+                decoded.reverse()  # popped from the end: the list lets go of each tensor it yields
+                for name, size in zip(batch_names, sizes):
+                    data = decoded.pop()
+                    in_flight -= size
+                    kill_point()
+                    yield name, data
+                    if self._buffers is not None:  # the format is done with it (releases_tensors)
+                        self._buffers.give(data)
+                    del data
         finally:
             for _, _, future in pending:
                 future.cancel()
@@ -121,10 +134,12 @@ class Smudger:
             "format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD)
         )
         store = self.repo.store
-        missing = [r.oid for r in store.missing(manifest.all_objects())]
+        # Packed objects are checked one by one: a pack that is here may still lack one a
+        # (damaged or hostile) manifest names.
+        missing = [r.oid for r in store.missing(manifest.member_objects())]
         if missing:
             self._fetch_missing(manifest, path)
-            missing = [r.oid for r in store.missing(manifest.all_objects())]
+            missing = [r.oid for r in store.missing(manifest.member_objects())]
         if missing:
             first = set(missing)
             names = [n for n, e in sorted(manifest.tensors.items()) if any(r.oid in first for r in e.objects)]

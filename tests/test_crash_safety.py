@@ -60,6 +60,7 @@ def _killed_at(repo, n, *command):
 
 
 def test_sigkill_during_git_add_at_every_crash_point(repo):
+    repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     save_safetensors(repo.file("model.safetensors"), random_state_dict(0))
     repo.commit("v0", "model.safetensors")
     for n in range(1, 2 * TENSORS + 1):
@@ -151,6 +152,7 @@ def _store_files(root):
 
 def test_sigkill_during_push_and_fetch(repo, make_repo):
     """Transfers write through the same temp-and-rename path: a kill leaves both stores sound."""
+    repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     save_safetensors(repo.file("model.safetensors"), random_state_dict(3))
     repo.commit("v", "model.safetensors")
     bare = make_repo("origin.git", init=False)

@@ -270,7 +270,9 @@ def test_plain_git_diff_stat_counts_tensors(two_versions):
     repo, _, _ = two_versions
     out = repo.git("diff", "--numstat", "HEAD~1", "HEAD").stdout.split()
     # One manifest line per tensor: changed and renamed tensors are one line out and one in.
-    assert out[:2] == ["6", "6"]  # 4 changed + 1 renamed + 1 added / 4 changed + 1 renamed + 1 removed
+    # 4 changed + 1 renamed + 1 added + the new pack line / 4 changed + 1 renamed + 1 removed
+    assert out[:2] == ["7", "6"]
+    assert "+pack " in repo.git("diff", "HEAD~1", "HEAD").stdout
     patch = repo.git("log", "-p", "-1").stdout
     assert "+tensor new.bias F32 [3]" in patch and "-tensor old.bias F32 [4]" in patch
 
@@ -319,7 +321,7 @@ def test_git_diff_driver_prints_summary(two_versions):
     assert "model.layers.0.attn.weight" in out and "rel.change" in out
     assert "tensor model." not in out  # the summary, not manifest lines
     # --stat still counts manifest lines; --no-ext-diff shows them.
-    assert repo.git("diff", "--numstat", "HEAD~1", "HEAD").stdout.split()[:2] == ["6", "6"]
+    assert repo.git("diff", "--numstat", "HEAD~1", "HEAD").stdout.split()[:2] == ["7", "6"]  # + the new pack line
     assert "+tensor new.bias" in repo.git("diff", "--no-ext-diff", "HEAD~1", "HEAD").stdout
     # Work tree side: git hands over the checkpoint itself, which the driver cleans.
     v3 = {k: v.copy() for k, v in v2.items()}

@@ -38,6 +38,7 @@ def test_fsck_clean_repository_is_ok(repo):
 
 
 def test_fsck_reports_missing_and_corrupt_objects_with_file_tensor_commit(repo):
+    repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     old = _commit_version(repo, 1)
     _commit_version(repo, 2)
     manifest = Manifest.parse(repo.show(f"{old}:model.safetensors"))
@@ -126,6 +127,7 @@ def test_fsck_shared_objects_are_checked_once(repo):
 
 
 def test_fsck_repair_fetches_bad_objects_from_the_remote(repo, make_repo):
+    repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     _commit_version(repo, 1)
     bare = make_repo("origin.git", init=False)
     bare.git("init", "-q", "--bare")

@@ -274,6 +274,7 @@ def test_conflicts_in_several_files_and_non_float_tensors(repo):
 
 
 def test_bad_input_shape_mismatch_missing_object_and_parameters(repo):
+    repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     base = tensors(0)
     ours = dict(base, **{"head.weight": np.zeros((5, 8), np.float32), "layer.0.weight": base["layer.0.weight"] + 1})
     theirs = dict(base, **{"head.weight": np.zeros((6, 8), np.float32), "layer.0.weight": base["layer.0.weight"] - 1})

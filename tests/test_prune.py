@@ -157,6 +157,7 @@ def test_parse_expire_rejects_garbage():
 def test_prune_and_fsck_follow_chunked_objects(repo):
     """With a tiny theta.maxObjectSize, tensors are stored as parts + a chunk index: the manifest
     names only the index, yet its parts are reachable, verified, and reported when missing."""
+    repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     repo.git("config", "theta.maxObjectSize", "1024")
     _version(repo, 1)
     store = ObjectStore(repo.path / ".git" / "theta" / "objects")
@@ -195,6 +196,7 @@ def test_prune_deletes_unreachable_objects_only_once_pushed(repo, make_repo):
 
 
 def test_prune_keeps_the_old_parts_of_a_recent_chunked_object(repo):
+    repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     repo.git("config", "theta.maxObjectSize", "1024")
     store = ObjectStore(repo.path / ".git" / "theta" / "objects")
     _version(repo, 1)

@@ -26,7 +26,7 @@ def base_model(seed=0):
 
 def manifest(repo, spec=f"HEAD:{NAME}"):
     data = repo.show(spec)
-    assert data.startswith(b"git-theta manifest v1\n")
+    assert data.startswith((b"git-theta manifest v1\n", b"git-theta manifest v2\n"))
     return Manifest.parse(data)
 
 
@@ -77,7 +77,7 @@ def manifests(repo, specs):
         header_end = out.index(b"\n", pos)
         size = int(out[pos:header_end].split()[2])
         data = out[header_end + 1 : header_end + 1 + size]
-        assert data.startswith(b"git-theta manifest v1\n")
+        assert data.startswith((b"git-theta manifest v1\n", b"git-theta manifest v2\n"))
         result.append(Manifest.parse(data))
         pos = header_end + 1 + size + 1
     return result
@@ -98,6 +98,7 @@ def side_loaded_change(model, rng, path):
 def test_chain_of_ten_versions_checked_out_in_random_order(repo, tmp_path):
     """Ten versions mixing every update type (automatic, forced, side-loaded), depth bounded."""
     repo.git("config", "theta.maxChainDepth", "3")
+    repo.git("config", "theta.keyframePercent", "1000")  # the chain rules here, not the cost rule (test_keyframes.py)
     rng = np.random.default_rng(7)
     model = base_model()
     side_file = tmp_path / "update.safetensors"
@@ -322,6 +323,7 @@ def test_whole_tensor_deltas_are_taken_against_the_keyframe(repo):
     So a checkout decodes a keyframe plus one full delta however many fine-tune steps were
     committed, and every version still checks out byte for byte.
     """
+    repo.git("config", "theta.keyframePercent", "1000")  # the chain rules here, not the cost rule (test_keyframes.py)
     rng = np.random.default_rng(21)
     model = base_model()
     steps = [None, small_steps, small_steps, sparse_change, small_steps, small_steps]
@@ -359,6 +361,7 @@ def test_whole_tensor_deltas_are_taken_against_the_keyframe(repo):
 def test_forced_types_on_a_full_chain(repo):
     """On a chain full of whole-tensor deltas a forced sparse change stacks on the parent, a forced
     int-delta goes to the keyframe; both check out exactly."""
+    repo.git("config", "theta.keyframePercent", "1000")  # the chain rules here, not the cost rule (test_keyframes.py)
     rng = np.random.default_rng(5)
     model = base_model()
     expected = []

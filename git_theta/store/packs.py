@@ -1,0 +1,161 @@
+"""Packs: many small objects stored, kept and transferred as one ordinary object.
+
+A checkpoint of 20,000 small tensors would otherwise be 20,000 files, each with its own temp file,
+fsync, rename, directory entries and LFS transfer. Objects smaller than ``theta.packThreshold``
+(256 KiB by default) written during one clean are collected in memory and written as a pack when
+the clean ends or the pack reaches ``theta.packSize`` bytes (64 MiB): one fsync and one rename per
+pack. A pack is an ordinary content-addressed object (its oid is the sha256 of its bytes), so any
+Git LFS server holds it unchanged.
+
+Each member keeps its own identity: its oid is the sha256 of its bytes, exactly as if it were
+stored on its own, so dedup (an unchanged tensor costs no new bytes, in whichever pack it is),
+delta chains and verification work as before. A manifest names the pack beside each packed object
+(``<oid>:<size>@<n>``, see :mod:`git_theta.manifest`), which is what fetch, push, prune and fsck
+follow: a pack is kept and moved while any manifest references an object in it.
+
+Layout (all integers little-endian)::
+
+    b"GTPACK1\\n"                       8 bytes
+    count                               u64
+    count x (oid: 32 bytes, offset: u64, size: u64), sorted by oid
+    the members' bytes, at their offsets
+
+The index is at the front so a reader finds a member with one binary search and one read. Every
+number in it is checked against the pack's size before use: a pack from a server is untrusted until
+its sha256 matched the oid the manifest names, and even then its index is bounds-checked.
+"""
+
+import hashlib
+import struct
+import threading
+
+from ..errors import ObjectCorruptError
+
+MAGIC = b"GTPACK1\n"
+_COUNT = struct.Struct("<Q")
+_ENTRY = struct.Struct("<32sQQ")
+HEAD = len(MAGIC) + _COUNT.size
+DEFAULT_THRESHOLD = 256 << 10
+DEFAULT_SIZE = 64 << 20
+
+
+def is_pack(head):
+    """True when ``head`` (the first bytes of an object) starts like a pack."""
+    return bytes(head[: len(MAGIC)]) == MAGIC
+
+
+def pack_bytes(members):
+    """The parts of a pack holding ``members`` ({oid hex: bytes}); returns a list of bytes-likes."""
+    order = sorted(members)
+    offset = HEAD + _ENTRY.size * len(order)
+    index = [MAGIC, _COUNT.pack(len(order))]
+    for oid in order:
+        size = len(members[oid])
+        index.append(_ENTRY.pack(bytes.fromhex(oid), offset, size))
+        offset += size
+    return [b"".join(index), *(members[oid] for oid in order)]
+
+
+class PackIndex:
+    """The index of one pack: ``{member oid: (offset, size)}``, checked against the pack's size."""
+
+    def __init__(self, oid, entries):
+        self.oid = oid
+        self.entries = entries
+
+    @classmethod
+    def read(cls, handle, oid, total):
+        """Read and check the index at the front of an open pack of ``total`` bytes."""
+        head = handle.read(HEAD)
+        if len(head) < HEAD or not is_pack(head):
+            raise ObjectCorruptError(f"pack {oid} is not a git-theta pack")
+        (count,) = _COUNT.unpack_from(head, len(MAGIC))
+        # Bound the index by the file before reading it: a tampered count cannot allocate.
+        if count > (total - HEAD) // _ENTRY.size:
+            raise ObjectCorruptError(f"pack {oid} has a corrupt index (count {count})")
+        raw = handle.read(_ENTRY.size * count)
+        if len(raw) != _ENTRY.size * count:
+            raise ObjectCorruptError(f"pack {oid} is truncated")
+        start = HEAD + _ENTRY.size * count
+        entries = {}
+        for member, offset, size in _ENTRY.iter_unpack(raw):
+            if offset < start or offset + size > total:
+                raise ObjectCorruptError(f"pack {oid} has a member outside the pack")
+            entries[member.hex()] = (offset, size)
+        return cls(oid, entries)
+
+
+class PackWriter:
+    """Collects small objects of one clean and writes them as packs (thread-safe).
+
+    ``add`` returns the member's ObjectRef at once; its ``pack`` is a :class:`PendingPack` whose
+    oid and size are set when the pack is written (:meth:`flush`), before any manifest naming it
+    is handed to git. An object already in a pack the store had loaded is not added again (a
+    file's unchanged header blob, say); loose objects are not looked for (clean finds unchanged
+    tensors by their digest before encoding), which keeps this free of per-object file system calls.
+    """
+
+    def __init__(self, store, limit):
+        self._store = store
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._pack = PendingPack()
+        self._members = {}  # oid -> bytes of the pack being filled
+        self._bytes = 0
+
+    def add(self, data, oid=None):
+        from ..manifest import ObjectRef
+
+        oid = oid or hashlib.sha256(data).hexdigest()
+        full = None
+        with self._lock:
+            if oid in self._members:
+                return ObjectRef(oid, len(data), self._pack)
+            stored = self._store.packed_ref(oid)  # in a pack this store knew when packing began
+            if stored is not None and stored.size == len(data):
+                return stored
+            # A pack never exceeds the limit (theta.packSize, and the host's theta.maxObjectSize).
+            if self._members and self._size_with(len(data)) > self._limit:
+                full = self._take()
+            self._members[oid] = data
+            self._bytes += len(data)
+            ref = ObjectRef(oid, len(data), self._pack)
+        if full is not None:
+            self._write(*full)
+        return ref
+
+    def _size_with(self, nbytes):
+        """The pack's size with one more member of ``nbytes``."""
+        return HEAD + _ENTRY.size * (len(self._members) + 1) + self._bytes + nbytes
+
+    def pending(self, oid):
+        """The bytes of a member not yet written, or None."""
+        with self._lock:
+            return self._members.get(oid)
+
+    def _take(self):
+        members, pack = self._members, self._pack
+        self._members, self._pack, self._bytes = {}, PendingPack(), 0
+        return members, pack
+
+    def _write(self, members, pack):
+        if not members:
+            return
+        ref = self._store.put_chunks(pack_bytes(members), split=False, pack=False)
+        pack.oid, pack.size = ref.oid, ref.size
+
+    def flush(self):
+        """Write the pack being filled (one temp file, one fsync, one rename)."""
+        with self._lock:
+            members, pack = self._take()
+        self._write(members, pack)
+
+
+class PendingPack:
+    """The pack a member is going into; ``oid`` and ``size`` are set once it is written."""
+
+    __slots__ = ("oid", "size")
+
+    def __init__(self):
+        self.oid = None
+        self.size = None

@@ -1,0 +1,1 @@
+"""Tensor bytes: dtypes, bit views, byte planes, compression, buffers, chain encode/decode."""

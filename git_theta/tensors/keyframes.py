@@ -1,0 +1,28 @@
+"""When a changed tensor gets a new keyframe instead of another delta: by cost, not by depth.
+
+A checkout of a version decodes its chain: the keyframe plus every delta above it, so it reads
+(and for whole-tensor deltas, passes over) the sum of the chain's objects. A fixed depth cap makes
+a sparse history mostly keyframes (8 deltas of 1% each, then a dense copy: 92% of the store) while
+letting a chain of large deltas grow unchecked below the cap. The rule here prices the chain:
+
+- a new keyframe when the deltas already stacked on the keyframe add up to ``theta.keyframePercent``
+  percent (50 by default) of the keyframe's size: past that, reading the chain costs more than
+  1.5 keyframes and a fresh keyframe costs less than the deltas already paid for;
+- and in any case after ``theta.maxChainDepth`` deltas (32 by default), which bounds the objects a
+  checkout opens per tensor however small they are.
+
+So a history of 1% sparse changes stacks ~30 deltas per keyframe (a keyframe is ~1/30 of its
+store), and a dense fine-tune whose change against the keyframe keeps growing re-keys once that
+change is half a keyframe instead of storing ever larger deltas. Sizes come from the manifest's
+object references of the parent version (no object is read).
+"""
+
+
+def needs_keyframe(entry, max_depth, percent):
+    """True when a new version of the tensor ``entry`` describes should be stored as a keyframe
+    rather than as a delta on ``entry``'s chain."""
+    if entry.chain_depth + 1 > max_depth:
+        return True
+    keyframe = entry.objects[-1].size
+    deltas = sum(ref.size for ref in entry.objects[:-1])
+    return deltas * 100 >= percent * keyframe

@@ -1,0 +1,48 @@
+"""Keyframes by cost (git_theta/tensors/keyframes.py): a sparse history stacks deltas, a chain whose
+deltas add up to half a keyframe gets a new one, and the depth cap still bounds every chain."""
+
+import numpy as np
+
+from conftest import save_safetensors
+from git_theta.manifest import Manifest, ObjectRef, TensorEntry
+from git_theta.tensors.keyframes import needs_keyframe
+
+MODEL = "model.safetensors"
+
+
+def _chain(*sizes):
+    refs = tuple(ObjectRef(f"{i:064x}", size) for i, size in enumerate(sizes))
+    return TensorEntry("w", "F32", (4,), "0" * 64, "sparse" if len(refs) > 1 else "dense", refs)
+
+
+def test_the_rule_prices_the_chain():
+    assert not needs_keyframe(_chain(1000), 32, 50)  # a keyframe alone
+    assert not needs_keyframe(_chain(10, 10, 10, 1000), 32, 50)  # small deltas stack
+    assert needs_keyframe(_chain(300, 200, 1000), 32, 50)  # deltas are half a keyframe: re-key
+    assert needs_keyframe(_chain(*[1] * 32, 1000), 32, 50)  # the depth cap, however small
+    assert not needs_keyframe(_chain(600, 1000), 32, 100)  # the percentage is a setting
+
+
+def test_sparse_history_stacks_deltas_and_a_drifting_one_rekeys(repo):
+    rng = np.random.default_rng(3)
+    sparse = (0.02 * rng.standard_normal(20000)).astype(np.float32)
+    drifting = (0.02 * rng.standard_normal(20000)).astype(np.float32)
+    expected = []
+    for version in range(10):
+        if version:
+            at = rng.choice(sparse.size, sparse.size // 100, replace=False)
+            sparse[at] += np.float32(1e-3)
+            drifting = drifting + (1e-2 * rng.standard_normal(drifting.size)).astype(np.float32)
+        save_safetensors(repo.file(MODEL), {"sparse": sparse, "drifting": drifting})
+        expected.append(repo.file(MODEL).read_bytes())
+        repo.commit(f"v{version}", MODEL)
+    found = [Manifest.parse(repo.show(f"HEAD~{k}:{MODEL}")) for k in range(9, -1, -1)]
+    depths = [m.tensors["sparse"].chain_depth for m in found]
+    assert depths == list(range(10))  # 1% changes: nine deltas on one keyframe (depth 8 used to re-key)
+    kinds = [m.tensors["drifting"] for m in found]
+    # every delta of the drifting tensor is large: each is soon half a keyframe, so it re-keys
+    assert any(e.chain_depth == 0 for e in kinds[2:])
+    assert all(sum(r.size for r in e.objects[:-1]) < 2 * e.objects[-1].size for e in kinds)
+    for k, data in zip(range(9, -1, -1), expected):
+        repo.git("checkout", "-q", f"HEAD~{k}", "--", MODEL)
+        assert repo.file(MODEL).read_bytes() == data

@@ -1,0 +1,277 @@
+"""Packs: small objects stored as one object with an index (git_theta/store/packs.py), through the
+store, manifests, real git, prune, fsck, a real Git LFS server and a crash while a pack is written."""
+
+import hashlib
+import json
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+from lfs_server import free_port, lfs_server  # noqa: F401 - the fixture
+
+from conftest import GitRepo, random_state_dict, save_safetensors
+from git_theta.errors import ManifestError, ObjectCorruptError
+from git_theta.manifest import Manifest, ObjectRef, TensorEntry
+from git_theta.object_store import ObjectStore
+from git_theta.store import packs
+
+MODEL = "model.safetensors"
+
+
+def _objects_dir(repo):
+    return repo.path / ".git" / "theta" / "objects"
+
+
+def _files(root):
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.parent.name != "tmp")
+
+
+# -- the pack format and the store ------------------------------------------------------------
+def test_pack_round_trip_and_members_keep_their_ids(tmp_path):
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    blobs = [bytes([i]) * (100 + i) for i in range(50)]
+    with store.packing():
+        refs = [store.put_bytes(b) for b in blobs]
+        assert store.read(refs[3].oid) == blobs[3]  # readable before the pack is written
+    assert {r.oid for r in refs} == {hashlib.sha256(b).hexdigest() for b in blobs}
+    assert len({r.pack.oid for r in refs}) == 1  # one pack...
+    assert len(_files(tmp_path / "objects")) == 1  # ...is the only file
+    pack_ref = refs[0].home
+    assert pack_ref.size == store.size(pack_ref.oid)
+    store.verify(pack_ref.oid, pack_ref.size)
+    fresh = ObjectStore(tmp_path / "objects")  # another process: finds members through the marker
+    for ref, data in zip(refs, blobs):
+        assert fresh.has(ref.oid) and fresh.size(ref.oid) == len(data)
+        assert bytes(fresh.read(ref.oid, verify=True)) == data
+        fresh.verify(ref.oid, len(data))
+    assert fresh.pack_members(pack_ref.oid) == {r.oid: r.size for r in refs}
+    fresh.close()
+
+
+def test_big_objects_stay_loose_and_packs_respect_their_size(tmp_path):
+    store = ObjectStore(tmp_path / "objects", fsync=False, pack_threshold=1000, pack_size=4000)
+    with store.packing():
+        big = store.put_bytes(b"x" * 1001)
+        small = [store.put_bytes(bytes([i]) * 900) for i in range(10)]
+    assert big.pack is None and store.path(big.oid).is_file()
+    homes = {r.pack.oid for r in small}
+    assert len(homes) > 1 and all(store.size(h) <= 4000 for h in homes)
+    assert all(bytes(store.read(r.oid)) == bytes([i]) * 900 for i, r in enumerate(small))
+
+
+def test_an_exception_discards_the_unwritten_pack(tmp_path):
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    with pytest.raises(RuntimeError):
+        with store.packing():
+            ref = store.put_bytes(b"lost")
+            raise RuntimeError
+    assert not store.has(ref.oid) and _files(tmp_path / "objects") == []
+
+
+def _pack_with_index(entries, body=b"z" * 64):
+    head = packs.MAGIC + struct.pack("<Q", len(entries))
+    return head + b"".join(struct.pack("<32sQQ", oid, off, size) for oid, off, size in entries) + body
+
+
+@pytest.mark.parametrize("entries", [
+    [(b"\1" * 32, 0, 4)],  # a member overlapping the index
+    [(b"\1" * 32, 80, 1 << 40)],  # a member past the end
+])
+def test_tampered_pack_index_is_rejected(tmp_path, entries):
+    data = _pack_with_index(entries)
+    path = tmp_path / "p"
+    path.write_bytes(data)
+    with open(path, "rb") as handle, pytest.raises(ObjectCorruptError):
+        packs.PackIndex.read(handle, "p" * 64, len(data))
+
+
+def test_huge_member_count_allocates_nothing(tmp_path):
+    data = packs.MAGIC + struct.pack("<Q", 1 << 60)
+    path = tmp_path / "p"
+    path.write_bytes(data)
+    with open(path, "rb") as handle, pytest.raises(ObjectCorruptError, match="corrupt index"):
+        packs.PackIndex.read(handle, "p" * 64, len(data))
+
+
+def test_a_received_pack_whose_index_lies_is_not_trusted(tmp_path):
+    """A pack from elsewhere (its sha256 matches its own id) claims a member id its bytes do not
+    hash to: the member is not found, so neither a read nor dedup can use the false claim."""
+    claimed = hashlib.sha256(b"honest").hexdigest()
+    start = len(packs.MAGIC) + 8 + 48
+    data = _pack_with_index([(bytes.fromhex(claimed), start, 6)], body=b"lying!")
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    ref = ObjectRef(hashlib.sha256(data).hexdigest(), len(data))
+    store.put_chunks([data], expect=ref)  # a download: verified against its id
+    assert store.has(ref.oid) and not store.has(claimed)
+
+
+# -- manifests ---------------------------------------------------------------------------------
+def _entry(name, refs):
+    return TensorEntry(name, "F32", (2,), "d" * 64, "dense", tuple(refs))
+
+
+def test_manifest_v2_names_packs_by_id_prefix_and_v1_is_unchanged():
+    pack = ObjectRef("b" * 64, 999)
+    packed = ObjectRef("a" * 64, 10, pack)
+    loose = ObjectRef("c" * 64, 20)
+    m = Manifest("safetensors", tensors={"x": _entry("x", [packed]), "y": _entry("y", [loose, packed])})
+    data = m.serialize()
+    assert data.startswith(b"git-theta manifest v2\nformat safetensors\npack " + b"b" * 64 + b":999\n")
+    assert b"a" * 64 + b":10@" + b"b" * 12 + b"\n" in data
+    back = Manifest.parse(data)
+    assert back.serialize() == data and back.tensors["y"].objects[1].pack.oid == "b" * 64
+    assert back.all_objects() == [pack, loose]  # what travels: the pack and the loose object
+    assert {r.oid for r in back.member_objects()} == {"a" * 64, "c" * 64}
+    v1 = Manifest("safetensors", tensors={"y": _entry("y", [loose])}).serialize()
+    assert v1.startswith(b"git-theta manifest v1\n") and Manifest.parse(v1).serialize() == v1
+    # the digest index's text keeps the pack in full
+    assert ObjectRef.parse(str(packed)).pack == pack
+
+
+@pytest.mark.parametrize("bad", [
+    b"git-theta manifest v2\nformat safetensors\ntensor x F32 [2] " + b"d" * 64 + b" dense " + b"a" * 64 + b":1@" + b"b" * 12 + b"\n",
+    b"git-theta manifest v2\nformat safetensors\npack " + b"b" * 64 + b":9\npack " + b"b" * 63 + b"c:9\ntensor x F32 [2] "
+    + b"d" * 64 + b" dense " + b"a" * 64 + b":1@" + b"b" * 12 + b"\n",  # an ambiguous prefix
+    b"git-theta manifest v1\nformat safetensors\npack " + b"b" * 64 + b":9\n",
+    b"git-theta manifest v2\nformat safetensors\npack " + b"b" * 64 + b":9\npack " + b"a" * 64 + b":9\n",
+])
+def test_malformed_pack_references_are_refused(bad):
+    with pytest.raises(ManifestError):
+        Manifest.parse(bad)
+
+
+# -- through real git --------------------------------------------------------------------------
+def _many(n, seed=0, width=4):
+    rng = np.random.default_rng(seed)
+    return {f"experts.{i}.w": rng.standard_normal(width).astype(np.float32) for i in range(n)}
+
+
+def test_twenty_thousand_tensors_round_trip_through_git_in_a_few_files(repo):
+    tensors = _many(20000)
+    save_safetensors(repo.file(MODEL), tensors)
+    original = repo.file(MODEL).read_bytes()
+    repo.commit("v1", MODEL)
+    manifest = Manifest.parse(repo.show(f"HEAD:{MODEL}"))
+    assert len(manifest.tensors) == 20000 and len(manifest.all_objects()) == 1
+    assert len(_files(_objects_dir(repo))) == 1
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == original
+    assert repo.status() == ""
+
+
+def test_unchanged_tensors_cost_no_new_bytes_and_a_changed_one_goes_into_the_new_pack(repo):
+    tensors = _many(300)
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v1", MODEL)
+    first = Manifest.parse(repo.show(f"HEAD:{MODEL}"))
+    tensors["experts.7.w"] = tensors["experts.7.w"] + 1
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v2", MODEL)
+    second = Manifest.parse(repo.show(f"HEAD:{MODEL}"))
+    old_pack = first.all_objects()[0]
+    new_packs = [p for p in second.all_objects() if p != old_pack]
+    assert old_pack in second.all_objects() and len(new_packs) == 1
+    store = ObjectStore(_objects_dir(repo))
+    # the new pack holds the changed tensor's object and the header blob, nothing else
+    assert set(store.pack_members(new_packs[0].oid)) == {
+        second.tensors["experts.7.w"].objects[0].oid, *(r.oid for r in second.blobs.values())}
+    for name, entry in second.tensors.items():
+        if name != "experts.7.w":
+            assert entry.objects == first.tensors[name].objects
+    repo.git("checkout", "-q", "HEAD~1", "--", MODEL)
+    save_safetensors(repo.path / "expected.safetensors", _many(300))
+    assert repo.file(MODEL).read_bytes() == (repo.path / "expected.safetensors").read_bytes()
+    assert store.size(old_pack.oid) == old_pack.size
+
+
+def test_prune_keeps_a_pack_while_any_tensor_in_it_is_referenced(repo):
+    repo.git("config", "theta.pruneExpire", "now")
+    tensors = _many(50)
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v1", MODEL)
+    old_pack = Manifest.parse(repo.show(f"HEAD:{MODEL}")).all_objects()[0]
+    tensors["experts.0.w"] = tensors["experts.0.w"] * 2
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v2", MODEL)
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    repo.git("reset", "-q", "--hard", "HEAD")
+    # v1 is in history: both packs stay; v2 alone still uses 49 tensors of the old pack too
+    repo.git("checkout", "-q", "--orphan", "fresh")
+    repo.git("commit", "-q", "-m", "v2 only")
+    repo.git("branch", "-D", "main")
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    repo.theta("prune", "--include-unpushed")
+    store = ObjectStore(_objects_dir(repo))
+    assert store.has(old_pack.oid)  # v2 still references members of the v1 pack
+    report = json.loads(repo.theta("fsck", "--all", "--json").stdout)
+    assert report["ok"], report["problems"]
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    save_safetensors(repo.path / "expected.safetensors", tensors)
+    assert repo.file(MODEL).read_bytes() == (repo.path / "expected.safetensors").read_bytes()
+
+
+def test_fsck_reports_a_damaged_pack_with_the_tensors_it_breaks(repo):
+    save_safetensors(repo.file(MODEL), _many(20))
+    repo.commit("v1", MODEL)
+    pack = Manifest.parse(repo.show(f"HEAD:{MODEL}")).all_objects()[0]
+    path = ObjectStore(_objects_dir(repo)).path(pack.oid)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    proc = repo.theta("fsck", "--json", check=False)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1
+    assert [(p["kind"], p["oid"]) for p in report["problems"]] == [("corrupt", pack.oid)]
+    assert report["problems"][0]["other_uses"] >= 19  # every tensor in it
+
+
+def test_crash_while_writing_a_pack_leaves_the_repository_sound(repo):
+    save_safetensors(repo.file(MODEL), _many(40))
+    repo.commit("v0", MODEL)
+    for n in (1, 2):  # after the pack's temp file is written; after its rename
+        save_safetensors(repo.file(MODEL), _many(40, seed=n))
+        before = repo.show(f":{MODEL}")
+        env = dict(repo.env, GIT_THETA_TEST_KILL_AT=str(n), GIT_THETA_THREADS="1")
+        proc = subprocess.run(["git", "add", MODEL], cwd=repo.path, env=env, capture_output=True)
+        assert proc.returncode != 0, f"kill point {n} was not reached"
+        assert repo.show(f":{MODEL}") == before
+        for path in _files(_objects_dir(repo)):  # nothing torn under a real name
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+        repo.git("add", MODEL)
+        repo.git("commit", "-q", "-m", f"v{n}")
+        assert json.loads(repo.theta("fsck", "--json").stdout)["ok"]
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    save_safetensors(repo.path / "expected.safetensors", _many(40, seed=2))
+    assert repo.file(MODEL).read_bytes() == (repo.path / "expected.safetensors").read_bytes()
+
+
+def test_packs_travel_through_a_real_lfs_server(repo, make_repo, lfs_server):  # noqa: F811
+    bare = make_repo("bare.git", init=False)
+    bare.git("init", "-q", "--bare")
+    (repo.path / ".lfsconfig").write_text(f'[lfs]\n\turl = "{lfs_server.url("packs")}"\n')
+    tensors = _many(200)
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v1", ".lfsconfig", MODEL)
+    tensors["experts.3.w"] = tensors["experts.3.w"] - 1
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v2", MODEL)
+    repo.git("remote", "add", "origin", str(bare.path))
+    repo.git("push", "-q", "origin", "main")
+    wanted = {r.oid for rev in ("HEAD", "HEAD~1") for r in Manifest.parse(repo.show(f"{rev}:{MODEL}")).all_objects()}
+    assert set(lfs_server.objects("packs")) == wanted and len(wanted) == 2  # two packs, no members
+
+    repo.theta("install")
+    target = repo.path.parent / "clone"
+    GitRepo(repo.path.parent, repo.env).git("clone", "-q", str(bare.path), str(target))
+    clone = GitRepo(target, repo.env)
+    assert clone.file(MODEL).read_bytes() == repo.file(MODEL).read_bytes()
+    assert clone.status() == ""
+    assert json.loads(clone.theta("fsck", "--json").stdout)["ok"]
+    clone.git("checkout", "-q", "HEAD~1", "--", MODEL)  # the older version decodes from the clone's packs
+    save_safetensors(clone.path / "expected.safetensors", _many(200))
+    assert clone.file(MODEL).read_bytes() == (clone.path / "expected.safetensors").read_bytes()
