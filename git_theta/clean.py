@@ -535,3 +535,10 @@ def _partial_delta(tensor, base, request):
             if encoded is not None:
                 found.append((update, encoded))
     return min(found, key=lambda r: encoded_size(r[1])) if found else None
+
+
+def _renamed(entry, name):
+    """``entry`` describing a tensor called ``name`` (same bytes, same objects)."""
+    if entry.name == name:
+        return entry
+    return TensorEntry(name, entry.dtype, entry.shape, entry.digest, entry.update, entry.objects)

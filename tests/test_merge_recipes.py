@@ -236,7 +236,7 @@ merge_method: passthrough
     assert len([n for n in out if n.endswith("q_proj.weight")]) == 6
     for j in range(6):
         src, layer, scale = ("a", j, 1.0) if j < 3 else ("b", j - 2, 2.0)
-        name = f"model.layers.{{}}.mlp.up_proj.weight"
+        name = "model.layers.{}.mlp.up_proj.weight"
         np.testing.assert_array_equal(out[name.format(j)], models[src][name.format(layer)] * np.float32(scale))
     np.testing.assert_array_equal(out["model.embed_tokens.weight"], models["a"]["model.embed_tokens.weight"])
     np.testing.assert_array_equal(out["lm_head.weight"], models["b"]["lm_head.weight"] * np.float32(2))

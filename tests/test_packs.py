@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from lfs_server import free_port, lfs_server  # noqa: F401 - the fixture
 
-from conftest import GitRepo, random_state_dict, save_safetensors
+from conftest import GitRepo, save_safetensors
 from git_theta.errors import ManifestError, ObjectCorruptError
 from git_theta.manifest import Manifest, ObjectRef, TensorEntry
 from git_theta.object_store import ObjectStore

@@ -86,7 +86,6 @@ class LfsClient:
     """A Batch API client for one endpoint (one ``requests`` session, shared by worker threads)."""
 
     def __init__(self, endpoint, repo, settings):
-        import requests
 
         self.url = endpoint.url
         self._cwd = repo.cwd
