@@ -96,8 +96,10 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
                 entry["path"] = path
                 changed_files.append(entry)
             if changed_files:
+                choice = _merge_choice(repo, commit) if len(parents) > 1 else None
                 commits.append(
                     {
+                        **({"merge_choice": choice} if choice else {}),
                         "commit": commit,
                         "parents": parents,
                         "merge": len(parents) > 1,
@@ -110,6 +112,13 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
                 if max_count is not None and len(commits) >= max_count:
                     break
     return {"schema": SCHEMA, "rev": rev, "paths": files, "params": params or [], "commits": commits}
+
+
+def _merge_choice(repo, commit):
+    """How ``git theta merge --search`` or ``auto`` chose this merge (its git note), or None."""
+    from .porcelain.merge_search import read_note
+
+    return read_note(repo, commit)
 
 
 def _names(manifest):
@@ -147,6 +156,10 @@ def render_log(result, style):
             lines.append("")
         merge = style(" (merge)", "cyan") if c["merge"] else ""
         lines.append(f"{style(c['commit'][:12], 'yellow')} {c['date'][:10]} {c['subject']}{merge}")
+        if c.get("merge_choice"):
+            from .porcelain.merge_search import note_summary
+
+            lines.append("    " + note_summary(c["merge_choice"]))
         rows = []
         for f in c["files"]:
             s = f["summary"]

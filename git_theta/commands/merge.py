@@ -6,6 +6,7 @@ import click
 
 from ..errors import GitThetaError, UsageError
 from ..messages import report
+from .merge_search import search_options
 
 MAX_LISTED = 20
 
@@ -154,8 +155,9 @@ def _report_conflicts(conflicts):
 @click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs (model soup).")
 @click.option("--dry-run", is_flag=True, help="Show per tensor the rule or operator and the similarity signals; write nothing.")
 @click.option("-m", "--message", help="Commit message of the merge commit.")
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable output.")
-def merge(branches, operator, params, base, every_tensor, dry_run, message, as_json):
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run or --search: machine-readable output.")
+@search_options
+def merge(branches, operator, params, base, every_tensor, dry_run, message, as_json, **search):
     """Merge BRANCHES into HEAD, merging models tensor by tensor.
 
     One branch is a plain 'git merge' through the merge driver with this operator; several
@@ -168,7 +170,10 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     from ..merge.engine import check_config
     from ..repo import Repo
 
-    if as_json and not dry_run:
+    from . import merge_search
+
+    merge_search.check(search["search"], search["eval_cmd"])
+    if as_json and not (dry_run or search["search"]):
         raise UsageError("--json goes with --dry-run", hint="git theta merge --dry-run --json BRANCH...")
     repo = Repo(".")
     if repo.work_tree is None:
@@ -176,6 +181,8 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     raw = parse_param_flags(params)
     for branch in branches:
         porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
+    if search["search"]:
+        return _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_json, search)
     if len(branches) == 1 and not (base or every_tensor or dry_run):
         check_config(load_config(repo, [], operator, raw), 2)  # fail before git starts merging
         if not repo.git("config", "--get", "merge.theta.driver", check=False).strip():
@@ -208,17 +215,55 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     click.echo(f"Merge made by git theta merge ({len(branches) + 1} parents, {operated} tensors by operators): {commit[:12]}")
 
 
+def _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_json, search):
+    from ..porcelain.merge_search import search_merge
+    from . import merge_search
+
+    if raw:
+        raise UsageError("--param goes with --operator, not --search", hint="list parameters in --candidates FILE")
+    try:
+        outcome = search_merge(
+            repo, list(branches), search["eval_cmd"], merge_search.load_candidates(search["candidates_file"]),
+            search["jobs"], search["time_budget"], search["timeout"], base, every_tensor, dry_run, message,
+            merge_search.progress(),
+        )
+    finally:
+        repo.close()
+    done = "nothing written (--dry-run)" if dry_run else f"merge committed: {outcome.commit[:12]}"
+    merge_search.render(outcome, as_json, done)
+
+
 @click.command("merge-files")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--operator", required=True, metavar="NAME", help="Merge operator.")
+@click.option("--operator", metavar="NAME", help="Merge operator (or --search).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable).")
 @click.option("--base", type=click.Path(exists=True, dir_okay=False), help="The common base checkpoint.")
 @click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the merged checkpoint.")
-def merge_files(files, operator, params, base, every_tensor, output):
+@click.option("--dry-run", is_flag=True, help="With --search: the table only, OUTPUT is not written.")
+@click.option("--json", "as_json", is_flag=True, help="With --search: machine-readable output.")
+@search_options
+def merge_files(files, operator, params, base, every_tensor, output, dry_run, as_json, **search):
     """Merge checkpoint FILES (outside git history) into OUTPUT."""
     from ..merge.config import parse_param_flags
     from ..merge.files import merge_files as run
+    from . import merge_search
+
+    merge_search.check(search["search"], search["eval_cmd"])
+    if search["search"]:
+        from ..porcelain.merge_search import search_files
+
+        outcome = search_files(
+            list(files), output, search["eval_cmd"], merge_search.load_candidates(search["candidates_file"]),
+            search["jobs"], search["time_budget"], search["timeout"], base, every_tensor, dry_run,
+            merge_search.progress(),
+        )
+        merge_search.render(outcome, as_json, "nothing written (--dry-run)" if dry_run else f"wrote {output}")
+        return
+    if operator is None:
+        raise UsageError("merge-files needs --operator NAME (or --search --eval CMD)", hint="e.g. --operator ties")
+    if dry_run or as_json:
+        raise UsageError("--dry-run and --json go with --search here", hint="git theta merge-files --search --eval CMD ...")
 
     result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
     if result.conflicts:

@@ -1,0 +1,67 @@
+"""The CLI side of ``merge --search`` / ``merge-files --search``: options, progress and the table."""
+
+import json
+import sys
+
+import click
+
+#: options shared by ``merge`` and ``merge-files`` (applied as decorators, last first)
+SEARCH_OPTIONS = (
+    click.option("--search", is_flag=True, help="Try candidate merges, score each with --eval, keep the best."),
+    click.option("--eval", "eval_cmd", metavar="CMD", help="With --search: shell command scoring {model} (last number printed, or JSON {\"score\": x})."),
+    click.option("--candidates", "candidates_file", type=click.Path(exists=True, dir_okay=False), help="With --search: 'OPERATOR [KEY=VALUE ...]' per line, or a JSON list (default: the built-in grid)."),
+    click.option("-j", "--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="With --search: candidates evaluated at once."),
+    click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="With --search: stop starting candidates after this long."),
+    click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="With --search: longest one evaluation may run."),
+)
+
+
+def search_options(command):
+    for option in reversed(SEARCH_OPTIONS):
+        command = option(command)
+    return command
+
+
+def check(search, eval_cmd):
+    """UsageError for --search without --eval and --eval without --search."""
+    from ..errors import UsageError
+
+    if search and not eval_cmd:
+        raise UsageError("--search needs --eval CMD", hint="e.g. --eval 'python eval.py {model}'")
+    if eval_cmd and not search:
+        raise UsageError("--eval goes with --search", hint="git theta merge --search --eval CMD BRANCH...")
+
+
+def load_candidates(path):
+    from ..merge.search import parse_candidates
+
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return parse_candidates(handle.read(), path)
+
+
+def progress():
+    """A per-candidate line on stderr, only on a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(result):
+        score = f"{result.score:.4g}" if result.score is not None else result.status
+        click.echo(f"  {result.candidate.label}: {score} ({result.seconds:.1f}s)", err=True)
+
+    return show
+
+
+def render(outcome, as_json, what):
+    """Print the table (or JSON) and what was done with the best candidate."""
+    from ..merge.search import table
+
+    if as_json:
+        click.echo(json.dumps(outcome.to_json(), indent=2))
+        return
+    for line in table(outcome.results, outcome.best):
+        click.echo(line)
+    if outcome.order:
+        click.echo(f"branches chosen, in merge order (greedy forward selection): {', '.join(outcome.order)}")
+    click.echo(f"best: {outcome.best.candidate.label} (score {outcome.best.score:.4g}); {what}")
