@@ -236,3 +236,113 @@ def test_parse_candidates():
     with pytest.raises(UsageError, match="item 0"):
         parse_candidates('[{"params": {}}]', "f")
     assert all(c.operator not in ("slerp", "nuslerp") for c in default_candidates(3))
+
+
+# ---------------------------------------------------------------------------------------- auto
+def predictor_data(features=("cosine", "n_models"), candidates=None):
+    """A small predictor in the shipped file's format."""
+    return {
+        "schema": 1,
+        "models": {
+            "structural": {
+                "features": list(features),
+                "mean": [0.0] * len(features),
+                "scale": [1.0] * len(features),
+                "candidates": candidates or [
+                    {"operator": "linear", "params": {}, "intercept": 0.5, "coef": [0.2, 0.0]},
+                    {"operator": "ties", "params": {"density": 0.5}, "intercept": 0.6, "coef": [-0.2, 0.0]},
+                    {"operator": "slerp", "params": {"t": 0.5}, "intercept": 0.9, "coef": [0.0, 0.0], "max_models": 2},
+                ],
+            }
+        },
+    }
+
+
+def test_shipped_predictor_loads_and_covers_the_grid():
+    from git_theta.merge.auto import FUNCTIONAL, STRUCTURAL, load_predictor
+
+    data = load_predictor()
+    structural = data["models"]["structural"]
+    assert set(STRUCTURAL) <= set(structural["features"])
+    assert set(FUNCTIONAL) <= set(data["models"]["functional"]["features"])
+    shipped = {Candidate.of(c["operator"], {k: str(v) for k, v in c["params"].items()}).recipe
+               for c in structural["candidates"]}
+    assert shipped == {c.recipe for c in default_candidates(2)}
+    assert data["held_out"]  # the held-out report travels with the coefficients
+
+
+def test_predict_ranks_and_respects_max_models(tmp_path):
+    from git_theta.merge.auto import load_predictor, predict
+
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps(predictor_data()))
+    data = load_predictor(path)
+    two = predict({"cosine": 1.0}, 2, data)
+    assert (two.operator, two.params) == ("slerp", {"t": "0.5"})
+    three = predict({"cosine": 1.0}, 3, data)  # slerp takes two models
+    assert three.operator == "linear" and [r for r, _ in three.scores] == ["linear", "ties density=0.5"]
+    assert three.scores[0][1] == pytest.approx(0.7)
+    assert predict({"cosine": -1.0}, 3, data).operator == "ties"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(schema=2), "schema 1"),
+        (lambda d: d["models"].pop("structural"), "no 'structural'"),
+        (lambda d: d["models"]["structural"].update(mean=[0.0]), "'mean' must be 2"),
+        (lambda d: d["models"]["structural"].update(scale=[1.0, 0.0]), "zero in 'scale'"),
+        (lambda d: d["models"]["structural"]["candidates"][0].update(coef=[1.0]), "a candidate is not"),
+        (lambda d: d["models"]["structural"]["candidates"][0].update(intercept="x"), "a candidate is not"),
+    ],
+)
+def test_predictor_file_is_checked(tmp_path, change, message):
+    from git_theta.errors import ConfigError
+    from git_theta.merge.auto import load_predictor
+
+    data = predictor_data()
+    change(data)
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=message):
+        load_predictor(path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not JSON"):
+        load_predictor(path)
+
+
+def test_auto_explains_its_pick_then_merges(repo, setup):
+    head = repo.git("rev-parse", "HEAD").stdout.strip()
+    out = repo.theta("merge", "--dry-run", "--operator", "auto", "b1").stdout
+    assert "features: cosine=" in out and "log_rel_norm=" in out
+    assert "predicted normalized accuracy:" in out
+    pick = out.split("pick: ")[1].strip()
+    scores = [line.split() for line in out.splitlines() if line.startswith("   ")]
+    assert scores[0][0] == "*" and " ".join(scores[0][2:]) == pick
+    assert [float(s[-len(s) + (1 if s[0] == "*" else 0)]) for s in scores] == sorted(
+        (float(s[-len(s) + (1 if s[0] == "*" else 0)]) for s in scores), reverse=True)
+    assert repo.git("rev-parse", "HEAD").stdout.strip() == head
+    data = json.loads(repo.theta("merge", "--dry-run", "--json", "--operator", "auto", "b1").stdout)["auto"]
+    assert data["predictor"] == "structural" and data["branches"] == ["b1"]
+    repo.theta("merge", "--operator", "auto", "b1")
+    assert "git theta merge --operator auto: chose " + pick in repo.git("log", "-1", "--format=%B").stdout
+    note = json.loads(repo.git("notes", "--ref=theta", "show", "HEAD").stdout)
+    assert note["chosen_by"] == "auto" and note["auto"]["features"] == data["features"]
+    assert f"chosen by auto: {pick}" in repo.theta("log").stdout
+
+
+def test_auto_with_probe_and_three_branches(repo, setup, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(textwrap.dedent(
+        """
+        import sys, numpy as np
+        from safetensors.numpy import load_file
+        w = load_file(sys.argv[1] + "/model.safetensors")["w"]
+        print(" ".join(str(v) for v in np.tanh(w @ np.ones(8, np.float32))))
+        """))
+    out = repo.theta("merge", "--dry-run", "--operator", "auto", "--probe", f"{sys.executable} {probe} {{model}}",
+                     "b1", "b2", "b3").stdout
+    assert "act_cosine=" in out and "functional predictor" in out
+    assert "branches, in merge order (greedy on predicted pair scores): " in out
+    proc = repo.theta("merge", "--dry-run", "--operator", "auto", "--probe", "false {model}", "b1", check=False)
+    assert proc.returncode != 0 and "error: command exited 1" in proc.stderr

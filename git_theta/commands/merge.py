@@ -6,7 +6,7 @@ import click
 
 from ..errors import GitThetaError, UsageError
 from ..messages import report
-from .merge_search import search_options
+from .merge_search import PROBE_OPTION, search_options
 
 MAX_LISTED = 20
 
@@ -157,7 +157,8 @@ def _report_conflicts(conflicts):
 @click.option("-m", "--message", help="Commit message of the merge commit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run or --search: machine-readable output.")
 @search_options
-def merge(branches, operator, params, base, every_tensor, dry_run, message, as_json, **search):
+@PROBE_OPTION
+def merge(branches, operator, params, base, every_tensor, dry_run, message, as_json, probe, **search):
     """Merge BRANCHES into HEAD, merging models tensor by tensor.
 
     One branch is a plain 'git merge' through the merge driver with this operator; several
@@ -183,6 +184,18 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
         porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
     if search["search"]:
         return _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_json, search)
+    if operator == "auto" and not every_tensor and not porcelain.up_to_date(repo, branches):
+        try:
+            done = merge_search.auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe)
+        finally:
+            repo.close()
+        if done is True:
+            return
+        if done is not False:
+            _report_conflicts(done.conflicts)
+            raise MergeConflictError("merge not done: the conflicts above have no rule (nothing was changed)",
+                                     hint=conflict_hint())
+        repo = Repo(".")  # nothing for auto's predictor to go on: the per-tensor rule decides
     if len(branches) == 1 and not (base or every_tensor or dry_run):
         check_config(load_config(repo, [], operator, raw), 2)  # fail before git starts merging
         if not repo.git("config", "--get", "merge.theta.driver", check=False).strip():
@@ -243,7 +256,8 @@ def _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_
 @click.option("--dry-run", is_flag=True, help="With --search: the table only, OUTPUT is not written.")
 @click.option("--json", "as_json", is_flag=True, help="With --search: machine-readable output.")
 @search_options
-def merge_files(files, operator, params, base, every_tensor, output, dry_run, as_json, **search):
+@PROBE_OPTION
+def merge_files(files, operator, params, base, every_tensor, output, dry_run, as_json, probe, **search):
     """Merge checkpoint FILES (outside git history) into OUTPUT."""
     from ..merge.config import parse_param_flags
     from ..merge.files import merge_files as run
@@ -262,8 +276,20 @@ def merge_files(files, operator, params, base, every_tensor, output, dry_run, as
         return
     if operator is None:
         raise UsageError("merge-files needs --operator NAME (or --search --eval CMD)", hint="e.g. --operator ties")
+    if operator == "auto" and not every_tensor:
+        from ..porcelain.merge_search import auto_files
+
+        prediction = auto_files(list(files), base, probe)
+        if prediction is not None:
+            if dry_run:
+                merge_search.explain(prediction, as_json)
+                return
+            files, operator = prediction.branches, prediction.operator
+            params = [*(f"{k}={v}" for k, v in prediction.params.items()), *params]
+            click.echo(f"auto chose {prediction.recipe}" + (f" for {', '.join(files)}" if len(files) > 2 else ""))
     if dry_run or as_json:
-        raise UsageError("--dry-run and --json go with --search here", hint="git theta merge-files --search --eval CMD ...")
+        raise UsageError("--dry-run and --json go with --search or --operator auto here",
+                         hint="git theta merge-files --search --eval CMD ...")
 
     result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
     if result.conflicts:

@@ -65,3 +65,53 @@ def render(outcome, as_json, what):
     if outcome.order:
         click.echo(f"branches chosen, in merge order (greedy forward selection): {', '.join(outcome.order)}")
     click.echo(f"best: {outcome.best.candidate.label} (score {outcome.best.score:.4g}); {what}")
+
+
+PROBE_OPTION = click.option(
+    "--probe", metavar="CMD",
+    help="With --operator auto: shell command printing activations of {model} on fixed probe inputs (adds functional signals).",
+)
+
+
+def explain(prediction, as_json):
+    """--dry-run --operator auto: the features, every candidate's predicted score, the pick."""
+    if as_json:
+        click.echo(json.dumps({"auto": prediction.to_json()}, indent=2))
+        return
+    click.echo(f"auto ({prediction.predictor} predictor, fitted on bench/merge_eval.py; see docs/merge-search.md):")
+    click.echo("  features: " + " ".join(f"{k}={v:.3g}" for k, v in prediction.features.items()))
+    click.echo("  predicted normalized accuracy:")
+    for recipe, score in prediction.scores:
+        mark = "*" if recipe == prediction.scores[0][0] else " "
+        click.echo(f"   {mark} {score:6.3f}  {recipe}")
+    if prediction.branches:
+        click.echo(f"  branches, in merge order (greedy on predicted pair scores): {', '.join(prediction.branches)}")
+    for line in prediction.notes:
+        click.echo(f"  {line}")
+    click.echo(f"  pick: {prediction.recipe}")
+
+
+def auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe):
+    """``merge --operator auto``: predict, explain or merge with the pick; False when auto has nothing
+    to go on (no common base or no checkpoint changed on several sides): the per-tensor rule then."""
+    from ..merge import porcelain
+    from ..porcelain.merge_search import add_note, auto_line, auto_merge as predict, auto_note
+
+    prediction = predict(repo, list(branches), base, probe)
+    if prediction is None:
+        return False
+    if dry_run:
+        explain(prediction, as_json)
+        return True
+    chosen = prediction.branches
+    params = {**prediction.params, **raw}
+    text = (message or porcelain.default_message(chosen, prediction.operator, params, base)).rstrip("\n")
+    commit, merged = porcelain.run_merge(repo, chosen, prediction.operator, params, base, False,
+                                         text + "\n" + auto_line(prediction) + "\n")
+    if commit is None:
+        return merged
+    add_note(repo, commit, auto_note(prediction))
+    click.echo(f"auto chose {prediction.recipe}" + (f" for {', '.join(chosen)}" if len(branches) > 1 else ""))
+    operated = sum(f.count("operator") for f in merged.files)
+    click.echo(f"Merge made by git theta merge ({len(chosen) + 1} parents, {operated} tensors by operators): {commit[:12]}")
+    return True

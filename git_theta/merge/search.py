@@ -163,30 +163,54 @@ def substitute(command, model_path):
     return command.replace("{model}", shlex.quote(str(model_path)))
 
 
-def run_command(command, timeout):
-    """Run ``command`` in a shell (its own process group, so a timeout ends all it started); return
-    (status, score, detail, seconds)."""
+def _spawn(command, timeout):
+    """Run ``command`` in a shell, in its own process group so a timeout ends everything it started;
+    (exit code or None on timeout, stdout text, stderr text, seconds)."""
     start = time.monotonic()
     proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
+        code = proc.returncode
     except subprocess.TimeoutExpired:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.communicate()
-        return "timeout", None, f"no score after {timeout:.0f}s", time.monotonic() - start
-    seconds = time.monotonic() - start
-    text = out.decode("utf-8", "replace")
-    if proc.returncode != 0:
-        tail = (err.decode("utf-8", "replace").strip() or text.strip()).splitlines()
-        return "failed", None, f"exit {proc.returncode}: {(tail[-1] if tail else '')[:DETAIL_CHARS]}", seconds
-    score = parse_score(text)
+        out, err = proc.communicate()
+        code = None
+    return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), time.monotonic() - start
+
+
+def _last_line(*texts):
+    for text in texts:
+        lines = text.strip().splitlines()
+        if lines:
+            return lines[-1][:DETAIL_CHARS]
+    return ""
+
+
+def run_command(command, timeout):
+    """Run an evaluation command; (status, score, detail, seconds)."""
+    code, out, err, seconds = _spawn(command, timeout)
+    if code is None:
+        return "timeout", None, f"no score after {timeout:.0f}s", seconds
+    if code != 0:
+        return "failed", None, f"exit {code}: {_last_line(err, out)}", seconds
+    score = parse_score(out)
     if score is None:
         return "failed", None, "printed no score (a number, or a JSON object with 'score')", seconds
     return "ok", score, "", seconds
+
+
+def run_command_output(command, timeout=600):
+    """stdout of ``command`` (a shell command); UsageError when it fails or runs out of time."""
+    code, out, err, _ = _spawn(command, timeout)
+    if code is None:
+        raise UsageError(f"command ran over {timeout}s: {command}", hint="make it faster")
+    if code != 0:
+        raise UsageError(f"command exited {code}: {command}", hint=_last_line(err, out) or "run it by hand")
+    return out
 
 
 @dataclass

@@ -8,6 +8,7 @@ under :data:`NOTES_REF`, which ``git theta log`` shows.
 """
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -203,3 +204,172 @@ def note_summary(data):
     score = chosen.get("score", (data.get("chosen_score")))
     shown = f" score {score:.4g}," if isinstance(score, (int, float)) else ""
     return f"chosen by {data.get('chosen_by', '?')}: {recipe}{where} ({shown} {scored} of {len(rows)} candidates scored)".replace("( ", "(")
+
+
+# ------------------------------------------------------------------------------------------ auto
+def _features_of(store, named_manifests, base_manifests, path_filter=None):
+    """A FeatureAccumulator over every float tensor present, with one shape, in all models and the base.
+
+    ``named_manifests``: per model {path: Manifest}; ``base_manifests``: {path: Manifest}.
+    """
+    from ..merge.auto import FeatureAccumulator
+    from ..merge.engine import Loader
+
+    acc = FeatureAccumulator(len(named_manifests))
+    for path, base in sorted(base_manifests.items()):
+        sides = [m.get(path) for m in named_manifests]
+        if base is None or any(s is None for s in sides):
+            continue
+        loader = Loader(store, path)
+        for name, entry in sorted(base.tensors.items()):
+            entries = [s.tensors.get(name) for s in sides]
+            if any(e is None or tuple(e.shape) != tuple(entry.shape) or e.dtype != entry.dtype for e in entries):
+                continue
+            if entry.dtype not in ("F64", "F32", "F16", "BF16") or all(e.digest == entry.digest for e in entries):
+                if entry.dtype in ("F64", "F32", "F16", "BF16"):
+                    acc.add_unchanged(loader.values(entry))
+                continue
+            acc.add([loader.values(e) for e in entries], loader.values(entry).astype("float64"))
+    return acc
+
+
+def _probe(command, folders):
+    """Activations the --probe command prints for each folder (numbers, whitespace/JSON list)."""
+    import re
+
+    from ..merge.search import run_command_output
+
+    out = []
+    for folder in folders:
+        text = run_command_output(command.replace("{model}", folder))
+        values = [float(v) for v in re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", text)]
+        if not values:
+            raise UsageError(f"the --probe command printed no activations for {folder}",
+                             hint="print the activations as numbers (a JSON list is fine)")
+        out.append(values)
+    return out
+
+
+def _commit_manifests(repo, commit):
+    from ..inventory import theta_paths
+    from ..manifest import Manifest, is_manifest
+    from ..merge.porcelain import _tree
+
+    tree = _tree(repo, commit)
+    out = {}
+    for path in theta_paths(repo, sorted(tree)):
+        data = repo.read_blob(tree[path][1])
+        if data is not None and is_manifest(data):
+            out[path] = Manifest.parse(data, source=path)
+    return out, tree
+
+
+def predict_sets(acc, n_sides, functional=None):
+    """auto's Prediction for all sides, with the branches chosen greedily for 3+ models."""
+    from ..merge.auto import choose_branches, predict
+
+    def features(members):
+        feats = acc.features(members)
+        if feats is None:
+            return None
+        if functional is not None:
+            from ..merge.auto import functional_features
+
+            feats.update(functional_features([functional[1][i] for i in members], functional[0]))
+        return feats
+
+    def score(members):
+        feats = features(members)
+        return predict(feats, len(members)).scores[0][1] if feats is not None else -math.inf
+
+    kept = list(range(1, n_sides))
+    notes = []
+    if n_sides > 2:
+        pairs = [score([0, i]) for i in range(1, n_sides)]
+        chosen, dropped = choose_branches(pairs, n_sides - 1, lambda idx: score([0, *(i + 1 for i in idx)]))
+        kept = [i + 1 for i in chosen]
+        notes = [f"left out side {i + 1}: with it, (tasks kept) x (predicted score {s:.3f}) would fall" for i, s in dropped]
+    feats = features([0, *kept])
+    if feats is None:
+        return None
+    prediction = predict(feats, len(kept) + 1)
+    prediction.branches = kept
+    prediction.notes = notes
+    return prediction
+
+
+def auto_merge(repo, branches, base=None, probe=None):
+    """auto's choice for merging HEAD and ``branches``: a Prediction whose ``branches`` are the branch
+    names kept, in merge order (None when no checkpoint changed on several sides)."""
+    from ..merge.porcelain import TreeMerge, resolve_commit
+
+    head = resolve_commit(repo, "HEAD")
+    commits = [resolve_commit(repo, b) for b in branches]
+    if base is not None:
+        base_commit = resolve_commit(repo, base)
+    else:
+        found = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
+        base_commit = found[0] if found else None
+    if base_commit is None:
+        return None
+    base_manifests, base_tree = _commit_manifests(repo, base_commit)
+    sides = [_commit_manifests(repo, c) for c in [head, *commits]]
+    acc = _features_of(repo.store, [m for m, _ in sides], base_manifests)
+    functional = None
+    if probe:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="theta-probe-") as tmp:
+            folders = []
+            for i, tree in enumerate([base_tree, *(t for _, t in sides)]):
+                folder = os.path.join(tmp, str(i))
+                os.makedirs(folder)
+                write_tree(repo, TreeMerge(entries=tree), folder)
+                folders.append(folder)
+            acts = _probe(probe, folders)
+        functional = (acts[0], acts[1:])
+    prediction = predict_sets(acc, len(branches) + 1, functional)
+    if prediction is not None:
+        prediction.branches = [branches[i - 1] for i in prediction.branches]
+    return prediction
+
+
+def auto_files(inputs, base, probe=None):
+    """auto's choice for ``merge-files`` (inputs in order, the first one like HEAD)."""
+    import tempfile
+    from pathlib import Path
+
+    from ..merge.files import ingest
+    from ..object_store import ObjectStore
+
+    if base is None:
+        raise UsageError("--operator auto needs --base (its signals compare task vectors)",
+                         hint="give the common base checkpoint with --base")
+    with tempfile.TemporaryDirectory(prefix="theta-auto-") as tmp:
+        store = ObjectStore(Path(tmp) / "objects", fsync=False)
+        sides = [{"model": ingest(store, p)[0]} for p in inputs]
+        acc = _features_of(store, sides, {"model": ingest(store, base)[0]})
+    functional = None
+    if probe:
+        acts = _probe(probe, [str(base), *map(str, inputs)])
+        functional = (acts[0], acts[1:])
+    prediction = predict_sets(acc, len(inputs), functional)
+    if prediction is not None:
+        prediction.branches = [str(inputs[0]), *(str(inputs[i]) for i in prediction.branches)]
+    return prediction
+
+
+def auto_line(prediction):
+    """The commit message line of a merge chosen by auto."""
+    best = prediction.scores[0][1]
+    order = f"; branches in order: {', '.join(prediction.branches)}" if prediction.branches else ""
+    return (f"git theta merge --operator auto: chose {prediction.recipe} (predicted normalized accuracy "
+            f"{best:.3f}, {prediction.predictor} predictor{order}; details: git notes --ref=theta show)")
+
+
+def auto_note(prediction):
+    return {"schema": 1, "chosen_by": "auto",
+            "chosen": {"operator": prediction.operator, "params": prediction.params,
+                       "branches": prediction.branches, "score": prediction.scores[0][1]},
+            "candidates": [{"recipe": r, "status": "predicted", "score": s} for r, s in prediction.scores],
+            "auto": prediction.to_json()}
