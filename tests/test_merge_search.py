@@ -316,7 +316,7 @@ def test_auto_explains_its_pick_then_merges(repo, setup):
     out = repo.theta("merge", "--dry-run", "--operator", "auto", "b1").stdout
     assert "features: cosine=" in out and "log_rel_norm=" in out
     assert "predicted normalized accuracy:" in out
-    pick = out.split("pick: ")[1].strip()
+    pick = out.split("pick: ")[1].splitlines()[0]
     scores = [line.split() for line in out.splitlines() if line.startswith("   ")]
     assert scores[0][0] == "*" and " ".join(scores[0][2:]) == pick
     assert [float(s[-len(s) + (1 if s[0] == "*" else 0)]) for s in scores] == sorted(

@@ -94,8 +94,9 @@ def _outcome_row(outcome):
     return what
 
 
-def print_plan(files, conflicts, as_json):
-    """The --dry-run report: per checkpoint and tensor, the rule or operator and the signals."""
+def print_plan(files, conflicts, as_json, extra=None):
+    """The --dry-run report: per checkpoint and tensor, the rule or operator and the signals
+    (``extra``: more top-level keys of the JSON, e.g. auto's explanation)."""
     import json
 
     if as_json:
@@ -118,7 +119,7 @@ def print_plan(files, conflicts, as_json):
             for f in files
         ]
         other = [{"path": p, "reason": o.reason} for p, o in conflicts if o.name == "file"]
-        click.echo(json.dumps({"files": rows, "file_conflicts": other}, indent=2, default=str))
+        click.echo(json.dumps({**(extra or {}), "files": rows, "file_conflicts": other}, indent=2, default=str))
         return
     for f in files:
         click.echo(f"{f.path}:")
@@ -284,14 +285,21 @@ def merge_files(files, operator, params, base, every_tensor, output, dry_run, as
             if dry_run:
                 merge_search.explain(prediction, as_json)
                 return
-            files, operator = prediction.branches, prediction.operator
-            params = [*(f"{k}={v}" for k, v in prediction.params.items()), *params]
-            click.echo(f"auto chose {prediction.recipe}" + (f" for {', '.join(files)}" if len(files) > 2 else ""))
+            from ..merge.auto import picked
+
+            click.echo(f"auto chose {prediction.recipe}" + (f" for {', '.join(prediction.branches)}" if len(files) > 2 else ""))
+            with picked(prediction):
+                result = run(prediction.branches, output, "auto", parse_param_flags(params), base)
+            return _files_done(result, output, "auto")
     if dry_run or as_json:
         raise UsageError("--dry-run and --json go with --search or --operator auto here",
                          hint="git theta merge-files --search --eval CMD ...")
 
     result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
+    _files_done(result, output, operator)
+
+
+def _files_done(result, output, operator):
     if result.conflicts:
         _report_conflicts([(output, o) for o in result.conflicts])
         raise MergeConflictError(

@@ -73,7 +73,7 @@ PROBE_OPTION = click.option(
 )
 
 
-def explain(prediction, as_json):
+def explain(prediction, as_json=False):
     """--dry-run --operator auto: the features, every candidate's predicted score, the pick."""
     if as_json:
         click.echo(json.dumps({"auto": prediction.to_json()}, indent=2))
@@ -93,21 +93,27 @@ def explain(prediction, as_json):
 
 def auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe):
     """``merge --operator auto``: predict, explain or merge with the pick; False when auto has nothing
-    to go on (no common base or no checkpoint changed on several sides): the per-tensor rule then."""
+    to go on (no common base or no checkpoint changed on several sides): the per-tensor rule then.
+    Otherwise True, or the TreeMerge when it conflicts."""
     from ..merge import porcelain
+    from ..merge.auto import picked
     from ..porcelain.merge_search import add_note, auto_line, auto_merge as predict, auto_note
+    from .merge import print_plan
 
     prediction = predict(repo, list(branches), base, probe)
     if prediction is None:
         return False
-    if dry_run:
-        explain(prediction, as_json)
-        return True
     chosen = prediction.branches
-    params = {**prediction.params, **raw}
-    text = (message or porcelain.default_message(chosen, prediction.operator, params, base)).rstrip("\n")
-    commit, merged = porcelain.run_merge(repo, chosen, prediction.operator, params, base, False,
-                                         text + "\n" + auto_line(prediction) + "\n")
+    with picked(prediction):
+        if dry_run:
+            if not as_json:
+                explain(prediction, as_json)
+            merged, _, _ = porcelain.plan_merge(repo, chosen, "auto", raw, base, dry_run=True)
+            print_plan(merged.files, merged.conflicts, as_json, extra={"auto": prediction.to_json()})
+            return True
+        text = (message or porcelain.default_message(chosen, prediction.operator, prediction.params, base))
+        commit, merged = porcelain.run_merge(repo, chosen, "auto", raw, base, False,
+                                             text.rstrip("\n") + "\n" + auto_line(prediction) + "\n")
     if commit is None:
         return merged
     add_note(repo, commit, auto_note(prediction))

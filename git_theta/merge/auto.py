@@ -14,6 +14,8 @@ ordered by their predicted pairwise merge with HEAD, a branch is kept when the p
 the kept tasks (count × predicted normalized accuracy) rises with it.
 """
 
+import contextlib
+import contextvars
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,6 +29,24 @@ SCHEMA = 1
 STRUCTURAL = ("cosine", "sign_agreement", "norm_ratio", "topk_overlap", "density", "log_rel_norm")
 #: functional features (from --probe activations)
 FUNCTIONAL = ("act_cosine", "log_act_rel")
+#: the whole-merge pick the engine applies to tensors with ``auto`` while it is set (see :func:`picked`)
+_PICK = contextvars.ContextVar("theta_auto_pick", default=None)
+
+
+@contextlib.contextmanager
+def picked(prediction):
+    """Within this block, ``auto`` merges every tensor that has a base with ``prediction``'s recipe
+    (tensors without a base, e.g. a file added on several branches, still get ``linear``)."""
+    token = _PICK.set(prediction)
+    try:
+        yield
+    finally:
+        _PICK.reset(token)
+
+
+def current_pick():
+    """The Prediction set by :func:`picked`, or None."""
+    return _PICK.get()
 
 
 def _aggregate(per_tensor, weights):

@@ -301,15 +301,9 @@ def predict_sets(acc, n_sides, functional=None):
 def auto_merge(repo, branches, base=None, probe=None):
     """auto's choice for merging HEAD and ``branches``: a Prediction whose ``branches`` are the branch
     names kept, in merge order (None when no checkpoint changed on several sides)."""
-    from ..merge.porcelain import TreeMerge, resolve_commit
+    from ..merge.porcelain import TreeMerge, merge_sides
 
-    head = resolve_commit(repo, "HEAD")
-    commits = [resolve_commit(repo, b) for b in branches]
-    if base is not None:
-        base_commit = resolve_commit(repo, base)
-    else:
-        found = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
-        base_commit = found[0] if found else None
+    head, commits, base_commit = merge_sides(repo, branches, base)
     if base_commit is None:
         return None
     base_manifests, base_tree = _commit_manifests(repo, base_commit)
