@@ -47,6 +47,7 @@ def fit(train, features, recipes):
     mean, scale = X.mean(0), X.std(0)
     scale[scale == 0] = 1.0
     Z = (X - mean) / scale
+    low, high = X.min(0), X.max(0)
     coefs = {}
     for recipe in recipes:
         idx = [i for i, m in enumerate(train) if recipe in m["scores"]]
@@ -58,13 +59,13 @@ def fit(train, features, recipes):
         reg[0, 0] = 0  # the intercept is not shrunk
         w = np.linalg.solve(A.T @ A + reg, A.T @ y)
         coefs[recipe] = (float(w[0]), [float(v) for v in w[1:]])
-    return mean, scale, coefs
+    return mean, scale, coefs, low, high
 
 
 def predict(model, m):
-    mean, scale, coefs = model["fit"]
+    mean, scale, coefs, low, high = model["fit"]
     x = np.array([m["features"][f] if f != "n_models" else m["n"] for f in model["features"]], float)
-    z = (x - mean) / scale
+    z = (np.clip(x, low, high) - mean) / scale  # as git_theta.merge.auto.predict does
     preds = {r: b + float(np.dot(w, z)) for r, (b, w) in coefs.items() if r in m["scores"]}
     return max(preds, key=preds.get)
 
@@ -106,12 +107,13 @@ def report(results, title):
 
 
 def to_json(model_fit, features, all_merges):
-    mean, scale, coefs = model_fit
+    mean, scale, coefs, low, high = model_fit
     cands = {}
     for m in all_merges.values():
         cands.update(m["cands"])
     return {
         "features": list(features), "mean": [float(v) for v in mean], "scale": [float(v) for v in scale],
+        "low": [float(v) for v in low], "high": [float(v) for v in high],
         "candidates": [
             {"operator": cands[r][0], "params": cands[r][1], "intercept": b, "coef": w,
              **({"max_models": 2} if cands[r][0] in TWO_ONLY else {})}

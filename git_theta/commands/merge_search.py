@@ -63,7 +63,8 @@ def render(outcome, as_json, what):
     for line in table(outcome.results, outcome.best):
         click.echo(line)
     if outcome.order:
-        click.echo(f"branches chosen, in merge order (greedy forward selection): {', '.join(outcome.order)}")
+        click.echo(f"branches merged, in order: {', '.join(outcome.order)} "
+                   "(the subsets tried by greedy forward selection are rows of the table)")
     click.echo(f"best: {outcome.best.candidate.label} (score {outcome.best.score:.4g}); {what}")
 
 

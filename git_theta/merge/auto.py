@@ -179,7 +179,7 @@ def _check(data, source):
         if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
             raise bad(f"predictor {name!r}: 'features' is not a list of names")
         n = len(feats)
-        for key in ("mean", "scale"):
+        for key in ("mean", "scale", *(("low", "high") if "low" in model or "high" in model else ())):
             vals = model.get(key)
             if not isinstance(vals, list) or len(vals) != n or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
                 raise bad(f"predictor {name!r}: {key!r} must be {n} finite numbers")
@@ -226,7 +226,10 @@ def predict(features, n_models, data=None):
     if missing:
         raise ConfigError(f"auto predictor {name!r} needs features {', '.join(missing)}",
                           hint="reinstall git-theta or refit with bench/fit_merge_auto.py")
-    z = [(x[f] - m) / s for f, m, s in zip(model["features"], model["mean"], model["scale"])]
+    values = [x[f] for f in model["features"]]
+    if "low" in model:  # a linear model extrapolates badly: features outside the fitted range are clipped
+        values = [min(max(v, lo), hi) for v, lo, hi in zip(values, model["low"], model["high"])]
+    z = [(v - m) / s for v, m, s in zip(values, model["mean"], model["scale"])]
     scored = []
     for c in model["candidates"]:
         if c.get("max_models") and n_models > c["max_models"]:
