@@ -158,8 +158,16 @@ def test_nothing_scored_is_an_error(repo, setup, tmp_path):
     cands = candidates_file(tmp_path, "ties density=0.5\n")
     proc = repo.theta("merge", "--search", "--candidates", cands, "--eval", "false {model}", "b1", check=False)
     assert proc.returncode != 0
-    assert "error: no candidate merge was scored" in proc.stderr
+    assert "error: no candidate merge was scored: ties density=0.5: failed (exit 1: )" in proc.stderr
     assert "internal error" not in proc.stderr
+    # the time budget: the first candidate runs out of it, the second is never started
+    cands = candidates_file(tmp_path, "ties density=0.5\nlinear\n")
+    proc = repo.theta("merge", "--search", "--candidates", cands, "--time-budget", "3",
+                      "--eval", setup(["main", "b1"], "hang-far"), "b1", check=False)
+    assert proc.returncode != 0
+    # (on a very busy machine the budget may be spent while the first merge is still being built)
+    assert "ties density=0.5: timeout (no score after" in proc.stderr or "ties density=0.5: skipped" in proc.stderr
+    assert "linear: skipped (time budget spent)" in proc.stderr
 
 
 def test_parallel_candidates_run_at_once(repo, setup, tmp_path):

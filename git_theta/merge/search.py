@@ -93,6 +93,7 @@ class Result:
     seconds: float = 0.0
     detail: str = ""
     built: object = field(default=None, repr=False)  # the build's own result (kept for the best only)
+    index: int = 0  # the candidate's place in the search (ties go to the earlier one)
 
     def to_json(self):
         return {**self.candidate.to_json(), "recipe": self.candidate.label, "status": self.status,
@@ -285,14 +286,16 @@ class Search:
         return Result(candidate, status, score, seconds, detail, built)
 
     def run(self, candidates):
-        """Evaluate ``candidates`` (up to ``jobs`` at once); returns their results in order."""
+        """Evaluate ``candidates`` (up to ``jobs`` at once); returns their results in order (a
+        candidate already evaluated in this search is not run again: its first result is returned)."""
         offset = len(self.results)
-        seen = {r.candidate for r in self.results}
-        todo = [c for c in dict.fromkeys(candidates) if c not in seen]
+        done = {r.candidate: r for r in self.results}
+        todo = [c for c in dict.fromkeys(candidates) if c not in done]
         results = [None] * len(todo)
 
         def task(i):
             result = self._one(offset + i, todo[i])
+            result.index = offset + i
             results[i] = result
             self._settle(result)
             return result
@@ -300,11 +303,14 @@ class Search:
         with ThreadPoolExecutor(max(1, self.jobs), thread_name_prefix="theta-search") as pool:
             list(pool.map(task, range(len(todo))))
         self.results += results
-        return results
+        done.update((r.candidate, r) for r in results)
+        return [done[c] for c in candidates]
 
     def _settle(self, result):
         with self._settle_lock:
-            if result.status == "ok" and (self._best is None or result.score > self._best.score):
+            # equal scores: the earlier candidate wins, whatever order parallel runs finish in
+            if result.status == "ok" and (self._best is None or (result.score, -result.index)
+                                          > (self._best.score, -self._best.index)):
                 if self._best is not None:  # only the best build is kept
                     self._drop(self._best.built)
                     self._best.built = None

@@ -42,6 +42,14 @@ class SearchOutcome:
                                                     "output": self.output})
 
 
+def _nothing_scored(results, shown=4):
+    """The SearchError when no candidate got a score, naming what happened to the first few."""
+    what = "; ".join(f"{r.candidate.label}: {r.status}" + (f" ({r.detail})" if r.detail else "") for r in results[:shown])
+    more = f"; and {len(results) - shown} more" if len(results) > shown else ""
+    return SearchError(f"no candidate merge was scored: {what}{more}",
+                       hint="run the --eval command by hand on a merged checkpoint (git theta merge-files)")
+
+
 def _describe_conflicts(conflicts):
     path, outcome = conflicts[0]
     more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
@@ -127,8 +135,7 @@ def search_merge(repo, branches, command, candidates=None, jobs=1, budget=None, 
             greedy_branches(search, search.best.candidate, branches)
         outcome = SearchOutcome(search.results, search.best)
     if outcome.best is None:
-        raise SearchError("no candidate merge was scored (every one failed, conflicted or ran out of time)",
-                          hint="run the --eval command by hand on a checkpoint; see the table above")
+        raise _nothing_scored(outcome.results)
     chosen = list(outcome.best.candidate.branches or branches)
     outcome.order = chosen if len(branches) >= 2 else None
     if dry_run:
@@ -174,8 +181,7 @@ def search_files(inputs, output, command, candidates=None, jobs=1, budget=None, 
         if outcome.best is not None and order is not None:
             outcome.order = list(outcome.best.candidate.branches or inputs)
         if outcome.best is None:
-            raise SearchError("no candidate merge was scored (every one failed, conflicted or ran out of time)",
-                              hint="run the --eval command by hand on a checkpoint; see the table above")
+            raise _nothing_scored(outcome.results)
         if not dry_run:
             shutil.move(outcome.best.built, output)
             outcome.output = str(output)
