@@ -70,14 +70,20 @@ def predict(model, m):
     return max(preds, key=preds.get)
 
 
-def evaluate(all_merges, features):
-    """Leave-one-task-set-out: per merge the pick, its score, the best score and the baselines."""
+def evaluate(all_merges, features, strict=False):
+    """Leave-one-task-set-out: per merge the pick, its score, the best score and the baselines.
+
+    ``strict``: fit only on merges that share no task (so no fine-tuned model) with the held-out one.
+    """
     keys = list(all_merges)
     groups = sorted({(k[0], k[1]) for k in keys})
     recipes = list(dict.fromkeys(r for m in all_merges.values() for r in m["scores"]))
     out = []
     for g in groups:
-        train = [all_merges[k] for k in keys if (k[0], k[1]) != g]
+        if strict:
+            train = [all_merges[k] for k in keys if k[0] != g[0] or not set(k[1]) & set(g[1])]
+        else:
+            train = [all_merges[k] for k in keys if (k[0], k[1]) != g]
         model = {"features": features, "fit": fit(train, features, recipes)}
         for k in keys:
             if (k[0], k[1]) == g:
@@ -140,6 +146,9 @@ def main():
         results = evaluate(all_merges, feats)
         held[name] = results
         for line in report(results, f"held-out (leave one task set out), {name} features:"):
+            print(line)
+        for line in report(evaluate(all_merges, feats, strict=True),
+                           f"held-out, stricter (fitted only on merges sharing no task with it), {name} features:"):
             print(line)
     if args.write:
         recipes = list(dict.fromkeys(r for m in all_merges.values() for r in m["scores"]))
