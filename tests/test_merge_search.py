@@ -354,3 +354,18 @@ def test_auto_with_probe_and_three_branches(repo, setup, tmp_path):
     assert "branches, in merge order (greedy on predicted pair scores): " in out
     proc = repo.theta("merge", "--dry-run", "--operator", "auto", "--probe", "false {model}", "b1", check=False)
     assert proc.returncode != 0 and "error: command exited 1" in proc.stderr
+
+
+def test_merge_files_auto(repo, setup, tmp_path):
+    files = [tmp_path / f"{rev}.safetensors" for rev in ("main", "b1", "b2")]
+    for rev, path in zip(("main", "b1", "b2"), files):
+        repo.git("checkout", "-q", rev)
+        path.write_bytes(repo.file(MODEL).read_bytes())
+    repo.git("checkout", "-q", "main")
+    out = tmp_path / "merged.safetensors"
+    args = ("merge-files", "--operator", "auto", str(files[1]), str(files[2]), "--base", str(files[0]), "-o", str(out))
+    text = repo.theta(*args[:3], "--dry-run", *args[3:]).stdout
+    pick = text.split("pick: ")[1].splitlines()[0]
+    assert "features: cosine=" in text and not out.exists()
+    assert repo.theta(*args).stdout.startswith(f"auto chose {pick}")
+    assert set(load_file(str(out))) == {"w", "b"}

@@ -335,7 +335,8 @@ def auto_merge(repo, branches, base=None, probe=None):
 
 
 def auto_files(inputs, base, probe=None):
-    """auto's choice for ``merge-files`` (inputs in order, the first one like HEAD)."""
+    """auto's choice for ``merge-files`` (inputs in order, the first one like HEAD); None without a
+    base (no task vectors to compare: the per-tensor rule then merges with ``linear``)."""
     import tempfile
     from pathlib import Path
 
@@ -343,8 +344,7 @@ def auto_files(inputs, base, probe=None):
     from ..object_store import ObjectStore
 
     if base is None:
-        raise UsageError("--operator auto needs --base (its signals compare task vectors)",
-                         hint="give the common base checkpoint with --base")
+        return None
     with tempfile.TemporaryDirectory(prefix="theta-auto-") as tmp:
         store = ObjectStore(Path(tmp) / "objects", fsync=False)
         sides = [{"model": ingest(store, p)[0]} for p in inputs]
