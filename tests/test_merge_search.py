@@ -214,6 +214,8 @@ def test_usage_errors(repo, setup):
     assert proc.returncode != 0 and "--search needs --eval" in proc.stderr
     proc = repo.theta("merge", "--search", "--eval", "true", "b1", check=False)
     assert "has no {model}" in proc.stderr
+    proc = repo.theta("merge", "--search", "--operator", "ties", "--eval", "true {model}", "b1", check=False)
+    assert "error: --operator goes without --search" in proc.stderr
 
 
 @pytest.mark.parametrize(

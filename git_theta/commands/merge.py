@@ -184,6 +184,9 @@ def merge(branches, operator, params, base, every_tensor, dry_run, message, as_j
     for branch in branches:
         porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
     if search["search"]:
+        if operator:
+            raise UsageError("--operator goes without --search (the search tries operators itself)",
+                             hint="list the recipes to try in --candidates FILE, one 'OPERATOR [KEY=VALUE ...]' a line")
         return _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_json, search)
     if operator == "auto" and not every_tensor and not porcelain.up_to_date(repo, branches):
         try:
