@@ -104,8 +104,10 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
                 added = added_by(repo, commit)
                 for entry in changed_files:
                     entry["stored_bytes"] = added[entry["path"]].bytes if entry["path"] in added else 0
+                choice = _merge_choice(repo, commit) if len(parents) > 1 else None
                 commits.append(
                     {
+                        **({"merge_choice": choice} if choice else {}),
                         "commit": commit,
                         "parents": parents,
                         "merge": len(parents) > 1,
@@ -147,6 +149,13 @@ def _units(repo, start, files):
     return sorted(units, key=lambda u: u[0]), sorted(set(walk)), at
 
 
+def _merge_choice(repo, commit):
+    """How ``git theta merge --search`` or ``auto`` chose this merge (its git note), or None."""
+    from .git.notes import read_note
+
+    return read_note(repo, commit)
+
+
 def _names(manifest):
     return set(manifest.tensors) if manifest is not None else set()
 
@@ -183,6 +192,10 @@ def render_log(result, style, size=lambda n: f"{n} B"):
             lines.append("")
         merge = style(" (merge)", "cyan") if c["merge"] else ""
         lines.append(f"{style(c['commit'][:12], 'yellow')} {c['date'][:10]} {c['subject']}{merge}")
+        if c.get("merge_choice"):
+            from .git.notes import note_summary
+
+            lines.append("    " + note_summary(c["merge_choice"]))
         rows = []
         for f in c["files"]:
             s = f["summary"]

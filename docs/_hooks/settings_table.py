@@ -3,25 +3,11 @@
 The page holds the placeholder ``<!-- settings-table -->``; at build time it is replaced by one row
 per entry of ``DEFAULTS`` (git config key, environment variable, default, meaning), read from the
 installed package, so the page cannot drift from the code. A missing placeholder fails the build.
-
-Pages other engineers are writing (listed in ``PENDING``) get a short generated stand-in while their
-file does not exist yet, so links to them resolve under ``mkdocs build --strict``; once the real
-file is in ``docs/`` it is used and the stand-in is never made.
 """
 
 import importlib
 
-from mkdocs.structure.files import File
-
 PLACEHOLDER = "<!-- settings-table -->"
-
-#: docs page -> what it will hold (generated only while the file is absent)
-PENDING = {
-    "operators.md": ("Merge operators", "the reference of every merge operator"),
-    "merge-search.md": ("Choosing an operator: --operator auto", "`git theta merge --operator auto`"),
-    "security.md": ("Security", "the threat model: what a repository, a server or a checkpoint can and cannot do"),
-}
-
 
 def _settings_module():
     """The settings module: ``git_theta.config`` after the issue-14 move, ``git_theta.settings`` before."""
@@ -69,18 +55,6 @@ def settings_table():
             f"| `theta.{name}` | `{env_name(module, name)}` | {_default(default, kind)} | {kind} | {meaning} |"
         )
     return "\n".join(rows)
-
-
-def on_files(files, config):
-    """Add a stand-in for each pending page whose file is not in docs/ yet."""
-    for src, (title, what) in PENDING.items():
-        if files.get_file_from_path(src) is None:
-            text = (
-                f"# {title}\n\nThis page ({what}) is being written as part of issue 14 and is not "
-                "in this build yet.\n"
-            )
-            files.append(File.generated(config, src, content=text))
-    return files
 
 
 def on_page_markdown(markdown, page, config, files):

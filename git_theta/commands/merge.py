@@ -6,6 +6,7 @@ import click
 
 from ..errors import GitThetaError, UsageError
 from ..messages import report
+from .merge_search import PROBE_OPTION, search_options
 
 MAX_LISTED = 20
 
@@ -95,8 +96,9 @@ def _outcome_row(outcome):
     return what
 
 
-def print_plan(files, conflicts, as_json):
-    """The --dry-run report: per checkpoint and tensor, the rule or operator and the signals."""
+def print_plan(files, conflicts, as_json, extra=None):
+    """The --dry-run report: per checkpoint and tensor, the rule or operator and the signals
+    (``extra``: more top-level keys of the JSON, e.g. auto's explanation)."""
     import json
 
     if as_json:
@@ -119,7 +121,7 @@ def print_plan(files, conflicts, as_json):
             for f in files
         ]
         other = [{"path": p, "reason": o.reason} for p, o in conflicts if o.name == "file"]
-        click.echo(json.dumps({"files": rows, "file_conflicts": other}, indent=2, default=str))
+        click.echo(json.dumps({**(extra or {}), "files": rows, "file_conflicts": other}, indent=2, default=str))
         return
     for f in files:
         click.echo(f"{f.path}:")
@@ -158,8 +160,10 @@ def _report_conflicts(conflicts):
 @click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs (model soup).")
 @click.option("--dry-run", is_flag=True, help="Show per tensor the rule or operator and the similarity signals; write nothing.")
 @click.option("-m", "--message", help="Commit message of the merge commit.")
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable output.")
-def merge(branches, recipe, operator, params, base, every_tensor, dry_run, message, as_json):
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run or --search: machine-readable output.")
+@search_options
+@PROBE_OPTION
+def merge(branches, recipe, operator, params, base, every_tensor, dry_run, message, as_json, probe, **search):
     """Merge BRANCHES into HEAD, merging models tensor by tensor.
 
     One branch is a plain 'git merge' through the merge driver with this operator; several
@@ -191,12 +195,15 @@ def merge(branches, recipe, operator, params, base, every_tensor, dry_run, messa
     from ..merge.engine import check_config
     from ..repo import Repo
 
-    if as_json and not dry_run:
+    from . import merge_search
+
+    merge_search.check(search["search"], search["eval_cmd"])
+    if as_json and not (dry_run or search["search"]):
         raise UsageError("--json goes with --dry-run", hint="git theta merge --dry-run --json BRANCH...")
     if recipe:
-        if operator or params or base or every_tensor:
+        if operator or params or base or every_tensor or search["search"]:
             raise UsageError("--config takes the operator, parameters and base from the recipe",
-                             hint="drop --operator, --param, --base and --every-tensor, or drop --config")
+                             hint="drop --operator, --param, --base, --every-tensor and --search, or drop --config")
         return _merge_recipe(recipe, branches, dry_run, message, as_json)
     if not branches:
         raise UsageError("git theta merge needs a BRANCH (or --config RECIPE.yml)", hint="git theta merge --operator ties BRANCH")
@@ -206,6 +213,23 @@ def merge(branches, recipe, operator, params, base, every_tensor, dry_run, messa
     raw = parse_param_flags(params)
     for branch in branches:
         porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
+    if search["search"]:
+        if operator:
+            raise UsageError("--operator goes without --search (the search tries operators itself)",
+                             hint="list the recipes to try in --candidates FILE, one 'OPERATOR [KEY=VALUE ...]' a line")
+        return _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_json, search)
+    if operator == "auto" and not every_tensor and not porcelain.up_to_date(repo, branches):
+        try:
+            done = merge_search.auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe)
+        finally:
+            repo.close()
+        if done is True:
+            return
+        if done is not False:
+            _report_conflicts(done.conflicts)
+            raise MergeConflictError("merge not done: the conflicts above have no rule (nothing was changed)",
+                                     hint=conflict_hint())
+        repo = Repo(".")  # nothing for auto's predictor to go on: the per-tensor rule decides
     one_git_merge = len(branches) == 1 and not (base or every_tensor or dry_run)
     if one_git_merge and porcelain.needs_model_merge(repo, branches[0]):
         one_git_merge = False  # a side re-sharded a model: merged whole here, git cannot pair the shards
@@ -275,43 +299,99 @@ def _merge_recipe(recipe, branches, dry_run, message, as_json):
     _finish(commit, merged, parents)
 
 
+def _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_json, search):
+    from ..porcelain.merge_search import search_merge
+    from . import merge_search
+
+    if raw:
+        raise UsageError("--param goes with --operator, not --search", hint="list parameters in --candidates FILE")
+    try:
+        outcome = search_merge(
+            repo, list(branches), search["eval_cmd"], merge_search.load_candidates(search["candidates_file"]),
+            search["jobs"], search["time_budget"], search["timeout"], base, every_tensor, dry_run, message,
+            merge_search.progress(),
+        )
+    finally:
+        repo.close()
+    done = "nothing written (--dry-run)" if dry_run else f"merge committed: {outcome.commit[:12]}"
+    merge_search.render(outcome, as_json, done)
+
+
 @click.command("merge-files")
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yml",
               help="Run a mergekit recipe (models are local files or folders); no FILES then.")
-@click.option("--operator", metavar="NAME", help="Merge operator (required without --config).")
+@click.option("--operator", metavar="NAME", help="Merge operator (required without --config or --search).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable).")
 @click.option("--base", type=click.Path(exists=True, dir_okay=False), help="The common base checkpoint.")
 @click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the merged checkpoint.")
-def merge_files(files, recipe, operator, params, base, every_tensor, output):
+@click.option("--dry-run", is_flag=True, help="With --search: the table only, OUTPUT is not written.")
+@click.option("--json", "as_json", is_flag=True, help="With --search: machine-readable output.")
+@search_options
+@PROBE_OPTION
+def merge_files(files, recipe, operator, params, base, every_tensor, output, dry_run, as_json, probe, **search):
     """Merge checkpoint FILES (outside git history) into OUTPUT, or run a mergekit recipe."""
     from ..merge.config import parse_param_flags
     from ..merge.files import merge_files as run
     from ..merge.files import merge_recipe
+    from . import merge_search
 
+    merge_search.check(search["search"], search["eval_cmd"])
     if recipe:
-        if files or operator or params or base or every_tensor:
+        if files or operator or params or base or every_tensor or search["search"]:
             raise UsageError("--config takes the models, operator and parameters from the recipe",
-                             hint="drop FILES, --operator, --param, --base and --every-tensor, or drop --config")
+                             hint="drop FILES, --operator, --param, --base, --every-tensor and --search, or drop --config")
         result = merge_recipe(recipe, output)
-        operator = result_operator = f"the recipe's {_recipe_method(result)}"
-    else:
-        if not operator:
-            raise UsageError("merge-files needs --operator NAME (or --config RECIPE.yml)",
-                             hint="for example: git theta merge-files --operator ties --base base.safetensors a.safetensors b.safetensors -o out.safetensors")
-        if not files:
-            raise UsageError("merge-files needs the checkpoint files to merge", hint="list them before -o OUT")
-        result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
-        result_operator = operator
+        operator = f"the recipe's {_recipe_method(result)}"
+        _print_notes(getattr(result, "notes", ()))
+        return _files_done(result, output, operator)
+    if not files:
+        raise UsageError("merge-files needs the checkpoint files to merge", hint="list them before -o OUT")
+    if search["search"]:
+        from ..porcelain.merge_search import search_files
+
+        outcome = search_files(
+            list(files), output, search["eval_cmd"], merge_search.load_candidates(search["candidates_file"]),
+            search["jobs"], search["time_budget"], search["timeout"], base, every_tensor, dry_run,
+            merge_search.progress(),
+        )
+        merge_search.render(outcome, as_json, "nothing written (--dry-run)" if dry_run else f"wrote {output}")
+        return
+    if operator is None:
+        raise UsageError("merge-files needs --operator NAME (or --config RECIPE.yml, or --search --eval CMD)",
+                         hint="for example: git theta merge-files --operator ties --base base.safetensors "
+                         "a.safetensors b.safetensors -o out.safetensors")
+    if operator == "auto" and not every_tensor:
+        from ..porcelain.merge_search import auto_files
+
+        prediction = auto_files(list(files), base, probe)
+        if prediction is not None:
+            if dry_run:
+                merge_search.explain(prediction, as_json)
+                return
+            from ..merge.auto import picked
+
+            click.echo(f"auto chose {prediction.recipe}" + (f" for {', '.join(prediction.branches)}" if len(files) > 2 else ""))
+            with picked(prediction):
+                result = run(prediction.branches, output, "auto", parse_param_flags(params), base)
+            return _files_done(result, output, "auto")
+    if dry_run or as_json:
+        raise UsageError("--dry-run and --json go with --search or --operator auto here",
+                         hint="git theta merge-files --search --eval CMD ...")
+    result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
     _print_notes(getattr(result, "notes", ()))
+    _files_done(result, output, operator)
+
+
+def _files_done(result, output, operator):
     if result.conflicts:
         _report_conflicts([(output, o) for o in result.conflicts])
         raise MergeConflictError(
             f"{output} not written: the tensors above cannot be merged with {operator}",
             hint="give --base (operators on task vectors need one) or pick an operator that takes no base (linear)",
         )
-    click.echo(f"wrote {output}: {result.count('operator')} tensors merged with {result_operator}, "
+    click.echo(f"wrote {output}: {result.count('operator')} tensors merged with {operator}, "
                f"{result.count('take')} copied")
 
 

@@ -439,10 +439,14 @@ def _signals(loader, inputs, base_entry):
 
 def _auto(signals):
     """(operator name, raw params, reason) picked by the signal rule for ``--operator auto``."""
+    from .auto import current_pick
     from .signals import choose
 
     if not signals:
         return "linear", {}, "linear (no base)"
+    pick = current_pick()
+    if pick is not None:  # predicted once for the whole merge (git theta merge --operator auto)
+        return pick.operator, dict(pick.params), f"{pick.recipe} (predicted for the whole merge)"
     name, params = choose(signals)
     detail = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
     return name, params, f"{name} {detail}".strip()

@@ -190,15 +190,19 @@ def default_message(branches, operator, params, base):
     return text + body + "\n"
 
 
-def plan_merge(repo, branches, operator=None, params=None, base=None, every_tensor=False, dry_run=False, seed=None):
-    """Compute the N-way merge of HEAD and ``branches``; returns (TreeMerge, base commit, parents)."""
+def merge_sides(repo, branches, base=None):
+    """(HEAD's commit, the branches' commits, the merge base or None) of a merge of ``branches``."""
     head = resolve_commit(repo, "HEAD")
     commits = [resolve_commit(repo, b) for b in branches]
     if base is not None:
-        base_commit = resolve_commit(repo, base)
-    else:
-        out = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
-        base_commit = out[0] if out else None
+        return head, commits, resolve_commit(repo, base)
+    out = repo.git("merge-base", "--octopus", head, *commits, check=False).decode().split()
+    return head, commits, (out[0] if out else None)
+
+
+def plan_merge(repo, branches, operator=None, params=None, base=None, every_tensor=False, dry_run=False, seed=None):
+    """Compute the N-way merge of HEAD and ``branches``; returns (TreeMerge, base commit, parents)."""
+    head, commits, base_commit = merge_sides(repo, branches, base)
     config = load_config(repo, [], operator, params, seed)
     sides = [head, *commits]
     labels = ["HEAD", *branches]

@@ -16,8 +16,13 @@ For one tensor changed on several branches, :func:`measure` compares the task ve
                       (small for sparse updates or a few large changes in small noise).
 
 Tensors above ``SAMPLE`` entries are measured on an evenly strided sample (deterministic).
-:func:`choose` maps the signals to an operator and parameters; the thresholds were calibrated with
-``bench/merge_auto_calibration.py`` (its table is in the README), see :data:`RULES`.
+
+``git theta merge --operator auto`` (and ``merge-files --operator auto``) choose one recipe for the
+whole merge with :mod:`.auto`, which aggregates these signals over the checkpoint and applies a
+predictor fitted on real merges (``bench/merge_eval.py``). :func:`choose` below is the per-tensor
+fallback: it decides ``auto`` in per-tensor rules (``theta.merge.rule "GLOB auto"``) and when the
+whole-model predictor has nothing to go on (no common base). Its thresholds were calibrated on
+synthetic cases with ``bench/merge_auto_calibration.py``, see :data:`RULES`.
 """
 
 import math
