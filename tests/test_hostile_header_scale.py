@@ -7,6 +7,7 @@ rows), which is what made the time and memory grow.
 """
 
 import json
+import os
 import sqlite3
 import struct
 
@@ -30,9 +31,9 @@ def test_many_identical_tensors_cost_one_object(repo, monkeypatch):
     writes = []
     original = ObjectStore.put_chunks
 
-    def counting(self, chunks, expect=None, split=True):
+    def counting(self, chunks, **options):
         writes.append(1)
-        return original(self, chunks, expect=expect, split=split)
+        return original(self, chunks, **options)
 
     monkeypatch.setattr(ObjectStore, "put_chunks", counting)
     r = Repo(repo.path)
@@ -44,7 +45,9 @@ def test_many_identical_tensors_cost_one_object(repo, monkeypatch):
         cleaner.close()
         r.close()
     assert manifest.count(b"\n") >= COUNT  # every tensor is in the manifest...
-    assert len(writes) <= 2  # ...but their one content is stored once, not once per tensor
+    # ...but their one content is stored once per worker thread at most (two workers may both miss
+    # the other's entry for their first batch), plus the pack holding it: not once per tensor
+    assert len(writes) <= (os.cpu_count() or 1) + 1
     with sqlite3.connect(repo.path / ".git" / "theta" / "cache.sqlite3") as conn:
         assert conn.execute("SELECT COUNT(*) FROM digests").fetchone()[0] == 1  # one row per content
 

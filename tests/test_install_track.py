@@ -75,7 +75,7 @@ def test_git_works_on_tracked_files_with_the_venv_inactive(repo):
     assert shutil.which("git-theta", path=repo.env["PATH"]) != GIT_THETA
     repo.git("add", "model.safetensors")
     repo.git("commit", "-q", "-m", "v1")
-    assert repo.show("HEAD:model.safetensors").startswith(b"git-theta manifest v1\n")
+    assert repo.show("HEAD:model.safetensors").startswith(b"git-theta manifest v")
     (repo.path / "model.safetensors").unlink()
     repo.git("checkout", "--", "model.safetensors")
     assert repo.git("status", "--porcelain").stdout == ""

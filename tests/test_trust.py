@@ -177,9 +177,11 @@ def test_poisoned_dedup_cannot_capture_the_victims_own_add(repo, make_repo):
     clone = make_repo("clone", init=False)
     clone.git("clone", "-q", "--no-checkout", str(repo.path), ".")
     clone.theta("install", "--local")
-    source = repo.path / ".git" / "theta" / "objects"
     (clone.path / ".git" / "theta").mkdir(exist_ok=True)
-    subprocess.run(["cp", "-r", str(source), str(clone.path / ".git" / "theta" / "objects")], check=True)
+    for store in ("objects", "packs"):  # loose objects and packs of small ones: what a fetch brings
+        source = repo.path / ".git" / "theta" / store
+        if source.exists():
+            subprocess.run(["cp", "-r", str(source), str(clone.path / ".git" / "theta" / store)], check=True)
     clone.git("checkout", "-q", "main", "--", ".gitattributes")
     clone.git("checkout", "-q", "main", "--", "model.safetensors", "copy.safetensors")
     for path in ("model.safetensors", "copy.safetensors"):

@@ -163,7 +163,8 @@ def tensor_rows(manifest, added):
     rows = []
     for _, e in sorted(manifest.tensors.items()):
         own = e.objects[0]
-        new = own.oid in added and own.oid not in counted
+        # a packed object is new when its pack is (what the version added is counted in packs)
+        new = own.home.oid in added and own.oid not in counted
         counted.add(own.oid)
         rows.append(
             {
