@@ -26,7 +26,7 @@ from pathlib import Path
 from ..clean import SNIFF_BYTES, detect_format
 from ..codec import encode_tensor, tensor_digest
 from ..errors import CheckpointError, UsageError
-from ..git.models import ADAPTER_CONFIG, INDEX_SUFFIX, MAX_SIDECAR, ModelError, group, tensors_of
+from ..git.models import ADAPTER_CONFIG, INDEX_SUFFIX, MAX_SIDECAR, ModelError, group, is_shard, parse_index, tensors_of
 from ..manifest import Manifest
 from ..object_store import ObjectStore
 from ..peekable import PeekableReader
@@ -292,14 +292,26 @@ def _folder_model(folder, named):
             if (folder / name).stat().st_size > MAX_SIDECAR:
                 raise ModelError(f"{folder / name}: too large for an index json")
             sidecars[name] = (folder / name).read_bytes()
+            for shard in sorted(set(parse_index(sidecars[name], folder / name).values())):
+                if shard not in entries:  # (group's own message speaks of tracked files)
+                    raise ModelError(f"{folder / name}: names shard {shard}, which is not in the folder",
+                                     hint="copy the missing shard, or save the model again so the index matches its files")
     try:
         models = group(checkpoints, sidecars, exists=set(entries).__contains__)
     except ModelError as exc:
         raise ModelError(f"{folder}/{exc.message}", hint=exc.hint) from None
     if named.is_file():
         models = [m for m in models if m.index == named.name]
+    indexed = [m for m in models if m.index]
+    if len(indexed) == 1 and len(models) > 1 and all(is_shard(f) for m in models if not m.index for f in m.files):
+        stray = next(f for m in models if not m.index for f in m.files)
+        raise ModelError(f"{folder / indexed[0].index}: names no tensor of shard {stray}",
+                         hint="save the model again so its index json matches its files (or remove the stale shard)")
     if len(models) == 1:
         return models[0]
+    if not models and (folder / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"{named}: holds a PEFT adapter, not a model",
+                         hint="merge the adapter into its base first (peft's merge_and_unload), then merge that folder")
     if not models:
         raise UsageError(f"{named}: holds no checkpoint file", hint="name a model folder or a checkpoint file")
     raise UsageError(f"{named}: holds {len(models)} models ({', '.join(m.name for m in models)})",
