@@ -533,3 +533,47 @@ merge_method: passthrough
     config = json.loads((tmp_path / "stacked" / "config.json").read_text())
     assert config["num_hidden_layers"] == 4
     assert json.loads((HF / "fresh" / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_passthrough_slices_through_git_theta_merge_config_commit_a_merge(files, repo):
+    """A sliced recipe on branches stacks the same layers as merge-files on the checked-out files,
+    and commits them as a merge of the slices' branches."""
+    folder, models = files
+    _branches(repo, models)
+    stack = """
+slices:
+  - sources: [{{model: {a}, layer_range: [0, 3]}}]
+  - sources: [{{model: {b}, layer_range: [1, 4], parameters: {{scale: 2.0}}}}]
+merge_method: passthrough
+"""
+    write(folder / "on-files.yml", stack.format(a="a.safetensors", b="b.safetensors"))
+    repo.theta("merge-files", "--config", str(folder / "on-files.yml"), "-o", "stacked.safetensors", cwd=folder)
+    write(folder / "on-branches.yml", stack.format(a="a", b="theirs"))
+    repo.git("checkout", "-q", "a")
+    proc = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b")
+    assert "Merge made by git theta merge (2 parents" in proc.stdout
+    assert repo.git("rev-parse", "HEAD^2").stdout.strip() == repo.git("rev-parse", "b").stdout.strip()
+    got = load_file(str(repo.file("model.safetensors")))
+    want = load_file(str(folder / "stacked.safetensors"))
+    assert set(got) == set(want) and len([n for n in got if n.endswith("q_proj.weight")]) == 6
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    repo.git("checkout", "-q", "main")
+    proc = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b", check=False)
+    assert proc.returncode == 2 and "HEAD is none of the recipe's models" in proc.stderr
+
+
+@needs_hf
+def test_sliced_recipe_on_a_sharded_model_in_git_is_refused_with_a_hint(tmp_path, repo):
+    import shutil
+
+    shutil.copytree(HF / "fresh", repo.file("llama"), copy_function=shutil.copy)
+    for p in repo.file("llama").iterdir():
+        p.chmod(0o644)
+    repo.commit("llama")
+    write(tmp_path / "stack.yml", "slices:\n  - sources: [{model: main, layer_range: [0, 2]}]\n"
+          "  - sources: [{model: main, layer_range: [1, 3]}]\nmerge_method: passthrough\n")
+    head = repo.git("rev-parse", "HEAD").stdout
+    proc = repo.theta("merge", "--config", str(tmp_path / "stack.yml"), check=False)
+    assert proc.returncode == 2 and "slices need whole models; llama is a model of 12 shards" in proc.stderr
+    assert "git theta merge-files --config" in proc.stderr and repo.git("rev-parse", "HEAD").stdout == head
