@@ -466,6 +466,16 @@ def test_merge_files_takes_folders_and_keeps_the_first_models_layout_without_a_b
         np.testing.assert_allclose(value, (a[name].astype(np.float64) + b[name]) / 2, rtol=1e-6, atol=1e-7, err_msg=name)
     proc = repo.theta("merge-files", "--operator", "linear", str(HF / "resharded"), str(HF / "lora-merged"), "-o", str(out))
     assert proc.returncode == 0  # writing again over our own folder is fine
+    # a trainer's output folder: the safetensors model is the model, training_args.bin is not
+    import shutil
+
+    trained = tmp_path / "trained"
+    shutil.copytree(HF / "resharded", trained)
+    (trained / "training_args.bin").write_bytes(b"not a model")
+    repo.theta("merge-files", "--operator", "linear", str(trained / "model.safetensors.index.json"),
+               str(HF / "lora-merged"), "-o", str(tmp_path / "again.safetensors"))
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert again.keys() == got.keys() and all(np.array_equal(again[n], got[n]) for n in got)
 
 
 @needs_hf
@@ -550,6 +560,10 @@ merge_method: passthrough
     repo.theta("merge-files", "--config", str(folder / "on-files.yml"), "-o", "stacked.safetensors", cwd=folder)
     write(folder / "on-branches.yml", stack.format(a="a", b="theirs"))
     repo.git("checkout", "-q", "a")
+    plan = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b", "--dry-run", "--json")
+    planned = {t["name"]: t["params"]["scale"] for t in __import__("json").loads(plan.stdout)["files"][0]["tensors"]}
+    assert planned["model.layers.5.mlp.up_proj.weight"] == [2.0] and planned["model.layers.2.mlp.up_proj.weight"] == [1.0]
+    assert repo.git("rev-parse", "HEAD").stdout == repo.git("rev-parse", "a").stdout
     proc = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b")
     assert "Merge made by git theta merge (2 parents" in proc.stdout
     assert repo.git("rev-parse", "HEAD^2").stdout.strip() == repo.git("rev-parse", "b").stdout.strip()

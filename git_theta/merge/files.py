@@ -302,6 +302,9 @@ def _folder_model(folder, named):
         raise ModelError(f"{folder}/{exc.message}", hint=exc.hint) from None
     if named.is_file():
         models = [m for m in models if m.index == named.name]
+    safetensors = [m for m in models if all(f.endswith(".safetensors") for f in m.files)]
+    if len(models) > 1 and len(safetensors) == 1:
+        models = safetensors  # as transformers prefers model.safetensors (and training_args.bin is no model)
     indexed = [m for m in models if m.index]
     if len(indexed) == 1 and len(models) > 1 and all(is_shard(f) for m in models if not m.index for f in m.files):
         stray = next(f for m in models if not m.index for f in m.files)
