@@ -4,7 +4,10 @@ References are computed here from the text of MERGE-OPERATORS.md (§1 gradients 
 slerp, §4 TIES), sharing no code with git_theta. Every run goes through the real CLI and real git.
 """
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,15 +397,13 @@ def test_merge_files_reads_safetensors_inputs_in_place_and_notices_a_changed_fil
 # ------------------------------------------------------------------------------------------------
 # Hugging Face model folders (shards + index json) as recipe models and as the output
 
-HF = __import__("pathlib").Path("/work/shared/fixtures/hf")
+HF = Path("/work/shared/fixtures/hf")
 needs_hf = pytest.mark.skipif(not (HF / "fresh").is_dir(), reason="HF fixtures not present")
 
 
 def read_folder(folder):
     """All tensors of a model folder, read shard by shard as its index json says, after checking
     that the index names exactly the files' tensors and that total_size is their byte count."""
-    import json
-
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     tensors = {}
     for shard in sorted(set(index["weight_map"].values())):
@@ -446,7 +447,7 @@ def test_recipe_over_model_folders_equals_the_recipe_over_single_files(tmp_path,
     assert set(got) == set(want) and len(got) == 30
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    base_index = __import__("json").loads((HF / "fresh" / "model.safetensors.index.json").read_text())
+    base_index = json.loads((HF / "fresh" / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == base_index["weight_map"]  # the base model's shard layout
     for name in ("config.json", "generation_config.json"):
         assert (tmp_path / "merged" / name).read_bytes() == (HF / "fresh" / name).read_bytes()
@@ -467,7 +468,6 @@ def test_merge_files_takes_folders_and_keeps_the_first_models_layout_without_a_b
     proc = repo.theta("merge-files", "--operator", "linear", str(HF / "resharded"), str(HF / "lora-merged"), "-o", str(out))
     assert proc.returncode == 0  # writing again over our own folder is fine
     # a trainer's output folder: the safetensors model is the model, training_args.bin is not
-    import shutil
 
     trained = tmp_path / "trained"
     shutil.copytree(HF / "resharded", trained)
@@ -480,8 +480,6 @@ def test_merge_files_takes_folders_and_keeps_the_first_models_layout_without_a_b
 
 @needs_hf
 def test_model_folder_errors_name_the_file_and_leave_the_output_alone(tmp_path, repo):
-    import json
-    import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(HF / "tuned", broken)
@@ -524,7 +522,6 @@ def test_model_folder_errors_name_the_file_and_leave_the_output_alone(tmp_path, 
 
 @needs_hf
 def test_passthrough_slices_of_folders_write_a_resharded_folder(tmp_path, repo):
-    import json
 
     write(tmp_path / "stack.yml", f"""
 slices:
@@ -561,7 +558,7 @@ merge_method: passthrough
     write(folder / "on-branches.yml", stack.format(a="a", b="theirs"))
     repo.git("checkout", "-q", "a")
     plan = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b", "--dry-run", "--json")
-    planned = {t["name"]: t["params"]["scale"] for t in __import__("json").loads(plan.stdout)["files"][0]["tensors"]}
+    planned = {t["name"]: t["params"]["scale"] for t in json.loads(plan.stdout)["files"][0]["tensors"]}
     assert planned["model.layers.5.mlp.up_proj.weight"] == [2.0] and planned["model.layers.2.mlp.up_proj.weight"] == [1.0]
     assert repo.git("rev-parse", "HEAD").stdout == repo.git("rev-parse", "a").stdout
     proc = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b")
@@ -579,7 +576,6 @@ merge_method: passthrough
 
 @needs_hf
 def test_sliced_recipe_on_a_sharded_model_in_git_is_refused_with_a_hint(tmp_path, repo):
-    import shutil
 
     shutil.copytree(HF / "fresh", repo.file("llama"), copy_function=shutil.copy)
     for p in repo.file("llama").iterdir():
