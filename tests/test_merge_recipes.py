@@ -4,7 +4,10 @@ References are computed here from the text of MERGE-OPERATORS.md (§1 gradients 
 slerp, §4 TIES), sharing no code with git_theta. Every run goes through the real CLI and real git.
 """
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -389,3 +392,198 @@ def test_merge_files_reads_safetensors_inputs_in_place_and_notices_a_changed_fil
     save_safetensors(folder / "a.safetensors", changed)
     with pytest.raises(CheckpointError, match="changed while it was being merged"):
         store.read_tensor(entry)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face model folders (shards + index json) as recipe models and as the output
+
+HF = Path("/work/shared/fixtures/hf")
+needs_hf = pytest.mark.skipif(not (HF / "fresh").is_dir(), reason="HF fixtures not present")
+
+
+def read_folder(folder):
+    """All tensors of a model folder, read shard by shard as its index json says, after checking
+    that the index names exactly the files' tensors and that total_size is their byte count."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        part = load_file(str(folder / shard))
+        assert {n for n, s in index["weight_map"].items() if s == shard} == set(part), shard
+        tensors.update(part)
+    assert set(tensors) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
+    return tensors, index
+
+
+def single_file(folder, dest):
+    """The model of ``folder`` saved as one safetensors file (the same tensors, one file)."""
+    save_safetensors(dest, read_folder(folder)[0])
+    return dest
+
+
+TIES_RECIPE = """
+models:
+  - model: {a}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: [0.2, 0.8], density: 0.7}}
+merge_method: ties
+base_model: {base}
+parameters: {{normalize: true}}
+dtype: float32
+"""
+
+
+@needs_hf
+def test_recipe_over_model_folders_equals_the_recipe_over_single_files(tmp_path, repo):
+    folders = {"a": HF / "tuned", "b": HF / "lora-merged", "base": HF / "fresh"}
+    files = {k: single_file(v, tmp_path / f"{k}.safetensors") for k, v in folders.items()}
+    write(tmp_path / "folders.yml", TIES_RECIPE.format(**folders))
+    write(tmp_path / "files.yml", TIES_RECIPE.format(**files))
+    repo.theta("merge-files", "--config", str(tmp_path / "folders.yml"), "-o", str(tmp_path / "merged"))
+    repo.theta("merge-files", "--config", str(tmp_path / "files.yml"), "-o", str(tmp_path / "merged.safetensors"))
+    got, index = read_folder(tmp_path / "merged")
+    want = load_file(str(tmp_path / "merged.safetensors"))
+    assert set(got) == set(want) and len(got) == 30
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    base_index = json.loads((HF / "fresh" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == base_index["weight_map"]  # the base model's shard layout
+    for name in ("config.json", "generation_config.json"):
+        assert (tmp_path / "merged" / name).read_bytes() == (HF / "fresh" / name).read_bytes()
+    changed = [n for n in want if not np.array_equal(want[n], load_file(str(files["base"]))[n])]
+    # layer 0's 7 2-D weights (tuned) and the q/v projections of layers 1 and 2 (the LoRA)
+    assert len(changed) == 11
+
+
+@needs_hf
+def test_merge_files_takes_folders_and_keeps_the_first_models_layout_without_a_base(tmp_path, repo):
+    out = tmp_path / "avg"
+    repo.theta("merge-files", "--operator", "linear", str(HF / "resharded"), str(HF / "lora-merged"), "-o", str(out))
+    got, index = read_folder(out)
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{k}-of-00004.safetensors" for k in range(1, 5)]
+    a, b = read_folder(HF / "resharded")[0], read_folder(HF / "lora-merged")[0]
+    for name, value in got.items():
+        np.testing.assert_allclose(value, (a[name].astype(np.float64) + b[name]) / 2, rtol=1e-6, atol=1e-7, err_msg=name)
+    proc = repo.theta("merge-files", "--operator", "linear", str(HF / "resharded"), str(HF / "lora-merged"), "-o", str(out))
+    assert proc.returncode == 0  # writing again over our own folder is fine
+    # a trainer's output folder: the safetensors model is the model, training_args.bin is not
+
+    trained = tmp_path / "trained"
+    shutil.copytree(HF / "resharded", trained)
+    (trained / "training_args.bin").write_bytes(b"not a model")
+    repo.theta("merge-files", "--operator", "linear", str(trained / "model.safetensors.index.json"),
+               str(HF / "lora-merged"), "-o", str(tmp_path / "again.safetensors"))
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert again.keys() == got.keys() and all(np.array_equal(again[n], got[n]) for n in got)
+
+
+@needs_hf
+def test_model_folder_errors_name_the_file_and_leave_the_output_alone(tmp_path, repo):
+
+    broken = tmp_path / "broken"
+    shutil.copytree(HF / "tuned", broken)
+    (broken / "model-00003-of-00012.safetensors").unlink()
+    proc = repo.theta("merge-files", "--operator", "linear", str(broken), str(HF / "fresh"), "-o", str(tmp_path / "x"),
+                      check=False)
+    assert proc.returncode != 0 and "names shard model-00003-of-00012.safetensors, which is not in the folder" in proc.stderr
+    assert "hint:" in proc.stderr
+    proc = repo.theta("merge-files", "--operator", "linear", str(HF / "adapter"), str(HF / "tuned"), "-o", str(tmp_path / "x"),
+                      check=False)
+    assert proc.returncode == 2 and "holds a PEFT adapter" in proc.stderr and "merge_and_unload" in proc.stderr
+    assert not (tmp_path / "x").exists()
+    lying = tmp_path / "lying"
+    shutil.copytree(HF / "tuned", lying)
+    index = json.loads((lying / "model.safetensors.index.json").read_text())
+    shards = list(index["weight_map"].values())
+    moved = next(n for n, s in index["weight_map"].items() if shards.count(s) > 1)  # its shard stays named
+    actual = index["weight_map"][moved]
+    other = next(s for s in shards if s != actual)
+    index["weight_map"][moved] = other
+    (lying / "model.safetensors.index.json").chmod(0o644)
+    (lying / "model.safetensors.index.json").write_text(json.dumps(index))
+    proc = repo.theta("merge-files", "--operator", "linear", str(lying), str(HF / "fresh"), "-o", str(tmp_path / "x"),
+                      check=False)
+    assert proc.returncode != 0 and f"{moved!r} is in {actual}, not in {other}" in proc.stderr
+    index["weight_map"] = {n: s for n, s in index["weight_map"].items() if s != actual}
+    (lying / "model.safetensors.index.json").write_text(json.dumps(index))
+    proc = repo.theta("merge-files", "--operator", "linear", str(lying), str(HF / "fresh"), "-o", str(tmp_path / "x"),
+                      check=False)
+    assert proc.returncode != 0 and f"names no tensor of shard {actual}" in proc.stderr
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model-00001-of-00002.safetensors").write_bytes(b"keep me")
+    proc = repo.theta("merge-files", "--operator", "linear", str(HF / "tuned"), str(HF / "fresh"), "-o", str(taken),
+                      check=False)
+    assert proc.returncode == 2 and "already holds other checkpoint files" in proc.stderr
+    assert [p.name for p in taken.iterdir()] == ["model-00001-of-00002.safetensors"]
+    assert (taken / "model-00001-of-00002.safetensors").read_bytes() == b"keep me"
+
+
+@needs_hf
+def test_passthrough_slices_of_folders_write_a_resharded_folder(tmp_path, repo):
+
+    write(tmp_path / "stack.yml", f"""
+slices:
+  - sources: [{{model: {HF / 'fresh'}, layer_range: [0, 2]}}]
+  - sources: [{{model: {HF / 'tuned'}, layer_range: [1, 3]}}]
+merge_method: passthrough
+""")
+    repo.theta("merge-files", "--config", str(tmp_path / "stack.yml"), "-o", str(tmp_path / "stacked"))
+    got, index = read_folder(tmp_path / "stacked")
+    fresh, tuned = read_folder(HF / "fresh")[0], read_folder(HF / "tuned")[0]
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    for j, (src, layer) in enumerate([(fresh, 0), (fresh, 1), (tuned, 1), (tuned, 2)]):
+        np.testing.assert_array_equal(got[name.format(j)], src[name.format(layer)])
+    assert not any(name.format(4) in n for n in got)
+    assert len(set(index["weight_map"].values())) > 1  # re-sharded at the base's largest shard size
+    config = json.loads((tmp_path / "stacked" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    assert json.loads((HF / "fresh" / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_passthrough_slices_through_git_theta_merge_config_commit_a_merge(files, repo):
+    """A sliced recipe on branches stacks the same layers as merge-files on the checked-out files,
+    and commits them as a merge of the slices' branches."""
+    folder, models = files
+    _branches(repo, models)
+    stack = """
+slices:
+  - sources: [{{model: {a}, layer_range: [0, 3]}}]
+  - sources: [{{model: {b}, layer_range: [1, 4], parameters: {{scale: 2.0}}}}]
+merge_method: passthrough
+"""
+    write(folder / "on-files.yml", stack.format(a="a.safetensors", b="b.safetensors"))
+    repo.theta("merge-files", "--config", str(folder / "on-files.yml"), "-o", "stacked.safetensors", cwd=folder)
+    write(folder / "on-branches.yml", stack.format(a="a", b="theirs"))
+    repo.git("checkout", "-q", "a")
+    plan = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b", "--dry-run", "--json")
+    planned = {t["name"]: t["params"]["scale"] for t in json.loads(plan.stdout)["files"][0]["tensors"]}
+    assert planned["model.layers.5.mlp.up_proj.weight"] == [2.0] and planned["model.layers.2.mlp.up_proj.weight"] == [1.0]
+    assert repo.git("rev-parse", "HEAD").stdout == repo.git("rev-parse", "a").stdout
+    proc = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b")
+    assert "Merge made by git theta merge (2 parents" in proc.stdout
+    assert repo.git("rev-parse", "HEAD^2").stdout.strip() == repo.git("rev-parse", "b").stdout.strip()
+    got = load_file(str(repo.file("model.safetensors")))
+    want = load_file(str(folder / "stacked.safetensors"))
+    assert set(got) == set(want) and len([n for n in got if n.endswith("q_proj.weight")]) == 6
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    repo.git("checkout", "-q", "main")
+    proc = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b", check=False)
+    assert proc.returncode == 2 and "HEAD is none of the recipe's models" in proc.stderr
+
+
+@needs_hf
+def test_sliced_recipe_on_a_sharded_model_in_git_is_refused_with_a_hint(tmp_path, repo):
+
+    shutil.copytree(HF / "fresh", repo.file("llama"), copy_function=shutil.copy)
+    for p in repo.file("llama").iterdir():
+        p.chmod(0o644)
+    repo.commit("llama")
+    write(tmp_path / "stack.yml", "slices:\n  - sources: [{model: main, layer_range: [0, 2]}]\n"
+          "  - sources: [{model: main, layer_range: [1, 3]}]\nmerge_method: passthrough\n")
+    head = repo.git("rev-parse", "HEAD").stdout
+    proc = repo.theta("merge", "--config", str(tmp_path / "stack.yml"), check=False)
+    assert proc.returncode == 2 and "slices need whole models; llama is a model of 12 shards" in proc.stderr
+    assert "git theta merge-files --config" in proc.stderr and repo.git("rev-parse", "HEAD").stdout == head

@@ -318,20 +318,21 @@ def _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_
 
 
 @click.command("merge-files")
-@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, type=click.Path(exists=True))
 @click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yml",
               help="Run a mergekit recipe (models are local files or folders); no FILES then.")
 @click.option("--operator", metavar="NAME", help="Merge operator (required without --config or --search).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable).")
-@click.option("--base", type=click.Path(exists=True, dir_okay=False), help="The common base checkpoint.")
+@click.option("--base", type=click.Path(exists=True), help="The common base checkpoint (a file or model folder).")
 @click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the merged checkpoint.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Where to write the merged checkpoint: a file, or a model folder (shards + index json).")
 @click.option("--dry-run", is_flag=True, help="With --search: the table only, OUTPUT is not written.")
 @click.option("--json", "as_json", is_flag=True, help="With --search: machine-readable output.")
 @search_options
 @PROBE_OPTION
 def merge_files(files, recipe, operator, params, base, every_tensor, output, dry_run, as_json, probe, **search):
-    """Merge checkpoint FILES (outside git history) into OUTPUT, or run a mergekit recipe."""
+    """Merge checkpoint FILES or model folders (outside git history) into OUTPUT, or run a mergekit recipe."""
     from ..merge.config import parse_param_flags
     from ..merge.files import merge_files as run
     from ..merge.files import merge_recipe

@@ -239,9 +239,6 @@ def plan_recipe(repo, recipe_path, mapping=None, dry_run=False):
     from .recipe import RecipeConfig, check, load_recipe, parts
 
     recipe = load_recipe(recipe_path)
-    if recipe.slices is not None:
-        raise UsageError(f"{recipe_path}: slices (layer stacking) run with merge-files only",
-                         hint="git theta merge-files --config RECIPE -o OUT on checked-out files")
     plan = parts(recipe)
     mapping = dict(mapping or {})
     unknown = sorted(set(mapping) - set(recipe.references()))
@@ -250,6 +247,8 @@ def plan_recipe(repo, recipe_path, mapping=None, dry_run=False):
                          hint=f"its models: {', '.join(recipe.references())}")
     commit = {ref: resolve_commit(repo, mapping.get(ref, ref)) for ref in recipe.references()}
     head = resolve_commit(repo, "HEAD")
+    if recipe.slices is not None:
+        return _plan_sliced(repo, recipe_path, recipe, plan, commit, head, mapping, dry_run)
     part = plan[0]
     sides = [commit[s.model] for s in part.inputs]
     if part.base is not None:
@@ -267,6 +266,61 @@ def plan_recipe(repo, recipe_path, mapping=None, dry_run=False):
     merged.notes = notes
     parents = [head] + [c for c in dict.fromkeys(sides) if c != head]
     return merged, base_commit, parents
+
+
+def _plan_sliced(repo, recipe_path, recipe, plan, commit, head, mapping, dry_run):
+    """Plan a sliced (layer-stacking) recipe on revisions: each tracked checkpoint of HEAD is
+    stacked from the same file in the slices' revisions (:func:`.recipe.sliced_manifests`); the
+    tree's other files are HEAD's. A sharded model is refused: a shard holds only some layers, so
+    a stack is made of whole models (merge-files on checked-out folders)."""
+    from ..git.models import INDEX_SUFFIX, is_shard
+    from ..settings import settings_for
+    from .recipe import RecipeConfig, check, sliced_manifests
+
+    if head not in commit.values():
+        raise UsageError(f"{recipe_path}: HEAD is none of the recipe's models",
+                         hint="check out the branch the stacked model belongs on (one of the slices' models) first")
+    settings = settings_for(repo)
+    trees = {ref: _tree(repo, rev) for ref, rev in commit.items()}
+    head_tree = _tree(repo, head)
+    tracked = theta_paths(repo, sorted(head_tree))
+    folders = {os.path.dirname(p) for p in head_tree if p.endswith(INDEX_SUFFIX)}
+    sharded = [p for p in tracked if is_shard(p) or os.path.dirname(p) in folders]
+    if sharded:
+        folder = os.path.dirname(sorted(sharded)[0]) or "."
+        count = sum(1 for p in sharded if os.path.dirname(p) == os.path.dirname(sorted(sharded)[0]))
+        raise UsageError(f"{recipe_path}: slices need whole models; {folder} is a model of {count} shards",
+                         hint="check the model folders out and run git theta merge-files --config RECIPE -o OUT/, "
+                         "then commit OUT")
+    labels = [mapping.get(s.model, s.model) for s in plan[0].inputs]
+    result = TreeMerge()
+    notes = recipe.notes + check(recipe, plan)
+    for path, value in head_tree.items():
+        if path not in tracked:
+            result.entries[path] = value
+            continue
+        manifests = {}
+        for ref, tree in trees.items():
+            manifests[ref] = _manifest(repo, tree.get(path), path) if tree.get(path) else None
+            if manifests[ref] is None:
+                raise UsageError(f"{recipe_path}: {path} is not a tracked checkpoint in {mapping.get(ref, ref)}",
+                                 hint="every model of the slices must hold the checkpoint HEAD holds")
+        fmt = manifests[plan[0].inputs[0].model].format
+        sides, base, layout = sliced_manifests(recipe, plan, manifests, fmt)
+        config = RecipeConfig(recipe, plan, layout)
+        notes += [n for n in check_config(config, len(sides)) if n not in notes]
+        merged = merge_manifests(
+            path, base, sides, labels, config, repo.store, every_tensor=True, dry_run=dry_run, with_signals=dry_run,
+            workers=settings.threads(), budget=settings.get_int("memoryBudget"),
+            deltas=DeltaPolicy.from_settings(settings),
+        )
+        result.files.append(merged)
+        result.conflicts += [(path, o) for o in merged.conflicts]
+        result.entries[path] = ("manifest", merged)
+    result.notes = notes
+    base = plan[0].base
+    parents = [head] + [c for c in dict.fromkeys(commit.values()) if c != head]
+    return result, commit[base.model] if base is not None else None, parents
 
 
 def run_recipe(repo, recipe_path, mapping=None, message=None):

@@ -127,7 +127,7 @@ def parse_recipe(data, source="recipe"):
     recipe = Recipe(source, method=None)
     for key in data:
         if key in TOKENIZER_KEYS:
-            recipe.notes.append(f"{source}: '{key}' ignored (git-theta merges tensors; copy tokenizer files yourself)")
+            recipe.notes.append(f"{source}: '{key}' ignored (an output folder gets the base model's tokenizer files)")
         elif key == "random_seed":
             recipe.seed = _int(data[key], source, key)
         elif key in OPTION_KEYS:
