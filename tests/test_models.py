@@ -443,6 +443,112 @@ def test_merge_driver_flags_a_tensor_moved_to_another_shard(repo):
     assert repo.status() == ""
 
 
+def save_shards_only(folder, tensors, shards):
+    """``model-0000k-of-0000n.safetensors`` shards without an index json (one model by their names)."""
+    save_sharded(folder, tensors, shards)
+    (Path(folder) / "model.safetensors.index.json").unlink()
+
+
+def commit_moved(repo, tensors, shards, moved, delta, branch):
+    """Commit on a new ``branch`` (from HEAD, then back) ``moved`` moved from shard 1 to shard 2
+    and changed by ``delta``; return that branch's tensors."""
+    current = repo.git("branch", "--show-current").stdout.strip()
+    repo.git("checkout", "-q", "-b", branch)
+    theirs = dict(tensors, **{moved: tensors[moved] + np.float32(delta)})
+    save_shards_only(repo.file("m"), theirs, [[n for n in shards[0] if n != moved], shards[1] + [moved], *shards[2:]])
+    repo.commit("theirs: tensor moved to shard 2 and tuned")
+    repo.git("checkout", "-q", current)
+    return theirs
+
+
+def commit_tuned(repo, tensors, shards, deltas):
+    """Commit the tensors of ``deltas`` changed in place (same layout); return the tensors."""
+    ours = dict(tensors, **{n: tensors[n] + np.float32(d) for n, d in deltas.items()})
+    save_shards_only(repo.file("m"), ours, shards)
+    repo.commit("ours: tuned in place")
+    return ours
+
+
+def test_merge_driver_merges_a_tensor_theirs_moved_by_name(repo):
+    tensors = llama(layers=2)
+    names = list(tensors)
+    shards = split(names, 3)
+    save_shards_only(repo.file("m"), tensors, shards)
+    repo.commit("base: 3 shards, no index json")
+    moved, in_one, in_two = shards[0][0], shards[0][1], shards[1][0]
+    # ours changes the moved tensor too (so an operator merges it) and a tensor of each shard
+    # involved, so git runs the driver on both files
+    theirs = commit_moved(repo, tensors, shards, moved, 0.5, "moved")
+    ours = commit_tuned(repo, tensors, shards, {moved: 0.25, in_one: 1.0, in_two: 2.0})
+    repo.git("config", "theta.merge.operator", "task_arithmetic")
+
+    proc = repo.git("merge", "--no-edit", "moved")
+    assert "moved to another shard" not in proc.stderr and repo.status() == ""
+    one = load_file(str(repo.file("m/model-00001-of-00003.safetensors")))
+    two = load_file(str(repo.file("m/model-00002-of-00003.safetensors")))
+    assert sorted(one) == sorted(shards[0]) and sorted(two) == sorted(shards[1])  # ours' layout
+    expected = tensors[moved] + ((ours[moved] - tensors[moved]) + (theirs[moved] - tensors[moved]))
+    np.testing.assert_array_equal(one[moved], expected)
+    assert np.array_equal(one[in_one], ours[in_one]) and np.array_equal(two[in_two], ours[in_two])
+    assert len(folder_tensors(repo.file("m"))) == len(names)
+
+
+def test_merge_driver_falls_back_per_file_when_a_side_is_no_commit(repo):
+    tensors = llama(layers=2)
+    names = list(tensors)
+    shards = split(names, 3)
+    save_shards_only(repo.file("m"), tensors, shards)
+    repo.commit("base")
+    # a criss-cross: both branches merge each other's first change, so the merge base git uses
+    # for the final merge is a virtual one that no commit holds
+    p, q = shards[0][2], shards[0][3]
+    for branch, name in (("a", p), ("b", q)):
+        repo.git("checkout", "-q", "-b", branch, "main")
+        save_shards_only(repo.file("m"), dict(tensors, **{name: tensors[name] * 2}), shards)
+        repo.commit(f"{branch}: tune {name}")
+    repo.git("checkout", "-q", "a")
+    repo.git("merge", "-q", "--no-edit", "b")
+    repo.git("checkout", "-q", "b")
+    repo.git("merge", "-q", "--no-edit", "a~1")
+    state = folder_tensors(repo.file("m"))
+    moved = shards[0][0]
+    commit_moved(repo, state, shards, moved, 0.5, "b-moved")  # theirs: on b's merge
+    repo.git("checkout", "-q", "a")
+    commit_tuned(repo, state, shards, {shards[0][1]: 1.0, shards[1][0]: 2.0})  # ours: on a's merge
+    assert len(repo.git("merge-base", "--all", "HEAD", "b-moved").stdout.split()) == 2
+
+    proc = repo.git("merge", "--no-edit", "b-moved", check=False)
+    assert proc.returncode != 0
+    assert f"{moved}: moved to another shard on theirs" in proc.stderr and "git theta merge" in proc.stderr
+
+
+def test_merge_driver_leaves_a_changed_index_json_to_git_theta_merge(repo):
+    tensors = llama(layers=2)
+    names = list(tensors)
+    shards = split(names, 3)
+    save_sharded(repo.file("m"), tensors, shards)
+    repo.commit("base: with the index json")
+    moved = shards[0][0]
+    repo.git("checkout", "-q", "-b", "moved")
+    theirs = dict(tensors, **{moved: tensors[moved] + np.float32(0.5)})
+    save_sharded(repo.file("m"), theirs, [shards[0][1:], shards[1] + [moved], shards[2]])
+    repo.commit("theirs: moved and tuned; the index json says so")
+    repo.git("checkout", "-q", "main")
+    ours = dict(tensors, **{shards[0][1]: tensors[shards[0][1]] + 1, shards[1][0]: tensors[shards[1][0]] + 1})
+    save_sharded(repo.file("m"), ours, shards)
+    repo.commit("ours: tuned in place")
+
+    proc = repo.git("merge", "--no-edit", "moved", check=False)
+    assert proc.returncode != 0  # git would take theirs' index json: only the whole-model merge fits
+    assert f"{moved}: moved to another shard on theirs" in proc.stderr
+    repo.git("merge", "--abort")
+    repo.theta("merge", "moved")
+    loaded = folder_tensors(repo.file("m"))
+    assert np.array_equal(loaded[moved], theirs[moved]) and np.array_equal(loaded[shards[1][0]], ours[shards[1][0]])
+    index = json.loads(repo.file("m/model.safetensors.index.json").read_text())
+    assert index["weight_map"][moved] == "model-00002-of-00003.safetensors" and repo.status() == ""
+
+
 def test_hostile_index_json_is_a_clear_error():
     from git_theta.git.models import ModelError, group
 
