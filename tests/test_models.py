@@ -469,7 +469,8 @@ def commit_tuned(repo, tensors, shards, deltas):
     return ours
 
 
-def test_merge_driver_merges_a_tensor_theirs_moved_by_name(repo):
+@pytest.mark.parametrize("command", [("merge", "--no-edit"), ("cherry-pick",)])
+def test_merge_driver_merges_a_tensor_theirs_moved_by_name(repo, command):
     tensors = llama(layers=2)
     names = list(tensors)
     shards = split(names, 3)
@@ -482,7 +483,7 @@ def test_merge_driver_merges_a_tensor_theirs_moved_by_name(repo):
     ours = commit_tuned(repo, tensors, shards, {moved: 0.25, in_one: 1.0, in_two: 2.0})
     repo.git("config", "theta.merge.operator", "task_arithmetic")
 
-    proc = repo.git("merge", "--no-edit", "moved")
+    proc = repo.git(*command, "moved")
     assert "moved to another shard" not in proc.stderr and repo.status() == ""
     one = load_file(str(repo.file("m/model-00001-of-00003.safetensors")))
     two = load_file(str(repo.file("m/model-00002-of-00003.safetensors")))
