@@ -7,10 +7,16 @@ means there is no common version: every tensor counts as added. In a criss-cross
 merges the merge bases into a virtual base (``%L`` is then 9 instead of 7); the driver behaves the
 same there: deterministic, never prompting. The result (conflicting tensors keep ours) is always
 written to ``%A``; the caller exits 0 when everything merged, 1 otherwise.
+
+For a file of a model of several files (shards), when the commits of the three sides are known
+exactly and git keeps ours' layout, each tensor's base and theirs come by name from the whole model
+on that side (:func:`.models.by_name_inputs`), so a tensor a side moved to another shard merges;
+otherwise the file merges by itself and such a tensor is a conflict pointing to ``git theta merge``.
 """
 
 from pathlib import Path
 
+from ..errors import ManifestError
 from ..manifest import Manifest, is_manifest
 from .config import load_config
 from .engine import DeltaPolicy, FileMerge, Outcome, check_config, merge_manifests
@@ -65,16 +71,21 @@ def _whole_model_inputs(repo, pathname, base, ours, theirs):
 
     if base is None:
         return None
-    model, _ = model_at(repo, "HEAD", pathname)
-    if model is None or (len(model.files) < 2 and model.index is None):
-        return None  # a one-file model: the file is the model
-    if _find_commit(repo, pathname, ours, ours=True) is None:
+    try:
+        model, _ = model_at(repo, "HEAD", pathname)
+        if model is None or (len(model.files) < 2 and model.index is None):
+            return None  # a one-file model: the file is the model
+        if _find_commit(repo, pathname, ours, ours=True) is None:
+            return None
+        theirs_commit = _find_commit(repo, pathname, theirs, ours=False)
+        base_commit = theirs_commit and find_base_commit(repo, pathname, base, theirs_commit)
+        if base_commit is None:
+            return None
+        return by_name_inputs(repo, pathname, base, ours, theirs, base_commit, theirs_commit)
+    except ManifestError:
+        # another file of the model or its index json is unreadable on a side: this file still
+        # merges by itself (diff, ls-files and git theta merge report the bad file)
         return None
-    theirs_commit = _find_commit(repo, pathname, theirs, ours=False)
-    base_commit = theirs_commit and find_base_commit(repo, pathname, base, theirs_commit)
-    if base_commit is None:
-        return None
-    return by_name_inputs(repo, pathname, base, ours, theirs, base_commit, theirs_commit)
 
 
 def _flag_moved(repo, pathname, ours, theirs, result):
