@@ -519,6 +519,30 @@ def test_merge_driver_falls_back_per_file_when_a_side_is_no_commit(repo):
     assert f"{moved}: moved to another shard on theirs" in proc.stderr and "git theta merge" in proc.stderr
 
 
+@pytest.mark.parametrize("case", ["shard 2 changed only on theirs", "unreadable index json"])
+def test_merge_driver_falls_back_when_git_would_not_keep_ours_layout(repo, case):
+    tensors, shards = three_shards(repo, index=False)
+    if case == "unreadable index json":
+        repo.file("m/model.safetensors.index.json").write_text("{not json")
+        repo.commit("a broken index json")
+    moved = shards[0][0]
+    theirs = commit_moved(repo, tensors, shards, moved, 0.5, "moved")
+    deltas = {shards[0][1]: 1.0} if case.startswith("shard 2") else {shards[0][1]: 1.0, shards[1][0]: 1.0}
+    commit_tuned(repo, tensors, shards, deltas)
+
+    # by name, shard 1 would keep the moved tensor while git takes theirs' shard 2 holding it too
+    proc = repo.git("merge", "--no-edit", "moved", check=False)
+    assert proc.returncode == 1 and "error:" not in proc.stderr
+    assert f"{moved}: moved to another shard on theirs" in proc.stderr
+    repo.git("merge", "--abort")
+    whole = repo.theta("merge", "moved", check=False)
+    if case == "unreadable index json":  # the whole-model merge names the bad file
+        assert "error: m/model.safetensors.index.json: not valid json" in whole.stderr
+        return
+    loaded = folder_tensors(repo.file("m"))
+    assert np.array_equal(loaded[moved], theirs[moved]) and len(loaded) == len(tensors)
+
+
 def test_merge_driver_leaves_a_changed_index_json_to_git_theta_merge(repo):
     tensors, shards = three_shards(repo)
     moved = shards[0][0]
