@@ -34,9 +34,10 @@ def put_folder(repo, source, dest="model"):
         p.chmod(0o644)
 
 
-def save_sharded(folder, tensors, shards, prefix="model"):
+def save_sharded(folder, tensors, shards, prefix="model", index=True):
     """Write ``tensors`` as transformers does: ``model-0000k-of-0000n.safetensors`` files holding the
-    names in ``shards`` (in that order) and the index json; remove the folder's old shards."""
+    names in ``shards`` (in that order) and (with ``index``) the index json; remove the folder's old
+    shards."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob(f"{prefix}-*-of-*.safetensors"):
@@ -46,6 +47,8 @@ def save_sharded(folder, tensors, shards, prefix="model"):
         name = f"{prefix}-{k:05d}-of-{len(shards):05d}.safetensors"
         save_safetensors(folder / name, {m: tensors[m] for m in members}, metadata={"format": "pt"})
         weight_map.update({m: name for m in members})
+    if not index:
+        return
     index = {
         "metadata": {"total_parameters": sum(t.size for t in tensors.values()),
                      "total_size": sum(t.nbytes for t in tensors.values())},
@@ -419,11 +422,8 @@ def test_merge_when_both_sides_resharded_keeps_the_base_layout(repo):
 
 
 def test_merge_driver_flags_a_tensor_moved_to_another_shard(repo):
-    tensors = llama(layers=2)
+    tensors, shards = three_shards(repo)
     names = list(tensors)
-    shards = split(names, 3)
-    save_sharded(repo.file("m"), tensors, shards)
-    repo.commit("base")
     moved = shards[0][0]
     repo.git("checkout", "-q", "-b", "tune")
     tuned = dict(tensors, **{moved: tensors[moved] + np.float32(0.5)})
@@ -443,6 +443,123 @@ def test_merge_driver_flags_a_tensor_moved_to_another_shard(repo):
     assert np.array_equal(loaded[moved], tuned[moved]) and len(loaded) == len(names)
     assert moved in load_file(str(repo.file("m/model-00002-of-00003.safetensors")))  # ours' layout
     assert repo.status() == ""
+
+
+def three_shards(repo, index=True):
+    """Commit a small llama in 3 shards (with or without the index json): (tensors, shards)."""
+    tensors = llama(layers=2)
+    shards = split(list(tensors), 3)
+    save_sharded(repo.file("m"), tensors, shards, index=index)
+    repo.commit("base: 3 shards")
+    return tensors, shards
+
+
+def commit_moved(repo, tensors, shards, moved, delta, branch, index=False):
+    """Commit on a new ``branch`` (from HEAD, then back) ``moved`` moved from shard 1 to shard 2
+    and changed by ``delta``; return that branch's tensors."""
+    current = repo.git("branch", "--show-current").stdout.strip()
+    repo.git("checkout", "-q", "-b", branch)
+    theirs = dict(tensors, **{moved: tensors[moved] + np.float32(delta)})
+    layout = [[n for n in shards[0] if n != moved], shards[1] + [moved], *shards[2:]]
+    save_sharded(repo.file("m"), theirs, layout, index=index)
+    repo.commit("theirs: tensor moved to shard 2 and tuned")
+    repo.git("checkout", "-q", current)
+    return theirs
+
+
+def commit_tuned(repo, tensors, shards, deltas, index=False):
+    """Commit the tensors of ``deltas`` changed in place (same layout); return the tensors."""
+    ours = dict(tensors, **{n: tensors[n] + np.float32(d) for n, d in deltas.items()})
+    save_sharded(repo.file("m"), ours, shards, index=index)
+    repo.commit("ours: tuned in place")
+    return ours
+
+
+@pytest.mark.parametrize("command", [("merge", "--no-edit"), ("cherry-pick",)])
+def test_merge_driver_merges_a_tensor_theirs_moved_by_name(repo, command):
+    tensors, shards = three_shards(repo, index=False)
+    moved, in_one, in_two = shards[0][0], shards[0][1], shards[1][0]
+    # ours changes the moved tensor too (so an operator merges it) and a tensor of each shard
+    # involved, so git runs the driver on both files
+    theirs = commit_moved(repo, tensors, shards, moved, 0.5, "moved")
+    ours = commit_tuned(repo, tensors, shards, {moved: 0.25, in_one: 1.0, in_two: 2.0})
+    repo.git("config", "theta.merge.operator", "task_arithmetic")
+
+    proc = repo.git(*command, "moved")
+    assert "moved to another shard" not in proc.stderr and repo.status() == ""
+    one = load_file(str(repo.file("m/model-00001-of-00003.safetensors")))
+    two = load_file(str(repo.file("m/model-00002-of-00003.safetensors")))
+    assert sorted(one) == sorted(shards[0]) and sorted(two) == sorted(shards[1])  # ours' layout
+    expected = tensors[moved] + ((ours[moved] - tensors[moved]) + (theirs[moved] - tensors[moved]))
+    np.testing.assert_array_equal(one[moved], expected)
+    assert np.array_equal(one[in_one], ours[in_one]) and np.array_equal(two[in_two], ours[in_two])
+    assert len(folder_tensors(repo.file("m"))) == len(tensors)
+
+
+def test_merge_driver_falls_back_per_file_when_a_side_is_no_commit(repo):
+    tensors, shards = three_shards(repo, index=False)
+    # a criss-cross: both branches merge each other's first change, so the merge base git uses
+    # for the final merge is a virtual one that no commit holds
+    p, q = shards[0][2], shards[0][3]
+    for branch, name in (("a", p), ("b", q)):
+        repo.git("checkout", "-q", "-b", branch, "main")
+        save_sharded(repo.file("m"), dict(tensors, **{name: tensors[name] * 2}), shards, index=False)
+        repo.commit(f"{branch}: tune {name}")
+    repo.git("checkout", "-q", "a")
+    repo.git("merge", "-q", "--no-edit", "b")
+    repo.git("checkout", "-q", "b")
+    repo.git("merge", "-q", "--no-edit", "a~1")
+    state = folder_tensors(repo.file("m"))
+    moved = shards[0][0]
+    commit_moved(repo, state, shards, moved, 0.5, "b-moved")  # theirs: on b's merge
+    repo.git("checkout", "-q", "a")
+    commit_tuned(repo, state, shards, {shards[0][1]: 1.0, shards[1][0]: 2.0})  # ours: on a's merge
+    assert len(repo.git("merge-base", "--all", "HEAD", "b-moved").stdout.split()) == 2
+
+    proc = repo.git("merge", "--no-edit", "b-moved", check=False)
+    assert proc.returncode != 0
+    assert f"{moved}: moved to another shard on theirs" in proc.stderr and "git theta merge" in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["shard 2 changed only on theirs", "unreadable index json"])
+def test_merge_driver_falls_back_when_git_would_not_keep_ours_layout(repo, case):
+    tensors, shards = three_shards(repo, index=False)
+    if case == "unreadable index json":
+        repo.file("m/model.safetensors.index.json").write_text("{not json")
+        repo.commit("a broken index json")
+    moved = shards[0][0]
+    theirs = commit_moved(repo, tensors, shards, moved, 0.5, "moved")
+    deltas = {shards[0][1]: 1.0} if case.startswith("shard 2") else {shards[0][1]: 1.0, shards[1][0]: 1.0}
+    commit_tuned(repo, tensors, shards, deltas)
+
+    # by name, shard 1 would keep the moved tensor while git takes theirs' shard 2 holding it too
+    proc = repo.git("merge", "--no-edit", "moved", check=False)
+    assert proc.returncode == 1 and "error:" not in proc.stderr
+    assert f"{moved}: moved to another shard on theirs" in proc.stderr
+    repo.git("merge", "--abort")
+    whole = repo.theta("merge", "moved", check=False)
+    if case == "unreadable index json":  # the whole-model merge names the bad file
+        assert "error: m/model.safetensors.index.json: not valid json" in whole.stderr
+        return
+    loaded = folder_tensors(repo.file("m"))
+    assert np.array_equal(loaded[moved], theirs[moved]) and len(loaded) == len(tensors)
+
+
+def test_merge_driver_leaves_a_changed_index_json_to_git_theta_merge(repo):
+    tensors, shards = three_shards(repo)
+    moved = shards[0][0]
+    theirs = commit_moved(repo, tensors, shards, moved, 0.5, "moved", index=True)
+    ours = commit_tuned(repo, tensors, shards, {shards[0][1]: 1.0, shards[1][0]: 1.0}, index=True)
+
+    proc = repo.git("merge", "--no-edit", "moved", check=False)
+    assert proc.returncode != 0  # git would take theirs' index json: only the whole-model merge fits
+    assert f"{moved}: moved to another shard on theirs" in proc.stderr
+    repo.git("merge", "--abort")
+    repo.theta("merge", "moved")
+    loaded = folder_tensors(repo.file("m"))
+    assert np.array_equal(loaded[moved], theirs[moved]) and np.array_equal(loaded[shards[1][0]], ours[shards[1][0]])
+    index = json.loads(repo.file("m/model.safetensors.index.json").read_text())
+    assert index["weight_map"][moved] == "model-00002-of-00003.safetensors" and repo.status() == ""
 
 
 def test_hostile_index_json_is_a_clear_error():

@@ -262,6 +262,20 @@ def _folder_blobs(repo, folder, rev):
             yield path, parts[2]
 
 
+def model_at(repo, rev, path):
+    """(Model, {path: blob oid}) of the model holding ``path`` in commit ``rev``, formed by the
+    files and index jsons of ``path``'s folder with its :func:`stem`; (None, blobs) when ``rev``
+    has no ``path``. Sidecars are read bounded; an index naming a missing shard is no error here."""
+    folder, own = posixpath.dirname(path), stem(path)
+    blobs = {p: oid for p, oid in _folder_blobs(repo, folder, rev) if stem(p) == own}
+    if path not in blobs:
+        return None, blobs
+    sidecars = {p: sidecar_bytes(repo, oid) for p, oid in blobs.items() if is_sidecar(p)}
+    files = sorted(p for p in blobs if not is_sidecar(p))
+    models = group(files, {p: d for p, d in sidecars.items() if d is not None}, exists=blobs.__contains__, strict=False)
+    return next(m for m in models if path in m.files), blobs
+
+
 class ParentModels:
     """The tensors of a file's model in the parent version, for clean's delta bases (one per Cleaner).
 

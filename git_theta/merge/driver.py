@@ -7,10 +7,16 @@ means there is no common version: every tensor counts as added. In a criss-cross
 merges the merge bases into a virtual base (``%L`` is then 9 instead of 7); the driver behaves the
 same there: deterministic, never prompting. The result (conflicting tensors keep ours) is always
 written to ``%A``; the caller exits 0 when everything merged, 1 otherwise.
+
+For a file of a model of several files (shards), when the commits of the three sides are known
+exactly and git keeps ours' layout, each tensor's base and theirs come by name from the whole model
+on that side (:func:`.models.by_name_inputs`), so a tensor a side moved to another shard merges;
+otherwise the file merges by itself and such a tensor is a conflict pointing to ``git theta merge``.
 """
 
 from pathlib import Path
 
+from ..errors import ManifestError
 from ..manifest import Manifest, is_manifest
 from .config import load_config
 from .engine import DeltaPolicy, FileMerge, Outcome, check_config, merge_manifests
@@ -41,15 +47,45 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
 
     settings = settings_for(repo)
     side_data = SideData.for_driver(repo, pathname, [ours, theirs])
+    by_name = _whole_model_inputs(repo, pathname, base, ours, theirs)
+    base_in, theirs_in = by_name or (base, theirs)
     result = merge_manifests(
-        pathname, base, [ours, theirs], list(LABELS), config, repo.store, side_data=side_data,
+        pathname, base_in, [ours, theirs_in], list(LABELS), config, repo.store, side_data=side_data,
         workers=settings.threads(), budget=settings.get_int("memoryBudget"),
         deltas=DeltaPolicy.from_settings(settings),
     )
-    _flag_moved(repo, pathname, ours, theirs, result)
+    if by_name is None:
+        _flag_moved(repo, pathname, ours, theirs, result)
     Path(ours_file).write_bytes(result.manifest.serialize())
     result.notes = notes
     return result
+
+
+def _whole_model_inputs(repo, pathname, base, ours, theirs):
+    """(base, theirs) taken by name from the whole model on each side when ``pathname`` is a file
+    of a model of several files and the commits of all three sides are known exactly (HEAD, and
+    the commits whose ``pathname`` is what git handed over); None for the per-file merge."""
+    from ..git.models import model_at
+    from .models import by_name_inputs
+    from .side import _find_commit, find_base_commit
+
+    if base is None:
+        return None
+    try:
+        model, _ = model_at(repo, "HEAD", pathname)
+        if model is None or (len(model.files) < 2 and model.index is None):
+            return None  # a one-file model: the file is the model
+        if _find_commit(repo, pathname, ours, ours=True) is None:
+            return None
+        theirs_commit = _find_commit(repo, pathname, theirs, ours=False)
+        base_commit = theirs_commit and find_base_commit(repo, pathname, base, theirs_commit)
+        if base_commit is None:
+            return None
+        return by_name_inputs(repo, pathname, base, ours, theirs, base_commit, theirs_commit)
+    except ManifestError:
+        # another file of the model or its index json is unreadable on a side: this file still
+        # merges by itself (diff, ls-files and git theta merge report the bad file)
+        return None
 
 
 def _flag_moved(repo, pathname, ours, theirs, result):

@@ -173,3 +173,69 @@ def moved_elsewhere(repo, pathname, ours, theirs, theirs_commit):
             if name not in here.tensors and name in model.tensors:
                 moved.setdefault(name, label)
     return moved
+
+
+def by_name_inputs(repo, pathname, base, ours, theirs, base_commit, theirs_commit):
+    """For git's merge driver on ``pathname``, a file of a model of several files: the (base,
+    theirs) manifests to merge against ``ours`` (the file's manifest in HEAD), each tensor taken
+    **by name** from the whole model at ``base_commit`` and ``theirs_commit`` (wherever it lives
+    there), so a tensor moved to another shard on a side still merges. Ours' layout is kept: the file holds the tensors
+    ours holds in it, plus those of ``pathname`` on a side that ours has in no file (added or
+    deleted, by the usual rules).
+
+    None when the per-file merge must stay: a one-file model, or a layout plain git cannot keep
+    consistent because it takes another path of the model from theirs as is (theirs changed an
+    index json, added or deleted a file, or moved tensors into or out of a file ours left alone),
+    or loses a change (theirs changed a tensor that ours holds in a file only ours changed).
+    """
+    from ..errors import ManifestError
+    from ..git.models import ModelError, model_at
+
+    read = repo.read_blob
+    versions = [model_at(repo, rev, pathname) for rev in (base_commit, "HEAD", theirs_commit)]
+    if any(model is None for model, _ in versions):
+        return None
+    model = versions[1][0]
+    if len(model.files) < 2 and model.index is None:
+        return None
+    (_, base_blobs), (_, ours_blobs), (_, theirs_blobs) = versions
+    for path in sorted(set(base_blobs) | set(ours_blobs) | set(theirs_blobs)):
+        b, o, t = base_blobs.get(path), ours_blobs.get(path), theirs_blobs.get(path)
+        if path == pathname or t in (b, o):
+            continue  # git keeps ours' version (or it is the file being merged)
+        if is_sidecar(path) or t is None or o is None:
+            return None  # theirs changed an index json, deleted or added a file: another layout
+        if o != b:
+            continue  # both changed it: git runs this driver on it too, which merges it by name
+        theirs_file, ours_file = read_manifest(read, t, path), read_manifest(read, o, path)
+        if theirs_file is None or ours_file is None or set(theirs_file.tensors) != set(ours_file.tensors):
+            return None  # git takes theirs' version of this file as is, with theirs' layout
+    try:
+        located = [tensors_of(m, {p: read_manifest(read, blobs[p], p) for p in m.files}) for m, blobs in versions]
+    except (ModelError, ManifestError):
+        return None
+    base_whole, ours_whole, theirs_whole = ({n: e for n, (_, e) in loc.items()} for loc in located)
+    for name, (home, _) in located[1].items():
+        b = base_blobs.get(home)
+        if home != pathname and theirs_blobs.get(home) == b != ours_blobs.get(home) and (
+                _value(theirs_whole.get(name)) != _value(base_whole.get(name))):
+            # theirs changed a tensor that ours keeps in a file git takes from ours as is: the
+            # change would be lost
+            return None
+    keep = set(ours.tensors) | {n for n in set(base.tensors) | set(theirs.tensors) if n not in ours_whole}
+    inputs = []
+    for own, whole in ((base, base_whole), (theirs, theirs_whole)):
+        tensors = {n: whole[n] for n in sorted(keep) if n in whole}
+        blobs = dict(own.blobs)
+        if set(tensors) != set(own.tensors) and own is theirs:
+            # theirs' stored header describes theirs' layout of the file, not the one kept
+            blobs.pop("header", None)
+            if "header" in base.blobs:
+                blobs["header"] = base.blobs["header"]
+        inputs.append(Manifest(own.format, dict(own.fields), blobs, tensors))
+    return tuple(inputs)
+
+
+def _value(entry):
+    """What a tensor is, for "did this side change it": dtype, shape and digest (None: absent)."""
+    return None if entry is None else (entry.dtype, entry.shape, entry.digest)

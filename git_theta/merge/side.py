@@ -124,3 +124,21 @@ def _find_commit(repo, path, manifest, ours):
         if repo.read_blob(f"{rev}:{path}") == wanted:
             return rev
     return None
+
+
+def find_base_commit(repo, path, manifest, theirs_commit):
+    """The commit git used as the merge base of ``path``, when it is exactly ``manifest`` there:
+    in ``git merge`` (which exports ``GITHEAD_*``) the single merge base of HEAD and
+    ``theirs_commit``; in a cherry-pick or rebase its parent. None otherwise: several merge bases
+    mean a criss-cross merge's virtual base, which is no commit, and a revert's base is no parent."""
+    wanted = manifest.serialize()
+    if any(key.startswith("GITHEAD_") for key in os.environ):
+        candidates = repo.git("merge-base", "--all", "HEAD", theirs_commit, check=False).decode().split()
+        if len(candidates) != 1:
+            return None
+    else:
+        candidates = repo.git("rev-parse", f"{theirs_commit}^@", check=False).decode().split()
+    for rev in candidates:
+        if repo.read_blob(f"{rev}:{path}") == wanted:
+            return rev
+    return None
