@@ -309,13 +309,14 @@ def auto_files(inputs, base, probe=None):
     import tempfile
     from pathlib import Path
 
-    from ..merge.files import ingest
+    from ..merge.files import StreamedStore, ingest
     from ..object_store import ObjectStore
 
     if base is None:
         return None
     with tempfile.TemporaryDirectory(prefix="theta-auto-") as tmp:
-        store = ObjectStore(Path(tmp) / "objects", fsync=False)
+        # the inputs' tensors are read where they are in their files (only cast ones are stored)
+        store = StreamedStore(ObjectStore(Path(tmp) / "objects", fsync=False))
         sides = [{"model": ingest(store, p)[0]} for p in inputs]
         acc = _features_of(store, sides, {"model": ingest(store, base)[0]})
     functional = None
