@@ -109,9 +109,9 @@ def main():
 
         os.environ.update({k: env[k] for k in ("HOME", "GIT_CONFIG_NOSYSTEM")})
         import git_theta
-        from git_theta.codec import decode_tensor
+        from git_theta.tensors.chain import decode_tensor
         from git_theta.manifest import Manifest
-        from git_theta.repo import Repo
+        from git_theta.git.repo import Repo
 
         inproc_time = best(lambda: git_theta.diff("model.safetensors", "HEAD~1", "HEAD", repo=repo), args.repeat)
         r = Repo(repo)
@@ -125,7 +125,7 @@ def main():
                 decode_tensor(r.store, new[n], "model.safetensors")
 
         read_time, read_cpu = best(read_once, args.repeat), own_cpu(read_once, args.repeat)
-        from git_theta.compare import Differ
+        from git_theta.diff.compare import Differ
 
         old_m = Manifest.parse(r.read_blob("HEAD~1:model.safetensors"))
         new_m = Manifest.parse(r.read_blob("HEAD:model.safetensors"))

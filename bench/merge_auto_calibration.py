@@ -16,7 +16,7 @@ import argparse
 
 import numpy as np
 
-from git_theta import plugins
+from git_theta import registry as plugins
 from git_theta.merge.params import resolve
 from git_theta.merge.signals import choose, measure
 

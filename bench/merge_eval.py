@@ -12,7 +12,7 @@ Two model families, both trained on this machine in a few minutes, with no downl
   merge is of the 6 transformer layers; each task's head stays its own, as in the merging papers.
 
 Every task pair (and triple, and one set of four) is merged with each candidate of the default
-``--search`` grid through ``git_theta.merge.files.merge_files`` (the code behind ``git theta
+``--search`` grid through ``git_theta.porcelain.merge_files.merge_files`` (the code behind ``git theta
 merge-files``) and evaluated on every merged task's held-out data. Normalized accuracy = the merged
 model's accuracy on a task / the fine-tuned model's accuracy on it, averaged over the merged tasks.
 Printed: per operator and setting the mean normalized accuracy, the compute cost of the merge
@@ -273,7 +273,7 @@ def load(path):
 
 def merge(files, base_file, out, candidate):
     """Merge through git-theta (merge-files' code); (merged state or None, wall seconds, cpu seconds)."""
-    from git_theta.merge.files import merge_files
+    from git_theta.porcelain.merge_files import merge_files
 
     wall, cpu = time.perf_counter(), time.process_time()
     try:

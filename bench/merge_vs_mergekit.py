@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from git_theta import plugins
+from git_theta import registry as plugins
 from git_theta.merge.params import resolve
 
 # (label, operator, params, inputs, uses base in mergekit)

@@ -2,7 +2,7 @@
 
 For each kind of new version (the storage table of issue #3) the base version is stored dense, the
 new one is cleaned exactly as ``git add`` does (same digest: reused; changed: the automatic choice
-of :mod:`git_theta.choose` against the decoded base), and the stored bytes are reported as a
+of :mod:`git_theta.updates.choose` against the decoded base), and the stored bytes are reported as a
 fraction of the raw size. Every new version is decoded back and compared bit for bit.
 
 Two sources of weights: a synthetic GPT-2-shaped model (``bench/core.py``'s shapes and values) and
@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI does: see git_theta.cli
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI does: see git_theta.cli.main
 
 import numpy as np  # noqa: E402
 
@@ -47,10 +47,10 @@ sys.path.insert(0, str(HERE.parent))
 
 from core import du, gpt2_shapes, isolated_env, make_state, save  # noqa: E402
 
-from git_theta.bits import from_float  # noqa: E402
-from git_theta.choose import choose  # noqa: E402
-from git_theta.codec import decode_tensor, encode_tensor, store_encoded, tensor_digest  # noqa: E402
-from git_theta.object_store import ObjectStore  # noqa: E402
+from git_theta.tensors.bits import from_float  # noqa: E402
+from git_theta.updates.choose import choose  # noqa: E402
+from git_theta.tensors.chain import decode_tensor, encode_tensor, store_encoded, tensor_digest  # noqa: E402
+from git_theta.store.objects import ObjectStore  # noqa: E402
 from git_theta.updates.base import TensorData  # noqa: E402
 
 TARGETS = {

@@ -45,7 +45,7 @@ def load(
     ``"torch"``. numpy has no bf16/float8 dtypes: those come back as raw bit patterns (uint16 /
     uint8) unless ``upcast=True`` (float32, exact); torch gives torch.bfloat16 etc.
     """
-    from .api import load as _load
+    from git_theta.porcelain.api import load as _load
 
     return _load(path, rev=rev, repo=repo, params=params, framework=framework, upcast=upcast)
 
@@ -66,7 +66,7 @@ def diff(
     A sharded folder is one model entry (tensors by name across shards); ``by_file=True`` gives
     one entry per file instead (docs/models.md).
     """
-    from .api import diff as _diff
+    from git_theta.porcelain.api import diff as _diff
 
     return _diff(path, rev_a=rev_a, rev_b=rev_b, repo=repo, stat=stat, sort=sort, by_file=by_file)
 

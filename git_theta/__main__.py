@@ -1,5 +1,5 @@
 """``python -m git_theta``: the same CLI as the ``git-theta`` command."""
 
-from .cli import main
+from git_theta.cli.main import main
 
 main()

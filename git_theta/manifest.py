@@ -27,7 +27,7 @@ first, then its base, down to a keyframe. Names escape ``%``, whitespace and con
 import re
 from dataclasses import dataclass, field
 
-from .errors import ManifestError
+from git_theta.errors import ManifestError
 
 MAGIC = "git-theta manifest"
 VERSION = 1
@@ -224,7 +224,7 @@ class Manifest:
 
     def logical_size(self):
         """Sum of the raw sizes of all tensors, in bytes."""
-        from .dtypes import nbytes
+        from git_theta.tensors.dtypes import nbytes
 
         return sum(nbytes(e.dtype, e.shape) for e in self.tensors.values())
 

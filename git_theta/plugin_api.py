@@ -24,7 +24,7 @@ Importing this module is cheap (no numpy, no torch): a format plugin loads in th
 
 from __future__ import annotations
 
-from git_theta.dtypes import DType, element_count, get_dtype, nbytes
+from git_theta.tensors.dtypes import DType, element_count, get_dtype, nbytes
 from git_theta.errors import (
     CheckpointError,
     GitThetaError,
@@ -62,14 +62,14 @@ def resolve_params(operator: MergeOperator, raw: dict[str, object], n_models: in
 def get_plugin(kind: str, name: str) -> object:
     """The installed plugin ``name`` of ``kind`` (one of :data:`KINDS`), checked as git-theta checks
     it before use; PluginError saying what to install when there is none."""
-    from git_theta import plugins
+    from git_theta import registry as plugins
 
     return plugins.get(kind, name)
 
 
 def plugin_names(kind: str) -> list[str]:
     """Sorted names of the installed plugins of ``kind`` (one of :data:`KINDS`)."""
-    from git_theta import plugins
+    from git_theta import registry as plugins
 
     return plugins.names(kind)
 

@@ -3,7 +3,7 @@
 ``GIT_THETA_TEST_KILL_AT=N`` makes the process SIGKILL itself at the N-th crash point it passes
 (an object's temp file written, an object renamed into place, a tensor handed to git by smudge).
 This is the one place that reads that variable: it is a test hook, not a setting, so it does not go
-through :mod:`git_theta.settings`. A kill from inside is exactly as abrupt as one from outside, and
+through :mod:`git_theta.config`. A kill from inside is exactly as abrupt as one from outside, and
 unlike a timed ``kill`` it lands at the same point on every run.
 """
 

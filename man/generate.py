@@ -61,7 +61,7 @@ def pages():
     """{file name: man page text} for git-theta and every visible command, in the CLI's order."""
     from click_man.core import generate_man_page
 
-    from git_theta.cli import cli
+    from git_theta.cli.main import cli
 
     version = importlib.metadata.version("git-theta")
     commands = {name: command for name, command in cli.commands.items() if not command.hidden}

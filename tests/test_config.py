@@ -3,10 +3,10 @@ the way ``git config --get-urlmatch`` matches it, reaching the LFS client's HTTP
 
 import pytest
 
-from git_theta.lfs.batch import LfsClient
-from git_theta.lfs.endpoint import Endpoint
-from git_theta.repo import Repo
-from git_theta.settings import Settings, config_key, forget, read_git_config, settings_for
+from git_theta.remote.batch import LfsClient
+from git_theta.remote.endpoint import Endpoint
+from git_theta.git.repo import Repo
+from git_theta.config import Settings, config_key, forget, read_git_config, settings_for
 
 HTTP_CONFIG = """
 [http]
@@ -98,7 +98,7 @@ def test_snapshot_is_multi_valued_in_order_and_read_once(repo, monkeypatch):
     assert settings.get_int("threads") == 5
     assert Settings(settings._items, overrides={"threads": 7}).get_int("threads") == 7  # flag > env
     calls = []
-    monkeypatch.setattr("git_theta.settings.read_git_config", lambda cwd: calls.append(cwd) or [])
+    monkeypatch.setattr("git_theta.config.read_git_config", lambda cwd: calls.append(cwd) or [])
     settings_for(r), settings_for(Repo(repo.path))
     assert calls == []  # one read per process and repository
 

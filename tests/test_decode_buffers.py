@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from git_theta import buffers, compression, planes, plugins
-from git_theta.codec import DecodedCache, decode_tensor, encode_tensor, tensor_digest
+from git_theta.tensors import buffers, compression, planes
+from git_theta import registry as plugins
+from git_theta.tensors.chain import DecodedCache, decode_tensor, encode_tensor, tensor_digest
 from git_theta.errors import ObjectCorruptError
-from git_theta.object_store import ObjectStore
+from git_theta.store.objects import ObjectStore
 from git_theta.updates.base import TensorData
 
 from conftest import save_safetensors
@@ -120,9 +121,9 @@ class StreamingFormat(HoldingFormat):
 
 
 def test_smudge_recycles_buffers_only_for_formats_that_release_them(repo, monkeypatch):
-    from git_theta.clean import Cleaner
-    from git_theta.repo import Repo
-    from git_theta.smudge import Smudger
+    from git_theta.filter.clean import Cleaner
+    from git_theta.git.repo import Repo
+    from git_theta.filter.smudge import Smudger
 
     monkeypatch.chdir(repo.path)
     rng = np.random.default_rng(3)
@@ -156,7 +157,7 @@ def test_smudge_recycles_buffers_only_for_formats_that_release_them(repo, monkey
 def test_the_filter_enlarges_its_pipe_to_git():
     code = (
         "import fcntl, sys\n"
-        "from git_theta.filter_process import protect_stdout\n"
+        "from git_theta.filter.process import protect_stdout\n"
         "out = protect_stdout()\n"
         "print(fcntl.fcntl(out.fileno(), fcntl.F_GETPIPE_SZ), file=sys.stderr)\n"
     )

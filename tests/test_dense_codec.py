@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from git_theta.codec import decode_tensor, encode_tensor, tensor_digest
-from git_theta.dtypes import DTYPES, nbytes
+from git_theta.tensors.chain import decode_tensor, encode_tensor, tensor_digest
+from git_theta.tensors.dtypes import DTYPES, nbytes
 from git_theta.errors import ObjectCorruptError, ObjectMissingError
-from git_theta.object_store import ObjectStore
+from git_theta.store.objects import ObjectStore
 from git_theta.updates.base import TensorData
 
 shapes = st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple)
@@ -61,9 +61,9 @@ def test_corrupt_and_missing_objects_name_the_tensor(tmp_path):
 
 def _store_with_header(store, tensor, **header_changes):
     """Store ``tensor`` dense, with chosen header fields changed (None removes a field)."""
-    from git_theta.codec import encode_update, tensor_checksum
+    from git_theta.tensors.chain import encode_update, tensor_checksum
     from git_theta.manifest import TensorEntry
-    from git_theta.object_codec import header_bytes
+    from git_theta.store.container import header_bytes
 
     update, encoded = encode_update(tensor, "dense")
     header = dict(encoded.header, update="dense", dtype=tensor.dtype, shape=list(tensor.shape))
@@ -82,9 +82,9 @@ def test_reads_check_the_recorded_checksum_and_digest(tmp_path, monkeypatch):
     trusted pair checks it (a wrong checksum or a manifest naming another tensor fails), fsck's
     full read hashes with sha256, objects recording the digest beside a checksum of the bytes alone
     (written before) are checked both ways, and objects without either are checked with sha256."""
-    from git_theta.cache import Cache
-    from git_theta.codec import tensor_checksum
-    from git_theta.object_codec import unpack
+    from git_theta.store.cache import Cache
+    from git_theta.tensors.chain import tensor_checksum
+    from git_theta.store.container import unpack
     from git_theta.store.trust import TrustLedger
 
     store = ObjectStore(tmp_path / "objects", fsync=False)
@@ -108,7 +108,7 @@ def test_reads_check_the_recorded_checksum_and_digest(tmp_path, monkeypatch):
     # A damaged checksum field over intact bytes: the sha256 retry proves the bytes right.
     wrong = _store_with_header(store, tensor, check=tensor_checksum(b"something else", tensor.digest))
     assert bytes(decode_tensor(store, wrong)) == raw
-    import git_theta.codec as codec
+    import git_theta.tensors.chain as codec
 
     calls = []
     monkeypatch.setattr(codec, "tensor_checksum", lambda *args: calls.append(1) or tensor_checksum(*args))

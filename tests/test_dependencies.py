@@ -37,7 +37,7 @@ def test_plugin_api_and_filter_import_no_heavy_module():
     itself, must not pull in numpy, click, typing or a git library. Only what these imports load
     counts: an editable install's import hook may load typing before any of git-theta runs."""
     code = (
-        "import sys; before = set(sys.modules); import git_theta.plugin_api, git_theta.filter_process;"
+        "import sys; before = set(sys.modules); import git_theta.plugin_api, git_theta.filter.process;"
         "print(','.join(m for m in ('numpy', 'click', 'typing', 'git', 'requests')"
         " if m in sys.modules and m not in before))"
     )

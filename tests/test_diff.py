@@ -11,8 +11,9 @@ from conftest import GIT_THETA, random_state_dict, save_safetensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from git_theta import bits, tensor_stats
-from git_theta.compare import group_of, natural_key
+from git_theta.tensors import bits
+from git_theta.diff import stats as tensor_stats
+from git_theta.diff.compare import group_of, natural_key
 
 NUMBER = {"type": ["number", "null"]}
 SIDE = {
@@ -352,7 +353,7 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch):
     import sys
 
     from git_theta.errors import UsageError
-    from git_theta.plot import plot_diff
+    from git_theta.diff.plot import plot_diff
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     diff = {"files": [{"path": "m", "tensors": [{"name": "a.0.w", "group": "a.0", "stats": {"relative_change": 0.1}}]}]}

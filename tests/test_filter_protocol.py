@@ -3,8 +3,8 @@
 import io
 
 from git_theta.errors import CheckpointError, NotInRepositoryError
-from git_theta.filter_process import FilterServer
-from git_theta.pktline import PktReader, PktWriter
+from git_theta.filter.process import FilterServer
+from git_theta.filter.pktline import PktReader, PktWriter
 
 
 def git_side(requests):
@@ -107,7 +107,7 @@ def test_the_executable_serves_the_filter_without_the_cli(repo):
 
     code = (
         "import sys; sys.argv = ['git-theta', 'filter-process']\n"
-        "from git_theta.entry import main\n"
+        "from git_theta.cli.entry import main\n"
         "main()\n"
     )
     welcome = b"0016git-filter-client\n000eversion=2\n0000" + b"0015capability=clean\n0000"
@@ -117,9 +117,9 @@ def test_the_executable_serves_the_filter_without_the_cli(repo):
     assert proc.returncode == 0, proc.stderr
     probe = (
         "import sys; sys.argv = ['git-theta', 'filter-process']\n"
-        "import git_theta.filter_process as fp\n"
+        "import git_theta.filter.process as fp\n"
         "fp.run = lambda report: print('click' in sys.modules)\n"
-        "from git_theta.entry import main\n"
+        "from git_theta.cli.entry import main\n"
         "main()\n"
     )
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"

@@ -206,7 +206,7 @@ def test_missing_torch_gives_install_hint(monkeypatch):
 
 def test_filter_modules_do_not_import_torch():
     code = (
-        "import sys, git_theta.filter_process, git_theta.clean, git_theta.smudge, git_theta.plugins as p\n"
+        "import sys, git_theta.filter.process, git_theta.filter.clean, git_theta.filter.smudge, git_theta.registry as p\n"
         "[p.get('format', n) for n in p.names('format')]\n"
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)"
     )
@@ -305,9 +305,9 @@ def test_deep_nesting_and_tampered_structure_are_clean_errors():
 
 def test_seen_bytes_are_recognised_without_parsing(repo, monkeypatch):
     """After a clean or a checkout, re-cleaning the same bytes (touch; git status) is a lookup."""
-    from git_theta.clean import Cleaner
-    from git_theta.repo import Repo
-    from git_theta.smudge import Smudger
+    from git_theta.filter.clean import Cleaner
+    from git_theta.git.repo import Repo
+    from git_theta.filter.smudge import Smudger
 
     monkeypatch.chdir(repo.path)
     raw = saved(checkpoint(1, seed=0))

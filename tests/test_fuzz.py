@@ -19,12 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from git_theta import codec, plugins
+from git_theta.tensors import chain as codec
+from git_theta import registry as plugins
 from git_theta.errors import GitThetaError
 from git_theta.formats.base import CheckpointFormat
 from git_theta.manifest import Manifest, ObjectRef, TensorEntry
-from git_theta.object_store import ObjectStore
-from git_theta.pktline import PktContentReader, PktReader, PktWriter
+from git_theta.store.objects import ObjectStore
+from git_theta.filter.pktline import PktContentReader, PktReader, PktWriter
 from git_theta.updates.base import TensorData
 
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import random_state_dict, save_safetensors
-from git_theta.allowlist import ATTRIBUTES, check_attribute, check_lfs_url, lfsconfig_key_allowed, read_lfsconfig
+from git_theta.git.allowlist import ATTRIBUTES, check_attribute, check_lfs_url, lfsconfig_key_allowed, read_lfsconfig
 from git_theta.errors import ConfigError
 
 

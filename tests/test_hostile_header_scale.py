@@ -11,7 +11,7 @@ import os
 import sqlite3
 import struct
 
-from git_theta.object_store import ObjectStore
+from git_theta.store.objects import ObjectStore
 
 COUNT = 3000
 
@@ -25,8 +25,8 @@ def _many_empty_tensors(path, count=COUNT):
 
 def test_many_identical_tensors_cost_one_object(repo, monkeypatch):
     _many_empty_tensors(repo.file("many.safetensors"))
-    from git_theta.clean import Cleaner
-    from git_theta.repo import Repo
+    from git_theta.filter.clean import Cleaner
+    from git_theta.git.repo import Repo
 
     writes = []
     original = ObjectStore.put_chunks

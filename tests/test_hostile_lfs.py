@@ -13,12 +13,12 @@ import pytest
 from loopback import isolate_git, serving
 
 from git_theta.errors import GitThetaError
-from git_theta.lfs import endpoint
-from git_theta.lfs.batch import LfsClient
+from git_theta.remote import endpoint
+from git_theta.remote.batch import LfsClient
 from git_theta.manifest import ObjectRef
-from git_theta.object_store import ObjectStore
-from git_theta.repo import Repo
-from git_theta.settings import Settings
+from git_theta.store.objects import ObjectStore
+from git_theta.git.repo import Repo
+from git_theta.config import Settings
 
 DATA = b"the real object bytes"
 REF = ObjectRef(hashlib.sha256(DATA).hexdigest(), len(DATA))

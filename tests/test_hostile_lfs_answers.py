@@ -16,13 +16,13 @@ from loopback import isolate_git, serving
 
 from conftest import GitRepo, random_state_dict, save_safetensors
 from git_theta.errors import GitThetaError, ObjectCorruptError, RemoteError
-from git_theta.lfs import endpoint
-from git_theta.lfs.batch import LfsClient
-from git_theta.lfs.transfer import Transfer
+from git_theta.remote import endpoint
+from git_theta.remote.batch import LfsClient
+from git_theta.remote.transfer import Transfer
 from git_theta.manifest import ObjectRef
-from git_theta.object_store import ObjectStore
-from git_theta.repo import Repo
-from git_theta.settings import Settings
+from git_theta.store.objects import ObjectStore
+from git_theta.git.repo import Repo
+from git_theta.config import Settings
 
 DATA = b"the real object bytes"
 REF = ObjectRef(hashlib.sha256(DATA).hexdigest(), len(DATA))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from git_theta import plugins
-from git_theta.cli import cli, man_page
+from git_theta import registry as plugins
+from git_theta.cli.main import cli, man_page
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN1 = ROOT / "man" / "man1"

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from git_theta import plugins
+from git_theta import registry as plugins
 from git_theta.errors import UsageError
 from git_theta.merge.operator import MergeOperator, OperatorError
 from git_theta.merge.operators.task_vectors import della_probabilities

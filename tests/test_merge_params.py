@@ -2,7 +2,7 @@
 
 import pytest
 
-from git_theta import plugins
+from git_theta import registry as plugins
 from git_theta.errors import UsageError
 from git_theta.merge.params import resolve
 

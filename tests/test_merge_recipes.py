@@ -14,7 +14,7 @@ import pytest
 from conftest import save_safetensors
 from safetensors.numpy import load_file
 
-from git_theta import plugins
+from git_theta import registry as plugins
 from git_theta.errors import UsageError
 from git_theta.merge.params import layer_index, position, resolve
 from git_theta.merge.recipe import parse_recipe
@@ -377,8 +377,8 @@ def test_merge_files_reads_safetensors_inputs_in_place_and_notices_a_changed_fil
     """Inputs are not copied into a temporary store: their tensors are read back from the files,
     and a file that changed meanwhile is an error, never a silently wrong merge."""
     from git_theta.errors import CheckpointError
-    from git_theta.merge.files import StreamedStore, ingest
-    from git_theta.object_store import ObjectStore
+    from git_theta.porcelain.merge_files import StreamedStore, ingest
+    from git_theta.store.objects import ObjectStore
 
     folder, models = files
     store = StreamedStore(ObjectStore(folder / "tmp-objects", fsync=False))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from git_theta import plugins
+from git_theta import registry as plugins
 from git_theta.merge import signals
 from git_theta.merge.params import resolve
 

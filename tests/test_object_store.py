@@ -5,7 +5,7 @@ import hashlib
 import pytest
 
 from git_theta.errors import ManifestError, ObjectCorruptError, ObjectMissingError
-from git_theta.object_store import ObjectStore
+from git_theta.store.objects import ObjectStore
 
 
 def test_put_is_content_addressed_and_idempotent(tmp_path):

@@ -13,7 +13,7 @@ from lfs_server import free_port, lfs_server  # noqa: F401 - the fixture
 from conftest import GitRepo, save_safetensors
 from git_theta.errors import ManifestError, ObjectCorruptError
 from git_theta.manifest import Manifest, ObjectRef, TensorEntry
-from git_theta.object_store import ObjectStore
+from git_theta.store.objects import ObjectStore
 from git_theta.store import packs
 
 MODEL = "model.safetensors"

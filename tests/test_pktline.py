@@ -5,7 +5,7 @@ import io
 import pytest
 
 from git_theta.errors import FilterProtocolError
-from git_theta.pktline import MAX_PAYLOAD, PktContentReader, PktContentWriter, PktReader, PktWriter
+from git_theta.filter.pktline import MAX_PAYLOAD, PktContentReader, PktContentWriter, PktReader, PktWriter
 
 
 def framed(*payloads):

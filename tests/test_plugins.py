@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from git_theta import plugins
+from git_theta import registry as plugins
 from git_theta.errors import PluginError
 from git_theta.manifest import Manifest
 from git_theta.merge.operator import MergeOperator
@@ -74,7 +74,7 @@ class Overlay:
             "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in parents) + "\n"
         )
         launcher = path / "bin" / "git-theta"
-        launcher.write_text(f"#!{path}/bin/python\nimport sys\nfrom git_theta.cli import main\nsys.exit(main())\n")
+        launcher.write_text(f"#!{path}/bin/python\nimport sys\nfrom git_theta.cli.main import main\nsys.exit(main())\n")
         launcher.chmod(0o755)
         self.env = dict(git_env, PATH=f"{path / 'bin'}{os.pathsep}{git_env['PATH']}")
 

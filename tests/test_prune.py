@@ -7,11 +7,11 @@ import time
 import pytest
 
 from conftest import random_state_dict, save_safetensors
-from git_theta import codec
+from git_theta.tensors import chain as codec
 from git_theta.errors import ConfigError
 from git_theta.manifest import Manifest
-from git_theta.object_store import ObjectStore
-from git_theta.prune import _delete, parse_expire
+from git_theta.store.objects import ObjectStore
+from git_theta.porcelain.prune import _delete, parse_expire
 from git_theta.updates.base import TensorData
 
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from git_theta import chunked
+from git_theta.store import chunked
 from git_theta.errors import ObjectCorruptError
-from git_theta.object_store import ObjectStore
+from git_theta.store.objects import ObjectStore
 
 
 @settings(max_examples=25, deadline=None)

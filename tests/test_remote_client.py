@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from git_theta.errors import RemoteError
-from git_theta.lfs import endpoint
-from git_theta.lfs.batch import MAX_BACKOFF, LfsClient, retry_delay
-from git_theta.lfs.credentials import CredentialError
+from git_theta.remote import endpoint
+from git_theta.remote.batch import MAX_BACKOFF, LfsClient, retry_delay
+from git_theta.remote.credentials import CredentialError
 from git_theta.manifest import ObjectRef
-from git_theta.repo import Repo
-from git_theta.settings import Settings, forget
+from git_theta.git.repo import Repo
+from git_theta.config import Settings, forget
 
 REF = ObjectRef("a" * 64, 3)
 
@@ -164,7 +164,7 @@ def test_credentials_come_from_git_credential(scripted, repo):
 
 def test_broken_download_is_retried_and_every_download_verified(scripted, repo, tmp_path):
     from git_theta.errors import ObjectCorruptError
-    from git_theta.object_store import ObjectStore
+    from git_theta.store.objects import ObjectStore
 
     client, handler = scripted
     store = ObjectStore(tmp_path / "store", fsync=False)

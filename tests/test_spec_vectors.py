@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 import xxhash
 
-from git_theta import codec, object_codec
-from git_theta.bits import from_float
+from git_theta.tensors import chain as codec
+from git_theta.store import container as object_codec
+from git_theta.tensors.bits import from_float
 from git_theta.manifest import Manifest, ObjectRef, TensorEntry
-from git_theta.object_store import ObjectStore
+from git_theta.store.objects import ObjectStore
 from git_theta.updates.base import TensorData
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "objects.json").read_text())["vectors"]

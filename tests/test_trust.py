@@ -1,10 +1,10 @@
 """What a repository's author can and cannot make this clone check out (issue 13, DESIGN §12).
 
 The spoofed and poisoned objects are built the way an outsider would, from the documented
-formats only (``git_theta/object_codec.py``: ``GTO1``, u32 header length, canonical JSON header,
-payload; ``git_theta/planes.py`` and ``updates/dense.py``: one frame per byte plane, a frame being
-a method byte and a u64 length; ``git_theta/codec.py``: the header's ``check`` is ``xxh3-128d:``
-over the tensor digest's 32 bytes and the tensor bytes; ``git_theta/object_store.py``: an object
+formats only (``git_theta/store/container.py``: ``GTO1``, u32 header length, canonical JSON header,
+payload; ``git_theta/tensors/planes.py`` and ``updates/dense.py``: one frame per byte plane, a frame being
+a method byte and a u64 length; ``git_theta/tensors/chain.py``: the header's ``check`` is ``xxh3-128d:``
+over the tensor digest's 32 bytes and the tensor bytes; ``git_theta/store/objects.py``: an object
 lives at ``theta/objects/ab/cd/<sha256>``), and are placed in the store as a fetch would leave them:
 valid, correctly content-addressed objects. Everything else is real git.
 """
@@ -114,7 +114,7 @@ def test_forged_checksum_is_refused_by_every_decode_path(repo):
     written = repo.file("model.safetensors")
     assert not written.exists() or read_tensors(written)["w"].tobytes() != EVIL_W.tobytes()
 
-    load = repo.run(sys.executable, "-c", "import git_theta.api as a; a.load('model.safetensors')", check=False)
+    load = repo.run(sys.executable, "-c", "import git_theta.porcelain.api as a; a.load('model.safetensors')", check=False)
     assert load.returncode != 0 and "ObjectCorruptError" in load.stderr, load.stderr
 
     fsck = repo.theta("fsck", "--json", check=False)

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from git_theta import plugins
-from git_theta.bits import as_bits, from_float
-from git_theta.codec import tensor_digest
-from git_theta.dtypes import DTYPES, element_count, get_dtype
+from git_theta import registry as plugins
+from git_theta.tensors.bits import as_bits, from_float
+from git_theta.tensors.chain import tensor_digest
+from git_theta.tensors.dtypes import DTYPES, element_count, get_dtype
 from git_theta.errors import ObjectCorruptError
-from git_theta.object_codec import header_bytes, unpack
+from git_theta.store.container import header_bytes, unpack
 from git_theta.updates.base import TensorData
 
 DELTAS = ["sparse", "int-delta", "low-rank"]
@@ -310,7 +310,7 @@ def test_corrupt_rice_index_is_detected(step, monkeypatch):
 def test_sparse_values_as_zigzag_steps_and_old_xor_objects():
     """Small steps of bf16 values are stored as zigzag differences (smaller than XOR); objects
     written before that coding existed (XOR values, uint32 gaps, no ``values`` key) still decode."""
-    from git_theta.planes import encode_sections
+    from git_theta.tensors.planes import encode_sections
 
     rng = np.random.default_rng(5)
     base_values = rng.standard_normal(50_000)
@@ -364,7 +364,7 @@ def test_corrupt_payload_is_detected(name):
 def test_residual_forms_roundtrip(mismatch):
     """The residual is stored whole or sparsely, whichever is smaller; both decode exactly."""
     from git_theta.updates.residual import decode_residual, encode_residual
-    from git_theta.planes import decode_sections
+    from git_theta.tensors.planes import decode_sections
 
     rng = np.random.default_rng(8)
     predicted = rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32)
@@ -387,7 +387,7 @@ def test_residual_forms_roundtrip(mismatch):
 )
 def test_automatic_choice(rows, change, expected):
     """The automatic choice finds the encoding each kind of change calls for, and it is exact."""
-    from git_theta.choose import choose
+    from git_theta.updates.choose import choose
 
     rng = np.random.default_rng(9)
     base = (rng.standard_normal((rows, 256)) * 0.05).astype(np.float32)
@@ -414,8 +414,8 @@ def test_automatic_choice(rows, change, expected):
 def test_decoded_cache_shares_bases_and_stays_bounded(tmp_path):
     """A verified immediate base is cached by its chain's object ids and reused; the cache evicts
     to its bound."""
-    from git_theta.codec import DecodedCache, decode_tensor, encode_tensor
-    from git_theta.object_store import ObjectStore
+    from git_theta.tensors.chain import DecodedCache, decode_tensor, encode_tensor
+    from git_theta.store.objects import ObjectStore
 
     store = ObjectStore(tmp_path / "objects", fsync=False)
     rng = np.random.default_rng(10)

@@ -10,15 +10,15 @@ import importlib
 PLACEHOLDER = "<!-- settings-table -->"
 
 def _settings_module():
-    """The settings module: ``git_theta.config`` after the issue-14 move, ``git_theta.settings`` before."""
-    for name in ("git_theta.config", "git_theta.settings"):
+    """The settings module: ``git_theta.config`` after the issue-14 move, ``git_theta.config`` before."""
+    for name in ("git_theta.config", "git_theta.config"):
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
         if hasattr(module, "DEFAULTS"):
             return module
-    raise ImportError("neither git_theta.config nor git_theta.settings defines DEFAULTS")
+    raise ImportError("neither git_theta.config nor git_theta.config defines DEFAULTS")
 
 
 def _size(value):

@@ -3,7 +3,7 @@
 A format turns a checkpoint byte stream into named tensors plus file-level data (``fields``: short
 single-line texts kept in the manifest; ``blobs``: side objects kept in the store), and writes the
 checkpoint back from them. Register a format as an entry point in the ``git_theta.formats`` group.
-Tensors are raw little-endian C-order bytes with a dtype from :mod:`git_theta.dtypes`.
+Tensors are raw little-endian C-order bytes with a dtype from :mod:`git_theta.tensors.dtypes`.
 """
 
 
@@ -99,7 +99,7 @@ def get_json(fields, source, key, path):
     """The value :func:`put_json` kept under ``key`` (field or blob), or None when absent."""
     import json
 
-    from ..errors import ManifestError
+    from git_theta.errors import ManifestError
 
     if key in fields:
         text = fields[key]

@@ -7,9 +7,9 @@ exactly what a checkout would write.
 
 import io
 
-from ..errors import CheckpointError
-from ..manifest import TensorEntry
-from .base import TensorSource
+from git_theta.errors import CheckpointError
+from git_theta.manifest import TensorEntry
+from git_theta.formats.base import TensorSource
 
 NO_DIGEST = "0" * 64
 

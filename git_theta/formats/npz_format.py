@@ -14,14 +14,14 @@ of arrays that were stored big-endian; they come back big-endian) and ``fortran_
 
 import struct
 
-from ..errors import CheckpointError, ManifestError
-from ..updates.base import TensorData
-from .base import CheckpointFormat, CheckpointReader, get_json, put_json
-from .spool import WriteOnly, spooled
+from git_theta.errors import CheckpointError, ManifestError
+from git_theta.updates.base import TensorData
+from git_theta.formats.base import CheckpointFormat, CheckpointReader, get_json, put_json
+from git_theta.formats.spool import WriteOnly, spooled
 
 ZIP_MAGIC = b"PK\x03\x04"
 SUFFIX = ".npy"
-# numpy dtype (kind, itemsize) -> the shared dtype vocabulary (git_theta.dtypes).
+# numpy dtype (kind, itemsize) -> the shared dtype vocabulary (git_theta.tensors.dtypes).
 _DTYPE_NAMES = {
     ("f", 8): "F64",
     ("f", 4): "F32",
@@ -163,7 +163,7 @@ class NpzFormat(CheckpointFormat):
 
         import numpy as np
 
-        from ..dtypes import get_dtype
+        from git_theta.tensors.dtypes import get_dtype
 
         order = get_json(fields, source, "order", path) or sorted(source.specs)
         if sorted(order) != sorted(source.specs):

@@ -11,10 +11,10 @@ readable in the manifest.
 import json
 import struct
 
-from ..dtypes import DTYPES, nbytes
-from ..errors import CheckpointError
-from ..updates.base import TensorData
-from .base import CheckpointFormat, CheckpointReader
+from git_theta.tensors.dtypes import DTYPES, nbytes
+from git_theta.errors import CheckpointError
+from git_theta.updates.base import TensorData
+from git_theta.formats.base import CheckpointFormat, CheckpointReader
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 _PREALLOCATE = 64 << 20  # tensors up to this size are read into one preallocated buffer

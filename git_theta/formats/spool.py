@@ -21,7 +21,7 @@ def whole_file_key(path):
 
 def _disk_full(exc):
     """A full temp file system is the user's to fix (TMPDIR), not a bug: say which one."""
-    from ..errors import DiskFullError
+    from git_theta.errors import DiskFullError
 
     DiskFullError.check(
         exc, tempfile.gettempdir(), "copying the file to a temporary file",

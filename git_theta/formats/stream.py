@@ -9,7 +9,7 @@ and what was being read.
 
 import struct
 
-from ..errors import CheckpointError
+from git_theta.errors import CheckpointError
 
 CHUNK = 1 << 16
 TRUNCATED_HINT = "the file was not completely written; save or download it again"

@@ -34,17 +34,17 @@ import struct
 import sys
 import warnings
 
-from ..errors import CheckpointError, ManifestError, UnsafeCheckpointError
-from ..updates.base import TensorData
-from .base import CheckpointFormat, CheckpointReader, dump_json, get_json, put_json
-from .spool import WriteOnly, spooled
+from git_theta.errors import CheckpointError, ManifestError, UnsafeCheckpointError
+from git_theta.updates.base import TensorData
+from git_theta.formats.base import CheckpointFormat, CheckpointReader, dump_json, get_json, put_json
+from git_theta.formats.spool import WriteOnly, spooled
 
 ZIP_MAGIC = b"PK\x03\x04"
 # Legacy (pre-1.6) torch.save files are a pickle stream starting with this magic number.
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02"
 ALIGN = 64
 
-# torch dtype attribute -> the shared dtype vocabulary (git_theta.dtypes).
+# torch dtype attribute -> the shared dtype vocabulary (git_theta.tensors.dtypes).
 _DTYPE_NAMES = {
     "float64": "F64",
     "float32": "F32",

@@ -21,7 +21,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
-from ..errors import ManifestError
+from git_theta.errors import ManifestError
 
 INDEX_SUFFIX = ".index.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -305,7 +305,7 @@ class ParentModels:
         return head, index
 
     def _manifest(self, oid, path):
-        from ..manifest import Manifest, is_manifest
+        from git_theta.manifest import Manifest, is_manifest
 
         if oid not in self._manifests:
             data = self.repo.read_blob(oid)
@@ -321,7 +321,7 @@ class ParentModels:
     def at(self, rev, folder, own_stem):
         """A Manifest of all the tensors of the files of ``folder`` with stem ``own_stem`` in
         commit ``rev`` (a model as it was then, whatever its layout); None when it has none."""
-        from ..manifest import Manifest
+        from git_theta.manifest import Manifest
 
         key = (folder, rev)
         if key not in self._listings:
@@ -366,7 +366,7 @@ class ParentModels:
 def model_rows(repo, rev, tracked, file_rows):
     """``git theta ls-files`` rows of the models of several files (or an adapter) in ``rev``:
     name, files, index, adapter_of, and totals of the files' rows (objects counted once)."""
-    from ..inventory import version_paths
+    from git_theta.git.inventory import version_paths
 
     commit = None if rev is None else rev
     paths = version_paths(repo, commit)

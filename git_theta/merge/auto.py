@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError
+from git_theta.errors import ConfigError
 
 MODEL_FILE = Path(__file__).with_name("auto_model.json")
 SCHEMA = 1
@@ -71,7 +71,7 @@ class FeatureAccumulator:
         """One tensor: ``models`` (float arrays, same shape) and ``base``."""
         import numpy as np
 
-        from .signals import measure
+        from git_theta.merge.signals import measure
 
         deltas = [(m.astype(np.float64) - base).ravel() for m in models]
         for i in range(self.n):

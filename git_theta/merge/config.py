@@ -15,9 +15,9 @@ from the inputs for random operators.
 
 from dataclasses import dataclass, field
 
-from ..allowlist import theta_attribute
-from ..errors import ConfigError
-from .rules import Rule, normalize_key, parse_rule, parse_rules
+from git_theta.git.allowlist import theta_attribute
+from git_theta.errors import ConfigError
+from git_theta.merge.rules import Rule, normalize_key, parse_rule, parse_rules
 
 RESERVED = {"operator", "seed", "rule"}
 RULES_FILE = ".thetamerge"
@@ -68,7 +68,7 @@ class MergeConfig:
 
 def read_merge_config(repo):
     """(key, value) pairs of every ``theta.merge.*`` git config entry, in git's order."""
-    from ..settings import settings_for
+    from git_theta.config import settings_for
 
     return [(key[len("theta.merge."):], value) for key, value in settings_for(repo).entries("theta.merge.")]
 
@@ -130,7 +130,7 @@ def load_config(repo, paths=(), operator=None, params=None, seed=None):
 
 def parse_param_flags(items):
     """``--param KEY=VALUE`` flags -> dict (normalised keys)."""
-    from .rules import parse_params
+    from git_theta.merge.rules import parse_params
 
     return parse_params(items, "--param")
 

@@ -16,11 +16,11 @@ otherwise the file merges by itself and such a tensor is a conflict pointing to 
 
 from pathlib import Path
 
-from ..errors import ManifestError
-from ..manifest import Manifest, is_manifest
-from .config import load_config
-from .engine import DeltaPolicy, FileMerge, Outcome, check_config, merge_manifests
-from .side import SideData
+from git_theta.errors import ManifestError
+from git_theta.manifest import Manifest, is_manifest
+from git_theta.merge.config import load_config
+from git_theta.merge.engine import DeltaPolicy, FileMerge, Outcome, check_config, merge_manifests
+from git_theta.merge.side import SideData
 
 LABELS = ("ours", "theirs")
 
@@ -43,7 +43,7 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
     base = _manifest(base_file, "base", pathname)
     config = load_config(repo, [pathname])
     notes = check_config(config, len(LABELS))
-    from ..settings import settings_for
+    from git_theta.config import settings_for
 
     settings = settings_for(repo)
     side_data = SideData.for_driver(repo, pathname, [ours, theirs])
@@ -65,9 +65,9 @@ def _whole_model_inputs(repo, pathname, base, ours, theirs):
     """(base, theirs) taken by name from the whole model on each side when ``pathname`` is a file
     of a model of several files and the commits of all three sides are known exactly (HEAD, and
     the commits whose ``pathname`` is what git handed over); None for the per-file merge."""
-    from ..git.models import model_at
-    from .models import by_name_inputs
-    from .side import _find_commit, find_base_commit
+    from git_theta.git.models import model_at
+    from git_theta.merge.models import by_name_inputs
+    from git_theta.merge.side import _find_commit, find_base_commit
 
     if base is None:
         return None
@@ -91,9 +91,9 @@ def _whole_model_inputs(repo, pathname, base, ours, theirs):
 def _flag_moved(repo, pathname, ours, theirs, result):
     """Turn the outcome of a tensor that a side moved to another shard into a conflict (ours kept):
     only ``git theta merge`` sees both files (merge/models.py)."""
-    from .engine import Outcome
-    from .models import moved_elsewhere
-    from .side import _find_commit
+    from git_theta.merge.engine import Outcome
+    from git_theta.merge.models import moved_elsewhere
+    from git_theta.merge.side import _find_commit
 
     moved = moved_elsewhere(repo, pathname, ours, theirs, _find_commit(repo, pathname, theirs, ours=False))
     if not moved:

@@ -15,13 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
-from .. import plugins
-from ..dtypes import nbytes
-from ..errors import GitThetaError, UsageError
-from ..manifest import Manifest
-from .operator import OperatorError
-from .params import describe, layer_count, position
-from .plan import decide
+from git_theta import registry as plugins
+from git_theta.tensors.dtypes import nbytes
+from git_theta.errors import GitThetaError, UsageError
+from git_theta.manifest import Manifest
+from git_theta.merge.operator import OperatorError
+from git_theta.merge.params import describe, layer_count, position
+from git_theta.merge.plan import decide
 
 #: operators that pick one input: resolved by entry, bit for bit, whatever the dtype or shape
 PICKS = ("ours", "theirs", "base")
@@ -99,7 +99,7 @@ def check_config(config, n_sides=2):
                 f"merge operator {name!r} has no parameter {key!r} (from {where})",
                 hint=f"{describe(op)}; drop the parameter or pick an operator that takes it",
             )
-        from .params import resolve
+        from git_theta.merge.params import resolve
 
         try:
             resolve(op, _known(op, params, strict=strict), n_sides)
@@ -170,7 +170,7 @@ class Loader:
         self.deltas = deltas  # a DeltaPolicy: store results as deltas of an input (None: dense)
 
     def raw(self, entry):
-        from ..codec import decode_tensor
+        from git_theta.tensors.chain import decode_tensor
 
         # merge-files reads input tensors from their files (files.StreamedStore), not the store
         read = getattr(self.store, "read_tensor", None)
@@ -180,7 +180,7 @@ class Loader:
     def values(self, entry, raw=None):
         import numpy as np
 
-        from ..bits import to_float
+        from git_theta.tensors.bits import to_float
 
         precision = np.float64 if entry.dtype == "F64" else np.float32
         return to_float(self.raw(entry) if raw is None else raw, entry.dtype, entry.shape, precision)
@@ -189,7 +189,7 @@ class Loader:
 @dataclass(frozen=True)
 class DeltaPolicy:
     """How merge results are stored: as the smallest exact encoding against ours, theirs or the
-    base (the same choice clean makes, :mod:`git_theta.choose`), within clean's chain limits."""
+    base (the same choice clean makes, :mod:`git_theta.updates.choose`), within clean's chain limits."""
 
     max_depth: int = 8  # theta.maxChainDepth
     max_full: int = 1  # theta.maxFullDeltas
@@ -206,10 +206,10 @@ def store_compact(store, tensor, candidates, policy):
     A candidate is skipped when a delta on it would pass ``theta.maxChainDepth``; one whose chain
     holds ``theta.maxFullDeltas`` whole-tensor deltas takes only a partial (sparse) delta, as in clean.
     """
-    from ..choose import choose
-    from ..clean import _partial_delta
-    from ..codec import encode_tensor, encoded_size, store_encoded
-    from ..updates.base import TensorData
+    from git_theta.updates.choose import choose
+    from git_theta.filter.clean import _partial_delta
+    from git_theta.tensors.chain import encode_tensor, encoded_size, store_encoded
+    from git_theta.updates.base import TensorData
 
     best, seen = None, set()
     for entry, raw in candidates:
@@ -234,7 +234,7 @@ def store_compact(store, tensor, candidates, policy):
 
 def _full_deltas(store, entry):
     """How many whole-tensor deltas (int-delta, low-rank, ...) ``entry``'s chain stacks."""
-    from ..codec import chain_headers
+    from git_theta.tensors.chain import chain_headers
 
     if entry.chain_depth == 0:
         return 0
@@ -361,7 +361,7 @@ def _merge_tensor(path, name, base, entries, labels, config, loader, store, ever
                        operator_name, origin, signals=signals), entries[0]
     raw = _subset(op, _known(op, params, choice.strict if choice.operator != AUTO else frozenset()),
                   list(decision.inputs), len(entries))
-    from .params import resolve
+    from git_theta.merge.params import resolve
 
     try:
         resolved = resolve(op, raw, len(inputs), tensor=name, x=position(name, layers))
@@ -383,9 +383,9 @@ def _run_operator(op, params, name, inputs, base_entry, base, config, loader, st
     """
     import numpy as np
 
-    from ..bits import from_float
-    from ..codec import encode_tensor, tensor_digest
-    from ..updates.base import TensorData
+    from git_theta.tensors.bits import from_float
+    from git_theta.tensors.chain import encode_tensor, tensor_digest
+    from git_theta.updates.base import TensorData
 
     like = inputs[0]
     raws = [loader.raw(e) for e in (*inputs, base_entry) if e is not None]
@@ -431,7 +431,7 @@ def _signals(loader, inputs, base_entry):
     without a base (there are no task vectors then)."""
     if base_entry is None:
         return {}
-    from .signals import measure
+    from git_theta.merge.signals import measure
 
     models = [loader.values(e) for e in inputs]
     return measure(models, loader.values(base_entry))
@@ -439,8 +439,8 @@ def _signals(loader, inputs, base_entry):
 
 def _auto(signals):
     """(operator name, raw params, reason) picked by the signal rule for ``--operator auto``."""
-    from .auto import current_pick
-    from .signals import choose
+    from git_theta.merge.auto import current_pick
+    from git_theta.merge.signals import choose
 
     if not signals:
         return "linear", {}, "linear (no base)"

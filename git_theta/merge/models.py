@@ -17,8 +17,8 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
-from ..git.models import group, is_sidecar, parse_index, tensors_of
-from ..manifest import Manifest
+from git_theta.git.models import group, is_sidecar, parse_index, tensors_of
+from git_theta.manifest import Manifest
 
 
 @dataclass
@@ -42,7 +42,7 @@ def _version(repo, tree, tracked, read):
 
 
 def read_manifest(read, oid, path):
-    from ..manifest import is_manifest
+    from git_theta.manifest import is_manifest
 
     data = read(oid)
     return Manifest.parse(data, source=path) if data is not None and is_manifest(data) else None
@@ -84,7 +84,7 @@ def relayout_names(repo, base_tree, trees, tracked):
 
 def plan_models(repo, base_tree, trees, labels, config, tracked, merge_kwargs):
     """ModelPlans for the models whose layout differs between the base and a side (else [])."""
-    from .engine import merge_manifests
+    from git_theta.merge.engine import merge_manifests
 
     plans = []
     for name, base, sides, base_sidecars, side_sidecars, target in _relayouts(repo, base_tree, trees, tracked):
@@ -155,7 +155,7 @@ def moved_elsewhere(repo, pathname, ours, theirs, theirs_commit):
     and the other file's version of such a tensor is merged (or not) on its own, so no per-path
     result can be right: the driver reports them as conflicts and points to ``git theta merge``,
     which merges the model whole."""
-    from ..git.models import ParentModels, is_shard, stem
+    from git_theta.git.models import ParentModels, is_shard, stem
 
     if not is_shard(pathname):
         return {}
@@ -188,8 +188,8 @@ def by_name_inputs(repo, pathname, base, ours, theirs, base_commit, theirs_commi
     index json, added or deleted a file, or moved tensors into or out of a file ours left alone),
     or loses a change (theirs changed a tensor that ours holds in a file only ours changed).
     """
-    from ..errors import ManifestError
-    from ..git.models import ModelError, model_at
+    from git_theta.errors import ManifestError
+    from git_theta.git.models import ModelError, model_at
 
     read = repo.read_blob
     versions = [model_at(repo, rev, pathname) for rev in (base_commit, "HEAD", theirs_commit)]

@@ -12,7 +12,7 @@ Parameter names and defaults follow mergekit 0.1.5 so its recipes carry over; se
 
 from dataclasses import dataclass, field
 
-from ..errors import GitThetaError, UsageError
+from git_theta.errors import GitThetaError, UsageError
 
 
 class OperatorError(GitThetaError):

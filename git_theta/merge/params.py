@@ -18,7 +18,7 @@ the text is read with ``yaml.safe_load``.
 import math
 import re
 
-from ..errors import UsageError
+from git_theta.errors import UsageError
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}

@@ -29,9 +29,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
-from .config import Choice, MergeConfig
-from .params import evaluate, layer_count, layer_index, parse_setting
+from git_theta.errors import UsageError
+from git_theta.merge.config import Choice, MergeConfig
+from git_theta.merge.params import evaluate, layer_count, layer_index, parse_setting
 
 #: recipe keys this reads
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
@@ -119,7 +119,7 @@ def load_recipe(path):
 
 def parse_recipe(data, source="recipe"):
     """A :class:`Recipe` from the YAML data of a recipe (``source`` names it in messages)."""
-    from .engine import get_operator
+    from git_theta.merge.engine import get_operator
 
     if not isinstance(data, dict):
         raise UsageError(f"{source}: a recipe is a mapping of keys, not {type(data).__name__}",
@@ -227,7 +227,7 @@ def _source(item, source, where, allowed):
 
 def _params(value, source, where):
     """{name: setting} of a ``parameters:`` mapping, each value checked as a setting."""
-    from .params import canonical
+    from git_theta.merge.params import canonical
 
     if value is None:
         return {}
@@ -251,7 +251,7 @@ class Part:
 
 def roles(recipe, sources, base_ref):
     """(inputs, base) among ``sources`` for the recipe's method (see the module doc)."""
-    from .engine import get_operator
+    from git_theta.merge.engine import get_operator
 
     op = get_operator(recipe.method, recipe.source)
     base = next((s for s in sources if s.model == base_ref), None) if base_ref else None
@@ -310,7 +310,7 @@ class RecipeConfig(MergeConfig):
         return Choice(self.recipe.method, raw, self.operator_origin, frozenset(raw))
 
     def _default(self, key):
-        from .engine import get_operator
+        from git_theta.merge.engine import get_operator
 
         return get_operator(self.recipe.method).params[key].default
 
@@ -320,7 +320,7 @@ class RecipeConfig(MergeConfig):
         A model's own value wins over its slice's, which wins over the global one (as mergekit);
         names the method does not take are left out (see :func:`check`).
         """
-        from .engine import get_operator
+        from git_theta.merge.engine import get_operator
 
         op = get_operator(self.recipe.method)
         out = {}
@@ -338,8 +338,8 @@ class RecipeConfig(MergeConfig):
 
 def check(recipe, plan):
     """Notes for parameter names the method does not take; errors for names no method has."""
-    from .. import plugins
-    from .engine import get_operator
+    from git_theta import registry as plugins
+    from git_theta.merge.engine import get_operator
 
     op = get_operator(recipe.method)
     known = set().union(*(plugins.get("merge", n).params for n in plugins.names("merge")))
@@ -362,7 +362,7 @@ def check(recipe, plan):
 def sliced_manifests(recipe, plan, manifests, fmt):
     """Sides, base and layout of a sliced recipe: per input position a manifest whose tensors are
     renamed from each source's layers to the output layers (``manifests``: model ref -> Manifest)."""
-    from ..manifest import Manifest
+    from git_theta.manifest import Manifest
 
     n_inputs = len(plan[0].inputs)
     sides = [Manifest(format=fmt) for _ in range(n_inputs)]
@@ -414,6 +414,6 @@ def _with_layer(name, layer):
 
 
 def _renamed(entry, name):
-    from ..manifest import TensorEntry
+    from git_theta.manifest import TensorEntry
 
     return TensorEntry(name, entry.dtype, entry.shape, entry.digest, entry.update, entry.objects)

@@ -14,7 +14,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from git_theta.errors import ConfigError
 
 _OPERATOR = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _KEY = re.compile(r"[a-z][a-z0-9_-]*\Z")
@@ -36,7 +36,7 @@ class Rule:
 def normalize_key(key):
     """Parameter names are mergekit's (``select_topk``); git config keys cannot hold ``_``, so
     ``select-topk`` is accepted as the same name (see :func:`.params.canonical`)."""
-    from .params import canonical
+    from git_theta.merge.params import canonical
 
     return canonical(key)
 

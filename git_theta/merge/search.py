@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import GitThetaError, UsageError
+from git_theta.errors import GitThetaError, UsageError
 
 #: the default grid (documented in docs/merge-search.md); slerp and nuslerp only for two models
 DEFAULT_GRID = (
@@ -112,7 +112,7 @@ def default_candidates(n_models):
 def parse_candidates(text, source):
     """Candidates from ``--candidates FILE``: a JSON list of ``{"operator", "params"}`` objects, or one
     ``OPERATOR [KEY=VALUE ...]`` per line (``#`` comments and blank lines ignored)."""
-    from .rules import parse_params
+    from git_theta.merge.rules import parse_params
 
     stripped = text.strip()
     out = []
@@ -347,7 +347,7 @@ def greedy_branches(search, recipe, branches, fixed=()):
 
 def table(results, best=None):
     """Lines of the search table (ranked by score, then the others in order)."""
-    from ..diff_text import table as render
+    from git_theta.diff.text import table as render
 
     ok = sorted((r for r in results if r.status == "ok"), key=lambda r: -r.score)
     rest = [r for r in results if r.status != "ok"]

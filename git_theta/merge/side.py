@@ -63,9 +63,9 @@ class SideData:
     def _values(self, rev, file_path, name):
         import numpy as np
 
-        from ..bits import to_float
-        from ..codec import decode_tensor
-        from ..manifest import Manifest
+        from git_theta.tensors.bits import to_float
+        from git_theta.tensors.chain import decode_tensor
+        from git_theta.manifest import Manifest
 
         if rev is None:
             return None
@@ -91,8 +91,8 @@ class SideData:
         """The side file at ``rev``: its Manifest, {name: TensorData} for a plain checkpoint, or None."""
         import io
 
-        from ..clean import SNIFF_BYTES, detect_format
-        from ..manifest import Manifest, is_manifest
+        from git_theta.filter.clean import SNIFF_BYTES, detect_format
+        from git_theta.manifest import Manifest, is_manifest
 
         data = self.repo.read_blob(f"{rev}:{file_path}")
         if data is None:

@@ -12,9 +12,9 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from ..errors import GitThetaError, UsageError
-from ..git.notes import add_note
-from ..merge.search import (
+from git_theta.errors import GitThetaError, UsageError
+from git_theta.git.notes import add_note
+from git_theta.merge.search import (
     BuildFailed,
     Search,
     SearchError,
@@ -58,9 +58,9 @@ def _describe_conflicts(conflicts):
 def write_tree(repo, tree_merge, folder, threads=1):
     """Write the files of a merged tree under ``folder`` as a checkout would (checkpoints written from
     the store by their format plugins, other regular files as git holds them)."""
-    from .. import plugins
-    from ..manifest import Manifest, is_manifest
-    from ..merge.files import write_checkpoint
+    from git_theta import registry as plugins
+    from git_theta.manifest import Manifest, is_manifest
+    from git_theta.porcelain.merge_files import write_checkpoint
 
     root = os.path.realpath(folder)
     for path, value in sorted(tree_merge.entries.items()):
@@ -102,8 +102,8 @@ def search_merge(repo, branches, command, candidates=None, jobs=1, budget=None, 
     greedily (see :func:`.search.greedy_branches`), so the merge may leave out a branch that lowers
     the score. Returns a :class:`SearchOutcome`.
     """
-    from ..merge import porcelain
-    from ..settings import settings_for
+    from git_theta.porcelain import merge as porcelain
+    from git_theta.config import settings_for
 
     if not dry_run:
         porcelain._require_clean(repo)
@@ -144,7 +144,7 @@ def search_merge(repo, branches, command, candidates=None, jobs=1, budget=None, 
 def search_files(inputs, output, command, candidates=None, jobs=1, budget=None, timeout=None, base=None,
                  every_tensor=False, dry_run=False, progress=None):
     """``merge-files --search``: the best candidate merge of checkpoint files ``inputs`` goes to ``output``."""
-    from ..merge.files import merge_files
+    from git_theta.porcelain.merge_files import merge_files
 
     if len(inputs) < 2:
         raise UsageError("merge-files --search needs at least two checkpoints", hint="list the files to merge")
@@ -187,8 +187,8 @@ def _features_of(store, named_manifests, base_manifests, path_filter=None):
 
     ``named_manifests``: per model {path: Manifest}; ``base_manifests``: {path: Manifest}.
     """
-    from ..merge.auto import FeatureAccumulator
-    from ..merge.engine import Loader
+    from git_theta.merge.auto import FeatureAccumulator
+    from git_theta.merge.engine import Loader
 
     acc = FeatureAccumulator(len(named_manifests))
     for path, base in sorted(base_manifests.items()):
@@ -212,7 +212,7 @@ def _probe(command, folders):
     """Activations the --probe command prints for each folder (numbers, whitespace/JSON list)."""
     import re
 
-    from ..merge.search import run_command_output
+    from git_theta.merge.search import run_command_output
 
     out = []
     for folder in folders:
@@ -226,9 +226,9 @@ def _probe(command, folders):
 
 
 def _commit_manifests(repo, commit):
-    from ..inventory import theta_paths
-    from ..manifest import Manifest, is_manifest
-    from ..merge.porcelain import _tree
+    from git_theta.git.inventory import theta_paths
+    from git_theta.manifest import Manifest, is_manifest
+    from git_theta.porcelain.merge import _tree
 
     tree = _tree(repo, commit)
     out = {}
@@ -241,14 +241,14 @@ def _commit_manifests(repo, commit):
 
 def predict_sets(acc, n_sides, functional=None):
     """auto's Prediction for all sides, with the branches chosen greedily for 3+ models."""
-    from ..merge.auto import choose_branches, predict
+    from git_theta.merge.auto import choose_branches, predict
 
     def features(members):
         feats = acc.features(members)
         if feats is None:
             return None
         if functional is not None:
-            from ..merge.auto import functional_features
+            from git_theta.merge.auto import functional_features
 
             feats.update(functional_features([functional[1][i] for i in members], functional[0]))
         return feats
@@ -276,7 +276,7 @@ def predict_sets(acc, n_sides, functional=None):
 def auto_merge(repo, branches, base=None, probe=None):
     """auto's choice for merging HEAD and ``branches``: a Prediction whose ``branches`` are the branch
     names kept, in merge order (None when no checkpoint changed on several sides)."""
-    from ..merge.porcelain import TreeMerge, merge_sides
+    from git_theta.porcelain.merge import TreeMerge, merge_sides
 
     head, commits, base_commit = merge_sides(repo, branches, base)
     if base_commit is None:
@@ -309,8 +309,8 @@ def auto_files(inputs, base, probe=None):
     import tempfile
     from pathlib import Path
 
-    from ..merge.files import StreamedStore, ingest
-    from ..object_store import ObjectStore
+    from git_theta.porcelain.merge_files import StreamedStore, ingest
+    from git_theta.store.objects import ObjectStore
 
     if base is None:
         return None

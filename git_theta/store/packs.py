@@ -29,7 +29,7 @@ import hashlib
 import struct
 import threading
 
-from ..errors import ObjectCorruptError
+from git_theta.errors import ObjectCorruptError
 
 MAGIC = b"GTPACK1\n"
 _COUNT = struct.Struct("<Q")
@@ -104,7 +104,7 @@ class PackWriter:
         self._bytes = 0
 
     def add(self, data, oid=None):
-        from ..manifest import ObjectRef
+        from git_theta.manifest import ObjectRef
 
         oid = oid or hashlib.sha256(data).hexdigest()
         full = None

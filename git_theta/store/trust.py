@@ -42,7 +42,7 @@ def pair_key(entry):
 
 
 class TrustLedger:
-    """Trusted pairs of one repository, read from and written to its :class:`~git_theta.cache.Cache`.
+    """Trusted pairs of one repository, read from and written to its :class:`~git_theta.store.cache.Cache`.
 
     Positive answers are remembered for the process (a pair never stops being trusted, since
     objects are immutable and named by their hash), so a checkout asks SQLite once per tensor.

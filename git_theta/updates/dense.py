@@ -1,9 +1,9 @@
 """``dense``: the whole tensor as byte planes compressed with zstandard (a keyframe)."""
 
-from ..buffers import new_buffer
-from ..dtypes import element_count, get_dtype
-from ..planes import check_planes, decode_planes, encode_planes
-from .base import Encoded, UpdateType
+from git_theta.tensors.buffers import new_buffer
+from git_theta.tensors.dtypes import element_count, get_dtype
+from git_theta.tensors.planes import check_planes, decode_planes, encode_planes
+from git_theta.updates.base import Encoded, UpdateType
 
 
 class DenseUpdate(UpdateType):

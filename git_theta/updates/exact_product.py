@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..errors import ObjectCorruptError
+from git_theta.errors import ObjectCorruptError
 
 
 class TooManyUncertain(ObjectCorruptError):

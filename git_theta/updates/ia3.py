@@ -8,13 +8,13 @@ to the tensor's dtype, and an exact residual (:mod:`.residual`) makes the result
 
 import numpy as np
 
-from ..bits import as_bits, from_float, to_float
-from ..dtypes import element_count, get_dtype
-from ..errors import ObjectCorruptError
-from ..planes import decode_sections, encode_sections
-from .base import Encoded, UpdateType
-from .residual import decode_residual, encode_residual
-from .low_rank import LOW_RANK_DTYPES
+from git_theta.tensors.bits import as_bits, from_float, to_float
+from git_theta.tensors.dtypes import element_count, get_dtype
+from git_theta.errors import ObjectCorruptError
+from git_theta.tensors.planes import decode_sections, encode_sections
+from git_theta.updates.base import Encoded, UpdateType
+from git_theta.updates.residual import decode_residual, encode_residual
+from git_theta.updates.low_rank import LOW_RANK_DTYPES
 
 
 def predict(base_values, scale, dtype):

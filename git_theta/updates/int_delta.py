@@ -8,10 +8,10 @@ integer arithmetic makes it exact for every bit pattern.
 
 import numpy as np
 
-from ..bits import as_bits
-from ..errors import ObjectCorruptError
-from ..planes import encode_sections, iter_decoded_chunks, section_spans
-from .base import Encoded, UpdateType, writable_base
+from git_theta.tensors.bits import as_bits
+from git_theta.errors import ObjectCorruptError
+from git_theta.tensors.planes import encode_sections, iter_decoded_chunks, section_spans
+from git_theta.updates.base import Encoded, UpdateType, writable_base
 
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 

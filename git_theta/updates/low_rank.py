@@ -24,14 +24,14 @@ exact sum, which any matrix multiply can compute with a proof of its rounding
 
 import numpy as np
 
-from ..bits import as_bits, from_float, to_float
-from ..dtypes import get_dtype
-from ..errors import ObjectCorruptError
-from ..planes import decode_sections, encode_sections
-from .base import Encoded, UpdateType, writable_base
-from .exact_product import ExactProduct, TooManyUncertain
-from .int_delta import zigzag_delta
-from .residual import decode_residual, encode_residual
+from git_theta.tensors.bits import as_bits, from_float, to_float
+from git_theta.tensors.dtypes import get_dtype
+from git_theta.errors import ObjectCorruptError
+from git_theta.tensors.planes import decode_sections, encode_sections
+from git_theta.updates.base import Encoded, UpdateType, writable_base
+from git_theta.updates.exact_product import ExactProduct, TooManyUncertain
+from git_theta.updates.int_delta import zigzag_delta
+from git_theta.updates.residual import decode_residual, encode_residual
 
 LOW_RANK_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_RANK = 64

@@ -10,10 +10,10 @@ zstd, which cannot code a mostly-zero byte stream much below one bit per element
 
 import numpy as np
 
-from ..errors import ObjectCorruptError
-from ..planes import encode_sections
-from .int_delta import apply_zigzag_delta, zigzag_delta
-from .sparse import apply_changes, encode_index
+from git_theta.errors import ObjectCorruptError
+from git_theta.tensors.planes import encode_sections
+from git_theta.updates.int_delta import apply_zigzag_delta, zigzag_delta
+from git_theta.updates.sparse import apply_changes, encode_index
 
 
 def encode_residual(new_bits, predicted_bits):

@@ -11,11 +11,11 @@ exact, NaN payloads and -0.0 included.
 
 import numpy as np
 
-from ..bits import as_bits
-from ..errors import ObjectCorruptError
-from ..planes import decode_sections, encode_sections
-from .base import Encoded, UpdateType, writable_base
-from .int_delta import apply_zigzag_delta, zigzag_delta
+from git_theta.tensors.bits import as_bits
+from git_theta.errors import ObjectCorruptError
+from git_theta.tensors.planes import decode_sections, encode_sections
+from git_theta.updates.base import Encoded, UpdateType, writable_base
+from git_theta.updates.int_delta import apply_zigzag_delta, zigzag_delta
 
 
 SAMPLE_COUNT = 1 << 14  # changes on which the coding choices are made when there are more

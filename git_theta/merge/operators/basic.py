@@ -1,7 +1,7 @@
 """Pick-a-side operators (``ours``, ``theirs``, ``base``) and the weighted average ``linear``."""
 
-from ...errors import UsageError
-from ..operator import MergeOperator, Param
+from git_theta.errors import UsageError
+from git_theta.merge.operator import MergeOperator, Param
 
 #: per-model coefficient shared by every weighted operator; mergekit requires it, we default to 1
 WEIGHT = Param(1.0, "float", per_model=True, doc="coefficient of each model (ours first)")

@@ -5,7 +5,7 @@ t = N·c / (1 + (N−1)·c), c = mean pairwise cosine of the task vectors (per t
 task vectors extrapolate away from the fine-tunes.
 """
 
-from ..operator import MergeOperator, Param
+from git_theta.merge.operator import MergeOperator, Param
 
 
 class ModelStock(MergeOperator):

@@ -7,7 +7,7 @@ input, the operator of mergekit's layer-stacking recipes (``slices``). Definitio
 defaults: mergekit 0.1.5 (``MERGE-OPERATORS.md`` §7).
 """
 
-from ..operator import MergeOperator, Param
+from git_theta.merge.operator import MergeOperator, Param
 
 
 def _ram_masks(models, base, epsilon):
@@ -160,7 +160,7 @@ class Passthrough(MergeOperator):
 
 
 def _require(op, params, key, example):
-    from ...errors import UsageError
+    from git_theta.errors import UsageError
 
     if params[key] is None:
         raise UsageError(f"merge operator {op.name!r} needs parameter {key!r}", hint=f"for example --param {example}")

@@ -8,8 +8,8 @@ a base (always, inside ``git merge``) and on the weights themselves without one.
 
 import math
 
-from ..operator import MergeOperator, OperatorError, Param
-from .basic import WEIGHT
+from git_theta.merge.operator import MergeOperator, OperatorError, Param
+from git_theta.merge.operators.basic import WEIGHT
 
 
 def _lerp(t, a, b):

@@ -14,9 +14,9 @@ Randomness (DARE, DELLA masks) comes only from the ``rng`` the driver passes, on
 model order, so a merge is reproducible from the seed.
 """
 
-from ...errors import UsageError
-from ..operator import MergeOperator, Param
-from .basic import WEIGHT
+from git_theta.errors import UsageError
+from git_theta.merge.operator import MergeOperator, Param
+from git_theta.merge.operators.basic import WEIGHT
 
 _DENSITY = Param(1.0, "float", per_model=True, low=0.0, high=1.0, doc="fraction of entries kept")
 _LAMBDA = Param(1.0, "float", doc="scale of the merged task vector")

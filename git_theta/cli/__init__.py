@@ -1,0 +1,1 @@
+"""The command line (click): parse, call the porcelain, render. The only layer that prints."""

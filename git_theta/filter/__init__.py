@@ -1,0 +1,1 @@
+"""git's filters: the long-running process, pkt-line, clean and smudge."""

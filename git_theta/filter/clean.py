@@ -1,0 +1,544 @@
+"""Clean: turn a checkpoint byte stream into a manifest, storing each new tensor in the object store.
+
+The reader thread pulls one tensor at a time from the stream (git's pipe); worker threads hash and
+encode tensors in parallel (hashlib, numpy and zstandard release the GIL). The bytes of tensors in
+flight are bounded by a budget, so memory stays near the largest tensor, not the checkpoint. A
+tensor whose bytes are already stored (same digest in the parent manifest, the digest index or the
+stat cache) costs no new bytes and no encoding.
+
+A changed tensor (same name, dtype and shape as in the parent manifest, different digest) is stored
+as the smallest exact encoding of its change (:mod:`git_theta.updates.choose`) against the parent's tensor,
+decoded from the store; the delta names its base by tensor digest. Chains are cut by a dense
+keyframe when they cost too much (:mod:`git_theta.tensors.keyframes`), and stack at most ``theta.maxFullDeltas``
+whole-tensor deltas: past that, a whole-tensor change is taken against the chain's keyframe.
+``git theta add`` can force an update type or supply the update (an adapter) for one ``git add``:
+it passes the request in ``GIT_THETA_ADD_REQUEST``.
+"""
+
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from git_theta import registry as plugins
+from git_theta.git.allowlist import theta_attribute
+from git_theta.tensors.chain import (
+    chain_headers,
+    decode_tensor,
+    encode_tensor,
+    encode_update,
+    encoded_size,
+    keyframe_entry,
+    store_encoded,
+    tensor_digest,
+)
+from git_theta.tensors.dtypes import nbytes
+from git_theta.errors import (
+    CheckpointError,
+    ConfigError,
+    ManifestError,
+    ObjectCorruptError,
+    ObjectMissingError,
+    PluginError,
+    UpdateError,
+)
+from git_theta.manifest import Manifest, ObjectRef, TensorEntry, is_manifest
+from git_theta.formats.peekable import PeekableReader
+from git_theta.config import settings_for
+from git_theta.tensors.keyframes import needs_keyframe
+from git_theta.updates.base import TensorData
+
+SNIFF_BYTES = 4096
+BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
+BATCH_TENSORS = 256  # ...or this many tensors
+MAX_MANIFEST = 256 << 20
+
+
+def detect_format(repo, path, head):
+    """The format plugin for ``path``: the ``theta-format`` attribute if set, else by content."""
+    forced = theta_attribute(repo, path, "theta-format") if repo is not None else None
+    if forced is not None:
+        return plugins.get("format", forced, needed_by=f"{path} (attribute theta-format)")
+    candidates = plugins.all_plugins("format")
+    # Prefer formats whose usual suffix matches, then the rest; content decides in both cases.
+    candidates.sort(key=lambda f: not path.endswith(tuple(f.suffixes)))
+    for fmt in candidates:
+        if fmt.sniff(head, path):
+            return fmt
+    raise CheckpointError(
+        f"{path}: not a checkpoint format git-theta knows "
+        f"({', '.join(plugins.names('format'))})",
+        hint="set the format with the attribute theta-format=NAME in .gitattributes, "
+        "or untrack the file with 'git theta untrack'",
+    )
+
+
+def parent_manifest(repo, path, base_spec=None, prefer_head=False):
+    """The manifest this path had in the index (or else HEAD), if any: the base for dedup and deltas.
+
+    ``base_spec`` (``REV:PATH``, from ``git theta add --base``) names another one explicitly;
+    ``prefer_head`` looks at HEAD before the index.
+    """
+    if repo is None:
+        return None
+    if base_spec is not None:
+        data = repo.read_blob(base_spec)
+        if not data or not is_manifest(data):
+            raise UpdateError(
+                f"{path}: --base {base_spec} is not a git-theta checkpoint",
+                hint="name a tracked checkpoint as REV:PATH, e.g. HEAD~1:model.safetensors",
+            )
+        return Manifest.parse(data, source=base_spec)
+    # 'git theta add' re-encodes a version that a plain 'git add' may already have put in the
+    # index: its deltas are taken against the committed version first.
+    order = (f"HEAD:{path}", f":{path}") if prefer_head else (f":{path}", f"HEAD:{path}")
+    for spec in order:
+        try:
+            data = repo.read_blob(spec)
+        except Exception:
+            data = None
+        if data and is_manifest(data):
+            try:
+                return Manifest.parse(data, source=spec)
+            except ManifestError:
+                return None
+    return None
+
+
+def stat_key(path):
+    """The identity of a work-tree file as git's index sees it, or None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+class AddRequest:
+    """What ``git theta add`` asked for one path: a forced update type, an adapter, a base."""
+
+    def __init__(self, update_type=None, update_path=None, base=None):
+        self.update_type = update_type
+        self.update_path = update_path
+        self.base = base
+        self.adapter = None
+
+    @classmethod
+    def for_path(cls, settings, path):
+        """The request for ``path`` from the ``addRequest`` setting (JSON by path), or None."""
+        raw = settings.get("addRequest")
+        if not raw:
+            return None
+        try:
+            requests = json.loads(raw)
+            item = requests.get(path)
+        except (ValueError, AttributeError):
+            raise ConfigError(f"GIT_THETA_ADD_REQUEST is not valid JSON: {raw[:80]!r}") from None
+        if item is None:
+            return None
+        request = cls(item.get("update_type"), item.get("update_path"), item.get("base"))
+        if request.update_type is not None:
+            plugins.get("update", request.update_type, needed_by=f"{path} (--update-type)")
+        if request.update_path:
+            from git_theta.updates.adapters import load_adapter
+
+            request.adapter = load_adapter(request.update_path, request.update_type)
+            if item.get("targets") is not None:  # a shard of a sharded model: its own targets only
+                request.adapter.restrict(item["targets"])
+        return request
+
+
+class _Budget:
+    """Bounds the bytes of tensors in flight; one tensor may always proceed when none are."""
+
+    def __init__(self, limit):
+        self._limit = limit
+        self._used = 0
+        self._cond = threading.Condition()
+
+    def wait_below(self):
+        with self._cond:
+            while self._used > 0 and self._used >= self._limit:
+                self._cond.wait()
+
+    def add(self, n):
+        with self._cond:
+            self._used += n
+
+    def release(self, n):
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+class Cleaner:
+    """Cleans checkpoints for one repository (reused across files by the filter process)."""
+
+    def __init__(self, repo, settings=None):
+        self.repo = repo
+        self.settings = settings or settings_for(repo)
+        self.store = repo.store
+        self.cache = repo.cache
+        self._pool = None
+        from git_theta.git.models import ParentModels
+
+        self._models = ParentModels(repo)  # a tensor's base by name anywhere in its model
+
+    def _executor(self):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.settings.threads(), thread_name_prefix="theta-clean")
+        return self._pool
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def clean(self, stream, path):
+        """Read a checkpoint (or a manifest) from ``stream``; return the manifest bytes."""
+        reader = PeekableReader(stream)
+        head = reader.peek(SNIFF_BYTES)
+        if is_manifest(head):
+            data = reader.read(MAX_MANIFEST + 1)
+            if len(data) > MAX_MANIFEST:
+                raise ManifestError(f"{path}: manifest is larger than {MAX_MANIFEST} bytes")
+            Manifest.parse(data, source=path)  # validate; a manifest passes through unchanged
+            return data
+        fmt = detect_format(self.repo, path, head)
+        request = AddRequest.for_path(self.settings, path)
+        key = stat_key(path) if self.settings.get_bool("statCache") else None
+        # An explicit request re-encodes: the stat cache would hand back the last clean unchanged.
+        cached = self.cache.get_stat(path, key) if key and request is None else None
+        if not getattr(fmt, "spools", False):
+            return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+        from git_theta.formats.spool import Spool, whole_file_key
+
+        # A zip format reads the whole file before its first tensor anyway: copy it once with a
+        # fingerprint, and a file whose bytes were cleaned or checked out before (touch, git
+        # status) costs that copy, not a parse (for torch, not even the import of torch).
+        remember = self.settings.get_bool("statCache") and request is None
+        with Spool(reader) as spool:
+            if remember:
+                hit = self.cache.get_stat(whole_file_key(path), spool.fingerprint)
+                if hit is not None and self._objects_here(hit[0]):
+                    return hit[0]
+            data = self._clean_checkpoint(fmt, spool, path, key, cached, request)
+            if remember:
+                self.cache.put_stat(whole_file_key(path), spool.fingerprint, data, {})
+            return data
+
+    def _objects_here(self, data):
+        """True when ``data`` is a valid manifest whose objects are all in the local store."""
+        try:
+            manifest = Manifest.parse(data, source="stat cache")
+        except ManifestError:
+            return False
+        trust = self.store.trust
+        return all(self.store.freshen(ref.oid) for ref in manifest.all_objects()) and (
+            trust is None or all(trust.trusted(e) for e in manifest.tensors.values())
+        )
+
+    def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
+        import xxhash
+
+        parent = parent_manifest(
+            self.repo, path, request.base if request else None, prefer_head=request is not None
+        )
+        parent_entries = parent.tensors if parent else {}
+        if request is None or request.base is None:
+            # Other files of the same model (a re-shard moves tensors between files): by name,
+            # then their digests below. The file's own parent version comes first.
+            parent_entries = {**self._models.entries(path, prefer_head=request is not None), **parent_entries}
+        max_depth = self.settings.get_int("maxChainDepth")
+        known = {}  # digest -> TensorEntry from the parent or the stat-cached manifest
+        cached_entries, fingerprints_before = {}, {}
+        if cached is not None:
+            try:
+                cached_entries = Manifest.parse(cached[0], source="stat cache").tensors
+                fingerprints_before = cached[1]
+            except ManifestError:
+                cached_entries = {}
+        for source in parent_entries, cached_entries:
+            for entry in source.values():
+                known.setdefault(entry.digest, entry)
+
+        budget = _Budget(self.settings.get_int("memoryBudget"))
+        pool = self._executor()
+        # Entries this clean made, by content: a file with many identical tensors (600k empty ones
+        # in a hostile header) stores and looks up each content once, not once per tensor.
+        made_here = {}
+
+        def check(tensor):
+            """(entry, fingerprint) when the stat cache already has this tensor, else (None, fingerprint)
+            with the tensor's digest set."""
+            size = len(tensor.data)
+            if size != nbytes(tensor.dtype, tensor.shape):
+                raise CheckpointError(f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
+                                      f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}")
+            fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
+            previous = cached_entries.get(tensor.name)
+            if (
+                previous is not None
+                and fingerprints_before.get(tensor.name) == fingerprint
+                and previous.dtype == tensor.dtype
+                and previous.shape == tuple(tensor.shape)
+                and self._all_local(previous)
+                and self._vouched(previous, path, check=False)
+            ):
+                return previous, fingerprint
+            tensor.digest = tensor_digest(tensor.data)
+            return None, fingerprint
+
+        def clean_new(tensor, stored):
+            """The entry of a tensor the stat cache did not have: one this clean already made for
+            the same content (a file of many identical tensors stores and looks up each content
+            once), an existing entry storing these bytes, else a new encoding."""
+            content = (tensor.digest, tensor.dtype, tuple(tensor.shape))
+            same = made_here.get(content) if request is None else None
+            if same is not None:
+                return _renamed(same, tensor.name)
+            entry = self._reuse(tensor, known, path, stored)
+            if entry is None:
+                entry = self._encode_changed(
+                    tensor, parent_entries.get(tensor.name), path, budget, request, max_depth
+                )
+            made_here.setdefault(content, entry)
+            return entry
+
+        def process(batch):
+            """(entry, fingerprint) of each tensor of ``batch``: one digest-index query per batch."""
+            try:
+                checked = [check(tensor) for tensor in batch]
+                # With an explicit request, only the parent's entries are reused: the digest index
+                # would hand back the encoding the request is meant to replace.
+                lookups = [t for t, (e, _) in zip(batch, checked) if e is None and t.digest not in known]
+                stored = self.cache.get_digests(lookups) if request is None and lookups else {}
+                results = []
+                for tensor, (entry, fingerprint) in zip(batch, checked):
+                    if entry is None:
+                        entry = clean_new(tensor, stored)
+                    results.append((entry, fingerprint))
+                return results
+            finally:
+                budget.release(sum(len(t.data) for t in batch))
+
+        # Small objects go into packs, written (one fsync, one rename each) before the manifest.
+        with self.store.packing():
+            futures = []
+            checkpoint = fmt.split(reader, path)
+            try:
+                # Small tensors go to the workers in batches: a future, a lock round and an index
+                # query per tensor cost more than hashing a small tensor.
+                batch, batch_bytes = [], 0
+                for tensor in checkpoint.tensors():
+                    budget.add(len(tensor.data))
+                    batch.append(tensor)
+                    batch_bytes += len(tensor.data)
+                    if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_TENSORS:
+                        futures.append(pool.submit(process, batch))
+                        batch, batch_bytes = [], 0
+                        budget.wait_below()
+                if batch:
+                    futures.append(pool.submit(process, batch))
+                results = [result for f in futures for result in f.result()]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                for f in futures:
+                    if not f.cancelled():
+                        try:
+                            f.result()
+                        except BaseException:
+                            pass
+                raise
+            manifest = Manifest(format=fmt.name, fields=dict(checkpoint.fields))
+            package = plugins.provider("format", fmt.name)
+            if package not in (None, plugins.BUILTIN_PACKAGE):
+                # So a clone without the plugin is told which package to install (plugins.get).
+                manifest.fields[plugins.PACKAGE_FIELD] = package
+            for key_name, data in checkpoint.blobs.items():
+                manifest.blobs[key_name] = self.store.put_bytes(data)
+        fingerprints = {}
+        for entry, fingerprint in results:
+            if entry.name in manifest.tensors:
+                raise CheckpointError(f"{path}: tensor name {entry.name!r} appears twice")
+            manifest.tensors[entry.name] = entry
+            fingerprints[entry.name] = fingerprint
+        if request is not None and request.adapter is not None:
+            request.adapter.finish(path, list(manifest.tensors))
+        data = manifest.serialize()
+        unique = {(e.digest, e.dtype, e.shape): e for e in manifest.tensors.values()}
+        self.cache.put_digests(unique.values())  # one row per content, however many tensors share it
+        if key is not None and stat_key(path) == key:
+            self.cache.put_stat(path, key, data, fingerprints)
+        return data
+
+    def _encode_changed(self, tensor, base_entry, path, budget, request, max_depth):
+        """Store a tensor whose bytes are new: as a delta of its parent version when that is smaller."""
+        supplied = None
+        if request is not None and request.adapter is not None:
+            key, supplied = request.adapter.lookup(tensor.name)
+            if supplied is not None:
+                request.adapter.used.add(key)
+        usable = (
+            base_entry is not None
+            and base_entry.dtype == tensor.dtype
+            and base_entry.shape == tuple(tensor.shape)
+            and self._all_local(base_entry)
+        )
+        if not usable:
+            if supplied is not None:
+                raise UpdateError(
+                    f"{path}: tensor {tensor.name!r}: no earlier version of the same dtype and shape "
+                    f"to apply {supplied.key!r} from {request.adapter.source} to",
+                    hint="name the version the adapter was trained on with --base REV:PATH",
+                )
+            return encode_tensor(self.store, tensor)
+        size = nbytes(base_entry.dtype, base_entry.shape)
+        deep = needs_keyframe(base_entry, max_depth, self.settings.get_int("keyframePercent"))
+        full_headers = None if supplied is not None or deep else self._full_chain_headers(base_entry)
+        held = size * (1 if full_headers is None else 2)  # decoded bases count against the bytes in flight
+        budget.add(held)
+        try:
+            try:
+                keyframe = None
+                if full_headers is not None:
+                    key_entry = keyframe_entry(base_entry, full_headers)
+                    keyframe = TensorData(key_entry.name, key_entry.dtype, key_entry.shape,
+                                          decode_tensor(self.store, key_entry, path), key_entry.digest)
+                    # The parent starts from the keyframe just decoded: one keyframe decode, not two.
+                    base_bytes = decode_tensor(self.store, base_entry, path, known=(key_entry, keyframe.data))
+                else:
+                    base_bytes = decode_tensor(self.store, base_entry, path)
+            except (ObjectCorruptError, ObjectMissingError):
+                if supplied is not None:
+                    raise
+                # The new bytes are in hand: store them whole rather than on a damaged base.
+                return encode_tensor(self.store, tensor)
+            base = TensorData(base_entry.name, base_entry.dtype, base_entry.shape, base_bytes, base_entry.digest)
+            if supplied is not None:
+                request.adapter.check(path, tensor, base, supplied)
+            if deep:
+                return encode_tensor(self.store, tensor)  # a keyframe bounds the chain
+            if keyframe is not None:
+                # The chain holds theta.maxFullDeltas whole-tensor deltas already: only a partial
+                # delta (sparse) may stack on the parent; anything else is taken on the keyframe.
+                result = _partial_delta(tensor, base, request)
+                if result is None:
+                    result = _encode_against(tensor, keyframe, request, None)
+                    return store_encoded(self.store, tensor, *result, base=keyframe, base_entry=key_entry)
+            else:
+                result = _encode_against(tensor, base, request, supplied)
+            return store_encoded(self.store, tensor, *result, base=base, base_entry=base_entry)
+        finally:
+            budget.release(held)
+
+    def _full_chain_headers(self, entry):
+        """The object headers of ``entry``'s chain (see :func:`chain_headers`) when it stacks
+        ``theta.maxFullDeltas`` whole-tensor deltas already, else None.
+
+        Each whole-tensor delta (int-delta, low-rank) costs a checkout a pass over the tensor, as
+        much as the keyframe itself: stacking them would make checkout time grow with history. A
+        change against the keyframe is a little larger than against the previous version (the
+        steps add up), but decoding it is one keyframe plus one delta, however long the history.
+        Reads only object headers; a chain that cannot be read is left to the decode to report.
+        """
+        if entry.chain_depth == 0:
+            return None
+        try:
+            headers = chain_headers(self.store, entry)
+            full = sum(getattr(plugins.get("update", h.get("update")), "full_pass", True) for h in headers[:-1])
+        except (ObjectCorruptError, ObjectMissingError, PluginError):
+            return None
+        return headers if full >= max(1, self.settings.get_int("maxFullDeltas")) else None
+
+    def _all_local(self, entry):
+        # freshen, not has: a reused object must look recent to a concurrent 'git theta prune'
+        return all(self.store.freshen(ref.oid) for ref in entry.objects)
+
+    def _vouched(self, entry, path, check=True):
+        """True when ``entry``'s (chain -> digest) pair is trusted (see git_theta.store.trust), or,
+        with ``check``, decodes now to bytes whose sha256 is its digest (then it is recorded).
+
+        A parent manifest, the digest index and the stat cache can all hold pairs this clone never
+        checked (a repository's author wrote them): reusing one unchecked could store another
+        tensor's bytes under this tensor's digest.
+        """
+        trust = self.store.trust
+        if trust is None or trust.trusted(entry):
+            return True
+        if not check:
+            return False
+        try:
+            decode_tensor(self.store, entry, path)  # sha256-verified, and recorded when it matches
+            return True
+        except (ObjectCorruptError, ObjectMissingError, PluginError):
+            return False
+
+    def _reuse(self, tensor, known, path, stored=None):
+        """An existing entry storing exactly these bytes, renamed for this tensor, or None.
+
+        ``stored`` is the digest index's answer for a batch (:meth:`Cache.get_digests`)."""
+        # Reuse only entries whose objects are here: the bytes are in hand, so storing them again
+        # is always possible, while an entry pointing at objects nobody has would lose the tensor.
+        entry = known.get(tensor.digest)
+        if (
+            entry is not None
+            and entry.dtype == tensor.dtype
+            and entry.shape == tuple(tensor.shape)
+            and self._all_local(entry)
+            and self._vouched(entry, path)
+        ):
+            return _renamed(entry, tensor.name)
+        stored = (stored or {}).get((tensor.digest, tensor.dtype, tuple(tensor.shape)))
+        if stored:
+            update, *refs = stored.split(" ")
+            try:
+                objects = tuple(ObjectRef.parse(r) for r in refs)
+            except ManifestError:
+                return None
+            entry = TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update, objects)
+            if objects and self._all_local(entry) and self._vouched(entry, path):  # same rules as above
+                return entry
+        return None
+
+
+def _encode_against(tensor, base, request, supplied):
+    """(update, Encoded) for ``tensor`` against ``base``: the supplied adapter's update, else the
+    forced type, else (or where those do not apply) the automatic choice."""
+    result = None
+    if supplied is not None:
+        result = encode_update(tensor, supplied.update, base, **supplied.options())
+    elif request is not None and request.update_type is not None:
+        result = encode_update(tensor, request.update_type, base)
+    if result is None:  # not forced, or the forced type does not apply to this tensor
+        from git_theta.updates.choose import choose
+
+        result = choose(tensor, base)
+    return result
+
+
+def _partial_delta(tensor, base, request):
+    """(update, Encoded) of an update type whose decode touches only what changed (sparse), when
+    one applies to ``tensor`` against ``base``: the forced type if it is such a type, else the
+    smallest cheap encoding of those types (``encode_if_cheap``); None otherwise."""
+    if request is not None and request.update_type is not None:
+        forced = plugins.get("update", request.update_type)
+        if getattr(forced, "full_pass", True):
+            return None
+        return encode_update(tensor, forced.name, base)
+    found = []
+    for update in plugins.all_plugins("update"):
+        cheap = getattr(update, "encode_if_cheap", None)
+        if getattr(update, "auto", False) and not getattr(update, "full_pass", True) and cheap is not None:
+            encoded = cheap(tensor, base)
+            if encoded is not None:
+                found.append((update, encoded))
+    return min(found, key=lambda r: encoded_size(r[1])) if found else None
+
+
+def _renamed(entry, name):
+    """``entry`` describing a tensor called ``name`` (same bytes, same objects)."""
+    if entry.name == name:
+        return entry
+    return TensorEntry(name, entry.dtype, entry.shape, entry.digest, entry.update, entry.objects)

@@ -1,0 +1,221 @@
+"""Smudge: write a checkpoint back from its manifest, decoding tensors ahead in parallel.
+
+Content that is not a manifest (a file committed before it was tracked) passes through unchanged.
+Every object is checked for presence before anything is written, so a missing object fails the file
+cleanly; every decoded tensor is checked against its digest, so corrupt data is never written out.
+Delta chains are decoded once per tensor; bases shared between tensors or files of one git command
+(one filter process) are kept in a bounded cache (``theta.baseCache`` bytes).
+"""
+
+import threading
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+
+from git_theta import registry as plugins
+from git_theta.tensors.buffers import BufferPool, using
+from git_theta.tensors.chain import DecodedCache, decode_tensor
+from git_theta.errors import ObjectMissingError
+from git_theta.formats.base import TensorSource
+from git_theta.manifest import Manifest, is_manifest
+from git_theta.config import settings_for
+from git_theta.testhooks import kill_point
+
+BATCH_BYTES = 1 << 20  # consecutive tensors decoded by one worker task, up to this many bytes...
+BATCH_TENSORS = 256  # ...or this many tensors
+
+
+class StoreTensorSource(TensorSource):
+    """Decodes a manifest's tensors from the store, a few ahead of the writer, within a byte budget."""
+
+    def __init__(self, manifest, store, pool, path, budget, cache=None, buffers=None):
+        self.specs = manifest.tensors
+        self.blob_keys = set(manifest.blobs)
+        self._manifest = manifest
+        self._store = store
+        self._pool = pool
+        self._path = path
+        self._budget = budget
+        self._cache = cache
+        self._buffers = buffers  # a BufferPool when the format releases each tensor it is given
+
+    def _decode(self, entry):
+        with using(self._buffers):  # None: plain new buffers
+            return decode_tensor(self._store, entry, self._path, self._cache)
+
+    def read_blob(self, key):
+        ref = self._manifest.blobs[key]
+        try:
+            return self._store.read(ref.oid, verify=True)
+        except ObjectMissingError:
+            raise ObjectMissingError(
+                f"{self._path}: object {ref.oid} ({key}) is missing",
+                hint="fetch it with 'git theta fetch'",
+                oids=[ref.oid],
+            ) from None
+
+    def _decode_many(self, entries):
+        return [self._decode(entry) for entry in entries]
+
+    def iter_data(self, names):
+        pending = deque()  # (names, sizes, future of their decoded bytes)
+        in_flight = 0
+        names = list(names)
+        position = 0
+        try:
+            while position < len(names) or pending:
+                # Keep decoding ahead while the bytes in flight stay under the budget; small
+                # tensors go to a worker in batches (a future per 16-byte tensor costs more than
+                # decoding it).
+                while position < len(names) and (not pending or in_flight < self._budget):
+                    start, batch, sizes, batch_bytes = position, [], [], 0
+                    while position < len(names) and len(batch) < BATCH_TENSORS and batch_bytes < BATCH_BYTES:
+                        entry = self.specs[names[position]]
+                        batch.append(entry)
+                        sizes.append(entry_size(entry))
+                        batch_bytes += sizes[-1]
+                        position += 1
+                    pending.append((names[start:position], sizes, self._pool.submit(self._decode_many, batch)))
+                    in_flight += batch_bytes
+                batch_names, sizes, future = pending.popleft()
+                decoded = future.result()
+                decoded.reverse()  # popped from the end: the list lets go of each tensor it yields
+                for name, size in zip(batch_names, sizes):
+                    data = decoded.pop()
+                    in_flight -= size
+                    kill_point()
+                    yield name, data
+                    if self._buffers is not None:  # the format is done with it (releases_tensors)
+                        self._buffers.give(data)
+                    del data
+        finally:
+            for _, _, future in pending:
+                future.cancel()
+
+
+def entry_size(entry):
+    from git_theta.tensors.dtypes import nbytes
+
+    return nbytes(entry.dtype, entry.shape)
+
+
+class Smudger:
+    """Smudges checkpoints for one repository (reused across files by the filter process)."""
+
+    def __init__(self, repo, settings=None):
+        self.repo = repo
+        self.settings = settings or settings_for(repo)
+        self._pool = None
+        self._lock = threading.Lock()
+        self.cache = DecodedCache(self.settings.get_int("baseCache"))
+        self.buffers = BufferPool(self.settings.get_int("memoryBudget"))
+        self._seen_bases = set()  # delta bases of the files smudged so far by this process
+
+    def _executor(self):
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.settings.threads(), thread_name_prefix="theta-smudge")
+            return self._pool
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def prepare(self, data, path):
+        """Parse and check a manifest before any output: returns (manifest, format) or None.
+
+        None means ``data`` is not a manifest and passes through unchanged. Raises for an unknown
+        format or missing objects, naming the file, the tensors and the object ids.
+        """
+        if not is_manifest(data) or self.settings.get_bool("skipSmudge"):
+            return None  # skip-smudge: the manifest stays in the work tree (git theta checkout)
+        manifest = Manifest.parse(data, source=path)
+        fmt = plugins.get(
+            "format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD)
+        )
+        store = self.repo.store
+        # Packed objects are checked one by one: a pack that is here may still lack one a
+        # (damaged or hostile) manifest names.
+        missing = [r.oid for r in store.missing(manifest.member_objects())]
+        if missing:
+            self._fetch_missing(manifest, path)
+            missing = [r.oid for r in store.missing(manifest.member_objects())]
+        if missing:
+            first = set(missing)
+            names = [n for n, e in sorted(manifest.tensors.items()) if any(r.oid in first for r in e.objects)]
+            shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ObjectMissingError(
+                f"{path}: {len(missing)} object(s) missing for tensor(s) {shown} (first: {missing[0]})",
+                hint=f"the file holds its manifest for now; fetch the objects with 'git theta fetch', "
+                f"then write the checkpoint with 'git theta checkout {path}'",
+                oids=missing,
+            )
+        return manifest, fmt
+
+    def plan(self, data, path):
+        """What to write for ``data``: ``(prepared, missing)``.
+
+        ``prepared`` is :meth:`prepare`'s result, or None to pass ``data`` through unchanged. A
+        file whose objects are missing passes through too: git stops a checkout at the first file
+        whose filter fails, so the manifest stays in place (as Git LFS leaves pointer files) and
+        every other file still checks out. ``missing`` is then the ObjectMissingError, which says
+        how to fill the file in, for the caller to report. Other errors raise.
+        """
+        try:
+            return self.prepare(data, path), None
+        except ObjectMissingError as exc:
+            return None, exc
+
+    def _fetch_missing(self, manifest, path):
+        """Fetch the file's missing objects from the default remote, in one batch request."""
+        from git_theta.errors import GitThetaError, UsageError
+        from git_theta.remote.transfer import fetch_refs
+
+        store = self.repo.store
+        refs = store.missing(manifest.all_objects())
+        try:
+            fetch_refs(self.repo, refs, settings=self.settings)
+        except UsageError:
+            return  # no remote configured: report the missing objects below
+        except GitThetaError as exc:
+            # Missing, like an object never fetched: the manifest stays, the other files check out.
+            raise ObjectMissingError(
+                f"{path}: {len(refs)} object(s) missing and the fetch failed: {exc.message}",
+                hint=(exc.hint + "; " if exc.hint else "") + f"then run 'git theta checkout {path}'",
+                oids=[r.oid for r in refs],
+            ) from None
+
+    def _keep_shared_bases(self, manifest):
+        """Tell the base cache which bases are worth a copy: those another tensor builds on too.
+
+        That is a base shared by two tensors of this file, or one a file smudged earlier in this
+        git command also used (a checkout of several versions or copies of one model).
+        """
+        bases = Counter(e.objects[1].oid for e in manifest.tensors.values() if len(e.objects) > 1)
+        shared = {oid for oid, count in bases.items() if count > 1 or oid in self._seen_bases}
+        self._seen_bases.update(bases)
+        self.cache.keep_only(shared)
+
+    def write(self, manifest, fmt, path, out):
+        """Write the checkpoint ``manifest`` describes to ``out``."""
+        self._keep_shared_bases(manifest)
+        source = StoreTensorSource(
+            manifest,
+            self.repo.store,
+            self._executor(),
+            path,
+            self.settings.get_int("memoryBudget"),
+            self.cache,
+            self.buffers if getattr(fmt, "releases_tensors", False) else None,
+        )
+        remember = getattr(fmt, "spools", False) and self.settings.get_bool("statCache")
+        if remember:
+            from git_theta.formats.spool import WriteOnly
+
+            out = WriteOnly(out)  # fingerprints the file, so a later re-clean of it is a lookup
+        fmt.join(manifest.fields, source, out, path)
+        self.repo.cache.put_digests(manifest.tensors.values())
+        if remember:
+            from git_theta.formats.spool import whole_file_key
+
+            self.repo.cache.put_stat(whole_file_key(path), out.fingerprint, manifest.serialize(), {})

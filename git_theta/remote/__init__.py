@@ -1,0 +1,1 @@
+"""Moving objects to and from remotes: Git LFS servers and directories."""

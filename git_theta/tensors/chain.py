@@ -1,0 +1,328 @@
+"""Encoding one tensor into stored objects and decoding a chain of objects back into its bytes.
+
+A tensor's manifest entry lists its object chain: its own object, then the base it is a delta of,
+down to a keyframe. Decoding starts at the keyframe and applies each delta; the result must hash to
+the tensor digest, so a corrupt or tampered object is always detected and never written out. When
+decoding fails, every object of the chain is checked so the error names the damaged one and the
+deltas it breaks.
+"""
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+from git_theta.store import container as object_codec
+from git_theta import registry as plugins
+from git_theta.tensors.buffers import new_buffer
+from git_theta.tensors.dtypes import nbytes
+from git_theta.errors import ManifestError, ObjectCorruptError, ObjectMissingError
+from git_theta.manifest import TensorEntry
+from git_theta.updates.base import TensorData
+
+
+def tensor_digest(data):
+    """The tensor digest: sha256 of the raw bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+CHECKSUM = "xxh3-128:"  # of the tensor's bytes (objects that also record its digest)
+BOUND_CHECKSUM = "xxh3-128d:"  # of the tensor's digest (32 bytes) followed by its bytes
+
+
+def tensor_checksum(data, digest=None):
+    """The read-time checksum an object records of the tensor it decodes to (xxh3-128, tagged).
+
+    With ``digest`` (the tensor's sha256, hex) the checksum covers the digest too, so it also
+    fails when a manifest names another tensor for the object: the object need not record the
+    digest (64 bytes of header per object, 0.07% of a 15 MB model's new version).
+    """
+    import xxhash
+
+    if digest is None:
+        return CHECKSUM + xxhash.xxh3_128_hexdigest(data)
+    hasher = xxhash.xxh3_128(bytes.fromhex(digest))
+    hasher.update(data)
+    return BOUND_CHECKSUM + hasher.hexdigest()
+
+
+def encode_update(tensor, update_name="dense", base=None, **options):
+    """(update plugin, Encoded) for ``tensor`` in the named update type, or None if it does not apply.
+
+    Nothing is stored: the caller compares sizes and stores the winner with :func:`store_encoded`.
+    ``options`` go to the update type (``factors=`` for low-rank, ``scale=`` for ia3).
+    """
+    update = plugins.get("update", update_name)
+    if not update.keyframe and base is None:
+        return None
+    encoded = update.encode(tensor, base, **options)
+    return None if encoded is None else (update, encoded)
+
+
+def encoded_size(encoded):
+    """Payload bytes of an Encoded (what it adds to the store, less the small header)."""
+    return sum(len(p) for p in encoded.parts)
+
+
+def store_encoded(store, tensor, update, encoded, base=None, base_entry=None):
+    """Store an encoding of ``tensor`` and return its TensorEntry (chain extends ``base_entry``'s)."""
+    header = dict(encoded.header)
+    header.update(update=update.name, dtype=tensor.dtype, shape=list(tensor.shape))
+    header["check"] = tensor_checksum(tensor.data, tensor.digest)
+    if not update.keyframe:
+        header["base"] = base.digest
+    ref = store.put_chunks([object_codec.header_bytes(header), *encoded.parts])
+    chain = (ref,) + (tuple(base_entry.objects) if not update.keyframe else ())
+    entry = TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update.name, chain)
+    if store.trust is not None:  # encoded here from bytes whose digest the caller computed
+        store.trust.record([entry])
+    return entry
+
+
+def encode_tensor(store, tensor, update_name="dense", base=None, base_entry=None, **options):
+    """Store ``tensor`` (TensorData with digest) with the named update; return its TensorEntry.
+
+    For a delta, ``base`` is the base TensorData and ``base_entry`` its manifest entry (whose chain
+    the new entry extends). Returns None when the update type does not apply to this tensor.
+    """
+    result = encode_update(tensor, update_name, base, **options)
+    if result is None:
+        return None
+    return store_encoded(store, tensor, *result, base=base, base_entry=base_entry)
+
+
+def chain_headers(store, entry):
+    """The object headers of ``entry``'s chain, own object first, keyframe last (payloads unread).
+
+    Raises ObjectMissingError / ObjectCorruptError like a decode would.
+    """
+    headers = []
+    for ref in entry.objects:
+        header, _ = object_codec.unpack(store.read(ref.oid), ref.oid)
+        headers.append(header)
+    return headers
+
+
+def keyframe_entry(entry, headers):
+    """A TensorEntry for the keyframe at the bottom of ``entry``'s chain (``headers`` from
+    :func:`chain_headers`); its digest is the one the delta above it names as its base."""
+    if len(entry.objects) < 2:
+        return entry
+    digest = headers[-2].get("base")
+    if not isinstance(digest, str):
+        raise ObjectCorruptError(f"object {entry.objects[-2].oid} names no base")
+    return TensorEntry(entry.name, entry.dtype, entry.shape, digest, headers[-1].get("update", "dense"),
+                       entry.objects[-1:])
+
+
+class DecodedCache:
+    """Decoded intermediate tensors of delta chains, by object id, bounded in bytes (LRU).
+
+    A decoded base is keyed by the object ids of the chain that produced it (its own object down
+    to the keyframe), never by one object: a base's header names its base by a digest nobody
+    checked, so two chains sharing an object may decode it to different bytes. A base shared by
+    several tensors or files in one checkout is decoded once. Only bases of tensors whose final
+    digest checked out are cached. Keeping a base costs a copy of it, so a caller that knows which
+    bases will be needed again names them (by their own object id) with :meth:`keep_only`.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._items = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+        self._wanted = None  # None: every base is worth keeping
+
+    def keep_only(self, oids):
+        """From now on keep only these object ids' results (None: keep every one)."""
+        self._wanted = None if oids is None else frozenset(oids)
+
+    def wants(self, oid):
+        return self.limit > 0 and (self._wanted is None or oid in self._wanted)
+
+    def get(self, chain):
+        """The decoded bytes of ``chain`` (a tuple of object ids, own object first), or None."""
+        with self._lock:
+            data = self._items.get(chain)
+            if data is not None:
+                self._items.move_to_end(chain)
+            return data
+
+    def put(self, chain, data):
+        if len(data) > self.limit:
+            return
+        with self._lock:
+            if chain in self._items:
+                return
+            self._items[chain] = bytes(data)
+            self._used += len(data)
+            while self._used > self.limit:
+                _, old = self._items.popitem(last=False)
+                self._used -= len(old)
+
+
+def _describe_chain(entry):
+    """The chain's object ids, shortened; a long (hostile) chain shows its ends and its length."""
+    oids = [ref.oid[:12] for ref in entry.objects]
+    if len(oids) > 6:
+        oids = [*oids[:3], f"... {len(oids) - 5} more ...", *oids[-2:]]
+    return " -> ".join(oids)
+
+
+def check_chain_length(store, entry, where):
+    """Refuse a chain longer than the store accepts (``theta.maxChainDepth`` plus a margin) before
+    anything of it is read: a hostile manifest can repeat one delta 100,000 times."""
+    limit = store.max_chain_objects
+    if len(entry.objects) > limit:
+        raise ObjectCorruptError(
+            f"{where}: chain of {len(entry.objects)} objects (first {entry.objects[0].oid}) is longer "
+            f"than {limit}, the most this clone decodes",
+            hint="a damaged or hostile manifest; if its chains really are this deep, raise "
+            "theta.maxChainDepth (the limit is that plus a margin of 16)",
+        )
+
+
+def _locate_damage(store, entry):
+    """(position, oid) of the first object in the chain whose bytes do not match its id, or None."""
+    for position, ref in reversed(list(enumerate(entry.objects))):
+        try:
+            store.read(ref.oid, verify=True)
+        except (ObjectCorruptError, ObjectMissingError):
+            return position, ref.oid
+    return None
+
+
+def _chain_error(store, entry, where, detail):
+    """An ObjectCorruptError naming the tensor, the chain, the damaged object and what it breaks."""
+    damaged = _locate_damage(store, entry)
+    chain = f"chain {_describe_chain(entry)} ({entry.chain_depth} delta(s) on a keyframe)"
+    if damaged is not None:
+        position, oid = damaged
+        role = "keyframe" if position == len(entry.objects) - 1 else f"delta at depth {len(entry.objects) - 1 - position}"
+        broken = f"; it breaks {position} delta(s) above it" if position else ""
+        message = f"{where}: object {oid} ({role} of {chain}) is corrupt{broken}: {detail}"
+        hint = "run 'git theta fsck' to find every damaged object; refetch them with 'git theta fetch'"
+    else:
+        message = f"{where}: {chain} does not decode: {detail}"
+        hint = ("its objects are intact, so the manifest pairs the tensor's digest with objects that "
+                "make other bytes: do not use this version; 'git theta fsck' lists every use")
+    return ObjectCorruptError(message, hint=hint)
+
+
+def decode_tensor(store, entry, path="?", cache=None, known=None, strict=False, full=False):
+    """Raw bytes of the tensor ``entry`` describes, verified.
+
+    A pair (chain -> digest) this clone has not checked yet (see :mod:`git_theta.store.trust`) is
+    verified by hashing the result with sha256, and recorded as trusted when it matches. A trusted
+    pair is read with the object's xxh3-128 checksum of the tensor (taken over the digest and the
+    bytes): it detects corrupt objects and decoder faults at a tenth of the cost, but proves
+    nothing on its own, since the object's author chose it. ``full`` (fsck) always hashes with
+    sha256; objects written before checksums existed are always checked that way. A chain longer
+    than ``store.max_chain_objects`` is refused before any object is read.
+
+    ``cache`` (a :class:`DecodedCache`) shares decoded bases between tensors. ``known`` is an
+    optional ``(TensorEntry, bytes)`` already decoded (e.g. the older side of a diff): when
+    ``entry``'s chain extends that entry's chain, decoding starts from those bytes. Errors name the
+    file, the tensor, the chain and the damaged object.
+
+    The final digest check is what guarantees the result. Checking every intermediate base against
+    the digest its delta names (``strict``) costs one more sha256 pass per level, so it is done
+    only to explain a failure: a failed decode is retried strictly, without the cache, and that
+    retry's error says which object and which link of the chain is wrong.
+    """
+    check_chain_length(store, entry, f"{path}: tensor {entry.name!r}")
+    try:
+        return _decode_chain(store, entry, path, cache, known, strict, full)
+    except ObjectCorruptError:
+        if strict:
+            raise
+    return _decode_chain(store, entry, path, None, None, True, True)
+
+
+def _own_copy(data):
+    """A copy of ``data`` the chain walk owns, so the deltas above it may decode in place."""
+    view = memoryview(data).cast("B")
+    copy = new_buffer(len(view))
+    copy[:] = view
+    return copy
+
+
+def _decode_chain(store, entry, path, cache, known, strict, full=False):
+    where = f"{path}: tensor {entry.name!r}"
+    if not entry.objects:
+        raise ManifestError(f"{where}: no objects listed")
+    objects = list(entry.objects)
+    # Start at the nearest cached level (cached only after a decode through it was verified).
+    start, data, expected_base = len(objects) - 1, None, None
+    if cache is not None:
+        for position in range(1, len(objects)):
+            cached = cache.get(tuple(ref.oid for ref in objects[position:]))
+            if cached is not None:
+                start, data = position - 1, _own_copy(cached)
+                expected_base = tensor_digest(data) if strict else None
+                break
+    if known is not None:
+        base_entry, base_data = known
+        depth = len(objects) - len(base_entry.objects)
+        if 0 < depth <= start and tuple(objects[depth:]) == tuple(base_entry.objects):
+            start, data, expected_base = depth - 1, _own_copy(base_data), base_entry.digest
+    immediate_base, top = None, {}
+    try:
+        for depth in range(start, -1, -1):
+            ref = objects[depth]
+            try:
+                raw = store.read(ref.oid)
+            except ObjectMissingError:
+                raise ObjectMissingError(
+                    f"{where}: object {ref.oid} is missing (chain {_describe_chain(entry)})",
+                    hint="fetch it with 'git theta fetch' (or restore it from a clone that has it)",
+                    oids=[ref.oid],
+                ) from None
+            header, payload = object_codec.unpack(raw, ref.oid)
+            top = header  # ends as the tensor's own object's header (depth 0 is always read)
+            update = plugins.get("update", header["update"], needed_by=f"{where}, object {ref.oid}")
+            if header.get("dtype") != entry.dtype or tuple(header.get("shape", ())) != entry.shape:
+                raise ObjectCorruptError(
+                    f"object {ref.oid} holds a {header.get('dtype')} {header.get('shape')} tensor, "
+                    f"the manifest says {entry.dtype} {list(entry.shape)}"
+                )
+            if update.keyframe != (depth == len(objects) - 1):
+                raise ObjectCorruptError(f"object {ref.oid} is out of place in the chain")
+            if strict and not update.keyframe and header.get("base") != expected_base:
+                raise ObjectCorruptError(f"object {ref.oid} is a delta of a different base")
+            spec = TensorData(entry.name, entry.dtype, entry.shape, None)
+            try:
+                data = update.decode(header, payload, data, spec, ref.oid)
+            except MemoryError:  # a tampered manifest and object can claim any shape
+                raise ObjectCorruptError(
+                    f"object {ref.oid} claims a {entry.dtype} {list(entry.shape)} tensor, "
+                    "too large to decode here"
+                ) from None
+            if len(data) != nbytes(entry.dtype, entry.shape):
+                raise ObjectCorruptError(f"object {ref.oid} decodes to the wrong size")
+            if depth > 0 and strict:
+                expected_base = tensor_digest(data)
+            if depth == 1 and cache is not None and cache.wants(ref.oid):
+                # cached once the result is verified
+                immediate_base = (tuple(r.oid for r in objects[1:]), bytes(data))
+    except ObjectCorruptError as exc:
+        raise _chain_error(store, entry, where, exc.message) from None
+    recorded, checksum = top.get("digest"), top.get("check")
+    if recorded is not None and recorded != entry.digest:
+        raise _chain_error(store, entry, where, f"the object decodes to the tensor with digest "
+                           f"{str(recorded)[:12]}, the manifest names digest {entry.digest[:12]} "
+                           "(the manifest was altered)")
+    bound = isinstance(checksum, str) and checksum.startswith(BOUND_CHECKSUM)
+    # The object's checksum was chosen by whoever wrote the object: it only stands in for sha256
+    # on a pair this clone has verified or encoded itself (the trust ledger, DESIGN §12).
+    fast = not (full or strict) and store.trust is not None and store.trust.trusted(entry)
+    if fast and isinstance(checksum, str) and (bound or checksum.startswith(CHECKSUM)):
+        if tensor_checksum(data, entry.digest if bound else None) != checksum:
+            raise _chain_error(store, entry, where, "decoded bytes do not match the recorded checksum")
+    elif tensor_digest(data) != entry.digest:
+        raise _chain_error(store, entry, where, "decoded bytes do not match the tensor digest "
+                           "(the object is forged or damaged, or the manifest was altered)")
+    elif store.trust is not None:
+        store.trust.record([entry])
+    if immediate_base is not None:
+        cache.put(*immediate_base)
+    return data
