@@ -33,14 +33,22 @@ def gpt2_shapes(scale=1.0):
     shapes = {"wte.weight": (vocab, d), "wpe.weight": (1024, d)}
     for i in range(12):
         p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
-            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
-            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
-            p + "mlp.c_fc.weight": (d, 4 * d), p + "mlp.c_fc.bias": (4 * d,),
-            p + "mlp.c_proj.weight": (4 * d, d), p + "mlp.c_proj.bias": (d,),
-        })
+        shapes.update(
+            {
+                p + "ln_1.weight": (d,),
+                p + "ln_1.bias": (d,),
+                p + "attn.c_attn.weight": (d, 3 * d),
+                p + "attn.c_attn.bias": (3 * d,),
+                p + "attn.c_proj.weight": (d, d),
+                p + "attn.c_proj.bias": (d,),
+                p + "ln_2.weight": (d,),
+                p + "ln_2.bias": (d,),
+                p + "mlp.c_fc.weight": (d, 4 * d),
+                p + "mlp.c_fc.bias": (4 * d,),
+                p + "mlp.c_proj.weight": (4 * d, d),
+                p + "mlp.c_proj.bias": (d,),
+            }
+        )
     shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
     return shapes
 
@@ -89,9 +97,7 @@ def measured(cmd, cwd, env):
         "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
         "sys.exit(rc)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe, *cmd], cwd=cwd, env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     seconds, rss_kib = proc.stdout.split()[-2:]

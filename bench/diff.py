@@ -84,8 +84,9 @@ def main():
         run(["git", "theta", "install", "--local"], repo, env)
         run(["git", "theta", "track", "*.safetensors"], repo, env)
         tensors = {
-            f"model.layers.{i // 4}.{('q', 'k', 'v', 'o')[i % 4]}_proj.weight":
-                (rng.standard_normal(tensor_elements, dtype=np.float32) * 0.02).reshape(1024, 1024)
+            f"model.layers.{i // 4}.{('q', 'k', 'v', 'o')[i % 4]}_proj.weight": (
+                rng.standard_normal(tensor_elements, dtype=np.float32) * 0.02
+            ).reshape(1024, 1024)
             for i in range(count)
         }
         path = repo / "model.safetensors"
@@ -146,8 +147,12 @@ def main():
         ("git_theta.diff (in-process, with git calls)", f"{inproc_time:.3f} s"),
         ("numbers only: decode + stats of changed tensors", f"{numeric_time:.3f} s wall, {numeric_cpu:.3f} s CPU"),
         ("read changed tensors once (old+new, 1 thread)", f"{read_time:.3f} s wall, {read_cpu:.3f} s CPU"),
-        ("numbers only / read once", f"{numeric_time / read_time:.2f}x wall, {numeric_cpu / read_cpu:.2f}x CPU"
-         if read_time and read_cpu else "-"),
+        (
+            "numbers only / read once",
+            f"{numeric_time / read_time:.2f}x wall, {numeric_cpu / read_cpu:.2f}x CPU"
+            if read_time and read_cpu
+            else "-",
+        ),
     ]
     width = max(len(a) for a, _ in rows)
     print(f"{'measurement'.ljust(width)}  result")

@@ -89,8 +89,16 @@ def evaluate(all_merges, features, strict=False):
             if (k[0], k[1]) == g:
                 m = all_merges[k]
                 pick = predict(model, m)
-                out.append({"key": k, "n": m["n"], "pick": pick, "picked": m["scores"][pick],
-                            "best": max(m["scores"].values()), "scores": m["scores"]})
+                out.append(
+                    {
+                        "key": k,
+                        "n": m["n"],
+                        "pick": pick,
+                        "picked": m["scores"][pick],
+                        "best": max(m["scores"].values()),
+                        "scores": m["scores"],
+                    }
+                )
     return out
 
 
@@ -102,13 +110,20 @@ def report(results, title):
         if not rs:
             continue
         within = np.mean([x["picked"] >= x["best"] - 0.01 for x in rs])
-        fixed = {r: np.mean([x["scores"].get(r, 0.0) for x in rs]) for r in recipes if all(r in x["scores"] for x in rs)}
+        fixed = {
+            r: np.mean([x["scores"].get(r, 0.0) for x in rs]) for r in recipes if all(r in x["scores"] for x in rs)
+        }
         best_fixed = max(fixed, key=fixed.get)
         cells = [f"auto {np.mean([x['picked'] for x in rs]):.3f}"]
         cells += [f"always {b} {fixed[b]:.3f}" for b in BASELINES if b in fixed]
-        cells += [f"best fixed in hindsight ({best_fixed}) {fixed[best_fixed]:.3f}", f"oracle {np.mean([x['best'] for x in rs]):.3f}"]
-        lines.append(f"  {label} ({len(rs)} merges): auto within 1 point of the best in {within:.0%}; "
-                     "mean normalized accuracy: " + ", ".join(cells))
+        cells += [
+            f"best fixed in hindsight ({best_fixed}) {fixed[best_fixed]:.3f}",
+            f"oracle {np.mean([x['best'] for x in rs]):.3f}",
+        ]
+        lines.append(
+            f"  {label} ({len(rs)} merges): auto within 1 point of the best in {within:.0%}; "
+            "mean normalized accuracy: " + ", ".join(cells)
+        )
     return lines
 
 
@@ -118,11 +133,19 @@ def to_json(model_fit, features, all_merges):
     for m in all_merges.values():
         cands.update(m["cands"])
     return {
-        "features": list(features), "mean": [float(v) for v in mean], "scale": [float(v) for v in scale],
-        "low": [float(v) for v in low], "high": [float(v) for v in high],
+        "features": list(features),
+        "mean": [float(v) for v in mean],
+        "scale": [float(v) for v in scale],
+        "low": [float(v) for v in low],
+        "high": [float(v) for v in high],
         "candidates": [
-            {"operator": cands[r][0], "params": cands[r][1], "intercept": b, "coef": w,
-             **({"max_models": 2} if cands[r][0] in TWO_ONLY else {})}
+            {
+                "operator": cands[r][0],
+                "params": cands[r][1],
+                "intercept": b,
+                "coef": w,
+                **({"max_models": 2} if cands[r][0] in TWO_ONLY else {}),
+            }
             for r, (b, w) in coefs.items()
         ],
     }
@@ -147,8 +170,10 @@ def main():
         held[name] = results
         for line in report(results, f"held-out (leave one task set out), {name} features:"):
             print(line)
-        for line in report(evaluate(all_merges, feats, strict=True),
-                           f"held-out, stricter (fitted only on merges sharing no task with it), {name} features:"):
+        for line in report(
+            evaluate(all_merges, feats, strict=True),
+            f"held-out, stricter (fitted only on merges sharing no task with it), {name} features:",
+        ):
             print(line)
     if args.write:
         recipes = list(dict.fromkeys(r for m in all_merges.values() for r in m["scores"]))
@@ -158,8 +183,10 @@ def main():
             "about": "fitted by bench/fit_merge_auto.py on bench/merge_eval.py; predicts mean normalized accuracy",
             "fitted_on": {"merges": len(train), "runs": metas},
             "held_out": {name: report(res, name) for name, res in held.items()},
-            "models": {name: to_json(fit(train, feats, recipes), feats, all_merges)
-                       for name, feats in (("structural", structural), ("functional", functional))},
+            "models": {
+                name: to_json(fit(train, feats, recipes), feats, all_merges)
+                for name, feats in (("structural", structural), ("functional", functional))
+            },
         }
         MODEL_FILE.write_text(json.dumps(data, indent=1) + "\n")
         print(f"wrote {MODEL_FILE}")

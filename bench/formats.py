@@ -39,7 +39,9 @@ def save(fmt, state, path, step):
 
         tensors = {k: torch.from_numpy(v) for k, v in state.items()}
         optimizer = {
-            "state": {i: {"step": torch.tensor(float(step)), "exp_avg": t * 0.1} for i, t in enumerate(tensors.values())},
+            "state": {
+                i: {"step": torch.tensor(float(step)), "exp_avg": t * 0.1} for i, t in enumerate(tensors.values())
+            },
             "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.999), "params": list(range(len(tensors)))}],
         }
         torch.save({"model": tensors, "optimizer": optimizer, "step": step}, path)
@@ -51,12 +53,16 @@ def same_checkpoint(fmt, a, b):
         return Path(a).read_bytes() == Path(b).read_bytes()
     if fmt == "npz":
         with np.load(a) as x, np.load(b) as y:
-            return x.files == y.files and all(x[k].dtype == y[k].dtype and x[k].tobytes() == y[k].tobytes() for k in x.files)
+            return x.files == y.files and all(
+                x[k].dtype == y[k].dtype and x[k].tobytes() == y[k].tobytes() for k in x.files
+            )
     import torch
 
     x, y = torch.load(a, weights_only=True, mmap=True), torch.load(b, weights_only=True, mmap=True)
     flat = lambda o: [(k, v.view(torch.uint8) if isinstance(v, torch.Tensor) else v) for k, v in o["model"].items()]  # noqa: E731
-    return all(k1 == k2 and torch.equal(v1, v2) for (k1, v1), (k2, v2) in zip(flat(x), flat(y))) and x["step"] == y["step"]
+    return (
+        all(k1 == k2 and torch.equal(v1, v2) for (k1, v1), (k2, v2) in zip(flat(x), flat(y))) and x["step"] == y["step"]
+    )
 
 
 def run(fmt, work, v1, v2, env):
@@ -110,7 +116,9 @@ def main():
         state = make_state(shapes, 0)
         tuned = fine_tune(state, 1)
         n = sum(v.size for v in state.values())
-        print(f"model: {n / 1e6:.1f}M parameters (fp32), largest tensor {max(v.nbytes for v in state.values()) / 2**20:.0f} MiB")
+        print(
+            f"model: {n / 1e6:.1f}M parameters (fp32), largest tensor {max(v.nbytes for v in state.values()) / 2**20:.0f} MiB"
+        )
         table = {}
         for fmt in args.formats.split(","):
             v1, v2 = work / f"v1{SUFFIX[fmt]}", work / f"v2{SUFFIX[fmt]}"
@@ -120,7 +128,9 @@ def main():
         metrics = list(next(iter(table.values())))
         rows = [["metric", *table]]
         for metric in metrics:
-            rows.append([metric] + [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (table[f][metric] for f in table)])
+            rows.append(
+                [metric] + [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (table[f][metric] for f in table)]
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         print()
         for row in rows:

@@ -32,22 +32,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import du, isolated_env  # noqa: E402
 
 RECIPES = {
-    "ties d=0.2": {"merge_method": "ties", "base_model": "base",
-                   "models": [{"model": "ft1", "parameters": {"weight": 1.0, "density": 0.2}},
-                              {"model": "ft2", "parameters": {"weight": 1.0, "density": 0.2}}]},
-    "gradient slerp": {"merge_method": "slerp", "base_model": "ft1", "models": [{"model": "ft1"}, {"model": "ft2"}],
-                       "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                                            {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
-    "dare_ties d=0.3": {"merge_method": "dare_ties", "base_model": "base",
-                        "models": [{"model": "ft1", "parameters": {"weight": 1.0, "density": 0.3}},
-                                   {"model": "ft2", "parameters": {"weight": 1.0, "density": 0.3}}]},
+    "ties d=0.2": {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [
+            {"model": "ft1", "parameters": {"weight": 1.0, "density": 0.2}},
+            {"model": "ft2", "parameters": {"weight": 1.0, "density": 0.2}},
+        ],
+    },
+    "gradient slerp": {
+        "merge_method": "slerp",
+        "base_model": "ft1",
+        "models": [{"model": "ft1"}, {"model": "ft2"}],
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+    },
+    "dare_ties d=0.3": {
+        "merge_method": "dare_ties",
+        "base_model": "base",
+        "models": [
+            {"model": "ft1", "parameters": {"weight": 1.0, "density": 0.3}},
+            {"model": "ft2", "parameters": {"weight": 1.0, "density": 0.3}},
+        ],
+    },
 }
 DETERMINISTIC = ("ties d=0.2", "gradient slerp")
 TIME_FORMAT = "%e %M %U %S"
 
 
 def llama_shapes(layers, hidden, intermediate, vocab):
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -117,6 +140,7 @@ def difference(ours_file, mergekit_dir):
 
 def write_recipe(path, recipe, names):
     """The recipe with model names replaced by ``names[name]`` (folders or branches)."""
+
     def ref(value):
         return names.get(value, value)
 
@@ -142,8 +166,24 @@ def bench_files(folder, env, mergekit, repeats):
             if mergekit:
                 shutil.rmtree(theirs, ignore_errors=True)
                 mk_env = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-                other.append(timed([mergekit, path, theirs, "--no-cuda", "--lazy-unpickle", "--no-copy-tokenizer",
-                                    "--random-seed", "0", "--quiet"], folder, mk_env, timing))
+                other.append(
+                    timed(
+                        [
+                            mergekit,
+                            path,
+                            theirs,
+                            "--no-cuda",
+                            "--lazy-unpickle",
+                            "--no-copy-tokenizer",
+                            "--random-seed",
+                            "0",
+                            "--quiet",
+                        ],
+                        folder,
+                        mk_env,
+                        timing,
+                    )
+                )
         diff = difference(ours, theirs) if mergekit and label in DETERMINISTIC else None
         yield label, "git-theta", best(mine), diff
         if mergekit:
@@ -197,19 +237,30 @@ def main():
     parser.add_argument("--mergekit-yaml", help="path of a mergekit-yaml to run (implies --mergekit)")
     parser.add_argument("--kinds", default="dense,sparse", help="fine-tunes to run: dense, sparse or both")
     args = parser.parse_args()
-    mergekit = args.mergekit_yaml or (shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable))
-                                      if args.mergekit else None)
+    mergekit = args.mergekit_yaml or (
+        shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable)) if args.mergekit else None
+    )
     if args.mergekit and not mergekit:
-        sys.exit("mergekit-yaml not found beside this interpreter: pip install mergekit==0.1.5 -c <torch pin>, "
-                 "or give --mergekit-yaml PATH")
+        sys.exit(
+            "mergekit-yaml not found beside this interpreter: pip install mergekit==0.1.5 -c <torch pin>, "
+            "or give --mergekit-yaml PATH"
+        )
     hidden, layers = args.hidden, args.layers
     intermediate = int(hidden * 2.75)
     shapes = llama_shapes(layers, hidden, intermediate, args.vocab)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
-        "num_key_value_heads": hidden // 64, "vocab_size": args.vocab, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 2048, "torch_dtype": "float32", "tie_word_embeddings": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "vocab_size": args.vocab,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
+        "torch_dtype": "float32",
+        "tie_word_embeddings": False,
     }
     results, commits = [], []
     with tempfile.TemporaryDirectory(prefix="theta-bench-merge-") as tmp:
@@ -224,8 +275,10 @@ def main():
                 commits.append((kind, what, size, size / raw))
             shutil.rmtree(folder)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"\ncheckpoint: {len(shapes)} float32 tensors, {raw / 2**20:.0f} MiB; dense fine-tunes move every entry, "
-          f"sparse ones 5 % of each tensor's entries; best of {args.repeats} runs by CPU time")
+    print(
+        f"\ncheckpoint: {len(shapes)} float32 tensors, {raw / 2**20:.0f} MiB; dense fine-tunes move every entry, "
+        f"sparse ones 5 % of each tensor's entries; best of {args.repeats} runs by CPU time"
+    )
     print(f"uptime: {load}\n")
     print("| fine-tunes | recipe | tool | wall s | CPU s | peak RSS MiB | max abs diff | max rel diff |")
     print("|---|---|---|---|---|---|---|---|")

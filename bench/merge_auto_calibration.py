@@ -187,7 +187,9 @@ def main():
         ok = pick_err <= max(1.15 * errors[best], errors[best] + 0.05)
         all_ok &= ok
         cells = " | ".join(f"{sig[k]:.2f}" for k in keys)
-        print(f"| {title} | {cells} | {best} ({errors[best]:.3f}) | {', '.join(picks)} ({pick_err:.3f}) | {'yes' if ok else 'NO'} |")
+        print(
+            f"| {title} | {cells} | {best} ({errors[best]:.3f}) | {', '.join(picks)} ({pick_err:.3f}) | {'yes' if ok else 'NO'} |"
+        )
         full.append((title, errors))
     print("\nerror of every candidate:\n")
     print("| case | " + " | ".join(label(*c) for c in CANDIDATES) + " |")

@@ -85,8 +85,13 @@ def digits_suite(seed=0):
         return np.ascontiguousarray(xs), ys, sorted({int(c) if remap is None else int(remap(c)) for c in classes})
 
     def net():
-        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
-                                   torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        return torch.nn.Sequential(
+            torch.nn.Linear(64, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 10),
+        )
 
     def train(model, xs, ys, steps, lr):
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -141,9 +146,18 @@ ADJ_POS = ["good", "great", "lovely", "happy", "wonderful", "pleasant", "nice", 
 ADJ_NEG = ["bad", "awful", "sad", "terrible", "horrible", "nasty", "poor", "dull", "grim", "cruel"]
 ANIMALS = ["dog", "cat", "horse", "bird", "cow", "lion", "mouse", "sheep", "fox", "bear"]
 VEHICLES = ["car", "bus", "truck", "train", "bike", "boat", "plane", "van", "taxi", "tram"]
-VERBS = [("walk", "walks", "walked"), ("run", "runs", "ran"), ("jump", "jumps", "jumped"),
-         ("sleep", "sleeps", "slept"), ("eat", "eats", "ate"), ("move", "moves", "moved"),
-         ("stop", "stops", "stopped"), ("wait", "waits", "waited"), ("turn", "turns", "turned"), ("sit", "sits", "sat")]
+VERBS = [
+    ("walk", "walks", "walked"),
+    ("run", "runs", "ran"),
+    ("jump", "jumps", "jumped"),
+    ("sleep", "sleeps", "slept"),
+    ("eat", "eats", "ate"),
+    ("move", "moves", "moved"),
+    ("stop", "stops", "stopped"),
+    ("wait", "waits", "waited"),
+    ("turn", "turns", "turned"),
+    ("sit", "sits", "sat"),
+]
 PLACES = ["in the park", "near the house", "on the road", "by the river", "at night", "in town", "today", "outside"]
 MINILM_TASKS = ("sentiment", "topic", "tense", "negation")
 #: fine-tune variants (name, steps); MiniLM has one, to keep its part within minutes on 2 cores
@@ -233,8 +247,9 @@ def minilm_suite(seed=0):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            models[(task, variant)] = {k: v.detach().numpy().copy() for k, v in encoder.state_dict().items()
-                                       if k.startswith(prefix)}
+            models[(task, variant)] = {
+                k: v.detach().numpy().copy() for k, v in encoder.state_dict().items() if k.startswith(prefix)
+            }
             heads[(task, variant)] = head
     load(base)
     test_y = {task: np.array([r[1][task] for r in test]) for task in MINILM_TASKS}
@@ -277,8 +292,9 @@ def merge(files, base_file, out, candidate):
 
     wall, cpu = time.perf_counter(), time.process_time()
     try:
-        result = merge_files([str(f) for f in files], str(out), candidate.operator, candidate.param_dict,
-                             str(base_file), threads=1)
+        result = merge_files(
+            [str(f) for f in files], str(out), candidate.operator, candidate.param_dict, str(base_file), threads=1
+        )
     except Exception as exc:  # noqa: BLE001 - an operator refusing its inputs is a result too
         return None, time.perf_counter() - wall, time.process_time() - cpu, str(exc)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -324,12 +340,21 @@ def run_family(name, suite, tmp, rows, sets, quiet=False):
                 accs = {k[0]: (evaluate(merged, k[0]) if merged is not None else None) for k in keys}
                 norm = {k[0]: (accs[k[0]] / own[k] if merged is not None else None) for k in keys}
                 row = {
-                    "family": name, "tasks": list(combo), "variant": variant, "n_models": len(keys),
-                    "candidate": cand.recipe, "operator": cand.operator, "params": cand.param_dict,
-                    "acc": accs, "own_acc": {k[0]: own[k] for k in keys},
+                    "family": name,
+                    "tasks": list(combo),
+                    "variant": variant,
+                    "n_models": len(keys),
+                    "candidate": cand.recipe,
+                    "operator": cand.operator,
+                    "params": cand.param_dict,
+                    "acc": accs,
+                    "own_acc": {k[0]: own[k] for k in keys},
                     "base_acc": {k[0]: base_acc[k] for k in keys},
                     "normalized": (float(np.mean(list(norm.values()))) if merged is not None else None),
-                    "wall": wall, "cpu": cpu, "error": error, "features": feats,
+                    "wall": wall,
+                    "cpu": cpu,
+                    "error": error,
+                    "features": feats,
                 }
                 rows.append(row)
                 if not quiet:
@@ -361,7 +386,11 @@ def summarize(rows):
         for f, n in groups:
             vals = [r["normalized"] for r in rows if r["candidate"] == c and r["family"] == f and r["n_models"] == n]
             ok = [v for v in vals if v is not None]
-            cells.append(f"{np.mean(ok):.3f}" + ("" if len(ok) == len(vals) else f" ({len(vals) - len(ok)} fail)") if ok else ("-" if not vals else "fail"))
+            cells.append(
+                f"{np.mean(ok):.3f}" + ("" if len(ok) == len(vals) else f" ({len(vals) - len(ok)} fail)")
+                if ok
+                else ("-" if not vals else "fail")
+            )
         cost = [r["wall"] for r in rows if r["candidate"] == c]
         cpu = [r["cpu"] for r in rows if r["candidate"] == c]
         cells += [f"{np.mean(cost):.3f}", f"{np.mean(cpu):.3f}"]
@@ -378,7 +407,9 @@ def summarize(rows):
     table.append(cells + ["", ""])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        )
     # how often each candidate is the best (ties: all tied count)
     wins = {}
     merges = {}
@@ -391,8 +422,9 @@ def summarize(rows):
             if r["normalized"] >= top - 0.01:
                 wins[r["candidate"]] = wins.get(r["candidate"], 0) + 1
     lines.append("")
-    lines.append(f"within 1 point of the best, out of {len(merges)} merges: "
-                 + ", ".join(f"{c} {wins.get(c, 0)}" for c in cands))
+    lines.append(
+        f"within 1 point of the best, out of {len(merges)} merges: " + ", ".join(f"{c} {wins.get(c, 0)}" for c in cands)
+    )
     return lines
 
 
@@ -409,18 +441,26 @@ def main():
         if args.family in ("all", "digits"):
             t = time.perf_counter()
             suite = digits_suite()
-            print(f"digits: trained base + {len(suite[1])} fine-tunes in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            print(
+                f"digits: trained base + {len(suite[1])} fine-tunes in {time.perf_counter() - t:.1f}s", file=sys.stderr
+            )
             own["digits"] = run_family("digits", suite, tmp, rows, digits_sets, args.quiet)
         if args.family in ("all", "minilm"):
             t = time.perf_counter()
             suite = minilm_suite()
             print(f"minilm: {len(suite[1])} fine-tunes in {time.perf_counter() - t:.1f}s", file=sys.stderr)
             own["minilm"] = run_family("minilm", suite, tmp, rows, minilm_sets, args.quiet)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+    ).stdout.strip()
     load = os.getloadavg()
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
-            "load": [round(x, 2) for x in load], "seconds": round(time.perf_counter() - start, 1)}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+        "load": [round(x, 2) for x in load],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     for family, (acc, base_acc) in own.items():
         print(f"{family}: fine-tuned accuracy on own task (short/long), base accuracy:")
         for (task, variant), a in sorted(acc.items()):
@@ -430,7 +470,9 @@ def main():
     for line in summarize(rows):
         print(line)
     print()
-    print(f"{meta['machine']}, commit {commit}, {meta['date']}, {meta['seconds']}s, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"{meta['machine']}, commit {commit}, {meta['date']}, {meta['seconds']}s, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"rows written to {args.out}")

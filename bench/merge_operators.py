@@ -64,7 +64,9 @@ def main():
     for name, raw in CASES:
         proc = subprocess.run(
             [sys.executable, "-c", CHILD, str(args.rows), str(args.cols), name, json.dumps(raw)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         r = json.loads(proc.stdout)
         params = " ".join(f"{k}={v}" for k, v in raw.items())

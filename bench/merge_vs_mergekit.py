@@ -150,7 +150,8 @@ def main():
         (tmp / "cases.json").write_text(json.dumps([list(c) for c in cases]))
         proc = subprocess.run(
             [args.python, "-c", CHILD, str(tmp / "in.npz"), str(tmp / "cases.json"), str(tmp / "out.npz")],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode:
             sys.exit(f"mergekit run failed (is mergekit installed for {args.python}?):\n{proc.stderr[-2000:]}")

@@ -43,7 +43,9 @@ def write_gguf(path, layers, width, seed, changed=()):
         r = np.random.default_rng(1000 + layer + (10_000 * seed if layer in changed else 0))
         writer.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(width, np.float32))
         writer.add_tensor(f"blk.{layer}.attn_q.weight", (r.standard_normal((width, width)) * 0.02).astype(np.float16))
-        q = quants.quantize((r.standard_normal((width, width)) * 0.02).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        q = quants.quantize(
+            (r.standard_normal((width, width)) * 0.02).astype(np.float32), gguf.GGMLQuantizationType.Q8_0
+        )
         writer.add_tensor(f"blk.{layer}.ffn_up.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -60,10 +62,18 @@ def write_onnx(path, layers, width, seed, changed=()):
         w = numpy_helper.from_array((r.standard_normal((width, width)) * 0.02).astype(np.float32), f"l{layer}.w")
         b = numpy_helper.from_array(np.zeros(width, np.float32), f"l{layer}.b")
         inits += [w, b]
-        nodes += [helper.make_node("MatMul", [x, w.name], [f"m{layer}"]), helper.make_node("Add", [f"m{layer}", b.name], [f"y{layer}"])]
+        nodes += [
+            helper.make_node("MatMul", [x, w.name], [f"m{layer}"]),
+            helper.make_node("Add", [f"m{layer}", b.name], [f"y{layer}"]),
+        ]
         x = f"y{layer}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, width])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, width])],
+        inits,
+    )
     Path(path).write_bytes(helper.make_model(graph).SerializeToString())
 
 
@@ -103,14 +113,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="1: ~100 MB files; 10: ~1 GB")
     args = parser.parse_args()
-    env = dict(os.environ, GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b",
-               GIT_COMMITTER_EMAIL="b@b", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="b",
+        GIT_AUTHOR_EMAIL="b@b",
+        GIT_COMMITTER_NAME="b",
+        GIT_COMMITTER_EMAIL="b@b",
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         rows = run("gguf", write_gguf, args.scale, Path(tmp), env) + run("onnx", write_onnx, args.scale, Path(tmp), env)
-    print(f"{'format':6}  {'step':16}  {'file MB':>8}  {'seconds':>8}  {'MB/s':>7}  {'new stored MB':>13}  {'stored/file':>11}")
+    print(
+        f"{'format':6}  {'step':16}  {'file MB':>8}  {'seconds':>8}  {'MB/s':>7}  {'new stored MB':>13}  {'stored/file':>11}"
+    )
     for kind, step, size, seconds, stored in rows:
-        print(f"{kind:6}  {step:16}  {size / 1e6:8.1f}  {seconds:8.2f}  {size / 1e6 / seconds:7.0f}  "
-              f"{stored / 1e6:13.1f}  {stored / size:11.2f}")
+        print(
+            f"{kind:6}  {step:16}  {size / 1e6:8.1f}  {seconds:8.2f}  {size / 1e6 / seconds:7.0f}  "
+            f"{stored / 1e6:13.1f}  {stored / size:11.2f}"
+        )
     print("checkouts byte-identical: yes")
 
 

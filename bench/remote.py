@@ -127,7 +127,9 @@ def main():
             server.terminate()
             server.wait()
     raw = sum(v.nbytes for v in next(make_versions(size, 1, 0)).values())
-    print(f"checkpoint: {raw / 1e6:.0f} MB fp32, {args.versions} versions, {args.fraction:.1%} of entries changed per version")
+    print(
+        f"checkpoint: {raw / 1e6:.0f} MB fp32, {args.versions} versions, {args.fraction:.1%} of entries changed per version"
+    )
     print(f"{'tool':10} {'step':9} {'seconds':>8} {'MB moved':>9} {'vs git-lfs':>10}")
     lfs = {step: moved for tool, step, _, moved in rows if tool == "git-lfs"}
     for tool, step, seconds, moved in rows:

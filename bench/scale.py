@@ -38,8 +38,12 @@ def save(tensors, path):
 def many_small(count, seed=0):
     """``count`` small fp32 matrices (8 x 128: 4 KiB each), named like MoE experts."""
     rng = np.random.default_rng(seed)
-    return {f"model.layers.{i // 384}.mlp.experts.{i % 128}.w{i % 3}.weight":
-            (0.02 * rng.standard_normal((8, 128))).astype(np.float32) for i in range(count)}
+    return {
+        f"model.layers.{i // 384}.mlp.experts.{i % 128}.w{i % 3}.weight": (0.02 * rng.standard_normal((8, 128))).astype(
+            np.float32
+        )
+        for i in range(count)
+    }
 
 
 def tiny(count, seed=0):
@@ -95,9 +99,16 @@ def one_file(tool, work, source, env):
     os.utime(target)
     t_status, _ = measured(["git", "status", "--porcelain"], work, env)
     files = sum(1 for p in store.rglob("*") if p.is_file())
-    return {"add": t_add, "commit": t_commit, "checkout": t_checkout, "status": t_status,
-            "peak MiB add": m_add, "peak MiB checkout": m_checkout, "store files": files,
-            "store MB": du(store) / 1e6}
+    return {
+        "add": t_add,
+        "commit": t_commit,
+        "checkout": t_checkout,
+        "status": t_status,
+        "peak MiB add": m_add,
+        "peak MiB checkout": m_checkout,
+        "store files": files,
+        "store MB": du(store) / 1e6,
+    }
 
 
 def history(tool, work, sources, env):
@@ -111,15 +122,21 @@ def history(tool, work, sources, env):
         t_add += t
         git("commit", "-qm", f"v{n}")
     times = {}
-    for label, rev, source in (("checkout first", f"HEAD~{len(sources) - 1}", sources[0]),
-                               ("checkout last", "HEAD", sources[-1])):
+    for label, rev, source in (
+        ("checkout first", f"HEAD~{len(sources) - 1}", sources[0]),
+        ("checkout last", "HEAD", sources[-1]),
+    ):
         target.unlink()
         times[label], _ = measured(["git", "checkout", "-q", rev, "--", target.name], work, env)
         if target.read_bytes() != Path(source).read_bytes():
             raise SystemExit(f"{tool}: {label} is not byte-identical")
     raw = sum(Path(s).stat().st_size for s in sources)
-    return {"add (all versions)": t_add, **times, "store / raw": du(store) / raw,
-            "store files": sum(1 for p in store.rglob("*") if p.is_file())}
+    return {
+        "add (all versions)": t_add,
+        **times,
+        "store / raw": du(store) / raw,
+        "store files": sum(1 for p in store.rglob("*") if p.is_file()),
+    }
 
 
 def run_case(name, runner, arg, repeats, work, env):
@@ -173,15 +190,20 @@ def main():
                 title = f"{args.versions} versions of 16 x 1 MiB fp32 tensors, 1% of entries changed per version"
                 results.append((title, run_case(case, history, sources, max(1, args.repeats - 1), work, env)))
                 continue
-            state = {"many": lambda: many_small(args.many), "tiny": lambda: tiny(args.tiny),
-                     "huge": lambda: huge(args.huge_mib)}[case]()
+            state = {
+                "many": lambda: many_small(args.many),
+                "tiny": lambda: tiny(args.tiny),
+                "huge": lambda: huge(args.huge_mib),
+            }[case]()
             source = work / f"{case}.safetensors"
             save(state, source)
             del state
             size = source.stat().st_size / 1e6
-            title = {"many": f"{args.many} small tensors ({size:.0f} MB)",
-                     "tiny": f"{args.tiny} tiny tensors ({size:.0f} MB)",
-                     "huge": f"one {args.huge_mib} MiB tensor ({size:.0f} MB)"}[case]
+            title = {
+                "many": f"{args.many} small tensors ({size:.0f} MB)",
+                "tiny": f"{args.tiny} tiny tensors ({size:.0f} MB)",
+                "huge": f"one {args.huge_mib} MiB tensor ({size:.0f} MB)",
+            }[case]
             repeats = args.repeats if case == "many" else max(1, args.repeats - 1)
             results.append((title, run_case(case, one_file, source, repeats, work, env)))
             source.unlink()

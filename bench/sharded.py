@@ -41,9 +41,16 @@ def model(mb, seed=0):
     t = {}
     for i in range(layers):
         p = f"model.layers.{i}."
-        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            t[p + m + ".weight"] = (rng.standard_normal((1024, 1024), dtype=np.float32) * 0.02)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
+            t[p + m + ".weight"] = rng.standard_normal((1024, 1024), dtype=np.float32) * 0.02
         t[p + "input_layernorm.weight"] = np.ones(1024, dtype=np.float32)
         t[p + "post_attention_layernorm.weight"] = np.ones(1024, dtype=np.float32)
     t["model.norm.weight"] = np.ones(1024, dtype=np.float32)
@@ -153,19 +160,31 @@ def main():
                 shutil.rmtree(repo)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"uptime: {load}")
-    print(f"model: {logical / 1e6:.0f} MB fp32, {len(v1)} tensors, {SHARDS} shards; fine-tune step: "
-          f"{len(tuned)} matrices ({changed_bytes / 1e6:.0f} MB) moved by 1e-4·N(0,1); v2 saved in reversed "
-          f"shard order; best of {args.repeat}")
+    print(
+        f"model: {logical / 1e6:.0f} MB fp32, {len(v1)} tensors, {SHARDS} shards; fine-tune step: "
+        f"{len(tuned)} matrices ({changed_bytes / 1e6:.0f} MB) moved by 1e-4·N(0,1); v2 saved in reversed "
+        f"shard order; best of {args.repeat}"
+    )
     single = min(results["single"]["added"])
     rows = [("setup", "v2 adds (MB)", "x single file", "git add v2 (s)", "diff --stat (s)")]
-    for kind, label in (("single", "git-theta, one file"), ("sharded", "git-theta, 8 shards reordered"),
-                        ("lfs", "Git LFS, 8 shards reordered")):
+    for kind, label in (
+        ("single", "git-theta, one file"),
+        ("sharded", "git-theta, 8 shards reordered"),
+        ("lfs", "Git LFS, 8 shards reordered"),
+    ):
         r = results[kind]
         if not r["added"]:
             continue
         added = min(r["added"])
-        rows.append((label, f"{added / 1e6:.1f}", f"{added / single:.3f}", f"{min(r['add_s']):.2f}",
-                     f"{min(r['stat_s']):.3f}" if r["stat_s"] else "-"))
+        rows.append(
+            (
+                label,
+                f"{added / 1e6:.1f}",
+                f"{added / single:.3f}",
+                f"{min(r['add_s']):.2f}",
+                f"{min(r['stat_s']):.3f}" if r["stat_s"] else "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)))

@@ -166,8 +166,10 @@ def main():
 
     store = repo / ".git" / "theta" / "objects"
     store_before = du(store)
-    out = timed("git theta prune --expire=now --include-unpushed",
-                lambda: git(repo, "theta", "prune", "--expire=now", "--include-unpushed", env=env))
+    out = timed(
+        "git theta prune --expire=now --include-unpushed",
+        lambda: git(repo, "theta", "prune", "--expire=now", "--include-unpushed", env=env),
+    )
     store_after = du(store)
     timed("git theta fsck --all", lambda: git(repo, "theta", "fsck", "--all", env=env))
 
@@ -192,10 +194,15 @@ def main():
     print()
     print(f"{'logical bytes committed':<{width}}  {mib(logical):>12}")
     print(f"{'object store before prune':<{width}}  {mib(store_before):>12}")
-    print(f"{'object store after prune':<{width}}  {mib(store_after):>12}  ({store_after / max(logical, 1):.3f} of logical)")
+    print(
+        f"{'object store after prune':<{width}}  {mib(store_after):>12}  ({store_after / max(logical, 1):.3f} of logical)"
+    )
     print(f"{'git objects (manifests)':<{width}}  {mib(du(repo / '.git' / 'objects')):>12}")
     print(f"{'prune':<{width}}  {out.splitlines()[0] if out else ''}")
-    print(f"{'byte-identical checkouts':<{width}}  {len(expected) - bad}/{len(expected)}" + ("" if clean else "  (status not clean!)"))
+    print(
+        f"{'byte-identical checkouts':<{width}}  {len(expected) - bad}/{len(expected)}"
+        + ("" if clean else "  (status not clean!)")
+    )
     if args.keep:
         print(f"\nrepository kept at {repo}")
     else:

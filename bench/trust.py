@@ -84,8 +84,9 @@ def main():
             for case, (other, rev, expected) in cases.items():
                 for mode in MODES:
                     repo = repos["lfs" if mode == "git-lfs" else "theta"]
-                    subprocess.run(["git", "checkout", "-q", other, "--", "model.safetensors"],
-                                   cwd=repo, env=env, check=True)
+                    subprocess.run(
+                        ["git", "checkout", "-q", other, "--", "model.safetensors"], cwd=repo, env=env, check=True
+                    )
                     if mode == "theta first":
                         forget_trust(repo)
                     os.sync()  # the previous write-back must not land in this measurement

@@ -82,8 +82,11 @@ def one_percent(state, rng):
 def matrices(state, blocks=None):
     """Names of the attention and MLP weight matrices (optionally only of some blocks)."""
     keys = ("attn", "mlp", "attention", "intermediate", "output.dense", "query", "key", "value")
-    return [k for k, v in state.items() if v.ndim == 2 and any(s in k for s in keys)
-            and "embed" not in k and k not in ("wte.weight", "wpe.weight")]
+    return [
+        k
+        for k, v in state.items()
+        if v.ndim == 2 and any(s in k for s in keys) and "embed" not in k and k not in ("wte.weight", "wpe.weight")
+    ]
 
 
 def lora_merged(state, rng, rank=8, alpha=16):
@@ -174,10 +177,16 @@ def measure(label, base, new, dtype, changed, store):
     share = raw_changed / raw_total
     target = TARGETS[label] * (share if label.startswith("last") else 1)
     return {
-        "label": label, "fraction": added / denominator, "target": target, "share": share,
+        "label": label,
+        "fraction": added / denominator,
+        "target": target,
+        "share": share,
         "factors": factors / raw_changed,
-        "kinds": kinds, "mb": raw_total / 2**20, "encode": raw_total / 2**20 / max(encode_s, 1e-9),
-        "decode": raw_total / 2**20 / max(decode_s, 1e-9), "lfs": raw_total / 2**20 / max(lfs_s, 1e-9),
+        "kinds": kinds,
+        "mb": raw_total / 2**20,
+        "encode": raw_total / 2**20 / max(encode_s, 1e-9),
+        "decode": raw_total / 2**20 / max(decode_s, 1e-9),
+        "lfs": raw_total / 2**20 / max(lfs_s, 1e-9),
     }
 
 
@@ -196,18 +205,24 @@ def minilm_state():
 
 def print_table(title, rows):
     print(f"\n{title}")
-    print(f"{'new version':34} {'stored/raw':>10} {'target':>8} {'ok':>3} {'MB':>7} {'enc MB/s':>9} "
-          f"{'dec MB/s':>9} {'sha+copy MB/s':>14}  update types   (MB/s of CPU time, one thread)")
+    print(
+        f"{'new version':34} {'stored/raw':>10} {'target':>8} {'ok':>3} {'MB':>7} {'enc MB/s':>9} "
+        f"{'dec MB/s':>9} {'sha+copy MB/s':>14}  update types   (MB/s of CPU time, one thread)"
+    )
     for r in rows:
         ok = "yes" if r["fraction"] <= r["target"] else "NO"
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(r["kinds"].items()))
-        print(f"{r['label']:34} {r['fraction']:10.4f} {r['target']:8.4f} {ok:>3} {r['mb']:7.1f} "
-              f"{r['encode']:9.1f} {r['decode']:9.1f} {r['lfs']:14.1f}  {kinds}")
+        print(
+            f"{r['label']:34} {r['fraction']:10.4f} {r['target']:8.4f} {ok:>3} {r['mb']:7.1f} "
+            f"{r['encode']:9.1f} {r['decode']:9.1f} {r['lfs']:14.1f}  {kinds}"
+        )
     print("(LoRA row: fraction of the changed matrices' raw size; last-2-blocks target = their share x 0.6)")
     for r in rows:
         if r["label"].startswith("rank-8"):
-            print(f"(LoRA row: the rank-8 float32 factors alone are {r['factors']:.4f} of those matrices' raw size "
-                  "before compression)")
+            print(
+                f"(LoRA row: the rank-8 float32 factors alone are {r['factors']:.4f} of those matrices' raw size "
+                "before compression)"
+            )
 
 
 def cpu_measured(cmd, cwd, env):
@@ -262,7 +277,9 @@ def git_versions(work, label, versions, tools, repeats=5):
         results[tool] = [t_add, [], du(store) - before]
     for _ in range(repeats):
         for tool, repo in repos.items():
-            subprocess.run(["git", "checkout", "-q", "HEAD~1", "--", "model.safetensors"], cwd=repo, env=env, check=True)
+            subprocess.run(
+                ["git", "checkout", "-q", "HEAD~1", "--", "model.safetensors"], cwd=repo, env=env, check=True
+            )
             os.sync()  # the previous write-back must not land in this measurement
             cmd = ["git", "checkout", "-q", "HEAD", "--", "model.safetensors"]
             results[tool][1].append(cpu_measured(cmd, repo, env))
@@ -321,7 +338,9 @@ def main():
                 (a, c, _), (la, lc, _) = results["git-theta"], results["git-lfs"]
                 ratio_add = f"{a[0] / la[0]:.2f}/{a[1] / la[1]:.2f}"
                 ratio_checkout = f"{c[0] / lc[0]:.2f}/{c[1] / lc[1]:.2f}"
-                print(f"{label:22} {'ratio':10} {ratio_add:>15} {ratio_checkout:>20}   (targets: add <= 2, checkout <= 1.5)")
+                print(
+                    f"{label:22} {'ratio':10} {ratio_add:>15} {ratio_checkout:>20}   (targets: add <= 2, checkout <= 1.5)"
+                )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,11 @@ DEFAULTS = {
     "memoryBudget": (192 << 20, "int", "bytes of tensors in flight beyond the one being read"),
     "maxChainDepth": (32, "int", "deltas on top of a dense keyframe before clean stores a new keyframe in any case"),
     "keyframePercent": (50, "int", "a new keyframe once the deltas on a keyframe add up to this percent of its size"),
-    "maxFullDeltas": (1, "int", "whole-tensor deltas (int-delta, low-rank, ia3) one chain stacks; another is taken against the keyframe"),
+    "maxFullDeltas": (
+        1,
+        "int",
+        "whole-tensor deltas (int-delta, low-rank, ia3) one chain stacks; another is taken against the keyframe",
+    ),
     "baseCache": (256 << 20, "int", "bytes of decoded delta bases kept for reuse during one checkout"),
     "addRequest": ("", "str", "set by 'git theta add' for the git add it runs: update type/adapter/base by path"),
     "transfers": (4, "int", "objects uploaded or downloaded at once"),
@@ -33,7 +37,11 @@ DEFAULTS = {
     "retries": (4, "int", "retries of a failed request (connection error, 429, 5xx) with backoff"),
     "skipSmudge": (False, "bool", "leave manifests in the work tree at checkout (then: git theta checkout)"),
     "maxObjectSize": (2 << 30, "int", "largest object sent to a remote; bigger objects are split"),
-    "packThreshold": (256 << 10, "int", "objects up to this many bytes written by one clean go into a pack (0: never pack)"),
+    "packThreshold": (
+        256 << 10,
+        "int",
+        "objects up to this many bytes written by one clean go into a pack (0: never pack)",
+    ),
     "packSize": (64 << 20, "int", "bytes of small objects collected before a pack is written"),
     "pruneExpire": ("1.hour", "str", "git theta prune keeps unreferenced objects younger than this"),
 }
@@ -85,9 +93,7 @@ def _url_match(pattern, url):
         return None
     want_host, have_host = (want.hostname or ""), (have.hostname or "")
     want_labels, have_labels = want_host.split("."), have_host.split(".")
-    if len(want_labels) != len(have_labels) or any(
-        w != "*" and w != h for w, h in zip(want_labels, have_labels)
-    ):
+    if len(want_labels) != len(have_labels) or any(w != "*" and w != h for w, h in zip(want_labels, have_labels)):
         return None
     default = _DEFAULT_PORTS.get(have.scheme.lower())
     if (want_port or default) != (have_port or default):

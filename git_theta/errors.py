@@ -106,6 +106,6 @@ class DiskFullError(GitThetaError):
         raise cls(
             f"{what} on the file system mounted at {mount} while {doing} in {directory}; "
             "the partial file was removed and nothing was changed",
-            hint=hint or f"free space on {mount} (git theta prune deletes unreferenced objects), "
-            "then run the command again",
+            hint=hint
+            or f"free space on {mount} (git theta prune deletes unreferenced objects), then run the command again",
         ) from None

@@ -244,7 +244,7 @@ class Manifest:
             raise ManifestError(f"{source}: not a git-theta manifest")
         if lines[0] not in (FIRST_LINE, PACKED_LINE):
             raise ManifestError(
-                f"{source}: unknown manifest schema {lines[0][len(MAGIC):].strip()!r}",
+                f"{source}: unknown manifest schema {lines[0][len(MAGIC) :].strip()!r}",
                 hint="this manifest was written by a newer git-theta: upgrade with pip install -U git-theta",
             )
         if len(lines) < 2 or not lines[1].startswith("format "):

@@ -22,12 +22,24 @@ OUT = Path(__file__).resolve().parent / "man1"
 
 #: the documentation page of each command, named in the man page's SEE ALSO
 DOCS = {
-    "install": "commands/setup.md", "uninstall": "commands/setup.md", "track": "commands/setup.md",
-    "untrack": "commands/setup.md", "add": "commands/add.md", "ls-files": "commands/inspect.md",
-    "plugins": "commands/inspect.md", "status": "commands/inspect.md", "diff": "commands/diff-log.md",
-    "log": "commands/diff-log.md", "merge": "commands/merge.md", "merge-files": "commands/merge.md",
-    "push": "commands/remote.md", "fetch": "commands/remote.md", "pull": "commands/remote.md",
-    "checkout": "commands/remote.md", "fsck": "commands/maintenance.md", "prune": "commands/maintenance.md",
+    "install": "commands/setup.md",
+    "uninstall": "commands/setup.md",
+    "track": "commands/setup.md",
+    "untrack": "commands/setup.md",
+    "add": "commands/add.md",
+    "ls-files": "commands/inspect.md",
+    "plugins": "commands/inspect.md",
+    "status": "commands/inspect.md",
+    "diff": "commands/diff-log.md",
+    "log": "commands/diff-log.md",
+    "merge": "commands/merge.md",
+    "merge-files": "commands/merge.md",
+    "push": "commands/remote.md",
+    "fetch": "commands/remote.md",
+    "pull": "commands/remote.md",
+    "checkout": "commands/remote.md",
+    "fsck": "commands/maintenance.md",
+    "prune": "commands/maintenance.md",
 }
 
 
@@ -69,8 +81,10 @@ def pages():
     top = click.Group(cli.name, commands=list(commands.values()), params=cli.params, help=cli.help)
     root = click.Context(top, info_name="git-theta")
     meta = {"version": f"git-theta {version}", "date": version}
-    out = {"git-theta.1": _name_line(_escape_quotes(generate_man_page(root, **meta)), cli)
-           + _see_also("index.md", [f"git-theta-{name}" for name in commands])}
+    out = {
+        "git-theta.1": _name_line(_escape_quotes(generate_man_page(root, **meta)), cli)
+        + _see_also("index.md", [f"git-theta-{name}" for name in commands])
+    }
     for name, command in commands.items():
         text = generate_man_page(click.Context(command, info_name=name, parent=root), **meta)
         text = _name_line(_escape_quotes(text), command)

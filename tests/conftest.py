@@ -129,7 +129,12 @@ def random_state_dict(seed=0, shapes=None, dtype="float32"):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    shapes = shapes or {"embed.weight": (64, 16), "layer.0.weight": (16, 16), "layer.0.bias": (16,), "head.weight": (8, 16)}
+    shapes = shapes or {
+        "embed.weight": (64, 16),
+        "layer.0.weight": (16, 16),
+        "layer.0.bias": (16,),
+        "head.weight": (8, 16),
+    }
     return {name: (rng.standard_normal(shape) * 0.02).astype(dtype) for name, shape in shapes.items()}
 
 

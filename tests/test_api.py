@@ -47,8 +47,11 @@ def api_repo(cached_repo):
 
 def bits(t):
     """Raw bytes of a torch tensor (bit-level comparison, NaN-safe)."""
-    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.element_size() == 1 else \
-        t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).numpy().tobytes()
+    return (
+        t.contiguous().view(torch.uint8).numpy().tobytes()
+        if t.element_size() == 1
+        else t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).numpy().tobytes()
+    )
 
 
 def test_load_old_revisions_bit_identical(api_repo):
@@ -111,6 +114,8 @@ def test_diff_api_is_the_json_output(api_repo):
 
 
 def test_import_is_cheap():
-    code = "import sys, git_theta; print(sorted(m for m in ('numpy', 'torch', 'zstandard', 'click') if m in sys.modules))"
+    code = (
+        "import sys, git_theta; print(sorted(m for m in ('numpy', 'torch', 'zstandard', 'click') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -76,8 +76,9 @@ def test_sigkill_during_git_add_at_every_crash_point(repo):
         assert repo.status() == ""
     # beyond the last crash point the same command simply succeeds
     save_safetensors(repo.file("model.safetensors"), random_state_dict(99))
-    proc = subprocess.run(["git", "add", "model.safetensors"], cwd=repo.path,
-                          env=_killing(repo, 2 * TENSORS + 1), capture_output=True)
+    proc = subprocess.run(
+        ["git", "add", "model.safetensors"], cwd=repo.path, env=_killing(repo, 2 * TENSORS + 1), capture_output=True
+    )
     assert proc.returncode == 0
     assert repo.theta("fsck", "--all").returncode == 0
 
@@ -131,11 +132,16 @@ def test_two_processes_cleaning_the_same_checkpoint_into_one_store(repo):
     procs = []
     for _ in range(2):
         with open(repo.file("model.safetensors"), "rb") as stdin:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "git_theta", "clean", "model.safetensors"],
-                cwd=repo.path, env=dict(repo.env, GIT_THETA_STAT_CACHE="false"),
-                stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "git_theta", "clean", "model.safetensors"],
+                    cwd=repo.path,
+                    env=dict(repo.env, GIT_THETA_STAT_CACHE="false"),
+                    stdin=stdin,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
     outputs = [p.communicate() for p in procs]
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err.decode()

@@ -175,7 +175,9 @@ def test_zero_planes_are_skipped_not_lost(monkeypatch, itemsize):
     monkeypatch.setattr(planes, "PIECE_BYTES", 5000)
     skipped = []
     real = planes._words_from_planes
-    monkeypatch.setattr(planes, "_words_from_planes", lambda p, w: (skipped.append(sum(x is None for x in p)), real(p, w)))
+    monkeypatch.setattr(
+        planes, "_words_from_planes", lambda p, w: (skipped.append(sum(x is None for x in p)), real(p, w))
+    )
     rng = np.random.default_rng(itemsize)
     count = 3 * (1 << 16) // itemsize + 5  # three chunks and a bit
     grid = rng.integers(0, 256, (count, itemsize), dtype=np.uint8)

@@ -100,8 +100,11 @@ def test_reads_check_the_recorded_checksum_and_digest(tmp_path, monkeypatch):
     other = np.ones(64, dtype=np.float32).tobytes()
     # An object whose bytes are not the tensor its header records: the checksum catches it (and
     # the diagnostic retry, which hashes with sha256, confirms and names the object).
-    swapped = _store_with_header(store, TensorData("layer.w", "F32", (64,), other, tensor_digest(other)),
-                                 check=tensor_checksum(raw, tensor.digest))
+    swapped = _store_with_header(
+        store,
+        TensorData("layer.w", "F32", (64,), other, tensor_digest(other)),
+        check=tensor_checksum(raw, tensor.digest),
+    )
     swapped = entry.__class__(entry.name, entry.dtype, entry.shape, tensor.digest, "dense", swapped.objects)
     with pytest.raises(ObjectCorruptError, match="layer.w"):
         decode_tensor(store, swapped, "model.safetensors")

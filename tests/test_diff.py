@@ -27,15 +27,41 @@ STATS = {
     "properties": {k: NUMBER for k in tensor_stats.FIELDS},
     "additionalProperties": False,
 }
-SUMMARY_KEYS = ["tensors_old", "tensors_new", "unchanged", "changed", "added", "removed", "renamed",
-                "dtype_changed", "shape_changed", "bytes_old", "bytes_new", "delta_l2", "relative_change",
-                "fraction_changed", "elements_changed", "elements_compared"]
-SUMMARY = {"type": "object", "required": SUMMARY_KEYS, "properties": {k: NUMBER for k in SUMMARY_KEYS},
-           "additionalProperties": False}
-LAYOUT = {"type": "object", "required": ["files_old", "files_new", "moved", "resharded"],
-          "properties": {"files_old": {"type": "integer"}, "files_new": {"type": "integer"},
-                         "moved": {"type": "integer"}, "resharded": {"type": "boolean"}},
-          "additionalProperties": False}
+SUMMARY_KEYS = [
+    "tensors_old",
+    "tensors_new",
+    "unchanged",
+    "changed",
+    "added",
+    "removed",
+    "renamed",
+    "dtype_changed",
+    "shape_changed",
+    "bytes_old",
+    "bytes_new",
+    "delta_l2",
+    "relative_change",
+    "fraction_changed",
+    "elements_changed",
+    "elements_compared",
+]
+SUMMARY = {
+    "type": "object",
+    "required": SUMMARY_KEYS,
+    "properties": {k: NUMBER for k in SUMMARY_KEYS},
+    "additionalProperties": False,
+}
+LAYOUT = {
+    "type": "object",
+    "required": ["files_old", "files_new", "moved", "resharded"],
+    "properties": {
+        "files_old": {"type": "integer"},
+        "files_new": {"type": "integer"},
+        "moved": {"type": "integer"},
+        "resharded": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+}
 # The documented --json schema (README, "Diffs, history and loading"; docs/models.md), version 2:
 # entries are models (kind "model": several files, an index or an adapter) or one-file models (kind "file").
 SCHEMA = {
@@ -49,8 +75,17 @@ SCHEMA = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["path", "old_path", "status", "kind", "format", "fields_changed", "summary", "groups",
-                             "tensors"],
+                "required": [
+                    "path",
+                    "old_path",
+                    "status",
+                    "kind",
+                    "format",
+                    "fields_changed",
+                    "summary",
+                    "groups",
+                    "tensors",
+                ],
                 "if": {"properties": {"kind": {"const": "model"}}},
                 "then": {"required": ["layout", "shards_old", "shards_new", "index", "adapter_of"]},
                 "properties": {
@@ -62,13 +97,29 @@ SCHEMA = {
                     "adapter_of": {"type": ["string", "null"]},
                     "status": {"enum": ["modified", "added", "removed", "renamed"]},
                     "summary": SUMMARY,
-                    "groups": {"type": "array", "items": {
-                        "type": "object", "required": ["name", *SUMMARY_KEYS]}},
-                    "tensors": {"type": "array", "items": {
-                        "type": "object",
-                        "required": ["name", "status", "group", "old", "new", "dtype_changed", "shape_changed", "stats"],
-                        "properties": {"status": {"enum": ["changed", "added", "removed", "renamed"]},
-                                       "old": SIDE, "new": SIDE, "stats": STATS}}},
+                    "groups": {"type": "array", "items": {"type": "object", "required": ["name", *SUMMARY_KEYS]}},
+                    "tensors": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": [
+                                "name",
+                                "status",
+                                "group",
+                                "old",
+                                "new",
+                                "dtype_changed",
+                                "shape_changed",
+                                "stats",
+                            ],
+                            "properties": {
+                                "status": {"enum": ["changed", "added", "removed", "renamed"]},
+                                "old": SIDE,
+                                "new": SIDE,
+                                "stats": STATS,
+                            },
+                        },
+                    },
                 },
             },
         },
@@ -129,7 +180,9 @@ def test_stats_bf16_complex_and_nonfinite():
     stats = tensor_stats.compare(c_old.tobytes(), "C64", c_new.tobytes(), "C64", (6,))
     assert stats["delta_l2"] == pytest.approx(np.sqrt(6 * 2))
     assert stats["max_abs_delta"] == pytest.approx(np.sqrt(2))
-    assert stats["cosine"] == pytest.approx(np.vdot(c_old, c_new).real / (np.linalg.norm(c_old) * np.linalg.norm(c_new)))
+    assert stats["cosine"] == pytest.approx(
+        np.vdot(c_old, c_new).real / (np.linalg.norm(c_old) * np.linalg.norm(c_new))
+    )
     # NaN/inf elements are counted, left out of the norms, and never make a number NaN.
     f_old = np.array([1.0, np.nan, 3.0, 4.0], np.float32)
     f_new = np.array([1.0, np.nan, np.inf, 5.0], np.float32)
@@ -160,19 +213,27 @@ def test_groups_and_natural_order():
 # -- end to end ----------------------------------------------------------------------------------
 def _versions():
     """v1 and v2 of a small checkpoint with every kind of tensor change."""
-    v1 = random_state_dict(seed=3, shapes={
-        "model.layers.0.attn.weight": (16, 8), "model.layers.0.mlp.weight": (16, 8),
-        "model.layers.1.attn.weight": (16, 8), "model.layers.1.mlp.weight": (16, 8),
-        "model.embed.weight": (32, 8), "old.bias": (4,), "moved.bias": (6,), "reshaped": (4, 4),
-    })
+    v1 = random_state_dict(
+        seed=3,
+        shapes={
+            "model.layers.0.attn.weight": (16, 8),
+            "model.layers.0.mlp.weight": (16, 8),
+            "model.layers.1.attn.weight": (16, 8),
+            "model.layers.1.mlp.weight": (16, 8),
+            "model.embed.weight": (32, 8),
+            "old.bias": (4,),
+            "moved.bias": (6,),
+            "reshaped": (4, 4),
+        },
+    )
     v2 = {k: v.copy() for k, v in v1.items()}
-    v2["model.layers.0.attn.weight"] *= 1.01                     # dense change
-    v2["model.layers.1.mlp.weight"][3, :2] = 0.5                # sparse change
+    v2["model.layers.0.attn.weight"] *= 1.01  # dense change
+    v2["model.layers.1.mlp.weight"][3, :2] = 0.5  # sparse change
     v2["model.embed.weight"] = v2["model.embed.weight"].astype(np.float16)  # dtype change
-    v2["reshaped"] = v2["reshaped"].reshape(2, 8)               # shape change
-    del v2["old.bias"]                                           # removed
-    v2["new.bias"] = np.ones(3, np.float32)                      # added
-    v2["renamed.bias"] = v2.pop("moved.bias")                    # renamed (same bytes)
+    v2["reshaped"] = v2["reshaped"].reshape(2, 8)  # shape change
+    del v2["old.bias"]  # removed
+    v2["new.bias"] = np.ones(3, np.float32)  # added
+    v2["renamed.bias"] = v2.pop("moved.bias")  # renamed (same bytes)
     return v1, v2
 
 
@@ -201,8 +262,15 @@ def test_diff_numbers_schema_and_text(two_versions):
     (f,) = result["files"]
     assert f["status"] == "modified" and f["format"] == "safetensors"
     t = by_name(f)
-    assert sorted(t) == ["model.embed.weight", "model.layers.0.attn.weight", "model.layers.1.mlp.weight",
-                         "new.bias", "old.bias", "renamed.bias", "reshaped"]
+    assert sorted(t) == [
+        "model.embed.weight",
+        "model.layers.0.attn.weight",
+        "model.layers.1.mlp.weight",
+        "new.bias",
+        "old.bias",
+        "renamed.bias",
+        "reshaped",
+    ]
     assert t["new.bias"]["status"] == "added" and t["old.bias"]["status"] == "removed"
     assert t["renamed.bias"]["status"] == "renamed" and t["renamed.bias"]["old_name"] == "moved.bias"
     assert t["reshaped"]["shape_changed"] and t["reshaped"]["stats"] is None
@@ -210,7 +278,9 @@ def test_diff_numbers_schema_and_text(two_versions):
     assert t["model.embed.weight"]["old"]["dtype"] == "F32" and t["model.embed.weight"]["new"]["dtype"] == "F16"
     for name in ("model.layers.0.attn.weight", "model.layers.1.mlp.weight"):
         assert_stats(t[name]["stats"], v1[name], v2[name])
-    assert_stats(t["model.embed.weight"]["stats"], v1["model.embed.weight"], v2["model.embed.weight"].astype(np.float32))
+    assert_stats(
+        t["model.embed.weight"]["stats"], v1["model.embed.weight"], v2["model.embed.weight"].astype(np.float32)
+    )
     assert t["model.layers.1.mlp.weight"]["stats"]["elements_changed"] == 2
     s = f["summary"]
     assert (s["changed"], s["added"], s["removed"], s["renamed"], s["unchanged"]) == (4, 1, 1, 1, 2)
@@ -288,8 +358,11 @@ def test_worktree_index_and_files_added_removed_renamed(repo):
     wt = json.loads(repo.theta("diff", "--json").stdout)
     assert (wt["old"], wt["new"]) == (":index", ":worktree")
     (f,) = wt["files"]
-    assert_stats(by_name(f)["model.layers.0.attn.weight"]["stats"], v1["model.layers.0.attn.weight"],
-                 v2["model.layers.0.attn.weight"])
+    assert_stats(
+        by_name(f)["model.layers.0.attn.weight"]["stats"],
+        v1["model.layers.0.attn.weight"],
+        v2["model.layers.0.attn.weight"],
+    )
     assert json.loads(repo.theta("diff", "--cached", "--json").stdout)["files"] == []
     repo.git("add", "a.safetensors")
     repo.git("mv", "gone.safetensors", "sub.safetensors")
@@ -299,9 +372,11 @@ def test_worktree_index_and_files_added_removed_renamed(repo):
     cached = json.loads(repo.theta("diff", "--cached", "--json").stdout)
     jsonschema.validate(cached, SCHEMA)
     status = {f["path"]: (f["status"], f["old_path"]) for f in cached["files"]}
-    assert status == {"a.safetensors": ("modified", "a.safetensors"),
-                      "new.safetensors": ("added", "new.safetensors"),
-                      "sub.safetensors": ("renamed", "gone.safetensors")}
+    assert status == {
+        "a.safetensors": ("modified", "a.safetensors"),
+        "new.safetensors": ("added", "new.safetensors"),
+        "sub.safetensors": ("renamed", "gone.safetensors"),
+    }
     new_file = next(f for f in cached["files"] if f["path"] == "new.safetensors")
     assert new_file["summary"]["added"] == 1 and new_file["tensors"][0]["status"] == "added"
     # One revision: that revision vs the work tree; a path limits the files.

@@ -52,12 +52,21 @@ def test_every_dtype_is_byte_identical(repo):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(5, 3, generator=g)
     tensors = {
-        "f64": base.double(), "f32": base, "f16": base.half(), "bf16": base.bfloat16(),
-        "e4m3": base.to(torch.float8_e4m3fn), "e5m2": base.to(torch.float8_e5m2),
+        "f64": base.double(),
+        "f32": base,
+        "f16": base.half(),
+        "bf16": base.bfloat16(),
+        "e4m3": base.to(torch.float8_e4m3fn),
+        "e5m2": base.to(torch.float8_e5m2),
         "c64": torch.complex(base, -base),
-        "i64": torch.arange(7), "i32": torch.arange(7, dtype=torch.int32), "i16": torch.arange(7, dtype=torch.int16),
-        "i8": torch.arange(-3, 4, dtype=torch.int8), "u8": torch.arange(7, dtype=torch.uint8),
-        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+        "i64": torch.arange(7),
+        "i32": torch.arange(7, dtype=torch.int32),
+        "i16": torch.arange(7, dtype=torch.int16),
+        "i8": torch.arange(-3, 4, dtype=torch.int8),
+        "u8": torch.arange(7, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
         "nan": torch.tensor([float("nan"), -0.0, float("inf")]),
     }
     if hasattr(torch, "float8_e8m0fnu"):

@@ -105,14 +105,9 @@ def test_the_executable_serves_the_filter_without_the_cli(repo):
     import subprocess
     import sys
 
-    code = (
-        "import sys; sys.argv = ['git-theta', 'filter-process']\n"
-        "from git_theta.cli.entry import main\n"
-        "main()\n"
-    )
+    code = "import sys; sys.argv = ['git-theta', 'filter-process']\nfrom git_theta.cli.entry import main\nmain()\n"
     welcome = b"0016git-filter-client\n000eversion=2\n0000" + b"0015capability=clean\n0000"
-    proc = subprocess.run([sys.executable, "-c", code], input=welcome, cwd=repo.path, env=repo.env,
-                          capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", code], input=welcome, cwd=repo.path, env=repo.env, capture_output=True)
     assert b"git-filter-server" in proc.stdout and b"capability=clean" in proc.stdout
     assert proc.returncode == 0, proc.stderr
     probe = (

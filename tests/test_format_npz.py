@@ -47,7 +47,10 @@ def arrays(draw):
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_./]{0,6}", fullmatch=True), arrays(), min_size=1, max_size=4), st.booleans())
+@given(
+    st.dictionaries(st.from_regex(r"[a-z][a-z0-9_./]{0,6}", fullmatch=True), arrays(), min_size=1, max_size=4),
+    st.booleans(),
+)
 def test_property_roundtrip_bit_exact(named, compressed):
     reader, tensors, raw = roundtrip(FMT, npz(named, compressed), "a.npz")
     assert_same(named, raw)
@@ -107,7 +110,10 @@ def test_commit_modify_checkout_through_git(repo):
     path.write_bytes(npz(v1, compressed=True))
     repo.commit("v1", "arrays.npz")
     stored = repo.show("HEAD:arrays.npz").decode()
-    assert stored.startswith(("git-theta manifest v1\nformat npz\n", "git-theta manifest v2\nformat npz\n")) and "field compression deflated" in stored
+    assert (
+        stored.startswith(("git-theta manifest v1\nformat npz\n", "git-theta manifest v2\nformat npz\n"))
+        and "field compression deflated" in stored
+    )
     v2 = dict(v1, step=np.array(2))
     path.write_bytes(npz(v2, compressed=True))
     before = set(object_files(repo))

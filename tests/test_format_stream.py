@@ -43,7 +43,9 @@ def test_errors_name_the_file_and_what_was_read():
     cursor = ByteCursor(io.BytesIO(b"\0\0\1" + b"x" * 10), "model.toy", "toy")
     with pytest.raises(CheckpointError, match="model.toy: non-zero bytes in the padding"):
         cursor.skip_zeros(3, "the padding")
-    with pytest.raises(CheckpointError, match=r"model.toy: toy file is truncated in tensor 'w' \(10 of 20 bytes\)") as info:
+    with pytest.raises(
+        CheckpointError, match=r"model.toy: toy file is truncated in tensor 'w' \(10 of 20 bytes\)"
+    ) as info:
         cursor.take_large(20, "tensor 'w'")
     assert "save or download it again" in info.value.hint
     with pytest.raises(CheckpointError, match="unexpected bytes after the data"):

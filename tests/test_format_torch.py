@@ -19,8 +19,19 @@ from git_theta.formats.torch_format import TorchFormat, tensor_names
 torch = pytest.importorskip("torch")
 FMT = TorchFormat()
 DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.complex64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.complex64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
 ]
 
 
@@ -101,18 +112,38 @@ def test_structure_and_leaves_round_trip():
             "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}, 1: {"step": torch.tensor(3.0)}},
             "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1], "amsgrad": False, "foreach": None}],
         },
-        "epoch": 12, "big": 2**80, "loss": -0.0, "nan": float("nan"), "inf": float("-inf"), "name": "run é",
-        "$key": 1, "$": 2, "bytes": b"\x00\xff", "complex": 1 - 2j, "tags": {"b", "a"},
-        "size": torch.Size([2, 3]), "dtype": torch.bfloat16, "device": torch.device("cpu"),
-        "param": torch.nn.Parameter(torch.ones(2)), "frozen_param": torch.nn.Parameter(torch.ones(1), requires_grad=False),
-        "grad": torch.zeros(2, requires_grad=True), "scalar": torch.tensor(-0.0, dtype=torch.float16),
-        "empty": torch.empty(0, 4, dtype=torch.bfloat16), "flags": torch.tensor([True, False]),
+        "epoch": 12,
+        "big": 2**80,
+        "loss": -0.0,
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "name": "run é",
+        "$key": 1,
+        "$": 2,
+        "bytes": b"\x00\xff",
+        "complex": 1 - 2j,
+        "tags": {"b", "a"},
+        "size": torch.Size([2, 3]),
+        "dtype": torch.bfloat16,
+        "device": torch.device("cpu"),
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "frozen_param": torch.nn.Parameter(torch.ones(1), requires_grad=False),
+        "grad": torch.zeros(2, requires_grad=True),
+        "scalar": torch.tensor(-0.0, dtype=torch.float16),
+        "empty": torch.empty(0, 4, dtype=torch.bfloat16),
+        "flags": torch.tensor([True, False]),
         "nested": [[torch.arange(3)], (torch.ones(1, dtype=torch.int8),)],
     }
     reader, tensors_out, raw = roundtrip(FMT, saved(obj), "m.pt")
     assert_same(obj, load(raw))
     names = {t.name for t in tensors_out}
-    assert {"state_dict.weight", "optimizer.state.0.exp_avg", "optimizer.state.1.step", "nested.0.0", "nested.1.0"} <= names
+    assert {
+        "state_dict.weight",
+        "optimizer.state.0.exp_avg",
+        "optimizer.state.1.step",
+        "nested.0.0",
+        "nested.1.0",
+    } <= names
     assert set(reader.fields) | set(reader.blobs) == {"structure"}
     assert raw == join(FMT, reader, tensors_out, "m.pt"), "checkout must be deterministic"
 
@@ -166,7 +197,10 @@ class Marker:
 @pytest.mark.parametrize("how", ["system", "open"])
 def test_hostile_pickle_is_refused_and_nothing_runs(tmp_path, how):
     marker = tmp_path / "ran"
-    obj = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: {"exp_avg": torch.zeros(2), "hook": Marker(marker, how)}}}}
+    obj = {
+        "model": {"w": torch.ones(2)},
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(2), "hook": Marker(marker, how)}}},
+    }
     reader = FMT.split(io.BytesIO(saved(obj)), "evil.pt")
     with pytest.raises(UnsafeCheckpointError) as info:
         list(reader.tensors())
@@ -219,7 +253,11 @@ def checkpoint(step, seed):
     emb = torch.randn(32, 8, generator=g).to(torch.bfloat16)
     return {
         "state_dict": OrderedDict(
-            [("embed.weight", emb), ("lm_head.weight", emb), ("layer.weight", torch.randn(8, 8, generator=g, dtype=torch.float16))]
+            [
+                ("embed.weight", emb),
+                ("lm_head.weight", emb),
+                ("layer.weight", torch.randn(8, 8, generator=g, dtype=torch.float16)),
+            ]
         ),
         "optimizer": {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.full((8, 8), float(step))}}},
         "step": step,
@@ -296,8 +334,13 @@ def test_deep_nesting_and_tampered_structure_are_clean_errors():
     with pytest.raises(CheckpointError, match="nested too deeply"):
         list(FMT.split(io.BytesIO(raw), "deep.pt").tensors())
     reader, tensors_out = split(FMT, saved({"w": torch.ones(4), "v": torch.ones(4)[1:]}), "m.pt")
-    for bad in ('{"w":{"$":"tensor","name":"nope"}}', '{"w":{"$":"view","of":"w","shape":[9],"stride":[1],"offset":0}}',
-                '{"w":{"$":"eval"}}', "[" * 5000 + "]" * 5000, "{"):
+    for bad in (
+        '{"w":{"$":"tensor","name":"nope"}}',
+        '{"w":{"$":"view","of":"w","shape":[9],"stride":[1],"offset":0}}',
+        '{"w":{"$":"eval"}}',
+        "[" * 5000 + "]" * 5000,
+        "{",
+    ):
         reader.fields["structure"] = bad
         with pytest.raises(ManifestError):
             join(FMT, reader, tensors_out, "m.pt")
@@ -339,7 +382,12 @@ def test_mapped_tensors_are_read_from_the_file(tmp_path):
     """Clean reads tensor bytes with pread (bounded memory), not through torch's whole-file mapping."""
     from git_theta.formats.torch_format import StorageFile
 
-    obj = {"e": torch.empty(0), "w": torch.randn(4, 4), "b": torch.ones(3, dtype=torch.bfloat16), "x": torch.arange(8)[2:5]}
+    obj = {
+        "e": torch.empty(0),
+        "w": torch.randn(4, 4),
+        "b": torch.ones(3, dtype=torch.bfloat16),
+        "x": torch.arange(8)[2:5],
+    }
     path = tmp_path / "m.pt"
     torch.save(obj, path)
     loaded = torch.load(path, weights_only=True, mmap=True)

@@ -33,7 +33,9 @@ def test_fsck_clean_repository_is_ok(repo):
     assert code == 0 and report["ok"] and report["problems"] == []
     assert report["manifests"] == 2
     assert report["tensors"] == 8  # 4 tensors x 2 versions, all different
-    assert report["objects"] == len(_objects(repo, "HEAD:model.safetensors") | _objects(repo, "HEAD~1:model.safetensors"))
+    assert report["objects"] == len(
+        _objects(repo, "HEAD:model.safetensors") | _objects(repo, "HEAD~1:model.safetensors")
+    )
     assert repo.status() == ""
 
 
@@ -93,7 +95,9 @@ def test_fsck_all_covers_stash_reflog_and_bad_manifests(repo):
     _object_path(repo, gone).unlink()
     # a truncated manifest on a branch of its own
     repo.git("checkout", "-q", "-b", "broken")
-    blob = repo.git("hash-object", "-w", "--stdin", input="git-theta manifest v1\nformat safetensors\ntensor x").stdout.strip()
+    blob = repo.git(
+        "hash-object", "-w", "--stdin", input="git-theta manifest v1\nformat safetensors\ntensor x"
+    ).stdout.strip()
     repo.git("update-index", "--add", "--cacheinfo", f"100644,{blob},other.safetensors")
     repo.git("commit", "-q", "-m", "broken manifest")
     repo.git("checkout", "-q", "main")
@@ -122,8 +126,10 @@ def test_fsck_shared_objects_are_checked_once(repo):
     repo.commit("same tensors twice")
     code, report = _fsck(repo, "--all")
     assert code == 0 and report["tensors"] == 4 and report["manifests"] == 1  # identical manifests: one blob
-    assert np.array_equal(np.frombuffer(repo.file("a.safetensors").read_bytes(), np.uint8),
-                          np.frombuffer(repo.file("b.safetensors").read_bytes(), np.uint8))
+    assert np.array_equal(
+        np.frombuffer(repo.file("a.safetensors").read_bytes(), np.uint8),
+        np.frombuffer(repo.file("b.safetensors").read_bytes(), np.uint8),
+    )
 
 
 def test_fsck_repair_fetches_bad_objects_from_the_remote(repo, make_repo):

@@ -61,6 +61,7 @@ def _inputs(seed):
 
 # --- pkt-line -------------------------------------------------------------------------------------
 
+
 def _pkt_seed():
     out = io.BytesIO()
     writer = PktWriter(out)
@@ -87,10 +88,11 @@ def test_pktline_reader(data):
 
 # --- manifests ------------------------------------------------------------------------------------
 
+
 def _manifest_seed():
     d = "ab" * 32
     return (
-        "git-theta manifest v1\nformat safetensors\nfield metadata {\"a\":\"b\"}\n"
+        'git-theta manifest v1\nformat safetensors\nfield metadata {"a":"b"}\n'
         f"blob header {'cd' * 32}:12\n"
         f"tensor a%20b F32 [2,3] {d} dense {'ef' * 32}:40\n"
         f"tensor w BF16 [] {d} int-delta {'01' * 32}:9 {'23' * 32}:30\n"
@@ -111,11 +113,11 @@ def test_manifest_parser(data):
 
 # --- safetensors ----------------------------------------------------------------------------------
 
+
 def _safetensors_seed():
     from safetensors.numpy import save
 
-    return save({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int8)},
-                metadata={"k": "v"})
+    return save({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int8)}, metadata={"k": "v"})
 
 
 def _read_all(fmt, data):
@@ -136,12 +138,26 @@ def test_safetensors_reader(data):
 
 
 @fuzz
-@given(st.dictionaries(st.text(max_size=8), st.one_of(
-    st.none(), st.integers(), st.text(max_size=4), st.lists(st.integers(-3, 20), max_size=3),
-    st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "I8", "BF16", "X"]),
-                           "shape": st.lists(st.integers(-1, 4), max_size=3),
-                           "data_offsets": st.lists(st.integers(-2, 64), max_size=3)}),
-), max_size=4), st.binary(max_size=64))
+@given(
+    st.dictionaries(
+        st.text(max_size=8),
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.text(max_size=4),
+            st.lists(st.integers(-3, 20), max_size=3),
+            st.fixed_dictionaries(
+                {
+                    "dtype": st.sampled_from(["F32", "I8", "BF16", "X"]),
+                    "shape": st.lists(st.integers(-1, 4), max_size=3),
+                    "data_offsets": st.lists(st.integers(-2, 64), max_size=3),
+                }
+            ),
+        ),
+        max_size=4,
+    ),
+    st.binary(max_size=64),
+)
 def test_safetensors_structured_headers(header, tail):
     raw = json.dumps(header).encode()
     try:
@@ -151,6 +167,7 @@ def test_safetensors_structured_headers(header, tail):
 
 
 # --- torch / npz (when installed) -----------------------------------------------------------------
+
 
 def _format_or_skip(name):
     if name not in plugins.names("format"):

@@ -7,7 +7,13 @@ import numpy as np
 from conftest import random_state_dict, save_safetensors
 from format_helpers import object_files
 
-SHAPES = {"embed.weight": (64, 16), "layer.0.weight": (16, 16), "layer.0.bias": (16,), "layer.1.weight": (16, 16), "head.weight": (8, 16)}
+SHAPES = {
+    "embed.weight": (64, 16),
+    "layer.0.weight": (16, 16),
+    "layer.0.bias": (16,),
+    "layer.1.weight": (16, 16),
+    "head.weight": (8, 16),
+}
 
 
 def write_shards(repo, tensors, shards):
@@ -17,7 +23,10 @@ def write_shards(repo, tensors, shards):
     for file_name, members in zip(names, shards):
         save_safetensors(repo.file(file_name), {m: tensors[m] for m in members})
         weight_map.update({m: file_name for m in members})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     repo.file("model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
 
@@ -25,10 +34,14 @@ def write_shards(repo, tensors, shards):
 def test_sharded_checkpoint_and_a_tensor_moving_shards(repo):
     repo.git("config", "theta.packThreshold", "0")  # loose objects, one per tensor (packs: test_packs.py)
     tensors = random_state_dict(seed=3, shapes=SHAPES)
-    first = write_shards(repo, tensors, [["embed.weight", "layer.0.weight"], ["layer.0.bias", "layer.1.weight", "head.weight"]])
+    first = write_shards(
+        repo, tensors, [["embed.weight", "layer.0.weight"], ["layer.0.bias", "layer.1.weight", "head.weight"]]
+    )
     repo.commit("sharded v1")
     for name in first:
-        assert repo.show(f"HEAD:{name}").startswith((b"git-theta manifest v1\nformat safetensors\n", b"git-theta manifest v2\nformat safetensors\n"))
+        assert repo.show(f"HEAD:{name}").startswith(
+            (b"git-theta manifest v1\nformat safetensors\n", b"git-theta manifest v2\nformat safetensors\n")
+        )
     assert json.loads(repo.show("HEAD:model.safetensors.index.json"))["weight_map"]["head.weight"] == first[1]
     v1_bytes = {name: repo.file(name).read_bytes() for name in first}
     objects = set(object_files(repo))
@@ -37,7 +50,9 @@ def test_sharded_checkpoint_and_a_tensor_moving_shards(repo):
     # Re-shard into three files: every tensor moves or stays, none is stored again.
     for name in first:
         repo.file(name).unlink()
-    second = write_shards(repo, tensors, [["embed.weight"], ["layer.0.weight", "layer.0.bias"], ["layer.1.weight", "head.weight"]])
+    second = write_shards(
+        repo, tensors, [["embed.weight"], ["layer.0.weight", "layer.0.bias"], ["layer.1.weight", "head.weight"]]
+    )
     repo.commit("resharded")
     assert set(object_files(repo)) == objects
     assert "layer.0.weight" in repo.show(f"HEAD:{second[1]}").decode()

@@ -33,13 +33,19 @@ def test_theta_format_must_be_a_plugin_name(repo, value):
     proc = repo.git("add", "model.safetensors", check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "theta-format" in errors[0] and ("not a valid name" in errors[0] or "needs a value" in errors[0])
+    assert (
+        len(errors) == 1
+        and "theta-format" in errors[0]
+        and ("not a valid name" in errors[0] or "needs a value" in errors[0])
+    )
     assert "Traceback" not in proc.stderr
     assert repo.git("ls-files", "--", "model.safetensors").stdout == ""
 
 
 def test_theta_format_naming_an_installed_plugin_is_honoured(repo):
-    (repo.path / ".gitattributes").write_text("*.ckpt filter=theta diff=theta merge=theta -text theta-format=safetensors\n")
+    (repo.path / ".gitattributes").write_text(
+        "*.ckpt filter=theta diff=theta merge=theta -text theta-format=safetensors\n"
+    )
     save_safetensors(repo.file("model.ckpt"), random_state_dict(2))
     repo.commit("forced format", "model.ckpt")
     assert b"\nformat safetensors\n" in repo.show("HEAD:model.ckpt")
@@ -52,19 +58,39 @@ def test_attribute_allow_list():
         check_attribute("theta-merge", "a b")
 
 
-@pytest.mark.parametrize("key,allowed", [
-    ("lfs.url", True), ("lfs.pushurl", True), ("remote.origin.lfsurl", True), ("remote.origin.lfspushurl", True),
-    ("core.sshCommand", False), ("lfs.standalonetransferagent", False), ("lfs.customtransfer.x.path", False),
-    ("credential.helper", False), ("include.path", False), ("http.proxy", False), ("lfs.url.evil", False),
-])
+@pytest.mark.parametrize(
+    "key,allowed",
+    [
+        ("lfs.url", True),
+        ("lfs.pushurl", True),
+        ("remote.origin.lfsurl", True),
+        ("remote.origin.lfspushurl", True),
+        ("core.sshCommand", False),
+        ("lfs.standalonetransferagent", False),
+        ("lfs.customtransfer.x.path", False),
+        ("credential.helper", False),
+        ("include.path", False),
+        ("http.proxy", False),
+        ("lfs.url.evil", False),
+    ],
+)
 def test_lfsconfig_keys(key, allowed):
     assert lfsconfig_key_allowed(key) is allowed
 
 
-@pytest.mark.parametrize("url", [
-    "file:///home/me/.ssh", "/etc", "ext::sh -c touch% /tmp/pwned", "ssh://host/x",
-    "https://user:secret@example.com/x", "https://example.com/a\nb", "https://example.com/\x1b[31m", "https:///nohost",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///home/me/.ssh",
+        "/etc",
+        "ext::sh -c touch% /tmp/pwned",
+        "ssh://host/x",
+        "https://user:secret@example.com/x",
+        "https://example.com/a\nb",
+        "https://example.com/\x1b[31m",
+        "https:///nohost",
+    ],
+)
 def test_lfsconfig_urls_refused(url):
     with pytest.raises(ConfigError):
         check_lfs_url(url)
@@ -72,9 +98,9 @@ def test_lfsconfig_urls_refused(url):
 
 def test_read_lfsconfig_keeps_only_allowed_keys(tmp_path):
     (tmp_path / ".lfsconfig").write_text(
-        '[lfs]\n\turl = https://lfs.example.com/repo\n\tcustomtransfer = x\n'
-        '[core]\n\tsshCommand = touch /tmp/pwned\n'
-        '[include]\n\tpath = /etc/gitconfig\n'
+        "[lfs]\n\turl = https://lfs.example.com/repo\n\tcustomtransfer = x\n"
+        "[core]\n\tsshCommand = touch /tmp/pwned\n"
+        "[include]\n\tpath = /etc/gitconfig\n"
         '[remote "origin"]\n\tlfsurl = http://mirror.example.com/r\n'
     )
     allowed, ignored = read_lfsconfig(tmp_path)

@@ -57,8 +57,11 @@ def server(tmp_path, monkeypatch):
     with serving(handler) as httpd:
         port = httpd.server_address[1]
         url = f"http://127.0.0.1:{port}/team/m.git/info/lfs"
-        client = LfsClient(endpoint.Endpoint("origin", "http", url=url), Repo(tmp_path / "repo"),
-                           Settings(overrides={"retries": 0}, environ={}))
+        client = LfsClient(
+            endpoint.Endpoint("origin", "http", url=url),
+            Repo(tmp_path / "repo"),
+            Settings(overrides={"retries": 0}, environ={}),
+        )
         store = ObjectStore(tmp_path / "objects", fsync=False)
         yield client, handler, port, store
 
@@ -77,13 +80,16 @@ def test_wrong_bytes_never_enter_the_store(server, body):
     assert _nothing_stored(store)
 
 
-@pytest.mark.parametrize("href", [
-    "http://127.0.0.1:{port}/obj\r\nX-Injected: 1",
-    "http://127.0.0.1:{port}/o\x00bj",
-    "file:///etc/passwd",
-    "ftp://127.0.0.1:{port}/obj",
-    "/relative/obj",
-])
+@pytest.mark.parametrize(
+    "href",
+    [
+        "http://127.0.0.1:{port}/obj\r\nX-Injected: 1",
+        "http://127.0.0.1:{port}/o\x00bj",
+        "file:///etc/passwd",
+        "ftp://127.0.0.1:{port}/obj",
+        "/relative/obj",
+    ],
+)
 def test_bad_action_urls_are_refused(server, href):
     client, handler, port, store = server
     with pytest.raises(GitThetaError):

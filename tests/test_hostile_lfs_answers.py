@@ -120,8 +120,11 @@ def _client(tmp_path, url):
 
     if not (tmp_path / "repo").exists():
         subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
-    return LfsClient(endpoint.Endpoint("origin", "http", url=url), Repo(tmp_path / "repo"),
-                     Settings(overrides={"retries": 0}, environ={}))
+    return LfsClient(
+        endpoint.Endpoint("origin", "http", url=url),
+        Repo(tmp_path / "repo"),
+        Settings(overrides={"retries": 0}, environ={}),
+    )
 
 
 class _CountingStore(ObjectStore):
@@ -232,14 +235,22 @@ def _error_malformed(answer, op, href):
     return {"oid": answer["oid"], "size": answer["size"], "error": "boom"}
 
 
-SHAPES = [_without_actions, _href_missing, _href_not_string, _header_not_map, _size_wrong_type,
-          _actions_not_map, _error_malformed]
+SHAPES = [
+    _without_actions,
+    _href_missing,
+    _href_not_string,
+    _header_not_map,
+    _size_wrong_type,
+    _actions_not_map,
+    _error_malformed,
+]
 
 
 def _transfer(repo_path, url):
     r = Repo(repo_path)
-    return Transfer(r, endpoint.Endpoint("origin", "http", url=url),
-                    Settings(overrides={"retries": 0, "transfers": 1}, environ={}))
+    return Transfer(
+        r, endpoint.Endpoint("origin", "http", url=url), Settings(overrides={"retries": 0, "transfers": 1}, environ={})
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda f: f.__name__.strip("_"))
@@ -335,7 +346,7 @@ def test_server_error_message_is_stripped_and_quoted(server, repo):
     assert _printable(result.stderr), repr(result.stderr)
     lines = result.stderr.splitlines()
     assert not any(line.startswith("hint: run") for line in lines), lines
-    assert "the server said \"" in result.stderr and "quota exceeded" in result.stderr
+    assert 'the server said "' in result.stderr and "quota exceeded" in result.stderr
     assert "[31m" not in result.stderr  # the whole escape sequence goes, not only its ESC
     assert "failed for object" not in result.stderr  # a refused request is one error, not one per object
 
@@ -352,7 +363,7 @@ def test_per_object_server_error_is_stripped_and_quoted(server, tmp_path):
         with pytest.raises(RemoteError) as info:
             transfer.download([REF])
     assert _printable(info.value.message) and "\n" not in info.value.message
-    assert "the server said \"" in info.value.message
+    assert 'the server said "' in info.value.message
 
 
 # -- 1b. no redirect from https to http ----------------------------------------------------------
@@ -366,9 +377,26 @@ def _tls_wrapper(tmp_path):
         pytest.skip("openssl is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)

@@ -29,7 +29,10 @@ HOSTILE = {
     "path-like object id": (_m(f"tensor w F32 [2] {D} dense ../../../../etc/passwd:10"), "invalid object id"),
     "path-like blob id": (_m("blob header ../../x:1"), "invalid object id"),
     "uppercase object id": (_m(f"tensor w F32 [2] {D} dense {OID.upper()}:10"), "invalid object id"),
-    "duplicate tensor names": (_m(f"tensor w F32 [2] {D} dense {OID}:10", f"tensor w F32 [2] {D} dense {OID}:10"), "duplicate tensor"),
+    "duplicate tensor names": (
+        _m(f"tensor w F32 [2] {D} dense {OID}:10", f"tensor w F32 [2] {D} dense {OID}:10"),
+        "duplicate tensor",
+    ),
     "duplicate fields": (_m("field metadata {}", "field metadata {}"), "duplicate field"),
     "bad digest": (_m(f"tensor w F32 [2] {'0' * 63} dense {OID}:10"), "invalid tensor digest"),
     "bad size": (_m(f"tensor w F32 [2] {D} dense {OID}:-1"), "invalid object reference"),
@@ -87,8 +90,10 @@ def test_object_claiming_an_enormous_tensor(tmp_path):
         codec.decode_tensor(store, entry, "evil.safetensors")
 
 
-@pytest.mark.parametrize("header", [b'{"update": ["dense"]}', b'{"update": "dense", "shape": 3}',
-                                    b'{"update": "dense", "shape": [-1]}', b"[]", b"{"])
+@pytest.mark.parametrize(
+    "header",
+    [b'{"update": ["dense"]}', b'{"update": "dense", "shape": 3}', b'{"update": "dense", "shape": [-1]}', b"[]", b"{"],
+)
 def test_malformed_object_headers(tmp_path, header):
     import struct
 
@@ -107,9 +112,18 @@ def test_checkout_of_hostile_manifests_fails_cleanly(repo, tmp_path):
     entry = real.tensors["embed.weight"]
     text = repo.show("HEAD:model.safetensors").decode()
     cases = {
-        "path.safetensors": (text.replace(entry.objects[0].oid, "../../../../../../tmp/x" + "0" * 41), "invalid object id"),
-        "shape.safetensors": (text.replace("embed.weight F32 [64,16]", "embed.weight F32 [16,64]"), "the manifest says"),
-        "dtype.safetensors": (text.replace("embed.weight F32 [64,16]", "embed.weight F16 [64,32]"), "the manifest says"),
+        "path.safetensors": (
+            text.replace(entry.objects[0].oid, "../../../../../../tmp/x" + "0" * 41),
+            "invalid object id",
+        ),
+        "shape.safetensors": (
+            text.replace("embed.weight F32 [64,16]", "embed.weight F32 [16,64]"),
+            "the manifest says",
+        ),
+        "dtype.safetensors": (
+            text.replace("embed.weight F32 [64,16]", "embed.weight F16 [64,32]"),
+            "the manifest says",
+        ),
         "missing.safetensors": (text.replace(entry.objects[0].oid, "e" * 64), "missing"),
     }
     for name, (content, _) in cases.items():

@@ -31,13 +31,19 @@ HOSTILE = {
     "unknown dtype": (_file({"a": _t("F128", [1], 0, 16)}, bytes(16)), "unsupported dtype"),
     "trailing bytes": (_file({"a": _t("F32", [1], 0, 4)}, bytes(4) + b"extra"), "after the last tensor"),
     "duplicate tensor names": (
-        _file(b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', bytes(8)),
+        _file(
+            b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+            bytes(8),
+        ),
         "duplicate",
     ),
     "deeply nested header": (_file(b"[" * 50000 + b"]" * 50000), "nested"),
     "header not json": (_file(b"{not json}"), "corrupt safetensors header"),
     "header not utf-8": (_file(b'{"\xff":1}'), "corrupt safetensors header"),
-    "bool in shape": (_file({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4)), "invalid shape"),
+    "bool in shape": (
+        _file({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4)),
+        "invalid shape",
+    ),
     "metadata not strings": (_file({"__metadata__": {"k": {"code": 1}}}), "__metadata__"),
 }
 
@@ -58,7 +64,13 @@ def test_git_add_of_hostile_files_fails_cleanly_and_leaves_the_repository_intact
     staged = repo.show(":model.safetensors")
     store = repo.path / ".git" / "theta" / "objects"
     objects_before = sorted(p.name for p in store.rglob("*") if p.is_file() and p.parent.name != "tmp")
-    for case in ("overlapping offsets", "huge claimed tensor", "unknown dtype", "trailing bytes", "duplicate tensor names"):
+    for case in (
+        "overlapping offsets",
+        "huge claimed tensor",
+        "unknown dtype",
+        "trailing bytes",
+        "duplicate tensor names",
+    ):
         repo.file("model.safetensors").write_bytes(HOSTILE[case][0])
         proc = repo.git("add", "model.safetensors", check=False)
         assert proc.returncode != 0, case

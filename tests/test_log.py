@@ -18,10 +18,10 @@ def _state(seed=0):
 def _states():
     """The checkpoint at each commit of the history built below."""
     c1 = _state()
-    c2 = dict(c1, **{"z.weight": c1["z.weight"] * 1.1})         # side branch
+    c2 = dict(c1, **{"z.weight": c1["z.weight"] * 1.1})  # side branch
     a3 = c1["a.weight"].copy()
     a3[0, 0] += 1.0
-    c3 = dict(c1, **{"a.weight": a3})                            # main
+    c3 = dict(c1, **{"a.weight": a3})  # main
     merged = dict(c1, **{"a.weight": a3, "z.weight": c2["z.weight"], "m.weight": c1["m.weight"] + 0.5})
     c4 = dict(merged, **{"a.weight": a3 * 2})
     return {"c1": c1, "c2": c2, "c3": c3, "merge": merged, "c4": c4}
@@ -80,7 +80,9 @@ def test_log_follows_merges_per_tensor(history_repo):
 
     z = log(repo, "--param", "z.*")["commits"]
     assert [c["subject"] for c in z] == ["c2", "c1"]
-    assert z[0]["files"][0]["summary"]["relative_change"] == pytest.approx(rel(s["c1"]["z.weight"], s["c2"]["z.weight"]))
+    assert z[0]["files"][0]["summary"]["relative_change"] == pytest.approx(
+        rel(s["c1"]["z.weight"], s["c2"]["z.weight"])
+    )
     m = log(repo, "--param", "m.weight", "-n", "1")["commits"]
     assert [c["subject"] for c in m] == ["merge side"]
     assert m[0]["files"][0]["tensors"][0]["stats"]["relative_change"] == pytest.approx(

@@ -58,6 +58,7 @@ def test_which_page_help_asks_for():
 def test_short_help_answers_the_first_questions():
     """merge -h lists every built-in operator and says what happens without --operator; track -h
     shows an example pattern; ls-files -h says what 'stored' means."""
+
     def short_help(*args):
         proc = subprocess.run([sys.executable, "-m", "git_theta", *args, "-h"], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
@@ -97,6 +98,5 @@ def test_help_shows_the_installed_man_page(git_env, tmp_path, args, title, expec
 
 
 def test_short_help_is_still_clicks(git_env, tmp_path):
-    proc = subprocess.run(["git", "theta", "merge", "-h"], cwd=tmp_path, env=git_env, capture_output=True,
-                          text=True)
+    proc = subprocess.run(["git", "theta", "merge", "-h"], cwd=tmp_path, env=git_env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("Usage: git-theta merge")

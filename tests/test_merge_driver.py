@@ -65,13 +65,20 @@ def assert_merged_cleanly(repo, path=MODEL, load=True):
 @pytest.fixture
 def fine_tunes(repo):
     base = tensors(0)
-    ours = dict(base, **{"layer.0.weight": bump(base["layer.0.weight"], 0.1, 1),
-                         "head.weight": bump(base["head.weight"], 0.1, 2)})
+    ours = dict(
+        base,
+        **{"layer.0.weight": bump(base["layer.0.weight"], 0.1, 1), "head.weight": bump(base["head.weight"], 0.1, 2)},
+    )
     sparse = base["layer.0.weight"].copy()
     sparse[[0, 3, 5], [1, 2, 7]] += 1  # a few entries: stored as a delta of the base
-    theirs = dict(base, **{"layer.0.weight": sparse,
-                           "embed.weight": bump(base["embed.weight"], 0.1, 4),
-                           "extra.weight": np.ones(3, np.float32)})
+    theirs = dict(
+        base,
+        **{
+            "layer.0.weight": sparse,
+            "embed.weight": bump(base["embed.weight"], 0.1, 4),
+            "extra.weight": np.ones(3, np.float32),
+        },
+    )
     branches(repo, base, ours, theirs)
     return base, ours, theirs
 
@@ -123,7 +130,9 @@ def test_no_operator_keeps_ours_lists_conflicts_and_abort_restores(repo, fine_tu
 def test_rules_attribute_and_rules_file(repo, fine_tunes):
     base, ours, theirs = fine_tunes
     # .thetamerge (committed data) says linear for layer.*; a git config rule says theirs for layer.0.*
-    repo.file(".gitattributes").write_text(repo.file(".gitattributes").read_text() + "model.safetensors theta-merge=nope\n")
+    repo.file(".gitattributes").write_text(
+        repo.file(".gitattributes").read_text() + "model.safetensors theta-merge=nope\n"
+    )
     repo.git("config", "--add", "theta.merge.rule", "layer.0.* theirs")
     repo.file(".thetamerge").write_text("# rules\nlayer.* linear weight=3,1\n")
     repo.commit("merge settings")
@@ -162,8 +171,15 @@ def test_half_precision_inputs_compute_in_float32(repo, dtype):
         repo.commit(branch)
         if branch == "theirs":
             repo.git("checkout", "-q", "main")
-    repo.git("-c", "theta.merge.operator=task_arithmetic", "-c", "theta.merge.weight=0.5,0.75",
-             "merge", "--no-edit", "theirs")
+    repo.git(
+        "-c",
+        "theta.merge.operator=task_arithmetic",
+        "-c",
+        "theta.merge.weight=0.5,0.75",
+        "merge",
+        "--no-edit",
+        "theirs",
+    )
     assert_merged_cleanly(repo, load=False)
     from safetensors.torch import load_file as torch_load
 
@@ -298,8 +314,16 @@ def test_bad_input_shape_mismatch_missing_object_and_parameters(repo):
     theirs_manifest = Manifest.parse(repo.show(f"theirs:{MODEL}"))
     oid = theirs_manifest.tensors["layer.0.weight"].objects[0].oid
     (repo.path / ".git" / "theta" / "objects" / oid[:2] / oid[2:4] / oid).unlink()
-    proc = repo.git("-c", "theta.merge.operator=linear", "-c", "theta.merge.rule=head.* ours",
-                    "merge", "--no-edit", "theirs", check=False)
+    proc = repo.git(
+        "-c",
+        "theta.merge.operator=linear",
+        "-c",
+        "theta.merge.rule=head.* ours",
+        "merge",
+        "--no-edit",
+        "theirs",
+        check=False,
+    )
     assert proc.returncode == 1
     assert f"object {oid} is missing" in proc.stderr
     assert repo.status().startswith("UU ")
@@ -316,8 +340,9 @@ def test_add_add_has_no_base(repo):
     repo.git("checkout", "-q", "main")
     save_safetensors(repo.file(MODEL), {"w": np.full((4, 4), 3, np.float32)})
     repo.commit("main", MODEL)
-    proc = repo.git("-c", "theta.merge.operator=ties", "merge", "--allow-unrelated-histories",
-                    "--no-edit", "other", check=False)
+    proc = repo.git(
+        "-c", "theta.merge.operator=ties", "merge", "--allow-unrelated-histories", "--no-edit", "other", check=False
+    )
     assert proc.returncode == 1 and "ties needs a base (no common base)" in proc.stderr
     repo.git("merge", "--abort")
     repo.git("-c", "theta.merge.operator=linear", "merge", "--allow-unrelated-histories", "--no-edit", "other")
@@ -438,9 +463,12 @@ def test_file_level_fields_follow_the_same_rules():
     base = manifest('{"step":"1"}')
     one_side = merge_manifests(MODEL, base, [base, manifest('{"step":"2"}')], ["ours", "theirs"], config, None)
     assert one_side.manifest.fields == {"metadata": '{"step":"2"}'} and not one_side.conflicts
-    both = merge_manifests(MODEL, base, [manifest('{"step":"3"}'), manifest('{"step":"2"}')], ["ours", "theirs"],
-                           config, None)
+    both = merge_manifests(
+        MODEL, base, [manifest('{"step":"3"}'), manifest('{"step":"2"}')], ["ours", "theirs"], config, None
+    )
     assert both.manifest.fields == {"metadata": '{"step":"3"}'}  # ours kept
-    assert [(o.name, o.reason) for o in both.conflicts] == [("field:metadata", "file-level field changed in ours, theirs")]
+    assert [(o.name, o.reason) for o in both.conflicts] == [
+        ("field:metadata", "file-level field changed in ours, theirs")
+    ]
     deleted = merge_manifests(MODEL, base, [manifest(None), base], ["ours", "theirs"], config, None)
     assert deleted.manifest.fields == {} and not deleted.conflicts

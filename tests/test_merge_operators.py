@@ -369,9 +369,7 @@ def test_nuslerp_on_task_vectors():
     # exactly colinear: lerp
     np.testing.assert_allclose(run("nuslerp", [a, o + 2 * (a - o)], o), o + 1.5 * (a - o), rtol=1e-12)
     # no base: slerp of the weights themselves
-    np.testing.assert_allclose(
-        run("nuslerp", [a - o, b - o], None, weight="3,1"), ref - o, rtol=1e-12
-    )
+    np.testing.assert_allclose(run("nuslerp", [a - o, b - o], None, weight="3,1"), ref - o, rtol=1e-12)
 
 
 def ref_slerp_rows(t, v0, v1):
@@ -616,8 +614,12 @@ def test_nearswap_takes_the_other_value_where_the_models_are_close():
     a = rng.normal(size=30)
     b = a + rng.normal(size=30) * np.where(np.arange(30) % 3 == 0, 0.01, 1.0)
     t = 0.05
-    ref = np.array([(min(max(t / max(abs(y - x), 1e-6), 0), 1)) * y + (1 - min(max(t / max(abs(y - x), 1e-6), 0), 1)) * x
-                    for x, y in zip(a, b)])
+    ref = np.array(
+        [
+            (min(max(t / max(abs(y - x), 1e-6), 0), 1)) * y + (1 - min(max(t / max(abs(y - x), 1e-6), 0), 1)) * x
+            for x, y in zip(a, b)
+        ]
+    )
     np.testing.assert_allclose(run("nearswap", [a, b], None, t=t), ref, rtol=1e-12, atol=1e-12)
     with pytest.raises(UsageError, match="needs parameter 't'"):
         resolve(op("nearswap"), {}, 2)

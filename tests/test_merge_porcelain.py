@@ -172,7 +172,12 @@ def test_merge_files_outside_history(tmp_path, git_env, repo):
     for name, tensors in (("base", base), ("a", a), ("b", b)):
         save_safetensors(tmp_path / f"{name}.safetensors", tensors, metadata={"format": "pt"})
     out = tmp_path / "out.safetensors"
-    args = ["--base", str(tmp_path / "base.safetensors"), str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    args = [
+        "--base",
+        str(tmp_path / "base.safetensors"),
+        str(tmp_path / "a.safetensors"),
+        str(tmp_path / "b.safetensors"),
+    ]
     repo.theta("merge-files", "--operator", "task_arithmetic", *args, "-o", str(out), cwd=tmp_path)
     merged = load_file(str(out))
     np.testing.assert_array_equal(merged["w"], base["w"] + ((a["w"] - base["w"]) + (b["w"] - base["w"])))

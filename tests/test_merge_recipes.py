@@ -35,8 +35,10 @@ def llama(seed, like=None, scale=0.1, fraction=1.0):
     """A tiny Llama-named model; with ``like``, a fine-tune of it moving ``fraction`` of the entries."""
     rng = np.random.default_rng(seed)
     if like is not None:
-        return {n: (v + scale * rng.standard_normal(v.shape) * (rng.random(v.shape) < fraction)).astype(np.float32)
-                for n, v in like.items()}
+        return {
+            n: (v + scale * rng.standard_normal(v.shape) * (rng.random(v.shape) < fraction)).astype(np.float32)
+            for n, v in like.items()
+        }
     shapes = {"model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,), "lm_head.weight": (16, 8)}
     for i in range(LAYERS):
         shapes[f"model.layers.{i}.self_attn.q_proj.weight"] = (8, 8)
@@ -93,7 +95,9 @@ def write(path, text):
 
 def test_gradient_and_filter_values_follow_the_spec_formula():
     op = plugins.get("merge", "slerp")
-    raw = {"t": "[{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}, {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}, {value: 0.5}]"}
+    raw = {
+        "t": "[{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}, {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}, {value: 0.5}]"
+    }
     names = list(llama(0))
     for name in names:
         got = resolve(op, raw, 2, tensor=name, x=position(name, LAYERS))["t"]
@@ -104,8 +108,13 @@ def test_gradient_and_filter_values_follow_the_spec_formula():
 
 def test_per_model_values_with_gradients_and_the_default_when_no_filter_matches():
     op = plugins.get("merge", "ties")
-    p = resolve(op, {"weight": "[0,1],0.5", "density": "[{filter: mlp, value: 0.2}]"}, 2,
-                tensor="model.layers.2.mlp.up_proj.weight", x=2 / 3)
+    p = resolve(
+        op,
+        {"weight": "[0,1],0.5", "density": "[{filter: mlp, value: 0.2}]"},
+        2,
+        tensor="model.layers.2.mlp.up_proj.weight",
+        x=2 / 3,
+    )
     assert p["weight"] == [pytest.approx(2 / 3), 0.5] and p["density"] == [0.2, 0.2]
     p = resolve(op, {"density": "[{filter: mlp, value: 0.2}]"}, 2, tensor="lm_head.weight", x=0.0)
     assert p["density"] == [1.0, 1.0]  # no entry for this tensor: mergekit's default
@@ -125,8 +134,13 @@ def test_thetamerge_rules_take_quoted_gradients_and_filter_lists():
     config = build_config([], rules_text=text)
     choice = config.choose("m.safetensors", "model.layers.3.self_attn.q_proj.weight")
     assert choice.operator == "slerp"
-    got = resolve(plugins.get("merge", "slerp"), choice.params, 2, tensor="model.layers.3.self_attn.q_proj.weight",
-                  x=position("model.layers.3.self_attn.q_proj.weight", LAYERS))
+    got = resolve(
+        plugins.get("merge", "slerp"),
+        choice.params,
+        2,
+        tensor="model.layers.3.self_attn.q_proj.weight",
+        x=position("model.layers.3.self_attn.q_proj.weight", LAYERS),
+    )
     assert got["t"] == 1.0
     with pytest.raises(ConfigError, match="unbalanced quotes"):
         build_config([], rules_text='model.* slerp "t=[0, 1]\n')
@@ -139,16 +153,30 @@ def test_thetamerge_rules_take_quoted_gradients_and_filter_lists():
 @pytest.mark.parametrize(
     "data, needle",
     [
-        ({"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "mergekit_foo": 1}, "unknown key 'mergekit_foo'"),
-        ({"merge_method": "ties", "models": [{"model": "a", "weight": 1}], "base_model": "b"}, "models[0]: unknown key 'weight'"),
+        (
+            {"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "mergekit_foo": 1},
+            "unknown key 'mergekit_foo'",
+        ),
+        (
+            {"merge_method": "ties", "models": [{"model": "a", "weight": 1}], "base_model": "b"},
+            "models[0]: unknown key 'weight'",
+        ),
         ({"models": [{"model": "a"}]}, "'merge_method' is missing"),
         ({"merge_method": "nope", "models": [{"model": "a"}]}, "unknown merge operator 'nope'"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "slices": []}, "exactly one of 'models' and 'slices'"),
         ({"merge_method": "linear", "modules": {}}, "'modules' (multi-module models) is not supported"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "int8"}, "is not a floating dtype"),
-        ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}]},
-         "same number of layers"),
-        ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]}, "layer_range must be"),
+        (
+            {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}],
+            },
+            "same number of layers",
+        ),
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},
+            "layer_range must be",
+        ),
         ({"merge_method": "linear", "models": [{"model": "base+some/lora"}]}, "LoRA adapter"),
     ],
 )
@@ -159,8 +187,17 @@ def test_recipe_errors_name_the_key(data, needle):
 
 
 def test_tokenizer_and_mergekit_options_are_noted_and_the_seed_is_kept():
-    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union",
-                           "chat_template": "chatml", "out_shard_size": "1B", "random_seed": 7}, "r.yml")
+    recipe = parse_recipe(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "a"}],
+            "tokenizer_source": "union",
+            "chat_template": "chatml",
+            "out_shard_size": "1B",
+            "random_seed": 7,
+        },
+        "r.yml",
+    )
     assert recipe.seed == 7
     assert [n.split("'")[1] for n in recipe.notes] == ["tokenizer_source", "chat_template", "out_shard_size"]
 
@@ -171,11 +208,16 @@ def test_tokenizer_and_mergekit_options_are_noted_and_the_seed_is_kept():
 
 def test_gradient_slerp_recipe_with_models_and_with_slices(files, repo):
     folder, models = files
-    for layout in ("models:\n  - model: a.safetensors\n  - model: b.safetensors\n",
-                   "slices:\n  - sources:\n      - model: a.safetensors\n        layer_range: [0, 4]\n"
-                   "      - model: b.safetensors\n        layer_range: [0, 4]\n"):
-        recipe = write(folder / "slerp.yml", layout + "merge_method: slerp\nbase_model: a.safetensors\n"
-                       "parameters:" + RECIPE_T + "dtype: float32\ntokenizer_source: base\n")
+    for layout in (
+        "models:\n  - model: a.safetensors\n  - model: b.safetensors\n",
+        "slices:\n  - sources:\n      - model: a.safetensors\n        layer_range: [0, 4]\n"
+        "      - model: b.safetensors\n        layer_range: [0, 4]\n",
+    ):
+        recipe = write(
+            folder / "slerp.yml",
+            layout + "merge_method: slerp\nbase_model: a.safetensors\n"
+            "parameters:" + RECIPE_T + "dtype: float32\ntokenizer_source: base\n",
+        )
         proc = repo.theta("merge-files", "--config", str(recipe), "-o", "out.safetensors", cwd=folder)
         assert "note: " in proc.stderr and "'tokenizer_source' ignored" in proc.stderr
         out = load_file(str(folder / "out.safetensors"))
@@ -187,7 +229,9 @@ def test_gradient_slerp_recipe_with_models_and_with_slices(files, repo):
 
 def test_ties_recipe_with_per_model_gradients_and_filters(files, repo):
     folder, models = files
-    recipe = write(folder / "ties.yml", """
+    recipe = write(
+        folder / "ties.yml",
+        """
 models:
   - model: a.safetensors
     parameters: {density: [1, 0.7, 0.1], weight: 1.0}
@@ -201,7 +245,8 @@ merge_method: ties
 base_model: base.safetensors
 parameters: {normalize: true, int8_mask: true}
 dtype: float32
-""")
+""",
+    )
     repo.theta("merge-files", "--config", str(recipe), "-o", "out.safetensors", cwd=folder)
     out = load_file(str(folder / "out.safetensors"))
     base = models["base"]
@@ -228,12 +273,15 @@ dtype: float32
 
 def test_passthrough_slices_stack_layers(files, repo):
     folder, models = files
-    recipe = write(folder / "stack.yml", """
+    recipe = write(
+        folder / "stack.yml",
+        """
 slices:
   - sources: [{model: a.safetensors, layer_range: [0, 3]}]
   - sources: [{model: b.safetensors, layer_range: [1, 4], parameters: {scale: 2.0}}]
 merge_method: passthrough
-""")
+""",
+    )
     repo.theta("merge-files", "--config", str(recipe), "-o", "out.safetensors", cwd=folder)
     out = load_file(str(folder / "out.safetensors"))
     assert len([n for n in out if n.endswith("q_proj.weight")]) == 6
@@ -247,12 +295,22 @@ merge_method: passthrough
 
 def test_recipe_errors_and_notes_through_the_cli(files, repo):
     folder, _ = files
-    bad = write(folder / "bad.yml", "merge_method: ties\nbase_model: base.safetensors\nmodels:\n"
-                "  - model: a.safetensors\n    parameters: {densty: 0.5}\n")
+    bad = write(
+        folder / "bad.yml",
+        "merge_method: ties\nbase_model: base.safetensors\nmodels:\n"
+        "  - model: a.safetensors\n    parameters: {densty: 0.5}\n",
+    )
     proc = repo.theta("merge-files", "--config", str(bad), "-o", "out.safetensors", cwd=folder, check=False)
-    assert proc.returncode == 2 and "unknown parameter 'densty'" in proc.stderr and not (folder / "out.safetensors").exists()
-    noted = write(folder / "noted.yml", "merge_method: task_arithmetic\nbase_model: base.safetensors\nmodels:\n"
-                  "  - model: a.safetensors\n    parameters: {density: 0.5}\n")
+    assert (
+        proc.returncode == 2
+        and "unknown parameter 'densty'" in proc.stderr
+        and not (folder / "out.safetensors").exists()
+    )
+    noted = write(
+        folder / "noted.yml",
+        "merge_method: task_arithmetic\nbase_model: base.safetensors\nmodels:\n"
+        "  - model: a.safetensors\n    parameters: {density: 0.5}\n",
+    )
     proc = repo.theta("merge-files", "--config", str(noted), "-o", "out.safetensors", cwd=folder)
     assert "parameter 'density' ignored (task_arithmetic does not take it)" in proc.stderr
     missing = write(folder / "missing.yml", "merge_method: linear\nmodels:\n  - model: org/model-7b\n")
@@ -263,14 +321,38 @@ def test_recipe_errors_and_notes_through_the_cli(files, repo):
 def test_every_tensor_applies_the_operator_to_equal_inputs_and_one_model_with_a_base(files, repo):
     folder, models = files
     a = str(folder / "a.safetensors")
-    repo.theta("merge-files", "--operator", "linear", "--param", "weight=0.6", "--param", "normalize=false",
-               "--every-tensor", a, a, "-o", "soup.safetensors", cwd=folder)
+    repo.theta(
+        "merge-files",
+        "--operator",
+        "linear",
+        "--param",
+        "weight=0.6",
+        "--param",
+        "normalize=false",
+        "--every-tensor",
+        a,
+        a,
+        "-o",
+        "soup.safetensors",
+        cwd=folder,
+    )
     soup = load_file(str(folder / "soup.safetensors"))
     for name, value in models["a"].items():
         np.testing.assert_allclose(soup[name], 1.2 * value, rtol=1e-6)
     # one fine-tune and its base: dare_linear sparsifies its task vector (L1 norm restored)
-    repo.theta("merge-files", "--operator", "dare_linear", "--param", "density=0.3", "--base",
-               str(folder / "base.safetensors"), a, "-o", "dare.safetensors", cwd=folder)
+    repo.theta(
+        "merge-files",
+        "--operator",
+        "dare_linear",
+        "--param",
+        "density=0.3",
+        "--base",
+        str(folder / "base.safetensors"),
+        a,
+        "-o",
+        "dare.safetensors",
+        cwd=folder,
+    )
     dare = load_file(str(folder / "dare.safetensors"))
     name = "model.layers.1.mlp.up_proj.weight"
     delta, kept = models["a"][name] - models["base"][name], dare[name] - models["base"][name]
@@ -296,16 +378,23 @@ def _branches(repo, models, fraction=1.0):
 def test_gradient_slerp_through_git_theta_merge_config_and_git_merge(files, repo):
     folder, models = files
     _branches(repo, models)
-    recipe = write(folder / "slerp.yml", "models:\n  - model: a\n  - model: theirs\nmerge_method: slerp\n"
-                   "base_model: a\nparameters:" + RECIPE_T)
+    recipe = write(
+        folder / "slerp.yml",
+        "models:\n  - model: a\n  - model: theirs\nmerge_method: slerp\nbase_model: a\nparameters:" + RECIPE_T,
+    )
     repo.git("checkout", "-q", "a")
     proc = repo.theta("merge", "--config", str(recipe), "theirs=b")
     assert "Merge made by git theta merge (2 parents" in proc.stdout
     assert repo.git("rev-parse", "HEAD^2").stdout.strip() == repo.git("rev-parse", "b").stdout.strip()
     merged = load_file(str(repo.file("model.safetensors")))
     for name, value in merged.items():
-        np.testing.assert_allclose(value, slerp_reference(t_for(name), models["a"][name], models["b"][name]),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            value,
+            slerp_reference(t_for(name), models["a"][name], models["b"][name]),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=name,
+        )
     # the same gradient from git config, through git's own merge and the merge driver
     repo.git("checkout", "-q", "-b", "a2", "a~1")
     repo.git("merge", "-q", "--no-edit", "a")  # a fast-forward: a2 = a
@@ -351,7 +440,9 @@ def test_a_merge_commit_is_stored_as_a_delta(tmp_path, repo, fraction):
     """A TIES merge of two sparse fine-tunes costs about its change, not a dense copy; the merged
     bytes equal merge-files' dense result exactly."""
     rng = np.random.default_rng(5)
-    base = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 256)).astype(np.float32) for i in range(2)}
+    base = {
+        f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 256)).astype(np.float32) for i in range(2)
+    }
     models = {"base": base, "a": llama(1, base, fraction=fraction), "b": llama(2, base, fraction=fraction)}
     _branches(repo, models)
     repo.git("checkout", "-q", "a")
@@ -365,8 +456,19 @@ def test_a_merge_commit_is_stored_as_a_delta(tmp_path, repo, fraction):
         assert added < 1.02 * raw  # dense fine-tunes: never more than a dense copy
     for key in ("base", "a", "b"):
         save_safetensors(tmp_path / f"{key}.safetensors", models[key])
-    repo.theta("merge-files", "--operator", "ties", "--param", "density=0.5", "--base", str(tmp_path / "base.safetensors"),
-               str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "-o", str(tmp_path / "out.safetensors"))
+    repo.theta(
+        "merge-files",
+        "--operator",
+        "ties",
+        "--param",
+        "density=0.5",
+        "--base",
+        str(tmp_path / "base.safetensors"),
+        str(tmp_path / "a.safetensors"),
+        str(tmp_path / "b.safetensors"),
+        "-o",
+        str(tmp_path / "out.safetensors"),
+    )
     assert repo.file("model.safetensors").read_bytes() == (tmp_path / "out.safetensors").read_bytes()
     repo.file("model.safetensors").unlink()
     repo.git("checkout", "--", "model.safetensors")
@@ -387,7 +489,9 @@ def test_merge_files_reads_safetensors_inputs_in_place_and_notices_a_changed_fil
     assert not any(p.is_file() for p in (folder / "tmp-objects").rglob("*"))
     name = "model.layers.1.mlp.up_proj.weight"
     entry = manifest.tensors[name]
-    assert np.frombuffer(store.read_tensor(entry), np.float32).reshape(entry.shape).tolist() == models["a"][name].tolist()
+    assert (
+        np.frombuffer(store.read_tensor(entry), np.float32).reshape(entry.shape).tolist() == models["a"][name].tolist()
+    )
     changed = dict(models["a"], **{name: models["a"][name] + 1})
     save_safetensors(folder / "a.safetensors", changed)
     with pytest.raises(CheckpointError, match="changed while it was being merged"):
@@ -464,16 +568,27 @@ def test_merge_files_takes_folders_and_keeps_the_first_models_layout_without_a_b
     assert sorted(set(index["weight_map"].values())) == [f"model-0000{k}-of-00004.safetensors" for k in range(1, 5)]
     a, b = read_folder(HF / "resharded")[0], read_folder(HF / "lora-merged")[0]
     for name, value in got.items():
-        np.testing.assert_allclose(value, (a[name].astype(np.float64) + b[name]) / 2, rtol=1e-6, atol=1e-7, err_msg=name)
-    proc = repo.theta("merge-files", "--operator", "linear", str(HF / "resharded"), str(HF / "lora-merged"), "-o", str(out))
+        np.testing.assert_allclose(
+            value, (a[name].astype(np.float64) + b[name]) / 2, rtol=1e-6, atol=1e-7, err_msg=name
+        )
+    proc = repo.theta(
+        "merge-files", "--operator", "linear", str(HF / "resharded"), str(HF / "lora-merged"), "-o", str(out)
+    )
     assert proc.returncode == 0  # writing again over our own folder is fine
     # a trainer's output folder: the safetensors model is the model, training_args.bin is not
 
     trained = tmp_path / "trained"
     shutil.copytree(HF / "resharded", trained)
     (trained / "training_args.bin").write_bytes(b"not a model")
-    repo.theta("merge-files", "--operator", "linear", str(trained / "model.safetensors.index.json"),
-               str(HF / "lora-merged"), "-o", str(tmp_path / "again.safetensors"))
+    repo.theta(
+        "merge-files",
+        "--operator",
+        "linear",
+        str(trained / "model.safetensors.index.json"),
+        str(HF / "lora-merged"),
+        "-o",
+        str(tmp_path / "again.safetensors"),
+    )
     again = load_file(str(tmp_path / "again.safetensors"))
     assert again.keys() == got.keys() and all(np.array_equal(again[n], got[n]) for n in got)
 
@@ -484,12 +599,24 @@ def test_model_folder_errors_name_the_file_and_leave_the_output_alone(tmp_path, 
     broken = tmp_path / "broken"
     shutil.copytree(HF / "tuned", broken)
     (broken / "model-00003-of-00012.safetensors").unlink()
-    proc = repo.theta("merge-files", "--operator", "linear", str(broken), str(HF / "fresh"), "-o", str(tmp_path / "x"),
-                      check=False)
-    assert proc.returncode != 0 and "names shard model-00003-of-00012.safetensors, which is not in the folder" in proc.stderr
+    proc = repo.theta(
+        "merge-files", "--operator", "linear", str(broken), str(HF / "fresh"), "-o", str(tmp_path / "x"), check=False
+    )
+    assert (
+        proc.returncode != 0
+        and "names shard model-00003-of-00012.safetensors, which is not in the folder" in proc.stderr
+    )
     assert "hint:" in proc.stderr
-    proc = repo.theta("merge-files", "--operator", "linear", str(HF / "adapter"), str(HF / "tuned"), "-o", str(tmp_path / "x"),
-                      check=False)
+    proc = repo.theta(
+        "merge-files",
+        "--operator",
+        "linear",
+        str(HF / "adapter"),
+        str(HF / "tuned"),
+        "-o",
+        str(tmp_path / "x"),
+        check=False,
+    )
     assert proc.returncode == 2 and "holds a PEFT adapter" in proc.stderr and "merge_and_unload" in proc.stderr
     assert not (tmp_path / "x").exists()
     lying = tmp_path / "lying"
@@ -502,19 +629,22 @@ def test_model_folder_errors_name_the_file_and_leave_the_output_alone(tmp_path, 
     index["weight_map"][moved] = other
     (lying / "model.safetensors.index.json").chmod(0o644)
     (lying / "model.safetensors.index.json").write_text(json.dumps(index))
-    proc = repo.theta("merge-files", "--operator", "linear", str(lying), str(HF / "fresh"), "-o", str(tmp_path / "x"),
-                      check=False)
+    proc = repo.theta(
+        "merge-files", "--operator", "linear", str(lying), str(HF / "fresh"), "-o", str(tmp_path / "x"), check=False
+    )
     assert proc.returncode != 0 and f"{moved!r} is in {actual}, not in {other}" in proc.stderr
     index["weight_map"] = {n: s for n, s in index["weight_map"].items() if s != actual}
     (lying / "model.safetensors.index.json").write_text(json.dumps(index))
-    proc = repo.theta("merge-files", "--operator", "linear", str(lying), str(HF / "fresh"), "-o", str(tmp_path / "x"),
-                      check=False)
+    proc = repo.theta(
+        "merge-files", "--operator", "linear", str(lying), str(HF / "fresh"), "-o", str(tmp_path / "x"), check=False
+    )
     assert proc.returncode != 0 and f"names no tensor of shard {actual}" in proc.stderr
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "model-00001-of-00002.safetensors").write_bytes(b"keep me")
-    proc = repo.theta("merge-files", "--operator", "linear", str(HF / "tuned"), str(HF / "fresh"), "-o", str(taken),
-                      check=False)
+    proc = repo.theta(
+        "merge-files", "--operator", "linear", str(HF / "tuned"), str(HF / "fresh"), "-o", str(taken), check=False
+    )
     assert proc.returncode == 2 and "already holds other checkpoint files" in proc.stderr
     assert [p.name for p in taken.iterdir()] == ["model-00001-of-00002.safetensors"]
     assert (taken / "model-00001-of-00002.safetensors").read_bytes() == b"keep me"
@@ -523,12 +653,15 @@ def test_model_folder_errors_name_the_file_and_leave_the_output_alone(tmp_path, 
 @needs_hf
 def test_passthrough_slices_of_folders_write_a_resharded_folder(tmp_path, repo):
 
-    write(tmp_path / "stack.yml", f"""
+    write(
+        tmp_path / "stack.yml",
+        f"""
 slices:
-  - sources: [{{model: {HF / 'fresh'}, layer_range: [0, 2]}}]
-  - sources: [{{model: {HF / 'tuned'}, layer_range: [1, 3]}}]
+  - sources: [{{model: {HF / "fresh"}, layer_range: [0, 2]}}]
+  - sources: [{{model: {HF / "tuned"}, layer_range: [1, 3]}}]
 merge_method: passthrough
-""")
+""",
+    )
     repo.theta("merge-files", "--config", str(tmp_path / "stack.yml"), "-o", str(tmp_path / "stacked"))
     got, index = read_folder(tmp_path / "stacked")
     fresh, tuned = read_folder(HF / "fresh")[0], read_folder(HF / "tuned")[0]
@@ -559,7 +692,9 @@ merge_method: passthrough
     repo.git("checkout", "-q", "a")
     plan = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b", "--dry-run", "--json")
     planned = {t["name"]: t["params"]["scale"] for t in json.loads(plan.stdout)["files"][0]["tensors"]}
-    assert planned["model.layers.5.mlp.up_proj.weight"] == [2.0] and planned["model.layers.2.mlp.up_proj.weight"] == [1.0]
+    assert planned["model.layers.5.mlp.up_proj.weight"] == [2.0] and planned["model.layers.2.mlp.up_proj.weight"] == [
+        1.0
+    ]
     assert repo.git("rev-parse", "HEAD").stdout == repo.git("rev-parse", "a").stdout
     proc = repo.theta("merge", "--config", str(folder / "on-branches.yml"), "theirs=b")
     assert "Merge made by git theta merge (2 parents" in proc.stdout
@@ -581,8 +716,11 @@ def test_sliced_recipe_on_a_sharded_model_in_git_is_refused_with_a_hint(tmp_path
     for p in repo.file("llama").iterdir():
         p.chmod(0o644)
     repo.commit("llama")
-    write(tmp_path / "stack.yml", "slices:\n  - sources: [{model: main, layer_range: [0, 2]}]\n"
-          "  - sources: [{model: main, layer_range: [1, 3]}]\nmerge_method: passthrough\n")
+    write(
+        tmp_path / "stack.yml",
+        "slices:\n  - sources: [{model: main, layer_range: [0, 2]}]\n"
+        "  - sources: [{model: main, layer_range: [1, 3]}]\nmerge_method: passthrough\n",
+    )
     head = repo.git("rev-parse", "HEAD").stdout
     proc = repo.theta("merge", "--config", str(tmp_path / "stack.yml"), check=False)
     assert proc.returncode == 2 and "slices need whole models; llama is a model of 12 shards" in proc.stderr

@@ -115,7 +115,9 @@ def test_search_commits_best_with_note_and_log(repo, setup):
     assert all(r["status"] == "ok" for r in note["candidates"])
     log = repo.theta("log").stdout
     assert "chosen by search: linear" in log
-    assert json.loads(repo.theta("log", "--json").stdout)["commits"][0]["merge_choice"]["chosen"]["operator"] == "linear"
+    assert (
+        json.loads(repo.theta("log", "--json").stdout)["commits"][0]["merge_choice"]["chosen"]["operator"] == "linear"
+    )
     merged = load_file(str(repo.file(MODEL)))["w"]
     assert repo.status() == ""
     np.testing.assert_array_equal(merged, load_file(setup(["main", "b1"]).split()[3])["w"])
@@ -124,8 +126,17 @@ def test_search_commits_best_with_note_and_log(repo, setup):
 def test_json_score_failures_and_dry_run(repo, setup, tmp_path):
     head = repo.git("rev-parse", "HEAD").stdout.strip()
     cands = candidates_file(tmp_path, "# tried in order\nties density=0.5\nlinear\ntask_arithmetic lambda=1\n")
-    proc = repo.theta("merge", "--search", "--dry-run", "--json", "--candidates", cands,
-                      "--eval", setup(["main", "b1"], "fail-far"), "b1")
+    proc = repo.theta(
+        "merge",
+        "--search",
+        "--dry-run",
+        "--json",
+        "--candidates",
+        cands,
+        "--eval",
+        setup(["main", "b1"], "fail-far"),
+        "b1",
+    )
     data = json.loads(proc.stdout)
     status = {c["recipe"]: (c["status"], c["detail"]) for c in data["candidates"]}
     assert status["linear"][0] == "ok"
@@ -135,19 +146,40 @@ def test_json_score_failures_and_dry_run(repo, setup, tmp_path):
     assert repo.git("rev-parse", "HEAD").stdout.strip() == head  # --dry-run wrote nothing
     assert repo.git("notes", "--ref=theta", "list", check=False).stdout == ""
     # a JSON object with "score" on the last line wins over other numbers
-    proc = repo.theta("merge", "--search", "--dry-run", "--json", "--candidates", cands,
-                      "--eval", setup(["main", "b1"], "json"), "b1")
+    proc = repo.theta(
+        "merge", "--search", "--dry-run", "--json", "--candidates", cands, "--eval", setup(["main", "b1"], "json"), "b1"
+    )
     assert {c["status"] for c in json.loads(proc.stdout)["candidates"]} == {"ok"}
 
 
 def test_no_score_and_timeouts_are_marked(repo, setup, tmp_path):
     cands = candidates_file(tmp_path, "linear\nties density=0.5\n")
-    proc = repo.theta("merge", "--search", "--dry-run", "--json", "--candidates", cands,
-                      "--eval", setup(["main", "b1"], "noscore"), "b1")
+    proc = repo.theta(
+        "merge",
+        "--search",
+        "--dry-run",
+        "--json",
+        "--candidates",
+        cands,
+        "--eval",
+        setup(["main", "b1"], "noscore"),
+        "b1",
+    )
     rows = {c["recipe"]: c for c in json.loads(proc.stdout)["candidates"]}
     assert rows["ties density=0.5"]["status"] == "failed" and "no score" in rows["ties density=0.5"]["detail"]
-    proc = repo.theta("merge", "--search", "--candidates", cands, "--timeout", "1", "-j", "2",
-                      "--eval", setup(["main", "b1"], "hang-far"), "b1")
+    proc = repo.theta(
+        "merge",
+        "--search",
+        "--candidates",
+        cands,
+        "--timeout",
+        "1",
+        "-j",
+        "2",
+        "--eval",
+        setup(["main", "b1"], "hang-far"),
+        "b1",
+    )
     note = json.loads(repo.git("notes", "--ref=theta", "show", "HEAD").stdout)
     rows = {c["recipe"]: c for c in note["candidates"]}
     assert rows["ties density=0.5"]["status"] == "timeout"
@@ -162,8 +194,18 @@ def test_nothing_scored_is_an_error(repo, setup, tmp_path):
     assert "internal error" not in proc.stderr
     # the time budget: the first candidate runs out of it, the second is never started
     cands = candidates_file(tmp_path, "ties density=0.5\nlinear\n")
-    proc = repo.theta("merge", "--search", "--candidates", cands, "--time-budget", "3",
-                      "--eval", setup(["main", "b1"], "hang-far"), "b1", check=False)
+    proc = repo.theta(
+        "merge",
+        "--search",
+        "--candidates",
+        cands,
+        "--time-budget",
+        "3",
+        "--eval",
+        setup(["main", "b1"], "hang-far"),
+        "b1",
+        check=False,
+    )
     assert proc.returncode != 0
     # (on a very busy machine the budget may be spent while the first merge is still being built)
     assert "ties density=0.5: timeout (no score after" in proc.stderr or "ties density=0.5: skipped" in proc.stderr
@@ -174,16 +216,28 @@ def test_parallel_candidates_run_at_once(repo, setup, tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
     cands = candidates_file(tmp_path, "linear\nties density=0.5\n")
-    proc = repo.theta("merge", "--search", "--dry-run", "--json", "-j", "2", "--candidates", cands,
-                      "--eval", setup(["main", "b1"], "together", str(marks)), "b1")
+    proc = repo.theta(
+        "merge",
+        "--search",
+        "--dry-run",
+        "--json",
+        "-j",
+        "2",
+        "--candidates",
+        cands,
+        "--eval",
+        setup(["main", "b1"], "together", str(marks)),
+        "b1",
+    )
     assert {c["status"] for c in json.loads(proc.stdout)["candidates"]} == {"ok"}
     assert len(list(marks.iterdir())) == 2
 
 
 def test_three_branches_greedy_selection(repo, setup, tmp_path):
     cands = candidates_file(tmp_path, "linear\n")
-    proc = repo.theta("merge", "--search", "--candidates", cands, "--eval", setup(["main", "b2", "b1"]),
-                      "b1", "b2", "b3")
+    proc = repo.theta(
+        "merge", "--search", "--candidates", cands, "--eval", setup(["main", "b2", "b1"]), "b1", "b2", "b3"
+    )
     assert "greedy forward selection" in proc.stdout
     note = json.loads(repo.git("notes", "--ref=theta", "show", "HEAD").stdout)
     assert sorted(note["chosen"]["branches"]) == ["b1", "b2"]
@@ -200,11 +254,23 @@ def test_merge_files_search(repo, setup, tmp_path):
     repo.git("checkout", "-q", "main")
     out = tmp_path / "merged.safetensors"
     cmd = setup(["b1", "b2"])
-    dry = repo.theta("merge-files", "--search", "--dry-run", "--eval", cmd, str(files[1]), str(files[2]),
-                     "--base", str(files[0]), "-o", str(out))
+    dry = repo.theta(
+        "merge-files",
+        "--search",
+        "--dry-run",
+        "--eval",
+        cmd,
+        str(files[1]),
+        str(files[2]),
+        "--base",
+        str(files[0]),
+        "-o",
+        str(out),
+    )
     assert "nothing written" in dry.stdout and not out.exists()
-    repo.theta("merge-files", "--search", "--eval", cmd, str(files[1]), str(files[2]), "--base", str(files[0]),
-               "-o", str(out))
+    repo.theta(
+        "merge-files", "--search", "--eval", cmd, str(files[1]), str(files[2]), "--base", str(files[0]), "-o", str(out)
+    )
     np.testing.assert_array_equal(load_file(str(out))["w"], load_file(cmd.split()[3])["w"])
     assert list(tmp_path.glob("theta-search-*")) == []
 
@@ -236,9 +302,12 @@ def test_parse_score(output, score):
 
 def test_parse_candidates():
     assert parse_candidates("ties density=0.2 # sparse\n\nlinear\n", "f") == [
-        Candidate.of("ties", {"density": "0.2"}), Candidate.of("linear")]
+        Candidate.of("ties", {"density": "0.2"}),
+        Candidate.of("linear"),
+    ]
     assert parse_candidates('[{"operator": "ties", "params": {"density": 0.2, "weight": [1, 0.5]}}]', "f") == [
-        Candidate.of("ties", {"density": "0.2", "weight": "1,0.5"})]
+        Candidate.of("ties", {"density": "0.2", "weight": "1,0.5"})
+    ]
     from git_theta.errors import UsageError
 
     with pytest.raises(UsageError, match="no candidates"):
@@ -258,7 +327,8 @@ def predictor_data(features=("cosine", "n_models"), candidates=None):
                 "features": list(features),
                 "mean": [0.0] * len(features),
                 "scale": [1.0] * len(features),
-                "candidates": candidates or [
+                "candidates": candidates
+                or [
                     {"operator": "linear", "params": {}, "intercept": 0.5, "coef": [0.2, 0.0]},
                     {"operator": "ties", "params": {"density": 0.5}, "intercept": 0.6, "coef": [-0.2, 0.0]},
                     {"operator": "slerp", "params": {"t": 0.5}, "intercept": 0.9, "coef": [0.0, 0.0], "max_models": 2},
@@ -275,8 +345,10 @@ def test_shipped_predictor_loads_and_covers_the_grid():
     structural = data["models"]["structural"]
     assert set(STRUCTURAL) <= set(structural["features"])
     assert set(FUNCTIONAL) <= set(data["models"]["functional"]["features"])
-    shipped = {Candidate.of(c["operator"], {k: str(v) for k, v in c["params"].items()}).recipe
-               for c in structural["candidates"]}
+    shipped = {
+        Candidate.of(c["operator"], {k: str(v) for k, v in c["params"].items()}).recipe
+        for c in structural["candidates"]
+    }
     assert shipped == {c.recipe for c in default_candidates(2)}
     assert data["held_out"]  # the held-out report travels with the coefficients
 
@@ -330,7 +402,8 @@ def test_auto_explains_its_pick_then_merges(repo, setup):
     scores = [line.split() for line in out.splitlines() if line.startswith("   ")]
     assert scores[0][0] == "*" and " ".join(scores[0][2:]) == pick
     assert [float(s[-len(s) + (1 if s[0] == "*" else 0)]) for s in scores] == sorted(
-        (float(s[-len(s) + (1 if s[0] == "*" else 0)]) for s in scores), reverse=True)
+        (float(s[-len(s) + (1 if s[0] == "*" else 0)]) for s in scores), reverse=True
+    )
     assert repo.git("rev-parse", "HEAD").stdout.strip() == head
     data = json.loads(repo.theta("merge", "--dry-run", "--json", "--operator", "auto", "b1").stdout)["auto"]
     assert data["predictor"] == "structural" and data["branches"] == ["b1"]
@@ -343,15 +416,19 @@ def test_auto_explains_its_pick_then_merges(repo, setup):
 
 def test_auto_with_probe_and_three_branches(repo, setup, tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text(textwrap.dedent(
-        """
+    probe.write_text(
+        textwrap.dedent(
+            """
         import sys, numpy as np
         from safetensors.numpy import load_file
         w = load_file(sys.argv[1] + "/model.safetensors")["w"]
         print(" ".join(str(v) for v in np.tanh(w @ np.ones(8, np.float32))))
-        """))
-    out = repo.theta("merge", "--dry-run", "--operator", "auto", "--probe", f"{sys.executable} {probe} {{model}}",
-                     "b1", "b2", "b3").stdout
+        """
+        )
+    )
+    out = repo.theta(
+        "merge", "--dry-run", "--operator", "auto", "--probe", f"{sys.executable} {probe} {{model}}", "b1", "b2", "b3"
+    ).stdout
     assert "act_cosine=" in out and "functional predictor" in out
     assert "branches, in merge order (greedy on predicted pair scores): " in out
     proc = repo.theta("merge", "--dry-run", "--operator", "auto", "--probe", "false {model}", "b1", check=False)

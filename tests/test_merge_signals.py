@@ -129,6 +129,8 @@ def test_decide_names_the_matching_case():
     assert signals.decide(s) == ("same update, sparse", "ties", {"density": "0.20"})
     assert signals.decide({**s, "density": 0.6}) == ("same update, dense", "linear", {})
     assert signals.decide({**s, "cosine": 0.0, "sign_agreement": 0.5}) == (
-        "independent or conflicting updates", "task_arithmetic", {}
+        "independent or conflicting updates",
+        "task_arithmetic",
+        {},
     )
     assert signals.decide({**s, "cosine": 0.5, "density": 0.5})[1:] == ("ties", {})  # 2·0.5 = 1: no trim

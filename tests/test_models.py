@@ -50,8 +50,10 @@ def save_sharded(folder, tensors, shards, prefix="model", index=True):
     if not index:
         return
     index = {
-        "metadata": {"total_parameters": sum(t.size for t in tensors.values()),
-                     "total_size": sum(t.nbytes for t in tensors.values())},
+        "metadata": {
+            "total_parameters": sum(t.size for t in tensors.values()),
+            "total_size": sum(t.nbytes for t in tensors.values()),
+        },
         "weight_map": dict(sorted(weight_map.items())),
     }
     (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -59,8 +61,11 @@ def save_sharded(folder, tensors, shards, prefix="model", index=True):
 
 def llama(seed=0, layers=4, hidden=32):
     rng = np.random.default_rng(seed)
-    t = {"model.embed_tokens.weight": rng.standard_normal((64, hidden)), "lm_head.weight": rng.standard_normal((64, hidden)),
-         "model.norm.weight": np.ones(hidden)}
+    t = {
+        "model.embed_tokens.weight": rng.standard_normal((64, hidden)),
+        "lm_head.weight": rng.standard_normal((64, hidden)),
+        "model.norm.weight": np.ones(hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -118,16 +123,26 @@ def test_transformers_resave_tune_and_reshard(repo):
     repo.commit("tuned")
     stored = manifests(repo, "HEAD")
     changed = {n for n, (_, update, _) in stored.items() if update != "dense"}
-    assert changed == {f"model.layers.0.{m}.weight" for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert changed == {
+        f"model.layers.0.{m}.weight"
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     # every changed tensor is a delta on its version in another shard, and small
     assert all(stored[n][2] == 1 for n in changed)
     new = set(object_files(repo)) - objects
     assert len(new) == 7
     sizes = sum((Path(repo.path) / ".git/theta/objects" / o).stat().st_size for o in new)
     assert sizes < 0.7 * sum(  # a delta (0.63 here); stored dense these are 0.9 of raw
-        folder_tensors(HF / "tuned")[n].nbytes for n in changed)
+        folder_tensors(HF / "tuned")[n].nbytes for n in changed
+    )
     result = diff_json(repo, "HEAD~1", "HEAD")
     assert result["schema"] == 2 and result["by"] == "model" and len(result["files"]) == 1
     entry = result["files"][0]
@@ -233,13 +248,18 @@ def test_renames_pair_by_name_structure_within_the_model(repo):
     tensors = llama(layers=2)
     save_sharded(repo.file("m"), tensors, split(tensors, 3))
     repo.commit("v1")
-    renamed = {k.replace("model.layers.1.input_layernorm", "model.layers.1.attention_norm"): v for k, v in tensors.items()}
+    renamed = {
+        k.replace("model.layers.1.input_layernorm", "model.layers.1.attention_norm"): v for k, v in tensors.items()
+    }
     save_sharded(repo.file("m"), renamed, split(renamed, 2))
     repo.commit("renamed one norm (three norms are all ones)")
     (entry,) = diff_json(repo, "--stat", "HEAD~1", "HEAD")["files"]
     (record,) = entry["tensors"]
     assert record["status"] == "renamed"
-    assert (record["old_name"], record["name"]) == ("model.layers.1.input_layernorm.weight", "model.layers.1.attention_norm.weight")
+    assert (record["old_name"], record["name"]) == (
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.1.attention_norm.weight",
+    )
 
 
 def adapter_for(folder, targets, rng, rank=2, alpha=4, hidden=32):
@@ -256,8 +276,13 @@ def adapter_for(folder, targets, rng, rank=2, alpha=4, hidden=32):
         arrays[f"base_model.model.{module}.lora_B.weight"] = b
         deltas[t] = (b @ a) * np.float32(alpha / rank)
     save_safetensors(folder / "adapter_model.safetensors", arrays, metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "base_model_name_or_path": "m",
-              "target_modules": ["q_proj", "v_proj"]}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "base_model_name_or_path": "m",
+        "target_modules": ["q_proj", "v_proj"],
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return deltas
 
@@ -327,7 +352,11 @@ def test_bad_layouts_are_errors_naming_both(repo):
     repo.file("m/model.safetensors.index.json").write_text(text)
     repo.git("add", "-A")
     message = error_of(lambda: git_theta.load("m", rev=None, repo=repo.path))
-    assert "lm_head.weight" in message and "model-00001-of-00003.safetensors" in message and "model-00002-of-00003" in message
+    assert (
+        "lm_head.weight" in message
+        and "model-00001-of-00003.safetensors" in message
+        and "model-00002-of-00003" in message
+    )
 
     # shards of a model without an index holding the same tensor twice
     repo.file("m/model.safetensors.index.json").unlink()
@@ -596,5 +625,7 @@ def test_merge_across_layouts_uses_the_operators_and_reports_conflicts(repo):
     expected = tensors[target] + (ours[target] - tensors[target]) + (theirs[target] - tensors[target])
     np.testing.assert_allclose(loaded[target], expected, rtol=0, atol=1e-6)
     assert sorted(p.name for p in repo.file("m").glob("*.safetensors")) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # theirs re-sharded
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]  # theirs re-sharded
     assert all(np.array_equal(loaded[k], tensors[k]) for k in names if k != target)

@@ -74,10 +74,13 @@ def _pack_with_index(entries, body=b"z" * 64):
     return head + b"".join(struct.pack("<32sQQ", oid, off, size) for oid, off, size in entries) + body
 
 
-@pytest.mark.parametrize("entries", [
-    [(b"\1" * 32, 0, 4)],  # a member overlapping the index
-    [(b"\1" * 32, 80, 1 << 40)],  # a member past the end
-])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [(b"\1" * 32, 0, 4)],  # a member overlapping the index
+        [(b"\1" * 32, 80, 1 << 40)],  # a member past the end
+    ],
+)
 def test_tampered_pack_index_is_rejected(tmp_path, entries):
     data = _pack_with_index(entries)
     path = tmp_path / "p"
@@ -129,13 +132,31 @@ def test_manifest_v2_names_packs_by_id_prefix_and_v1_is_unchanged():
     assert ObjectRef.parse(str(packed)).pack == pack
 
 
-@pytest.mark.parametrize("bad", [
-    b"git-theta manifest v2\nformat safetensors\ntensor x F32 [2] " + b"d" * 64 + b" dense " + b"a" * 64 + b":1@" + b"b" * 12 + b"\n",
-    b"git-theta manifest v2\nformat safetensors\npack " + b"b" * 64 + b":9\npack " + b"b" * 63 + b"c:9\ntensor x F32 [2] "
-    + b"d" * 64 + b" dense " + b"a" * 64 + b":1@" + b"b" * 12 + b"\n",  # an ambiguous prefix
-    b"git-theta manifest v1\nformat safetensors\npack " + b"b" * 64 + b":9\n",
-    b"git-theta manifest v2\nformat safetensors\npack " + b"b" * 64 + b":9\npack " + b"a" * 64 + b":9\n",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"git-theta manifest v2\nformat safetensors\ntensor x F32 [2] "
+        + b"d" * 64
+        + b" dense "
+        + b"a" * 64
+        + b":1@"
+        + b"b" * 12
+        + b"\n",
+        b"git-theta manifest v2\nformat safetensors\npack "
+        + b"b" * 64
+        + b":9\npack "
+        + b"b" * 63
+        + b"c:9\ntensor x F32 [2] "
+        + b"d" * 64
+        + b" dense "
+        + b"a" * 64
+        + b":1@"
+        + b"b" * 12
+        + b"\n",  # an ambiguous prefix
+        b"git-theta manifest v1\nformat safetensors\npack " + b"b" * 64 + b":9\n",
+        b"git-theta manifest v2\nformat safetensors\npack " + b"b" * 64 + b":9\npack " + b"a" * 64 + b":9\n",
+    ],
+)
 def test_malformed_pack_references_are_refused(bad):
     with pytest.raises(ManifestError):
         Manifest.parse(bad)
@@ -176,7 +197,9 @@ def test_unchanged_tensors_cost_no_new_bytes_and_a_changed_one_goes_into_the_new
     store = ObjectStore(_objects_dir(repo))
     # the new pack holds the changed tensor's object and the header blob, nothing else
     assert set(store.pack_members(new_packs[0].oid)) == {
-        second.tensors["experts.7.w"].objects[0].oid, *(r.oid for r in second.blobs.values())}
+        second.tensors["experts.7.w"].objects[0].oid,
+        *(r.oid for r in second.blobs.values()),
+    }
     for name, entry in second.tensors.items():
         if name != "experts.7.w":
             assert entry.objects == first.tensors[name].objects

@@ -32,7 +32,7 @@ def guide_files():
     for block in re.findall(r"```[a-z]*\n(.*?)```", GUIDE.read_text(), re.S):
         first, _, rest = block.partition("\n")
         if first.startswith("# file: "):
-            files[first[len("# file: "):].strip()] = rest
+            files[first[len("# file: ") :].strip()] = rest
     return files
 
 
@@ -66,7 +66,9 @@ class Overlay:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
         purelib = subprocess.run(
             [str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         parents = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
         parents = [p for p in parents if os.path.isdir(p)]  # pip --user installs (CI as non-root) too
@@ -80,9 +82,22 @@ class Overlay:
 
     def pip_install_editable(self, package_dir):
         proc = subprocess.run(
-            [str(self.path / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-             "--no-index", "-e", str(package_dir)],
-            capture_output=True, text=True, env=self.env,
+            [
+                str(self.path / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "--disable-pip-version-check",
+                "--no-index",
+                "-e",
+                str(package_dir),
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -104,7 +119,12 @@ def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, ov
 
     listed = json.loads(overlay.run("git-theta", "plugins", "--json").stdout)
     toy = next(r for r in listed if r["name"] == "toy")
-    assert (toy["kind"], toy["package"], toy["version"], toy["builtin"]) == ("format", "theta-toy-plugin", "0.0.1", False)
+    assert (toy["kind"], toy["package"], toy["version"], toy["builtin"]) == (
+        "format",
+        "theta-toy-plugin",
+        "0.0.1",
+        False,
+    )
     assert toy["location"] == f"{package} (editable)"
     assert next(r for r in listed if r["name"] == "safetensors")["builtin"] is True
 
@@ -162,11 +182,14 @@ def test_guide_example_is_picked_up_by_git_add_and_the_merge_driver(tmp_path, ov
 
 
 def test_duplicate_name_from_an_installed_package_fails_at_load(tmp_path, overlay):
-    duplicate = guide_package(tmp_path / "dup", replace=[
-        ("name = theta-toy-plugin", "name = theta-dup-plugin"),
-        ("    toy = theta_toy.fmt:ToyFormat", "    safetensors = theta_toy.fmt:ToyFormat"),
-        ('    name = "toy"', '    name = "safetensors"'),
-    ])
+    duplicate = guide_package(
+        tmp_path / "dup",
+        replace=[
+            ("name = theta-toy-plugin", "name = theta-dup-plugin"),
+            ("    toy = theta_toy.fmt:ToyFormat", "    safetensors = theta_toy.fmt:ToyFormat"),
+            ('    name = "toy"', '    name = "safetensors"'),
+        ],
+    )
     overlay.pip_install_editable(duplicate)
     proc = overlay.run("git-theta", "plugins")
     assert proc.returncode == 1

@@ -40,13 +40,13 @@ def test_prune_deletes_only_what_nothing_references(repo, tmp_path):
     dropped = _version(repo, 3)
     dropped_oids = _oids(repo, f"{dropped}:model.safetensors") - _oids(repo, "HEAD~1:model.safetensors")
     repo.git("checkout", "-q", "-b", "side", "HEAD~2")
-    _version(repo, 4)                                           # a branch
+    _version(repo, 4)  # a branch
     repo.git("checkout", "-q", "main")
-    repo.git("reset", "-q", "--hard", "HEAD~1")                 # drop v3 from main...
-    repo.git("reflog", "expire", "--expire=now", "--all")       # ...and from the reflog
+    repo.git("reset", "-q", "--hard", "HEAD~1")  # drop v3 from main...
+    repo.git("reflog", "expire", "--expire=now", "--all")  # ...and from the reflog
     (repo.path / ".git" / "ORIG_HEAD").unlink()
     _version(repo, 5, commit=False)
-    repo.git("stash", "-q")                                     # the stash
+    repo.git("stash", "-q")  # the stash
     repo.git("worktree", "add", "-q", str(tmp_path / "wt2"), "side")
     save_safetensors(tmp_path / "wt2" / "model.safetensors", random_state_dict(6))
     repo.git("add", "model.safetensors", cwd=tmp_path / "wt2")  # staged in the other worktree only
@@ -162,7 +162,10 @@ def test_prune_and_fsck_follow_chunked_objects(repo):
     _version(repo, 1)
     store = ObjectStore(repo.path / ".git" / "theta" / "objects")
     named = _oids(repo, "HEAD:model.safetensors")
-    parts = {ref.oid for ref in store.chunk_parts([r for r in Manifest.parse(repo.show("HEAD:model.safetensors")).all_objects()])}
+    parts = {
+        ref.oid
+        for ref in store.chunk_parts([r for r in Manifest.parse(repo.show("HEAD:model.safetensors")).all_objects()])
+    }
     assert parts and not parts & named
     assert _prune(repo, "--expire=now", "--all")["deleted"] == 0
     assert parts | named <= _store_oids(repo)

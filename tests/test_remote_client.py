@@ -49,7 +49,7 @@ def test_endpoint_precedence_and_lfsconfig_allow_list(repo, monkeypatch):
     r = Repo(repo.path)
     assert endpoint.resolve(r, "origin").url == "https://example.com/team/model.git/info/lfs"
     (repo.path / ".lfsconfig").write_text(
-        '[lfs]\n\turl = https://lfs.example.com/x\n[http]\n\tsslVerify = false\n[credential]\n\thelper = evil\n'
+        "[lfs]\n\turl = https://lfs.example.com/x\n[http]\n\tsslVerify = false\n[credential]\n\thelper = evil\n"
     )
     assert endpoint.resolve(r, "origin").url == "https://lfs.example.com/x"
     with pytest.raises(ValueError):

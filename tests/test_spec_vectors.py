@@ -101,8 +101,7 @@ def test_encoding_the_tensor_gives_exactly_the_bytes(tmp_path, vector):
     store = ObjectStore(tmp_path / "objects", fsync=False)
     base, base_entry = _base_entry(store, vector)
     update = object_codec.unpack(bytes.fromhex(vector["object"]))[0]["update"]
-    entry = codec.encode_tensor(store, _tensor(vector), update, base=base, base_entry=base_entry,
-                                **_options(vector))
+    entry = codec.encode_tensor(store, _tensor(vector), update, base=base, base_entry=base_entry, **_options(vector))
     got = store.read(entry.objects[0].oid)
     want = bytes.fromhex(vector["object"])
     got_header, got_frames = _frames(got)
@@ -163,7 +162,9 @@ def test_manifest_v1_bytes():
         fields={"metadata": '{"step":"10"}'},
         blobs={"header": ObjectRef("ab" * 32, 120)},
         tensors={
-            "w": TensorEntry("w", "F32", (), "22" * 32, "sparse", (ObjectRef("ef" * 32, 90), ObjectRef("01" * 32, 107))),
+            "w": TensorEntry(
+                "w", "F32", (), "22" * 32, "sparse", (ObjectRef("ef" * 32, 90), ObjectRef("01" * 32, 107))
+            ),
             "emb w%": TensorEntry("emb w%", "BF16", (2, 3), "11" * 32, "dense", (ObjectRef("cd" * 32, 140),)),
         },
     )
@@ -227,8 +228,7 @@ def test_bf16_merge_results_are_frozen(tmp_path, repo):
     _bf16_safetensors(tmp_path / "a.safetensors", [0x3F80, 0x3F81, 0x8000, 0x4000, 0xC0A0])
     _bf16_safetensors(tmp_path / "b.safetensors", [0x3F81, 0x3F82, 0x0000, 0x4001, 0xC0A1])
     out = tmp_path / "out.safetensors"
-    repo.theta("merge-files", "--operator", "linear", "a.safetensors", "b.safetensors", "-o", str(out),
-               cwd=tmp_path)
+    repo.theta("merge-files", "--operator", "linear", "a.safetensors", "b.safetensors", "-o", str(out), cwd=tmp_path)
     data = out.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     bits = np.frombuffer(data[8 + length :], dtype="<u2")

@@ -114,7 +114,9 @@ def test_forged_checksum_is_refused_by_every_decode_path(repo):
     written = repo.file("model.safetensors")
     assert not written.exists() or read_tensors(written)["w"].tobytes() != EVIL_W.tobytes()
 
-    load = repo.run(sys.executable, "-c", "import git_theta.porcelain.api as a; a.load('model.safetensors')", check=False)
+    load = repo.run(
+        sys.executable, "-c", "import git_theta.porcelain.api as a; a.load('model.safetensors')", check=False
+    )
     assert load.returncode != 0 and "ObjectCorruptError" in load.stderr, load.stderr
 
     fsck = repo.theta("fsck", "--json", check=False)
@@ -192,7 +194,9 @@ def test_fsck_names_every_manifest_using_a_bad_pair(repo):
     """One forged pair used by three manifests (two paths, two commits): three problems."""
     save_safetensors(repo.file("a.safetensors"), GENUINE)
     repo.commit("genuine", "a.safetensors")
-    forged = manifest_with(repo, "HEAD:a.safetensors", "w", plant(repo, forged_dense(EVIL_W.tobytes(), sha(GENUINE["w"]))))
+    forged = manifest_with(
+        repo, "HEAD:a.safetensors", "w", plant(repo, forged_dense(EVIL_W.tobytes(), sha(GENUINE["w"])))
+    )
     commit_manifest(repo, "a.safetensors", forged, "forged a")
     commit_manifest(repo, "b.safetensors", forged.replace("tensor w ", "tensor w2 "), "forged b")
     commit_manifest(repo, "c.safetensors", forged.replace("tensor b ", "tensor b3 "), "forged c")
@@ -254,8 +258,7 @@ def test_object_claiming_a_huge_tensor_fails_before_allocating(repo):
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 
     for command in (["git", "checkout", "--", "huge.safetensors"], ["git", "theta", "fsck"]):
-        proc = subprocess.run(command, cwd=repo.path, env=repo.env, capture_output=True, text=True,
-                              preexec_fn=limited)
+        proc = subprocess.run(command, cwd=repo.path, env=repo.env, capture_output=True, text=True, preexec_fn=limited)
         assert proc.returncode != 0
         assert "cannot hold" in proc.stderr or "cannot hold" in proc.stdout, proc.stderr + proc.stdout
         assert "too large to decode" not in proc.stderr + proc.stdout  # never got to allocating

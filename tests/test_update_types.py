@@ -329,8 +329,9 @@ def test_sparse_values_as_zigzag_steps_and_old_xor_objects():
 
     new_bits, base_bits = as_bits(new.data, "BF16"), as_bits(base.data, "BF16")
     positions = np.flatnonzero(new_bits != base_bits)
-    got_positions, got_xor = decode_sparse(encoded.header, memoryview(b"".join(bytes(p) for p in encoded.parts)),
-                                           base_bits, "x")
+    got_positions, got_xor = decode_sparse(
+        encoded.header, memoryview(b"".join(bytes(p) for p in encoded.parts)), base_bits, "x"
+    )
     assert np.array_equal(got_positions, positions)
     assert np.array_equal(got_xor, new_bits[positions] ^ base_bits[positions])
     gaps = np.diff(positions, prepend=0).astype(np.uint32)

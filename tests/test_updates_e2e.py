@@ -102,8 +102,18 @@ def test_chain_of_ten_versions_checked_out_in_random_order(repo, tmp_path):
     rng = np.random.default_rng(7)
     model = base_model()
     side_file = tmp_path / "update.safetensors"
-    steps = [None, sparse_change, low_rank_change, small_steps, special_values, "side-load",
-             small_steps, sparse_change, "forced", sparse_change]
+    steps = [
+        None,
+        sparse_change,
+        low_rank_change,
+        small_steps,
+        special_values,
+        "side-load",
+        small_steps,
+        sparse_change,
+        "forced",
+        sparse_change,
+    ]
     expected = []
     for i, step in enumerate(steps):
         if step == "forced":
@@ -259,9 +269,12 @@ def test_old_side_load_names(repo, tmp_path):
     values = (rng.standard_normal(50) * 0.01).astype(np.float32)
     ia3 = (1 + 0.01 * rng.standard_normal(256)).astype(np.float32)
     side = {
-        "attn.weight/R": r, "attn.weight/C": c,
-        "mlp.weight/data": values, "mlp.weight/indices": positions,
-        "mlp.weight/indptr": np.array([0, 50], dtype=np.int32), "mlp.weight/shape": np.array([320, 256], dtype=np.int64),
+        "attn.weight/R": r,
+        "attn.weight/C": c,
+        "mlp.weight/data": values,
+        "mlp.weight/indices": positions,
+        "mlp.weight/indptr": np.array([0, 50], dtype=np.int32),
+        "mlp.weight/shape": np.array([320, 256], dtype=np.int64),
         "mlp.bias/ia3": ia3,
     }
     save_safetensors(tmp_path / "update.safetensors", side)
@@ -273,7 +286,10 @@ def test_old_side_load_names(repo, tmp_path):
     repo.theta("add", NAME, "--update-data", str(tmp_path / "update.safetensors"))
     m = manifest(repo, f":{NAME}")
     assert (m.tensors["attn.weight"].update, m.tensors["mlp.weight"].update, m.tensors["mlp.bias"].update) == (
-        "low-rank", "sparse", "ia3")
+        "low-rank",
+        "sparse",
+        "ia3",
+    )
     repo.git("commit", "-q", "-m", "side-loaded")
     repo.file(NAME).unlink()
     repo.git("checkout", "--", NAME)
@@ -366,8 +382,9 @@ def test_forced_types_on_a_full_chain(repo):
     rng = np.random.default_rng(5)
     model = base_model()
     expected = []
-    for i, (step, forced) in enumerate([(None, None), (small_steps, None), (small_steps, "sparse"),
-                                        (small_steps, "int-delta")]):
+    for i, (step, forced) in enumerate(
+        [(None, None), (small_steps, None), (small_steps, "sparse"), (small_steps, "int-delta")]
+    ):
         if step is not None:
             model = step(model, rng)
         expected.append(write(repo, model))
@@ -378,7 +395,12 @@ def test_forced_types_on_a_full_chain(repo):
         repo.git("commit", "-q", "-m", f"v{i}")
     found = manifests(repo, [f"HEAD~{k}:{NAME}" for k in (3, 2, 1, 0)])
     chains = [m.tensors["mlp.weight"] for m in found]
-    assert [(e.update, e.chain_depth) for e in chains] == [("dense", 0), ("int-delta", 1), ("sparse", 2), ("int-delta", 1)]
+    assert [(e.update, e.chain_depth) for e in chains] == [
+        ("dense", 0),
+        ("int-delta", 1),
+        ("sparse", 2),
+        ("int-delta", 1),
+    ]
     assert chains[2].objects[1:] == chains[1].objects and chains[3].objects[1:] == chains[0].objects
     for k, data in zip((3, 2, 1, 0), expected):
         repo.git("checkout", "-q", f"HEAD~{k}", "--", NAME)

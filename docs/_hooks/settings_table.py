@@ -9,6 +9,7 @@ import importlib
 
 PLACEHOLDER = "<!-- settings-table -->"
 
+
 def _settings_module():
     """The settings module: ``git_theta.config`` after the issue-14 move, ``git_theta.config`` before."""
     for name in ("git_theta.config", "git_theta.config"):
@@ -51,9 +52,7 @@ def settings_table():
     ]
     for name, (default, kind, meaning) in module.DEFAULTS.items():
         meaning = meaning.replace("|", "\\|")
-        rows.append(
-            f"| `theta.{name}` | `{env_name(module, name)}` | {_default(default, kind)} | {kind} | {meaning} |"
-        )
+        rows.append(f"| `theta.{name}` | `{env_name(module, name)}` | {_default(default, kind)} | {kind} | {meaning} |")
     return "\n".join(rows)
 
 

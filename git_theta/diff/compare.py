@@ -202,8 +202,11 @@ class Differ:
             status = "modified" if old_path == new_path else "renamed"
         else:
             status = "added" if old is None else "removed"
-        problems = [f"{side}: {t.error or 'not a manifest (not cleaned)'}"
-                    for side, t in (("old", old), ("new", new)) if t is not None and t.manifest is None]
+        problems = [
+            f"{side}: {t.error or 'not a manifest (not cleaned)'}"
+            for side, t in (("old", old), ("new", new))
+            if t is not None and t.manifest is None
+        ]
         entry = self.manifests(new_path, old_m, new_m)
         if status == "modified" and not entry["tensors"] and not problems and not entry["fields_changed"]:
             return None
@@ -244,8 +247,9 @@ class Differ:
         for name, (recs, old_g, new_g, same, accs) in members.items():
             if recs:
                 group_rows.append({"name": name, **_summary(recs, old_g, new_g, same, accs)})
-        summary = _summary(records, old_t, new_t, unchanged,
-                           None if accumulators is None else list(accumulators.values()))
+        summary = _summary(
+            records, old_t, new_t, unchanged, None if accumulators is None else list(accumulators.values())
+        )
         fmt = (new_m or old_m).format if (new_m or old_m) else None
         return {
             "format": fmt,
@@ -331,7 +335,18 @@ class Differ:
         return sparse_accumulate(old_data, new.dtype, positions, xor)
 
 
-FILE_KEYS = ("path", "old_path", "status", "kind", "format", "problems", "fields_changed", "summary", "groups", "tensors")
+FILE_KEYS = (
+    "path",
+    "old_path",
+    "status",
+    "kind",
+    "format",
+    "problems",
+    "fields_changed",
+    "summary",
+    "groups",
+    "tensors",
+)
 
 
 def _fields_changed(a, b):

@@ -208,8 +208,7 @@ def render_log(result, style, size=lambda n: f"{n} B"):
                     what = t["status"]
                     if t["shape_changed"] or t["dtype_changed"]:
                         what += f" ({describe(t)})"
-                    rows.append(["  " + t["name"], what, _rel(st.get("relative_change")),
-                                 _pct_tensor(st), ""])
+                    rows.append(["  " + t["name"], what, _rel(st.get("relative_change")), _pct_tensor(st), ""])
         lines.extend(table(rows, right=(2, 3, 4), style=style, indent="    "))
     if not result["commits"]:
         lines.append("no commits changed " + (", ".join(result["params"]) if result["params"] else "these files"))

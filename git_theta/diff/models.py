@@ -71,7 +71,9 @@ def layout(old_model, new_model, old_where, new_where):
     old_files = [posixpath.basename(p) for p in old_model.files] if old_model else []
     new_files = [posixpath.basename(p) for p in new_model.files] if new_model else []
     moved = sum(
-        1 for n in set(old_where) & set(new_where) if posixpath.basename(old_where[n]) != posixpath.basename(new_where[n])
+        1
+        for n in set(old_where) & set(new_where)
+        if posixpath.basename(old_where[n]) != posixpath.basename(new_where[n])
     )
     resharded = bool(old_model and new_model and (sorted(old_files) != sorted(new_files) or moved))
     return {"files_old": len(old_files), "files_new": len(new_files), "moved": moved, "resharded": resharded}
@@ -87,9 +89,13 @@ def diff_models(differ, old, new):
     for om, nm in _pairs(old_models, new_models):
         covered_old.update(om.files if om else [])
         covered_new.update(nm.files if nm else [])
-        if om and nm and om.files == nm.files and all(
-            old.files[p].blob is not None and old.files[p].blob == new.files[p].blob for p in om.files
-        ) and old.sidecars.get(om.index) == new.sidecars.get(nm.index):
+        if (
+            om
+            and nm
+            and om.files == nm.files
+            and all(old.files[p].blob is not None and old.files[p].blob == new.files[p].blob for p in om.files)
+            and old.sidecars.get(om.index) == new.sidecars.get(nm.index)
+        ):
             continue  # same files, same blobs: nothing to compare
         old_m, old_where = _combined(om, old_manifests)
         new_m, new_where = _combined(nm, new_manifests)
@@ -99,13 +105,24 @@ def diff_models(differ, old, new):
         if om and nm and not entry["tensors"] and not entry["fields_changed"] and not change["resharded"]:
             continue
         status = "modified" if om and nm else ("added" if om is None else "removed")
-        problems = [f"{p}: {t.error or 'not a manifest (not cleaned)'}"
-                    for snap, m in ((old, om), (new, nm)) if m for p in m.files
-                    for t in [snap.files[p]] if t.manifest is None]
+        problems = [
+            f"{p}: {t.error or 'not a manifest (not cleaned)'}"
+            for snap, m in ((old, om), (new, nm))
+            if m
+            for p in m.files
+            for t in [snap.files[p]]
+            if t.manifest is None
+        ]
         entry.update(
-            path=name, old_path=om.name if om else name, status=status, kind="model", layout=change,
-            shards_old=list(om.files) if om else [], shards_new=list(nm.files) if nm else [],
-            index=(nm or om).index, adapter_of=(nm or om).base,
+            path=name,
+            old_path=om.name if om else name,
+            status=status,
+            kind="model",
+            layout=change,
+            shards_old=list(om.files) if om else [],
+            shards_new=list(nm.files) if nm else [],
+            index=(nm or om).index,
+            adapter_of=(nm or om).base,
         )
         if problems:
             entry["problems"] = problems

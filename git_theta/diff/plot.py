@@ -106,6 +106,12 @@ def _bars(plt, data):
     if 1 < len(groups) <= 20:
         from matplotlib.patches import Patch
 
-        ax.legend(handles=[Patch(color=colour[g], label=g) for g in groups], fontsize=7,
-                  loc="upper left", bbox_to_anchor=(1.01, 1.0), title="layer / block", title_fontsize=7)
+        ax.legend(
+            handles=[Patch(color=colour[g], label=g) for g in groups],
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            title="layer / block",
+            title_fontsize=7,
+        )
     return fig

@@ -57,7 +57,11 @@ def table(rows, right=(), style=None, indent="  "):
             # Right-align numeric columns, but not a row's last cell when the row is shorter
             # than the header (a word like "removed" in place of the numbers).
             align_right = i in right and (len(row) == len(cells[0]) or not last)
-            padded = (" " * pad + style(text, *c[1:])) if align_right else (style(text, *c[1:]) + ("" if last else " " * pad))
+            padded = (
+                (" " * pad + style(text, *c[1:]))
+                if align_right
+                else (style(text, *c[1:]) + ("" if last else " " * pad))
+            )
             out.append(padded)
         lines.append((indent + "  ".join(out)).rstrip())
     return lines
@@ -70,7 +74,11 @@ def describe(t):
         side = old or new
         return f"{side['dtype']} {shape_text(side['shape'])}"
     dtype = old["dtype"] if old["dtype"] == new["dtype"] else f"{old['dtype']}->{new['dtype']}"
-    shape = shape_text(old["shape"]) if old["shape"] == new["shape"] else f"{shape_text(old['shape'])}->{shape_text(new['shape'])}"
+    shape = (
+        shape_text(old["shape"])
+        if old["shape"] == new["shape"]
+        else f"{shape_text(old['shape'])}->{shape_text(new['shape'])}"
+    )
     return f"{dtype} {shape}"
 
 
@@ -91,8 +99,10 @@ def layout_text(f):
         return None
     moved = f", {change['moved']} moved" if change["moved"] and change["files_old"] == change["files_new"] else ""
     n = f["summary"]["changed"]
-    return (f"re-sharded {change['files_old']} -> {change['files_new']} files{moved}, "
-            f"{n} tensor{'s' if n != 1 else ''} changed")
+    return (
+        f"re-sharded {change['files_old']} -> {change['files_new']} files{moved}, "
+        f"{n} tensor{'s' if n != 1 else ''} changed"
+    )
 
 
 def _model_note(f):
@@ -110,8 +120,11 @@ def _file_title(f, style):
         title = f["path"]
     s = f["summary"]
     tag = {"added": " (new file)", "removed": " (deleted file)", "renamed": " (renamed)"}.get(f["status"], "")
-    return (style(f"{title}{tag}", "bold") + _model_note(f)
-            + f"  {f['format'] or '?'}, {s['tensors_old']} -> {s['tensors_new']} tensors")
+    return (
+        style(f"{title}{tag}", "bold")
+        + _model_note(f)
+        + f"  {f['format'] or '?'}, {s['tensors_old']} -> {s['tensors_new']} tensors"
+    )
 
 
 def render(diff, style=None, max_rows=None):
@@ -137,15 +150,30 @@ def render(diff, style=None, max_rows=None):
             lines.append("  file fields changed: " + ", ".join(f["fields_changed"]))
         tensors = f["tensors"] if max_rows is None else f["tensors"][:max_rows]
         if tensors:
-            rows = [[("", ), ("tensor", "dim"), ("type", "dim"), ("l2(delta)", "dim"), ("rel.change", "dim"),
-                     ("max|delta|", "dim"), ("cosine", "dim"), ("changed", "dim")]]
+            rows = [
+                [
+                    ("",),
+                    ("tensor", "dim"),
+                    ("type", "dim"),
+                    ("l2(delta)", "dim"),
+                    ("rel.change", "dim"),
+                    ("max|delta|", "dim"),
+                    ("cosine", "dim"),
+                    ("changed", "dim"),
+                ]
+            ]
             for t in tensors:
                 mark, colour = _MARK[t["status"]]
                 st = t["stats"]
                 row = [(mark, colour), (_name(t), colour if t["status"] != "changed" else None), describe(t)]
                 if st is not None:
-                    row += [number(st["delta_l2"]), number(st["relative_change"]), number(st["max_abs_delta"]),
-                            number(st["cosine"], "cos"), number(st["fraction_changed"], "pct")]
+                    row += [
+                        number(st["delta_l2"]),
+                        number(st["relative_change"]),
+                        number(st["max_abs_delta"]),
+                        number(st["cosine"], "cos"),
+                        number(st["fraction_changed"], "pct"),
+                    ]
                 elif t["status"] == "changed" and t["shape_changed"]:
                     row += ["shape changed"]
                 elif t["status"] != "changed":
@@ -156,12 +184,29 @@ def render(diff, style=None, max_rows=None):
             if max_rows is not None and len(f["tensors"]) > max_rows:
                 lines.append(f"  ... and {len(f['tensors']) - max_rows} more")
         if len(f["groups"]) > 1:
-            rows = [[("layer/block", "dim"), ("changed", "dim"), ("added", "dim"), ("removed", "dim"),
-                     ("l2(delta)", "dim"), ("rel.change", "dim"), ("elements changed", "dim")]]
+            rows = [
+                [
+                    ("layer/block", "dim"),
+                    ("changed", "dim"),
+                    ("added", "dim"),
+                    ("removed", "dim"),
+                    ("l2(delta)", "dim"),
+                    ("rel.change", "dim"),
+                    ("elements changed", "dim"),
+                ]
+            ]
             for g in f["groups"]:
-                rows.append([g["name"], f"{g['changed']}/{g['tensors_new']}", str(g["added"]), str(g["removed"]),
-                             number(g["delta_l2"]), number(g["relative_change"]),
-                             number(g["fraction_changed"], "pct") if g["elements_compared"] else "-"])
+                rows.append(
+                    [
+                        g["name"],
+                        f"{g['changed']}/{g['tensors_new']}",
+                        str(g["added"]),
+                        str(g["removed"]),
+                        number(g["delta_l2"]),
+                        number(g["relative_change"]),
+                        number(g["fraction_changed"], "pct") if g["elements_compared"] else "-",
+                    ]
+                )
             lines.append("")
             lines.extend(table(rows, right=(1, 2, 3, 4, 5, 6), style=style))
     if not diff["files"]:
@@ -180,7 +225,9 @@ def render_stat(diff, style=None):
             totals[k] += s[k]
         title = f"{f['old_path']} -> {f['path']}" if f["status"] == "renamed" else f["path"]
         tag = {"added": "new file, ", "removed": "deleted, ", "renamed": "renamed, "}.get(f["status"], "")
-        lines.append(f" {style(title, 'bold')}{_model_note(f)} | {tag}{_counts(s)} ({s['tensors_old']} -> {s['tensors_new']} tensors)")
+        lines.append(
+            f" {style(title, 'bold')}{_model_note(f)} | {tag}{_counts(s)} ({s['tensors_old']} -> {s['tensors_new']} tensors)"
+        )
         if layout_text(f):
             lines.append(f"     {layout_text(f)}")
         for t in f["tensors"]:

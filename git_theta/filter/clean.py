@@ -66,8 +66,7 @@ def detect_format(repo, path, head):
         if fmt.sniff(head, path):
             return fmt
     raise CheckpointError(
-        f"{path}: not a checkpoint format git-theta knows "
-        f"({', '.join(plugins.names('format'))})",
+        f"{path}: not a checkpoint format git-theta knows ({', '.join(plugins.names('format'))})",
         hint="set the format with the attribute theta-format=NAME in .gitattributes, "
         "or untrack the file with 'git theta untrack'",
     )
@@ -241,9 +240,7 @@ class Cleaner:
     def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
         import xxhash
 
-        parent = parent_manifest(
-            self.repo, path, request.base if request else None, prefer_head=request is not None
-        )
+        parent = parent_manifest(self.repo, path, request.base if request else None, prefer_head=request is not None)
         parent_entries = parent.tensors if parent else {}
         if request is None or request.base is None:
             # Other files of the same model (a re-shard moves tensors between files): by name,
@@ -273,8 +270,10 @@ class Cleaner:
             with the tensor's digest set."""
             size = len(tensor.data)
             if size != nbytes(tensor.dtype, tensor.shape):
-                raise CheckpointError(f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
-                                      f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}")
+                raise CheckpointError(
+                    f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
+                    f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}"
+                )
             fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
             previous = cached_entries.get(tensor.name)
             if (
@@ -299,9 +298,7 @@ class Cleaner:
                 return _renamed(same, tensor.name)
             entry = self._reuse(tensor, known, path, stored)
             if entry is None:
-                entry = self._encode_changed(
-                    tensor, parent_entries.get(tensor.name), path, budget, request, max_depth
-                )
+                entry = self._encode_changed(tensor, parent_entries.get(tensor.name), path, budget, request, max_depth)
             made_here.setdefault(content, entry)
             return entry
 
@@ -404,8 +401,13 @@ class Cleaner:
                 keyframe = None
                 if full_headers is not None:
                     key_entry = keyframe_entry(base_entry, full_headers)
-                    keyframe = TensorData(key_entry.name, key_entry.dtype, key_entry.shape,
-                                          decode_tensor(self.store, key_entry, path), key_entry.digest)
+                    keyframe = TensorData(
+                        key_entry.name,
+                        key_entry.dtype,
+                        key_entry.shape,
+                        decode_tensor(self.store, key_entry, path),
+                        key_entry.digest,
+                    )
                     # The parent starts from the keyframe just decoded: one keyframe decode, not two.
                     base_bytes = decode_tensor(self.store, base_entry, path, known=(key_entry, keyframe.data))
                 else:

@@ -130,9 +130,7 @@ class Smudger:
         if not is_manifest(data) or self.settings.get_bool("skipSmudge"):
             return None  # skip-smudge: the manifest stays in the work tree (git theta checkout)
         manifest = Manifest.parse(data, source=path)
-        fmt = plugins.get(
-            "format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD)
-        )
+        fmt = plugins.get("format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD))
         store = self.repo.store
         # Packed objects are checked one by one: a pack that is here may still lack one a
         # (damaged or hostile) manifest names.

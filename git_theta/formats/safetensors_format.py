@@ -67,9 +67,7 @@ def parse_header(raw, path):
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     tensors = []
     for name, info in header.items():
@@ -83,8 +81,7 @@ def parse_header(raw, path):
                 hint=f"supported: {', '.join(sorted(DTYPES))}",
             )
         if not (
-            isinstance(shape, list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         ):
             raise CheckpointError(f"{where}: invalid shape {shape!r}")
         if not (
@@ -95,9 +92,7 @@ def parse_header(raw, path):
             raise CheckpointError(f"{where}: invalid data_offsets {offsets!r}")
         begin, end = offsets
         if end - begin != nbytes(dtype, shape) or begin < 0:
-            raise CheckpointError(
-                f"{where}: data_offsets {offsets} do not match dtype {dtype} and shape {shape}"
-            )
+            raise CheckpointError(f"{where}: data_offsets {offsets} do not match dtype {dtype} and shape {shape}")
         tensors.append((name, dtype, tuple(shape), begin, end))
     tensors.sort(key=lambda t: (t[3], t[4]))
     position = 0
@@ -160,17 +155,13 @@ class _Reader(CheckpointReader):
         if metadata is not None:
             self.fields["metadata"] = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
         described = [(n, d, s) for n, d, s, _, _ in tensors]
-        if [t[:3] for t in _canonical_order(described)] != described or build_header(
-            metadata, described
-        ) != raw:
+        if [t[:3] for t in _canonical_order(described)] != described or build_header(metadata, described) != raw:
             self.blobs["header"] = raw
         for name, dtype, shape, begin, end in tensors:
             data = _read_exact(self.stream, end - begin, path, f"tensor {name!r}")
             yield TensorData(name, dtype, shape, data)
         if self.stream.read(1):
-            raise CheckpointError(
-                f"{path}: unexpected bytes after the last tensor (corrupt or not a safetensors file)"
-            )
+            raise CheckpointError(f"{path}: unexpected bytes after the last tensor (corrupt or not a safetensors file)")
 
 
 class SafetensorsFormat(CheckpointFormat):

@@ -24,7 +24,9 @@ def _disk_full(exc):
     from git_theta.errors import DiskFullError
 
     DiskFullError.check(
-        exc, tempfile.gettempdir(), "copying the file to a temporary file",
+        exc,
+        tempfile.gettempdir(),
+        "copying the file to a temporary file",
         hint="free space there, or point TMPDIR at a larger file system, then run the command again",
     )
 

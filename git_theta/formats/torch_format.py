@@ -97,10 +97,7 @@ def tensor_names(paths):
     seen = {}
     for name in names:
         seen[name] = seen.get(name, 0) + 1
-    return [
-        ".".join(_component(k, True) for k in p) if (seen[n] > 1 or n == "") else n
-        for n, p in zip(names, paths)
-    ]
+    return [".".join(_component(k, True) for k in p) if (seen[n] > 1 or n == "") else n for n, p in zip(names, paths)]
 
 
 # -- clean: object -> structure + tensors -------------------------------------------------------------
@@ -173,9 +170,7 @@ class _Encoder:
         ordered = self._is_odict(obj)
         attrs = dict(vars(obj)) if ordered else {}
         if not ordered and all(isinstance(k, str) for k in obj):
-            return {
-                ("$" + k if k.startswith("$") else k): self.encode(v, where + (k,)) for k, v in obj.items()
-            }
+            return {("$" + k if k.startswith("$") else k): self.encode(v, where + (k,)) for k, v in obj.items()}
         node = {
             "$": "odict" if ordered else "dict",
             "items": [[self._key(k, where), self.encode(v, where + (k,))] for k, v in obj.items()],
@@ -192,9 +187,7 @@ def _show(where):
 def _covers_storage(t):
     """True when ``t`` is exactly its whole storage, in order (it can own views of it)."""
     return (
-        t.is_contiguous()
-        and t.storage_offset() == 0
-        and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+        t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
     )
 
 

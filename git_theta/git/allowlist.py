@@ -53,8 +53,7 @@ def check_attribute(name, value, path="?"):
     if not _NAME.match(value or ""):
         raise ConfigError(
             f"{path}: attribute {name}={value!r} in .gitattributes is not a valid name",
-            hint=f"{name} must name {ATTRIBUTES[name]} (lowercase letters, digits, '-', '_'); "
-            "see 'git theta plugins'",
+            hint=f"{name} must name {ATTRIBUTES[name]} (lowercase letters, digits, '-', '_'); see 'git theta plugins'",
         )
     return value
 
@@ -92,9 +91,7 @@ def read_lfsconfig(work_tree):
     path = Path(work_tree) / ".lfsconfig"
     if not path.is_file():
         return {}, []
-    proc = subprocess.run(
-        ["git", "config", "--no-includes", "--file", str(path), "-z", "--list"], capture_output=True
-    )
+    proc = subprocess.run(["git", "config", "--no-includes", "--file", str(path), "-z", "--list"], capture_output=True)
     if proc.returncode != 0:
         raise ConfigError(f"{path}: not a valid git config file: {proc.stderr.decode().strip()}")
     allowed, ignored = {}, []

@@ -55,7 +55,9 @@ def install_hooks(repo, chain=True):
             if not _ours(dest):
                 local = folder / (name + ".local")
                 if not chain:
-                    report.append((name, f"left alone: {dest} is not git-theta's (run 'git theta install' to chain it)"))
+                    report.append(
+                        (name, f"left alone: {dest} is not git-theta's (run 'git theta install' to chain it)")
+                    )
                     continue
                 if local.exists() or local.is_symlink():
                     raise UsageError(

@@ -63,8 +63,10 @@ def _entries(extras=(), command=COMMAND):
         entries.update(OPTIONAL[name])
     # git runs these through the shell: a path with spaces must be quoted
     prefix = shlex.quote(command)
-    return {key: prefix + value[len(COMMAND) :] if value.startswith(COMMAND + " ") else value
-            for key, value in entries.items()}
+    return {
+        key: prefix + value[len(COMMAND) :] if value.startswith(COMMAND + " ") else value
+        for key, value in entries.items()
+    }
 
 
 #: a recorded command: the bare name or a path ending in /git-theta, optionally shell-quoted

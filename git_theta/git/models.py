@@ -76,7 +76,9 @@ def parse_index(data, path):
     except ModelError:
         raise
     except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting
-        raise ModelError(f"{path}: not valid json ({type(exc).__name__})", hint="fix or remove the index json") from None
+        raise ModelError(
+            f"{path}: not valid json ({type(exc).__name__})", hint="fix or remove the index json"
+        ) from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelError(f"{path}: no 'weight_map' of tensor names to shard files", hint="fix or remove the index json")
@@ -346,7 +348,7 @@ class ParentModels:
             self._state = state
         folder, own = posixpath.dirname(path), stem(path)
         result = {}
-        for rev in (("HEAD", None) if prefer_head else (None, "HEAD")):
+        for rev in ("HEAD", None) if prefer_head else (None, "HEAD"):
             key = (folder, rev)
             if key not in self._listings:
                 try:
@@ -382,15 +384,20 @@ def model_rows(repo, rev, tracked, file_rows):
         for p in m.files:
             if manifests.get(p) is not None:
                 objects.update((ref.oid, ref) for ref in manifests[p].all_objects())
-        rows.append({
-            "model": m.name, "files": list(m.files), "index": m.index, "adapter_of": m.base,
-            "tensors": sum(by_path[p].get("tensors", 0) for p in m.files),
-            "logical_bytes": sum(by_path[p].get("logical_bytes", 0) for p in m.files),
-            # bytes this version added (per-file figures never count an object twice); chain: all
-            # a checkout of the model needs
-            "stored_bytes": sum(by_path[p].get("stored_bytes", 0) for p in m.files),
-            "chain_bytes": sum(r.size for r in objects.values()),
-            "objects": len(objects),
-            "objects_local": sum(1 for oid in objects if repo.store.has(oid)),
-        })
+        rows.append(
+            {
+                "model": m.name,
+                "files": list(m.files),
+                "index": m.index,
+                "adapter_of": m.base,
+                "tensors": sum(by_path[p].get("tensors", 0) for p in m.files),
+                "logical_bytes": sum(by_path[p].get("logical_bytes", 0) for p in m.files),
+                # bytes this version added (per-file figures never count an object twice); chain: all
+                # a checkout of the model needs
+                "stored_bytes": sum(by_path[p].get("stored_bytes", 0) for p in m.files),
+                "chain_bytes": sum(r.size for r in objects.values()),
+                "objects": len(objects),
+                "objects_local": sum(1 for oid in objects if repo.store.has(oid)),
+            }
+        )
     return rows

@@ -12,8 +12,16 @@ NOTES_REF = "refs/notes/theta"
 
 def add_note(repo, commit, data):
     """Attach ``data`` (JSON) to ``commit`` under :data:`NOTES_REF` (replacing an older note)."""
-    repo.git("notes", f"--ref={NOTES_REF}", "add", "-f", "-F", "-", commit,
-             input=(json.dumps(data, indent=1) + "\n").encode())
+    repo.git(
+        "notes",
+        f"--ref={NOTES_REF}",
+        "add",
+        "-f",
+        "-F",
+        "-",
+        commit,
+        input=(json.dumps(data, indent=1) + "\n").encode(),
+    )
 
 
 def read_note(repo, commit):
@@ -37,4 +45,6 @@ def note_summary(data):
     where = f", branches {', '.join(map(str, order))}" if order else ""
     score = chosen.get("score", (data.get("chosen_score")))
     shown = f" score {score:.4g}," if isinstance(score, (int, float)) else ""
-    return f"chosen by {data.get('chosen_by', '?')}: {recipe}{where} ({shown} {scored} of {len(rows)} candidates scored)".replace("( ", "(")
+    return f"chosen by {data.get('chosen_by', '?')}: {recipe}{where} ({shown} {scored} of {len(rows)} candidates scored)".replace(
+        "( ", "("
+    )

@@ -92,7 +92,8 @@ def _pseudo_ref_commits(repo, trees):
     if not candidates:
         return []
     out = repo.git(
-        "cat-file", "--batch-check=%(objectname) %(objecttype)",
+        "cat-file",
+        "--batch-check=%(objectname) %(objecttype)",
         input="".join(c + "\n" for c in sorted(candidates)).encode(),
     ).decode()
     return [line.split()[0] for line in out.splitlines() if line.endswith(" commit")]

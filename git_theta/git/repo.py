@@ -16,9 +16,7 @@ from git_theta.errors import GitCommandError, NotInRepositoryError
 
 def run_git(args, cwd=None, input=None, check=True, env=None):
     """Run ``git args`` and return stdout bytes; GitCommandError (with git's message) on failure."""
-    proc = subprocess.run(
-        ["git", *args], cwd=cwd, input=input, capture_output=True, env=env
-    )
+    proc = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, env=env)
     if check and proc.returncode != 0:
         message = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise GitCommandError(
@@ -87,9 +85,7 @@ class Repo:
         )
         if proc.returncode != 0:
             # a bare repository has no top level
-            proc = subprocess.run(
-                ["git", "rev-parse", "--git-dir", "--git-common-dir"], cwd=path, capture_output=True
-            )
+            proc = subprocess.run(["git", "rev-parse", "--git-dir", "--git-common-dir"], cwd=path, capture_output=True)
             if proc.returncode != 0:
                 raise NotInRepositoryError(
                     f"not a git repository: {path}", hint="run this inside a git repository (git init)"

@@ -62,8 +62,9 @@ class FeatureAccumulator:
 
     def __init__(self, n_models):
         self.n = n_models
-        self.pairs = {(i, j): {k: 0.0 for k in (*self.KEYS, "weight")}
-                      for i in range(n_models) for j in range(i + 1, n_models)}
+        self.pairs = {
+            (i, j): {k: 0.0 for k in (*self.KEYS, "weight")} for i in range(n_models) for j in range(i + 1, n_models)
+        }
         self.dots = [[0.0] * n_models for _ in range(n_models)]
         self.base_sq = 0.0
 
@@ -99,8 +100,10 @@ class FeatureAccumulator:
         weights = [self.pairs[p]["weight"] for p in pairs]
         if not pairs or not any(weights):
             return None
-        out = {k: sum(self.pairs[p][k] / w for p, w in zip(pairs, weights) if w) / sum(1 for w in weights if w)
-               for k in self.KEYS}
+        out = {
+            k: sum(self.pairs[p][k] / w for p, w in zip(pairs, weights) if w) / sum(1 for w in weights if w)
+            for k in self.KEYS
+        }
         norms = {i: math.sqrt(max(self.dots[i][i], 0.0)) for i in members}
         cos = [self.dots[i][j] / (norms[i] * norms[j]) if norms[i] and norms[j] else 0.0 for i, j in pairs]
         out["cosine"] = sum(cos) / len(cos)
@@ -131,8 +134,10 @@ def functional_features(activations, base_activations):
     base = np.asarray(base_activations, np.float64).ravel()
     deltas = [np.asarray(a, np.float64).ravel() - base for a in activations]
     if any(d.shape != base.shape for d in deltas):
-        raise ConfigError("the probe returned activations of different sizes for the models",
-                          hint="the probe command must print the same number of values for every model")
+        raise ConfigError(
+            "the probe returned activations of different sizes for the models",
+            hint="the probe command must print the same number of values for every model",
+        )
     cos = []
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
@@ -159,13 +164,20 @@ class Prediction:
         return " ".join([self.operator, *(f"{k}={v}" for k, v in sorted(self.params.items()))])
 
     def to_json(self):
-        return {"operator": self.operator, "params": self.params, "features": self.features,
-                "predicted": [{"recipe": r, "score": s} for r, s in self.scores], "predictor": self.predictor,
-                "branches": self.branches, "notes": self.notes}
+        return {
+            "operator": self.operator,
+            "params": self.params,
+            "features": self.features,
+            "predicted": [{"recipe": r, "score": s} for r, s in self.scores],
+            "predictor": self.predictor,
+            "branches": self.branches,
+            "notes": self.notes,
+        }
 
 
 def _check(data, source):
     """The predictor file's format (raises ConfigError naming what is wrong)."""
+
     def bad(what):
         return ConfigError(f"{source}: {what}", hint="reinstall git-theta or refit with bench/fit_merge_auto.py")
 
@@ -181,7 +193,11 @@ def _check(data, source):
         n = len(feats)
         for key in ("mean", "scale", *(("low", "high") if "low" in model or "high" in model else ())):
             vals = model.get(key)
-            if not isinstance(vals, list) or len(vals) != n or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+            if (
+                not isinstance(vals, list)
+                or len(vals) != n
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals)
+            ):
                 raise bad(f"predictor {name!r}: {key!r} must be {n} finite numbers")
         if any(v == 0 for v in model["scale"]):
             raise bad(f"predictor {name!r}: a zero in 'scale'")
@@ -189,10 +205,16 @@ def _check(data, source):
         if not isinstance(cands, list) or not cands:
             raise bad(f"predictor {name!r}: no candidates")
         for c in cands:
-            ok = (isinstance(c, dict) and isinstance(c.get("operator"), str) and isinstance(c.get("params", {}), dict)
-                  and isinstance(c.get("intercept"), (int, float)) and isinstance(c.get("coef"), list)
-                  and len(c["coef"]) == n and all(isinstance(v, (int, float)) and math.isfinite(v) for v in c["coef"])
-                  and isinstance(c.get("max_models", 0), (int, type(None))))
+            ok = (
+                isinstance(c, dict)
+                and isinstance(c.get("operator"), str)
+                and isinstance(c.get("params", {}), dict)
+                and isinstance(c.get("intercept"), (int, float))
+                and isinstance(c.get("coef"), list)
+                and len(c["coef"]) == n
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in c["coef"])
+                and isinstance(c.get("max_models", 0), (int, type(None)))
+            )
             if not ok:
                 raise bad(f"predictor {name!r}: a candidate is not {{operator, params, intercept, coef[{n}]}}")
     return data
@@ -204,8 +226,9 @@ def load_predictor(path=None):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the auto predictor ({exc.strerror})",
-                          hint="reinstall git-theta") from None
+        raise ConfigError(
+            f"{path}: cannot read the auto predictor ({exc.strerror})", hint="reinstall git-theta"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: the auto predictor is not JSON ({exc.msg})", hint="reinstall git-theta") from None
     return _check(data, path)
@@ -224,8 +247,10 @@ def predict(features, n_models, data=None):
     x = dict(features, n_models=float(n_models))
     missing = [f for f in model["features"] if f not in x]
     if missing:
-        raise ConfigError(f"auto predictor {name!r} needs features {', '.join(missing)}",
-                          hint="reinstall git-theta or refit with bench/fit_merge_auto.py")
+        raise ConfigError(
+            f"auto predictor {name!r} needs features {', '.join(missing)}",
+            hint="reinstall git-theta or refit with bench/fit_merge_auto.py",
+        )
     values = [x[f] for f in model["features"]]
     if "low" in model:  # a linear model extrapolates badly: features outside the fitted range are clipped
         values = [min(max(v, lo), hi) for v, lo, hi in zip(values, model["low"], model["high"])]
@@ -237,8 +262,13 @@ def predict(features, n_models, data=None):
         scored.append((c["intercept"] + sum(w * v for w, v in zip(c["coef"], z)), c))
     scored.sort(key=lambda s: -s[0])
     best = scored[0][1]
-    return Prediction(best["operator"], {k: str(v) for k, v in best.get("params", {}).items()},
-                      {k: x[k] for k in model["features"]}, [(_recipe(c), s) for s, c in scored], name)
+    return Prediction(
+        best["operator"],
+        {k: str(v) for k, v in best.get("params", {}).items()},
+        {k: x[k] for k in model["features"]},
+        [(_recipe(c), s) for s, c in scored],
+        name,
+    )
 
 
 def choose_branches(pair_predictions, n_branches, set_score):

@@ -56,8 +56,9 @@ class MergeConfig:
             if rule.matches(tensor_name):
                 params = dict(self.params)
                 params.update(rule.params)
-                return Choice(rule.operator, params, f"rule '{rule.glob} {rule.operator}' ({rule.source})",
-                              frozenset(rule.params))
+                return Choice(
+                    rule.operator, params, f"rule '{rule.glob} {rule.operator}' ({rule.source})", frozenset(rule.params)
+                )
         attribute = self.attributes.get(path)
         if attribute:
             return Choice(attribute, dict(self.params), f"attribute theta-merge={attribute}", self.explicit)
@@ -70,7 +71,7 @@ def read_merge_config(repo):
     """(key, value) pairs of every ``theta.merge.*`` git config entry, in git's order."""
     from git_theta.config import settings_for
 
-    return [(key[len("theta.merge."):], value) for key, value in settings_for(repo).entries("theta.merge.")]
+    return [(key[len("theta.merge.") :], value) for key, value in settings_for(repo).entries("theta.merge.")]
 
 
 def parse_seed(value, source):

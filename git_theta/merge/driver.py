@@ -50,8 +50,15 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
     by_name = _whole_model_inputs(repo, pathname, base, ours, theirs)
     base_in, theirs_in = by_name or (base, theirs)
     result = merge_manifests(
-        pathname, base_in, [ours, theirs_in], list(LABELS), config, repo.store, side_data=side_data,
-        workers=settings.threads(), budget=settings.get_int("memoryBudget"),
+        pathname,
+        base_in,
+        [ours, theirs_in],
+        list(LABELS),
+        config,
+        repo.store,
+        side_data=side_data,
+        workers=settings.threads(),
+        budget=settings.get_int("memoryBudget"),
         deltas=DeltaPolicy.from_settings(settings),
     )
     if by_name is None:
@@ -101,7 +108,8 @@ def _flag_moved(repo, pathname, ours, theirs, result):
     for i, outcome in enumerate(result.outcomes):
         if outcome.name in moved:
             result.outcomes[i] = Outcome(
-                outcome.name, "conflict",
+                outcome.name,
+                "conflict",
                 f"moved to another shard on {moved[outcome.name]}: merge the whole model with "
                 "'git merge --abort' then 'git theta merge BRANCH'",
             )

@@ -67,7 +67,9 @@ def get_operator(name, origin=""):
         valid = ", ".join(plugins.names("merge") + [AUTO]) or "none installed"
         where = f" (from {origin})" if origin else ""
         package = plugins.KNOWN_PACKAGES.get(("merge", name))
-        hint = f"valid operators: {valid}" + (f"; '{name}' is in the package {package} (pip install {package})" if package else "")
+        hint = f"valid operators: {valid}" + (
+            f"; '{name}' is in the package {package} (pip install {package})" if package else ""
+        )
         raise UsageError(f"unknown merge operator {name!r}{where}", hint=hint)
     return plugins.get("merge", name)
 
@@ -79,8 +81,9 @@ def check_config(config, n_sides=2):
     they apply to the operators that take them and are ignored by the others. Only an explicit
     ``--param`` (``config.explicit``) that the operator does not take is an error, naming its origin.
     """
-    names = [(r.operator, f"rule '{r.glob} {r.operator}' ({r.source})", r.params, frozenset(r.params))
-             for r in config.rules]
+    names = [
+        (r.operator, f"rule '{r.glob} {r.operator}' ({r.source})", r.params, frozenset(r.params)) for r in config.rules
+    ]
     names += [(a, "attribute theta-merge", config.params, config.explicit) for a in config.attributes.values() if a]
     if config.operator:
         names.append((config.operator, config.operator_origin, config.params, config.explicit))
@@ -213,14 +216,22 @@ def store_compact(store, tensor, candidates, policy):
 
     best, seen = None, set()
     for entry, raw in candidates:
-        if (entry is None or entry.digest in seen or entry.dtype != tensor.dtype
-                or tuple(entry.shape) != tuple(tensor.shape) or entry.chain_depth + 1 > policy.max_depth):
+        if (
+            entry is None
+            or entry.digest in seen
+            or entry.dtype != tensor.dtype
+            or tuple(entry.shape) != tuple(tensor.shape)
+            or entry.chain_depth + 1 > policy.max_depth
+        ):
             continue
         seen.add(entry.digest)
         base = TensorData(entry.name, entry.dtype, tuple(entry.shape), raw, entry.digest)
         result = choose(tensor, base)
-        if (not result[0].keyframe and getattr(result[0], "full_pass", True)
-                and _full_deltas(store, entry) >= policy.max_full):
+        if (
+            not result[0].keyframe
+            and getattr(result[0], "full_pass", True)
+            and _full_deltas(store, entry) >= policy.max_full
+        ):
             result = _partial_delta(tensor, base, None)
             if result is None:
                 continue
@@ -242,8 +253,21 @@ def _full_deltas(store, entry):
     return sum(getattr(plugins.get("update", h.get("update")), "full_pass", True) for h in headers[:-1])
 
 
-def merge_manifests(path, base, sides, labels, config, store, every_tensor=False, dry_run=False,
-                    with_signals=False, side_data=None, workers=1, budget=192 << 20, deltas=None):
+def merge_manifests(
+    path,
+    base,
+    sides,
+    labels,
+    config,
+    store,
+    every_tensor=False,
+    dry_run=False,
+    with_signals=False,
+    side_data=None,
+    workers=1,
+    budget=192 << 20,
+    deltas=None,
+):
     """Merge manifests ``sides`` (ours first) against ``base`` (a Manifest or None).
 
     Returns a :class:`FileMerge`; conflicting tensors keep ours. With ``dry_run`` nothing is decoded
@@ -284,7 +308,17 @@ def merge_manifests(path, base, sides, labels, config, store, every_tensor=False
             base_entry = base.tensors.get(name) if base is not None else None
             entries = [m.tensors.get(name) for m in sides]
             outcome, entry = _merge_tensor(
-                path, name, base_entry, entries, labels, config, loader, store, every_tensor, dry_run, with_signals,
+                path,
+                name,
+                base_entry,
+                entries,
+                labels,
+                config,
+                loader,
+                store,
+                every_tensor,
+                dry_run,
+                with_signals,
                 layers,
             )
             outcomes.append(outcome)
@@ -328,8 +362,9 @@ def _merge_table(kind, base, tables, labels):
     return merged, outcomes
 
 
-def _merge_tensor(path, name, base, entries, labels, config, loader, store, every_tensor, dry_run, with_signals,
-                  layers=0):
+def _merge_tensor(
+    path, name, base, entries, labels, config, loader, store, every_tensor, dry_run, with_signals, layers=0
+):
     """(Outcome, merged entry or None) for one tensor (``layers``: the file's layer count, for gradients)."""
     decision = decide(name, base, entries, labels, every_tensor)
     if decision.action == "take":
@@ -357,10 +392,20 @@ def _merge_tensor(path, name, base, entries, labels, config, loader, store, ever
     op = get_operator(operator_name, origin)
     if base_entry is None and op.needs_base and not op.base_optional:
         why = "no common base" if base is None else "its dtype or shape differs from the base"
-        return Outcome(name, "conflict", f"{decision.reason}; {operator_name} needs a base ({why})",
-                       operator_name, origin, signals=signals), entries[0]
-    raw = _subset(op, _known(op, params, choice.strict if choice.operator != AUTO else frozenset()),
-                  list(decision.inputs), len(entries))
+        return Outcome(
+            name,
+            "conflict",
+            f"{decision.reason}; {operator_name} needs a base ({why})",
+            operator_name,
+            origin,
+            signals=signals,
+        ), entries[0]
+    raw = _subset(
+        op,
+        _known(op, params, choice.strict if choice.operator != AUTO else frozenset()),
+        list(decision.inputs),
+        len(entries),
+    )
     from git_theta.merge.params import resolve
 
     try:
@@ -370,8 +415,9 @@ def _merge_tensor(path, name, base, entries, labels, config, loader, store, ever
     outcome = Outcome(name, "operator", decision.reason, operator_name, origin, resolved, signals)
     if dry_run:
         return outcome, entries[0]
-    job = partial(_run_operator, op, resolved, name, inputs, base_entry, base, config, loader, store,
-                  list(decision.inputs))
+    job = partial(
+        _run_operator, op, resolved, name, inputs, base_entry, base, config, loader, store, list(decision.inputs)
+    )
     job.input_bytes = sum(nbytes(e.dtype, e.shape) for e in (*inputs, base_entry) if e is not None)
     return outcome, job
 

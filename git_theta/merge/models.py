@@ -129,7 +129,8 @@ def _distribute(repo, plan, target, sidecars, merged):
         layout_m = manifests[path]
         blobs = dict(layout_m.blobs)
         same = tensors.keys() == layout_m.tensors.keys() and all(
-            (e.dtype, e.shape) == (layout_m.tensors[n].dtype, layout_m.tensors[n].shape) for n, e in tensors.items())
+            (e.dtype, e.shape) == (layout_m.tensors[n].dtype, layout_m.tensors[n].shape) for n, e in tensors.items()
+        )
         if not same:
             blobs.pop("header", None)  # the stored header describes other tensors: write a canonical one
         plan.entries[path] = ("manifest", _Result(Manifest(layout_m.format, dict(layout_m.fields), blobs, tensors)))
@@ -217,8 +218,11 @@ def by_name_inputs(repo, pathname, base, ours, theirs, base_commit, theirs_commi
     base_whole, ours_whole, theirs_whole = ({n: e for n, (_, e) in loc.items()} for loc in located)
     for name, (home, _) in located[1].items():
         b = base_blobs.get(home)
-        if home != pathname and theirs_blobs.get(home) == b != ours_blobs.get(home) and (
-                _value(theirs_whole.get(name)) != _value(base_whole.get(name))):
+        if (
+            home != pathname
+            and theirs_blobs.get(home) == b != ours_blobs.get(home)
+            and (_value(theirs_whole.get(name)) != _value(base_whole.get(name)))
+        ):
             # theirs changed a tensor that ours keeps in a file git takes from ours as is: the
             # change would be lost
             return None

@@ -77,16 +77,12 @@ def _parse_one(operator, key, spec, value):
         else:  # a plugin declared a kind we do not know: its bug, not the user's
             raise UsageError(f"{where} has unknown kind {spec.kind!r}", hint="fix the operator plugin")
     except ValueError:
-        raise UsageError(
-            f"{where} must be a finite {spec.kind}, not {value!r}", hint=describe(operator)
-        ) from None
+        raise UsageError(f"{where} must be a finite {spec.kind}, not {value!r}", hint=describe(operator)) from None
     if spec.kind in ("float", "int"):
         if (spec.low is not None and out < spec.low) or (spec.high is not None and out > spec.high):
             lo = "-inf" if spec.low is None else spec.low
             hi = "inf" if spec.high is None else spec.high
-            raise UsageError(
-                f"{where} must be in [{lo}, {hi}], got {out}", hint=describe(operator)
-            )
+            raise UsageError(f"{where} must be in [{lo}, {hi}], got {out}", hint=describe(operator))
     return out
 
 

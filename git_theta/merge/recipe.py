@@ -39,11 +39,30 @@ TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dty
 TOKENIZER_KEYS = {"tokenizer_source", "tokenizer", "chat_template"}
 #: mergekit options (its command-line/hub/GPU/IO settings) some recipes carry: accepted, noted
 OPTION_KEYS = {
-    "allow_crimes", "unsafe_truncate_embeddings", "transformers_cache", "lora_merge_cache",
-    "lora_merge_dtype", "cuda", "device", "low_cpu_memory", "out_shard_size", "copy_tokenizer",
-    "clone_tensors", "trust_remote_code", "lazy_unpickle", "write_model_card", "safe_serialization",
-    "verbosity", "quiet", "read_to_gpu", "multi_gpu", "num_threads", "gpu_rich", "async_write",
-    "write_threads", "name",
+    "allow_crimes",
+    "unsafe_truncate_embeddings",
+    "transformers_cache",
+    "lora_merge_cache",
+    "lora_merge_dtype",
+    "cuda",
+    "device",
+    "low_cpu_memory",
+    "out_shard_size",
+    "copy_tokenizer",
+    "clone_tensors",
+    "trust_remote_code",
+    "lazy_unpickle",
+    "write_model_card",
+    "safe_serialization",
+    "verbosity",
+    "quiet",
+    "read_to_gpu",
+    "multi_gpu",
+    "num_threads",
+    "gpu_rich",
+    "async_write",
+    "write_threads",
+    "name",
 }
 MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -52,8 +71,15 @@ SLICE_KEYS = {"sources", "base_model", "parameters"}
 BASE_FIRST = {"slerp", "nearswap", "arcee_fusion"}
 #: recipe dtype names -> git-theta dtype names
 DTYPES = {
-    "float16": "F16", "fp16": "F16", "half": "F16", "bfloat16": "BF16", "bf16": "BF16",
-    "float32": "F32", "fp32": "F32", "float": "F32", "float64": "F64",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float32": "F32",
+    "fp32": "F32",
+    "float": "F32",
+    "float64": "F64",
 }
 _EMBED = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.")
 
@@ -112,8 +138,10 @@ def load_recipe(path):
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})",
-                         hint="a mergekit recipe is a YAML mapping with merge_method and models or slices") from None
+        raise UsageError(
+            f"{path}: not valid YAML ({str(exc).splitlines()[0]})",
+            hint="a mergekit recipe is a YAML mapping with merge_method and models or slices",
+        ) from None
     return parse_recipe(data, path)
 
 
@@ -122,8 +150,10 @@ def parse_recipe(data, source="recipe"):
     from git_theta.merge.engine import get_operator
 
     if not isinstance(data, dict):
-        raise UsageError(f"{source}: a recipe is a mapping of keys, not {type(data).__name__}",
-                         hint="start from a mergekit recipe: merge_method, base_model, models, parameters")
+        raise UsageError(
+            f"{source}: a recipe is a mapping of keys, not {type(data).__name__}",
+            hint="start from a mergekit recipe: merge_method, base_model, models, parameters",
+        )
     recipe = Recipe(source, method=None)
     for key in data:
         if key in TOKENIZER_KEYS:
@@ -133,50 +163,70 @@ def parse_recipe(data, source="recipe"):
         elif key in OPTION_KEYS:
             recipe.notes.append(f"{source}: '{key}' ignored (a mergekit hub/GPU/IO option)")
         elif key == "modules":
-            raise UsageError(f"{source}: 'modules' (multi-module models) is not supported",
-                             hint="use models: or slices:")
+            raise UsageError(
+                f"{source}: 'modules' (multi-module models) is not supported", hint="use models: or slices:"
+            )
         elif key not in TOP_KEYS:
-            raise UsageError(f"{source}: unknown key {key!r}",
-                             hint=f"recipe keys: {', '.join(sorted(TOP_KEYS | TOKENIZER_KEYS))}")
+            raise UsageError(
+                f"{source}: unknown key {key!r}", hint=f"recipe keys: {', '.join(sorted(TOP_KEYS | TOKENIZER_KEYS))}"
+            )
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
         raise UsageError(f"{source}: 'merge_method' is missing", hint="for example merge_method: ties")
     get_operator(method, f"{source}: merge_method")  # an unknown method: error naming the valid ones
     recipe.method = method
-    recipe.base_model = _ref(data.get("base_model"), source, "base_model") if data.get("base_model") is not None else None
+    recipe.base_model = (
+        _ref(data.get("base_model"), source, "base_model") if data.get("base_model") is not None else None
+    )
     recipe.params = _params(data.get("parameters"), source, "parameters")
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None:
             name = str(data[key]).lower().replace("torch.", "")
             if name not in DTYPES:
-                raise UsageError(f"{source}: {key} {data[key]!r} is not a floating dtype",
-                                 hint=f"one of {', '.join(sorted(DTYPES))}")
+                raise UsageError(
+                    f"{source}: {key} {data[key]!r} is not a floating dtype", hint=f"one of {', '.join(sorted(DTYPES))}"
+                )
             setattr(recipe, key, DTYPES[name])
     has_models, has_slices = data.get("models") is not None, data.get("slices") is not None
     if has_models == has_slices:
-        raise UsageError(f"{source}: give exactly one of 'models' and 'slices'",
-                         hint="models: [{model: PATH}, ...] merges whole models; slices: stacks layer ranges")
+        raise UsageError(
+            f"{source}: give exactly one of 'models' and 'slices'",
+            hint="models: [{model: PATH}, ...] merges whole models; slices: stacks layer ranges",
+        )
     if has_models:
-        recipe.models = [_source(item, source, f"models[{i}]", MODEL_KEYS)
-                         for i, item in enumerate(_list(data["models"], source, "models"))]
+        recipe.models = [
+            _source(item, source, f"models[{i}]", MODEL_KEYS)
+            for i, item in enumerate(_list(data["models"], source, "models"))
+        ]
     else:
         recipe.slices = []
         for i, item in enumerate(_list(data["slices"], source, "slices")):
             where = f"slices[{i}]"
             _keys(item, SLICE_KEYS, source, where)
-            sources = [_source(s, source, f"{where}.sources[{j}]", SOURCE_KEYS)
-                       for j, s in enumerate(_list(item.get("sources"), source, f"{where}.sources"))]
+            sources = [
+                _source(s, source, f"{where}.sources[{j}]", SOURCE_KEYS)
+                for j, s in enumerate(_list(item.get("sources"), source, f"{where}.sources"))
+            ]
             lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
             if len(lengths) > 1:
-                raise UsageError(f"{source}: {where}: every source must have the same number of layers",
-                                 hint="give each source a layer_range of the same length")
+                raise UsageError(
+                    f"{source}: {where}: every source must have the same number of layers",
+                    hint="give each source a layer_range of the same length",
+                )
             base = item.get("base_model")
-            recipe.slices.append(Slice(sources, _params(item.get("parameters"), source, f"{where}.parameters"),
-                                       _ref(base, source, f"{where}.base_model") if base is not None else None))
+            recipe.slices.append(
+                Slice(
+                    sources,
+                    _params(item.get("parameters"), source, f"{where}.parameters"),
+                    _ref(base, source, f"{where}.base_model") if base is not None else None,
+                )
+            )
         counts = {len(s.sources) for s in recipe.slices}
         if len(counts) > 1:
-            raise UsageError(f"{source}: slices with different numbers of sources are not supported",
-                             hint="give every slice the same number of sources")
+            raise UsageError(
+                f"{source}: slices with different numbers of sources are not supported",
+                hint="give every slice the same number of sources",
+            )
     return recipe
 
 
@@ -205,8 +255,10 @@ def _ref(value, source, where):
     if not isinstance(value, str) or not value.strip():
         raise UsageError(f"{source}: {where} must name a model (a path, or a revision for git theta merge)")
     if "+" in value and not Path(value).exists():
-        raise UsageError(f"{source}: {where}: {value!r} applies a LoRA adapter, which recipes here do not",
-                         hint="merge the adapter first (git theta add --adapter), then name the result")
+        raise UsageError(
+            f"{source}: {where}: {value!r} applies a LoRA adapter, which recipes here do not",
+            hint="merge the adapter first (git theta add --adapter), then name the result",
+        )
     return value
 
 
@@ -217,12 +269,19 @@ def _source(item, source, where, allowed):
     layer_range = None
     if "layer_range" in allowed:
         lr = item.get("layer_range")
-        if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in lr)
-                or not 0 <= lr[0] < lr[1]):
+        if (
+            not isinstance(lr, list)
+            or len(lr) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in lr)
+            or not 0 <= lr[0] < lr[1]
+        ):
             raise UsageError(f"{source}: {where}: layer_range must be [start, end) with 0 <= start < end, not {lr!r}")
         layer_range = (lr[0], lr[1])
-    return Source(_ref(item["model"], source, f"{where}.model"), layer_range,
-                  _params(item.get("parameters"), source, f"{where}.parameters"))
+    return Source(
+        _ref(item["model"], source, f"{where}.model"),
+        layer_range,
+        _params(item.get("parameters"), source, f"{where}.parameters"),
+    )
 
 
 def _params(value, source, where):
@@ -260,13 +319,17 @@ def roles(recipe, sources, base_ref):
     others = [s for s in sources if base is None or s.model != base.model]
     if recipe.method in BASE_FIRST:
         if base is None:
-            raise UsageError(f"{recipe.source}: {recipe.method} needs base_model (its t = 0 end)",
-                             hint="name one of the two models as base_model")
+            raise UsageError(
+                f"{recipe.source}: {recipe.method} needs base_model (its t = 0 end)",
+                hint="name one of the two models as base_model",
+            )
         return [base] + others, None
     if op.needs_base and not op.base_optional:
         if base is None:
-            raise UsageError(f"{recipe.source}: {recipe.method} needs base_model",
-                             hint="name the model the others were fine-tuned from as base_model")
+            raise UsageError(
+                f"{recipe.source}: {recipe.method} needs base_model",
+                hint="name the model the others were fine-tuned from as base_model",
+            )
         return others, base
     if op.base_optional:
         return others, base
@@ -353,8 +416,10 @@ def check(recipe, plan):
     notes = []
     for key in sorted(given - set(op.params)):
         if key not in known:
-            raise UsageError(f"{recipe.source}: unknown parameter {key!r} (no merge method takes it)",
-                             hint=f"parameters of {recipe.method}: {', '.join(sorted(op.params)) or 'none'}")
+            raise UsageError(
+                f"{recipe.source}: unknown parameter {key!r} (no merge method takes it)",
+                hint=f"parameters of {recipe.method}: {', '.join(sorted(op.params)) or 'none'}",
+            )
         notes.append(f"{recipe.source}: parameter {key!r} ignored ({recipe.method} does not take it)")
     return notes
 
@@ -401,8 +466,11 @@ def sliced_manifests(recipe, plan, manifests, fmt):
 def _layer_tensors(manifest, layer, source, src):
     found = {n: e for n, e in manifest.tensors.items() if layer_index(n) == layer}
     if not found:
-        raise UsageError(f"{source}: {src.model} has no layer {layer} (layer_range {list(src.layer_range)}; "
-                         f"it has {layer_count(manifest.tensors)} layers)", hint="fix the layer_range")
+        raise UsageError(
+            f"{source}: {src.model} has no layer {layer} (layer_range {list(src.layer_range)}; "
+            f"it has {layer_count(manifest.tensors)} layers)",
+            hint="fix the layer_range",
+        )
     return found
 
 

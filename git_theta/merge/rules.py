@@ -65,8 +65,10 @@ def parse_rule(line, source):
         # quotes keep a value with spaces in one word: "t=[{filter: mlp, value: [0, 1]}, {value: 0.5}]"
         words = shlex.split(text)
     except ValueError:
-        raise ConfigError(f"{source}: unbalanced quotes in merge rule {text!r}",
-                          hint="close the quote, e.g. 'model.* slerp \"t=[0, 0.5, 1]\"'") from None
+        raise ConfigError(
+            f"{source}: unbalanced quotes in merge rule {text!r}",
+            hint="close the quote, e.g. 'model.* slerp \"t=[0, 0.5, 1]\"'",
+        ) from None
     if len(words) < 2 or not _OPERATOR.match(words[1]):
         raise ConfigError(
             f"{source}: malformed merge rule {text!r}",

@@ -79,8 +79,11 @@ class Candidate:
         return f"{self.recipe} [{', '.join(self.branches)}]"
 
     def to_json(self):
-        return {"operator": self.operator, "params": self.param_dict,
-                "branches": list(self.branches) if self.branches else None}
+        return {
+            "operator": self.operator,
+            "params": self.param_dict,
+            "branches": list(self.branches) if self.branches else None,
+        }
 
 
 @dataclass
@@ -96,8 +99,14 @@ class Result:
     index: int = 0  # the candidate's place in the search (ties go to the earlier one)
 
     def to_json(self):
-        return {**self.candidate.to_json(), "recipe": self.candidate.label, "status": self.status,
-                "score": self.score, "seconds": round(self.seconds, 3), "detail": self.detail}
+        return {
+            **self.candidate.to_json(),
+            "recipe": self.candidate.label,
+            "status": self.status,
+            "score": self.score,
+            "seconds": round(self.seconds, 3),
+            "detail": self.detail,
+        }
 
 
 class BuildFailed(GitThetaError):
@@ -120,15 +129,23 @@ def parse_candidates(text, source):
         try:
             items = json.loads(stripped)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})",
-                             hint='give a list like [{"operator": "ties", "params": {"density": 0.5}}]') from None
+            raise UsageError(
+                f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})",
+                hint='give a list like [{"operator": "ties", "params": {"density": 0.5}}]',
+            ) from None
         for i, item in enumerate(items):
-            if not isinstance(item, dict) or not isinstance(item.get("operator"), str) \
-                    or not isinstance(item.get("params", {}), dict):
-                raise UsageError(f"{source}: item {i} is not {{\"operator\": NAME, \"params\": {{...}}}}",
-                                 hint="each candidate names an operator and optional parameters")
-            params = {k: ",".join(map(str, v)) if isinstance(v, list) else str(v)
-                      for k, v in item.get("params", {}).items()}
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("operator"), str)
+                or not isinstance(item.get("params", {}), dict)
+            ):
+                raise UsageError(
+                    f'{source}: item {i} is not {{"operator": NAME, "params": {{...}}}}',
+                    hint="each candidate names an operator and optional parameters",
+                )
+            params = {
+                k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in item.get("params", {}).items()
+            }
             out.append(Candidate.of(item["operator"], parse_params([f"{k}={v}" for k, v in params.items()], source)))
     else:
         for number, line in enumerate(text.splitlines(), start=1):
@@ -168,8 +185,14 @@ def _spawn(command, timeout):
     """Run ``command`` in a shell, in its own process group so a timeout ends everything it started;
     (exit code or None on timeout, stdout text, stderr text, seconds)."""
     start = time.monotonic()
-    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        shell=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
         code = proc.returncode
@@ -309,8 +332,9 @@ class Search:
     def _settle(self, result):
         with self._settle_lock:
             # equal scores: the earlier candidate wins, whatever order parallel runs finish in
-            if result.status == "ok" and (self._best is None or (result.score, -result.index)
-                                          > (self._best.score, -self._best.index)):
+            if result.status == "ok" and (
+                self._best is None or (result.score, -result.index) > (self._best.score, -self._best.index)
+            ):
                 if self._best is not None:  # only the best build is kept
                     self._drop(self._best.built)
                     self._best.built = None
@@ -331,8 +355,10 @@ def greedy_branches(search, recipe, branches, fixed=()):
     remaining = [b for b in branches if b not in chosen]
     while remaining:
         everything = list(branches) if not fixed else [*fixed, *(b for b in branches if b not in fixed)]
-        trial = [Candidate.of(recipe.operator, recipe.param_dict, None if [*chosen, b] == everything else [*chosen, b])
-                 for b in remaining]
+        trial = [
+            Candidate.of(recipe.operator, recipe.param_dict, None if [*chosen, b] == everything else [*chosen, b])
+            for b in remaining
+        ]
         results = search.run(trial)
         scored = [(r.score, i) for i, r in enumerate(results) if r.status == "ok"]
         if not scored:

@@ -50,8 +50,10 @@ class SideData:
         """{file: [values or None for each side in ``indices``]} for tensor ``name`` of ``path``."""
         folder = posixpath.dirname(path)
         return {
-            file: [self._values(self.revs[i] if i < len(self.revs) else None, posixpath.join(folder, file), name)
-                   for i in indices]
+            file: [
+                self._values(self.revs[i] if i < len(self.revs) else None, posixpath.join(folder, file), name)
+                for i in indices
+            ]
             for file in files
         }
 
@@ -111,7 +113,7 @@ def _find_commit(repo, path, manifest, ours):
     else:
         # git merge exports GITHEAD_<commit>=<name> for each commit it merges (git's protocol with
         # its merge machinery, not a setting).
-        candidates = [key[len("GITHEAD_"):] for key in sorted(os.environ) if key.startswith("GITHEAD_")]
+        candidates = [key[len("GITHEAD_") :] for key in sorted(os.environ) if key.startswith("GITHEAD_")]
         candidates += list(THEIRS_REFS)
     for rev in candidates:
         if repo.read_blob(f"{rev}:{path}") == wanted:

@@ -86,9 +86,7 @@ def collect(repo, scope):
         try:
             manifest = Manifest.parse(data, source=use.path)
         except ManifestError as exc:
-            report.problems.append(
-                Problem("bad-manifest", exc.message, use.path, use.where, use.commit, oid=use.blob)
-            )
+            report.problems.append(Problem("bad-manifest", exc.message, use.path, use.where, use.commit, oid=use.blob))
             continue
         # A packed object is checked as its pack: the pack's sha256 covers every member.
         for key, ref in sorted(manifest.blobs.items()):
@@ -118,8 +116,11 @@ def _chunk_parts(store, objects, bad, report):
         except ObjectCorruptError as exc:
             bad.add(oid)
             use = info.use
-            report.problems.append(Problem("corrupt", exc.message, use.path, use.where, use.commit,
-                                           info.tensor, oid, info.size, info.count - 1))
+            report.problems.append(
+                Problem(
+                    "corrupt", exc.message, use.path, use.where, use.commit, info.tensor, oid, info.size, info.count - 1
+                )
+            )
             continue
         for ref in found:
             if ref.oid not in parts:
@@ -151,8 +152,9 @@ def fsck(repo, scope="head", threads=1):
             message = f"object {oid} is missing" if kind == "missing" else exc.message
             if info.index:
                 message += f" (a part of chunked object {info.index})"
-            return oid, Problem(kind, message, use.path, use.where, use.commit, info.tensor, oid,
-                                info.size, info.count - 1, info.index)
+            return oid, Problem(
+                kind, message, use.path, use.where, use.commit, info.tensor, oid, info.size, info.count - 1, info.index
+            )
 
     def check_tensor(item):
         """Decode one distinct (chain -> digest) pair; a problem for every manifest that uses it."""
@@ -164,9 +166,8 @@ def fsck(repo, scope="head", threads=1):
             oid = entry.objects[0].oid if entry.objects else None
             # The message opens with the first use's file and tensor; each problem names its own.
             prefix = f"{uses[0][0].path}: tensor {uses[0][1]!r}: "
-            message = exc.message[len(prefix):] if exc.message.startswith(prefix) else exc.message
-            return [Problem("bad-tensor", message, use.path, use.where, use.commit, name, oid)
-                    for use, name in uses]
+            message = exc.message[len(prefix) :] if exc.message.startswith(prefix) else exc.message
+            return [Problem("bad-tensor", message, use.path, use.where, use.commit, name, oid) for use, name in uses]
 
     bad = set()
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="theta-fsck") as pool:

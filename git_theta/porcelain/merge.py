@@ -91,9 +91,22 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
     # Models re-sharded on a side are merged whole, by tensor name, into one layout (merge/models.py).
     from git_theta.merge.models import plan_models
 
-    plans = plan_models(repo, base_tree, trees, labels, config, tracked, dict(
-        every_tensor=every_tensor, dry_run=dry_run, with_signals=dry_run, side_data=SideData(repo, sides),
-        workers=settings.threads(), budget=settings.get_int("memoryBudget")))
+    plans = plan_models(
+        repo,
+        base_tree,
+        trees,
+        labels,
+        config,
+        tracked,
+        dict(
+            every_tensor=every_tensor,
+            dry_run=dry_run,
+            with_signals=dry_run,
+            side_data=SideData(repo, sides),
+            workers=settings.threads(),
+            budget=settings.get_int("memoryBudget"),
+        ),
+    )
     for plan in plans:
         result.files.append(plan.merge)
         result.conflicts += [(plan.name, o) for o in plan.merge.conflicts]
@@ -115,10 +128,18 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
                 fmt = next(m.format for m in manifests if m is not None)
                 manifests = [m if m is not None else Manifest(format=fmt) for m in manifests]
                 merged = merge_manifests(
-                    path, _manifest(repo, old, path), manifests, labels, config, repo.store,
-                    every_tensor=every_tensor, dry_run=dry_run, with_signals=dry_run,
+                    path,
+                    _manifest(repo, old, path),
+                    manifests,
+                    labels,
+                    config,
+                    repo.store,
+                    every_tensor=every_tensor,
+                    dry_run=dry_run,
+                    with_signals=dry_run,
                     side_data=SideData(repo, sides),
-                    workers=settings.threads(), budget=settings.get_int("memoryBudget"),
+                    workers=settings.threads(),
+                    budget=settings.get_int("memoryBudget"),
                     deltas=DeltaPolicy.from_settings(settings),
                 )
                 result.files.append(merged)
@@ -243,8 +264,10 @@ def plan_recipe(repo, recipe_path, mapping=None, dry_run=False):
     mapping = dict(mapping or {})
     unknown = sorted(set(mapping) - set(recipe.references()))
     if unknown:
-        raise UsageError(f"{recipe_path}: no model named {', '.join(map(repr, unknown))} in the recipe",
-                         hint=f"its models: {', '.join(recipe.references())}")
+        raise UsageError(
+            f"{recipe_path}: no model named {', '.join(map(repr, unknown))} in the recipe",
+            hint=f"its models: {', '.join(recipe.references())}",
+        )
     commit = {ref: resolve_commit(repo, mapping.get(ref, ref)) for ref in recipe.references()}
     head = resolve_commit(repo, "HEAD")
     if recipe.slices is not None:
@@ -257,8 +280,10 @@ def plan_recipe(repo, recipe_path, mapping=None, dry_run=False):
         out = repo.git("merge-base", "--octopus", *sides, check=False).decode().split()
         base_commit = out[0] if out else None
     if head not in sides and head != base_commit:
-        raise UsageError(f"{recipe_path}: HEAD is neither the recipe's base_model nor one of its models",
-                         hint="check out the branch the result belongs on (usually the base model's) first")
+        raise UsageError(
+            f"{recipe_path}: HEAD is neither the recipe's base_model nor one of its models",
+            hint="check out the branch the result belongs on (usually the base model's) first",
+        )
     config = RecipeConfig(recipe, plan)
     labels = [mapping.get(s.model, s.model) for s in part.inputs]
     notes = recipe.notes + check(recipe, plan) + check_config(config, len(sides))  # before anything is merged
@@ -278,8 +303,10 @@ def _plan_sliced(repo, recipe_path, recipe, plan, commit, head, mapping, dry_run
     from git_theta.merge.recipe import RecipeConfig, check, sliced_manifests
 
     if head not in commit.values():
-        raise UsageError(f"{recipe_path}: HEAD is none of the recipe's models",
-                         hint="check out the branch the stacked model belongs on (one of the slices' models) first")
+        raise UsageError(
+            f"{recipe_path}: HEAD is none of the recipe's models",
+            hint="check out the branch the stacked model belongs on (one of the slices' models) first",
+        )
     settings = settings_for(repo)
     trees = {ref: _tree(repo, rev) for ref, rev in commit.items()}
     head_tree = _tree(repo, head)
@@ -289,9 +316,10 @@ def _plan_sliced(repo, recipe_path, recipe, plan, commit, head, mapping, dry_run
     if sharded:
         folder = os.path.dirname(sorted(sharded)[0]) or "."
         count = sum(1 for p in sharded if os.path.dirname(p) == os.path.dirname(sorted(sharded)[0]))
-        raise UsageError(f"{recipe_path}: slices need whole models; {folder} is a model of {count} shards",
-                         hint="check the model folders out and run git theta merge-files --config RECIPE -o OUT/, "
-                         "then commit OUT")
+        raise UsageError(
+            f"{recipe_path}: slices need whole models; {folder} is a model of {count} shards",
+            hint="check the model folders out and run git theta merge-files --config RECIPE -o OUT/, then commit OUT",
+        )
     labels = [mapping.get(s.model, s.model) for s in plan[0].inputs]
     result = TreeMerge()
     notes = recipe.notes + check(recipe, plan)
@@ -303,15 +331,26 @@ def _plan_sliced(repo, recipe_path, recipe, plan, commit, head, mapping, dry_run
         for ref, tree in trees.items():
             manifests[ref] = _manifest(repo, tree.get(path), path) if tree.get(path) else None
             if manifests[ref] is None:
-                raise UsageError(f"{recipe_path}: {path} is not a tracked checkpoint in {mapping.get(ref, ref)}",
-                                 hint="every model of the slices must hold the checkpoint HEAD holds")
+                raise UsageError(
+                    f"{recipe_path}: {path} is not a tracked checkpoint in {mapping.get(ref, ref)}",
+                    hint="every model of the slices must hold the checkpoint HEAD holds",
+                )
         fmt = manifests[plan[0].inputs[0].model].format
         sides, base, layout = sliced_manifests(recipe, plan, manifests, fmt)
         config = RecipeConfig(recipe, plan, layout)
         notes += [n for n in check_config(config, len(sides)) if n not in notes]
         merged = merge_manifests(
-            path, base, sides, labels, config, repo.store, every_tensor=True, dry_run=dry_run, with_signals=dry_run,
-            workers=settings.threads(), budget=settings.get_int("memoryBudget"),
+            path,
+            base,
+            sides,
+            labels,
+            config,
+            repo.store,
+            every_tensor=True,
+            dry_run=dry_run,
+            with_signals=dry_run,
+            workers=settings.threads(),
+            budget=settings.get_int("memoryBudget"),
             deltas=DeltaPolicy.from_settings(settings),
         )
         result.files.append(merged)
@@ -329,7 +368,9 @@ def run_recipe(repo, recipe_path, mapping=None, message=None):
     merged, base_commit, parents = plan_recipe(repo, recipe_path, mapping)
     if merged.conflicts:
         return None, merged
-    text = message or f"Merge with recipe {os.path.basename(str(recipe_path))}\n\ngit theta merge --config {recipe_path}\n"
+    text = (
+        message or f"Merge with recipe {os.path.basename(str(recipe_path))}\n\ngit theta merge --config {recipe_path}\n"
+    )
     return merge_commit(repo, merged, parents, text), merged
 
 
@@ -366,4 +407,3 @@ def run_merge(repo, branches, operator=None, params=None, base=None, every_tenso
         return None, merged
     commit = merge_commit(repo, merged, parents, message or default_message(branches, operator, params, base))
     return commit, merged
-

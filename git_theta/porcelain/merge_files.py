@@ -26,7 +26,16 @@ from pathlib import Path
 from git_theta.filter.clean import SNIFF_BYTES, detect_format
 from git_theta.tensors.chain import encode_tensor, tensor_digest
 from git_theta.errors import CheckpointError, UsageError
-from git_theta.git.models import ADAPTER_CONFIG, INDEX_SUFFIX, MAX_SIDECAR, ModelError, group, is_shard, parse_index, tensors_of
+from git_theta.git.models import (
+    ADAPTER_CONFIG,
+    INDEX_SUFFIX,
+    MAX_SIDECAR,
+    ModelError,
+    group,
+    is_shard,
+    parse_index,
+    tensors_of,
+)
 from git_theta.manifest import Manifest
 from git_theta.store.objects import ObjectStore
 from git_theta.formats.peekable import PeekableReader
@@ -129,8 +138,10 @@ class StreamedStore:
         with open(path, "rb") as handle:
             data = os.pread(handle.fileno(), size, begin)
         if len(data) != size or tensor_digest(data) != entry.digest:
-            raise CheckpointError(f"{path}: tensor {entry.name!r} changed while it was being merged",
-                                  hint="leave the input files alone during git theta merge-files, and run it again")
+            raise CheckpointError(
+                f"{path}: tensor {entry.name!r} changed while it was being merged",
+                hint="leave the input files alone during git theta merge-files, and run it again",
+            )
         return data
 
 
@@ -152,8 +163,10 @@ def merge_files(inputs, output, operator, params=None, base=None, every_tensor=F
     (the FileMerge lists the conflicts). ``result.notes`` holds one-line notes for the user.
     """
     if len(inputs) < 2 and not (every_tensor or base):
-        raise UsageError("merge-files needs two checkpoints, or one and --base",
-                         hint="list the files to merge (or give the base a single fine-tune came from)")
+        raise UsageError(
+            "merge-files needs two checkpoints, or one and --base",
+            hint="list the files to merge (or give the base a single fine-tune came from)",
+        )
     every_tensor = every_tensor or len(inputs) == 1
     config = build_config([], operator=operator, params=params, seed=seed)
     notes = check_config(config, len(inputs))
@@ -161,8 +174,17 @@ def merge_files(inputs, output, operator, params=None, base=None, every_tensor=F
         models = [load_model(store, path) for path in inputs]
         base_model = load_model(store, base) if base else None
         labels = [os.path.basename(str(p).rstrip("/")) for p in inputs]
-        result = _merge_and_write(output, base_model.manifest if base_model else None, [m.manifest for m in models],
-                                  labels, config, store, base_model or models[0], every_tensor, threads)
+        result = _merge_and_write(
+            output,
+            base_model.manifest if base_model else None,
+            [m.manifest for m in models],
+            labels,
+            config,
+            store,
+            base_model or models[0],
+            every_tensor,
+            threads,
+        )
     result.notes = notes
     return result
 
@@ -181,8 +203,10 @@ def merge_recipe(recipe_path, output, threads=None, resolve=None):
     plan = parts(recipe)
     notes = recipe.notes + check(recipe, plan)
     if recipe.out_dtype is not None and recipe.out_dtype != recipe.dtype:
-        raise UsageError(f"{recipe_path}: out_dtype different from dtype is not supported",
-                         hint="drop out_dtype, or set dtype to the dtype you want written")
+        raise UsageError(
+            f"{recipe_path}: out_dtype different from dtype is not supported",
+            hint="drop out_dtype, or set dtype to the dtype you want written",
+        )
     refs = list(dict.fromkeys(s.model for part in plan for s in part.inputs + ([part.base] if part.base else [])))
     files = {ref: (resolve or checkpoint_path)(ref, recipe_path) for ref in refs}
     with _staging() as store:
@@ -211,9 +235,11 @@ def checkpoint_path(ref, recipe_path=None):
     path = Path(ref)
     if path.is_file() or path.is_dir():
         return path
-    raise UsageError(f"{recipe_path}: model {ref!r} is not a local file or folder",
-                     hint="git theta merge-files reads local checkpoints only (nothing is downloaded); "
-                     "use a path, or git theta merge --config with branches")
+    raise UsageError(
+        f"{recipe_path}: model {ref!r} is not a local file or folder",
+        hint="git theta merge-files reads local checkpoints only (nothing is downloaded); "
+        "use a path, or git theta merge --config with branches",
+    )
 
 
 #: files of a model folder copied beside a merged folder's shards (mergekit copies the base
@@ -253,8 +279,10 @@ def load_model(store, path, dtype=None):
     for name in model.files:
         manifests[name], shard_fmt = ingest(store, folder / name, dtype)
         if len(model.files) > 1 and shard_fmt.name != "safetensors":
-            raise CheckpointError(f"{folder / name}: sharded {shard_fmt.name} models are not supported by merge-files",
-                                  hint="save the model with safetensors (save_pretrained(safe_serialization=True))")
+            raise CheckpointError(
+                f"{folder / name}: sharded {shard_fmt.name} models are not supported by merge-files",
+                hint="save the model with safetensors (save_pretrained(safe_serialization=True))",
+            )
         fmt = fmt or shard_fmt
         shards.append((name, list(manifests[name].tensors), dict(manifests[name].fields)))
     try:
@@ -264,12 +292,16 @@ def load_model(store, path, dtype=None):
     for tensor, (shard, _) in found.items():
         claimed = model.weight_map.get(tensor, shard) if model.index else shard
         if claimed != shard:
-            raise ModelError(f"{folder / model.index}: tensor {tensor!r} is in {shard}, not in {claimed}",
-                             hint="save the model again so its index json matches its files")
+            raise ModelError(
+                f"{folder / model.index}: tensor {tensor!r} is in {shard}, not in {claimed}",
+                hint="save the model again so its index json matches its files",
+            )
     missing = sorted(set(model.weight_map) - set(found))
     if missing:
-        raise ModelError(f"{folder / model.index}: tensor {missing[0]!r} is in no shard ({len(missing)} missing)",
-                         hint="save the model again so its index json matches its files")
+        raise ModelError(
+            f"{folder / model.index}: tensor {missing[0]!r} is in no shard ({len(missing)} missing)",
+            hint="save the model again so its index json matches its files",
+        )
     manifest = Manifest(format=fmt.name)
     manifest.tensors = {name: entry for name, (_, entry) in found.items()}
     first = manifests[model.files[0]]
@@ -294,8 +326,10 @@ def _folder_model(folder, named):
             sidecars[name] = (folder / name).read_bytes()
             for shard in sorted(set(parse_index(sidecars[name], folder / name).values())):
                 if shard not in entries:  # (group's own message speaks of tracked files)
-                    raise ModelError(f"{folder / name}: names shard {shard}, which is not in the folder",
-                                     hint="copy the missing shard, or save the model again so the index matches its files")
+                    raise ModelError(
+                        f"{folder / name}: names shard {shard}, which is not in the folder",
+                        hint="copy the missing shard, or save the model again so the index matches its files",
+                    )
     try:
         models = group(checkpoints, sidecars, exists=set(entries).__contains__)
     except ModelError as exc:
@@ -308,17 +342,23 @@ def _folder_model(folder, named):
     indexed = [m for m in models if m.index]
     if len(indexed) == 1 and len(models) > 1 and all(is_shard(f) for m in models if not m.index for f in m.files):
         stray = next(f for m in models if not m.index for f in m.files)
-        raise ModelError(f"{folder / indexed[0].index}: names no tensor of shard {stray}",
-                         hint="save the model again so its index json matches its files (or remove the stale shard)")
+        raise ModelError(
+            f"{folder / indexed[0].index}: names no tensor of shard {stray}",
+            hint="save the model again so its index json matches its files (or remove the stale shard)",
+        )
     if len(models) == 1:
         return models[0]
     if not models and (folder / ADAPTER_CONFIG).is_file():
-        raise UsageError(f"{named}: holds a PEFT adapter, not a model",
-                         hint="merge the adapter into its base first (peft's merge_and_unload), then merge that folder")
+        raise UsageError(
+            f"{named}: holds a PEFT adapter, not a model",
+            hint="merge the adapter into its base first (peft's merge_and_unload), then merge that folder",
+        )
     if not models:
         raise UsageError(f"{named}: holds no checkpoint file", hint="name a model folder or a checkpoint file")
-    raise UsageError(f"{named}: holds {len(models)} models ({', '.join(m.name for m in models)})",
-                     hint="name one of them: its index json or its file")
+    raise UsageError(
+        f"{named}: holds {len(models)} models ({', '.join(m.name for m in models)})",
+        hint="name one of them: its index json or its file",
+    )
 
 
 class _staging:
@@ -338,7 +378,14 @@ def _merge_and_write(output, base, sides, labels, config, store, reference, ever
     settings = Settings()
     threads = threads or settings.threads()
     result = merge_manifests(
-        str(output), base, sides, labels, config, store, every_tensor=every_tensor, workers=threads,
+        str(output),
+        base,
+        sides,
+        labels,
+        config,
+        store,
+        every_tensor=every_tensor,
+        workers=threads,
         budget=settings.get_int("memoryBudget"),
     )
     if not result.conflicts:
@@ -363,18 +410,25 @@ def write_output(manifest, reference, store, output, threads, layers=None):
         write_checkpoint(manifest, reference.fmt, store, output, threads)
         return
     if reference.fmt.name != "safetensors":
-        raise UsageError(f"{output}: a merged model folder is written with safetensors, not {reference.fmt.name}",
-                         hint="name an output file instead (-o merged.safetensors)")
+        raise UsageError(
+            f"{output}: a merged model folder is written with safetensors, not {reference.fmt.name}",
+            hint="name an output file instead (-o merged.safetensors)",
+        )
     output = Path(output)
     shards = _shard_plan(manifest, reference)
     index_name = "model.safetensors.index.json"
     if output.is_dir():  # never leave another model's shards beside ours
         ours = {name for name, _, _ in shards} | {index_name}
-        stale = sorted(p.name for p in output.iterdir() if p.name not in ours
-                       and (p.name.endswith(CHECKPOINT_SUFFIXES) or p.name.endswith(INDEX_SUFFIX)))
+        stale = sorted(
+            p.name
+            for p in output.iterdir()
+            if p.name not in ours and (p.name.endswith(CHECKPOINT_SUFFIXES) or p.name.endswith(INDEX_SUFFIX))
+        )
         if stale:
-            raise UsageError(f"{output}: already holds other checkpoint files ({stale[0]})",
-                             hint="write to a new or empty folder, or remove those files")
+            raise UsageError(
+                f"{output}: already holds other checkpoint files ({stale[0]})",
+                hint="write to a new or empty folder, or remove those files",
+            )
     output.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".theta-merge-", dir=output))
     try:

@@ -24,7 +24,6 @@ from git_theta.merge.search import (
 )
 
 
-
 @dataclass
 class SearchOutcome:
     """The results of a search, the best one, the branch order chosen and the commit (or output)."""
@@ -37,16 +36,19 @@ class SearchOutcome:
     extra: dict = field(default_factory=dict)
 
     def to_json(self):
-        return note(self.results, self.best, extra={"order": self.order, "commit": self.commit,
-                                                    "output": self.output})
+        return note(self.results, self.best, extra={"order": self.order, "commit": self.commit, "output": self.output})
 
 
 def _nothing_scored(results, shown=4):
     """The SearchError when no candidate got a score, naming what happened to the first few."""
-    what = "; ".join(f"{r.candidate.label}: {r.status}" + (f" ({r.detail})" if r.detail else "") for r in results[:shown])
+    what = "; ".join(
+        f"{r.candidate.label}: {r.status}" + (f" ({r.detail})" if r.detail else "") for r in results[:shown]
+    )
     more = f"; and {len(results) - shown} more" if len(results) > shown else ""
-    return SearchError(f"no candidate merge was scored: {what}{more}",
-                       hint="run the --eval command by hand on a merged checkpoint (git theta merge-files)")
+    return SearchError(
+        f"no candidate merge was scored: {what}{more}",
+        hint="run the --eval command by hand on a merged checkpoint (git theta merge-files)",
+    )
 
 
 def _describe_conflicts(conflicts):
@@ -90,12 +92,26 @@ def _search_line(outcome, kind="search"):
     ok = sum(1 for r in outcome.results if r.status == "ok")
     best = outcome.best
     order = f"; branches in order: {', '.join(outcome.order)}" if outcome.order else ""
-    return (f"git theta merge --{kind}: chose {best.candidate.recipe} (score {best.score:.4g}, best of {ok} "
-            f"scored of {len(outcome.results)} candidates{order}; table: git notes --ref=theta show)")
+    return (
+        f"git theta merge --{kind}: chose {best.candidate.recipe} (score {best.score:.4g}, best of {ok} "
+        f"scored of {len(outcome.results)} candidates{order}; table: git notes --ref=theta show)"
+    )
 
 
-def search_merge(repo, branches, command, candidates=None, jobs=1, budget=None, timeout=None, base=None,
-                 every_tensor=False, dry_run=False, message=None, progress=None):
+def search_merge(
+    repo,
+    branches,
+    command,
+    candidates=None,
+    jobs=1,
+    budget=None,
+    timeout=None,
+    base=None,
+    every_tensor=False,
+    dry_run=False,
+    message=None,
+    progress=None,
+):
     """Search candidate merges of HEAD and ``branches``; commit the best unless ``dry_run``.
 
     With two or more branches, the best recipe is then tried on subsets of the branches, chosen
@@ -113,8 +129,9 @@ def search_merge(repo, branches, command, candidates=None, jobs=1, budget=None, 
     def build(candidate, folder):
         names = list(candidate.branches or branches)
         try:
-            merged, _, parents = porcelain.plan_merge(repo, names, candidate.operator, candidate.param_dict,
-                                                      base, every_tensor)
+            merged, _, parents = porcelain.plan_merge(
+                repo, names, candidate.operator, candidate.param_dict, base, every_tensor
+            )
         except GitThetaError as exc:
             raise BuildFailed(exc.message) from None
         if merged.conflicts:
@@ -134,15 +151,29 @@ def search_merge(repo, branches, command, candidates=None, jobs=1, budget=None, 
     if dry_run:
         return outcome
     merged, parents, names = outcome.best.built
-    text = message or porcelain.default_message(names, outcome.best.candidate.operator,
-                                                outcome.best.candidate.param_dict, base)
-    outcome.commit = porcelain.merge_commit(repo, merged, parents, text.rstrip("\n") + "\n" + _search_line(outcome) + "\n")
+    text = message or porcelain.default_message(
+        names, outcome.best.candidate.operator, outcome.best.candidate.param_dict, base
+    )
+    outcome.commit = porcelain.merge_commit(
+        repo, merged, parents, text.rstrip("\n") + "\n" + _search_line(outcome) + "\n"
+    )
     add_note(repo, outcome.commit, outcome.to_json())
     return outcome
 
 
-def search_files(inputs, output, command, candidates=None, jobs=1, budget=None, timeout=None, base=None,
-                 every_tensor=False, dry_run=False, progress=None):
+def search_files(
+    inputs,
+    output,
+    command,
+    candidates=None,
+    jobs=1,
+    budget=None,
+    timeout=None,
+    base=None,
+    every_tensor=False,
+    dry_run=False,
+    progress=None,
+):
     """``merge-files --search``: the best candidate merge of checkpoint files ``inputs`` goes to ``output``."""
     from git_theta.porcelain.merge_files import merge_files
 
@@ -219,8 +250,10 @@ def _probe(command, folders):
         text = run_command_output(command.replace("{model}", folder))
         values = [float(v) for v in re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", text)]
         if not values:
-            raise UsageError(f"the --probe command printed no activations for {folder}",
-                             hint="print the activations as numbers (a JSON list is fine)")
+            raise UsageError(
+                f"the --probe command printed no activations for {folder}",
+                hint="print the activations as numbers (a JSON list is fine)",
+            )
         out.append(values)
     return out
 
@@ -263,7 +296,9 @@ def predict_sets(acc, n_sides, functional=None):
         pairs = [score([0, i]) for i in range(1, n_sides)]
         chosen, dropped = choose_branches(pairs, n_sides - 1, lambda idx: score([0, *(i + 1 for i in idx)]))
         kept = [i + 1 for i in chosen]
-        notes = [f"left out side {i + 1}: with it, (tasks kept) x (predicted score {s:.3f}) would fall" for i, s in dropped]
+        notes = [
+            f"left out side {i + 1}: with it, (tasks kept) x (predicted score {s:.3f}) would fall" for i, s in dropped
+        ]
     feats = features([0, *kept])
     if feats is None:
         return None
@@ -333,13 +368,22 @@ def auto_line(prediction):
     """The commit message line of a merge chosen by auto."""
     best = prediction.scores[0][1]
     order = f"; branches in order: {', '.join(prediction.branches)}" if prediction.branches else ""
-    return (f"git theta merge --operator auto: chose {prediction.recipe} (predicted normalized accuracy "
-            f"{best:.3f}, {prediction.predictor} predictor{order}; details: git notes --ref=theta show)")
+    return (
+        f"git theta merge --operator auto: chose {prediction.recipe} (predicted normalized accuracy "
+        f"{best:.3f}, {prediction.predictor} predictor{order}; details: git notes --ref=theta show)"
+    )
 
 
 def auto_note(prediction):
-    return {"schema": 1, "chosen_by": "auto",
-            "chosen": {"operator": prediction.operator, "params": prediction.params,
-                       "branches": prediction.branches, "score": prediction.scores[0][1]},
-            "candidates": [{"recipe": r, "status": "predicted", "score": s} for r, s in prediction.scores],
-            "auto": prediction.to_json()}
+    return {
+        "schema": 1,
+        "chosen_by": "auto",
+        "chosen": {
+            "operator": prediction.operator,
+            "params": prediction.params,
+            "branches": prediction.branches,
+            "score": prediction.scores[0][1],
+        },
+        "candidates": [{"recipe": r, "status": "predicted", "score": s} for r, s in prediction.scores],
+        "auto": prediction.to_json(),
+    }

@@ -316,6 +316,7 @@ def _read_limited(response, limit, what, error=RemoteError):
 def _bounded_body(response, ref, url):
     """The chunks of an object's body, never more than ``ref.size`` bytes in all: a longer body
     (or a larger Content-Length) is refused before its excess is read or written anywhere."""
+
     def too_long(what):
         return ObjectCorruptError(
             f"object {ref.oid} from {url}: the server sent {what}, expected {ref.size} bytes",

@@ -24,8 +24,15 @@ from git_theta.errors import ConfigError, UsageError
 from git_theta.git.repo import run_git
 
 _REPO_ENV = {
-    "GIT_DIR", "GIT_WORK_TREE", "GIT_COMMON_DIR", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_PREFIX", "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES",
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_COMMON_DIR",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_PREFIX",
+    "GIT_NAMESPACE",
+    "GIT_CEILING_DIRECTORIES",
 }
 _SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+):(?P<path>.*)$")
 
@@ -89,8 +96,10 @@ def derive(url):
             if not path.endswith(".git"):
                 path += ".git"
             return f"https://{host}{path}/info/lfs"
-        raise ConfigError(f"cannot derive an LFS endpoint from the remote URL {url!r}",
-                          hint="set it with: git config remote.<name>.lfsurl https://.../info/lfs")
+        raise ConfigError(
+            f"cannot derive an LFS endpoint from the remote URL {url!r}",
+            hint="set it with: git config remote.<name>.lfsurl https://.../info/lfs",
+        )
     match = _SCP_LIKE.match(url)
     # scp-like syntax needs the colon before any slash (git's rule); otherwise it is a path
     if match and not os.path.isabs(url) and "/" not in url.split(":", 1)[0]:

@@ -162,8 +162,7 @@ class Transfer:
                     missing = [r for r in needed if store.size(r.oid) != r.size]
                     if missing:
                         raise ObjectMissingError(
-                            f"{len(missing)} object(s) to push are not in the local store "
-                            f"(first: {missing[0].oid})",
+                            f"{len(missing)} object(s) to push are not in the local store (first: {missing[0].oid})",
                             hint="fetch them first (git theta fetch) from a remote that has them",
                             oids=[r.oid for r in missing],
                         )
@@ -261,7 +260,9 @@ def _raise_failures(failures, verb, endpoint):
     raise RemoteError(
         f"{verb} {endpoint.describe()} failed for object {ref.oid}: {text}{more}",
         hint=(first.hint if first is not None and first.hint else None)
-        or ("push the objects from a clone that has them (git theta push)" if "not on the remote" in str(text) else None),
+        or (
+            "push the objects from a clone that has them (git theta push)" if "not on the remote" in str(text) else None
+        ),
     )
 
 
@@ -272,5 +273,3 @@ def fetch_refs(repo, refs, remote=None, settings=None):
     endpoint = resolve(repo, remote, "download")
     with Transfer(repo, endpoint, settings) as transfer:
         return transfer.download(refs)
-
-

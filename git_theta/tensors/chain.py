@@ -110,8 +110,9 @@ def keyframe_entry(entry, headers):
     digest = headers[-2].get("base")
     if not isinstance(digest, str):
         raise ObjectCorruptError(f"object {entry.objects[-2].oid} names no base")
-    return TensorEntry(entry.name, entry.dtype, entry.shape, digest, headers[-1].get("update", "dense"),
-                       entry.objects[-1:])
+    return TensorEntry(
+        entry.name, entry.dtype, entry.shape, digest, headers[-1].get("update", "dense"), entry.objects[-1:]
+    )
 
 
 class DecodedCache:
@@ -197,14 +198,18 @@ def _chain_error(store, entry, where, detail):
     chain = f"chain {_describe_chain(entry)} ({entry.chain_depth} delta(s) on a keyframe)"
     if damaged is not None:
         position, oid = damaged
-        role = "keyframe" if position == len(entry.objects) - 1 else f"delta at depth {len(entry.objects) - 1 - position}"
+        role = (
+            "keyframe" if position == len(entry.objects) - 1 else f"delta at depth {len(entry.objects) - 1 - position}"
+        )
         broken = f"; it breaks {position} delta(s) above it" if position else ""
         message = f"{where}: object {oid} ({role} of {chain}) is corrupt{broken}: {detail}"
         hint = "run 'git theta fsck' to find every damaged object; refetch them with 'git theta fetch'"
     else:
         message = f"{where}: {chain} does not decode: {detail}"
-        hint = ("its objects are intact, so the manifest pairs the tensor's digest with objects that "
-                "make other bytes: do not use this version; 'git theta fsck' lists every use")
+        hint = (
+            "its objects are intact, so the manifest pairs the tensor's digest with objects that "
+            "make other bytes: do not use this version; 'git theta fsck' lists every use"
+        )
     return ObjectCorruptError(message, hint=hint)
 
 
@@ -294,8 +299,7 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
                 data = update.decode(header, payload, data, spec, ref.oid)
             except MemoryError:  # a tampered manifest and object can claim any shape
                 raise ObjectCorruptError(
-                    f"object {ref.oid} claims a {entry.dtype} {list(entry.shape)} tensor, "
-                    "too large to decode here"
+                    f"object {ref.oid} claims a {entry.dtype} {list(entry.shape)} tensor, too large to decode here"
                 ) from None
             if len(data) != nbytes(entry.dtype, entry.shape):
                 raise ObjectCorruptError(f"object {ref.oid} decodes to the wrong size")
@@ -308,9 +312,14 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
         raise _chain_error(store, entry, where, exc.message) from None
     recorded, checksum = top.get("digest"), top.get("check")
     if recorded is not None and recorded != entry.digest:
-        raise _chain_error(store, entry, where, f"the object decodes to the tensor with digest "
-                           f"{str(recorded)[:12]}, the manifest names digest {entry.digest[:12]} "
-                           "(the manifest was altered)")
+        raise _chain_error(
+            store,
+            entry,
+            where,
+            f"the object decodes to the tensor with digest "
+            f"{str(recorded)[:12]}, the manifest names digest {entry.digest[:12]} "
+            "(the manifest was altered)",
+        )
     bound = isinstance(checksum, str) and checksum.startswith(BOUND_CHECKSUM)
     # The object's checksum was chosen by whoever wrote the object: it only stands in for sha256
     # on a pair this clone has verified or encoded itself (the trust ledger, DESIGN §12).
@@ -319,8 +328,13 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
         if tensor_checksum(data, entry.digest if bound else None) != checksum:
             raise _chain_error(store, entry, where, "decoded bytes do not match the recorded checksum")
     elif tensor_digest(data) != entry.digest:
-        raise _chain_error(store, entry, where, "decoded bytes do not match the tensor digest "
-                           "(the object is forged or damaged, or the manifest was altered)")
+        raise _chain_error(
+            store,
+            entry,
+            where,
+            "decoded bytes do not match the tensor digest "
+            "(the object is forged or damaged, or the manifest was altered)",
+        )
     elif store.trust is not None:
         store.trust.record([entry])
     if immediate_base is not None:

@@ -48,9 +48,7 @@ def get_dtype(name):
     try:
         return DTYPES[name]
     except KeyError:
-        raise CheckpointError(
-            f"unknown dtype {name!r}", hint=f"known dtypes: {', '.join(sorted(DTYPES))}"
-        ) from None
+        raise CheckpointError(f"unknown dtype {name!r}", hint=f"known dtypes: {', '.join(sorted(DTYPES))}") from None
 
 
 def element_count(shape):

@@ -120,8 +120,7 @@ def check_planes(payload, nbytes, itemsize, oid="?"):
 
     def refuse(detail):
         raise ObjectCorruptError(
-            f"object {oid}: its {len(payload)}-byte payload cannot hold the {nbytes} bytes its "
-            f"header claims ({detail})"
+            f"object {oid}: its {len(payload)}-byte payload cannot hold the {nbytes} bytes its header claims ({detail})"
         )
 
     frames = iter_frames(payload, oid)
@@ -178,9 +177,7 @@ def encode_sections(arrays):
     for array in arrays:
         array = np.ascontiguousarray(array)
         section = encode_planes(array.data if array.size else b"", array.dtype.itemsize)
-        description.append(
-            {"dtype": array.dtype.str, "count": int(array.size), "bytes": sum(len(p) for p in section)}
-        )
+        description.append({"dtype": array.dtype.str, "count": int(array.size), "bytes": sum(len(p) for p in section)})
         parts.extend(section)
     return parts, description
 

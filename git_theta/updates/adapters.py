@@ -30,7 +30,9 @@ from git_theta.tensors.dtypes import get_dtype
 from git_theta.errors import UpdateError, UsageError
 from git_theta.updates.low_rank import ulp_energy
 
-_PEFT = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.[^.]+)?(?:\.weight)?$")
+_PEFT = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.[^.]+)?(?:\.weight)?$"
+)
 _SIDE = re.compile(r"^(?P<param>.+)/(?P<part>R|C|data|indices|indptr|shape|ia3)$")
 #: relative energy of the change an adapter may leave unexplained (beyond rounding noise)
 TOLERANCE = 1e-4
@@ -102,7 +104,8 @@ class Adapter:
         :meth:`lookup` and :meth:`finish`)."""
         names = list(names)
         return sorted(
-            key for key in self.updates
+            key
+            for key in self.updates
             if any(n == key or n.endswith("." + key) or key.endswith("." + n) for n in names)
         )
 

@@ -27,6 +27,7 @@ from git_theta.errors import ObjectCorruptError
 class TooManyUncertain(ObjectCorruptError):
     """More elements than ``limit`` would be left to rationals (their terms cancel)."""
 
+
 #: float32: significand bits (with the implicit one), smallest normal exponent, largest exponent
 _F32 = (24, -126, 127)
 
@@ -102,8 +103,7 @@ class ExactProduct:
         uncertain = np.flatnonzero(self._differ)
         if self.limit is not None and self.ambiguous + len(uncertain) > self.limit:
             raise TooManyUncertain(
-                f"object {self.oid}: low-rank factors whose terms cancel almost everywhere "
-                "(not written by git-theta)"
+                f"object {self.oid}: low-rank factors whose terms cancel almost everywhere (not written by git-theta)"
             )
         for flat in uncertain:
             row, column = divmod(int(flat), shape[1])

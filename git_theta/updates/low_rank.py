@@ -322,7 +322,16 @@ class LowRankUpdate(UpdateType):
         predicted = as_bits(base, spec.dtype)
         # An object needing more rationals than the encoder allows is refused, not decoded slowly:
         # twice its budget, as another BLAS may straddle a few other rounding boundaries.
-        predict(base_values_of(base, spec.dtype, spec.shape), a.reshape(m, rank), b.reshape(rank, n),
-                spec.dtype, product, out=predicted, order=order, oid=oid, limit=2 * exact_budget(m * n))
+        predict(
+            base_values_of(base, spec.dtype, spec.shape),
+            a.reshape(m, rank),
+            b.reshape(rank, n),
+            spec.dtype,
+            product,
+            out=predicted,
+            order=order,
+            oid=oid,
+            limit=2 * exact_budget(m * n),
+        )
         decode_residual(header.get("residual"), residual, predicted, oid)
         return base

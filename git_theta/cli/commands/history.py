@@ -79,9 +79,16 @@ def sides(revs, cached):
 @click.option("--cached", "--staged", "cached", is_flag=True, help="Compare the index with HEAD (or REV).")
 @click.option("--stat", is_flag=True, help="Names and counts only (no tensor is loaded).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema in the README).")
-@click.option("--sort", type=click.Choice(["name", "change"]), default="name", show_default=True,
-              help="Order tensors and layers by name or by relative change (largest first).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the relative change per tensor to this PNG.")
+@click.option(
+    "--sort",
+    type=click.Choice(["name", "change"]),
+    default="name",
+    show_default=True,
+    help="Order tensors and layers by name or by relative change (largest first).",
+)
+@click.option(
+    "--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the relative change per tensor to this PNG."
+)
 @click.option("--by-file", is_flag=True, help="One entry per checkpoint file, not per model (sharded folders).")
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
 def diff(revs, cached, stat, as_json, sort, plot_path, by_file, color):
@@ -141,8 +148,14 @@ def diff_driver(args):
 
 @click.command("log", cls=_DashDashCommand)
 @click.argument("paths", nargs=-1)
-@click.option("--param", "-p", "params", multiple=True, metavar="NAME_OR_GLOB",
-              help="Only commits that changed these tensors (fnmatch globs, e.g. 'model.layers.3.*').")
+@click.option(
+    "--param",
+    "-p",
+    "params",
+    multiple=True,
+    metavar="NAME_OR_GLOB",
+    help="Only commits that changed these tensors (fnmatch globs, e.g. 'model.layers.3.*').",
+)
 @click.option("-n", "--max-count", "max_count", type=int, help="Show at most N commits.")
 @click.option("--rev", default="HEAD", show_default=True, help="Walk history from this revision.")
 @click.option("--stat", is_flag=True, help="Names only: do not load tensors to size the changes.")

@@ -8,14 +8,21 @@ from git_theta.cli import humanize
 
 
 @click.command()
-@click.option("--all", "everything", is_flag=True,
-              help="Check all refs with their history, reflogs, stash and every worktree (default: HEAD and the index).")
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Check all refs with their history, reflogs, stash and every worktree (default: HEAD and the index).",
+)
 @click.option("--repair", is_flag=True, help="Fetch missing or corrupt objects again from the remote.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--threads", type=int, default=None, help="Worker threads (default: theta.threads).")
-@click.option("--forget-trust", is_flag=True,
-              help="First forget every pair this clone trusts (docs/security.md), so every tensor is "
-              "sha256-verified again; the check re-trusts what it verifies.")
+@click.option(
+    "--forget-trust",
+    is_flag=True,
+    help="First forget every pair this clone trusts (docs/security.md), so every tensor is "
+    "sha256-verified again; the check re-trusts what it verifies.",
+)
 @click.pass_context
 def fsck(ctx, everything, repair, as_json, threads, forget_trust):
     """Verify that every referenced object is present, intact and decodes to its tensor."""
@@ -35,11 +42,21 @@ def fsck(ctx, everything, repair, as_json, threads, forget_trust):
         repaired = run_repair(repo, report)
         report = run_fsck(repo, scope, threads)
     if as_json:
-        click.echo(json.dumps({
-            "ok": report.ok, "scope": scope, "manifests": report.manifests, "objects": report.objects,
-            "tensors": report.tensors, "bytes_checked": report.bytes_checked, "repaired": repaired,
-            "problems": [p.as_dict() for p in report.problems],
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "scope": scope,
+                    "manifests": report.manifests,
+                    "objects": report.objects,
+                    "tensors": report.tensors,
+                    "bytes_checked": report.bytes_checked,
+                    "repaired": repaired,
+                    "problems": [p.as_dict() for p in report.problems],
+                },
+                indent=2,
+            )
+        )
     else:
         for problem in report.problems:
             click.echo(problem.line())
@@ -59,11 +76,15 @@ def fsck(ctx, everything, repair, as_json, threads, forget_trust):
 
 @click.command()
 @click.option("-n", "--dry-run", is_flag=True, help="Only report what would be deleted.")
-@click.option("--keep-unpushed/--include-unpushed", default=True,
-              help="Keep objects the remote is not known to have (default), or delete them too.")
+@click.option(
+    "--keep-unpushed/--include-unpushed",
+    default=True,
+    help="Keep objects the remote is not known to have (default), or delete them too.",
+)
 @click.option("--all", "delete_all", is_flag=True, help="Same as --include-unpushed.")
-@click.option("--expire", default=None,
-              help="Keep unreferenced objects younger than this (default: theta.pruneExpire, 1.hour).")
+@click.option(
+    "--expire", default=None, help="Keep unreferenced objects younger than this (default: theta.pruneExpire, 1.hour)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def prune(dry_run, keep_unpushed, delete_all, expire, as_json):
     """Delete objects that no ref, reflog, stash, index or work tree references."""
@@ -81,8 +102,11 @@ def prune(dry_run, keep_unpushed, delete_all, expire, as_json):
         return
     if result.kept_all:
         click.echo(f"kept all {result.kept_reachable} object(s): {result.kept_all}", err=True)
-        click.echo("hint: fix or remove that worktree (git worktree repair / git worktree remove), "
-                   "then run 'git theta prune' again", err=True)
+        click.echo(
+            "hint: fix or remove that worktree (git worktree repair / git worktree remove), "
+            "then run 'git theta prune' again",
+            err=True,
+        )
         return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {result.deleted} object(s), {humanize.size(result.bytes_freed)}")
@@ -93,8 +117,11 @@ def prune(dry_run, keep_unpushed, delete_all, expire, as_json):
         err=True,
     )
     if result.kept_unpushed and keep_unpushed:
-        click.echo("hint: unreachable objects the remote may not have are kept; "
-                   "'git theta prune --include-unpushed' deletes them too", err=True)
+        click.echo(
+            "hint: unreachable objects the remote may not have are kept; "
+            "'git theta prune --include-unpushed' deletes them too",
+            err=True,
+        )
 
 
 COMMANDS = [fsck, prune]

@@ -152,13 +152,26 @@ def _report_conflicts(conflicts):
 
 @click.command("merge")
 @click.argument("branches", nargs=-1)
-@click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yml",
-              help="Merge with a mergekit recipe whose models are revisions; BRANCHES may map NAME=REV.")
+@click.option(
+    "--config",
+    "recipe",
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="RECIPE.yml",
+    help="Merge with a mergekit recipe whose models are revisions; BRANCHES may map NAME=REV.",
+)
 @click.option("--operator", metavar="NAME|auto", help="Merge operator for tensors changed on several sides.")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable); per-model values as comma lists, ours first.")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Operator parameter (repeatable); per-model values as comma lists, ours first.",
+)
 @click.option("--base", metavar="REV", help="Merge base (default: the common merge base of HEAD and BRANCHES).")
 @click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs (model soup).")
-@click.option("--dry-run", is_flag=True, help="Show per tensor the rule or operator and the similarity signals; write nothing.")
+@click.option(
+    "--dry-run", is_flag=True, help="Show per tensor the rule or operator and the similarity signals; write nothing."
+)
 @click.option("-m", "--message", help="Commit message of the merge commit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run or --search: machine-readable output.")
 @search_options
@@ -202,11 +215,15 @@ def merge(branches, recipe, operator, params, base, every_tensor, dry_run, messa
         raise UsageError("--json goes with --dry-run", hint="git theta merge --dry-run --json BRANCH...")
     if recipe:
         if operator or params or base or every_tensor or search["search"]:
-            raise UsageError("--config takes the operator, parameters and base from the recipe",
-                             hint="drop --operator, --param, --base, --every-tensor and --search, or drop --config")
+            raise UsageError(
+                "--config takes the operator, parameters and base from the recipe",
+                hint="drop --operator, --param, --base, --every-tensor and --search, or drop --config",
+            )
         return _merge_recipe(recipe, branches, dry_run, message, as_json)
     if not branches:
-        raise UsageError("git theta merge needs a BRANCH (or --config RECIPE.yml)", hint="git theta merge --operator ties BRANCH")
+        raise UsageError(
+            "git theta merge needs a BRANCH (or --config RECIPE.yml)", hint="git theta merge --operator ties BRANCH"
+        )
     repo = Repo(".")
     if repo.work_tree is None:
         raise UsageError("git theta merge needs a work tree")
@@ -215,8 +232,10 @@ def merge(branches, recipe, operator, params, base, every_tensor, dry_run, messa
         porcelain.resolve_commit(repo, branch)  # a clear error before anything starts
     if search["search"]:
         if operator:
-            raise UsageError("--operator goes without --search (the search tries operators itself)",
-                             hint="list the recipes to try in --candidates FILE, one 'OPERATOR [KEY=VALUE ...]' a line")
+            raise UsageError(
+                "--operator goes without --search (the search tries operators itself)",
+                hint="list the recipes to try in --candidates FILE, one 'OPERATOR [KEY=VALUE ...]' a line",
+            )
         return _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_json, search)
     if operator == "auto" and not every_tensor and not porcelain.up_to_date(repo, branches):
         try:
@@ -227,8 +246,9 @@ def merge(branches, recipe, operator, params, base, every_tensor, dry_run, messa
             return
         if done is not False:
             _report_conflicts(done.conflicts)
-            raise MergeConflictError("merge not done: the conflicts above have no rule (nothing was changed)",
-                                     hint=conflict_hint())
+            raise MergeConflictError(
+                "merge not done: the conflicts above have no rule (nothing was changed)", hint=conflict_hint()
+            )
         repo = Repo(".")  # nothing for auto's predictor to go on: the per-tensor rule decides
     one_git_merge = len(branches) == 1 and not (base or every_tensor or dry_run)
     if one_git_merge and porcelain.needs_model_merge(repo, branches[0]):
@@ -307,8 +327,17 @@ def _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_
         raise UsageError("--param goes with --operator, not --search", hint="list parameters in --candidates FILE")
     try:
         outcome = search_merge(
-            repo, list(branches), search["eval_cmd"], merge_search.load_candidates(search["candidates_file"]),
-            search["jobs"], search["time_budget"], search["timeout"], base, every_tensor, dry_run, message,
+            repo,
+            list(branches),
+            search["eval_cmd"],
+            merge_search.load_candidates(search["candidates_file"]),
+            search["jobs"],
+            search["time_budget"],
+            search["timeout"],
+            base,
+            every_tensor,
+            dry_run,
+            message,
             merge_search.progress(),
         )
     finally:
@@ -319,14 +348,24 @@ def _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_
 
 @click.command("merge-files")
 @click.argument("files", nargs=-1, type=click.Path(exists=True))
-@click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yml",
-              help="Run a mergekit recipe (models are local files or folders); no FILES then.")
+@click.option(
+    "--config",
+    "recipe",
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="RECIPE.yml",
+    help="Run a mergekit recipe (models are local files or folders); no FILES then.",
+)
 @click.option("--operator", metavar="NAME", help="Merge operator (required without --config or --search).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Operator parameter (repeatable).")
 @click.option("--base", type=click.Path(exists=True), help="The common base checkpoint (a file or model folder).")
 @click.option("--every-tensor", is_flag=True, help="Apply the operator to every tensor with all inputs.")
-@click.option("-o", "--output", required=True, type=click.Path(),
-              help="Where to write the merged checkpoint: a file, or a model folder (shards + index json).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="Where to write the merged checkpoint: a file, or a model folder (shards + index json).",
+)
 @click.option("--dry-run", is_flag=True, help="With --search: the table only, OUTPUT is not written.")
 @click.option("--json", "as_json", is_flag=True, help="With --search: machine-readable output.")
 @search_options
@@ -341,8 +380,10 @@ def merge_files(files, recipe, operator, params, base, every_tensor, output, dry
     merge_search.check(search["search"], search["eval_cmd"])
     if recipe:
         if files or operator or params or base or every_tensor or search["search"]:
-            raise UsageError("--config takes the models, operator and parameters from the recipe",
-                             hint="drop FILES, --operator, --param, --base, --every-tensor and --search, or drop --config")
+            raise UsageError(
+                "--config takes the models, operator and parameters from the recipe",
+                hint="drop FILES, --operator, --param, --base, --every-tensor and --search, or drop --config",
+            )
         result = merge_recipe(recipe, output)
         operator = f"the recipe's {_recipe_method(result)}"
         _print_notes(getattr(result, "notes", ()))
@@ -353,16 +394,26 @@ def merge_files(files, recipe, operator, params, base, every_tensor, output, dry
         from git_theta.porcelain.merge_search import search_files
 
         outcome = search_files(
-            list(files), output, search["eval_cmd"], merge_search.load_candidates(search["candidates_file"]),
-            search["jobs"], search["time_budget"], search["timeout"], base, every_tensor, dry_run,
+            list(files),
+            output,
+            search["eval_cmd"],
+            merge_search.load_candidates(search["candidates_file"]),
+            search["jobs"],
+            search["time_budget"],
+            search["timeout"],
+            base,
+            every_tensor,
+            dry_run,
             merge_search.progress(),
         )
         merge_search.render(outcome, as_json, "nothing written (--dry-run)" if dry_run else f"wrote {output}")
         return
     if operator is None:
-        raise UsageError("merge-files needs --operator NAME (or --config RECIPE.yml, or --search --eval CMD)",
-                         hint="for example: git theta merge-files --operator ties --base base.safetensors "
-                         "a.safetensors b.safetensors -o out.safetensors")
+        raise UsageError(
+            "merge-files needs --operator NAME (or --config RECIPE.yml, or --search --eval CMD)",
+            hint="for example: git theta merge-files --operator ties --base base.safetensors "
+            "a.safetensors b.safetensors -o out.safetensors",
+        )
     if operator == "auto" and not every_tensor:
         from git_theta.porcelain.merge_search import auto_files
 
@@ -373,13 +424,17 @@ def merge_files(files, recipe, operator, params, base, every_tensor, output, dry
                 return
             from git_theta.merge.auto import picked
 
-            click.echo(f"auto chose {prediction.recipe}" + (f" for {', '.join(prediction.branches)}" if len(files) > 2 else ""))
+            click.echo(
+                f"auto chose {prediction.recipe}" + (f" for {', '.join(prediction.branches)}" if len(files) > 2 else "")
+            )
             with picked(prediction):
                 result = run(prediction.branches, output, "auto", parse_param_flags(params), base)
             return _files_done(result, output, "auto")
     if dry_run or as_json:
-        raise UsageError("--dry-run and --json go with --search or --operator auto here",
-                         hint="git theta merge-files --search --eval CMD ...")
+        raise UsageError(
+            "--dry-run and --json go with --search or --operator auto here",
+            hint="git theta merge-files --search --eval CMD ...",
+        )
     result = run(list(files), output, operator, parse_param_flags(params), base, every_tensor)
     _print_notes(getattr(result, "notes", ()))
     _files_done(result, output, operator)
@@ -392,8 +447,9 @@ def _files_done(result, output, operator):
             f"{output} not written: the tensors above cannot be merged with {operator}",
             hint="give --base (operators on task vectors need one) or pick an operator that takes no base (linear)",
         )
-    click.echo(f"wrote {output}: {result.count('operator')} tensors merged with {operator}, "
-               f"{result.count('take')} copied")
+    click.echo(
+        f"wrote {output}: {result.count('operator')} tensors merged with {operator}, {result.count('take')} copied"
+    )
 
 
 def _recipe_method(result):

@@ -8,11 +8,38 @@ import click
 #: options shared by ``merge`` and ``merge-files`` (applied as decorators, last first)
 SEARCH_OPTIONS = (
     click.option("--search", is_flag=True, help="Try candidate merges, score each with --eval, keep the best."),
-    click.option("--eval", "eval_cmd", metavar="CMD", help="With --search: shell command scoring {model} (last number printed, or JSON {\"score\": x})."),
-    click.option("--candidates", "candidates_file", type=click.Path(exists=True, dir_okay=False), help="With --search: 'OPERATOR [KEY=VALUE ...]' per line, or a JSON list (default: the built-in grid)."),
-    click.option("-j", "--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="With --search: candidates evaluated at once."),
-    click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="With --search: stop starting candidates after this long."),
-    click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="With --search: longest one evaluation may run."),
+    click.option(
+        "--eval",
+        "eval_cmd",
+        metavar="CMD",
+        help='With --search: shell command scoring {model} (last number printed, or JSON {"score": x}).',
+    ),
+    click.option(
+        "--candidates",
+        "candidates_file",
+        type=click.Path(exists=True, dir_okay=False),
+        help="With --search: 'OPERATOR [KEY=VALUE ...]' per line, or a JSON list (default: the built-in grid).",
+    ),
+    click.option(
+        "-j",
+        "--jobs",
+        type=click.IntRange(1, 64),
+        default=1,
+        show_default=True,
+        help="With --search: candidates evaluated at once.",
+    ),
+    click.option(
+        "--time-budget",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help="With --search: stop starting candidates after this long.",
+    ),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help="With --search: longest one evaluation may run.",
+    ),
 )
 
 
@@ -63,13 +90,16 @@ def render(outcome, as_json, what):
     for line in table(outcome.results, outcome.best):
         click.echo(line)
     if outcome.order:
-        click.echo(f"branches merged, in order: {', '.join(outcome.order)} "
-                   "(the subsets tried by greedy forward selection are rows of the table)")
+        click.echo(
+            f"branches merged, in order: {', '.join(outcome.order)} "
+            "(the subsets tried by greedy forward selection are rows of the table)"
+        )
     click.echo(f"best: {outcome.best.candidate.label} (score {outcome.best.score:.4g}); {what}")
 
 
 PROBE_OPTION = click.option(
-    "--probe", metavar="CMD",
+    "--probe",
+    metavar="CMD",
     help="With --operator auto: shell command printing activations of {model} on fixed probe inputs (adds functional signals).",
 )
 
@@ -113,13 +143,16 @@ def auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe):
             merged, _, _ = porcelain.plan_merge(repo, chosen, "auto", raw, base, dry_run=True)
             print_plan(merged.files, merged.conflicts, as_json, extra={"auto": prediction.to_json()})
             return True
-        text = (message or porcelain.default_message(chosen, prediction.operator, prediction.params, base))
-        commit, merged = porcelain.run_merge(repo, chosen, "auto", raw, base, False,
-                                             text.rstrip("\n") + "\n" + auto_line(prediction) + "\n")
+        text = message or porcelain.default_message(chosen, prediction.operator, prediction.params, base)
+        commit, merged = porcelain.run_merge(
+            repo, chosen, "auto", raw, base, False, text.rstrip("\n") + "\n" + auto_line(prediction) + "\n"
+        )
     if commit is None:
         return merged
     add_note(repo, commit, auto_note(prediction))
     click.echo(f"auto chose {prediction.recipe}" + (f" for {', '.join(chosen)}" if len(branches) > 1 else ""))
     operated = sum(f.count("operator") for f in merged.files)
-    click.echo(f"Merge made by git theta merge ({len(chosen) + 1} parents, {operated} tensors by operators): {commit[:12]}")
+    click.echo(
+        f"Merge made by git theta merge ({len(chosen) + 1} parents, {operated} tensors by operators): {commit[:12]}"
+    )
     return True

@@ -192,7 +192,10 @@ def pre_push(remote, url):
         if set(local_sha) == {"0"}:
             continue  # a deletion sends nothing
         include.append(local_sha)
-        if remote_sha != zero and repo.git("rev-parse", "-q", "--verify", remote_sha + "^{commit}", check=False).strip():
+        if (
+            remote_sha != zero
+            and repo.git("rev-parse", "-q", "--verify", remote_sha + "^{commit}", check=False).strip()
+        ):
             exclude.append(remote_sha)  # the remote's old tip, when we have it: its objects are there
     if not include:
         return
@@ -248,7 +251,9 @@ def status(remote, ask, as_json):
                 "not_pushed_bytes": sum(r.size for r in objects if r.oid not in pushed) if endpoint else None,
             }
         )
-    where = {"remote": endpoint.remote, "endpoint": endpoint.describe(), "source": endpoint.source} if endpoint else None
+    where = (
+        {"remote": endpoint.remote, "endpoint": endpoint.describe(), "source": endpoint.source} if endpoint else None
+    )
     late = [r for r in history if r.oid not in pushed]
     unpushed = {"objects": len(history), "not_pushed": len(late), "not_pushed_bytes": sum(r.size for r in late)}
     if as_json:
@@ -265,7 +270,11 @@ def status(remote, ask, as_json):
     else:
         click.echo("no remote configured")
     for row in rows:
-        pushed_text = "" if row["not_pushed"] is None else f", {row['not_pushed']} not pushed ({humanize.size(row['not_pushed_bytes'])})"
+        pushed_text = (
+            ""
+            if row["not_pushed"] is None
+            else f", {row['not_pushed']} not pushed ({humanize.size(row['not_pushed_bytes'])})"
+        )
         click.echo(
             f"{row['path']}: {row['objects']} objects, {row['local']} local, "
             f"{row['missing']} missing ({humanize.size(row['missing_bytes'])}){pushed_text}"

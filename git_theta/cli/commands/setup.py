@@ -17,11 +17,18 @@ def _scope(local):
 
 @click.command()
 @click.option("--local", is_flag=True, help="Configure only the current repository.")
-@click.option("--diff", "diff_driver", is_flag=True,
-              help="Also make 'git diff' print the git-theta summary for checkpoints (diff.theta.command).")
-@click.option("--portable", is_flag=True,
-              help="Record the bare 'git-theta' command (found on PATH when git runs it) instead of this "
-              "installation's absolute path: for a global config shared between machines.")
+@click.option(
+    "--diff",
+    "diff_driver",
+    is_flag=True,
+    help="Also make 'git diff' print the git-theta summary for checkpoints (diff.theta.command).",
+)
+@click.option(
+    "--portable",
+    is_flag=True,
+    help="Record the bare 'git-theta' command (found on PATH when git runs it) instead of this "
+    "installation's absolute path: for a global config shared between machines.",
+)
 def install(local, diff_driver, portable):
     """Register the git-theta filter (and drivers) in git config.
 

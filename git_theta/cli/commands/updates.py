@@ -18,7 +18,9 @@ from git_theta.errors import GitThetaError, UsageError
 
 @click.command("add", context_settings={"ignore_unknown_options": False})
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--update-type", metavar="NAME", help="Store changed tensors with this update type (see 'git theta plugins').")
+@click.option(
+    "--update-type", metavar="NAME", help="Store changed tensors with this update type (see 'git theta plugins')."
+)
 @click.option(
     "--update-path",
     "--update-data",
@@ -29,7 +31,9 @@ from git_theta.errors import GitThetaError, UsageError
     "a PEFT adapter folder works too), or <param>/R|C, <param>/data|indices|indptr|shape, <param>/ia3. "
     "With a sharded model each target is applied to whichever shard holds it.",
 )
-@click.option("--base", metavar="REV:PATH", help="The version to store the change against (default: HEAD's, else the index's).")
+@click.option(
+    "--base", metavar="REV:PATH", help="The version to store the change against (default: HEAD's, else the index's)."
+)
 def add(paths, update_type, update_path, base):
     """Stage checkpoints like 'git add', choosing how their changes are stored.
 
@@ -70,7 +74,9 @@ def add(paths, update_type, update_path, base):
             request[p]["targets"] = targets.get(p, [])
     env = dict(os.environ, GIT_THETA_ADD_REQUEST=json.dumps(request, sort_keys=True))
     in_index = {
-        line for line in repo.git("ls-files", "-z", "--", *relative).decode("utf-8", "surrogateescape").split("\0") if line
+        line
+        for line in repo.git("ls-files", "-z", "--", *relative).decode("utf-8", "surrogateescape").split("\0")
+        if line
     }
     gone = {p for p in in_index if not os.path.lexists(os.path.join(repo.work_tree, p))}  # a re-shard's old files
     # --renormalize makes git run clean even when the file looks unchanged to the index.
@@ -98,8 +104,10 @@ def _expand_folders(repo, relative):
         inside = sorted({p for p in out.decode("utf-8", "surrogateescape").split("\0") if p})
         found = sorted(theta_paths(repo, inside))
         if not found:
-            raise UsageError(f"{path or '.'}: no checkpoint tracked by git-theta in this folder",
-                             hint="track the files first: git theta track 'PATTERN'")
+            raise UsageError(
+                f"{path or '.'}: no checkpoint tracked by git-theta in this folder",
+                hint="track the files first: git theta track 'PATTERN'",
+            )
         result.extend(found)
     return list(dict.fromkeys(result))
 
@@ -111,8 +119,10 @@ def _adapter_file(path):
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
-    raise UsageError(f"{path}: a folder without adapter_model.safetensors (or .bin)",
-                     hint="name the adapter file itself with --update-path")
+    raise UsageError(
+        f"{path}: a folder without adapter_model.safetensors (or .bin)",
+        hint="name the adapter file itself with --update-path",
+    )
 
 
 def _targets_by_file(repo, adapter, relative):

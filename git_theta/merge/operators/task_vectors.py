@@ -21,9 +21,7 @@ from git_theta.merge.operators.basic import WEIGHT
 _DENSITY = Param(1.0, "float", per_model=True, low=0.0, high=1.0, doc="fraction of entries kept")
 _LAMBDA = Param(1.0, "float", doc="scale of the merged task vector")
 _INT8 = Param(False, "bool", doc="accepted for mergekit recipes; memory-only there, no effect here")
-_CONSENSUS = Param(
-    "sum", "str", choices=("sum", "count"), doc="sign election: by summed mass or by count"
-)
+_CONSENSUS = Param("sum", "str", choices=("sum", "count"), doc="sign election: by summed mass or by count")
 
 
 def _normalize(default):
@@ -305,9 +303,7 @@ def _gta_params(sparsifier, consensus, normalize, rescale):
         params["density"] = _DENSITY
         params["rescale"] = _rescale(rescale)
     if sparsifier == "outliers":
-        params["gamma"] = Param(
-            0.01, "float", per_model=True, low=0.0, high=1.0, doc="fraction of largest |δ| removed"
-        )
+        params["gamma"] = Param(0.01, "float", per_model=True, low=0.0, high=1.0, doc="fraction of largest |δ| removed")
     if sparsifier == "della":
         params["epsilon"] = Param(
             0.15, "float", per_model=True, low=0.0, high=0.5, doc="half-width of the keep-probability band"
@@ -405,9 +401,7 @@ class DellaLinear(_DellaBand, TaskVectorMerge):
 class Sce(MergeOperator):
     name = "sce"
     params = {
-        "select_topk": Param(
-            1.0, "float", low=0.0, high=1.0, doc="fraction of highest-variance entries kept"
-        ),
+        "select_topk": Param(1.0, "float", low=0.0, high=1.0, doc="fraction of highest-variance entries kept"),
         "int8_mask": _INT8,
     }
     summary = "out = θ0 + Σ ωi agree_i τi / Σ ωi agree_i, ωi ∝ mean(τi²), τ = var-top-k(δ)"

@@ -53,11 +53,15 @@ class FisherMerge(MergeOperator):
         for index, (model, fisher, weight) in enumerate(zip(models, fishers, params["weight"])):
             which = "ours" if index == 0 else f"model {index + 1}"
             if fisher is None:
-                raise OperatorError(f"no Fisher information for {which}: {FISHER_FILE} on that side has no "
-                                    "tensor of this name", hint=_HINT)
+                raise OperatorError(
+                    f"no Fisher information for {which}: {FISHER_FILE} on that side has no tensor of this name",
+                    hint=_HINT,
+                )
             if fisher.shape != model.shape:
-                raise OperatorError(f"the Fisher tensor for {which} has shape {list(fisher.shape)}, the "
-                                    f"parameter {list(model.shape)}", hint=_HINT)
+                raise OperatorError(
+                    f"the Fisher tensor for {which} has shape {list(fisher.shape)}, the parameter {list(model.shape)}",
+                    hint=_HINT,
+                )
             if not np.all(fisher >= 0):  # also catches NaN
                 raise OperatorError(f"the Fisher tensor for {which} has negative or NaN values", hint=_HINT)
             scale = weight * (fisher.astype(np.float64) + epsilon)

@@ -93,16 +93,23 @@ def test_git_weights_each_side_by_its_fisher_file(repo, command):
     assert repo.status() == ""
     merged = load_file(str(repo.file("model.safetensors")))
     # Changed on both sides: Fisher-weighted with each branch's own fisher.safetensors.
-    expected = reference([ours["layer.weight"], theirs["layer.weight"]],
-                         [fisher_ours["layer.weight"], fisher_theirs["layer.weight"]], [1.0, 1.0], 1e-6)
+    expected = reference(
+        [ours["layer.weight"], theirs["layer.weight"]],
+        [fisher_ours["layer.weight"], fisher_theirs["layer.weight"]],
+        [1.0, 1.0],
+        1e-6,
+    )
     np.testing.assert_allclose(merged["layer.weight"], expected, rtol=1e-6)
     assert not np.allclose(merged["layer.weight"], (ours["layer.weight"] + theirs["layer.weight"]) / 2)
     # Changed on one side only: taken as is.
     assert np.array_equal(merged["head.weight"], ours["head.weight"])
     assert np.array_equal(merged["layer.bias"], theirs["layer.bias"])
     # The Fisher files themselves were averaged by the linear operator.
-    np.testing.assert_allclose(load_file(str(repo.file(FISHER_FILE)))["layer.weight"],
-                               (fisher_ours["layer.weight"] + fisher_theirs["layer.weight"]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        load_file(str(repo.file(FISHER_FILE)))["layer.weight"],
+        (fisher_ours["layer.weight"] + fisher_theirs["layer.weight"]) / 2,
+        rtol=1e-6,
+    )
 
 
 def test_octopus_merge_by_the_porcelain_reads_every_branch(repo):
@@ -119,7 +126,10 @@ def test_octopus_merge_by_the_porcelain_reads_every_branch(repo):
     assert len(repo.git("log", "-1", "--format=%P").stdout.split()) == 3
     assert repo.status() == ""
     merged = load_file(str(repo.file("model.safetensors")))
-    expected = reference([ours["layer.weight"], theirs["layer.weight"], third["layer.weight"]],
-                         [fisher_ours["layer.weight"], fisher_theirs["layer.weight"], fisher_third["layer.weight"]],
-                         [1.0, 1.0, 1.0], 1e-6)
+    expected = reference(
+        [ours["layer.weight"], theirs["layer.weight"], third["layer.weight"]],
+        [fisher_ours["layer.weight"], fisher_theirs["layer.weight"], fisher_third["layer.weight"]],
+        [1.0, 1.0, 1.0],
+        1e-6,
+    )
     np.testing.assert_allclose(merged["layer.weight"], expected, rtol=1e-6)

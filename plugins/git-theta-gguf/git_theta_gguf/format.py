@@ -42,8 +42,17 @@ _FIELD_KEY = re.compile(r"[a-z][a-z0-9_.-]*\Z")
 _PLAIN = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
 # struct codes of the fixed-size GGUF metadata value types (by GGUFValueType name).
 _SCALARS = {
-    "UINT8": "B", "INT8": "b", "UINT16": "H", "INT16": "h", "UINT32": "I", "INT32": "i",
-    "FLOAT32": "f", "BOOL": "?", "UINT64": "Q", "INT64": "q", "FLOAT64": "d",
+    "UINT8": "B",
+    "INT8": "b",
+    "UINT16": "H",
+    "INT16": "h",
+    "UINT32": "I",
+    "INT32": "i",
+    "FLOAT32": "f",
+    "BOOL": "?",
+    "UINT64": "Q",
+    "INT64": "q",
+    "FLOAT64": "d",
 }
 
 
@@ -99,7 +108,9 @@ def tensor_layout(type_name, dims):
         return type_name, shape
     block, block_bytes = _gguf().GGML_QUANT_SIZES[_gguf().GGMLQuantizationType[type_name]]
     if not shape or shape[-1] % block:
-        raise CheckpointError(f"row length {shape[-1] if shape else 0} is not a multiple of the {type_name} block ({block})")
+        raise CheckpointError(
+            f"row length {shape[-1] if shape else 0} is not a multiple of the {type_name} block ({block})"
+        )
     return "U8", shape[:-1] + (shape[-1] // block * block_bytes,)
 
 
@@ -126,7 +137,9 @@ class _Reader(CheckpointReader):
         if version not in (2, 3):
             raise CheckpointError(
                 f"{path}: unsupported GGUF version {version}",
-                hint="big-endian GGUF files are not supported" if version > 0xFFFF else "convert it with a current llama.cpp",
+                hint="big-endian GGUF files are not supported"
+                if version > 0xFFFF
+                else "convert it with a current llama.cpp",
             )
         tensor_count, kv_count = cursor.unpack("QQ", "the header")
         # The metadata is kept verbatim: re-serialising parsed values could change its bytes.
@@ -238,8 +251,13 @@ class GgufFormat(CheckpointFormat):
         for name, type_name, _ in rows:
             encoded = name.encode("utf-8")
             header += struct.pack("<Q", len(encoded)) + encoded
-            header += struct.pack(f"<I{len(dims[name])}QIQ", len(dims[name]), *dims[name],
-                                  int(gguf.GGMLQuantizationType[type_name]), offsets[name])
+            header += struct.pack(
+                f"<I{len(dims[name])}QIQ",
+                len(dims[name]),
+                *dims[name],
+                int(gguf.GGMLQuantizationType[type_name]),
+                offsets[name],
+            )
         header += bytes(_align(len(header), alignment) - len(header))
         out.write(header)
         end = 0

@@ -56,7 +56,10 @@ def test_round_trip_through_git(gguf_repo):
     old = Manifest.parse(repo.show("HEAD:model.gguf"))
     assert old.format == "gguf"
     assert set(old.tensors) == {
-        "token_embd.weight", "blk.0.attn_norm.weight", "blk.0.ffn_up.weight", "blk.0.attn_q.weight",
+        "token_embd.weight",
+        "blk.0.attn_norm.weight",
+        "blk.0.ffn_up.weight",
+        "blk.0.attn_q.weight",
     }
     q = old.tensors["blk.0.attn_q.weight"]
     assert (q.dtype, q.shape) == ("U8", (16, 68))  # 64 values = 2 Q8_0 blocks of 34 bytes per row
@@ -121,7 +124,9 @@ def test_a_tensor_that_changed_size_gets_the_canonical_layout(tmp_path):
     reader = fmt.split(io.BytesIO(data), "m.gguf")
     tensors = {t.name: t for t in reader.tensors()}
     bigger = np.arange(6 * 64, dtype=np.float32).reshape(6, 64)
-    tensors["token_embd.weight"] = type(tensors["token_embd.weight"])("token_embd.weight", "F32", (6, 64), bigger.tobytes())
+    tensors["token_embd.weight"] = type(tensors["token_embd.weight"])(
+        "token_embd.weight", "F32", (6, 64), bigger.tobytes()
+    )
 
     out = tmp_path / "out.gguf"
     with open(out, "wb") as f:
@@ -155,9 +160,15 @@ def test_git_merge_of_two_fine_tunes(gguf_repo):
     repo.git("merge", "-q", "--no-edit", "theirs")
     assert repo.status() == ""
     merged = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
-    np.testing.assert_allclose(merged["token_embd.weight"], (ours["token_embd.weight"] + theirs["token_embd.weight"]) / 2, rtol=1e-6)
-    np.testing.assert_allclose(merged["blk.0.ffn_up.weight"].astype(np.float32),
-                               (ours["blk.0.ffn_up.weight"].astype(np.float32) + theirs["blk.0.ffn_up.weight"]) / 2, rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        merged["token_embd.weight"], (ours["token_embd.weight"] + theirs["token_embd.weight"]) / 2, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        merged["blk.0.ffn_up.weight"].astype(np.float32),
+        (ours["blk.0.ffn_up.weight"].astype(np.float32) + theirs["blk.0.ffn_up.weight"]) / 2,
+        rtol=2e-3,
+        atol=1e-3,
+    )
     assert merged["blk.0.attn_q.weight"].tobytes() == ours["blk.0.attn_q.weight"].tobytes()
     assert Manifest.parse(repo.show("HEAD:model.gguf")).format == "gguf"
     written = path.read_bytes()

@@ -31,10 +31,23 @@ _TENSOR_RAW_DATA = 9
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 # ONNX TensorProto.DataType names -> git-theta dtype names.
 _DTYPES = {
-    "FLOAT": "F32", "DOUBLE": "F64", "FLOAT16": "F16", "BFLOAT16": "BF16",
-    "FLOAT8E4M3FN": "F8_E4M3", "FLOAT8E5M2": "F8_E5M2", "FLOAT8E8M0": "F8_E8M0", "COMPLEX64": "C64",
-    "INT8": "I8", "INT16": "I16", "INT32": "I32", "INT64": "I64",
-    "UINT8": "U8", "UINT16": "U16", "UINT32": "U32", "UINT64": "U64", "BOOL": "BOOL",
+    "FLOAT": "F32",
+    "DOUBLE": "F64",
+    "FLOAT16": "F16",
+    "BFLOAT16": "BF16",
+    "FLOAT8E4M3FN": "F8_E4M3",
+    "FLOAT8E5M2": "F8_E5M2",
+    "FLOAT8E8M0": "F8_E8M0",
+    "COMPLEX64": "C64",
+    "INT8": "I8",
+    "INT16": "I16",
+    "INT32": "I32",
+    "INT64": "I64",
+    "UINT8": "U8",
+    "UINT16": "U16",
+    "UINT32": "U32",
+    "UINT64": "U64",
+    "BOOL": "BOOL",
 }
 
 
@@ -182,8 +195,11 @@ class _Reader(CheckpointReader):
             proto.ParseFromString(rest)
         except Exception:  # noqa: BLE001 - protobuf's DecodeError; a broken initializer is the model's problem
             raise CheckpointError(f"{self.path}: an initializer is not a valid TensorProto (corrupt file)") from None
-        dtype = _DTYPES.get(onnx.TensorProto.DataType.Name(proto.data_type) if proto.data_type in
-                            onnx.TensorProto.DataType.values() else "")
+        dtype = _DTYPES.get(
+            onnx.TensorProto.DataType.Name(proto.data_type)
+            if proto.data_type in onnx.TensorProto.DataType.values()
+            else ""
+        )
         shape = tuple(proto.dims)
         if (
             dtype is None

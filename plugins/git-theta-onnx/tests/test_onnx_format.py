@@ -32,7 +32,8 @@ def make_model(seed=0, hidden=8, bias_scale=1.0, producer="test"):
         helper.make_node("Mul", ["y32", "scale"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
         inits,
@@ -82,7 +83,9 @@ def test_round_trip_through_git(repo):
     model = onnx.load(str(repo.file("model.onnx")))
     onnx.checker.check_model(model)
     bias = next(i for i in model.graph.initializer if i.name == "fc1.bias")
-    assert np.array_equal(numpy_helper.to_array(bias), numpy_helper.to_array(onnx.load_from_string(second).graph.initializer[1]))
+    assert np.array_equal(
+        numpy_helper.to_array(bias), numpy_helper.to_array(onnx.load_from_string(second).graph.initializer[1])
+    )
 
 
 @settings(max_examples=15, deadline=None)
@@ -98,13 +101,16 @@ def test_unpacked_dims_and_unknown_fields_survive():
     # Hand-made wire format a protobuf serialiser would not produce: dims not packed, and an
     # unknown field (number 99) in the initializer. Splicing keeps both.
     raw = np.arange(6, dtype=np.float32).tobytes()
-    tensor = b"".join([
-        b"\x08\x02", b"\x08\x03",  # dims 2, 3 (unpacked varints)
-        b"\x10\x01",  # data_type FLOAT
-        b"\x42\x01w",  # name "w"
-        b"\x4a" + encode_varint(len(raw)) + raw,  # raw_data
-        b"\x98\x06\x07",  # field 99, varint 7
-    ])
+    tensor = b"".join(
+        [
+            b"\x08\x02",
+            b"\x08\x03",  # dims 2, 3 (unpacked varints)
+            b"\x10\x01",  # data_type FLOAT
+            b"\x42\x01w",  # name "w"
+            b"\x4a" + encode_varint(len(raw)) + raw,  # raw_data
+            b"\x98\x06\x07",  # field 99, varint 7
+        ]
+    )
     graph = b"\x2a" + encode_varint(len(tensor)) + tensor
     data = b"\x08\x08" + b"\x3a" + encode_varint(len(graph)) + graph
     reader, tensors, rebuilt = split_join(data)
@@ -135,7 +141,9 @@ def test_varint_round_trip():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_torch_export_round_trips():
     torch = pytest.importorskip("torch")  # torch is an optional git-theta dependency
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)
+    )
     buffer = io.BytesIO()
     torch.onnx.export(model, (torch.randn(1, 16),), buffer, dynamo=False)
     data = buffer.getvalue()
