@@ -110,7 +110,7 @@ def main():
 
         os.environ.update({k: env[k] for k in ("HOME", "GIT_CONFIG_NOSYSTEM")})
         import git_theta
-        from git_theta.tensors.chain import decode_tensor
+        from git_theta.updates.chain import decode_tensor
         from git_theta.manifest import Manifest
         from git_theta.git.repo import Repo
 

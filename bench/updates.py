@@ -49,7 +49,7 @@ from core import du, gpt2_shapes, isolated_env, make_state, save  # noqa: E402
 
 from git_theta.tensors.bits import from_float  # noqa: E402
 from git_theta.updates.choose import choose  # noqa: E402
-from git_theta.tensors.chain import decode_tensor, encode_tensor, store_encoded, tensor_digest  # noqa: E402
+from git_theta.updates.chain import decode_tensor, encode_tensor, store_encoded, tensor_digest  # noqa: E402
 from git_theta.store.objects import ObjectStore  # noqa: E402
 from git_theta.updates.base import TensorData  # noqa: E402
 

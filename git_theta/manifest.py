@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from git_theta.errors import ManifestError
 
 MAGIC = "git-theta manifest"
+#: the largest manifest read: a bigger blob at a tracked path is a raw checkpoint, not a manifest
+MAX_MANIFEST = 256 << 20
 VERSION = 1
 FIRST_LINE = f"{MAGIC} v{VERSION}"
 PACKED_LINE = f"{MAGIC} v2"  # a manifest with pack lines
@@ -224,7 +226,7 @@ class Manifest:
 
     def logical_size(self):
         """Sum of the raw sizes of all tensors, in bytes."""
-        from git_theta.tensors.dtypes import nbytes
+        from git_theta.dtypes import nbytes
 
         return sum(nbytes(e.dtype, e.shape) for e in self.tensors.values())
 

@@ -24,7 +24,7 @@ Importing this module is cheap (no numpy, no torch): a format plugin loads in th
 
 from __future__ import annotations
 
-from git_theta.tensors.dtypes import DType, element_count, get_dtype, nbytes
+from git_theta.dtypes import DType, element_count, get_dtype, nbytes
 from git_theta.errors import (
     CheckpointError,
     GitThetaError,

@@ -11,7 +11,7 @@ import pytest
 
 from git_theta.tensors import buffers, compression, planes
 from git_theta import registry as plugins
-from git_theta.tensors.chain import DecodedCache, decode_tensor, encode_tensor, tensor_digest
+from git_theta.updates.chain import DecodedCache, decode_tensor, encode_tensor, tensor_digest
 from git_theta.errors import ObjectCorruptError
 from git_theta.store.objects import ObjectStore
 from git_theta.updates.base import TensorData

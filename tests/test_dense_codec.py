@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from git_theta.tensors.chain import decode_tensor, encode_tensor, tensor_digest
-from git_theta.tensors.dtypes import DTYPES, nbytes
+from git_theta.updates.chain import decode_tensor, encode_tensor, tensor_digest
+from git_theta.dtypes import DTYPES, nbytes
 from git_theta.errors import ObjectCorruptError, ObjectMissingError
 from git_theta.store.objects import ObjectStore
 from git_theta.updates.base import TensorData
@@ -61,7 +61,7 @@ def test_corrupt_and_missing_objects_name_the_tensor(tmp_path):
 
 def _store_with_header(store, tensor, **header_changes):
     """Store ``tensor`` dense, with chosen header fields changed (None removes a field)."""
-    from git_theta.tensors.chain import encode_update, tensor_checksum
+    from git_theta.updates.chain import encode_update, tensor_checksum
     from git_theta.manifest import TensorEntry
     from git_theta.store.container import header_bytes
 
@@ -83,7 +83,7 @@ def test_reads_check_the_recorded_checksum_and_digest(tmp_path, monkeypatch):
     full read hashes with sha256, objects recording the digest beside a checksum of the bytes alone
     (written before) are checked both ways, and objects without either are checked with sha256."""
     from git_theta.store.cache import Cache
-    from git_theta.tensors.chain import tensor_checksum
+    from git_theta.updates.chain import tensor_checksum
     from git_theta.store.container import unpack
     from git_theta.store.trust import TrustLedger
 
@@ -111,7 +111,7 @@ def test_reads_check_the_recorded_checksum_and_digest(tmp_path, monkeypatch):
     # A damaged checksum field over intact bytes: the sha256 retry proves the bytes right.
     wrong = _store_with_header(store, tensor, check=tensor_checksum(b"something else", tensor.digest))
     assert bytes(decode_tensor(store, wrong)) == raw
-    import git_theta.tensors.chain as codec
+    import git_theta.updates.chain as codec
 
     calls = []
     monkeypatch.setattr(codec, "tensor_checksum", lambda *args: calls.append(1) or tensor_checksum(*args))

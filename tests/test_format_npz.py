@@ -158,7 +158,7 @@ class _Attributes:
 
 
 def test_detection_content_first_then_the_attribute():
-    from git_theta.filter.clean import detect_format
+    from git_theta.formats.detect import detect_format
 
     torch = pytest.importorskip("torch")
     buf = io.BytesIO()

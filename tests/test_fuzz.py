@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from git_theta.tensors import chain as codec
+from git_theta.updates import chain as codec
 from git_theta import registry as plugins
 from git_theta.errors import GitThetaError
 from git_theta.formats.base import CheckpointFormat

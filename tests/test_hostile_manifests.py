@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import random_state_dict, save_safetensors
-from git_theta.tensors import chain as codec
+from git_theta.updates import chain as codec
 from git_theta.store import container as object_codec
 from git_theta.errors import GitThetaError, ManifestError, ObjectCorruptError
 from git_theta.manifest import FIRST_LINE, Manifest

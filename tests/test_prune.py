@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import random_state_dict, save_safetensors
-from git_theta.tensors import chain as codec
+from git_theta.updates import chain as codec
 from git_theta.errors import ConfigError
 from git_theta.manifest import Manifest
 from git_theta.store.objects import ObjectStore

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from git_theta.tensors import chain as codec
+from git_theta.updates import chain as codec
 from git_theta.store import container as object_codec
 from git_theta.tensors.bits import from_float
 from git_theta.manifest import Manifest, ObjectRef, TensorEntry

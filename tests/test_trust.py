@@ -3,7 +3,7 @@
 The spoofed and poisoned objects are built the way an outsider would, from the documented
 formats only (``git_theta/store/container.py``: ``GTO1``, u32 header length, canonical JSON header,
 payload; ``git_theta/tensors/planes.py`` and ``updates/dense.py``: one frame per byte plane, a frame being
-a method byte and a u64 length; ``git_theta/tensors/chain.py``: the header's ``check`` is ``xxh3-128d:``
+a method byte and a u64 length; ``git_theta/updates/chain.py``: the header's ``check`` is ``xxh3-128d:``
 over the tensor digest's 32 bytes and the tensor bytes; ``git_theta/store/objects.py``: an object
 lives at ``theta/objects/ab/cd/<sha256>``), and are placed in the store as a fetch would leave them:
 valid, correctly content-addressed objects. Everything else is real git.

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from git_theta import registry as plugins
 from git_theta.tensors.bits import as_bits, from_float
-from git_theta.tensors.chain import tensor_digest
-from git_theta.tensors.dtypes import DTYPES, element_count, get_dtype
+from git_theta.updates.chain import tensor_digest
+from git_theta.dtypes import DTYPES, element_count, get_dtype
 from git_theta.errors import ObjectCorruptError
 from git_theta.store.container import header_bytes, unpack
 from git_theta.updates.base import TensorData
@@ -415,7 +415,7 @@ def test_automatic_choice(rows, change, expected):
 def test_decoded_cache_shares_bases_and_stays_bounded(tmp_path):
     """A verified immediate base is cached by its chain's object ids and reused; the cache evicts
     to its bound."""
-    from git_theta.tensors.chain import DecodedCache, decode_tensor, encode_tensor
+    from git_theta.updates.chain import DecodedCache, decode_tensor, encode_tensor
     from git_theta.store.objects import ObjectStore
 
     store = ObjectStore(tmp_path / "objects", fsync=False)

@@ -13,7 +13,7 @@ loading"); text, plots and the Python API all read that dict.
 import re
 from collections import deque
 
-from git_theta.tensors.dtypes import element_count, nbytes
+from git_theta.dtypes import element_count, nbytes
 from git_theta.config import settings_for
 
 SCHEMA = 2  # 2: entries are models (kind, layout, shards_old/new); 'by' says model or file
@@ -298,7 +298,7 @@ class Differ:
         return result
 
     def _measure(self, path, old, new):
-        from git_theta.tensors.chain import decode_tensor
+        from git_theta.updates.chain import decode_tensor
         from git_theta.diff.stats import accumulate
 
         store = self.repo.store
@@ -316,7 +316,7 @@ class Differ:
         the new tensor is never rebuilt to check its digest."""
         from git_theta.store import container as object_codec
         from git_theta.tensors.bits import as_bits
-        from git_theta.tensors.chain import decode_tensor
+        from git_theta.updates.chain import decode_tensor
         from git_theta.errors import ObjectCorruptError
         from git_theta.diff.stats import sparse_accumulate
         from git_theta.updates.sparse import decode_sparse

@@ -12,7 +12,7 @@ and counts are printed with a warning and git carries on with the next file.
 import os
 
 from git_theta.errors import GitThetaError, UsageError
-from git_theta.git.inventory import TrackedFile
+from git_theta.git.scan import TrackedFile
 
 NULL_HEX = "0" * 40
 

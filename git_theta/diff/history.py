@@ -61,7 +61,7 @@ def history(repo, paths=None, params=None, max_count=None, rev="HEAD", stat=Fals
     """The log dict: ``{"schema", "rev", "paths", "params", "commits": [...]}``, newest first."""
     from git_theta.diff.compare import Differ
     from git_theta.git.footprint import added_by
-    from git_theta.git.inventory import tracked_files
+    from git_theta.git.scan import tracked_files
     from git_theta.git.snapshots import resolve_commit
 
     from git_theta.git.snapshots import has_head
@@ -128,7 +128,7 @@ def _units(repo, start, files):
     (folder, stem)), else the file itself (model None); the paths for git log; a reader
     ``at(commit, name, model)`` of the unit's Manifest (None when absent)."""
     from git_theta.git.models import ParentModels, group, sidecars_at, stem
-    from git_theta.git.inventory import version_paths
+    from git_theta.git.scan import version_paths
 
     paths = version_paths(repo, start)
     models = group([f for f in files if f in paths], sidecars_at(repo, start, sorted(paths)), exists=paths.__contains__)

@@ -1,6 +1,6 @@
 """How much one tensor changed: the numbers ``git theta diff`` and ``git theta log`` report.
 
-Both tensors are raw little-endian bytes (what :func:`git_theta.tensors.chain.decode_tensor` returns). Values
+Both tensors are raw little-endian bytes (what :func:`git_theta.updates.chain.decode_tensor` returns). Values
 are widened to float64 (bf16 and float8 by :func:`git_theta.tensors.bits.to_float`; integers and bools as
 values; complex64 as complex128) a chunk at a time, so the extra memory is a few MiB whatever the
 tensor size. Elements where either side is NaN or infinite are left out of the norms and counted in
@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from git_theta.tensors.bits import as_bits, to_float
-from git_theta.tensors.dtypes import element_count, get_dtype
+from git_theta.dtypes import element_count, get_dtype
 
 CHUNK_ELEMENTS = 1 << 16  # 512 KiB of float64 per side: the passes over a chunk stay in cache
 

@@ -21,8 +21,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from git_theta import registry as plugins
-from git_theta.git.allowlist import theta_attribute
-from git_theta.tensors.chain import (
+from git_theta.formats.detect import SNIFF_BYTES, detect_format
+from git_theta.updates.chain import (
     chain_headers,
     decode_tensor,
     encode_tensor,
@@ -32,7 +32,7 @@ from git_theta.tensors.chain import (
     store_encoded,
     tensor_digest,
 )
-from git_theta.tensors.dtypes import nbytes
+from git_theta.dtypes import nbytes
 from git_theta.errors import (
     CheckpointError,
     ConfigError,
@@ -42,34 +42,14 @@ from git_theta.errors import (
     PluginError,
     UpdateError,
 )
-from git_theta.manifest import Manifest, ObjectRef, TensorEntry, is_manifest
+from git_theta.manifest import MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, is_manifest
 from git_theta.formats.peekable import PeekableReader
 from git_theta.config import settings_for
 from git_theta.tensors.keyframes import needs_keyframe
 from git_theta.updates.base import TensorData
 
-SNIFF_BYTES = 4096
 BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
 BATCH_TENSORS = 256  # ...or this many tensors
-MAX_MANIFEST = 256 << 20
-
-
-def detect_format(repo, path, head):
-    """The format plugin for ``path``: the ``theta-format`` attribute if set, else by content."""
-    forced = theta_attribute(repo, path, "theta-format") if repo is not None else None
-    if forced is not None:
-        return plugins.get("format", forced, needed_by=f"{path} (attribute theta-format)")
-    candidates = plugins.all_plugins("format")
-    # Prefer formats whose usual suffix matches, then the rest; content decides in both cases.
-    candidates.sort(key=lambda f: not path.endswith(tuple(f.suffixes)))
-    for fmt in candidates:
-        if fmt.sniff(head, path):
-            return fmt
-    raise CheckpointError(
-        f"{path}: not a checkpoint format git-theta knows ({', '.join(plugins.names('format'))})",
-        hint="set the format with the attribute theta-format=NAME in .gitattributes, "
-        "or untrack the file with 'git theta untrack'",
-    )
 
 
 def parent_manifest(repo, path, base_spec=None, prefer_head=False):
@@ -139,7 +119,7 @@ class AddRequest:
         if request.update_type is not None:
             plugins.get("update", request.update_type, needed_by=f"{path} (--update-type)")
         if request.update_path:
-            from git_theta.updates.adapters import load_adapter
+            from git_theta.filter.adapters import load_adapter
 
             request.adapter = load_adapter(request.update_path, request.update_type)
             if item.get("targets") is not None:  # a shard of a sharded model: its own targets only

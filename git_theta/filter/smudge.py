@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from git_theta import registry as plugins
 from git_theta.tensors.buffers import BufferPool, using
-from git_theta.tensors.chain import DecodedCache, decode_tensor
+from git_theta.updates.chain import DecodedCache, decode_tensor
 from git_theta.errors import ObjectMissingError
 from git_theta.formats.base import TensorSource
 from git_theta.manifest import Manifest, is_manifest
@@ -93,7 +93,7 @@ class StoreTensorSource(TensorSource):
 
 
 def entry_size(entry):
-    from git_theta.tensors.dtypes import nbytes
+    from git_theta.dtypes import nbytes
 
     return nbytes(entry.dtype, entry.shape)
 

@@ -3,7 +3,7 @@
 A format turns a checkpoint byte stream into named tensors plus file-level data (``fields``: short
 single-line texts kept in the manifest; ``blobs``: side objects kept in the store), and writes the
 checkpoint back from them. Register a format as an entry point in the ``git_theta.formats`` group.
-Tensors are raw little-endian C-order bytes with a dtype from :mod:`git_theta.tensors.dtypes`.
+Tensors are raw little-endian C-order bytes with a dtype from :mod:`git_theta.dtypes`.
 """
 
 

@@ -21,7 +21,7 @@ from git_theta.formats.spool import WriteOnly, spooled
 
 ZIP_MAGIC = b"PK\x03\x04"
 SUFFIX = ".npy"
-# numpy dtype (kind, itemsize) -> the shared dtype vocabulary (git_theta.tensors.dtypes).
+# numpy dtype (kind, itemsize) -> the shared dtype vocabulary (git_theta.dtypes).
 _DTYPE_NAMES = {
     ("f", 8): "F64",
     ("f", 4): "F32",
@@ -163,7 +163,7 @@ class NpzFormat(CheckpointFormat):
 
         import numpy as np
 
-        from git_theta.tensors.dtypes import get_dtype
+        from git_theta.dtypes import get_dtype
 
         order = get_json(fields, source, "order", path) or sorted(source.specs)
         if sorted(order) != sorted(source.specs):

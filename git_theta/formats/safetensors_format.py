@@ -11,7 +11,7 @@ readable in the manifest.
 import json
 import struct
 
-from git_theta.tensors.dtypes import DTYPES, nbytes
+from git_theta.dtypes import DTYPES, nbytes
 from git_theta.errors import CheckpointError
 from git_theta.updates.base import TensorData
 from git_theta.formats.base import CheckpointFormat, CheckpointReader

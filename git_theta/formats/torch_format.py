@@ -44,7 +44,7 @@ ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02"
 ALIGN = 64
 
-# torch dtype attribute -> the shared dtype vocabulary (git_theta.tensors.dtypes).
+# torch dtype attribute -> the shared dtype vocabulary (git_theta.dtypes).
 _DTYPE_NAMES = {
     "float64": "F64",
     "float32": "F32",

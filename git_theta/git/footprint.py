@@ -10,7 +10,7 @@ HEAD. Object sizes are the sizes manifests record (what a remote transfers), not
 
 from dataclasses import dataclass, field
 
-from git_theta.git.inventory import tracked_files
+from git_theta.git.scan import tracked_files
 
 
 def _parents(repo, rev):
@@ -85,7 +85,7 @@ def disk_usage(repo):
     ``git theta prune`` keeps); per file counts the local objects of every reachable version of
     that path, so an object two files share counts in both.
     """
-    from git_theta.git.reachability import chunk_parts, iter_manifests, referenced_refs
+    from git_theta.git.scan import chunk_parts, iter_manifests, referenced_refs
 
     store = repo.store
     sizes = {}

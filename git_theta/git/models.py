@@ -368,7 +368,7 @@ class ParentModels:
 def model_rows(repo, rev, tracked, file_rows):
     """``git theta ls-files`` rows of the models of several files (or an adapter) in ``rev``:
     name, files, index, adapter_of, and totals of the files' rows (objects counted once)."""
-    from git_theta.git.inventory import version_paths
+    from git_theta.git.scan import version_paths
 
     commit = None if rev is None else rev
     paths = version_paths(repo, commit)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from git_theta.errors import ManifestError, UsageError
-from git_theta.git.inventory import TrackedFile, tracked_files
+from git_theta.git.scan import TrackedFile, tracked_files
 from git_theta.manifest import Manifest, is_manifest
 
 INDEX = ":index"
@@ -23,7 +23,7 @@ EMPTY = ":empty"
 
 @dataclass
 class Snapshot:
-    """``files`` maps each tracked path to its :class:`git_theta.git.inventory.TrackedFile`."""
+    """``files`` maps each tracked path to its :class:`git_theta.git.scan.TrackedFile`."""
 
     label: str
     files: dict = field(default_factory=dict)
@@ -93,7 +93,7 @@ def snapshot(repo, side, paths=None, cleaner=None):
     rev = None if side == INDEX else resolve_commit(repo, side)
     files = {t.path: t for t in tracked_files(repo, rev) if match(t.path)}
     from git_theta.git.models import sidecars_at
-    from git_theta.git.inventory import version_paths
+    from git_theta.git.scan import version_paths
 
     paths = version_paths(repo, rev)
     return Snapshot(side, files, sidecars_at(repo, rev, sorted(paths)), paths)

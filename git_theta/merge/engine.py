@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from git_theta import registry as plugins
-from git_theta.tensors.dtypes import nbytes
+from git_theta.dtypes import nbytes
 from git_theta.errors import GitThetaError, UsageError
 from git_theta.manifest import Manifest
 from git_theta.merge.operator import OperatorError
@@ -173,7 +173,7 @@ class Loader:
         self.deltas = deltas  # a DeltaPolicy: store results as deltas of an input (None: dense)
 
     def raw(self, entry):
-        from git_theta.tensors.chain import decode_tensor
+        from git_theta.updates.chain import decode_tensor
 
         # merge-files reads input tensors from their files (files.StreamedStore), not the store
         read = getattr(self.store, "read_tensor", None)
@@ -211,7 +211,7 @@ def store_compact(store, tensor, candidates, policy):
     """
     from git_theta.updates.choose import choose
     from git_theta.filter.clean import _partial_delta
-    from git_theta.tensors.chain import encode_tensor, encoded_size, store_encoded
+    from git_theta.updates.chain import encode_tensor, encoded_size, store_encoded
     from git_theta.updates.base import TensorData
 
     best, seen = None, set()
@@ -245,7 +245,7 @@ def store_compact(store, tensor, candidates, policy):
 
 def _full_deltas(store, entry):
     """How many whole-tensor deltas (int-delta, low-rank, ...) ``entry``'s chain stacks."""
-    from git_theta.tensors.chain import chain_headers
+    from git_theta.updates.chain import chain_headers
 
     if entry.chain_depth == 0:
         return 0
@@ -430,7 +430,7 @@ def _run_operator(op, params, name, inputs, base_entry, base, config, loader, st
     import numpy as np
 
     from git_theta.tensors.bits import from_float
-    from git_theta.tensors.chain import encode_tensor, tensor_digest
+    from git_theta.updates.chain import encode_tensor, tensor_digest
     from git_theta.updates.base import TensorData
 
     like = inputs[0]

@@ -66,7 +66,7 @@ class SideData:
         import numpy as np
 
         from git_theta.tensors.bits import to_float
-        from git_theta.tensors.chain import decode_tensor
+        from git_theta.updates.chain import decode_tensor
         from git_theta.manifest import Manifest
 
         if rev is None:
@@ -93,7 +93,7 @@ class SideData:
         """The side file at ``rev``: its Manifest, {name: TensorData} for a plain checkpoint, or None."""
         import io
 
-        from git_theta.filter.clean import SNIFF_BYTES, detect_format
+        from git_theta.formats.detect import SNIFF_BYTES, detect_format
         from git_theta.manifest import Manifest, is_manifest
 
         data = self.repo.read_blob(f"{rev}:{file_path}")

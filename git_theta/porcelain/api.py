@@ -145,7 +145,7 @@ def _model_at(repo, path, rev):
     """The model of several files ``path`` names at ``rev`` (a folder or an index json), or None
     when it names a single file (or nothing: :func:`read_manifest` reports that)."""
     from git_theta.git.models import group, model_for_path, sidecars_at
-    from git_theta.git.inventory import tracked_files, version_paths
+    from git_theta.git.scan import tracked_files, version_paths
 
     commit = None if rev in (None, INDEX) else resolve_commit(repo, rev)
     paths = version_paths(repo, commit)
@@ -191,7 +191,7 @@ def _convert(data, dtype_name, shape, framework, upcast):
     """Raw bytes as a numpy array or torch tensor (no copy when the bytes are writable)."""
     import numpy as np
 
-    from git_theta.tensors.dtypes import get_dtype
+    from git_theta.dtypes import get_dtype
 
     if not isinstance(data, bytearray):
         data = bytearray(data)  # writable, so torch and numpy users may modify it

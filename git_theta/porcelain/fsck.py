@@ -6,7 +6,7 @@ Three checks, each reported with the file, the tensor, the commit (or index) and
 2. its bytes have the size the manifest says and hash to its id (``corrupt``), streamed in 1 MiB
    chunks so memory stays flat (a packed object is checked as its pack, whose hash covers it);
 3. every distinct tensor entry decodes through its whole delta chain to its tensor digest
-   (``bad-tensor``), reusing :func:`git_theta.tensors.chain.decode_tensor`, the same code checkout runs.
+   (``bad-tensor``), reusing :func:`git_theta.updates.chain.decode_tensor`, the same code checkout runs.
 
 A manifest that does not parse is a ``bad-manifest`` problem. Objects and tensors shared by many
 manifests are checked once; both passes run on a thread pool (hashlib, zstd and numpy release the
@@ -16,10 +16,10 @@ GIL), so memory is bounded by a few tensors, not by the repository.
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from git_theta.tensors.chain import decode_tensor
+from git_theta.updates.chain import decode_tensor
 from git_theta.errors import GitThetaError, ManifestError, ObjectCorruptError, ObjectMissingError
 from git_theta.manifest import Manifest
-from git_theta.git.reachability import iter_manifests
+from git_theta.git.scan import iter_manifests
 
 
 @dataclass
@@ -104,7 +104,7 @@ def collect(repo, scope):
 def _chunk_parts(store, objects, bad, report):
     """{part oid: _ObjectUse} of the chunk indexes among the good ``objects``."""
     from git_theta.manifest import ObjectRef
-    from git_theta.git.reachability import chunk_parts
+    from git_theta.git.scan import chunk_parts
 
     parts = {}
 

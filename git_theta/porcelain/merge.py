@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from git_theta.errors import UsageError
-from git_theta.git.inventory import theta_paths
+from git_theta.git.scan import theta_paths
 from git_theta.manifest import Manifest, is_manifest
 from git_theta.merge.config import load_config
 from git_theta.merge.engine import DeltaPolicy, Outcome, check_config, merge_manifests

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from git_theta.filter.clean import SNIFF_BYTES, detect_format
-from git_theta.tensors.chain import encode_tensor, tensor_digest
+from git_theta.formats.detect import SNIFF_BYTES, detect_format
+from git_theta.updates.chain import encode_tensor, tensor_digest
 from git_theta.errors import CheckpointError, UsageError
 from git_theta.git.models import (
     ADAPTER_CONFIG,
@@ -463,7 +463,7 @@ def _shard_plan(manifest, reference):
         if len(kept) == 1:
             kept = [("model.safetensors", kept[0][1], kept[0][2])]
         return kept
-    from git_theta.tensors.dtypes import nbytes
+    from git_theta.dtypes import nbytes
 
     fields = reference.shards[0][2] if reference.shards else {}
     sizes = {n: nbytes(e.dtype, e.shape) for n, e in reference.manifest.tensors.items()}

@@ -259,7 +259,7 @@ def _probe(command, folders):
 
 
 def _commit_manifests(repo, commit):
-    from git_theta.git.inventory import theta_paths
+    from git_theta.git.scan import theta_paths
     from git_theta.manifest import Manifest, is_manifest
     from git_theta.porcelain.merge import _tree
 

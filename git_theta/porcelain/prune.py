@@ -4,7 +4,7 @@ An object is kept when any of these holds:
 
 - it is **reachable**: listed by a manifest in any ref's history, reflog entry, stash entry, the
   index (every conflict stage) or HEAD of any worktree, an in-progress pseudo-ref, or a work-tree
-  file that is itself a manifest (:mod:`git_theta.git.reachability`). Manifests list a tensor's whole
+  file that is itself a manifest (:mod:`git_theta.git.scan`). Manifests list a tensor's whole
   delta chain, so the bases of every reachable delta are reachable too;
 - it is **recent**: modified less than ``theta.pruneExpire`` ago (default one hour). A running
   ``git add`` writes objects before git records the manifest in the index, and clean *freshens*
@@ -96,7 +96,7 @@ def pushed_oids(repo):
 def prune(repo, expire=3600, include_unpushed=False, dry_run=False, now=None):
     """Delete unreachable objects older than ``expire`` seconds (None: never); return PruneResult."""
     from git_theta.manifest import ObjectRef
-    from git_theta.git.reachability import IndexUnreadableError, chunk_parts, reachable_oids
+    from git_theta.git.scan import IndexUnreadableError, chunk_parts, reachable_oids
 
     now = time.time() if now is None else now
     result = PruneResult(dry_run=dry_run)

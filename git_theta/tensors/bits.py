@@ -7,7 +7,7 @@ bf16 and the float8 types have no numpy dtype, so they are widened by bit manipu
 
 import numpy as np
 
-from git_theta.tensors.dtypes import get_dtype
+from git_theta.dtypes import get_dtype
 
 
 def as_bits(data, dtype_name):

@@ -15,8 +15,8 @@ import numpy as np
 
 from git_theta import registry as plugins
 from git_theta.tensors.bits import as_bits
-from git_theta.tensors.chain import encode_update, encoded_size
-from git_theta.tensors.dtypes import get_dtype
+from git_theta.updates.chain import encode_update, encoded_size
+from git_theta.dtypes import get_dtype
 from git_theta.updates.base import TensorData
 
 SAMPLE_BLOCKS = 16

@@ -1,7 +1,7 @@
 """``dense``: the whole tensor as byte planes compressed with zstandard (a keyframe)."""
 
 from git_theta.tensors.buffers import new_buffer
-from git_theta.tensors.dtypes import element_count, get_dtype
+from git_theta.dtypes import element_count, get_dtype
 from git_theta.tensors.planes import check_planes, decode_planes, encode_planes
 from git_theta.updates.base import Encoded, UpdateType
 

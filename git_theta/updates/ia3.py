@@ -9,7 +9,7 @@ to the tensor's dtype, and an exact residual (:mod:`.residual`) makes the result
 import numpy as np
 
 from git_theta.tensors.bits import as_bits, from_float, to_float
-from git_theta.tensors.dtypes import element_count, get_dtype
+from git_theta.dtypes import element_count, get_dtype
 from git_theta.errors import ObjectCorruptError
 from git_theta.tensors.planes import decode_sections, encode_sections
 from git_theta.updates.base import Encoded, UpdateType

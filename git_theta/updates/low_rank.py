@@ -25,7 +25,7 @@ exact sum, which any matrix multiply can compute with a proof of its rounding
 import numpy as np
 
 from git_theta.tensors.bits import as_bits, from_float, to_float
-from git_theta.tensors.dtypes import get_dtype
+from git_theta.dtypes import get_dtype
 from git_theta.errors import ObjectCorruptError
 from git_theta.tensors.planes import decode_sections, encode_sections
 from git_theta.updates.base import Encoded, UpdateType, writable_base

@@ -31,7 +31,7 @@ def ls_files(rev, as_json, verbose, by_file):
         ls_files_verbose(rev, as_json)
         return
     from git_theta.git.footprint import added_by
-    from git_theta.git.inventory import tracked_files
+    from git_theta.git.scan import tracked_files
     from git_theta.git.repo import Repo
 
     repo = Repo(".")

@@ -24,7 +24,7 @@ def _stats_row(stats, endpoint):
 
 
 def _refs_for(repo, revs, include):
-    from git_theta.git.reachable import manifests_at, objects_of
+    from git_theta.git.scan import manifests_at, objects_of
 
     manifests = manifests_at(repo, revs)
     return manifests, objects_of(manifests, include)
@@ -57,8 +57,7 @@ def _checkout(repo, paths, include, force, remote, as_json):
     from git_theta.errors import UsageError
     from git_theta.remote.endpoint import resolve
     from git_theta.remote.transfer import Transfer
-    from git_theta.git.inventory import tracked_files
-    from git_theta.git.reachable import objects_of
+    from git_theta.git.scan import objects_of, tracked_files
     from git_theta.filter.smudge import Smudger
     from git_theta import registry as plugins
     from git_theta.porcelain import checkout as worktree
@@ -157,7 +156,7 @@ def push(remote, revs, as_json):
     """
     from git_theta.remote.endpoint import resolve
     from git_theta.remote.transfer import PushedRecord, Transfer
-    from git_theta.git.reachable import manifests_in_range, objects_of
+    from git_theta.git.scan import manifests_in_range, objects_of
 
     repo = _repo()
     endpoint = resolve(repo, remote, "upload")
@@ -179,7 +178,7 @@ def pre_push(remote, url):
     """The pre-push hook: upload the objects of the pushed commits (ref lines on stdin)."""
     from git_theta.remote.endpoint import resolve
     from git_theta.remote.transfer import Transfer
-    from git_theta.git.reachable import manifests_in_range, objects_of
+    from git_theta.git.scan import manifests_in_range, objects_of
 
     repo = _repo()
     include, exclude = [], []
@@ -219,7 +218,7 @@ def pre_push(remote, url):
 def status(remote, ask, as_json):
     """Objects of the checked-out checkpoints: local, missing locally, not yet pushed."""
     from git_theta.errors import UsageError
-    from git_theta.git.inventory import tracked_files
+    from git_theta.git.scan import tracked_files
     from git_theta.remote.endpoint import resolve
     from git_theta.remote.transfer import PushedRecord, Transfer
 
@@ -231,7 +230,7 @@ def status(remote, ask, as_json):
         endpoint = None
     pushed = PushedRecord(repo, endpoint).load() if endpoint else set()
     # Old versions in commits the remote lacks need their objects there too, whatever their path
-    # and whether today's patterns still track it (what a push uploads: git_theta.git.reachable).
+    # and whether today's patterns still track it (what a push uploads: git_theta.git.scan).
     history = _unpushed_history(repo, endpoint) if endpoint else []
     if ask and endpoint is not None and (files or history):
         with Transfer(repo, endpoint) as transfer:
@@ -289,7 +288,7 @@ def status(remote, ask, as_json):
 def _unpushed_history(repo, endpoint):
     """The objects of every checkpoint version in HEAD's commits that ``endpoint.remote``'s
     remote-tracking refs do not contain (all of HEAD's history before a first push)."""
-    from git_theta.git.reachable import manifests_in_range, objects_of
+    from git_theta.git.scan import manifests_in_range, objects_of
     from git_theta.git.snapshots import has_head
 
     if not has_head(repo):

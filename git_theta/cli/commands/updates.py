@@ -39,7 +39,7 @@ def add(paths, update_type, update_path, base):
 
     A folder stands for the tracked checkpoints in it (a sharded model: all its shards)."""
     from git_theta import registry as plugins
-    from git_theta.git.inventory import theta_paths
+    from git_theta.git.scan import theta_paths
     from git_theta.git.repo import Repo
 
     repo = Repo(".")
@@ -56,7 +56,7 @@ def add(paths, update_type, update_path, base):
         plugins.get("update", update_type, needed_by="--update-type")
     targets = {}
     if update_path is not None:
-        from git_theta.updates.adapters import load_adapter
+        from git_theta.filter.adapters import load_adapter
 
         update_path = _adapter_file(update_path)
         adapter = load_adapter(update_path, update_type)  # report a bad adapter before git runs
@@ -93,7 +93,7 @@ COMMANDS = [add]
 def _expand_folders(repo, relative):
     """Repository paths with each folder replaced by the tracked checkpoints in it (its model's
     shards, staged or new), in order, each once."""
-    from git_theta.git.inventory import theta_paths
+    from git_theta.git.scan import theta_paths
 
     result = []
     for path in relative:
@@ -150,7 +150,7 @@ def _targets_by_file(repo, adapter, relative):
 def _tensor_names(full_path, path):
     """The tensor names of the checkpoint file ``full_path``: from the header alone for
     safetensors, else by reading the file through its format."""
-    from git_theta.filter.clean import detect_format
+    from git_theta.formats.detect import detect_format
 
     with open(full_path, "rb") as stream:
         head = stream.read(4096)
@@ -167,7 +167,7 @@ def tensor_rows(manifest, added):
     """Per tensor of ``manifest``: name, update type, chain depth, logical bytes, stored bytes
     (its own object when this version added it: see :mod:`git_theta.git.footprint`; ``added`` is
     the set of oids the version added, each counted at its first tensor) and chain bytes."""
-    from git_theta.tensors.dtypes import nbytes
+    from git_theta.dtypes import nbytes
 
     counted = set()
     rows = []
@@ -211,7 +211,7 @@ def ls_files_verbose(rev, as_json):
     """``git theta ls-files -v``: a line per tensor and a summary line per file."""
     from git_theta.cli import humanize
     from git_theta.git.footprint import added_by
-    from git_theta.git.inventory import tracked_files
+    from git_theta.git.scan import tracked_files
     from git_theta.git.repo import Repo
 
     repo = Repo(".")

@@ -1,18 +1,25 @@
-"""Which manifests a repository still references, and so which stored objects it needs.
+"""Which manifests exist where: the scans of a repository that every command starts from.
 
-``fsck`` and ``prune`` both start here. A manifest is any blob that starts with the manifest magic,
-wherever it is found (attributes change over history, so the ``filter`` attribute of today cannot say
-which old blobs were cleaned). Roots:
+A manifest is recognised by its content (a blob that starts with the manifest magic), never by
+today's ``filter`` attribute of its path: the tracking patterns and the paths change over history
+(``git mv`` into ``models/``, a narrowed pattern), and an old version at a path no longer tracked
+still needs its objects. Three questions, one module:
 
-- ``scope="head"``: the commit HEAD points at (its tree only) and the current worktree's index;
-- ``scope="all"``: every ref (branches, tags, remote-tracking refs, ``refs/stash``) with its whole
-  history, every reflog entry (so ``stash@{n}`` too), the HEAD, index and in-progress pseudo-refs
-  (``ORIG_HEAD``, ``MERGE_HEAD``, ``CHERRY_PICK_HEAD``...) of every worktree, and, with
-  ``work_trees=True``, work-tree files that are themselves manifests (a skipped smudge).
-
-Blobs are enumerated with one ``git rev-list --objects --in-commit-order`` piped into
-``git cat-file --batch-check``, so each blob is attributed to the first commit that introduced it
-in walk order, and only blobs small enough to be manifests are read.
+- **tracked files** of a revision or of the index and their manifests (:func:`tracked_files`,
+  :func:`version_paths`, :func:`theta_paths`): ls-files, log, diff, load;
+- **what a range of commits introduces** (:func:`manifests_in_range`, :func:`manifests_at`,
+  :func:`objects_of`): a push sends every object of every manifest in the pushed commits, not only
+  the tips (``git rev-list --objects NEW --not OLD`` lists exactly the blobs the range adds; the
+  manifests among them list whole delta chains);
+- **everything the repository still references** (:func:`iter_manifests`, :func:`reachable_oids`):
+  fsck and prune. Roots: ``scope="head"``, the commit HEAD points at (its tree only) and the current
+  worktree's index; ``scope="all"``, every ref with its whole history, every reflog entry (so
+  ``stash@{n}`` too), the HEAD, index and in-progress pseudo-refs (``ORIG_HEAD``, ``MERGE_HEAD``,
+  ``CHERRY_PICK_HEAD``...) of every worktree, and, with ``work_trees=True``, work-tree files that are
+  themselves manifests (a skipped smudge). Blobs are enumerated with one
+  ``git rev-list --objects --in-commit-order`` piped into ``git cat-file --batch-check``, so each
+  blob is attributed to the first commit that introduced it in walk order, and only blobs small
+  enough to be manifests are read.
 """
 
 import re
@@ -20,9 +27,144 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from git_theta.filter.clean import MAX_MANIFEST
 from git_theta.errors import GitCommandError, ManifestError
-from git_theta.manifest import MAGIC, Manifest, ObjectRef, is_manifest
+from git_theta.manifest import MAGIC, MAX_MANIFEST, Manifest, ObjectRef, is_manifest
+
+
+@dataclass
+class TrackedFile:
+    """A path with ``filter=theta`` and, when its stored content is a manifest, that manifest."""
+
+    path: str
+    blob: str
+    manifest: Manifest | None
+    error: str | None = None
+
+
+def _entries(repo, rev):
+    """(path, blob oid) of every file in ``rev``'s tree, or in the index (stage 0) when rev is None."""
+    if rev is None:
+        out = repo.git("ls-files", "-s", "-z")
+        for item in out.split(b"\0"):
+            if item:
+                meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
+                _mode, oid, stage = meta.split()
+                if stage == "0":
+                    yield path, oid
+    else:
+        out = repo.git("ls-tree", "-r", "-z", "--full-tree", rev)
+        for item in out.split(b"\0"):
+            if item:
+                meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
+                _mode, kind, oid = meta.split()
+                if kind == "blob":
+                    yield path, oid
+
+
+def theta_paths(repo, paths):
+    """The subset of ``paths`` whose ``filter`` attribute is ``theta``."""
+    if not paths:
+        return set()
+    out = repo.git("check-attr", "-z", "--stdin", "filter", input="\0".join(paths).encode() + b"\0")
+    fields = out.split(b"\0")
+    result = set()
+    for i in range(0, len(fields) - 2, 3):
+        if fields[i + 2] == b"theta":
+            result.add(fields[i].decode("utf-8", "surrogateescape"))
+    return result
+
+
+def tracked_files(repo, rev=None, paths=None):
+    """TrackedFile for every tracked checkpoint in ``rev`` (or the index), sorted by path."""
+    entries = dict(_entries(repo, rev))
+    if paths:
+        entries = {p: o for p, o in entries.items() if p in set(paths)}
+    tracked = theta_paths(repo, sorted(entries))
+    result = []
+    for path in sorted(tracked):
+        data = repo.read_blob(entries[path])
+        manifest, error = None, None
+        if data is not None and is_manifest(data):
+            try:
+                manifest = Manifest.parse(data, source=path)
+            except ManifestError as exc:
+                error = exc.message
+        result.append(TrackedFile(path, entries[path], manifest, error))
+    return result
+
+
+def version_paths(repo, rev=None):
+    """Every path of ``rev``'s tree (or of the index), tracked or not."""
+    return {path for path, _ in _entries(repo, rev)}
+
+
+def manifests_in_range(repo, include, exclude=(), exclude_remote=None):
+    """(path, Manifest) for every manifest blob reachable from ``include`` and not from ``exclude``
+    (commit ids) nor from the remote-tracking refs of ``exclude_remote``."""
+    if not include:
+        return []
+    args = ["rev-list", "--objects", *include, "--not", *exclude]
+    if exclude_remote:
+        args.append(f"--remotes={exclude_remote}")
+    out = repo.git(*args, "--")
+    blobs = {}
+    for line in out.decode("utf-8", "surrogateescape").splitlines():
+        oid, sep, path = line.partition(" ")
+        if sep and path:
+            blobs.setdefault(oid, path)
+    if not blobs:
+        return []
+    sizes = repo.git(
+        "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)", input="\n".join(blobs).encode() + b"\n"
+    )
+    result, broken = [], []
+    for line in sizes.decode().splitlines():
+        parts = line.split()
+        if len(parts) != 3 or parts[1] != "blob" or not len(MAGIC) <= int(parts[2]) <= MAX_MANIFEST:
+            continue
+        data = repo.read_blob(parts[0])
+        if data and is_manifest(data):
+            path = blobs[parts[0]]
+            try:
+                result.append((path, Manifest.parse(data, source=f"{path} ({parts[0][:12]})")))
+            except ManifestError as exc:
+                broken.append((path, exc))
+    # A file that merely starts like a manifest (an example in the docs) is no checkpoint; one at a
+    # path tracked today is, and a push must not go on without its objects.
+    tracked = theta_paths(repo, sorted({path for path, _ in broken}))
+    for path, exc in broken:
+        if path in tracked:
+            raise exc
+    return result
+
+
+def manifests_at(repo, revs):
+    """(path, Manifest) of the tracked checkpoints in each of ``revs`` (None: the index)."""
+    result = []
+    for rev in revs:
+        for tracked in tracked_files(repo, rev):
+            if tracked.manifest is not None:
+                result.append((tracked.path, tracked.manifest))
+    return result
+
+
+def objects_of(manifests, include=None):
+    """Every ObjectRef the manifests need (each once; a packed object counts as its pack).
+    ``include``: tensor-name globs; then only the matching tensors' chains (and the file-level
+    blobs) are listed."""
+    from fnmatch import fnmatchcase
+
+    seen = {}
+    for _path, manifest in manifests:
+        for ref in manifest.blobs.values():
+            seen.setdefault(ref.home.oid, ref.home)
+        for name, entry in manifest.tensors.items():
+            if include and not any(fnmatchcase(name, pattern) for pattern in include):
+                continue
+            for ref in entry.objects:
+                seen.setdefault(ref.home.oid, ref.home)
+    return list(seen.values())
+
 
 _HEX = re.compile(rb"^([0-9a-f]{40}|[0-9a-f]{64})\b", re.M)
 _OID_REF = re.compile(r"\b([0-9a-f]{64}):([0-9]{1,20})\b")

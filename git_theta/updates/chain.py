@@ -14,7 +14,7 @@ from collections import OrderedDict
 from git_theta.store import container as object_codec
 from git_theta import registry as plugins
 from git_theta.tensors.buffers import new_buffer
-from git_theta.tensors.dtypes import nbytes
+from git_theta.dtypes import nbytes
 from git_theta.errors import ManifestError, ObjectCorruptError, ObjectMissingError
 from git_theta.manifest import TensorEntry
 from git_theta.updates.base import TensorData

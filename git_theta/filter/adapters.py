@@ -26,7 +26,7 @@ import re
 import numpy as np
 
 from git_theta.tensors.bits import as_bits, to_float
-from git_theta.tensors.dtypes import get_dtype
+from git_theta.dtypes import get_dtype
 from git_theta.errors import UpdateError, UsageError
 from git_theta.updates.low_rank import ulp_energy
 
@@ -167,7 +167,7 @@ class Adapter:
 
 def _read_arrays(path):
     """{name: float64/int array} of every tensor in an adapter file (any checkpoint format)."""
-    from git_theta.filter.clean import detect_format
+    from git_theta.formats.detect import detect_format
 
     with open(path, "rb") as stream:
         head = stream.read(4096)
