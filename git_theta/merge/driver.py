@@ -19,7 +19,7 @@ from pathlib import Path
 from git_theta.errors import ManifestError
 from git_theta.manifest import Manifest, is_manifest
 from git_theta.merge.config import load_config
-from git_theta.merge.engine import DeltaPolicy, FileMerge, Outcome, check_config, merge_manifests
+from git_theta.merge.engine import FileMerge, Outcome, check_config, engine_options, merge_manifests
 from git_theta.merge.side import SideData
 
 LABELS = ("ours", "theirs")
@@ -57,9 +57,7 @@ def run(repo, base_file, ours_file, theirs_file, pathname):
         config,
         repo.store,
         side_data=side_data,
-        workers=settings.threads(),
-        budget=settings.get_int("memoryBudget"),
-        deltas=DeltaPolicy.from_settings(settings),
+        **engine_options(settings),
     )
     if by_name is None:
         _flag_moved(repo, pathname, ours, theirs, result)

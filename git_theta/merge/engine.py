@@ -202,6 +202,16 @@ class DeltaPolicy:
         return cls(settings.get_int("maxChainDepth"), max(1, settings.get_int("maxFullDeltas")))
 
 
+def engine_options(settings):
+    """What every :func:`merge_manifests` call takes from the settings: worker threads, the memory
+    budget and how merged tensors are stored (as deltas, like a clean)."""
+    return dict(
+        workers=settings.threads(),
+        budget=settings.get_int("memoryBudget"),
+        deltas=DeltaPolicy.from_settings(settings),
+    )
+
+
 def store_compact(store, tensor, candidates, policy):
     """Store merged ``tensor`` as the smallest encoding against any of ``candidates`` ((entry, raw
     bytes) of the inputs and the base), or dense; return its TensorEntry.

@@ -19,7 +19,7 @@ from git_theta.errors import UsageError
 from git_theta.git.scan import theta_paths
 from git_theta.manifest import Manifest, is_manifest
 from git_theta.merge.config import load_config
-from git_theta.merge.engine import DeltaPolicy, Outcome, check_config, merge_manifests
+from git_theta.merge.engine import Outcome, check_config, engine_options, merge_manifests
 from git_theta.merge.side import SideData
 
 
@@ -103,8 +103,7 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
             dry_run=dry_run,
             with_signals=dry_run,
             side_data=SideData(repo, sides),
-            workers=settings.threads(),
-            budget=settings.get_int("memoryBudget"),
+            **engine_options(settings),
         ),
     )
     for plan in plans:
@@ -138,9 +137,7 @@ def merge_trees(repo, base, sides, labels, config, every_tensor=False, dry_run=F
                     dry_run=dry_run,
                     with_signals=dry_run,
                     side_data=SideData(repo, sides),
-                    workers=settings.threads(),
-                    budget=settings.get_int("memoryBudget"),
-                    deltas=DeltaPolicy.from_settings(settings),
+                    **engine_options(settings),
                 )
                 result.files.append(merged)
                 result.conflicts += [(path, o) for o in merged.conflicts]
@@ -349,9 +346,7 @@ def _plan_sliced(repo, recipe_path, recipe, plan, commit, head, mapping, dry_run
             every_tensor=True,
             dry_run=dry_run,
             with_signals=dry_run,
-            workers=settings.threads(),
-            budget=settings.get_int("memoryBudget"),
-            deltas=DeltaPolicy.from_settings(settings),
+            **engine_options(settings),
         )
         result.files.append(merged)
         result.conflicts += [(path, o) for o in merged.conflicts]
