@@ -81,6 +81,38 @@ def test_the_url_specific_ssl_verify_reaches_the_http_session(http_repo, monkeyp
     assert Settings(read_git_config(http_repo.cwd)).ssl_verify("https://lfs.example.com/team/secure.git") is False
 
 
+def test_git_tls_settings_win_over_requests_ca_bundle(http_repo, monkeypatch):
+    """requests would let REQUESTS_CA_BUNDLE replace the session's CA bundle; git's setting wins."""
+    monkeypatch.delenv("GIT_SSL_NO_VERIFY", raising=False)
+    monkeypatch.delenv("GIT_SSL_CAINFO", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/elsewhere-ca.pem")
+    settings = settings_for(http_repo)
+    sent = {}
+
+    class Sent(Exception):
+        pass
+
+    def request(url):
+        client = LfsClient(Endpoint("origin", "http", url=url), http_repo, settings)
+
+        def send(prepared, **kwargs):
+            sent[url] = kwargs["verify"]
+            raise Sent
+
+        client._session.send = send
+        try:
+            with pytest.raises(Sent):
+                client.batch("download", [])
+        finally:
+            client.close()
+        return sent[url]
+
+    assert request("https://lfs.example.com/team/secure.git/info/lfs") == "/etc/team-ca.pem"
+    assert request("https://lfs.example.com/team/model.git/info/lfs") is False
+    # no git setting: requests' own environment applies, as it would for any requests user
+    assert request("https://elsewhere.example/r.git/info/lfs") == "/etc/elsewhere-ca.pem"
+
+
 def test_snapshot_is_multi_valued_in_order_and_read_once(repo, monkeypatch):
     repo.git("config", "--add", "theta.merge.rule", "lm_head.* ours")
     repo.git("config", "--add", "theta.merge.rule", "* ties")

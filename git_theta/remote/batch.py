@@ -92,7 +92,7 @@ class LfsClient:
         self._retries = max(0, settings.get_int("retries"))
         self._session = _session_class()()
         # http.<url>.* applies to this endpoint as git's --get-urlmatch decides (git_theta.config)
-        self._session.verify = settings.ssl_verify(self.url)
+        self._session.verify = self._verify = settings.ssl_verify(self.url)
         proxy = settings.proxy(self.url)
         if proxy:
             self._session.proxies = {"http": proxy, "https": proxy}
@@ -198,7 +198,17 @@ class LfsClient:
             body = data() if callable(data) else data
             try:
                 response = self._session.request(
-                    method, url, headers=headers, json=json, data=body, stream=True, timeout=TIMEOUT, auth=sent
+                    method,
+                    url,
+                    headers=headers,
+                    json=json,
+                    data=body,
+                    stream=True,
+                    timeout=TIMEOUT,
+                    auth=sent,
+                    # per request: requests lets REQUESTS_CA_BUNDLE override a session's CA bundle
+                    # (and even sslVerify=false); git's http.sslCAInfo / sslVerify must win
+                    verify=self._verify,
                 )
             except requests.RequestException as exc:
                 if attempt < self._retries:
