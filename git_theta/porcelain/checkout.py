@@ -45,12 +45,46 @@ def _umask():
     return mask
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_temps(target):
+    """Delete temp files a killed run left beside ``target``.
+
+    A temp file's name carries its writer's pid (``.<name>.theta-<pid>-*``); one whose writer is no
+    longer running is a leftover. A live pid (another checkout of the same path, or a reused pid)
+    keeps its file: deleting a file being written would be worse than leaving a stale one.
+    """
+    prefix = f".{target.name}.theta-"
+    try:
+        siblings = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in siblings:
+        if not entry.name.startswith(prefix) or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = entry.name[len(prefix) :].partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
 def write_file(repo, smudger, path, manifest, fmt):
     """Write the checkpoint of ``manifest`` at ``path`` (temp file + rename)."""
     _check_parents(repo, path)
     target = repo.work_tree / path
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.theta-")
+    remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.theta-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as out:
             smudger.write(manifest, fmt, path, out)
