@@ -70,6 +70,18 @@ def predict(model, m):
     return max(preds, key=preds.get)
 
 
+def outcome(key, merge, pick):
+    """One held-out merge's result: the pick, its score, the best score, every score."""
+    return {
+        "key": key,
+        "n": merge["n"],
+        "pick": pick,
+        "picked": merge["scores"][pick],
+        "best": max(merge["scores"].values()),
+        "scores": merge["scores"],
+    }
+
+
 def evaluate(all_merges, features, strict=False):
     """Leave-one-task-set-out: per merge the pick, its score, the best score and the baselines.
 
@@ -88,17 +100,7 @@ def evaluate(all_merges, features, strict=False):
         for k in keys:
             if (k[0], k[1]) == g:
                 m = all_merges[k]
-                pick = predict(model, m)
-                out.append(
-                    {
-                        "key": k,
-                        "n": m["n"],
-                        "pick": pick,
-                        "picked": m["scores"][pick],
-                        "best": max(m["scores"].values()),
-                        "scores": m["scores"],
-                    }
-                )
+                out.append(outcome(k, m, predict(model, m)))
     return out
 
 
@@ -114,17 +116,7 @@ def score_predictor(all_merges, data, features, family=None):
             continue
         given = {f: m["features"][f] for f in features if f != "n_models"}
         ranked = [r for r, _ in auto_predict(given, m["n"], data).scores if r in m["scores"]]
-        pick = ranked[0]
-        out.append(
-            {
-                "key": k,
-                "n": m["n"],
-                "pick": pick,
-                "picked": m["scores"][pick],
-                "best": max(m["scores"].values()),
-                "scores": m["scores"],
-            }
-        )
+        out.append(outcome(k, m, ranked[0]))
     return out
 
 
