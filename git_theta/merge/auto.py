@@ -158,6 +158,8 @@ class Prediction:
     predictor: str
     branches: list = None
     notes: list = field(default_factory=list)
+    #: where the functional features came from, or why there are none
+    functional: str = None
 
     @property
     def recipe(self):
@@ -172,6 +174,7 @@ class Prediction:
             "predictor": self.predictor,
             "branches": self.branches,
             "notes": self.notes,
+            "functional_source": self.functional,
         }
 
 

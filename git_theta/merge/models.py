@@ -104,6 +104,17 @@ def plan_models(repo, base_tree, trees, labels, config, tracked, merge_kwargs):
     return plans
 
 
+def model_manifests(repo, tree, tracked):
+    """{model name: Manifest of all its tensors, by name} of one version's tree ({path: (mode, oid)}),
+    a sharded model's shards joined whatever its layout (so two versions pair tensors by name)."""
+    models, _ = _version(repo, tree, tracked, repo.read_blob)
+    return {
+        name: _combined(model, manifests)
+        for name, (model, manifests) in models.items()
+        if any(manifests.get(p) is not None for p in model.files)
+    }
+
+
 def _combined(model, manifests):
     located = tensors_of(model, manifests)
     first = next(m for p in model.files if (m := manifests.get(p)) is not None)

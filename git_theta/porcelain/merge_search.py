@@ -216,7 +216,8 @@ def search_files(
 def _features_of(store, named_manifests, base_manifests, path_filter=None):
     """A FeatureAccumulator over every float tensor present, with one shape, in all models and the base.
 
-    ``named_manifests``: per model {path: Manifest}; ``base_manifests``: {path: Manifest}.
+    ``named_manifests``: per model {name: Manifest}; ``base_manifests``: {name: Manifest} (a name is a
+    checkpoint file or a whole sharded model).
     """
     from git_theta.merge.auto import FeatureAccumulator
     from git_theta.merge.engine import Loader
@@ -259,17 +260,14 @@ def _probe(command, folders):
 
 
 def _commit_manifests(repo, commit):
+    """({model name: Manifest of its tensors by name}, {path: (mode, oid)}) of a commit: models, not
+    files, so a model re-sharded on a side still pairs its tensors with the base's."""
     from git_theta.git.scan import theta_paths
-    from git_theta.manifest import Manifest, is_manifest
+    from git_theta.merge.models import model_manifests
     from git_theta.porcelain.merge import _tree
 
     tree = _tree(repo, commit)
-    out = {}
-    for path in theta_paths(repo, sorted(tree)):
-        data = repo.read_blob(tree[path][1])
-        if data is not None and is_manifest(data):
-            out[path] = Manifest.parse(data, source=path)
-    return out, tree
+    return model_manifests(repo, tree, set(theta_paths(repo, sorted(tree)))), tree
 
 
 def predict_sets(acc, n_sides, functional=None):
@@ -308,9 +306,63 @@ def predict_sets(acc, n_sides, functional=None):
     return prediction
 
 
-def auto_merge(repo, branches, base=None, probe=None):
+def _hf_folders(trees):
+    """Folders that are Hugging Face models (``config.json`` beside safetensors checkpoints) in
+    every one of ``trees`` ({path: (mode, oid)}, the base's first) and changed on some side, sorted."""
+    import posixpath
+
+    def folders(tree):
+        found = {posixpath.dirname(p) for p in tree if p.endswith(".safetensors")}
+        return {f for f in found if posixpath.join(f, "config.json") in tree}
+
+    def files(tree, folder):
+        return {p: v for p, v in tree.items() if posixpath.dirname(p) == folder}
+
+    common = folders(trees[0])
+    for tree in trees[1:]:
+        common &= folders(tree)
+    return sorted(f for f in common if any(files(t, f) != files(trees[0], f) for t in trees[1:]))
+
+
+def _hf_probe_trees(repo, trees):
+    """(activations per tree, source) from the Hugging Face folders the trees share, each written
+    out (that folder's files only) to a temporary folder and probed (:mod:`git_theta.merge.probes`);
+    (None, why not) when there is no such folder or it cannot be probed."""
+    import posixpath
+    import tempfile
+
+    from git_theta.merge.probes import ProbeUnavailable, hidden_states
+    from git_theta.porcelain.merge import TreeMerge
+
+    folders = _hf_folders(trees)
+    if not folders:
+        return None, "none (no --probe, and no Hugging Face model folder with config.json and safetensors)"
+    with tempfile.TemporaryDirectory(prefix="theta-probe-") as tmp:
+        models = []
+        for i, tree in enumerate(trees):
+            root = os.path.join(tmp, str(i))
+            entries = {p: v for p, v in tree.items() if posixpath.dirname(p) in folders}
+            write_tree(repo, TreeMerge(entries=entries), root)
+            models.append([os.path.join(root, f) for f in folders])
+        try:
+            acts, source = hidden_states(models)
+        except ProbeUnavailable as exc:
+            return None, f"none: {exc.reason}; structural features only"
+    return acts, f"{source}; folder{'s' if len(folders) > 1 else ''} {', '.join(f or '.' for f in folders)}"
+
+
+def _functional(acts, source):
+    """predict_sets' ``functional`` argument from activations of the base then each side."""
+    return ((acts[0], acts[1:]) if acts is not None else None), source
+
+
+def auto_merge(repo, branches, base=None, probe=None, hf_probe=True):
     """auto's choice for merging HEAD and ``branches``: a Prediction whose ``branches`` are the branch
-    names kept, in merge order (None when no checkpoint changed on several sides)."""
+    names kept, in merge order (None when no checkpoint changed on several sides).
+
+    Functional features come from ``probe`` (a --probe command) or, with ``hf_probe``, from the
+    hidden states of the Hugging Face folders base and sides share; the Prediction's
+    ``functional`` says which, or why there are none."""
     from git_theta.porcelain.merge import TreeMerge, merge_sides
 
     head, commits, base_commit = merge_sides(repo, branches, base)
@@ -319,32 +371,38 @@ def auto_merge(repo, branches, base=None, probe=None):
     base_manifests, base_tree = _commit_manifests(repo, base_commit)
     sides = [_commit_manifests(repo, c) for c in [head, *commits]]
     acc = _features_of(repo.store, [m for m, _ in sides], base_manifests)
-    functional = None
+    trees = [base_tree, *(t for _, t in sides)]
+    functional, source = None, "none (no --probe; Hugging Face probes off)"
     if probe:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="theta-probe-") as tmp:
             folders = []
-            for i, tree in enumerate([base_tree, *(t for _, t in sides)]):
+            for i, tree in enumerate(trees):
                 folder = os.path.join(tmp, str(i))
                 os.makedirs(folder)
                 write_tree(repo, TreeMerge(entries=tree), folder)
                 folders.append(folder)
-            acts = _probe(probe, folders)
-        functional = (acts[0], acts[1:])
+            functional, source = _functional(_probe(probe, folders), f"--probe {probe}")
+    elif hf_probe:
+        functional, source = _functional(*_hf_probe_trees(repo, trees))
     prediction = predict_sets(acc, len(branches) + 1, functional)
     if prediction is not None:
         prediction.branches = [branches[i - 1] for i in prediction.branches]
+        prediction.functional = source
     return prediction
 
 
-def auto_files(inputs, base, probe=None):
-    """auto's choice for ``merge-files`` (inputs in order, the first one like HEAD); None without a
-    base (no task vectors to compare: the per-tensor rule then merges with ``linear``)."""
+def auto_files(inputs, base, probe=None, hf_probe=True):
+    """auto's choice for ``merge-files`` (inputs in order, the first one like HEAD; each a checkpoint
+    file or a model folder); None without a base (no task vectors to compare: the per-tensor rule
+    then merges with ``linear``). Functional features as for :func:`auto_merge`, the Hugging Face
+    probe running on the input folders themselves."""
     import tempfile
     from pathlib import Path
 
-    from git_theta.porcelain.merge_files import StreamedStore, ingest
+    from git_theta.merge.probes import ProbeUnavailable, hf_folder_of, hidden_states
+    from git_theta.porcelain.merge_files import StreamedStore, load_model
     from git_theta.store.objects import ObjectStore
 
     if base is None:
@@ -352,15 +410,25 @@ def auto_files(inputs, base, probe=None):
     with tempfile.TemporaryDirectory(prefix="theta-auto-") as tmp:
         # the inputs' tensors are read where they are in their files (only cast ones are stored)
         store = StreamedStore(ObjectStore(Path(tmp) / "objects", fsync=False))
-        sides = [{"model": ingest(store, p)[0]} for p in inputs]
-        acc = _features_of(store, sides, {"model": ingest(store, base)[0]})
-    functional = None
+        sides = [{"model": load_model(store, p).manifest} for p in inputs]
+        acc = _features_of(store, sides, {"model": load_model(store, base).manifest})
+    functional, source = None, "none (no --probe; Hugging Face probes off)"
     if probe:
-        acts = _probe(probe, [str(base), *map(str, inputs)])
-        functional = (acts[0], acts[1:])
+        functional, source = _functional(_probe(probe, [str(base), *map(str, inputs)]), f"--probe {probe}")
+    elif hf_probe:
+        folders = [hf_folder_of(p) for p in [base, *inputs]]
+        if any(f is None for f in folders):
+            source = "none (no --probe, and not every input is a Hugging Face folder with config.json and safetensors)"
+        else:
+            try:
+                acts, source = hidden_states([[f] for f in folders])
+                functional, source = _functional(acts, source)
+            except ProbeUnavailable as exc:
+                source = f"none: {exc.reason}; structural features only"
     prediction = predict_sets(acc, len(inputs), functional)
     if prediction is not None:
         prediction.branches = [str(inputs[0]), *(str(inputs[i]) for i in prediction.branches)]
+        prediction.functional = source
     return prediction
 
 

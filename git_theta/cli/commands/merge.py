@@ -6,7 +6,7 @@ import click
 
 from git_theta.errors import GitThetaError, UsageError
 from git_theta.cli.messages import report
-from git_theta.cli.commands.merge_search import PROBE_OPTION, search_options
+from git_theta.cli.commands.merge_search import probe_options, search_options
 
 MAX_LISTED = 20
 
@@ -175,8 +175,8 @@ def _report_conflicts(conflicts):
 @click.option("-m", "--message", help="Commit message of the merge commit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run or --search: machine-readable output.")
 @search_options
-@PROBE_OPTION
-def merge(branches, recipe, operator, params, base, every_tensor, dry_run, message, as_json, probe, **search):
+@probe_options
+def merge(branches, recipe, operator, params, base, every_tensor, dry_run, message, as_json, probe, hf_probe, **search):
     """Merge BRANCHES into HEAD, merging models tensor by tensor.
 
     One branch is a plain 'git merge' through the merge driver with this operator; several
@@ -239,7 +239,7 @@ def merge(branches, recipe, operator, params, base, every_tensor, dry_run, messa
         return _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_json, search)
     if operator == "auto" and not every_tensor and not porcelain.up_to_date(repo, branches):
         try:
-            done = merge_search.auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe)
+            done = merge_search.auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe, hf_probe)
         finally:
             repo.close()
         if done is True:
@@ -369,8 +369,10 @@ def _search_merge(repo, branches, raw, base, every_tensor, dry_run, message, as_
 @click.option("--dry-run", is_flag=True, help="With --search: the table only, OUTPUT is not written.")
 @click.option("--json", "as_json", is_flag=True, help="With --search: machine-readable output.")
 @search_options
-@PROBE_OPTION
-def merge_files(files, recipe, operator, params, base, every_tensor, output, dry_run, as_json, probe, **search):
+@probe_options
+def merge_files(
+    files, recipe, operator, params, base, every_tensor, output, dry_run, as_json, probe, hf_probe, **search
+):
     """Merge checkpoint FILES or model folders (outside git history) into OUTPUT, or run a mergekit recipe."""
     from git_theta.merge.config import parse_param_flags
     from git_theta.porcelain.merge_files import merge_files as run
@@ -417,7 +419,7 @@ def merge_files(files, recipe, operator, params, base, every_tensor, output, dry
     if operator == "auto" and not every_tensor:
         from git_theta.porcelain.merge_search import auto_files
 
-        prediction = auto_files(list(files), base, probe)
+        prediction = auto_files(list(files), base, probe, hf_probe)
         if prediction is not None:
             if dry_run:
                 merge_search.explain(prediction, as_json)

@@ -43,10 +43,18 @@ SEARCH_OPTIONS = (
 )
 
 
-def search_options(command):
-    for option in reversed(SEARCH_OPTIONS):
-        command = option(command)
-    return command
+def _options(options):
+    """A decorator applying click ``options`` in the order listed (as written above a command)."""
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+search_options = _options(SEARCH_OPTIONS)
 
 
 def check(search, eval_cmd):
@@ -97,11 +105,22 @@ def render(outcome, as_json, what):
     click.echo(f"best: {outcome.best.candidate.label} (score {outcome.best.score:.4g}); {what}")
 
 
-PROBE_OPTION = click.option(
-    "--probe",
-    metavar="CMD",
-    help="With --operator auto: shell command printing activations of {model} on fixed probe inputs (adds functional signals).",
+PROBE_OPTIONS = (
+    click.option(
+        "--probe",
+        metavar="CMD",
+        help="With --operator auto: shell command printing activations of {model} on fixed probe inputs (adds functional signals).",
+    ),
+    click.option(
+        "--hf-probe/--no-hf-probe",
+        default=True,
+        show_default=True,
+        help="With --operator auto and no --probe: for Hugging Face folders, hidden states on generated inputs "
+        "(needs transformers) add functional signals.",
+    ),
 )
+
+probe_options = _options(PROBE_OPTIONS)
 
 
 def explain(prediction, as_json=False):
@@ -111,6 +130,8 @@ def explain(prediction, as_json=False):
         return
     click.echo(f"auto ({prediction.predictor} predictor, fitted on bench/merge_eval.py; see docs/merge-search.md):")
     click.echo("  features: " + " ".join(f"{k}={v:.3g}" for k, v in prediction.features.items()))
+    if prediction.functional:
+        click.echo(f"  functional features (act_cosine, log_act_rel): {prediction.functional}")
     click.echo("  predicted normalized accuracy:")
     for recipe, score in prediction.scores:
         mark = "*" if recipe == prediction.scores[0][0] else " "
@@ -122,7 +143,7 @@ def explain(prediction, as_json=False):
     click.echo(f"  pick: {prediction.recipe}")
 
 
-def auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe):
+def auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe, hf_probe=True):
     """``merge --operator auto``: predict, explain or merge with the pick; False when auto has nothing
     to go on (no common base or no checkpoint changed on several sides): the per-tensor rule then.
     Otherwise True, or the TreeMerge when it conflicts."""
@@ -132,7 +153,7 @@ def auto_merge(repo, branches, raw, base, dry_run, message, as_json, probe):
     from git_theta.porcelain.merge_search import auto_line, auto_merge as predict, auto_note
     from git_theta.cli.commands.merge import print_plan
 
-    prediction = predict(repo, list(branches), base, probe)
+    prediction = predict(repo, list(branches), base, probe, hf_probe)
     if prediction is None:
         return False
     chosen = prediction.branches
