@@ -1,6 +1,6 @@
 """``--operator auto`` on Hugging Face model folders: hidden-state probes (functional features from
 transformers, or a stated fallback to structural ones) and ``merge-files --operator auto`` with
-sharded folders. Uses the real transformers folders in /work/shared/fixtures/hf (tiny Llama)."""
+sharded folders. Uses the real transformers folders in tests/fixtures/hf (tiny Llama)."""
 
 import json
 import shutil
@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-HF = Path("/work/shared/fixtures/hf")
-needs_hf = pytest.mark.skipif(not (HF / "fresh").is_dir(), reason="HF fixtures not present")
-pytestmark = needs_hf
+HF = Path(__file__).parent / "fixtures" / "hf"
 
 
 def copy(source, dest):

@@ -501,8 +501,7 @@ def test_merge_files_reads_safetensors_inputs_in_place_and_notices_a_changed_fil
 # ------------------------------------------------------------------------------------------------
 # Hugging Face model folders (shards + index json) as recipe models and as the output
 
-HF = Path("/work/shared/fixtures/hf")
-needs_hf = pytest.mark.skipif(not (HF / "fresh").is_dir(), reason="HF fixtures not present")
+HF = Path(__file__).parent / "fixtures" / "hf"
 
 
 def read_folder(folder):
@@ -538,7 +537,6 @@ dtype: float32
 """
 
 
-@needs_hf
 def test_recipe_over_model_folders_equals_the_recipe_over_single_files(tmp_path, repo):
     folders = {"a": HF / "tuned", "b": HF / "lora-merged", "base": HF / "fresh"}
     files = {k: single_file(v, tmp_path / f"{k}.safetensors") for k, v in folders.items()}
@@ -560,7 +558,6 @@ def test_recipe_over_model_folders_equals_the_recipe_over_single_files(tmp_path,
     assert len(changed) == 11
 
 
-@needs_hf
 def test_merge_files_takes_folders_and_keeps_the_first_models_layout_without_a_base(tmp_path, repo):
     out = tmp_path / "avg"
     repo.theta("merge-files", "--operator", "linear", str(HF / "resharded"), str(HF / "lora-merged"), "-o", str(out))
@@ -593,7 +590,6 @@ def test_merge_files_takes_folders_and_keeps_the_first_models_layout_without_a_b
     assert again.keys() == got.keys() and all(np.array_equal(again[n], got[n]) for n in got)
 
 
-@needs_hf
 def test_model_folder_errors_name_the_file_and_leave_the_output_alone(tmp_path, repo):
 
     broken = tmp_path / "broken"
@@ -650,7 +646,6 @@ def test_model_folder_errors_name_the_file_and_leave_the_output_alone(tmp_path, 
     assert (taken / "model-00001-of-00002.safetensors").read_bytes() == b"keep me"
 
 
-@needs_hf
 def test_passthrough_slices_of_folders_write_a_resharded_folder(tmp_path, repo):
 
     write(
@@ -709,7 +704,6 @@ merge_method: passthrough
     assert proc.returncode == 2 and "HEAD is none of the recipe's models" in proc.stderr
 
 
-@needs_hf
 def test_sliced_recipe_on_a_sharded_model_in_git_is_refused_with_a_hint(tmp_path, repo):
 
     shutil.copytree(HF / "fresh", repo.file("llama"), copy_function=shutil.copy)

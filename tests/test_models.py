@@ -1,7 +1,7 @@
 """Models, not files (issue 15): a sharded Hugging Face folder is one model for clean, diff, load,
 ls-files and git theta add; PEFT adapters are shown with their base; bad layouts are clear errors.
 
-Uses the real transformers/peft folders in /work/shared/fixtures/hf (see its README) and sharded
+Uses the real transformers/peft folders in tests/fixtures/hf (see its README) and sharded
 folders written here the way transformers writes them (safetensors shards with ``{"format": "pt"}``
 metadata and an indent-2 ``model.safetensors.index.json``).
 """
@@ -20,8 +20,7 @@ from conftest import save_safetensors
 from format_helpers import object_files
 from test_diff import SCHEMA as DIFF_SCHEMA
 
-HF = Path("/work/shared/fixtures/hf")
-needs_fixtures = pytest.mark.skipif(not (HF / "fresh").is_dir(), reason="HF fixtures not present")
+HF = Path(__file__).parent / "fixtures" / "hf"
 
 
 def put_folder(repo, source, dest="model"):
@@ -106,7 +105,6 @@ def folder_tensors(folder):
     return out
 
 
-@needs_fixtures
 def test_transformers_resave_tune_and_reshard(repo):
     repo.git("config", "theta.packThreshold", "0")  # one object file per tensor: counted below
     put_folder(repo, HF / "fresh")
@@ -177,7 +175,6 @@ def test_transformers_resave_tune_and_reshard(repo):
     assert repo.status() == ""
 
 
-@needs_fixtures
 def test_real_peft_adapter_merged_into_a_sharded_model(repo):
     put_folder(repo, HF / "tuned", "tuned")
     put_folder(repo, HF / "adapter", "adapter")  # its config names "tuned" as the base
