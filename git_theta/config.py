@@ -43,6 +43,11 @@ DEFAULTS = {
         "objects up to this many bytes written by one clean go into a pack (0: never pack)",
     ),
     "packSize": (64 << 20, "int", "bytes of small objects collected before a pack is written"),
+    "streamThreshold": (
+        64 << 20,
+        "int",
+        "tensors of at least this many bytes are read, encoded and decoded in pieces (memory: one copy)",
+    ),
     "pruneExpire": ("1.hour", "str", "git theta prune keeps unreferenced objects younger than this"),
 }
 

@@ -46,6 +46,7 @@ from git_theta.manifest import MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, i
 from git_theta.formats.peekable import PeekableReader
 from git_theta.config import settings_for
 from git_theta.tensors.keyframes import needs_keyframe
+from git_theta.tensors.streaming import hashes_of
 from git_theta.updates.base import TensorData
 
 BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
@@ -254,7 +255,8 @@ class Cleaner:
                     f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
                     f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}"
                 )
-            fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
+            hashed = hashes_of(tensor.data)  # a huge tensor was hashed while it was read
+            fingerprint = hashed[1] if hashed else xxhash.xxh3_128_hexdigest(tensor.data)
             previous = cached_entries.get(tensor.name)
             if (
                 previous is not None
@@ -265,7 +267,7 @@ class Cleaner:
                 and self._vouched(previous, path, check=False)
             ):
                 return previous, fingerprint
-            tensor.digest = tensor_digest(tensor.data)
+            tensor.digest = hashed[0] if hashed else tensor_digest(tensor.data)
             return None, fingerprint
 
         def clean_new(tensor, stored):
@@ -303,6 +305,7 @@ class Cleaner:
         with self.store.packing():
             futures = []
             checkpoint = fmt.split(reader, path)
+            checkpoint.stream_threshold = self.settings.get_int("streamThreshold")
             try:
                 # Small tensors go to the workers in batches: a future, a lock round and an index
                 # query per tensor cost more than hashing a small tensor.
