@@ -235,6 +235,7 @@ def main():
     parser.add_argument("--versions", type=int, default=12, help="versions of the sparse history (issue: 40)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated cases: many,tiny,huge,history,dense")
+    parser.add_argument("--tensor-mib", type=int, default=1, help="histories: size of each of the 16 tensors")
     parser.add_argument("--no-clone", action="store_true", help="histories: skip the push and fresh clone")
     args = parser.parse_args()
     if not shutil.which("git-lfs"):
@@ -254,12 +255,14 @@ def main():
                         server = start_lfs_server(work, env)
                     url = lambda name: f"http://127.0.0.1:{server[1]}/team/{name}.git/info/lfs"  # noqa: E731
                 sources = []
-                states = sparse_history(args.versions) if case == "history" else dense_history(args.versions)
+                width = args.tensor_mib << 18
+                make = sparse_history if case == "history" else dense_history
+                states = make(args.versions, width=width)
                 for n, state in enumerate(states):
                     sources.append(work / f"{case}-{n}.safetensors")
                     save(state, sources[-1])
                 del states
-                title = f"{args.versions} versions of 16 x 1 MiB fp32 tensors, " + (
+                title = f"{args.versions} versions of 16 x {args.tensor_mib} MiB fp32 tensors, " + (
                     "1% of entries changed per version" if case == "history" else "every entry moved (dense fine-tune)"
                 )
                 runner = lambda tool, place, arg, env: history(tool, place, arg, env, url)  # noqa: E731

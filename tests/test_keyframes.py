@@ -52,10 +52,12 @@ def test_sparse_history_stacks_deltas_and_a_drifting_one_rekeys(repo):
 def test_a_delta_is_stored_only_while_its_chain_stays_near_the_raw_size():
     from git_theta.tensors.keyframes import chain_fits
 
-    assert chain_fits(_chain(800), 250, 1000, 110)  # 1050 bytes to read for 1000 raw
-    assert not chain_fits(_chain(800), 350, 1000, 110)  # 1150: a keyframe is cheaper to read and fetch
-    assert not chain_fits(_chain(10, 10, 900), 200, 1000, 110)  # the whole chain counts
-    assert chain_fits(_chain(800), 350, 1000, 200)  # the percentage is a setting
+    raw = 100_000
+    assert chain_fits(_chain(80_000), 25_000, raw, 110)  # 1.05x the raw size to read
+    assert not chain_fits(_chain(80_000), 35_000, raw, 110)  # 1.15x: a keyframe is cheaper to read and fetch
+    assert not chain_fits(_chain(1000, 1000, 90_000), 25_000, raw, 110)  # the whole chain counts
+    assert chain_fits(_chain(80_000), 35_000, raw, 200)  # the percentage is a setting
+    assert chain_fits(_chain(400), 300, 256, 110)  # a tiny tensor's objects are mostly header
 
 
 def _dense_fine_tune(repo, versions=4):

@@ -36,8 +36,15 @@ def needs_keyframe(entry, max_depth, percent):
     return deltas * 100 >= percent * keyframe
 
 
+#: bytes of object headers a chain may add beyond ``theta.maxChainPercent`` of the raw size: a
+#: small tensor's objects are mostly header (a 256-byte tensor's keyframe is ~400 bytes), and its
+#: deltas still save space; for a large tensor this is noise.
+HEADER_SLACK = 4096
+
+
 def chain_fits(base_entry, delta_bytes, raw_bytes, percent):
     """True when a delta of ``delta_bytes`` on ``base_entry``'s chain keeps the chain (every
-    object a checkout of the new version reads) within ``percent`` percent of ``raw_bytes``."""
+    object a checkout of the new version reads) within ``percent`` percent of ``raw_bytes``
+    (plus :data:`HEADER_SLACK`)."""
     chain = sum(ref.size for ref in base_entry.objects) + delta_bytes
-    return chain * 100 <= percent * raw_bytes
+    return chain * 100 <= percent * raw_bytes + HEADER_SLACK * 100
