@@ -27,8 +27,9 @@ from git_theta.store.container import _FRAME_HEAD
 
 #: bytes read from the pipe (and hashed) at a time
 PIECE = 8 << 20
-#: the buffer for a tensor being read starts at this size and grows by a quarter at a time
-FIRST_BYTES = 64 << 20
+#: the buffer for a tensor being read starts at this size and grows by a quarter (at least this
+#: much) at a time, ahead of the bytes that arrive
+FIRST_BYTES = 8 << 20
 #: encoded chunks in flight ahead of the object writer, per worker thread
 AHEAD = 2
 
@@ -86,7 +87,7 @@ class HashedBuffer(bytearray):
 def read_hashed(stream, size, truncated):
     """Read exactly ``size`` bytes of ``stream`` into a new :class:`HashedBuffer`, hashing them
     on the way. ``truncated(got)`` makes the exception raised when the stream ends early. Memory
-    is the bytes received plus at most a quarter of them.
+    is the bytes received plus at most a quarter of them (or FIRST_BYTES), whatever ``size`` claims.
     """
     hasher = _Hasher()
     try:
