@@ -121,12 +121,10 @@ def hashes_of(data):
     return (data.sha256, data.xxh3) if isinstance(data, HashedBuffer) and data.sha256 else None
 
 
-_ZERO_BLOCK = bytes(PIECE)
-
-
 def _zeros(count):
-    """``count`` zero bytes as views of one shared block (no tensor-sized temporary)."""
-    view = memoryview(_ZERO_BLOCK)
+    """``count`` zero bytes as views of one block of at most a piece (no tensor-sized temporary;
+    the block is calloc'ed, so its pages are never made resident)."""
+    view = memoryview(bytes(min(count, PIECE)))
     while count > 0:
         take = min(count, len(view))
         yield view[:take]
