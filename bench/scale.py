@@ -9,6 +9,7 @@ the files and bytes in each store. The machine's load (``uptime``) is printed wi
 
     python bench/scale.py                      # the issue's rows, scaled to run in ~10 minutes
     python bench/scale.py --tiny 200000 --huge-mib 1024 --repeats 3
+    python bench/scale.py --only history,dense --versions 40   # histories, push and fresh clone
 
 Git LFS must be installed (``apt-get install git-lfs``).
 """
@@ -72,6 +73,30 @@ def sparse_history(versions, tensors=16, width=1 << 18, seed=0):
     return out
 
 
+def dense_history(versions, tensors=16, width=1 << 18, seed=0):
+    """``versions`` states of a dense fine-tune: every entry moves a little (~0.5%) per version."""
+    rng = np.random.default_rng(seed)
+    state = {f"layer.{i}.weight": (0.02 * rng.standard_normal(width)).astype(np.float32) for i in range(tensors)}
+    out = [dict(state)]
+    for _ in range(versions - 1):
+        state = {k: v + (1e-4 * rng.standard_normal(width)).astype(np.float32) for k, v in state.items()}
+        out.append(state)
+    return out
+
+
+def filter_measured(tool, cmd, cwd, env):
+    """``measured`` of a git command, plus the peak RSS in MiB of its filter process alone (the
+    filter runs under /usr/bin/time; 0 when that is not installed)."""
+    if not os.path.exists("/usr/bin/time"):
+        return (*measured(cmd, cwd, env), 0.0)
+    kind, program = ("theta", "git-theta") if tool == "git-theta" else ("lfs", "git-lfs")
+    out = Path(cwd) / ".git" / "filter-rss"
+    wrapped = ["git", "-c", f"filter.{kind}.process=/usr/bin/time -f %M -o {out} {program} filter-process", *cmd[1:]]
+    seconds, peak = measured(wrapped, cwd, env)
+    text = out.read_text().split() if out.exists() else []
+    return seconds, peak, int(text[-1]) / 1024 if text else 0.0
+
+
 def new_repo(tool, path, env):
     path.mkdir(parents=True)
     git = lambda *a: subprocess.run(["git", *a], cwd=path, env=env, check=True, capture_output=True)  # noqa: E731
@@ -90,10 +115,10 @@ def one_file(tool, work, source, env):
     git, store = new_repo(tool, work, env)
     target = work / "model.safetensors"
     shutil.copyfile(source, target)
-    t_add, m_add = measured(["git", "add", target.name], work, env)
+    t_add, m_add, f_add = filter_measured(tool, ["git", "add", target.name], work, env)
     t_commit, _ = measured(["git", "commit", "-qm", "v1"], work, env)
     target.unlink()
-    t_checkout, m_checkout = measured(["git", "checkout", "--", target.name], work, env)
+    t_checkout, m_checkout, f_checkout = filter_measured(tool, ["git", "checkout", "--", target.name], work, env)
     if target.read_bytes() != Path(source).read_bytes():
         raise SystemExit(f"{tool}: checkout is not byte-identical")
     os.utime(target)
@@ -106,37 +131,75 @@ def one_file(tool, work, source, env):
         "status": t_status,
         "peak MiB add": m_add,
         "peak MiB checkout": m_checkout,
+        "filter MiB add": f_add,
+        "filter MiB checkout": f_checkout,
         "store files": files,
         "store MB": du(store) / 1e6,
     }
 
 
-def history(tool, work, sources, env):
-    """Commit every version in turn; then check out the first and the last."""
+def history(tool, work, sources, env, server=None):
+    """Commit every version in turn; check out the first, a middle and the last version; with
+    ``server`` (an LFS server's URL maker) push everything and time a fresh clone of HEAD."""
     git, store = new_repo(tool, work, env)
     target = work / "model.safetensors"
     t_add = 0.0
+    growth = []  # store bytes added by each version
     for n, source in enumerate(sources):
         shutil.copyfile(source, target)
+        before = du(store) if store.exists() else 0
         t, _ = measured(["git", "add", target.name], work, env)
         t_add += t
         git("commit", "-qm", f"v{n}")
+        growth.append(du(store) - before)
     times = {}
+    middle = len(sources) // 2
     for label, rev, source in (
         ("checkout first", f"HEAD~{len(sources) - 1}", sources[0]),
+        ("checkout middle", f"HEAD~{len(sources) - 1 - middle}", sources[middle]),
         ("checkout last", "HEAD", sources[-1]),
     ):
         target.unlink()
         times[label], _ = measured(["git", "checkout", "-q", rev, "--", target.name], work, env)
         if target.read_bytes() != Path(source).read_bytes():
             raise SystemExit(f"{tool}: {label} is not byte-identical")
+    git("checkout", "-q", "HEAD", "--", target.name)
+    size = Path(sources[0]).stat().st_size
     raw = sum(Path(s).stat().st_size for s in sources)
-    return {
+    quarter = max(1, len(sources) // 4)
+    result = {
         "add (all versions)": t_add,
         **times,
         "store / raw": du(store) / raw,
+        "first quarter / raw": sum(growth[1 : 1 + quarter]) / (quarter * size),
+        "last quarter / raw": sum(growth[-quarter:]) / (quarter * size),
         "store files": sum(1 for p in store.rglob("*") if p.is_file()),
     }
+    if server is not None:
+        result.update(clone_head(tool, work, sources[-1], env, server))
+    return result
+
+
+def clone_head(tool, work, head, env, server):
+    """Push the repository at ``work`` (all versions) to a bare repository and the LFS server;
+    then time ``git clone`` of it and count the bytes the clone fetched into its store."""
+    bare = work.parent / f"{work.name}.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], env=env, check=True, capture_output=True)
+    git = lambda *a: subprocess.run(["git", *a], cwd=work, env=env, check=True, capture_output=True)  # noqa: E731
+    (work / ".lfsconfig").write_text(f"[lfs]\n\turl = {server(work.name)}\n")
+    git("add", ".lfsconfig")
+    git("commit", "-qm", "lfs url")
+    git("remote", "add", "origin", str(bare))
+    t_push, _ = measured(["git", "push", "-q", "origin", "main"], work, env)
+    clone = work.parent / f"{work.name}-clone"
+    t_clone, _ = measured(["git", "clone", "-q", str(bare), str(clone)], work.parent, env)
+    if (clone / "model.safetensors").read_bytes() != Path(head).read_bytes():
+        raise SystemExit(f"{tool}: the clone's checkpoint is not byte-identical")
+    store = clone / ".git" / ("theta" if tool == "git-theta" else "lfs") / "objects"
+    moved = du(store)
+    shutil.rmtree(clone, ignore_errors=True)
+    shutil.rmtree(bare, ignore_errors=True)
+    return {"push (all versions)": t_push, "fresh clone": t_clone, "clone MB fetched": moved / 1e6}
 
 
 def run_case(name, runner, arg, repeats, work, env):
@@ -171,24 +234,39 @@ def main():
     parser.add_argument("--huge-mib", type=int, default=256, help="size of the one huge tensor (issue: 1024)")
     parser.add_argument("--versions", type=int, default=12, help="versions of the sparse history (issue: 40)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="", help="comma-separated cases: many,tiny,huge,history")
+    parser.add_argument("--only", default="", help="comma-separated cases: many,tiny,huge,history,dense")
+    parser.add_argument("--tensor-mib", type=int, default=1, help="histories: size of each of the 16 tensors")
+    parser.add_argument("--no-clone", action="store_true", help="histories: skip the push and fresh clone")
     args = parser.parse_args()
     if not shutil.which("git-lfs"):
         raise SystemExit("git-lfs is not installed")
     work = Path(tempfile.mkdtemp(prefix="theta-scale-"))
     started = time.time()
+    server = None
     try:
         env = isolated_env(work / "home")
-        cases = [c for c in ("many", "tiny", "huge", "history") if not args.only or c in args.only.split(",")]
+        cases = [c for c in ("many", "tiny", "huge", "history", "dense") if not args.only or c in args.only.split(",")]
         results = []
         for case in cases:
-            if case == "history":
+            if case in ("history", "dense"):
+                url = None
+                if not args.no_clone:
+                    if server is None:
+                        server = start_lfs_server(work, env)
+                    url = lambda name: f"http://127.0.0.1:{server[1]}/team/{name}.git/info/lfs"  # noqa: E731
                 sources = []
-                for n, state in enumerate(sparse_history(args.versions)):
-                    sources.append(work / f"hist-{n}.safetensors")
+                width = args.tensor_mib << 18
+                make = sparse_history if case == "history" else dense_history
+                states = make(args.versions, width=width)
+                for n, state in enumerate(states):
+                    sources.append(work / f"{case}-{n}.safetensors")
                     save(state, sources[-1])
-                title = f"{args.versions} versions of 16 x 1 MiB fp32 tensors, 1% of entries changed per version"
-                results.append((title, run_case(case, history, sources, max(1, args.repeats - 1), work, env)))
+                del states
+                title = f"{args.versions} versions of 16 x {args.tensor_mib} MiB fp32 tensors, " + (
+                    "1% of entries changed per version" if case == "history" else "every entry moved (dense fine-tune)"
+                )
+                runner = lambda tool, place, arg, env: history(tool, place, arg, env, url)  # noqa: E731
+                results.append((title, run_case(case, runner, sources, args.repeats, work, env)))
                 continue
             state = {
                 "many": lambda: many_small(args.many),
@@ -212,7 +290,22 @@ def main():
         print(f"\nmedians of alternating runs; {time.time() - started:.0f} s in all")
         print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     finally:
+        if server is not None:
+            server[0].terminate()
+            server[0].wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def start_lfs_server(work, env):
+    """The real Git LFS server of the tests (giftless), and global installs of both filters so a
+    fresh clone smudges: (process, port)."""
+    from remote import start_server
+
+    for install in (["git", "theta", "install"], ["git", "lfs", "install", "--skip-repo"]):
+        subprocess.run(install, cwd=work, env=env, check=True, capture_output=True)
+    storage = work / "lfs-server"
+    storage.mkdir()
+    return start_server(storage)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ DEFAULTS = {
     "memoryBudget": (192 << 20, "int", "bytes of tensors in flight beyond the one being read"),
     "maxChainDepth": (32, "int", "deltas on top of a dense keyframe before clean stores a new keyframe in any case"),
     "keyframePercent": (50, "int", "a new keyframe once the deltas on a keyframe add up to this percent of its size"),
+    "maxChainPercent": (
+        110,
+        "int",
+        "a delta is stored only if its whole chain stays within this percent of the tensor's raw size",
+    ),
     "maxFullDeltas": (
         1,
         "int",
@@ -43,6 +48,11 @@ DEFAULTS = {
         "objects up to this many bytes written by one clean go into a pack (0: never pack)",
     ),
     "packSize": (64 << 20, "int", "bytes of small objects collected before a pack is written"),
+    "streamThreshold": (
+        64 << 20,
+        "int",
+        "tensors of at least this many bytes are read, encoded and decoded in pieces (memory: one copy)",
+    ),
     "pruneExpire": ("1.hour", "str", "git theta prune keeps unreferenced objects younger than this"),
 }
 

@@ -1,5 +1,6 @@
 """Keyframes by cost (git_theta/tensors/keyframes.py): a sparse history stacks deltas, a chain whose
-deltas add up to half a keyframe gets a new one, and the depth cap still bounds every chain."""
+deltas add up to half a keyframe gets a new one, the depth cap still bounds every chain, and no
+version's chain passes theta.maxChainPercent of its raw size (what a checkout or clone reads)."""
 
 import numpy as np
 
@@ -46,3 +47,42 @@ def test_sparse_history_stacks_deltas_and_a_drifting_one_rekeys(repo):
     for k, data in zip(range(9, -1, -1), expected):
         repo.git("checkout", "-q", f"HEAD~{k}", "--", MODEL)
         assert repo.file(MODEL).read_bytes() == data
+
+
+def test_a_delta_is_stored_only_while_its_chain_stays_near_the_raw_size():
+    from git_theta.tensors.keyframes import chain_fits
+
+    raw = 100_000
+    assert chain_fits(_chain(80_000), 25_000, raw, 110)  # 1.05x the raw size to read
+    assert not chain_fits(_chain(80_000), 35_000, raw, 110)  # 1.15x: a keyframe is cheaper to read and fetch
+    assert not chain_fits(_chain(1000, 1000, 90_000), 25_000, raw, 110)  # the whole chain counts
+    assert chain_fits(_chain(80_000), 35_000, raw, 200)  # the percentage is a setting
+    assert chain_fits(_chain(400), 300, 256, 110)  # a tiny tensor's objects are mostly header
+
+
+def _dense_fine_tune(repo, versions=4):
+    """Commit ``versions`` states where every entry moves a little; return the manifests' entries."""
+    rng = np.random.default_rng(4)
+    weight = (0.02 * rng.standard_normal(20000)).astype(np.float32)
+    for version in range(versions):
+        if version:
+            weight = weight + (1e-4 * rng.standard_normal(weight.size)).astype(np.float32)
+        save_safetensors(repo.file(MODEL), {"w": weight})
+        repo.commit(f"v{version}", MODEL)
+    return [Manifest.parse(repo.show(f"HEAD~{k}:{MODEL}")).tensors["w"] for k in range(versions - 1, -1, -1)]
+
+
+def test_a_dense_fine_tune_is_stored_flat_and_every_version_reads_near_its_size(repo):
+    entries = _dense_fine_tune(repo)
+    raw = 20000 * 4
+    # each delta would be most of a keyframe: every version is one, so a checkout or a fresh clone
+    # of any version reads one object and the store grows by the same amount per version
+    assert all(e.chain_depth == 0 for e in entries)
+    assert all(sum(r.size for r in e.objects) <= 1.1 * raw for e in entries)
+
+
+def test_raising_max_chain_percent_keeps_whole_tensor_deltas(repo):
+    repo.git("config", "theta.maxChainPercent", "1000")
+    entries = _dense_fine_tune(repo)
+    # the first change is stored as a delta again (smaller store, more to read for that version)
+    assert entries[1].update == "int-delta" and sum(r.size for r in entries[1].objects) > 1.1 * 20000 * 4

@@ -99,6 +99,7 @@ def test_chain_of_ten_versions_checked_out_in_random_order(repo, tmp_path):
     """Ten versions mixing every update type (automatic, forced, side-loaded), depth bounded."""
     repo.git("config", "theta.maxChainDepth", "3")
     repo.git("config", "theta.keyframePercent", "1000")  # the chain rules here, not the cost rule (test_keyframes.py)
+    repo.git("config", "theta.maxChainPercent", "100000")  # nor the bound on a chain's bytes
     rng = np.random.default_rng(7)
     model = base_model()
     side_file = tmp_path / "update.safetensors"
@@ -182,6 +183,7 @@ def test_rebase_and_cherry_pick_keep_deltas_valid(repo):
 
 
 def test_forced_update_types_and_base(repo):
+    repo.git("config", "theta.maxChainPercent", "100000")  # deltas even where a keyframe is as cheap to read
     rng = np.random.default_rng(2)
     model = base_model()
     write(repo, model)
@@ -341,6 +343,7 @@ def test_whole_tensor_deltas_are_taken_against_the_keyframe(repo):
     committed, and every version still checks out byte for byte.
     """
     repo.git("config", "theta.keyframePercent", "1000")  # the chain rules here, not the cost rule (test_keyframes.py)
+    repo.git("config", "theta.maxChainPercent", "100000")  # nor the bound on a chain's bytes
     rng = np.random.default_rng(21)
     model = base_model()
     steps = [None, small_steps, small_steps, sparse_change, small_steps, small_steps]
@@ -379,6 +382,7 @@ def test_forced_types_on_a_full_chain(repo):
     """On a chain full of whole-tensor deltas a forced sparse change stacks on the parent, a forced
     int-delta goes to the keyframe; both check out exactly."""
     repo.git("config", "theta.keyframePercent", "1000")  # the chain rules here, not the cost rule (test_keyframes.py)
+    repo.git("config", "theta.maxChainPercent", "100000")  # nor the bound on a chain's bytes
     rng = np.random.default_rng(5)
     model = base_model()
     expected = []

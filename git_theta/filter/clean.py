@@ -45,7 +45,8 @@ from git_theta.errors import (
 from git_theta.manifest import MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, is_manifest
 from git_theta.formats.peekable import PeekableReader
 from git_theta.config import settings_for
-from git_theta.tensors.keyframes import needs_keyframe
+from git_theta.tensors.keyframes import chain_fits, needs_keyframe
+from git_theta.tensors.streaming import hashes_of
 from git_theta.updates.base import TensorData
 
 BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
@@ -254,7 +255,8 @@ class Cleaner:
                     f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
                     f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}"
                 )
-            fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
+            hashed = hashes_of(tensor.data)  # a huge tensor was hashed while it was read
+            fingerprint = hashed[1] if hashed else xxhash.xxh3_128_hexdigest(tensor.data)
             previous = cached_entries.get(tensor.name)
             if (
                 previous is not None
@@ -265,7 +267,7 @@ class Cleaner:
                 and self._vouched(previous, path, check=False)
             ):
                 return previous, fingerprint
-            tensor.digest = tensor_digest(tensor.data)
+            tensor.digest = hashed[0] if hashed else tensor_digest(tensor.data)
             return None, fingerprint
 
         def clean_new(tensor, stored):
@@ -303,6 +305,7 @@ class Cleaner:
         with self.store.packing():
             futures = []
             checkpoint = fmt.split(reader, path)
+            checkpoint.stream_threshold = self.settings.get_int("streamThreshold")
             try:
                 # Small tensors go to the workers in batches: a future, a lock round and an index
                 # query per tensor cost more than hashing a small tensor.
@@ -408,12 +411,23 @@ class Cleaner:
                 result = _partial_delta(tensor, base, request)
                 if result is None:
                     result = _encode_against(tensor, keyframe, request, None)
-                    return store_encoded(self.store, tensor, *result, base=keyframe, base_entry=key_entry)
+                    base, base_entry = keyframe, key_entry
             else:
                 result = _encode_against(tensor, base, request, supplied)
+            if not self._fits(result, base_entry, size, request):
+                return encode_tensor(self.store, tensor)  # reading this version stays near its raw size
             return store_encoded(self.store, tensor, *result, base=base, base_entry=base_entry)
         finally:
             budget.release(held)
+
+    def _fits(self, result, base_entry, raw_bytes, request):
+        """False when ``result`` is a delta whose chain on ``base_entry`` would pass
+        ``theta.maxChainPercent`` of the tensor's raw size (:func:`chain_fits`); an update type
+        or adapter the user named is kept as asked."""
+        update, encoded = result
+        if update.keyframe or (request is not None and (request.update_type or request.adapter)):
+            return True
+        return chain_fits(base_entry, encoded_size(encoded), raw_bytes, self.settings.get_int("maxChainPercent"))
 
     def _full_chain_headers(self, entry):
         """The object headers of ``entry``'s chain (see :func:`chain_headers`) when it stacks

@@ -19,6 +19,10 @@ class CheckpointReader:
         self.path = path  # the work-tree path, for messages
         self.fields = {}
         self.blobs = {}  # key -> bytes (the clean pipeline stores them)
+        #: set by clean (``theta.streamThreshold``): a reader may read tensors of at least this
+        #: many bytes with :func:`git_theta.tensors.streaming.read_hashed`, which hashes them
+        #: while they arrive (None: never)
+        self.stream_threshold = None
 
     def tensors(self):
         """Yield :class:`git_theta.updates.base.TensorData` objects (without digest)."""

@@ -15,6 +15,7 @@ from git_theta.dtypes import DTYPES, nbytes
 from git_theta.errors import CheckpointError
 from git_theta.updates.base import TensorData
 from git_theta.formats.base import CheckpointFormat, CheckpointReader
+from git_theta.tensors.streaming import read_hashed
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 _PREALLOCATE = 64 << 20  # tensors up to this size are read into one preallocated buffer
@@ -157,8 +158,15 @@ class _Reader(CheckpointReader):
         described = [(n, d, s) for n, d, s, _, _ in tensors]
         if [t[:3] for t in _canonical_order(described)] != described or build_header(metadata, described) != raw:
             self.blobs["header"] = raw
+        huge = self.stream_threshold
         for name, dtype, shape, begin, end in tensors:
-            data = _read_exact(self.stream, end - begin, path, f"tensor {name!r}")
+            what = f"tensor {name!r}"
+            if huge is not None and end - begin >= max(huge, 1):
+                # Read once into its final buffer and hashed on the way (tensors/streaming.py).
+                size = end - begin
+                data = read_hashed(self.stream, size, lambda got: _truncated(path, what, got, size))
+            else:
+                data = _read_exact(self.stream, end - begin, path, what)
             yield TensorData(name, dtype, shape, data)
         if self.stream.read(1):
             raise CheckpointError(f"{path}: unexpected bytes after the last tensor (corrupt or not a safetensors file)")

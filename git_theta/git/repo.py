@@ -121,6 +121,8 @@ class Repo:
         )
         store.trust = TrustLedger(self.cache)
         store.max_chain_objects = max_chain_objects(settings.get_int("maxChainDepth"))
+        store.stream_threshold = max(1, settings.get_int("streamThreshold"))  # see tensors/streaming.py
+        store.threads = settings.threads()
         return store
 
     @cached_property

@@ -41,6 +41,10 @@ class ObjectStore:
         # accepts. Without a ledger nothing is trusted, so every decode is sha256-verified.
         self.trust = None
         self.max_chain_objects = max_chain_objects(DEFAULTS["maxChainDepth"][0])
+        # Also set by the repository: dense keyframes of at least this many bytes are encoded in
+        # pieces on this many threads while they are written (git_theta/tensors/streaming.py).
+        self.stream_threshold = DEFAULTS["streamThreshold"][0]
+        self.threads = 1
         self.pack_threshold = packs.DEFAULT_THRESHOLD if pack_threshold is None else pack_threshold
         self.pack_size = packs.DEFAULT_SIZE if pack_size is None else pack_size
         if max_object_size:  # a pack is an object: it must fit the host too

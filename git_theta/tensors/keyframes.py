@@ -11,6 +11,14 @@ letting a chain of large deltas grow unchecked below the cap. The rule here pric
 - and in any case after ``theta.maxChainDepth`` deltas (32 by default), which bounds the objects a
   checkout opens per tensor however small they are.
 
+A third rule bounds what reading any one version costs, checkout and fresh clone alike: a delta
+is stored only when its chain (keyframe plus deltas, this delta included) stays within
+``theta.maxChainPercent`` percent (110 by default) of the tensor's raw size; otherwise the version
+is stored as a keyframe. Git LFS reads and fetches exactly the raw size, so a clone of any version
+moves at most 1.1x its bytes. This rule needs the new delta's size, so clean applies it after
+encoding (:func:`chain_fits`); a dense fine-tune, whose every delta is most of a keyframe, is
+then stored as keyframes, flat per version.
+
 So a history of 1% sparse changes stacks ~30 deltas per keyframe (a keyframe is ~1/30 of its
 store), and a dense fine-tune whose change against the keyframe keeps growing re-keys once that
 change is half a keyframe instead of storing ever larger deltas. Sizes come from the manifest's
@@ -26,3 +34,17 @@ def needs_keyframe(entry, max_depth, percent):
     keyframe = entry.objects[-1].size
     deltas = sum(ref.size for ref in entry.objects[:-1])
     return deltas * 100 >= percent * keyframe
+
+
+#: bytes of object headers a chain may add beyond ``theta.maxChainPercent`` of the raw size: a
+#: small tensor's objects are mostly header (a 256-byte tensor's keyframe is ~400 bytes), and its
+#: deltas still save space; for a large tensor this is noise.
+HEADER_SLACK = 4096
+
+
+def chain_fits(base_entry, delta_bytes, raw_bytes, percent):
+    """True when a delta of ``delta_bytes`` on ``base_entry``'s chain keeps the chain (every
+    object a checkout of the new version reads) within ``percent`` percent of ``raw_bytes``
+    (plus :data:`HEADER_SLACK`)."""
+    chain = sum(ref.size for ref in base_entry.objects) + delta_bytes
+    return chain * 100 <= percent * raw_bytes + HEADER_SLACK * 100

@@ -8,6 +8,7 @@ deltas it breaks.
 """
 
 import hashlib
+import itertools
 import threading
 from collections import OrderedDict
 
@@ -70,7 +71,11 @@ def store_encoded(store, tensor, update, encoded, base=None, base_entry=None):
     header["check"] = tensor_checksum(tensor.data, tensor.digest)
     if not update.keyframe:
         header["base"] = base.digest
-    ref = store.put_chunks([object_codec.header_bytes(header), *encoded.parts])
+    parts = encoded.parts
+    if isinstance(parts, list):
+        ref = store.put_chunks([object_codec.header_bytes(header), *parts])
+    else:  # an iterator (a huge tensor's dense payload, encoded while it is written)
+        ref = store.put_chunks(itertools.chain([object_codec.header_bytes(header)], parts))
     chain = (ref,) + (tuple(base_entry.objects) if not update.keyframe else ())
     entry = TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update.name, chain)
     if store.trust is not None:  # encoded here from bytes whose digest the caller computed
@@ -84,6 +89,9 @@ def encode_tensor(store, tensor, update_name="dense", base=None, base_entry=None
     For a delta, ``base`` is the base TensorData and ``base_entry`` its manifest entry (whose chain
     the new entry extends). Returns None when the update type does not apply to this tensor.
     """
+    if update_name == "dense" and nbytes(tensor.dtype, tensor.shape) >= store.stream_threshold:
+        dense = plugins.get("update", "dense")
+        return store_encoded(store, tensor, dense, dense.encode_streamed(tensor, store.threads))
     result = encode_update(tensor, update_name, base, **options)
     if result is None:
         return None

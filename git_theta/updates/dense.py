@@ -3,6 +3,7 @@
 from git_theta.tensors.buffers import new_buffer
 from git_theta.dtypes import element_count, get_dtype
 from git_theta.tensors.planes import check_planes, decode_planes, encode_planes
+from git_theta.tensors.streaming import RELEASE_BYTES, decode_releasing, encoded_chunks
 from git_theta.updates.base import Encoded, UpdateType
 
 
@@ -15,8 +16,18 @@ class DenseUpdate(UpdateType):
     def encode(self, tensor, base=None):
         return Encoded({}, encode_planes(tensor.data, get_dtype(tensor.dtype).itemsize))
 
+    def encode_streamed(self, tensor, threads=1):
+        """:meth:`encode` with the payload as an iterator of parts, encoded chunk by chunk on
+        ``threads`` threads a few chunks ahead of its reader (a huge tensor: see
+        :mod:`git_theta.tensors.streaming`). The same bytes as :meth:`encode`."""
+        return Encoded({}, encoded_chunks(tensor.data, get_dtype(tensor.dtype).itemsize, threads))
+
     def decode(self, header, payload, base, spec, oid="?"):
         itemsize = get_dtype(spec.dtype).itemsize
         nbytes = itemsize * element_count(spec.shape)
         check_planes(payload, nbytes, itemsize, oid)  # before allocating what the header claims
-        return decode_planes(payload, nbytes, itemsize, oid, out=new_buffer(nbytes))
+        out = new_buffer(nbytes)
+        if nbytes >= RELEASE_BYTES:
+            # A huge keyframe: drop the mapped object's pages chunk by chunk as they are decoded.
+            return decode_releasing(payload, nbytes, itemsize, oid, out)
+        return decode_planes(payload, nbytes, itemsize, oid, out=out)
