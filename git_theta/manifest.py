@@ -17,6 +17,15 @@ unchanged tensor's line unchanged when a later version adds a pack, so ``git dif
 merge of manifests stay line-by-line. Version 1 manifests read as before and a manifest without
 packed objects is still written as version 1, byte for byte.
 
+Version 3 (written when some tensor is stored ``raw``) adds one shorthand: a small tensor stored as
+its own bytes in a pack has an object id equal to its digest and a size fixed by its dtype and
+shape, so its reference is written as ``@<prefix>`` alone::
+
+    tensor <name> <dtype> <shape> <digest> raw @<prefix>
+
+which saves the 64 hex digits and the size a full reference repeats (~70 of ~210 bytes a line).
+Versions 1 and 2 read as before.
+
 Tensor lines are sorted by name. ``<shape>`` is ``[d0,d1,...]`` (``[]`` for a scalar), ``<digest>``
 the sha256 of the tensor's raw little-endian C-order bytes, ``<update>`` the encoding of the first
 object, and the object list is the whole chain needed to rebuild the tensor: the tensor's own object
@@ -35,6 +44,9 @@ MAX_MANIFEST = 256 << 20
 VERSION = 1
 FIRST_LINE = f"{MAGIC} v{VERSION}"
 PACKED_LINE = f"{MAGIC} v2"  # a manifest with pack lines
+RAW_LINE = f"{MAGIC} v3"  # a manifest with pack lines and raw shorthand references
+#: the update of a keyframe object that is the tensor's bytes themselves (its id is the digest)
+RAW = "raw"
 MAX_DIMS = 64
 MAX_ELEMENTS = 1 << 56  # larger than any real tensor; stops absurd shapes from a tampered manifest
 
@@ -105,10 +117,7 @@ class ObjectRef:
         pack = None
         if at:
             if packs is not None and _PACK_PREFIX.match(where):
-                matches = [p for p in packs if p.oid.startswith(where)]
-                if len(matches) != 1:
-                    raise ManifestError(f"object reference {text}@{where} names no single pack line{context}")
-                pack = matches[0]
+                pack = _pack_for(packs, where, text, context)
             elif "@" in where:
                 raise ManifestError(f"invalid object reference {text}@{where}{context}")
             else:
@@ -117,6 +126,32 @@ class ObjectRef:
         if not sep or not _DIGITS.match(size):
             raise ManifestError(f"invalid object reference {text!r}{context}")
         return cls(check_oid(oid, context), int(size), pack)
+
+
+def _pack_for(packs, prefix, text="", context=""):
+    """The one pack line of ``packs`` whose id starts with ``prefix`` (found once per prefix)."""
+    memo = packs.memo  # prefix -> pack: 200,000 references name a handful of packs
+    pack = memo.get(prefix)
+    if pack is None:
+        matches = [p for p in packs if p.oid.startswith(prefix)]
+        if len(matches) != 1:
+            raise ManifestError(f"object reference {text}@{prefix} names no single pack line{context}")
+        pack = memo[prefix] = matches[0]
+    return pack
+
+
+class _PackLines(list):
+    """A manifest's pack lines, with the prefixes resolved so far."""
+
+    def __init__(self):
+        super().__init__()
+        self.memo = {}
+
+
+def is_raw(entry):
+    """True when ``entry``'s only object is the tensor's own bytes (stored ``raw``)."""
+    objects = entry.objects
+    return len(objects) == 1 and objects[0].oid == entry.digest
 
 
 def _ref_text(ref, names):
@@ -155,8 +190,11 @@ class TensorEntry:
 
     def line(self, numbers=None):
         """The manifest line; ``numbers`` maps pack oids to the prefixes that name them."""
-        shape = "[" + ",".join(str(d) for d in self.shape) + "]"
-        objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
+        shape = "[" + ",".join(map(str, self.shape)) + "]"
+        if numbers is not None and self.update == RAW and _shorthand(self):
+            objects = "@" + numbers[self.objects[0].pack.oid]
+        else:
+            objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
         return f"tensor {escape_name(self.name)} {self.dtype} {shape} {self.digest} {self.update} {objects}"
 
     def same_content(self, other):
@@ -167,6 +205,14 @@ class TensorEntry:
             and self.dtype == other.dtype
             and self.shape == other.shape
         )
+
+
+def _shorthand(entry):
+    """True when ``entry``'s line may use the ``@<prefix>`` shorthand (see the module docs)."""
+    from git_theta.dtypes import nbytes
+
+    ref = entry.objects[0]
+    return is_raw(entry) and ref.pack is not None and ref.size == nbytes(entry.dtype, entry.shape)
 
 
 @dataclass
@@ -195,7 +241,11 @@ class Manifest:
         """Canonical bytes: the same manifest always gives the same bytes."""
         packs = self.packs()
         numbers = _pack_names([ref.oid for ref in packs])
-        lines = [PACKED_LINE if packs else FIRST_LINE, f"format {self.format}"]
+        first = FIRST_LINE
+        if packs:
+            raw = any(e.update == RAW and _shorthand(e) for e in self.tensors.values())
+            first = RAW_LINE if raw else PACKED_LINE
+        lines = [first, f"format {self.format}"]
         for key in sorted(self.fields):
             value = self.fields[key]
             if "\n" in value or "\r" in value:
@@ -244,7 +294,7 @@ class Manifest:
             raise ManifestError(f"{source}: manifest is truncated (no final newline)")
         if not lines or not lines[0].startswith(MAGIC):
             raise ManifestError(f"{source}: not a git-theta manifest")
-        if lines[0] not in (FIRST_LINE, PACKED_LINE):
+        if lines[0] not in (FIRST_LINE, PACKED_LINE, RAW_LINE):
             raise ManifestError(
                 f"{source}: unknown manifest schema {lines[0][len(MAGIC) :].strip()!r}",
                 hint="this manifest was written by a newer git-theta: upgrade with pip install -U git-theta",
@@ -252,14 +302,15 @@ class Manifest:
         if len(lines) < 2 or not lines[1].startswith("format "):
             raise ManifestError(f"{source}: line 2 must name the format")
         manifest = cls(format=lines[1][len("format ") :])
-        packs = [] if lines[0] == PACKED_LINE else None
+        packs = _PackLines() if lines[0] != FIRST_LINE else None
+        shorthand = lines[0] == RAW_LINE
         if not _KEY.match(manifest.format):
             raise ManifestError(f"{source}: invalid format name {manifest.format!r}")
         for number, line in enumerate(lines[2:], start=3):
             where = f" ({source}, line {number})"
             kind, _, rest = line.partition(" ")
             if kind == "tensor":
-                entry = _parse_tensor(rest, where, packs)
+                entry = _parse_tensor(rest, where, packs, shorthand)
                 if entry.name in manifest.tensors:
                     raise ManifestError(f"duplicate tensor {entry.name!r}{where}")
                 manifest.tensors[entry.name] = entry
@@ -281,7 +332,7 @@ class Manifest:
         return manifest
 
 
-def _parse_tensor(rest, where, packs=None):
+def _parse_tensor(rest, where, packs=None, shorthand=False):
     parts = rest.split(" ")
     if len(parts) < 6:
         raise ManifestError(f"malformed tensor line{where}")
@@ -296,8 +347,25 @@ def _parse_tensor(rest, where, packs=None):
         raise ManifestError(f"invalid tensor digest {digest!r}{where}")
     if not _UPDATE.match(update):
         raise ManifestError(f"invalid update type {update!r}{where}")
-    objects = tuple(ObjectRef.parse(p, where, packs) for p in parts[5:])
+    if shorthand and update == RAW and len(parts) == 6 and parts[5].startswith("@"):
+        objects = (_raw_ref(parts[5][1:], digest, dtype, shape, where, packs),)
+    else:
+        objects = tuple(ObjectRef.parse(p, where, packs) for p in parts[5:])
     return TensorEntry(name, dtype, shape, digest, update, objects)
+
+
+def _raw_ref(prefix, digest, dtype, shape, where, packs):
+    """The reference ``@<prefix>`` stands for: the tensor's own bytes, in that pack."""
+    from git_theta.dtypes import DTYPES
+
+    if dtype not in DTYPES:
+        raise ManifestError(f"unknown dtype {dtype!r}{where}")
+    if not _PACK_PREFIX.match(prefix):
+        raise ManifestError(f"invalid object reference @{prefix}{where}")
+    size = DTYPES[dtype].itemsize
+    for d in shape:
+        size *= d
+    return ObjectRef(digest, size, _pack_for(packs, prefix, "", where))
 
 
 def _parse_shape(text, where):

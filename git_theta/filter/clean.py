@@ -42,7 +42,7 @@ from git_theta.errors import (
     PluginError,
     UpdateError,
 )
-from git_theta.manifest import MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, is_manifest
+from git_theta.manifest import RAW, MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, is_manifest, is_raw
 from git_theta.formats.peekable import PeekableReader
 from git_theta.config import settings_for
 from git_theta.tensors.keyframes import needs_keyframe
@@ -214,7 +214,7 @@ class Cleaner:
             return False
         trust = self.store.trust
         return all(self.store.freshen(ref.oid) for ref in manifest.all_objects()) and (
-            trust is None or all(trust.trusted(e) for e in manifest.tensors.values())
+            trust is None or all(is_raw(e) or trust.trusted(e) for e in manifest.tensors.values())
         )
 
     def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
@@ -288,7 +288,14 @@ class Cleaner:
                 checked = [check(tensor) for tensor in batch]
                 # With an explicit request, only the parent's entries are reused: the digest index
                 # would hand back the encoding the request is meant to replace.
-                lookups = [t for t, (e, _) in zip(batch, checked) if e is None and t.digest not in known]
+                # A small tensor goes into a pack as its own bytes, found by its digest among the
+                # packs' members (ObjectStore.put_raw): the index is asked about larger ones only.
+                small = self.store.packs_small
+                lookups = [
+                    t
+                    for t, (e, _) in zip(batch, checked)
+                    if e is None and t.digest not in known and not small(len(t.data))
+                ]
                 stored = self.cache.get_digests(lookups) if request is None and lookups else {}
                 results = []
                 for tensor, (entry, fingerprint) in zip(batch, checked):
@@ -344,7 +351,8 @@ class Cleaner:
         if request is not None and request.adapter is not None:
             request.adapter.finish(path, list(manifest.tensors))
         data = manifest.serialize()
-        unique = {(e.digest, e.dtype, e.shape): e for e in manifest.tensors.values()}
+        # Raw entries are found by their digest among the packs' members: no index row needed.
+        unique = {(e.digest, e.dtype, e.shape): e for e in manifest.tensors.values() if not is_raw(e)}
         self.cache.put_digests(unique.values())  # one row per content, however many tensors share it
         if key is not None and stat_key(path) == key:
             self.cache.put_stat(path, key, data, fingerprints)
@@ -370,7 +378,7 @@ class Cleaner:
                     f"to apply {supplied.key!r} from {request.adapter.source} to",
                     hint="name the version the adapter was trained on with --base REV:PATH",
                 )
-            return encode_tensor(self.store, tensor)
+            return self._keyframe(tensor)
         size = nbytes(base_entry.dtype, base_entry.shape)
         deep = needs_keyframe(base_entry, max_depth, self.settings.get_int("keyframePercent"))
         full_headers = None if supplied is not None or deep else self._full_chain_headers(base_entry)
@@ -396,12 +404,12 @@ class Cleaner:
                 if supplied is not None:
                     raise
                 # The new bytes are in hand: store them whole rather than on a damaged base.
-                return encode_tensor(self.store, tensor)
+                return self._keyframe(tensor)
             base = TensorData(base_entry.name, base_entry.dtype, base_entry.shape, base_bytes, base_entry.digest)
             if supplied is not None:
                 request.adapter.check(path, tensor, base, supplied)
             if deep:
-                return encode_tensor(self.store, tensor)  # a keyframe bounds the chain
+                return self._keyframe(tensor)  # a keyframe bounds the chain
             if keyframe is not None:
                 # The chain holds theta.maxFullDeltas whole-tensor deltas already: only a partial
                 # delta (sparse) may stack on the parent; anything else is taken on the keyframe.
@@ -411,9 +419,19 @@ class Cleaner:
                     return store_encoded(self.store, tensor, *result, base=keyframe, base_entry=key_entry)
             else:
                 result = _encode_against(tensor, base, request, supplied)
+                if result[0].keyframe and self.store.packs_small(len(tensor.data)):
+                    return self._keyframe(tensor)  # no delta pays: small tensors are stored raw
             return store_encoded(self.store, tensor, *result, base=base, base_entry=base_entry)
         finally:
             budget.release(held)
+
+    def _keyframe(self, tensor):
+        """A new keyframe of ``tensor``: its own bytes in the pack being filled when it is small
+        (``raw``: no second sha256, no header, no compression), else ``dense``."""
+        if self.store.packs_small(len(tensor.data)):
+            ref = self.store.put_raw(tensor.data, tensor.digest)
+            return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, RAW, (ref,))
+        return encode_tensor(self.store, tensor)
 
     def _full_chain_headers(self, entry):
         """The object headers of ``entry``'s chain (see :func:`chain_headers`) when it stacks
@@ -447,7 +465,8 @@ class Cleaner:
         tensor's bytes under this tensor's digest.
         """
         trust = self.store.trust
-        if trust is None or trust.trusted(entry):
+        # A raw object's id is the digest itself: the store holds it only if its bytes hash to it.
+        if trust is None or is_raw(entry) or trust.trusted(entry):
             return True
         if not check:
             return False

@@ -53,7 +53,7 @@ class ObjectStore:
         self._pack_sizes = {}  # pack oid -> size
         self._packs_seen = None  # mtime of the packs folder when it was last listed
         self._fresh_packs = set()  # packs this process has freshened already
-        self._pack_fds = {}  # pack oid -> open file descriptor (members are read with pread)
+        self._pack_fds = {}  # pack oid -> read-only mmap of it (members are read as slices)
         self._packs_lock = threading.Lock()
         self._packer = None
 
@@ -92,6 +92,15 @@ class ObjectStore:
             self._packer.flush()
         finally:
             self._packer = None
+
+    def packs_small(self, nbytes):
+        """True when an object of ``nbytes`` written now goes into a pack."""
+        return self._packer is not None and nbytes <= self.pack_threshold
+
+    def put_raw(self, data, oid):
+        """Store a small tensor's own bytes in the pack being filled; ``oid`` is their sha256,
+        which the caller computed (the tensor digest: no second hash). Returns the ObjectRef."""
+        return self._packer.add(data, oid)
 
     def _member(self, oid, reload=False):
         """(pack oid, offset, size) of a packed object, or None."""
@@ -334,6 +343,8 @@ class ObjectStore:
                 data = self._read_member(oid, reload=True)
                 if data is None:
                     raise ObjectMissingError(f"object {oid} is missing", oids=[oid]) from None
+        elif not verify:
+            return data  # a chunk index is never packed (_split): a member is always its own bytes
         if verify:
             self.verify_bytes(oid, data)
         from git_theta.store import chunked
@@ -350,19 +361,23 @@ class ObjectStore:
             packer = self._packer
             return None if packer is None else packer.pending(oid)
         pack, offset, size = found
-        fd = self._pack_fds.get(pack)
-        if fd is None:
+        mapped = self._pack_fds.get(pack)
+        if mapped is None:
+            import mmap
+
             try:
-                fd = os.open(self._loose(pack), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                with open(self._loose(pack), "rb") as handle:
+                    mine = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             except FileNotFoundError:
                 return None
+            except ValueError:  # emptied since its index was read
+                raise ObjectCorruptError(f"pack {pack} is truncated (member {oid})") from None
             with self._packs_lock:
-                if pack in self._pack_fds:
-                    os.close(fd)
-                    fd = self._pack_fds[pack]
-                else:
-                    self._pack_fds[pack] = fd
-        data = os.pread(fd, size, offset)
+                mapped = self._pack_fds.setdefault(pack, mine)
+            if mapped is not mine:
+                mine.close()
+        # A slice of the mapping: no system call per member (packs are never rewritten in place).
+        data = mapped[offset : offset + size]
         if len(data) != size:
             raise ObjectCorruptError(f"pack {pack} is truncated (member {oid})")
         return data
@@ -370,9 +385,9 @@ class ObjectStore:
     def close(self):
         """Close the packs kept open for reading."""
         with self._packs_lock:
-            fds, self._pack_fds = self._pack_fds, {}
-        for fd in fds.values():
-            os.close(fd)
+            maps, self._pack_fds = self._pack_fds, {}
+        for mapped in maps.values():
+            mapped.close()
 
     def verify(self, oid, size=None):
         """Check a stored object by streaming it through sha256 (memory: one chunk).
