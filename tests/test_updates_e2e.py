@@ -26,7 +26,7 @@ def base_model(seed=0):
 
 def manifest(repo, spec=f"HEAD:{NAME}"):
     data = repo.show(spec)
-    assert data.startswith((b"git-theta manifest v1\n", b"git-theta manifest v2\n"))
+    assert data.startswith((b"git-theta manifest v1\n", b"git-theta manifest v2\n", b"git-theta manifest v3\n"))
     return Manifest.parse(data)
 
 
@@ -77,7 +77,7 @@ def manifests(repo, specs):
         header_end = out.index(b"\n", pos)
         size = int(out[pos:header_end].split()[2])
         data = out[header_end + 1 : header_end + 1 + size]
-        assert data.startswith((b"git-theta manifest v1\n", b"git-theta manifest v2\n"))
+        assert data.startswith((b"git-theta manifest v1\n", b"git-theta manifest v2\n", b"git-theta manifest v3\n"))
         result.append(Manifest.parse(data))
         pos = header_end + 1 + size + 1
     return result

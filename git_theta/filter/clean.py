@@ -491,6 +491,11 @@ class Cleaner:
             and self._vouched(entry, path)
         ):
             return _renamed(entry, tensor.name)
+        if self.store.packs_small(len(tensor.data)):
+            # Stored raw in some pack already (any file, branch or version): its id is the digest.
+            ref = self.store.packed_ref(tensor.digest)
+            if ref is not None and ref.size == len(tensor.data):
+                return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, RAW, (ref,))
         stored = (stored or {}).get((tensor.digest, tensor.dtype, tuple(tensor.shape)))
         if stored:
             update, *refs = stored.split(" ")
