@@ -58,6 +58,7 @@ _KEY = re.compile(r"[a-z][a-z0-9_.-]*\Z")
 _UPDATE = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _DTYPE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 _ESCAPE = re.compile(r"[%\x00-\x20\x7f]")
+_NEEDS_ESCAPE = _ESCAPE.search
 
 
 def escape_name(name):
@@ -188,11 +189,14 @@ class TensorEntry:
         """Number of deltas above the keyframe (0 for a dense tensor)."""
         return len(self.objects) - 1
 
-    def line(self, numbers=None):
-        """The manifest line; ``numbers`` maps pack oids to the prefixes that name them."""
+    def line(self, numbers=None, short=None):
+        """The manifest line; ``numbers`` maps pack oids to the prefixes that name them.
+        ``short``: the pack prefix of a raw shorthand reference, when the caller knows it."""
         shape = "[" + ",".join(map(str, self.shape)) + "]"
-        if numbers is not None and self.update == RAW and _shorthand(self):
-            objects = "@" + numbers[self.objects[0].pack.oid]
+        if short is None and numbers is not None and self.update == RAW and _shorthand(self):
+            short = numbers[self.objects[0].pack.oid]
+        if short is not None:
+            objects = "@" + short
         else:
             objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
         return f"tensor {escape_name(self.name)} {self.dtype} {shape} {self.digest} {self.update} {objects}"
@@ -228,8 +232,9 @@ class Manifest:
         """The pack objects holding any of the manifest's objects, sorted by oid."""
         found = {}
         for ref in self._refs():
-            if ref.pack is not None:
-                found.setdefault(ref.pack.oid, ref.home)
+            pack = ref.pack
+            if pack is not None and pack.oid not in found:
+                found[pack.oid] = ref.home
         return [found[oid] for oid in sorted(found)]
 
     def _refs(self):
@@ -241,9 +246,36 @@ class Manifest:
         """Canonical bytes: the same manifest always gives the same bytes."""
         packs = self.packs()
         numbers = _pack_names([ref.oid for ref in packs])
+        tensors = self.tensors
+        body, shapes, sizes = [], {}, {}
+        raw = False
+        for name in sorted(tensors):
+            entry = tensors[name]
+            objects = entry.objects
+            ref = objects[0] if len(objects) == 1 else None
+            if ref is None or entry.update != RAW or ref.pack is None or ref.oid != entry.digest:
+                body.append(entry.line(numbers, None))
+                continue
+            # The common line of a many-tensor checkpoint, written with what its neighbours share.
+            key = (entry.dtype, entry.shape)
+            size = sizes.get(key)
+            if size is None:
+                from git_theta.dtypes import nbytes
+
+                size = sizes[key] = nbytes(*key)
+            if ref.size != size:
+                body.append(entry.line(numbers, None))
+                continue
+            shape = shapes.get(entry.shape)
+            if shape is None:
+                shape = shapes[entry.shape] = "[" + ",".join(map(str, entry.shape)) + "]"
+            text = entry.name
+            if _NEEDS_ESCAPE(text):
+                text = escape_name(text)
+            body.append(f"tensor {text} {entry.dtype} {shape} {entry.digest} {RAW} @{numbers[ref.pack.oid]}")
+            raw = True
         first = FIRST_LINE
         if packs:
-            raw = any(e.update == RAW and _shorthand(e) for e in self.tensors.values())
             first = RAW_LINE if raw else PACKED_LINE
         lines = [first, f"format {self.format}"]
         for key in sorted(self.fields):
@@ -254,8 +286,7 @@ class Manifest:
         lines.extend(f"pack {ref}" for ref in packs)
         for key in sorted(self.blobs):
             lines.append(f"blob {key} {_ref_text(self.blobs[key], numbers)}")
-        for name in sorted(self.tensors):
-            lines.append(self.tensors[name].line(numbers))
+        lines.extend(body)
         return ("\n".join(lines) + "\n").encode("utf-8")
 
     def all_objects(self):
@@ -306,15 +337,21 @@ class Manifest:
         shorthand = lines[0] == RAW_LINE
         if not _KEY.match(manifest.format):
             raise ManifestError(f"{source}: invalid format name {manifest.format!r}")
+        memo = _LineMemo()
+        tensors = manifest.tensors
         for number, line in enumerate(lines[2:], start=3):
-            where = f" ({source}, line {number})"
             kind, _, rest = line.partition(" ")
             if kind == "tensor":
-                entry = _parse_tensor(rest, where, packs, shorthand)
-                if entry.name in manifest.tensors:
-                    raise ManifestError(f"duplicate tensor {entry.name!r}{where}")
-                manifest.tensors[entry.name] = entry
-            elif kind == "pack" and packs is not None:
+                try:
+                    entry = _parse_tensor(rest, "", packs, shorthand, memo)
+                except ManifestError as exc:  # where it is, formatted for the bad line only
+                    raise ManifestError(f"{exc.message} ({source}, line {number})", hint=exc.hint) from None
+                if entry.name in tensors:
+                    raise ManifestError(f"duplicate tensor {entry.name!r} ({source}, line {number})")
+                tensors[entry.name] = entry
+                continue
+            where = f" ({source}, line {number})"
+            if kind == "pack" and packs is not None:
                 pack = ObjectRef.parse(rest, where)
                 if packs and pack.oid <= packs[-1].oid:
                     raise ManifestError(f"pack lines out of order{where}")
@@ -332,40 +369,72 @@ class Manifest:
         return manifest
 
 
-def _parse_tensor(rest, where, packs=None, shorthand=False):
+class _LineMemo:
+    """What a manifest's lines repeat, checked once: dtypes, shapes and update names (200,000
+    tensor lines use a handful), and the sizes their raw shorthand stands for."""
+
+    def __init__(self):
+        self.dtypes = set()
+        self.updates = set()
+        self.shapes = {}  # text -> tuple
+        self.sizes = {}  # (dtype, shape text) -> bytes
+
+
+def _parse_tensor(rest, where, packs=None, shorthand=False, memo=None):
+    memo = memo or _LineMemo()
     parts = rest.split(" ")
     if len(parts) < 6:
         raise ManifestError(f"malformed tensor line{where}")
     name, dtype, shape_text, digest, update = parts[:5]
-    name = unescape_name(name)
+    if "%" in name:
+        name = unescape_name(name)
     if not name:
         raise ManifestError(f"empty tensor name{where}")
-    if not _DTYPE.match(dtype):
-        raise ManifestError(f"invalid dtype {dtype!r}{where}")
-    shape = _parse_shape(shape_text, where)
-    if not _HEX64.match(digest):
+    if dtype not in memo.dtypes:
+        if not _DTYPE.match(dtype):
+            raise ManifestError(f"invalid dtype {dtype!r}{where}")
+        memo.dtypes.add(dtype)
+    shape = memo.shapes.get(shape_text)
+    if shape is None:
+        shape = memo.shapes[shape_text] = _parse_shape(shape_text, where)
+    if len(digest) != 64 or not _HEX64.match(digest):
         raise ManifestError(f"invalid tensor digest {digest!r}{where}")
-    if not _UPDATE.match(update):
-        raise ManifestError(f"invalid update type {update!r}{where}")
-    if shorthand and update == RAW and len(parts) == 6 and parts[5].startswith("@"):
-        objects = (_raw_ref(parts[5][1:], digest, dtype, shape, where, packs),)
-    else:
-        objects = tuple(ObjectRef.parse(p, where, packs) for p in parts[5:])
+    if update not in memo.updates:
+        if not _UPDATE.match(update):
+            raise ManifestError(f"invalid update type {update!r}{where}")
+        memo.updates.add(update)
+    if shorthand and update == RAW and len(parts) == 6 and parts[5][:1] == "@":
+        size = memo.sizes.get((dtype, shape_text))
+        if size is None:
+            size = memo.sizes[(dtype, shape_text)] = _raw_size(dtype, shape, where)
+        prefix = parts[5][1:]
+        pack = packs.memo.get(prefix) if packs is not None else None
+        if pack is None:
+            if not _PACK_PREFIX.match(prefix):
+                raise ManifestError(f"invalid object reference @{prefix}{where}")
+            pack = _pack_for(packs, prefix, "", where)
+        ref = _new(ObjectRef)  # the frozen dataclasses' __init__ costs as much as the rest of the line
+        ref.__dict__.update(oid=digest, size=size, pack=pack)
+        entry = _new(TensorEntry)
+        entry.__dict__.update(name=name, dtype=dtype, shape=shape, digest=digest, update=update, objects=(ref,))
+        return entry
+    objects = tuple(ObjectRef.parse(p, where, packs) for p in parts[5:])
     return TensorEntry(name, dtype, shape, digest, update, objects)
 
 
-def _raw_ref(prefix, digest, dtype, shape, where, packs):
-    """The reference ``@<prefix>`` stands for: the tensor's own bytes, in that pack."""
+_new = object.__new__
+
+
+def _raw_size(dtype, shape, where):
+    """The size the raw shorthand stands for: the tensor's bytes."""
     from git_theta.dtypes import DTYPES
 
     if dtype not in DTYPES:
         raise ManifestError(f"unknown dtype {dtype!r}{where}")
-    if not _PACK_PREFIX.match(prefix):
-        raise ManifestError(f"invalid object reference @{prefix}{where}")
     size = DTYPES[dtype].itemsize
     for d in shape:
         size *= d
-    return ObjectRef(digest, size, _pack_for(packs, prefix, "", where))
+    return size
 
 
 def _parse_shape(text, where):

@@ -52,7 +52,7 @@ BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many by
 BATCH_TENSORS = 256  # ...or this many tensors
 
 
-def parent_manifest(repo, path, base_spec=None, prefer_head=False):
+def parent_manifest(repo, path, base_spec=None, prefer_head=False, parse=Manifest.parse):
     """The manifest this path had in the index (or else HEAD), if any: the base for dedup and deltas.
 
     ``base_spec`` (``REV:PATH``, from ``git theta add --base``) names another one explicitly;
@@ -78,7 +78,7 @@ def parent_manifest(repo, path, base_spec=None, prefer_head=False):
             data = None
         if data and is_manifest(data):
             try:
-                return Manifest.parse(data, source=spec)
+                return parse(data, source=spec)
             except ManifestError:
                 return None
     return None
@@ -220,7 +220,9 @@ class Cleaner:
     def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
         import xxhash
 
-        parent = parent_manifest(self.repo, path, request.base if request else None, prefer_head=request is not None)
+        parent = parent_manifest(
+            self.repo, path, request.base if request else None, request is not None, self._models.parsed
+        )
         parent_entries = parent.tensors if parent else {}
         if request is None or request.base is None:
             # Other files of the same model (a re-shard moves tensors between files): by name,
