@@ -185,7 +185,11 @@ class Smudger:
         from git_theta.remote.transfer import fetch_refs
 
         store = self.repo.store
-        refs = store.missing(manifest.all_objects())
+        # The packs of the missing members (a pack repack replaced is fetched again only now).
+        homes = {ref.home.oid: ref.home for ref in store.missing(manifest.member_objects())}
+        refs = list(homes.values())
+        for ref in refs:
+            store.unmark_replaced(ref.oid)  # it lacks a member needed now: fetch it whole again
         try:
             fetch_refs(self.repo, refs, settings=self.settings)
         except UsageError:

@@ -151,6 +151,52 @@ class ObjectStore:
         self._packs_dir.mkdir(parents=True, exist_ok=True)
         (self._packs_dir / oid).touch()
 
+    def pack_oids(self):
+        """The ids of the packs this store holds (recorded by their markers), sorted."""
+        self._load_packs()
+        return sorted(oid for oid in self._pack_sizes if os.path.isfile(self._loose(oid)))
+
+    def _replaced_path(self, oid):
+        check_oid(oid)
+        return self.root.parent / "replaced" / oid
+
+    def replaced(self, oid):
+        """True when pack ``oid`` was rewritten by ``git theta repack``: the members reachable
+        then are in another pack here, so the pack itself need not be fetched again."""
+        return os.path.isfile(self._replaced_path(oid))
+
+    def mark_replaced(self, oid, by):
+        """Record that pack ``oid`` was repacked into pack ``by`` (written before it is deleted)."""
+        path = self._replaced_path(oid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(by + "\n")
+
+    def unmark_replaced(self, oid):
+        try:
+            os.unlink(self._replaced_path(oid))
+        except FileNotFoundError:
+            pass
+
+    def forget_pack(self, oid):
+        """Forget a deleted pack: its marker, and members found only in it."""
+        try:
+            os.unlink(self._packs_dir / oid)
+        except FileNotFoundError:
+            pass
+        with self._packs_lock:
+            self._pack_sizes.pop(oid, None)
+            mapped = self._pack_fds.pop(oid, None)
+            gone = [m for m, where in self._members.items() if where[0] == oid]
+            for member in gone:
+                del self._members[member]
+        if mapped is not None:
+            mapped.close()
+        for other in list(self._pack_sizes):  # a member also held by another pack is found there
+            try:
+                self._index_pack(other, verify=False)
+            except (OSError, ObjectCorruptError):
+                continue
+
     def packed_ref(self, oid):
         """The ObjectRef (pack included) of an object in a pack already loaded, freshened; else None."""
         found = self._members.get(oid)
@@ -326,7 +372,7 @@ class ObjectStore:
 
     def missing(self, refs):
         """The refs (and parts of chunked objects) that are not in the store."""
-        absent = [r for r in refs if not self.has(r.oid)]
+        absent = [r for r in refs if not self.has(r.oid) and not self.replaced(r.oid)]
         return absent + [p for p in self.chunk_parts(refs) if not self.has(p.oid)]
 
     def read(self, oid, verify=False):
