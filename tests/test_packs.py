@@ -324,7 +324,9 @@ def _drop_history(repo):
 
 
 def test_repack_rewrites_a_pushed_pack_keeping_live_tensors_and_the_remote_valid(
-    repo, make_repo, lfs_server  # noqa: F811
+    repo,
+    make_repo,
+    lfs_server,  # noqa: F811
 ):
     bare = make_repo("bare.git", init=False)
     bare.git("init", "-q", "--bare")

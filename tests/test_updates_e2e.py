@@ -318,7 +318,9 @@ def test_ls_files_verbose_then_corrupt_base_object_names_tensor_and_chain(repo):
     rows = {r["name"]: r for r in f["tensor_list"]}
     assert rows["mlp.weight"]["update"] == "sparse" and rows["mlp.weight"]["depth"] == 1
     assert rows["mlp.weight"]["stored_bytes"] == entry.objects[0].size
-    assert rows["step"]["update"] in ("dense", "raw") and f["stored_bytes"] == sum(r["stored_bytes"] for r in rows.values())
+    assert rows["step"]["update"] in ("dense", "raw") and f["stored_bytes"] == sum(
+        r["stored_bytes"] for r in rows.values()
+    )
 
     # flip bits in the keyframe the delta applies to: checkout names the tensor, chain and object
     keyframe = entry.objects[-1].oid
