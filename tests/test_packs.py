@@ -409,3 +409,76 @@ def test_crash_during_repack_leaves_every_tensor_readable(repo):
     repo.file(MODEL).unlink()
     repo.git("checkout", "--", MODEL)
     assert repo.file(MODEL).read_bytes() == expected
+
+
+# -- raw small tensors and manifest v3 -----------------------------------------------------------
+def test_raw_tensor_lines_name_only_their_pack_and_old_forms_still_read():
+    pack = ObjectRef("b" * 64, 999)
+    raw = TensorEntry("x", "F32", (2, 3), "d" * 64, "raw", (ObjectRef("d" * 64, 24, pack),))
+    data = Manifest("safetensors", tensors={"x": raw}).serialize()
+    line = b"tensor x F32 [2,3] " + b"d" * 64 + b" raw @" + b"b" * 12 + b"\n"
+    assert data.startswith(b"git-theta manifest v3\n") and data.endswith(line)
+    back = Manifest.parse(data)
+    assert back.tensors["x"] == raw and back.tensors["x"].objects[0].pack == pack and back.serialize() == data
+    # the same tensor written in full (as v2 writes every packed object) reads to the same entry
+    full = data.replace(b"manifest v3", b"manifest v2").replace(b"@" + b"b" * 12, b"d" * 64 + b":24@" + b"b" * 12)
+    assert Manifest.parse(full).tensors["x"] == raw
+    # a raw tensor whose size does not match its shape is written in full, never as shorthand
+    odd = TensorEntry("x", "F32", (2, 3), "d" * 64, "raw", (ObjectRef("d" * 64, 7, pack),))
+    assert b"d" * 64 + b":7@" in Manifest("safetensors", tensors={"x": odd}).serialize()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"tensor x F32 [2] " + b"d" * 64 + b" raw @" + b"c" * 12,  # no such pack line
+        b"tensor x F32 [2] " + b"d" * 64 + b" raw @" + b"b" * 11,  # prefix too short
+        b"tensor x F32 [2] " + b"d" * 64 + b" raw @../../" + b"b" * 12,
+        b"tensor x Q99 [2] " + b"d" * 64 + b" raw @" + b"b" * 12,  # size unknown
+    ],
+)
+def test_malformed_raw_references_are_refused(line):
+    head = b"git-theta manifest v3\nformat safetensors\npack " + b"b" * 64 + b":9\n"
+    with pytest.raises(ManifestError):
+        Manifest.parse(head + line + b"\n")
+    with pytest.raises(ManifestError):  # the shorthand means nothing before v3
+        Manifest.parse(head.replace(b"v3", b"v2") + line.replace(b"Q99", b"F32") + b"\n")
+
+
+def test_a_v2_manifest_of_raw_tensors_checks_out_through_git(repo):
+    """Manifests written before the shorthand (every reference in full) still check out."""
+    tensors = _many(50)
+    save_safetensors(repo.file(MODEL), tensors)
+    original = repo.file(MODEL).read_bytes()
+    repo.commit("v1", MODEL)
+    manifest = Manifest.parse(repo.show(f"HEAD:{MODEL}"))
+    assert {e.update for e in manifest.tensors.values()} == {"raw"}
+    text = repo.show(f"HEAD:{MODEL}").decode().replace("manifest v3", "manifest v2")
+    for entry in manifest.tensors.values():
+        ref = entry.objects[0]
+        short = f" raw @{ref.pack.oid[:12]}\n"
+        text = text.replace(f"{entry.digest}{short}", f"{entry.digest} raw {ref.oid}:{ref.size}@{ref.pack.oid[:12]}\n")
+    assert "raw @" not in text
+    blob = repo.git("hash-object", "-w", "--stdin", input=text).stdout.strip()
+    repo.git("update-index", "--cacheinfo", f"100644,{blob},{MODEL}")
+    repo.git("commit", "-q", "-m", "v2 form")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == original
+    assert json.loads(repo.theta("fsck", "--json").stdout)["ok"]
+
+
+def test_a_raw_member_with_other_bytes_is_never_checked_out(repo):
+    """A pack member whose bytes changed on disk fails its sha256 at checkout (no ledger)."""
+    save_safetensors(repo.file(MODEL), _many(20))
+    repo.commit("v1", MODEL)
+    pack = Manifest.parse(repo.show(f"HEAD:{MODEL}")).all_objects()[0]
+    path = ObjectStore(_objects_dir(repo)).path(pack.oid)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last member's last byte
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    repo.file(MODEL).unlink()
+    proc = repo.git("checkout", "--", MODEL, check=False)
+    assert proc.returncode != 0 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    assert not repo.file(MODEL).exists() or repo.file(MODEL).read_bytes().startswith(b"git-theta manifest")

@@ -49,7 +49,7 @@ from git_theta.tensors.keyframes import needs_keyframe
 from git_theta.updates.base import TensorData
 
 BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
-BATCH_TENSORS = 256  # ...or this many tensors
+BATCH_TENSORS = 4096  # ...or this many (a future per tiny tensor costs more than the tensor)
 
 
 def parent_manifest(repo, path, base_spec=None, prefer_head=False, parse=Manifest.parse):
@@ -189,7 +189,7 @@ class Cleaner:
         # An explicit request re-encodes: the stat cache would hand back the last clean unchanged.
         cached = self.cache.get_stat(path, key) if key and request is None else None
         if not getattr(fmt, "spools", False):
-            return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+            return self._clean_streamed(fmt, reader, path, key, cached, request)
         from git_theta.formats.spool import Spool, whole_file_key
 
         # A zip format reads the whole file before its first tensor anyway: copy it once with a
@@ -205,6 +205,25 @@ class Cleaner:
             if remember:
                 self.cache.put_stat(whole_file_key(path), spool.fingerprint, data, {})
             return data
+
+    def _clean_streamed(self, fmt, reader, path, key, cached, request):
+        """Clean a format read as a stream. A file of up to ``theta.memoryBudget`` bytes is read
+        ahead and fingerprinted first: bytes cleaned or checked out before at this path (``touch``,
+        ``git status`` after a checkout) cost that read and one lookup, not a parse of every tensor."""
+        from git_theta.formats.peekable import ReplayReader, read_ahead
+        from git_theta.formats.spool import whole_file_key
+
+        if not self.settings.get_bool("statCache") or request is not None:
+            return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+        chunks, fingerprint = read_ahead(reader, self.settings.get_int("memoryBudget"))
+        if fingerprint is not None:
+            hit = self.cache.get_stat(whole_file_key(path), fingerprint)
+            if hit is not None and self._objects_here(hit[0]):
+                return hit[0]
+        data = self._clean_checkpoint(fmt, ReplayReader(chunks, reader), path, key, cached, request)
+        if fingerprint is not None:
+            self.cache.put_stat(whole_file_key(path), fingerprint, data, {})
+        return data
 
     def _objects_here(self, data):
         """True when ``data`` is a valid manifest whose objects are all in the local store."""

@@ -22,7 +22,7 @@ from git_theta.config import settings_for
 from git_theta.testhooks import kill_point
 
 BATCH_BYTES = 1 << 20  # consecutive tensors decoded by one worker task, up to this many bytes...
-BATCH_TENSORS = 256  # ...or this many tensors
+BATCH_TENSORS = 4096  # ...or this many (a future per tiny tensor costs more than the tensor)
 
 
 class StoreTensorSource(TensorSource):
@@ -145,6 +145,7 @@ class Smudger:
         if not is_manifest(data) or self.settings.get_bool("skipSmudge"):
             return None  # skip-smudge: the manifest stays in the work tree (git theta checkout)
         manifest = Manifest.parse(data, source=path)
+        manifest.text = data  # what git has: the stat cache keeps it as is (no re-serializing)
         fmt = plugins.get("format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD))
         store = self.repo.store
         # Packed objects are checked one by one: a pack that is here may still lack one a
@@ -225,7 +226,12 @@ class Smudger:
             self.cache,
             self.buffers if getattr(fmt, "releases_tensors", False) else None,
         )
-        remember = getattr(fmt, "spools", False) and self.settings.get_bool("statCache")
+        # Whole files clean reads ahead (spooled ones, streamed ones within the memory budget) are
+        # fingerprinted as they are written, so a re-clean of the same bytes is one lookup.
+        remember = self.settings.get_bool("statCache") and (
+            getattr(fmt, "spools", False)
+            or sum(map(entry_size, manifest.tensors.values())) <= self.settings.get_int("memoryBudget")
+        )
         if remember:
             from git_theta.formats.spool import WriteOnly
 
@@ -235,4 +241,5 @@ class Smudger:
         if remember:
             from git_theta.formats.spool import whole_file_key
 
-            self.repo.cache.put_stat(whole_file_key(path), out.fingerprint, manifest.serialize(), {})
+            text = getattr(manifest, "text", None) or manifest.serialize()
+            self.repo.cache.put_stat(whole_file_key(path), out.fingerprint, text, {})
