@@ -220,6 +220,10 @@ class Cleaner:
             hit = self.cache.get_stat(whole_file_key(path), fingerprint)
             if hit is not None and self._objects_here(hit[0]):
                 return hit[0]
+        if fingerprint is not None:
+            # The whole-file row below answers every re-clean the per-tensor row would (same stat,
+            # same bytes): no per-tensor fingerprints to take and store.
+            key = cached = None
         data = self._clean_checkpoint(fmt, ReplayReader(chunks, reader), path, key, cached, request)
         if fingerprint is not None:
             self.cache.put_stat(whole_file_key(path), fingerprint, data, {})
@@ -260,6 +264,7 @@ class Cleaner:
             for entry in source.values():
                 known.setdefault(entry.digest, entry)
 
+        remember = key is not None or bool(cached_entries)  # per-tensor fingerprints are of use
         budget = _Budget(self.settings.get_int("memoryBudget"))
         pool = self._executor()
         # Entries this clean made, by content: a file with many identical tensors (600k empty ones
@@ -275,6 +280,9 @@ class Cleaner:
                     f"{path}: tensor {tensor.name!r} has {size} bytes, expected "
                     f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}"
                 )
+            if not remember:
+                tensor.digest = tensor_digest(tensor.data)
+                return None, None
             fingerprint = xxhash.xxh3_128_hexdigest(tensor.data)
             previous = cached_entries.get(tensor.name)
             if (
