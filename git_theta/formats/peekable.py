@@ -77,15 +77,18 @@ class ReplayReader:
             self._chunks.clear()
             self._offset = 0
             return b"".join(parts) + self._stream.read()
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            step = self.readinto(view[got:])
-            if not step:
-                break
-            got += step
-        return bytes(view[:got])
+        out = bytearray()
+        while len(out) < n and self._chunks:
+            chunk = self._chunks[0]
+            end = min(len(chunk), self._offset + n - len(out))
+            out += chunk[self._offset : end]
+            self._offset = end
+            if end == len(chunk):
+                self._chunks.popleft()
+                self._offset = 0
+        if len(out) < n:
+            out += self._stream.read(n - len(out))
+        return bytes(out)
 
     def readable(self):
         return True
