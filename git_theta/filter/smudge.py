@@ -73,6 +73,7 @@ class StoreTensorSource(TensorSource):
 
     def iter_data(self, names):
         pending = deque()  # (names, sizes, future of their decoded bytes)
+        memo = {}  # (dtype, shape) -> bytes
         in_flight = 0
         names = list(names)
         position = 0
@@ -86,10 +87,16 @@ class StoreTensorSource(TensorSource):
                     while position < len(names) and len(batch) < BATCH_TENSORS and batch_bytes < BATCH_BYTES:
                         entry = self.specs[names[position]]
                         batch.append(entry)
-                        sizes.append(entry_size(entry))
+                        sizes.append(entry_size(entry, memo))
                         batch_bytes += sizes[-1]
                         position += 1
-                    pending.append((names[start:position], sizes, self._pool.submit(self._decode_many, batch)))
+                    if batch_bytes < GIL_BOUND * len(batch) and all(map(is_raw, batch)):
+                        # Tiny raw tensors: hashing them never releases the GIL, so a worker
+                        # would only add a hand-off per batch.
+                        job = _Done(self._decode_many(batch))
+                    else:
+                        job = self._pool.submit(self._decode_many, batch)
+                    pending.append((names[start:position], sizes, job))
                     in_flight += batch_bytes
                 batch_names, sizes, future = pending.popleft()
                 decoded = future.result()
@@ -107,10 +114,33 @@ class StoreTensorSource(TensorSource):
                 future.cancel()
 
 
-def entry_size(entry):
+GIL_BOUND = 2048  # hashlib releases the GIL only for more bytes than this
+
+
+class _Done:
+    """A result computed in place, used where a future is."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+    def cancel(self):
+        return False
+
+
+def entry_size(entry, memo=None):
+    """Bytes of the tensor ``entry`` describes; ``memo`` (a dict) remembers each dtype and shape."""
     from git_theta.dtypes import nbytes
 
-    return nbytes(entry.dtype, entry.shape)
+    if memo is None:
+        return nbytes(entry.dtype, entry.shape)
+    key = (entry.dtype, entry.shape)
+    size = memo.get(key)
+    if size is None:
+        size = memo[key] = nbytes(*key)
+    return size
 
 
 class Smudger:
@@ -228,9 +258,10 @@ class Smudger:
         )
         # Whole files clean reads ahead (spooled ones, streamed ones within the memory budget) are
         # fingerprinted as they are written, so a re-clean of the same bytes is one lookup.
+        sizes = {}
         remember = self.settings.get_bool("statCache") and (
             getattr(fmt, "spools", False)
-            or sum(map(entry_size, manifest.tensors.values())) <= self.settings.get_int("memoryBudget")
+            or sum(entry_size(e, sizes) for e in manifest.tensors.values()) <= self.settings.get_int("memoryBudget")
         )
         if remember:
             from git_theta.formats.spool import WriteOnly
