@@ -45,6 +45,7 @@ from git_theta.errors import (
 from git_theta.manifest import RAW, MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, is_manifest, is_raw
 from git_theta.formats.peekable import PeekableReader
 from git_theta.config import settings_for
+from git_theta.filter.smudge import GIL_BOUND, done
 from git_theta.tensors.keyframes import needs_keyframe
 from git_theta.updates.base import TensorData
 
@@ -335,6 +336,13 @@ class Cleaner:
             finally:
                 budget.release(sum(len(t.data) for t in batch))
 
+        def submit(job, batch, batch_bytes):
+            """A worker's future, or one done in place for tiny tensors: hashing under 2 KiB never
+            releases the GIL, so a worker would only add hand-offs and lock contention."""
+            if batch_bytes < GIL_BOUND * len(batch):
+                return done(job(batch))
+            return pool.submit(job, batch)
+
         # Small objects go into packs, written (one fsync, one rename each) before the manifest.
         with self.store.packing():
             futures = []
@@ -348,11 +356,11 @@ class Cleaner:
                     batch.append(tensor)
                     batch_bytes += len(tensor.data)
                     if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_TENSORS:
-                        futures.append(pool.submit(process, batch))
+                        futures.append(submit(process, batch, batch_bytes))
                         batch, batch_bytes = [], 0
                         budget.wait_below()
                 if batch:
-                    futures.append(pool.submit(process, batch))
+                    futures.append(submit(process, batch, batch_bytes))
                 results = [result for f in futures for result in f.result()]
             except BaseException:
                 for f in futures:

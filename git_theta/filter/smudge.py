@@ -10,7 +10,7 @@ Delta chains are decoded once per tensor; bases shared between tensors or files 
 import threading
 from hashlib import sha256
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from git_theta import registry as plugins
 from git_theta.tensors.buffers import BufferPool, using
@@ -93,7 +93,7 @@ class StoreTensorSource(TensorSource):
                     if batch_bytes < GIL_BOUND * len(batch) and all(map(is_raw, batch)):
                         # Tiny raw tensors: hashing them never releases the GIL, so a worker
                         # would only add a hand-off per batch.
-                        job = _Done(self._decode_many(batch))
+                        job = done(self._decode_many(batch))
                     else:
                         job = self._pool.submit(self._decode_many, batch)
                     pending.append((names[start:position], sizes, job))
@@ -117,17 +117,11 @@ class StoreTensorSource(TensorSource):
 GIL_BOUND = 2048  # hashlib releases the GIL only for more bytes than this
 
 
-class _Done:
-    """A result computed in place, used where a future is."""
-
-    def __init__(self, value):
-        self._value = value
-
-    def result(self):
-        return self._value
-
-    def cancel(self):
-        return False
+def done(value):
+    """A future already holding ``value`` (work done in place, where a future is expected)."""
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 def entry_size(entry, memo=None):
