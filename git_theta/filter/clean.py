@@ -214,9 +214,15 @@ class Cleaner:
         from git_theta.formats.peekable import ReplayReader, read_ahead
         from git_theta.formats.spool import whole_file_key
 
-        if not self.settings.get_bool("statCache") or request is not None:
+        limit = self.settings.get_int("memoryBudget")
+        try:
+            size = os.stat(path).st_size  # the work-tree file git is reading, usually
+        except OSError:
+            size = 0
+        if not self.settings.get_bool("statCache") or request is not None or size > limit:
+            # A file larger than the budget streams as it comes: nothing is held for it.
             return self._clean_checkpoint(fmt, reader, path, key, cached, request)
-        chunks, fingerprint = read_ahead(reader, self.settings.get_int("memoryBudget"))
+        chunks, fingerprint = read_ahead(reader, limit)
         if fingerprint is not None:
             hit = self.cache.get_stat(whole_file_key(path), fingerprint)
             if hit is not None and self._objects_here(hit[0]):
