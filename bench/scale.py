@@ -10,6 +10,7 @@ the files and bytes in each store. The machine's load (``uptime``) is printed wi
     python bench/scale.py                      # the issue's rows, scaled to run in ~10 minutes
     python bench/scale.py --tiny 200000 --huge-mib 1024 --repeats 3
     python bench/scale.py --only history,dense --versions 40   # histories, push and fresh clone
+    python bench/scale.py --only many,tiny --tiny 200000 --repeats 3   # issue 16 items 1-2
 
 Git LFS must be installed (``apt-get install git-lfs``).
 """
@@ -282,7 +283,7 @@ def main():
                 "tiny": f"{args.tiny} tiny tensors ({size:.0f} MB)",
                 "huge": f"one {args.huge_mib} MiB tensor ({size:.0f} MB)",
             }[case]
-            repeats = args.repeats if case == "many" else max(1, args.repeats - 1)
+            repeats = args.repeats if case in ("many", "tiny") else max(1, args.repeats - 1)
             results.append((title, run_case(case, one_file, source, repeats, work, env)))
             source.unlink()
         for title, result in results:

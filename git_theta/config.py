@@ -45,7 +45,7 @@ DEFAULTS = {
     "packThreshold": (
         256 << 10,
         "int",
-        "objects up to this many bytes written by one clean go into a pack (0: never pack)",
+        "objects up to this many bytes written by one clean go into a pack, tensors stored raw (0: never pack)",
     ),
     "packSize": (64 << 20, "int", "bytes of small objects collected before a pack is written"),
     "streamThreshold": (

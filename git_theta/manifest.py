@@ -17,6 +17,15 @@ unchanged tensor's line unchanged when a later version adds a pack, so ``git dif
 merge of manifests stay line-by-line. Version 1 manifests read as before and a manifest without
 packed objects is still written as version 1, byte for byte.
 
+Version 3 (written when some tensor is stored ``raw``) adds one shorthand: a small tensor stored as
+its own bytes in a pack has an object id equal to its digest and a size fixed by its dtype and
+shape, so its reference is written as ``@<prefix>`` alone::
+
+    tensor <name> <dtype> <shape> <digest> raw @<prefix>
+
+which saves the 64 hex digits and the size a full reference repeats (~70 of ~210 bytes a line).
+Versions 1 and 2 read as before.
+
 Tensor lines are sorted by name. ``<shape>`` is ``[d0,d1,...]`` (``[]`` for a scalar), ``<digest>``
 the sha256 of the tensor's raw little-endian C-order bytes, ``<update>`` the encoding of the first
 object, and the object list is the whole chain needed to rebuild the tensor: the tensor's own object
@@ -35,6 +44,9 @@ MAX_MANIFEST = 256 << 20
 VERSION = 1
 FIRST_LINE = f"{MAGIC} v{VERSION}"
 PACKED_LINE = f"{MAGIC} v2"  # a manifest with pack lines
+RAW_LINE = f"{MAGIC} v3"  # a manifest with pack lines and raw shorthand references
+#: the update of a keyframe object that is the tensor's bytes themselves (its id is the digest)
+RAW = "raw"
 MAX_DIMS = 64
 MAX_ELEMENTS = 1 << 56  # larger than any real tensor; stops absurd shapes from a tampered manifest
 
@@ -46,6 +58,7 @@ _KEY = re.compile(r"[a-z][a-z0-9_.-]*\Z")
 _UPDATE = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _DTYPE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 _ESCAPE = re.compile(r"[%\x00-\x20\x7f]")
+_NEEDS_ESCAPE = _ESCAPE.search
 
 
 def escape_name(name):
@@ -105,10 +118,7 @@ class ObjectRef:
         pack = None
         if at:
             if packs is not None and _PACK_PREFIX.match(where):
-                matches = [p for p in packs if p.oid.startswith(where)]
-                if len(matches) != 1:
-                    raise ManifestError(f"object reference {text}@{where} names no single pack line{context}")
-                pack = matches[0]
+                pack = _pack_for(packs, where, text, context)
             elif "@" in where:
                 raise ManifestError(f"invalid object reference {text}@{where}{context}")
             else:
@@ -117,6 +127,32 @@ class ObjectRef:
         if not sep or not _DIGITS.match(size):
             raise ManifestError(f"invalid object reference {text!r}{context}")
         return cls(check_oid(oid, context), int(size), pack)
+
+
+def _pack_for(packs, prefix, text="", context=""):
+    """The one pack line of ``packs`` whose id starts with ``prefix`` (found once per prefix)."""
+    memo = packs.memo  # prefix -> pack: 200,000 references name a handful of packs
+    pack = memo.get(prefix)
+    if pack is None:
+        matches = [p for p in packs if p.oid.startswith(prefix)]
+        if len(matches) != 1:
+            raise ManifestError(f"object reference {text}@{prefix} names no single pack line{context}")
+        pack = memo[prefix] = matches[0]
+    return pack
+
+
+class _PackLines(list):
+    """A manifest's pack lines, with the prefixes resolved so far."""
+
+    def __init__(self):
+        super().__init__()
+        self.memo = {}
+
+
+def is_raw(entry):
+    """True when ``entry``'s only object is the tensor's own bytes (stored ``raw``)."""
+    objects = entry.objects
+    return len(objects) == 1 and objects[0].oid == entry.digest
 
 
 def _ref_text(ref, names):
@@ -153,10 +189,16 @@ class TensorEntry:
         """Number of deltas above the keyframe (0 for a dense tensor)."""
         return len(self.objects) - 1
 
-    def line(self, numbers=None):
-        """The manifest line; ``numbers`` maps pack oids to the prefixes that name them."""
-        shape = "[" + ",".join(str(d) for d in self.shape) + "]"
-        objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
+    def line(self, numbers=None, short=None):
+        """The manifest line; ``numbers`` maps pack oids to the prefixes that name them.
+        ``short``: the pack prefix of a raw shorthand reference, when the caller knows it."""
+        shape = "[" + ",".join(map(str, self.shape)) + "]"
+        if short is None and numbers is not None and self.update == RAW and _shorthand(self):
+            short = numbers[self.objects[0].pack.oid]
+        if short is not None:
+            objects = "@" + short
+        else:
+            objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
         return f"tensor {escape_name(self.name)} {self.dtype} {shape} {self.digest} {self.update} {objects}"
 
     def same_content(self, other):
@@ -167,6 +209,14 @@ class TensorEntry:
             and self.dtype == other.dtype
             and self.shape == other.shape
         )
+
+
+def _shorthand(entry):
+    """True when ``entry``'s line may use the ``@<prefix>`` shorthand (see the module docs)."""
+    from git_theta.dtypes import nbytes
+
+    ref = entry.objects[0]
+    return is_raw(entry) and ref.pack is not None and ref.size == nbytes(entry.dtype, entry.shape)
 
 
 @dataclass
@@ -182,8 +232,9 @@ class Manifest:
         """The pack objects holding any of the manifest's objects, sorted by oid."""
         found = {}
         for ref in self._refs():
-            if ref.pack is not None:
-                found.setdefault(ref.pack.oid, ref.home)
+            pack = ref.pack
+            if pack is not None and pack.oid not in found:
+                found[pack.oid] = ref.home
         return [found[oid] for oid in sorted(found)]
 
     def _refs(self):
@@ -195,7 +246,38 @@ class Manifest:
         """Canonical bytes: the same manifest always gives the same bytes."""
         packs = self.packs()
         numbers = _pack_names([ref.oid for ref in packs])
-        lines = [PACKED_LINE if packs else FIRST_LINE, f"format {self.format}"]
+        tensors = self.tensors
+        body, shapes, sizes = [], {}, {}
+        raw = False
+        for name in sorted(tensors):
+            entry = tensors[name]
+            objects = entry.objects
+            ref = objects[0] if len(objects) == 1 else None
+            if ref is None or entry.update != RAW or ref.pack is None or ref.oid != entry.digest:
+                body.append(entry.line(numbers, None))
+                continue
+            # The common line of a many-tensor checkpoint, written with what its neighbours share.
+            key = (entry.dtype, entry.shape)
+            size = sizes.get(key)
+            if size is None:
+                from git_theta.dtypes import nbytes
+
+                size = sizes[key] = nbytes(*key)
+            if ref.size != size:
+                body.append(entry.line(numbers, None))
+                continue
+            shape = shapes.get(entry.shape)
+            if shape is None:
+                shape = shapes[entry.shape] = "[" + ",".join(map(str, entry.shape)) + "]"
+            text = entry.name
+            if _NEEDS_ESCAPE(text):
+                text = escape_name(text)
+            body.append(f"tensor {text} {entry.dtype} {shape} {entry.digest} {RAW} @{numbers[ref.pack.oid]}")
+            raw = True
+        first = FIRST_LINE
+        if packs:
+            first = RAW_LINE if raw else PACKED_LINE
+        lines = [first, f"format {self.format}"]
         for key in sorted(self.fields):
             value = self.fields[key]
             if "\n" in value or "\r" in value:
@@ -204,8 +286,7 @@ class Manifest:
         lines.extend(f"pack {ref}" for ref in packs)
         for key in sorted(self.blobs):
             lines.append(f"blob {key} {_ref_text(self.blobs[key], numbers)}")
-        for name in sorted(self.tensors):
-            lines.append(self.tensors[name].line(numbers))
+        lines.extend(body)
         return ("\n".join(lines) + "\n").encode("utf-8")
 
     def all_objects(self):
@@ -244,7 +325,7 @@ class Manifest:
             raise ManifestError(f"{source}: manifest is truncated (no final newline)")
         if not lines or not lines[0].startswith(MAGIC):
             raise ManifestError(f"{source}: not a git-theta manifest")
-        if lines[0] not in (FIRST_LINE, PACKED_LINE):
+        if lines[0] not in (FIRST_LINE, PACKED_LINE, RAW_LINE):
             raise ManifestError(
                 f"{source}: unknown manifest schema {lines[0][len(MAGIC) :].strip()!r}",
                 hint="this manifest was written by a newer git-theta: upgrade with pip install -U git-theta",
@@ -252,18 +333,25 @@ class Manifest:
         if len(lines) < 2 or not lines[1].startswith("format "):
             raise ManifestError(f"{source}: line 2 must name the format")
         manifest = cls(format=lines[1][len("format ") :])
-        packs = [] if lines[0] == PACKED_LINE else None
+        packs = _PackLines() if lines[0] != FIRST_LINE else None
+        shorthand = lines[0] == RAW_LINE
         if not _KEY.match(manifest.format):
             raise ManifestError(f"{source}: invalid format name {manifest.format!r}")
+        memo = _LineMemo()
+        tensors = manifest.tensors
         for number, line in enumerate(lines[2:], start=3):
-            where = f" ({source}, line {number})"
             kind, _, rest = line.partition(" ")
             if kind == "tensor":
-                entry = _parse_tensor(rest, where, packs)
-                if entry.name in manifest.tensors:
-                    raise ManifestError(f"duplicate tensor {entry.name!r}{where}")
-                manifest.tensors[entry.name] = entry
-            elif kind == "pack" and packs is not None:
+                try:
+                    entry = _parse_tensor(rest, "", packs, shorthand, memo)
+                except ManifestError as exc:  # where it is, formatted for the bad line only
+                    raise ManifestError(f"{exc.message} ({source}, line {number})", hint=exc.hint) from None
+                if entry.name in tensors:
+                    raise ManifestError(f"duplicate tensor {entry.name!r} ({source}, line {number})")
+                tensors[entry.name] = entry
+                continue
+            where = f" ({source}, line {number})"
+            if kind == "pack" and packs is not None:
                 pack = ObjectRef.parse(rest, where)
                 if packs and pack.oid <= packs[-1].oid:
                     raise ManifestError(f"pack lines out of order{where}")
@@ -281,23 +369,72 @@ class Manifest:
         return manifest
 
 
-def _parse_tensor(rest, where, packs=None):
+class _LineMemo:
+    """What a manifest's lines repeat, checked once: dtypes, shapes and update names (200,000
+    tensor lines use a handful), and the sizes their raw shorthand stands for."""
+
+    def __init__(self):
+        self.dtypes = set()
+        self.updates = set()
+        self.shapes = {}  # text -> tuple
+        self.sizes = {}  # (dtype, shape text) -> bytes
+
+
+def _parse_tensor(rest, where, packs=None, shorthand=False, memo=None):
+    memo = memo or _LineMemo()
     parts = rest.split(" ")
     if len(parts) < 6:
         raise ManifestError(f"malformed tensor line{where}")
     name, dtype, shape_text, digest, update = parts[:5]
-    name = unescape_name(name)
+    if "%" in name:
+        name = unescape_name(name)
     if not name:
         raise ManifestError(f"empty tensor name{where}")
-    if not _DTYPE.match(dtype):
-        raise ManifestError(f"invalid dtype {dtype!r}{where}")
-    shape = _parse_shape(shape_text, where)
-    if not _HEX64.match(digest):
+    if dtype not in memo.dtypes:
+        if not _DTYPE.match(dtype):
+            raise ManifestError(f"invalid dtype {dtype!r}{where}")
+        memo.dtypes.add(dtype)
+    shape = memo.shapes.get(shape_text)
+    if shape is None:
+        shape = memo.shapes[shape_text] = _parse_shape(shape_text, where)
+    if len(digest) != 64 or not _HEX64.match(digest):
         raise ManifestError(f"invalid tensor digest {digest!r}{where}")
-    if not _UPDATE.match(update):
-        raise ManifestError(f"invalid update type {update!r}{where}")
+    if update not in memo.updates:
+        if not _UPDATE.match(update):
+            raise ManifestError(f"invalid update type {update!r}{where}")
+        memo.updates.add(update)
+    if shorthand and update == RAW and len(parts) == 6 and parts[5][:1] == "@":
+        size = memo.sizes.get((dtype, shape_text))
+        if size is None:
+            size = memo.sizes[(dtype, shape_text)] = _raw_size(dtype, shape, where)
+        prefix = parts[5][1:]
+        pack = packs.memo.get(prefix) if packs is not None else None
+        if pack is None:
+            if not _PACK_PREFIX.match(prefix):
+                raise ManifestError(f"invalid object reference @{prefix}{where}")
+            pack = _pack_for(packs, prefix, "", where)
+        ref = _new(ObjectRef)  # the frozen dataclasses' __init__ costs as much as the rest of the line
+        ref.__dict__.update(oid=digest, size=size, pack=pack)
+        entry = _new(TensorEntry)
+        entry.__dict__.update(name=name, dtype=dtype, shape=shape, digest=digest, update=update, objects=(ref,))
+        return entry
     objects = tuple(ObjectRef.parse(p, where, packs) for p in parts[5:])
     return TensorEntry(name, dtype, shape, digest, update, objects)
+
+
+_new = object.__new__
+
+
+def _raw_size(dtype, shape, where):
+    """The size the raw shorthand stands for: the tensor's bytes."""
+    from git_theta.dtypes import DTYPES
+
+    if dtype not in DTYPES:
+        raise ManifestError(f"unknown dtype {dtype!r}{where}")
+    size = DTYPES[dtype].itemsize
+    for d in shape:
+        size *= d
+    return size
 
 
 def _parse_shape(text, where):

@@ -40,6 +40,7 @@ DOCS = {
     "checkout": "commands/remote.md",
     "fsck": "commands/maintenance.md",
     "prune": "commands/maintenance.md",
+    "repack": "commands/maintenance.md",
 }
 
 

@@ -126,6 +126,7 @@ def test_smudge_recycles_buffers_only_for_formats_that_release_them(repo, monkey
     from git_theta.filter.smudge import Smudger
 
     monkeypatch.chdir(repo.path)
+    repo.git("config", "theta.packThreshold", "0")  # decoded tensors (raw ones are slices of a pack)
     rng = np.random.default_rng(3)
     tensors = {f"layer.{i}.weight": rng.standard_normal((32, 32)).astype(np.float32) for i in range(6)}
     save_safetensors(repo.file("model.safetensors"), tensors)

@@ -22,7 +22,9 @@ def store_objects(repo):
 
 def assert_manifest(repo, spec):
     stored = repo.show(spec)
-    assert stored.startswith((b"git-theta manifest v1\n", b"git-theta manifest v2\n")), stored[:80]
+    assert stored.startswith((b"git-theta manifest v1\n", b"git-theta manifest v2\n", b"git-theta manifest v3\n")), (
+        stored[:80]
+    )
     return stored.decode()
 
 

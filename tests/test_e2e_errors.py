@@ -82,6 +82,7 @@ def test_manifest_of_an_unknown_schema_is_refused(repo):
         repo.show("HEAD:model.safetensors")
         .replace(b"manifest v1", b"manifest v7")
         .replace(b"manifest v2", b"manifest v7")
+        .replace(b"manifest v3", b"manifest v7")
     )
     blob = repo.git("hash-object", "-w", "--stdin", input=newer.decode()).stdout.strip()
     repo.git("update-index", "--cacheinfo", f"100644,{blob},model.safetensors")

@@ -50,3 +50,28 @@ def test_errors_name_the_file_and_what_was_read():
     assert "save or download it again" in info.value.hint
     with pytest.raises(CheckpointError, match="unexpected bytes after the data"):
         ByteCursor(io.BytesIO(b"\0\0\3"), "m", "toy").trailing_zeros("after the data")
+
+
+def test_read_ahead_replays_the_stream_exactly():
+    """Clean reads a streamed file ahead to fingerprint it, then parses the same bytes."""
+    import io
+    import random
+
+    from git_theta.formats.peekable import ReplayReader, read_ahead
+
+    data = random.Random(0).randbytes(50000)
+    for limit in (0, 100, 7000, 10**6):
+        chunks, fingerprint = read_ahead(io.BytesIO(data), limit, chunk=4096)
+        reader = ReplayReader(chunks, io.BytesIO(data[sum(map(len, chunks)) :]))
+        rng, out = random.Random(limit), bytearray()
+        while True:
+            if rng.random() < 0.5:
+                piece = reader.read(rng.randint(1, 9000))
+            else:
+                buf = bytearray(rng.randint(1, 9000))
+                piece = bytes(buf[: reader.readinto(buf)])
+            if not piece:
+                break
+            out += piece
+        assert bytes(out) == data
+        assert (fingerprint is not None) == (limit >= len(data))  # the whole file only when it fit

@@ -271,7 +271,13 @@ def test_commit_modify_checkout_through_git(repo):
     torch.save(v1, path)
     repo.commit("v1", "model.pt")
     stored = repo.show("HEAD:model.pt").decode()
-    assert stored.startswith(("git-theta manifest v1\nformat torch\n", "git-theta manifest v2\nformat torch\n"))
+    assert stored.startswith(
+        (
+            "git-theta manifest v1\nformat torch\n",
+            "git-theta manifest v2\nformat torch\n",
+            "git-theta manifest v3\nformat torch\n",
+        )
+    )
     assert "tensor state_dict.embed.weight BF16 [32,8]" in stored and "lm_head.weight BF16" not in stored
     assert '"step":1' in stored
 

@@ -40,7 +40,11 @@ def test_sharded_checkpoint_and_a_tensor_moving_shards(repo):
     repo.commit("sharded v1")
     for name in first:
         assert repo.show(f"HEAD:{name}").startswith(
-            (b"git-theta manifest v1\nformat safetensors\n", b"git-theta manifest v2\nformat safetensors\n")
+            (
+                b"git-theta manifest v1\nformat safetensors\n",
+                b"git-theta manifest v2\nformat safetensors\n",
+                b"git-theta manifest v3\nformat safetensors\n",
+            )
         )
     assert json.loads(repo.show("HEAD:model.safetensors.index.json"))["weight_map"]["head.weight"] == first[1]
     v1_bytes = {name: repo.file(name).read_bytes() for name in first}

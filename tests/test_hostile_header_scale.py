@@ -49,7 +49,8 @@ def test_many_identical_tensors_cost_one_object(repo, monkeypatch):
     # the other's entry for their first batch), plus the pack holding it: not once per tensor
     assert len(writes) <= (os.cpu_count() or 1) + 1
     with sqlite3.connect(repo.path / ".git" / "theta" / "cache.sqlite3") as conn:
-        assert conn.execute("SELECT COUNT(*) FROM digests").fetchone()[0] == 1  # one row per content
+        # one row per content at most: a small (raw) one is found among the packs' members instead
+        assert conn.execute("SELECT COUNT(*) FROM digests").fetchone()[0] <= 1
 
 
 def test_many_empty_tensors_add_and_check_out_byte_exact(repo):

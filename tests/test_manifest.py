@@ -80,7 +80,7 @@ def test_tampered_manifests_are_rejected_with_the_line(mutation, message):
 
 
 def test_unknown_version_hints_at_upgrade():
-    data = sample().serialize().replace(b"manifest v1", b"manifest v3")
+    data = sample().serialize().replace(b"manifest v1", b"manifest v9")
     with pytest.raises(ManifestError) as info:
         Manifest.parse(data)
     assert "upgrade" in info.value.hint

@@ -123,7 +123,7 @@ def test_transformers_resave_tune_and_reshard(repo):
     put_folder(repo, HF / "tuned")
     repo.commit("tuned")
     stored = manifests(repo, "HEAD")
-    changed = {n for n, (_, update, _) in stored.items() if update != "dense"}
+    changed = {n for n, (_, update, _) in stored.items() if update not in ("dense", "raw")}
     assert changed == {
         f"model.layers.0.{m}.weight"
         for m in (
@@ -188,7 +188,7 @@ def test_real_peft_adapter_merged_into_a_sharded_model(repo):
     repo.git("commit", "-q", "-m", "merge_and_unload")
     stored = manifests(repo, "HEAD", "tuned")
     projections = {f"model.layers.{i}.self_attn.{m}.weight" for i in range(3) for m in ("q_proj", "v_proj")}
-    assert {n for n, (_, u, _) in stored.items() if u != "dense"} == projections
+    assert {n for n, (_, u, _) in stored.items() if u not in ("dense", "raw")} == projections
     assert all(stored[n][1:] == ("low-rank", 1) for n in projections)
     assert len({stored[n][0] for n in projections}) > 1  # the targets are spread over several shards
     expected = folder_tensors(HF / "lora-merged")
@@ -220,7 +220,7 @@ def test_reshard_more_and_fewer_files_and_a_changed_moved_tensor(repo):
     repo.commit("10 shards, one tensor tuned")
     stored = manifests(repo, "HEAD", "m")
     assert stored[target][1] == "sparse" and stored[target][2] == 1
-    assert sum(1 for _, update, _ in stored.values() if update != "dense") == 1
+    assert sum(1 for _, update, _ in stored.values() if update not in ("dense", "raw")) == 1
     (new,) = set(object_files(repo)) - objects
     assert (Path(repo.path) / ".git/theta/objects" / new).stat().st_size < 0.1 * tensors[target].nbytes  # 5 elements
     result = diff_json(repo, "HEAD~1", "HEAD")
@@ -304,7 +304,7 @@ def test_adapter_targets_span_shards_and_adapter_shown_with_its_base(repo, tmp_p
     holders = {stored[t][0] for t in targets}
     assert len(holders) == 2  # the two targets are in different shards
     assert all(stored[t][1:] == ("low-rank", 1) for t in targets)
-    assert sum(1 for _, u, _ in stored.values() if u != "dense") == 2
+    assert sum(1 for _, u, _ in stored.values() if u not in ("dense", "raw")) == 2
     loaded = git_theta.load("m", repo=repo.path)
     assert all(np.array_equal(loaded[k], merged[k]) for k in merged)
 

@@ -298,3 +298,187 @@ def test_packs_travel_through_a_real_lfs_server(repo, make_repo, lfs_server):  #
     clone.git("checkout", "-q", "HEAD~1", "--", MODEL)  # the older version decodes from the clone's packs
     save_safetensors(clone.path / "expected.safetensors", _many(200))
     assert clone.file(MODEL).read_bytes() == (clone.path / "expected.safetensors").read_bytes()
+
+
+# -- repack ------------------------------------------------------------------------------------
+def _v1_dropped(repo, tensors, changed):
+    """Commit v1, then v2 with ``changed`` tensors changed, then drop v1 from history: v2 still
+    uses the other tensors of v1's pack, whose changed members are dead. Returns (v1 pack, v2)."""
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v1", MODEL)
+    old_pack = Manifest.parse(repo.show(f"HEAD:{MODEL}")).all_objects()[0]
+    for name in changed:
+        tensors[name] = tensors[name] + 1
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v2", MODEL)
+    return old_pack, repo.git("rev-parse", "HEAD").stdout.strip()
+
+
+def _drop_history(repo):
+    """Keep only v2 (as after a rebase and force push): v1 is reachable from nothing."""
+    repo.git("checkout", "-q", "--orphan", "fresh")
+    repo.git("commit", "-q", "-m", "v2 only")
+    repo.git("branch", "-D", "main")
+    repo.git("update-ref", "-d", "refs/remotes/origin/main")
+    repo.git("reflog", "expire", "--expire=now", "--all")
+
+
+def test_repack_rewrites_a_pushed_pack_keeping_live_tensors_and_the_remote_valid(
+    repo,
+    make_repo,
+    lfs_server,  # noqa: F811
+):
+    bare = make_repo("bare.git", init=False)
+    bare.git("init", "-q", "--bare")
+    (repo.path / ".lfsconfig").write_text(f'[lfs]\n\turl = "{lfs_server.url("repack")}"\n')
+    repo.git("add", ".lfsconfig")
+    tensors = _many(200)
+    changed = [f"experts.{i}.w" for i in range(0, 200, 2)]
+    old_pack, _ = _v1_dropped(repo, tensors, changed)
+    v1_blob = repo.git("rev-parse", f"HEAD~1:{MODEL}").stdout.strip()
+    repo.git("remote", "add", "origin", str(bare.path))
+    repo.git("push", "-q", "origin", "main")  # both packs are on the server now
+    _drop_history(repo)
+    store = ObjectStore(_objects_dir(repo))
+    before = store.size(old_pack.oid)
+
+    result = json.loads(repo.theta("repack", "--expire", "now", "--json").stdout)
+    assert (result["packs_rewritten"], result["members_kept"], result["members_dropped"]) == (1, 100, 100), result
+    assert 0 < result["bytes_freed"] < before
+    [new_pack] = result["new_packs"]
+    fresh = ObjectStore(_objects_dir(repo))
+    assert not fresh.has(old_pack.oid) and set(fresh.pack_members(new_pack)) <= {
+        r.oid for r in Manifest.parse(repo.show(f"HEAD:{MODEL}")).member_objects()
+    }
+    # every tool still finds what it needs: checkout, status, fsck, prune (keeps the new pack),
+    # and fetch does not download the replaced pack again
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    save_safetensors(repo.path / "expected.safetensors", tensors)
+    assert repo.file(MODEL).read_bytes() == (repo.path / "expected.safetensors").read_bytes()
+    assert repo.status().strip() == "?? expected.safetensors"
+    assert json.loads(repo.theta("fsck", "--all", "--json").stdout)["ok"]
+    repo.theta("prune", "--include-unpushed", "--expire", "now")
+    repo.theta("fetch")
+    files = {p.name for p in _files(_objects_dir(repo))}
+    assert new_pack in files and old_pack.oid not in files
+    assert json.loads(repo.theta("repack", "--expire", "now", "--json").stdout)["packs_rewritten"] == 0
+    # the remote is still valid: a clone gets the old pack from the server...
+    repo.theta("install")
+    target = repo.path.parent / "clone"
+    GitRepo(repo.path.parent, repo.env).git("clone", "-q", str(bare.path), str(target))
+    clone = GitRepo(target, repo.env)
+    assert clone.file(MODEL).read_bytes() == repo.file(MODEL).read_bytes()
+    # ...and a dead tensor needed again (v1, from the remote) fetches the replaced pack back
+    repo.file("v1.safetensors").write_bytes(repo.git("cat-file", "-p", v1_blob).stdout.encode())
+    repo.git("add", "v1.safetensors")
+    repo.file("v1.safetensors").unlink()
+    repo.git("checkout", "--", "v1.safetensors")
+    save_safetensors(repo.path / "expected.safetensors", _many(200))
+    assert repo.file("v1.safetensors").read_bytes() == (repo.path / "expected.safetensors").read_bytes()
+
+
+def test_repack_keeps_a_pack_the_remote_may_lack(repo):
+    _v1_dropped(repo, _many(40), ["experts.1.w"])
+    _drop_history(repo)
+    result = json.loads(repo.theta("repack", "--expire", "now", "--json").stdout)
+    assert result["packs_rewritten"] == 0 and result["kept_unpushed"] == 1
+
+
+def test_crash_during_repack_leaves_every_tensor_readable(repo):
+    tensors = _many(60)
+    old_pack, _ = _v1_dropped(repo, tensors, ["experts.3.w", "experts.4.w"])
+    _drop_history(repo)
+    # pretend a remote holds the old pack, so repack may replace it
+    record = repo.path / ".git" / "theta" / "remotes" / "origin" / "pushed"
+    record.parent.mkdir(parents=True)
+    record.write_text(old_pack.oid + "\n")
+    save_safetensors(repo.path / "expected.safetensors", tensors)
+    expected = (repo.path / "expected.safetensors").read_bytes()
+    for n in (1, 2, 3):  # new pack's temp file written; renamed; replacement recorded
+        env = dict(repo.env, GIT_THETA_TEST_KILL_AT=str(n))
+        proc = subprocess.run(["git", "theta", "repack", "--expire", "now"], cwd=repo.path, env=env)
+        assert proc.returncode != 0, f"kill point {n} was not reached"
+        assert json.loads(repo.theta("fsck", "--all", "--json").stdout)["ok"]
+        repo.file(MODEL).unlink()
+        repo.git("checkout", "--", MODEL)
+        assert repo.file(MODEL).read_bytes() == expected
+    result = json.loads(repo.theta("repack", "--expire", "now", "--json").stdout)
+    assert result["packs_rewritten"] == 1 and result["members_dropped"] == 2
+    assert json.loads(repo.theta("fsck", "--all", "--json").stdout)["ok"]
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == expected
+
+
+# -- raw small tensors and manifest v3 -----------------------------------------------------------
+def test_raw_tensor_lines_name_only_their_pack_and_old_forms_still_read():
+    pack = ObjectRef("b" * 64, 999)
+    raw = TensorEntry("x", "F32", (2, 3), "d" * 64, "raw", (ObjectRef("d" * 64, 24, pack),))
+    data = Manifest("safetensors", tensors={"x": raw}).serialize()
+    line = b"tensor x F32 [2,3] " + b"d" * 64 + b" raw @" + b"b" * 12 + b"\n"
+    assert data.startswith(b"git-theta manifest v3\n") and data.endswith(line)
+    back = Manifest.parse(data)
+    assert back.tensors["x"] == raw and back.tensors["x"].objects[0].pack == pack and back.serialize() == data
+    # the same tensor written in full (as v2 writes every packed object) reads to the same entry
+    full = data.replace(b"manifest v3", b"manifest v2").replace(b"@" + b"b" * 12, b"d" * 64 + b":24@" + b"b" * 12)
+    assert Manifest.parse(full).tensors["x"] == raw
+    # a raw tensor whose size does not match its shape is written in full, never as shorthand
+    odd = TensorEntry("x", "F32", (2, 3), "d" * 64, "raw", (ObjectRef("d" * 64, 7, pack),))
+    assert b"d" * 64 + b":7@" in Manifest("safetensors", tensors={"x": odd}).serialize()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"tensor x F32 [2] " + b"d" * 64 + b" raw @" + b"c" * 12,  # no such pack line
+        b"tensor x F32 [2] " + b"d" * 64 + b" raw @" + b"b" * 11,  # prefix too short
+        b"tensor x F32 [2] " + b"d" * 64 + b" raw @../../" + b"b" * 12,
+        b"tensor x Q99 [2] " + b"d" * 64 + b" raw @" + b"b" * 12,  # size unknown
+    ],
+)
+def test_malformed_raw_references_are_refused(line):
+    head = b"git-theta manifest v3\nformat safetensors\npack " + b"b" * 64 + b":9\n"
+    with pytest.raises(ManifestError):
+        Manifest.parse(head + line + b"\n")
+    with pytest.raises(ManifestError):  # the shorthand means nothing before v3
+        Manifest.parse(head.replace(b"v3", b"v2") + line.replace(b"Q99", b"F32") + b"\n")
+
+
+def test_a_v2_manifest_of_raw_tensors_checks_out_through_git(repo):
+    """Manifests written before the shorthand (every reference in full) still check out."""
+    tensors = _many(50)
+    save_safetensors(repo.file(MODEL), tensors)
+    original = repo.file(MODEL).read_bytes()
+    repo.commit("v1", MODEL)
+    manifest = Manifest.parse(repo.show(f"HEAD:{MODEL}"))
+    assert {e.update for e in manifest.tensors.values()} == {"raw"}
+    text = repo.show(f"HEAD:{MODEL}").decode().replace("manifest v3", "manifest v2")
+    for entry in manifest.tensors.values():
+        ref = entry.objects[0]
+        short = f" raw @{ref.pack.oid[:12]}\n"
+        text = text.replace(f"{entry.digest}{short}", f"{entry.digest} raw {ref.oid}:{ref.size}@{ref.pack.oid[:12]}\n")
+    assert "raw @" not in text
+    blob = repo.git("hash-object", "-w", "--stdin", input=text).stdout.strip()
+    repo.git("update-index", "--cacheinfo", f"100644,{blob},{MODEL}")
+    repo.git("commit", "-q", "-m", "v2 form")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == original
+    assert json.loads(repo.theta("fsck", "--json").stdout)["ok"]
+
+
+def test_a_raw_member_with_other_bytes_is_never_checked_out(repo):
+    """A pack member whose bytes changed on disk fails its sha256 at checkout (no ledger)."""
+    save_safetensors(repo.file(MODEL), _many(20))
+    repo.commit("v1", MODEL)
+    pack = Manifest.parse(repo.show(f"HEAD:{MODEL}")).all_objects()[0]
+    path = ObjectStore(_objects_dir(repo)).path(pack.oid)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last member's last byte
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    repo.file(MODEL).unlink()
+    proc = repo.git("checkout", "--", MODEL, check=False)
+    assert proc.returncode != 0 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    assert not repo.file(MODEL).exists() or repo.file(MODEL).read_bytes().startswith(b"git-theta manifest")

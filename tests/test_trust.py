@@ -212,6 +212,9 @@ def test_trust_is_recorded_locally_and_only_for_verified_pairs(repo):
     from git_theta.manifest import Manifest
     from git_theta.store.trust import pair_key
 
+    # Packed small tensors are stored raw (their object id is their digest: no ledger needed);
+    # loose ones are dense objects whose pairs the ledger records.
+    repo.git("config", "theta.packThreshold", "0")
     save_safetensors(repo.file("model.safetensors"), GENUINE)
     repo.commit("genuine", "model.safetensors")
     genuine = Manifest.parse(repo.show("HEAD:model.safetensors"))

@@ -42,18 +42,19 @@ from git_theta.errors import (
     PluginError,
     UpdateError,
 )
-from git_theta.manifest import MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, is_manifest
+from git_theta.manifest import RAW, MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, is_manifest, is_raw
 from git_theta.formats.peekable import PeekableReader
 from git_theta.config import settings_for
+from git_theta.filter.smudge import GIL_BOUND, done
 from git_theta.tensors.keyframes import chain_fits, needs_keyframe
 from git_theta.tensors.streaming import hashes_of
 from git_theta.updates.base import TensorData
 
 BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
-BATCH_TENSORS = 256  # ...or this many tensors
+BATCH_TENSORS = 4096  # ...or this many (a future per tiny tensor costs more than the tensor)
 
 
-def parent_manifest(repo, path, base_spec=None, prefer_head=False):
+def parent_manifest(repo, path, base_spec=None, prefer_head=False, parse=Manifest.parse):
     """The manifest this path had in the index (or else HEAD), if any: the base for dedup and deltas.
 
     ``base_spec`` (``REV:PATH``, from ``git theta add --base``) names another one explicitly;
@@ -79,7 +80,7 @@ def parent_manifest(repo, path, base_spec=None, prefer_head=False):
             data = None
         if data and is_manifest(data):
             try:
-                return Manifest.parse(data, source=spec)
+                return parse(data, source=spec)
             except ManifestError:
                 return None
     return None
@@ -190,7 +191,7 @@ class Cleaner:
         # An explicit request re-encodes: the stat cache would hand back the last clean unchanged.
         cached = self.cache.get_stat(path, key) if key and request is None else None
         if not getattr(fmt, "spools", False):
-            return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+            return self._clean_streamed(fmt, reader, path, key, cached, request)
         from git_theta.formats.spool import Spool, whole_file_key
 
         # A zip format reads the whole file before its first tensor anyway: copy it once with a
@@ -207,6 +208,35 @@ class Cleaner:
                 self.cache.put_stat(whole_file_key(path), spool.fingerprint, data, {})
             return data
 
+    def _clean_streamed(self, fmt, reader, path, key, cached, request):
+        """Clean a format read as a stream. A file of up to ``theta.memoryBudget`` bytes is read
+        ahead and fingerprinted first: bytes cleaned or checked out before at this path (``touch``,
+        ``git status`` after a checkout) cost that read and one lookup, not a parse of every tensor."""
+        from git_theta.formats.peekable import ReplayReader, read_ahead
+        from git_theta.formats.spool import whole_file_key
+
+        limit = self.settings.get_int("memoryBudget")
+        try:
+            size = os.stat(path).st_size  # the work-tree file git is reading, usually
+        except OSError:
+            size = 0
+        if not self.settings.get_bool("statCache") or request is not None or size > limit:
+            # A file larger than the budget streams as it comes: nothing is held for it.
+            return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+        chunks, fingerprint = read_ahead(reader, limit)
+        if fingerprint is not None:
+            hit = self.cache.get_stat(whole_file_key(path), fingerprint)
+            if hit is not None and self._objects_here(hit[0]):
+                return hit[0]
+        if fingerprint is not None:
+            # The whole-file row below answers every re-clean the per-tensor row would (same stat,
+            # same bytes): no per-tensor fingerprints to take and store.
+            key = cached = None
+        data = self._clean_checkpoint(fmt, ReplayReader(chunks, reader), path, key, cached, request)
+        if fingerprint is not None:
+            self.cache.put_stat(whole_file_key(path), fingerprint, data, {})
+        return data
+
     def _objects_here(self, data):
         """True when ``data`` is a valid manifest whose objects are all in the local store."""
         try:
@@ -215,13 +245,15 @@ class Cleaner:
             return False
         trust = self.store.trust
         return all(self.store.freshen(ref.oid) for ref in manifest.all_objects()) and (
-            trust is None or all(trust.trusted(e) for e in manifest.tensors.values())
+            trust is None or all(is_raw(e) or trust.trusted(e) for e in manifest.tensors.values())
         )
 
     def _clean_checkpoint(self, fmt, reader, path, key, cached, request=None):
         import xxhash
 
-        parent = parent_manifest(self.repo, path, request.base if request else None, prefer_head=request is not None)
+        parent = parent_manifest(
+            self.repo, path, request.base if request else None, request is not None, self._models.parsed
+        )
         parent_entries = parent.tensors if parent else {}
         if request is None or request.base is None:
             # Other files of the same model (a re-shard moves tensors between files): by name,
@@ -240,6 +272,7 @@ class Cleaner:
             for entry in source.values():
                 known.setdefault(entry.digest, entry)
 
+        remember = key is not None or bool(cached_entries)  # per-tensor fingerprints are of use
         budget = _Budget(self.settings.get_int("memoryBudget"))
         pool = self._executor()
         # Entries this clean made, by content: a file with many identical tensors (600k empty ones
@@ -256,6 +289,9 @@ class Cleaner:
                     f"{nbytes(tensor.dtype, tensor.shape)} for {tensor.dtype} {list(tensor.shape)}"
                 )
             hashed = hashes_of(tensor.data)  # a huge tensor was hashed while it was read
+            if not remember:
+                tensor.digest = hashed[0] if hashed else tensor_digest(tensor.data)
+                return None, None
             fingerprint = hashed[1] if hashed else xxhash.xxh3_128_hexdigest(tensor.data)
             previous = cached_entries.get(tensor.name)
             if (
@@ -290,7 +326,14 @@ class Cleaner:
                 checked = [check(tensor) for tensor in batch]
                 # With an explicit request, only the parent's entries are reused: the digest index
                 # would hand back the encoding the request is meant to replace.
-                lookups = [t for t, (e, _) in zip(batch, checked) if e is None and t.digest not in known]
+                # A small tensor goes into a pack as its own bytes, found by its digest among the
+                # packs' members (ObjectStore.put_raw): the index is asked about larger ones only.
+                small = self.store.packs_small
+                lookups = [
+                    t
+                    for t, (e, _) in zip(batch, checked)
+                    if e is None and t.digest not in known and not small(len(t.data))
+                ]
                 stored = self.cache.get_digests(lookups) if request is None and lookups else {}
                 results = []
                 for tensor, (entry, fingerprint) in zip(batch, checked):
@@ -300,6 +343,13 @@ class Cleaner:
                 return results
             finally:
                 budget.release(sum(len(t.data) for t in batch))
+
+        def submit(job, batch, batch_bytes):
+            """A worker's future, or one done in place for tiny tensors: hashing under 2 KiB never
+            releases the GIL, so a worker would only add hand-offs and lock contention."""
+            if batch_bytes < GIL_BOUND * len(batch):
+                return done(job(batch))
+            return pool.submit(job, batch)
 
         # Small objects go into packs, written (one fsync, one rename each) before the manifest.
         with self.store.packing():
@@ -315,11 +365,11 @@ class Cleaner:
                     batch.append(tensor)
                     batch_bytes += len(tensor.data)
                     if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_TENSORS:
-                        futures.append(pool.submit(process, batch))
+                        futures.append(submit(process, batch, batch_bytes))
                         batch, batch_bytes = [], 0
                         budget.wait_below()
                 if batch:
-                    futures.append(pool.submit(process, batch))
+                    futures.append(submit(process, batch, batch_bytes))
                 results = [result for f in futures for result in f.result()]
             except BaseException:
                 for f in futures:
@@ -347,7 +397,8 @@ class Cleaner:
         if request is not None and request.adapter is not None:
             request.adapter.finish(path, list(manifest.tensors))
         data = manifest.serialize()
-        unique = {(e.digest, e.dtype, e.shape): e for e in manifest.tensors.values()}
+        # Raw entries are found by their digest among the packs' members: no index row needed.
+        unique = {(e.digest, e.dtype, e.shape): e for e in manifest.tensors.values() if not is_raw(e)}
         self.cache.put_digests(unique.values())  # one row per content, however many tensors share it
         if key is not None and stat_key(path) == key:
             self.cache.put_stat(path, key, data, fingerprints)
@@ -373,7 +424,7 @@ class Cleaner:
                     f"to apply {supplied.key!r} from {request.adapter.source} to",
                     hint="name the version the adapter was trained on with --base REV:PATH",
                 )
-            return encode_tensor(self.store, tensor)
+            return self._keyframe(tensor)
         size = nbytes(base_entry.dtype, base_entry.shape)
         deep = needs_keyframe(base_entry, max_depth, self.settings.get_int("keyframePercent"))
         full_headers = None if supplied is not None or deep else self._full_chain_headers(base_entry)
@@ -399,12 +450,12 @@ class Cleaner:
                 if supplied is not None:
                     raise
                 # The new bytes are in hand: store them whole rather than on a damaged base.
-                return encode_tensor(self.store, tensor)
+                return self._keyframe(tensor)
             base = TensorData(base_entry.name, base_entry.dtype, base_entry.shape, base_bytes, base_entry.digest)
             if supplied is not None:
                 request.adapter.check(path, tensor, base, supplied)
             if deep:
-                return encode_tensor(self.store, tensor)  # a keyframe bounds the chain
+                return self._keyframe(tensor)  # a keyframe bounds the chain
             if keyframe is not None:
                 # The chain holds theta.maxFullDeltas whole-tensor deltas already: only a partial
                 # delta (sparse) may stack on the parent; anything else is taken on the keyframe.
@@ -414,8 +465,10 @@ class Cleaner:
                     base, base_entry = keyframe, key_entry
             else:
                 result = _encode_against(tensor, base, request, supplied)
+            if result[0].keyframe and self.store.packs_small(len(tensor.data)):
+                return self._keyframe(tensor)  # no delta pays: small tensors are stored raw
             if not self._fits(result, base_entry, size, request):
-                return encode_tensor(self.store, tensor)  # reading this version stays near its raw size
+                return self._keyframe(tensor)  # reading this version stays near its raw size
             return store_encoded(self.store, tensor, *result, base=base, base_entry=base_entry)
         finally:
             budget.release(held)
@@ -428,6 +481,14 @@ class Cleaner:
         if update.keyframe or (request is not None and (request.update_type or request.adapter)):
             return True
         return chain_fits(base_entry, encoded_size(encoded), raw_bytes, self.settings.get_int("maxChainPercent"))
+
+    def _keyframe(self, tensor):
+        """A new keyframe of ``tensor``: its own bytes in the pack being filled when it is small
+        (``raw``: no second sha256, no header, no compression), else ``dense``."""
+        if self.store.packs_small(len(tensor.data)):
+            ref = self.store.put_raw(tensor.data, tensor.digest)
+            return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, RAW, (ref,))
+        return encode_tensor(self.store, tensor)
 
     def _full_chain_headers(self, entry):
         """The object headers of ``entry``'s chain (see :func:`chain_headers`) when it stacks
@@ -461,7 +522,8 @@ class Cleaner:
         tensor's bytes under this tensor's digest.
         """
         trust = self.store.trust
-        if trust is None or trust.trusted(entry):
+        # A raw object's id is the digest itself: the store holds it only if its bytes hash to it.
+        if trust is None or is_raw(entry) or trust.trusted(entry):
             return True
         if not check:
             return False
@@ -486,6 +548,11 @@ class Cleaner:
             and self._vouched(entry, path)
         ):
             return _renamed(entry, tensor.name)
+        if self.store.packs_small(len(tensor.data)):
+            # Stored raw in some pack already (any file, branch or version): its id is the digest.
+            ref = self.store.packed_ref(tensor.digest)
+            if ref is not None and ref.size == len(tensor.data):
+                return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, RAW, (ref,))
         stored = (stored or {}).get((tensor.digest, tensor.dtype, tuple(tensor.shape)))
         if stored:
             update, *refs = stored.split(" ")

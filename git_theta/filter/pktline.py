@@ -219,7 +219,8 @@ class PktContentWriter:
             self._pkt.write_packet(bytes(self._pending))
             self._pending.clear()
         full = len(view) - len(view) % MAX_PAYLOAD
-        self._pkt.write_packets([view[start : start + MAX_PAYLOAD] for start in range(0, full, MAX_PAYLOAD)])
+        if full:  # a small tensor only joins the pending packet (200,000 of them: no flush each)
+            self._pkt.write_packets([view[start : start + MAX_PAYLOAD] for start in range(0, full, MAX_PAYLOAD)])
         self._pending += view[full:]
         return len(data)
 

@@ -8,20 +8,21 @@ Delta chains are decoded once per tensor; bases shared between tensors or files 
 """
 
 import threading
+from hashlib import sha256
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from git_theta import registry as plugins
 from git_theta.tensors.buffers import BufferPool, using
 from git_theta.updates.chain import DecodedCache, decode_tensor
 from git_theta.errors import ObjectMissingError
 from git_theta.formats.base import TensorSource
-from git_theta.manifest import Manifest, is_manifest
+from git_theta.manifest import Manifest, is_manifest, is_raw
 from git_theta.config import settings_for
 from git_theta.testhooks import kill_point
 
 BATCH_BYTES = 1 << 20  # consecutive tensors decoded by one worker task, up to this many bytes...
-BATCH_TENSORS = 256  # ...or this many tensors
+BATCH_TENSORS = 4096  # ...or this many (a future per tiny tensor costs more than the tensor)
 
 
 class StoreTensorSource(TensorSource):
@@ -54,10 +55,25 @@ class StoreTensorSource(TensorSource):
             ) from None
 
     def _decode_many(self, entries):
-        return [self._decode(entry) for entry in entries]
+        read, out = self._store.read, []
+        for entry in entries:
+            if is_raw(entry):
+                # A small tensor stored as its own bytes: a slice of its pack, hashed with sha256
+                # (its id is its digest, so no ledger lookup); anything amiss takes the full decode,
+                # which names the damage.
+                try:
+                    data = read(entry.digest)
+                except ObjectMissingError:
+                    data = None
+                if data is not None and sha256(data).hexdigest() == entry.digest:
+                    out.append(data)
+                    continue
+            out.append(self._decode(entry))
+        return out
 
     def iter_data(self, names):
         pending = deque()  # (names, sizes, future of their decoded bytes)
+        memo = {}  # (dtype, shape) -> bytes
         in_flight = 0
         names = list(names)
         position = 0
@@ -71,10 +87,16 @@ class StoreTensorSource(TensorSource):
                     while position < len(names) and len(batch) < BATCH_TENSORS and batch_bytes < BATCH_BYTES:
                         entry = self.specs[names[position]]
                         batch.append(entry)
-                        sizes.append(entry_size(entry))
+                        sizes.append(entry_size(entry, memo))
                         batch_bytes += sizes[-1]
                         position += 1
-                    pending.append((names[start:position], sizes, self._pool.submit(self._decode_many, batch)))
+                    if batch_bytes < GIL_BOUND * len(batch) and all(map(is_raw, batch)):
+                        # Tiny raw tensors: hashing them never releases the GIL, so a worker
+                        # would only add a hand-off per batch.
+                        job = done(self._decode_many(batch))
+                    else:
+                        job = self._pool.submit(self._decode_many, batch)
+                    pending.append((names[start:position], sizes, job))
                     in_flight += batch_bytes
                 batch_names, sizes, future = pending.popleft()
                 decoded = future.result()
@@ -92,10 +114,27 @@ class StoreTensorSource(TensorSource):
                 future.cancel()
 
 
-def entry_size(entry):
+GIL_BOUND = 2048  # hashlib releases the GIL only for more bytes than this
+
+
+def done(value):
+    """A future already holding ``value`` (work done in place, where a future is expected)."""
+    future = Future()
+    future.set_result(value)
+    return future
+
+
+def entry_size(entry, memo=None):
+    """Bytes of the tensor ``entry`` describes; ``memo`` (a dict) remembers each dtype and shape."""
     from git_theta.dtypes import nbytes
 
-    return nbytes(entry.dtype, entry.shape)
+    if memo is None:
+        return nbytes(entry.dtype, entry.shape)
+    key = (entry.dtype, entry.shape)
+    size = memo.get(key)
+    if size is None:
+        size = memo[key] = nbytes(*key)
+    return size
 
 
 class Smudger:
@@ -130,6 +169,7 @@ class Smudger:
         if not is_manifest(data) or self.settings.get_bool("skipSmudge"):
             return None  # skip-smudge: the manifest stays in the work tree (git theta checkout)
         manifest = Manifest.parse(data, source=path)
+        manifest.text = data  # what git has: the stat cache keeps it as is (no re-serializing)
         fmt = plugins.get("format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD))
         store = self.repo.store
         # Packed objects are checked one by one: a pack that is here may still lack one a
@@ -170,7 +210,11 @@ class Smudger:
         from git_theta.remote.transfer import fetch_refs
 
         store = self.repo.store
-        refs = store.missing(manifest.all_objects())
+        # The packs of the missing members (a pack repack replaced is fetched again only now).
+        homes = {ref.home.oid: ref.home for ref in store.missing(manifest.member_objects())}
+        refs = list(homes.values())
+        for ref in refs:
+            store.unmark_replaced(ref.oid)  # it lacks a member needed now: fetch it whole again
         try:
             fetch_refs(self.repo, refs, settings=self.settings)
         except UsageError:
@@ -206,14 +250,21 @@ class Smudger:
             self.cache,
             self.buffers if getattr(fmt, "releases_tensors", False) else None,
         )
-        remember = getattr(fmt, "spools", False) and self.settings.get_bool("statCache")
+        # Whole files clean reads ahead (spooled ones, streamed ones within the memory budget) are
+        # fingerprinted as they are written, so a re-clean of the same bytes is one lookup.
+        sizes = {}
+        remember = self.settings.get_bool("statCache") and (
+            getattr(fmt, "spools", False)
+            or sum(entry_size(e, sizes) for e in manifest.tensors.values()) <= self.settings.get_int("memoryBudget")
+        )
         if remember:
             from git_theta.formats.spool import WriteOnly
 
             out = WriteOnly(out)  # fingerprints the file, so a later re-clean of it is a lookup
         fmt.join(manifest.fields, source, out, path)
-        self.repo.cache.put_digests(manifest.tensors.values())
+        self.repo.cache.put_digests(e for e in manifest.tensors.values() if not is_raw(e))
         if remember:
             from git_theta.formats.spool import whole_file_key
 
-            self.repo.cache.put_stat(whole_file_key(path), out.fingerprint, manifest.serialize(), {})
+            text = getattr(manifest, "text", None) or manifest.serialize()
+            self.repo.cache.put_stat(whole_file_key(path), out.fingerprint, text, {})

@@ -366,7 +366,9 @@ def iter_manifests(repo, scope="all", work_trees=False):
 def referenced_refs(manifest_bytes, source):
     """{oid: ObjectRef} a manifest references. An unparseable one still protects every oid it names."""
     try:
-        return {ref.oid: ref for ref in Manifest.parse(manifest_bytes, source=source).all_objects()}
+        manifest = Manifest.parse(manifest_bytes, source=source)
+        # Members too: a pack that repack wrote holds them under no name a manifest uses.
+        return {ref.oid: ref for ref in (*manifest.all_objects(), *manifest.member_objects())}
     except ManifestError:
         text = manifest_bytes.decode("utf-8", "replace")
         return {oid: ObjectRef(oid, int(size)) for oid, size in _OID_REF.findall(text)}

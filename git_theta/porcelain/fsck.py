@@ -89,11 +89,14 @@ def collect(repo, scope):
             report.problems.append(Problem("bad-manifest", exc.message, use.path, use.where, use.commit, oid=use.blob))
             continue
         # A packed object is checked as its pack: the pack's sha256 covers every member.
+        # A member of a pack that repack replaced is checked on its own (its new pack is named by
+        # no manifest).
+        replaced = {}
         for key, ref in sorted(manifest.blobs.items()):
-            _note(objects, ref.home, use, None)
+            _note(objects, _checked_as(repo.store, ref, replaced), use, None)
         for entry in manifest.tensors.values():
             for ref in entry.objects:
-                _note(objects, ref.home, use, entry.name)
+                _note(objects, _checked_as(repo.store, ref, replaced), use, entry.name)
             key = (entry.digest, entry.dtype, entry.shape, entry.objects)
             tensors.setdefault(key, (entry, []))[1].append((use, entry.name))
     report.objects = len(objects)
@@ -126,6 +129,17 @@ def _chunk_parts(store, objects, bad, report):
             if ref.oid not in parts:
                 parts[ref.oid] = _ObjectUse(ref.size, info.use, info.tensor, info.count, index=oid)
     return parts
+
+
+def _checked_as(store, ref, replaced):
+    """The object fsck verifies for ``ref``: its pack, or itself when that pack was replaced."""
+    pack = ref.pack
+    if pack is None:
+        return ref
+    gone = replaced.get(pack.oid)
+    if gone is None:
+        gone = replaced[pack.oid] = store.replaced(pack.oid) and not store.has(pack.oid)
+    return ref if gone else ref.home
 
 
 def _note(objects, ref, use, tensor):

@@ -123,7 +123,7 @@ def prune(repo, expire=3600, include_unpushed=False, dry_run=False, now=None):
     doomed = []
     kept = []
     for oid, mtime, size in candidates:
-        if oid in reachable:
+        if oid in reachable or _holds_live(repo.store, oid, reachable):
             result.kept_reachable += 1
         elif mtime > cutoff:
             result.kept_recent += 1
@@ -149,6 +149,18 @@ def prune(repo, expire=3600, include_unpushed=False, dry_run=False, now=None):
     if not dry_run:
         _recover_trash(trash, repo.store, cutoff)
     return result
+
+
+def _holds_live(store, oid, reachable):
+    """True when ``oid`` is a pack holding an object a reachable manifest uses: a pack written by
+    ``git theta repack`` is named by no manifest (they name the pack it replaced)."""
+    from git_theta.errors import ObjectCorruptError
+
+    try:
+        members = store.pack_members(oid)  # None for anything that is not a pack
+    except ObjectCorruptError:
+        return False
+    return bool(members) and not reachable.isdisjoint(members)
 
 
 def _delete(path, trash, oid, cutoff):

@@ -198,7 +198,8 @@ class Transfer:
 
     def _download(self, refs, label, stats):
         store = self.repo.store
-        refs = [r for r in _dedup(refs) if store.size(r.oid) != r.size]
+        # A pack 'git theta repack' replaced is here in the members that were still used.
+        refs = [r for r in _dedup(refs) if store.size(r.oid) != r.size and not store.replaced(r.oid)]
         if not refs:
             return stats
         progress = _Progress(sum(r.size for r in refs), label)

@@ -57,7 +57,7 @@ class ObjectStore:
         self._pack_sizes = {}  # pack oid -> size
         self._packs_seen = None  # mtime of the packs folder when it was last listed
         self._fresh_packs = set()  # packs this process has freshened already
-        self._pack_fds = {}  # pack oid -> open file descriptor (members are read with pread)
+        self._pack_fds = {}  # pack oid -> read-only mmap of it (members are read as slices)
         self._packs_lock = threading.Lock()
         self._packer = None
 
@@ -96,6 +96,15 @@ class ObjectStore:
             self._packer.flush()
         finally:
             self._packer = None
+
+    def packs_small(self, nbytes):
+        """True when an object of ``nbytes`` written now goes into a pack."""
+        return self._packer is not None and nbytes <= self.pack_threshold
+
+    def put_raw(self, data, oid):
+        """Store a small tensor's own bytes in the pack being filled; ``oid`` is their sha256,
+        which the caller computed (the tensor digest: no second hash). Returns the ObjectRef."""
+        return self._packer.add(data, oid)
 
     def _member(self, oid, reload=False):
         """(pack oid, offset, size) of a packed object, or None."""
@@ -145,6 +154,52 @@ class ObjectStore:
         self._index_pack(oid, verify)
         self._packs_dir.mkdir(parents=True, exist_ok=True)
         (self._packs_dir / oid).touch()
+
+    def pack_oids(self):
+        """The ids of the packs this store holds (recorded by their markers), sorted."""
+        self._load_packs()
+        return sorted(oid for oid in self._pack_sizes if os.path.isfile(self._loose(oid)))
+
+    def _replaced_path(self, oid):
+        check_oid(oid)
+        return self.root.parent / "replaced" / oid
+
+    def replaced(self, oid):
+        """True when pack ``oid`` was rewritten by ``git theta repack``: the members reachable
+        then are in another pack here, so the pack itself need not be fetched again."""
+        return os.path.isfile(self._replaced_path(oid))
+
+    def mark_replaced(self, oid, by):
+        """Record that pack ``oid`` was repacked into pack ``by`` (written before it is deleted)."""
+        path = self._replaced_path(oid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(by + "\n")
+
+    def unmark_replaced(self, oid):
+        try:
+            os.unlink(self._replaced_path(oid))
+        except FileNotFoundError:
+            pass
+
+    def forget_pack(self, oid):
+        """Forget a deleted pack: its marker, and members found only in it."""
+        try:
+            os.unlink(self._packs_dir / oid)
+        except FileNotFoundError:
+            pass
+        with self._packs_lock:
+            self._pack_sizes.pop(oid, None)
+            mapped = self._pack_fds.pop(oid, None)
+            gone = [m for m, where in self._members.items() if where[0] == oid]
+            for member in gone:
+                del self._members[member]
+        if mapped is not None:
+            mapped.close()
+        for other in list(self._pack_sizes):  # a member also held by another pack is found there
+            try:
+                self._index_pack(other, verify=False)
+            except (OSError, ObjectCorruptError):
+                continue
 
     def packed_ref(self, oid):
         """The ObjectRef (pack included) of an object in a pack already loaded, freshened; else None."""
@@ -321,7 +376,8 @@ class ObjectStore:
 
     def missing(self, refs):
         """The refs (and parts of chunked objects) that are not in the store."""
-        absent = [r for r in refs if not self.has(r.oid)]
+        members = self._members  # the common case, 200,000 times: a member of a loaded pack
+        absent = [r for r in refs if r.oid not in members and not self.has(r.oid) and not self.replaced(r.oid)]
         return absent + [p for p in self.chunk_parts(refs) if not self.has(p.oid)]
 
     def read(self, oid, verify=False):
@@ -338,6 +394,8 @@ class ObjectStore:
                 data = self._read_member(oid, reload=True)
                 if data is None:
                     raise ObjectMissingError(f"object {oid} is missing", oids=[oid]) from None
+        elif not verify:
+            return data  # a chunk index is never packed (_split): a member is always its own bytes
         if verify:
             self.verify_bytes(oid, data)
         from git_theta.store import chunked
@@ -354,19 +412,23 @@ class ObjectStore:
             packer = self._packer
             return None if packer is None else packer.pending(oid)
         pack, offset, size = found
-        fd = self._pack_fds.get(pack)
-        if fd is None:
+        mapped = self._pack_fds.get(pack)
+        if mapped is None:
+            import mmap
+
             try:
-                fd = os.open(self._loose(pack), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                with open(self._loose(pack), "rb") as handle:
+                    mine = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             except FileNotFoundError:
                 return None
+            except ValueError:  # emptied since its index was read
+                raise ObjectCorruptError(f"pack {pack} is truncated (member {oid})") from None
             with self._packs_lock:
-                if pack in self._pack_fds:
-                    os.close(fd)
-                    fd = self._pack_fds[pack]
-                else:
-                    self._pack_fds[pack] = fd
-        data = os.pread(fd, size, offset)
+                mapped = self._pack_fds.setdefault(pack, mine)
+            if mapped is not mine:
+                mine.close()
+        # A slice of the mapping: no system call per member (packs are never rewritten in place).
+        data = mapped[offset : offset + size]
         if len(data) != size:
             raise ObjectCorruptError(f"pack {pack} is truncated (member {oid})")
         return data
@@ -374,9 +436,9 @@ class ObjectStore:
     def close(self):
         """Close the packs kept open for reading."""
         with self._packs_lock:
-            fds, self._pack_fds = self._pack_fds, {}
-        for fd in fds.values():
-            os.close(fd)
+            maps, self._pack_fds = self._pack_fds, {}
+        for mapped in maps.values():
+            mapped.close()
 
     def verify(self, oid, size=None):
         """Check a stored object by streaming it through sha256 (memory: one chunk).

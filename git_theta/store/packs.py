@@ -30,6 +30,7 @@ import struct
 import threading
 
 from git_theta.errors import ObjectCorruptError
+from git_theta.manifest import ObjectRef
 
 MAGIC = b"GTPACK1\n"
 _COUNT = struct.Struct("<Q")
@@ -104,8 +105,6 @@ class PackWriter:
         self._bytes = 0
 
     def add(self, data, oid=None):
-        from git_theta.manifest import ObjectRef
-
         oid = oid or hashlib.sha256(data).hexdigest()
         full = None
         with self._lock:

@@ -17,8 +17,9 @@ from git_theta import registry as plugins
 from git_theta.tensors.buffers import new_buffer
 from git_theta.dtypes import nbytes
 from git_theta.errors import ManifestError, ObjectCorruptError, ObjectMissingError
-from git_theta.manifest import TensorEntry
+from git_theta.manifest import TensorEntry, is_raw
 from git_theta.updates.base import TensorData
+from git_theta.updates.raw import raw_header
 
 
 def tensor_digest(data):
@@ -105,9 +106,37 @@ def chain_headers(store, entry):
     """
     headers = []
     for ref in entry.objects:
+        above = headers[-1].get("base") if headers else entry.digest
+        if ref is entry.objects[-1] and ref.oid == above:
+            headers.append(raw_header(entry))  # the keyframe is the tensor's bytes (updates/raw.py)
+            continue
         header, _ = object_codec.unpack(store.read(ref.oid), ref.oid)
         headers.append(header)
     return headers
+
+
+def _keyframe_digest(store, entry):
+    """The digest the chain's keyframe decodes to, as the chain claims it: the tensor's own for a
+    lone keyframe, else the base named by the delta above it (None if that cannot be read)."""
+    if len(entry.objects) == 1:
+        return entry.digest
+    try:
+        header, _ = object_codec.unpack(store.read(entry.objects[-2].oid), entry.objects[-2].oid)
+    except (ObjectCorruptError, ObjectMissingError):
+        return None
+    return header.get("base")
+
+
+def _unpack(store, entry, depth, raw, ref):
+    """(header, payload) of the chain's object at ``depth``; a keyframe whose id is the digest it
+    decodes to is the tensor's own bytes (raw): equal sha256 means equal bytes."""
+    if (
+        depth == len(entry.objects) - 1
+        and len(raw) == nbytes(entry.dtype, entry.shape)
+        and ref.oid == _keyframe_digest(store, entry)
+    ):
+        return raw_header(entry), memoryview(raw)
+    return object_codec.unpack(raw, ref.oid)
 
 
 def keyframe_entry(entry, headers):
@@ -290,7 +319,7 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
                     hint="fetch it with 'git theta fetch' (or restore it from a clone that has it)",
                     oids=[ref.oid],
                 ) from None
-            header, payload = object_codec.unpack(raw, ref.oid)
+            header, payload = _unpack(store, entry, depth, raw, ref)
             top = header  # ends as the tensor's own object's header (depth 0 is always read)
             update = plugins.get("update", header["update"], needed_by=f"{where}, object {ref.oid}")
             if header.get("dtype") != entry.dtype or tuple(header.get("shape", ())) != entry.shape:
@@ -331,8 +360,9 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
     bound = isinstance(checksum, str) and checksum.startswith(BOUND_CHECKSUM)
     # The object's checksum was chosen by whoever wrote the object: it only stands in for sha256
     # on a pair this clone has verified or encoded itself (the trust ledger, DESIGN §12).
-    fast = not (full or strict) and store.trust is not None and store.trust.trusted(entry)
-    if fast and isinstance(checksum, str) and (bound or checksum.startswith(CHECKSUM)):
+    usable = isinstance(checksum, str) and (bound or checksum.startswith(CHECKSUM))
+    fast = usable and not (full or strict) and store.trust is not None and store.trust.trusted(entry)
+    if fast:
         if tensor_checksum(data, entry.digest if bound else None) != checksum:
             raise _chain_error(store, entry, where, "decoded bytes do not match the recorded checksum")
     elif tensor_digest(data) != entry.digest:
@@ -343,7 +373,7 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
             "decoded bytes do not match the tensor digest "
             "(the object is forged or damaged, or the manifest was altered)",
         )
-    elif store.trust is not None:
+    elif store.trust is not None and not is_raw(entry):  # a raw pair needs no ledger: id == digest
         store.trust.record([entry])
     if immediate_base is not None:
         cache.put(*immediate_base)

@@ -1,4 +1,4 @@
-"""Keeping the object store healthy: ``git theta fsck`` and ``git theta prune``."""
+"""Keeping the object store healthy: ``git theta fsck``, ``git theta prune`` and ``git theta repack``."""
 
 import json
 
@@ -124,4 +124,36 @@ def prune(dry_run, keep_unpushed, delete_all, expire, as_json):
         )
 
 
-COMMANDS = [fsck, prune]
+@click.command()
+@click.option("-n", "--dry-run", is_flag=True, help="Only report what would be rewritten.")
+@click.option(
+    "--expire", default=None, help="Leave packs modified more recently than this (default: theta.pruneExpire)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def repack(dry_run, expire, as_json):
+    """Rewrite packs holding tensors nothing references, keeping only the referenced ones."""
+    from git_theta.porcelain.prune import parse_expire
+    from git_theta.porcelain.repack import repack as run_repack
+    from git_theta.git.repo import Repo
+    from git_theta.config import settings_for
+
+    repo = Repo(".")
+    seconds = parse_expire(expire if expire is not None else settings_for(repo).get("pruneExpire"))
+    result = run_repack(repo, seconds, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    verb = "would rewrite" if dry_run else "rewrote"
+    click.echo(
+        f"{verb} {result.packs_rewritten} pack(s): kept {result.members_kept} object(s), "
+        f"dropped {result.members_dropped}, {humanize.size(result.bytes_freed)} freed"
+    )
+    if result.kept_unpushed:
+        click.echo(
+            f"kept {result.kept_unpushed} pack(s) whole: manifests name them and no remote is known to have them",
+            err=True,
+        )
+        click.echo("hint: push first (git theta push), then repack", err=True)
+
+
+COMMANDS = [fsck, prune, repack]
