@@ -70,6 +70,7 @@ def test_tensors_spanning_many_chunks_round_trip(tmp_path, monkeypatch, update_n
     """Chunked decoding (the int-delta folds chunk by chunk into its base) is exact at chunk edges."""
     monkeypatch.setattr(planes, "CHUNK_BYTES", 4096 + 12)  # a step that is not a power of two
     monkeypatch.setattr(planes, "PIECE_BYTES", 1000)  # pieces that do not divide a chunk
+    monkeypatch.setattr(planes, "INTERLEAVE_BYTES", 100)  # interleaved in pieces too, a last short one
     rng = np.random.default_rng(1)
     base = rng.standard_normal(10_001).astype(np.float32)
     new = base * (1 + 1e-4 * rng.standard_normal(base.size)).astype(np.float32)
