@@ -240,6 +240,8 @@ class Smudger:
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""
         self._keep_shared_bases(manifest)
+        if self.repo.store.trust is not None:
+            self.repo.store.trust.prefetch(manifest.tensors.values())
         source = StoreTensorSource(
             manifest,
             self.repo.store,
