@@ -70,6 +70,7 @@ def test_tensors_spanning_many_chunks_round_trip(tmp_path, monkeypatch, update_n
     """Chunked decoding (the int-delta folds chunk by chunk into its base) is exact at chunk edges."""
     monkeypatch.setattr(planes, "CHUNK_BYTES", 4096 + 12)  # a step that is not a power of two
     monkeypatch.setattr(planes, "PIECE_BYTES", 1000)  # pieces that do not divide a chunk
+    monkeypatch.setattr(planes, "INTERLEAVE_BYTES", 100)  # interleaved in pieces too, a last short one
     rng = np.random.default_rng(1)
     base = rng.standard_normal(10_001).astype(np.float32)
     new = base * (1 + 1e-4 * rng.standard_normal(base.size)).astype(np.float32)
@@ -198,3 +199,43 @@ def test_zero_planes_are_skipped_not_lost(monkeypatch, itemsize):
     if itemsize > 1:
         # the zero high half; the constant top byte only where it is zero (the first chunk)
         assert max(skipped) == itemsize // 2 and min(skipped) == max(1, itemsize // 2 - 1)
+
+
+def test_the_largest_tensor_is_decoded_ahead_yet_written_in_file_order(repo, monkeypatch):
+    """A large tensor at the end of the file starts decoding first (it would otherwise keep one
+    worker busy alone at the end), and the bytes still come out in file order, exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from git_theta.filter import smudge
+    from git_theta.filter.clean import Cleaner
+    from git_theta.git.repo import Repo
+    from git_theta.manifest import Manifest
+
+    monkeypatch.chdir(repo.path)
+    monkeypatch.setattr(smudge, "EARLY_MIN", 8192)
+    monkeypatch.setattr(smudge, "BATCH_BYTES", 1)  # a worker task per tensor
+    rng = np.random.default_rng(5)
+    tensors = {f"h.{i}.weight": rng.standard_normal((32, 32)).astype(np.float32) for i in range(6)}
+    tensors["wte.weight"] = rng.standard_normal((64, 64)).astype(np.float32)  # 16 KiB, last
+    save_safetensors(repo.file("model.safetensors"), tensors)
+    handle = Repo(str(repo.path))
+    with open(repo.file("model.safetensors"), "rb") as f:
+        manifest_bytes = Cleaner(handle).clean(f, "model.safetensors")
+    manifest = Manifest.parse(manifest_bytes, source="model.safetensors")
+    submitted = []
+
+    class Recording(smudge.StoreTensorSource):
+        def _decode_many(self, entries):
+            submitted.extend(e.name for e in entries)
+            return super()._decode_many(entries)
+
+    names = sorted(tensors)
+    for workers, first in ((2, "wte.weight"), (1, "h.0.weight")):  # one worker: nothing to balance
+        submitted.clear()
+        with ThreadPoolExecutor(1) as pool:  # one thread runs the tasks in the order submitted
+            source = Recording(manifest, handle.store, pool, "model.safetensors", 1 << 20, workers=workers)
+            out = [(name, bytes(data)) for name, data in source.iter_data(names)]
+        assert [name for name, _ in out] == names
+        assert all(data == tensors[name].tobytes() for name, data in out)
+        assert submitted[0] == first and sorted(submitted) == names
+    handle.close()

@@ -298,3 +298,31 @@ def test_chain_repeating_one_delta_is_refused_at_once_with_a_short_line(repo):
     repo.git("checkout", "-q", "HEAD~1", "--", "model.safetensors")
     repo.git("config", "theta.maxChainDepth", "1200")
     assert "longer than" not in check_out(1000)
+
+
+def test_ledger_prefetch_answers_a_file_in_one_query_and_never_trusts_more(tmp_path):
+    """A checkout looks up every pair of a file at once; a pair found untrusted stays untrusted
+    until it is recorded (verified), and a recorded one is trusted."""
+    from git_theta.manifest import ObjectRef, TensorEntry
+    from git_theta.store.cache import Cache
+    from git_theta.store.trust import TrustLedger
+
+    class Counting(Cache):
+        lookups = 0
+
+        def is_trusted(self, key):
+            Counting.lookups += 1
+            return super().is_trusted(key)
+
+    def entry(i):
+        return TensorEntry(f"t{i}", "F32", (1,), f"{i:064x}", "dense", (ObjectRef(f"{i + 100:064x}", 10),))
+
+    cache = Counting(tmp_path / "cache.sqlite3")
+    TrustLedger(cache).record([entry(0), entry(1)])  # verified by an earlier process
+    ledger = TrustLedger(cache)
+    ledger.prefetch([entry(i) for i in range(4)])
+    assert [ledger.trusted(entry(i)) for i in range(4)] == [True, True, False, False]
+    assert Counting.lookups == 0
+    ledger.record([entry(2)])  # this process verified it
+    assert ledger.trusted(entry(2)) and not ledger.trusted(entry(3))
+    assert TrustLedger(cache).trusted(entry(2)) and not TrustLedger(cache).trusted(entry(3))

@@ -23,12 +23,13 @@ from git_theta.testhooks import kill_point
 
 BATCH_BYTES = 1 << 20  # consecutive tensors decoded by one worker task, up to this many bytes...
 BATCH_TENSORS = 4096  # ...or this many (a future per tiny tensor costs more than the tensor)
+EARLY_MIN = 16 << 20  # tensors from this size may be decoded ahead of file order (iter_data)
 
 
 class StoreTensorSource(TensorSource):
     """Decodes a manifest's tensors from the store, a few ahead of the writer, within a byte budget."""
 
-    def __init__(self, manifest, store, pool, path, budget, cache=None, buffers=None):
+    def __init__(self, manifest, store, pool, path, budget, cache=None, buffers=None, workers=1):
         self.specs = manifest.tensors
         self.blob_keys = set(manifest.blobs)
         self._manifest = manifest
@@ -38,6 +39,7 @@ class StoreTensorSource(TensorSource):
         self._budget = budget
         self._cache = cache
         self._buffers = buffers  # a BufferPool when the format releases each tensor it is given
+        self._workers = workers  # threads of ``pool``
 
     def _decode(self, entry):
         with using(self._buffers):  # None: plain new buffers
@@ -72,10 +74,14 @@ class StoreTensorSource(TensorSource):
         return out
 
     def iter_data(self, names):
-        pending = deque()  # (names, sizes, future of their decoded bytes)
+        pending = deque()  # (names, sizes, future of their decoded bytes), in file order
+        early = {}  # position -> future: a large tensor being decoded ahead of file order
         memo = {}  # (dtype, shape) -> bytes
         in_flight = 0
         names = list(names)
+        sizes = [entry_size(self.specs[name], memo) for name in names]
+        unsubmitted = sum(sizes)
+        large = sorted((i for i, size in enumerate(sizes) if size >= EARLY_MIN), key=lambda i: -sizes[i])
         position = 0
         try:
             while position < len(names) or pending:
@@ -83,25 +89,41 @@ class StoreTensorSource(TensorSource):
                 # tensors go to a worker in batches (a future per 16-byte tensor costs more than
                 # decoding it).
                 while position < len(names) and (not pending or in_flight < self._budget):
-                    start, batch, sizes, batch_bytes = position, [], [], 0
-                    while position < len(names) and len(batch) < BATCH_TENSORS and batch_bytes < BATCH_BYTES:
-                        entry = self.specs[names[position]]
-                        batch.append(entry)
-                        sizes.append(entry_size(entry, memo))
-                        batch_bytes += sizes[-1]
+                    if not early:
+                        ahead = self._take_early(names, sizes, large, position, unsubmitted)
+                        if ahead is not None:
+                            early[ahead] = self._pool.submit(self._decode_many, [self.specs[names[ahead]]])
+                            unsubmitted -= sizes[ahead]
+                    if position in early:  # decoded ahead: its place in the file has come
+                        pending.append(
+                            (names[position : position + 1], sizes[position : position + 1], early.pop(position))
+                        )
+                        in_flight += sizes[position]
                         position += 1
+                        continue
+                    start, batch_bytes = position, 0
+                    while (
+                        position < len(names)
+                        and position not in early
+                        and position - start < BATCH_TENSORS
+                        and batch_bytes < BATCH_BYTES
+                    ):
+                        batch_bytes += sizes[position]
+                        position += 1
+                    batch = [self.specs[name] for name in names[start:position]]
                     if batch_bytes < GIL_BOUND * len(batch) and all(map(is_raw, batch)):
                         # Tiny raw tensors: hashing them never releases the GIL, so a worker
                         # would only add a hand-off per batch.
                         job = done(self._decode_many(batch))
                     else:
                         job = self._pool.submit(self._decode_many, batch)
-                    pending.append((names[start:position], sizes, job))
+                    pending.append((names[start:position], sizes[start:position], job))
                     in_flight += batch_bytes
-                batch_names, sizes, future = pending.popleft()
+                    unsubmitted -= batch_bytes
+                batch_names, batch_sizes, future = pending.popleft()
                 decoded = future.result()
                 decoded.reverse()  # popped from the end: the list lets go of each tensor it yields
-                for name, size in zip(batch_names, sizes):
+                for name, size in zip(batch_names, batch_sizes):
                     data = decoded.pop()
                     in_flight -= size
                     kill_point()
@@ -110,8 +132,27 @@ class StoreTensorSource(TensorSource):
                         self._buffers.give(data)
                     del data
         finally:
-            for _, _, future in pending:
+            for _, _, future in [*pending, *((None, None, f) for f in early.values())]:
                 future.cancel()
+
+    def _take_early(self, names, sizes, large, position, unsubmitted):
+        """The position of a large tensor to decode now, ahead of file order, or None.
+
+        Decoded in file order, a checkpoint's largest tensor (GPT-2's 150 MB embedding comes
+        last) keeps one worker busy alone at the end while the other workers, the writer and git
+        wait. It is started early once the other workers have about as much left to decode
+        (twice that: a large tensor costs more per byte, its memory is fresh); then it finishes
+        with them. One such tensor at a time; it counts against the budget from its place in
+        the file on, so memory stays within the budget plus one tensor, as in file order.
+        """
+        while large and large[0] < position:
+            large.pop(0)  # reached in file order already
+        if not large or large[0] == position:
+            return None
+        size = sizes[large[0]]
+        if 2 * size * (self._workers - 1) < unsubmitted - size:
+            return None
+        return large.pop(0)
 
 
 GIL_BOUND = 2048  # hashlib releases the GIL only for more bytes than this
@@ -241,6 +282,8 @@ class Smudger:
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""
         self._keep_shared_bases(manifest)
+        if self.repo.store.trust is not None:
+            self.repo.store.trust.prefetch(manifest.tensors.values())
         source = StoreTensorSource(
             manifest,
             self.repo.store,
@@ -249,6 +292,7 @@ class Smudger:
             self.settings.get_int("memoryBudget"),
             self.cache,
             self.buffers if getattr(fmt, "releases_tensors", False) else None,
+            self.settings.threads(),
         )
         # Whole files clean reads ahead (spooled ones, streamed ones within the memory budget) are
         # fingerprinted as they are written, so a re-clean of the same bytes is one lookup.

@@ -181,7 +181,9 @@ def _tensors(repo, manifest, names, path, framework, upcast):
 
     settings = settings_for(repo)
     with ThreadPoolExecutor(settings.threads(), thread_name_prefix="theta-load") as pool:
-        source = StoreTensorSource(manifest, repo.store, pool, path, settings.get_int("memoryBudget"))
+        source = StoreTensorSource(
+            manifest, repo.store, pool, path, settings.get_int("memoryBudget"), workers=settings.threads()
+        )
         for name, data in source.iter_data(names):
             entry = manifest.tensors[name]
             yield name, _convert(data, entry.dtype, entry.shape, framework, upcast)

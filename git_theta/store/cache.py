@@ -132,6 +132,21 @@ class Cache:
         """True when the pair with ledger key ``key`` (bytes) is recorded as trusted."""
         return self._run(lambda db: db.execute("SELECT 1 FROM trusted WHERE pair=?", (key,)).fetchone()) is not None
 
+    def trusted_among(self, keys):
+        """The set of ``keys`` recorded as trusted (queries of at most 500 keys), or None when the
+        cache is unusable."""
+        keys = list(keys)
+
+        def query(db):
+            found = set()
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                rows = db.execute(f"SELECT pair FROM trusted WHERE pair IN ({','.join('?' * len(part))})", part)
+                found.update(bytes(row[0]) for row in rows)
+            return found
+
+        return self._run(query)
+
     def put_trusted(self, keys):
         """Record the ledger keys ``keys`` as trusted."""
         self._run(lambda db: db.executemany("INSERT OR IGNORE INTO trusted VALUES (?)", [(k,) for k in keys]))

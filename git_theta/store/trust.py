@@ -45,13 +45,31 @@ class TrustLedger:
     """Trusted pairs of one repository, read from and written to its :class:`~git_theta.store.cache.Cache`.
 
     Positive answers are remembered for the process (a pair never stops being trusted, since
-    objects are immutable and named by their hash), so a checkout asks SQLite once per tensor.
+    objects are immutable and named by their hash); a checkout asks SQLite once per file
+    (:meth:`prefetch`), not once per tensor.
     """
 
     def __init__(self, cache):
         self._cache = cache
         self._known = set()
+        self._absent = set()  # keys :meth:`prefetch` found untrusted (until recorded)
         self._lock = threading.Lock()
+
+    def prefetch(self, entries):
+        """Look up the pairs of ``entries`` in one query, so :meth:`trusted` asks SQLite nothing
+        for them. A pair found untrusted is answered untrusted until it is recorded: at worst a
+        pair another process verified meanwhile is verified again, never the other way round."""
+        keys = {pair_key(e) for e in entries}
+        with self._lock:
+            keys -= self._known
+        if not keys:
+            return
+        found = self._cache.trusted_among(keys)
+        if found is None:  # the cache is unusable: ask per pair as before
+            return
+        with self._lock:
+            self._known |= found
+            self._absent |= keys - found
 
     def trusted(self, entry):
         """True when this clone has verified or encoded ``entry``'s (chain -> digest) pair."""
@@ -59,6 +77,8 @@ class TrustLedger:
         with self._lock:
             if key in self._known:
                 return True
+            if key in self._absent:
+                return False
         if self._cache.is_trusted(key):
             with self._lock:
                 self._known.add(key)
@@ -71,6 +91,7 @@ class TrustLedger:
         with self._lock:
             keys -= self._known
             self._known |= keys
+            self._absent -= keys
         if keys:
             self._cache.put_trusted(keys)
 
@@ -78,4 +99,5 @@ class TrustLedger:
         """Forget every trusted pair: the next decode of each tensor is sha256-verified again."""
         with self._lock:
             self._known.clear()
+            self._absent.clear()
         self._cache.forget_trusted()
