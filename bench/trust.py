@@ -20,6 +20,7 @@ the median over ``--repeats`` rounds; the load average is printed with the table
 """
 
 import argparse
+import collections
 import os
 import shutil
 import sqlite3
@@ -45,19 +46,31 @@ def forget_trust(repo):
     db.close()
 
 
-def build(work, kind, files, env):
-    """A repository with every file of ``files`` committed in turn, with git-theta or Git LFS."""
-    repo = work / kind
+def build(work, kind, files, env, config=()):
+    """A repository with every file of ``files`` committed in turn, with git-theta or Git LFS
+    (``config``: git config pairs set before the first commit)."""
+    repo = work / (kind + "".join(f"-{value}" for _, value in config))
     repo.mkdir()
     git = lambda *a: subprocess.run(["git", *a], cwd=repo, env=env, check=True, capture_output=True)  # noqa: E731
     git("init", "-q")
     git(kind, "install", "--local")
     git(kind, "track", "*.safetensors")
+    for name, value in config:
+        git("config", name, value)
     for i, path in enumerate(files):
         shutil.copyfile(path, repo / "model.safetensors")
         git("add", "-A")
         git("commit", "-qm", f"v{i}")
     return repo
+
+
+def stored_as(repo, rev, env):
+    """How git-theta stored the file at ``rev``: tensors per update type, e.g. 'int-delta 148'."""
+    manifest = subprocess.run(
+        ["git", "show", f"{rev}:model.safetensors"], cwd=repo, env=env, check=True, capture_output=True, text=True
+    ).stdout
+    kinds = collections.Counter(line.split()[5] for line in manifest.splitlines() if line.startswith("tensor "))
+    return ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
 
 
 def main():
@@ -77,13 +90,26 @@ def main():
             save(state, path)
         size = files[0].stat().st_size
         print(f"checkpoint: {size / 2**20:.0f} MiB fp32, {len(v0)} tensors; {args.repeats} rounds")
-        repos = {"theta": build(work, "theta", files, env), "lfs": build(work, "lfs", files, env)}
-        cases = {"keyframe (v0)": ("HEAD", "HEAD~1", files[0]), "fine-tune delta (v1)": ("HEAD~1", "HEAD", files[1])}
+        # The default keyframe policy stores a dense fine-tune as a keyframe (its delta would make
+        # a checkout read 1.3-1.5x the raw size, docs/storage.md); the delta row keeps int-deltas
+        # (theta.maxChainPercent 1000), the path a user who prefers the smaller store takes.
+        repos = {
+            "theta": build(work, "theta", files, env),
+            "theta-delta": build(work, "theta", files, env, [("theta.maxChainPercent", "1000")]),
+            "lfs": build(work, "lfs", files, env),
+        }
+        cases = {
+            "keyframe (v0)": ("theta", "HEAD", "HEAD~1", files[0]),
+            "fine-tune (v1)": ("theta", "HEAD~1", "HEAD", files[1]),
+            "fine-tune delta (v1)": ("theta-delta", "HEAD~1", "HEAD", files[1]),
+        }
+        for case, (kind, _, rev, _) in cases.items():
+            print(f"{case}: stored as {stored_as(repos[kind], rev, env)}")
         times = {(case, mode): [] for case in cases for mode in MODES}
         for _ in range(args.repeats):
-            for case, (other, rev, expected) in cases.items():
+            for case, (kind, other, rev, expected) in cases.items():
                 for mode in MODES:
-                    repo = repos["lfs" if mode == "git-lfs" else "theta"]
+                    repo = repos["lfs" if mode == "git-lfs" else kind]
                     subprocess.run(
                         ["git", "checkout", "-q", other, "--", "model.safetensors"], cwd=repo, env=env, check=True
                     )
