@@ -26,7 +26,7 @@ DEFAULTS = {
     "maxChainDepth": (32, "int", "deltas on top of a dense keyframe before clean stores a new keyframe in any case"),
     "keyframePercent": (50, "int", "a new keyframe once the deltas on a keyframe add up to this percent of its size"),
     "maxChainPercent": (
-        110,
+        130,
         "int",
         "a delta is stored only if its whole chain stays within this percent of the tensor's raw size",
     ),

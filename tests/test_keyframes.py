@@ -6,7 +6,7 @@ import numpy as np
 
 from conftest import save_safetensors
 from git_theta.manifest import Manifest, ObjectRef, TensorEntry
-from git_theta.tensors.keyframes import needs_keyframe
+from git_theta.tensors.keyframes import HEADER_SLACK, needs_keyframe
 
 MODEL = "model.safetensors"
 
@@ -60,29 +60,52 @@ def test_a_delta_is_stored_only_while_its_chain_stays_near_the_raw_size():
     assert chain_fits(_chain(400), 300, 256, 110)  # a tiny tensor's objects are mostly header
 
 
-def _dense_fine_tune(repo, versions=4):
-    """Commit ``versions`` states where every entry moves a little; return the manifests' entries."""
+def _dense_fine_tune(repo, step, versions=4):
+    """Commit ``versions`` states where every entry moves by ~``step`` (N(0, step) noise on weights
+    of scale 0.02); return the manifests' entries, oldest first."""
+    repo.git("config", "theta.packThreshold", "0")  # a dense keyframe (~0.84 of raw), not raw bytes
     rng = np.random.default_rng(4)
     weight = (0.02 * rng.standard_normal(20000)).astype(np.float32)
     for version in range(versions):
         if version:
-            weight = weight + (1e-4 * rng.standard_normal(weight.size)).astype(np.float32)
+            weight = weight + (step * rng.standard_normal(weight.size)).astype(np.float32)
         save_safetensors(repo.file(MODEL), {"w": weight})
         repo.commit(f"v{version}", MODEL)
     return [Manifest.parse(repo.show(f"HEAD~{k}:{MODEL}")).tensors["w"] for k in range(versions - 1, -1, -1)]
 
 
-def test_a_dense_fine_tune_is_stored_flat_and_every_version_reads_near_its_size(repo):
-    entries = _dense_fine_tune(repo)
-    raw = 20000 * 4
-    # each delta would be most of a keyframe: every version is one, so a checkout or a fresh clone
-    # of any version reads one object and the store grows by the same amount per version
+RAW = 20000 * 4
+
+
+def _read(entry):
+    """Bytes a checkout (or a fresh clone) of this version reads: its whole chain."""
+    return sum(r.size for r in entry.objects)
+
+
+def test_a_fine_tune_step_keeps_its_int_delta_by_default(repo):
+    # a small step: the int-delta is ~0.4 of the raw size, keyframe + delta within 1.3x
+    entries = _dense_fine_tune(repo, 1e-6)
+    assert entries[1].update == "int-delta"
+    # later steps are taken against the keyframe and grow with the distance from it, until a new
+    # keyframe is cheaper: whatever each version is, reading it stays within the bound
+    assert all(_read(e) <= 1.3 * RAW + HEADER_SLACK for e in entries)
+
+
+def test_a_delta_that_saves_little_becomes_a_keyframe(repo):
+    # a larger step: the int-delta is ~0.6 of the raw size; keyframe + delta would pass 1.3x, so
+    # every version is a keyframe and reads one object
+    entries = _dense_fine_tune(repo, 1e-4)
     assert all(e.chain_depth == 0 for e in entries)
-    assert all(sum(r.size for r in e.objects) <= 1.1 * raw for e in entries)
+    assert all(_read(e) <= 1.3 * RAW for e in entries)
 
 
-def test_raising_max_chain_percent_keeps_whole_tensor_deltas(repo):
+def test_raising_max_chain_percent_keeps_a_costly_delta(repo):
     repo.git("config", "theta.maxChainPercent", "1000")
-    entries = _dense_fine_tune(repo)
-    # the first change is stored as a delta again (smaller store, more to read for that version)
-    assert entries[1].update == "int-delta" and sum(r.size for r in entries[1].objects) > 1.1 * 20000 * 4
+    entries = _dense_fine_tune(repo, 1e-4)
+    assert entries[1].update == "int-delta" and _read(entries[1]) > 1.3 * RAW  # smaller store, more to read
+
+
+def test_lowering_max_chain_percent_makes_even_a_small_step_a_keyframe(repo):
+    repo.git("config", "theta.maxChainPercent", "110")  # a clone reads at most 1.1x what Git LFS does
+    entries = _dense_fine_tune(repo, 1e-6)
+    assert all(e.chain_depth == 0 for e in entries)
