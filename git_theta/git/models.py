@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from git_theta.errors import ManifestError
+from git_theta.git.repo import records
 
 INDEX_SUFFIX = ".index.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -251,11 +252,7 @@ def _folder_blobs(repo, folder, rev):
         out = repo.git("ls-files", "-s", "-z", "--", spec)
     else:
         out = repo.git("ls-tree", "-z", rev, "--", spec, check=False)
-    for item in out.split(b"\0"):
-        if not item:
-            continue
-        meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
-        parts = meta.split()
+    for parts, path in records(out):
         if posixpath.dirname(path) != folder:
             continue
         if rev is None and parts[2] == "0":

@@ -25,6 +25,15 @@ def run_git(args, cwd=None, input=None, check=True, env=None):
     return proc.stdout
 
 
+def records(out):
+    """(metadata fields, path) of each NUL-terminated ``<meta>\\t<path>`` record of ``out``, as
+    ``git ls-files -s -z`` and ``git ls-tree -z`` print them."""
+    for item in out.split(b"\0"):
+        if item:
+            meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
+            yield meta.split(), path
+
+
 class CatFile:
     """A persistent ``git cat-file --batch``: read many blobs with one process."""
 

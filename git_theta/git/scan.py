@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from git_theta.errors import GitCommandError, ManifestError
+from git_theta.git.repo import records
 from git_theta.manifest import MAGIC, MAX_MANIFEST, Manifest, ObjectRef, is_manifest
 
 
@@ -44,21 +45,13 @@ class TrackedFile:
 def _entries(repo, rev):
     """(path, blob oid) of every file in ``rev``'s tree, or in the index (stage 0) when rev is None."""
     if rev is None:
-        out = repo.git("ls-files", "-s", "-z")
-        for item in out.split(b"\0"):
-            if item:
-                meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
-                _mode, oid, stage = meta.split()
-                if stage == "0":
-                    yield path, oid
+        for (_mode, oid, stage), path in records(repo.git("ls-files", "-s", "-z")):
+            if stage == "0":
+                yield path, oid
     else:
-        out = repo.git("ls-tree", "-r", "-z", "--full-tree", rev)
-        for item in out.split(b"\0"):
-            if item:
-                meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
-                _mode, kind, oid = meta.split()
-                if kind == "blob":
-                    yield path, oid
+        for (_mode, kind, oid), path in records(repo.git("ls-tree", "-r", "-z", "--full-tree", rev)):
+            if kind == "blob":
+                yield path, oid
 
 
 def theta_paths(repo, paths):
@@ -300,12 +293,9 @@ def _index_blobs(tree):
             f"cannot read the index of worktree {tree.path or tree.git_dir}: {error[-1] if error else '?'}",
             hint="fix or remove that worktree (git worktree repair / git worktree remove), then try again",
         )
-    for item in out.stdout.split(b"\0"):
-        if item:
-            meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
-            mode, oid, _stage = meta.split()
-            if mode != "160000":  # submodules are commits, not blobs
-                yield oid, path
+    for (mode, oid, _stage), path in records(out.stdout):
+        if mode != "160000":  # submodules are commits, not blobs
+            yield oid, path
 
 
 def _work_tree_manifests(tree, paths):

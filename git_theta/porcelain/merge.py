@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from git_theta.errors import UsageError
+from git_theta.git.repo import records
 from git_theta.git.scan import theta_paths
 from git_theta.manifest import Manifest, is_manifest
 from git_theta.merge.config import load_config
@@ -52,12 +53,9 @@ def _tree(repo, rev):
     if rev is None:
         return {}
     entries = {}
-    for item in repo.git("ls-tree", "-r", "-z", "--full-tree", rev).split(b"\0"):
-        if item:
-            meta, _, path = item.decode("utf-8", "surrogateescape").partition("\t")
-            mode, kind, oid = meta.split()
-            if kind in ("blob", "commit"):
-                entries[path] = (mode, oid)
+    for (mode, kind, oid), path in records(repo.git("ls-tree", "-r", "-z", "--full-tree", rev)):
+        if kind in ("blob", "commit"):
+            entries[path] = (mode, oid)
     return entries
 
 

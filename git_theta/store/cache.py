@@ -27,6 +27,21 @@ CREATE TABLE IF NOT EXISTS trusted (pair BLOB PRIMARY KEY) WITHOUT ROWID;
 """
 
 
+#: values bound per ``IN (...)`` query: well under SQLite's limit on bound variables (999 before
+#: 3.32), so a lookup of any number of values works on any SQLite
+IN_CHUNK = 500
+
+
+def _rows_in(db, sql, values):
+    """The rows of ``sql`` (with one ``IN ({})`` placeholder) over all ``values``, queried in
+    chunks of :data:`IN_CHUNK`."""
+    rows = []
+    for start in range(0, len(values), IN_CHUNK):
+        part = values[start : start + IN_CHUNK]
+        rows.extend(db.execute(sql.format(",".join("?" * len(part))), part))
+    return rows
+
+
 class Cache:
     """SQLite-backed caches; every method degrades to a no-op if the database is unusable."""
 
@@ -99,10 +114,7 @@ class Cache:
         shape) the index knows, in one query."""
         digests = sorted({t.digest for t in tensors})
         rows = self._run(
-            lambda db: db.execute(
-                f"SELECT digest, dtype, shape, entry FROM digests WHERE digest IN ({','.join('?' * len(digests))})",
-                digests,
-            ).fetchall(),
+            lambda db: _rows_in(db, "SELECT digest, dtype, shape, entry FROM digests WHERE digest IN ({})", digests),
             default=[],
         )
         found = {}
@@ -133,19 +145,11 @@ class Cache:
         return self._run(lambda db: db.execute("SELECT 1 FROM trusted WHERE pair=?", (key,)).fetchone()) is not None
 
     def trusted_among(self, keys):
-        """The set of ``keys`` recorded as trusted (queries of at most 500 keys), or None when the
-        cache is unusable."""
+        """The set of ``keys`` recorded as trusted, or None when the cache is unusable."""
         keys = list(keys)
-
-        def query(db):
-            found = set()
-            for start in range(0, len(keys), 500):
-                part = keys[start : start + 500]
-                rows = db.execute(f"SELECT pair FROM trusted WHERE pair IN ({','.join('?' * len(part))})", part)
-                found.update(bytes(row[0]) for row in rows)
-            return found
-
-        return self._run(query)
+        return self._run(
+            lambda db: {bytes(row[0]) for row in _rows_in(db, "SELECT pair FROM trusted WHERE pair IN ({})", keys)}
+        )
 
     def put_trusted(self, keys):
         """Record the ledger keys ``keys`` as trusted."""
