@@ -216,7 +216,7 @@ class PageReleaser:
 RELEASE_BYTES = 16 << 20
 
 
-def decode_releasing(payload, nbytes, itemsize, oid, out):
+def decode_releasing(payload, nbytes, itemsize, oid, out, digest=None):
     """:func:`git_theta.tensors.planes.decode_planes` into ``out``, dropping the pages of a
     memory-mapped ``payload`` (see :class:`PageReleaser`) once each chunk is decoded."""
     import numpy as np
@@ -225,11 +225,11 @@ def decode_releasing(payload, nbytes, itemsize, oid, out):
 
     releaser = PageReleaser(payload)
     if releaser.idle:
-        return decode_planes(payload, nbytes, itemsize, oid, out=out)
+        return decode_planes(payload, nbytes, itemsize, oid, out=out, digest=digest)
     ends = frame_ends(payload, itemsize)
     target = np.frombuffer(out, dtype=np.uint8)
     for number, (start, size, planes) in enumerate(iter_chunk_planes(payload, nbytes, itemsize, oid)):
-        from_planes(planes, target[start : start + size], itemsize)
+        from_planes(planes, target[start : start + size], itemsize, digest, start)
         del planes
         if number < len(ends):
             releaser.through(ends[number])

@@ -1,5 +1,6 @@
 """``dense``: the whole tensor as byte planes compressed with zstandard (a keyframe)."""
 
+from git_theta.tensors import hashing
 from git_theta.tensors.buffers import new_buffer
 from git_theta.dtypes import element_count, get_dtype
 from git_theta.tensors.planes import check_planes, decode_planes, encode_planes
@@ -27,7 +28,8 @@ class DenseUpdate(UpdateType):
         nbytes = itemsize * element_count(spec.shape)
         check_planes(payload, nbytes, itemsize, oid)  # before allocating what the header claims
         out = new_buffer(nbytes)
+        digest = hashing.claim()  # the tensor's bytes, written once in order: hashed as they go
         if nbytes >= RELEASE_BYTES:
             # A huge keyframe: drop the mapped object's pages chunk by chunk as they are decoded.
-            return decode_releasing(payload, nbytes, itemsize, oid, out)
-        return decode_planes(payload, nbytes, itemsize, oid, out=out)
+            return decode_releasing(payload, nbytes, itemsize, oid, out, digest)
+        return decode_planes(payload, nbytes, itemsize, oid, out=out, digest=digest)

@@ -8,6 +8,7 @@ integer arithmetic makes it exact for every bit pattern.
 
 import numpy as np
 
+from git_theta.tensors import hashing
 from git_theta.tensors.bits import as_bits
 from git_theta.errors import ObjectCorruptError
 from git_theta.tensors.planes import encode_sections, iter_decoded_chunks, section_spans
@@ -64,6 +65,7 @@ class IntDeltaUpdate(UpdateType):
         if not isinstance(sections, list) or len(sections) != 1:
             raise ObjectCorruptError(f"object {oid} has a corrupt header")
         ((dtype, count, frames),) = section_spans(payload, sections, oid)
+        digest = hashing.claim()  # each piece of the result is final once added: hashed hot
         base = writable_base(base)
         base_bits = as_bits(base, spec.dtype)
         if dtype.itemsize != base_bits.dtype.itemsize or count != len(base_bits):
@@ -72,4 +74,6 @@ class IntDeltaUpdate(UpdateType):
         for start, chunk in iter_decoded_chunks(frames, count * dtype.itemsize, dtype.itemsize, oid):
             part = base_bits[start // dtype.itemsize : (start + len(chunk)) // dtype.itemsize]
             apply_zigzag_delta(part, chunk.view(base_bits.dtype), into=part)
+            if digest is not None:
+                digest.feed(start, part)
         return base
