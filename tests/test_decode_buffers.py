@@ -225,9 +225,9 @@ def test_the_largest_tensor_is_decoded_ahead_yet_written_in_file_order(repo, mon
     submitted = []
 
     class Recording(smudge.StoreTensorSource):
-        def _decode_many(self, entries):
+        def _decode_many(self, entries, joined=False):
             submitted.extend(e.name for e in entries)
-            return super()._decode_many(entries)
+            return super()._decode_many(entries, joined)
 
     names = sorted(tensors)
     for workers, first in ((2, "wte.weight"), (1, "h.0.weight")):  # one worker: nothing to balance
@@ -238,4 +238,44 @@ def test_the_largest_tensor_is_decoded_ahead_yet_written_in_file_order(repo, mon
         assert [name for name, _ in out] == names
         assert all(data == tensors[name].tobytes() for name, data in out)
         assert submitted[0] == first and sorted(submitted) == names
+    handle.close()
+
+
+def test_iter_bytes_joins_runs_of_small_tensors_and_still_checks_each(repo, monkeypatch):
+    """A format writing tensors back to back gets a run of small tensors as one write; the bytes
+    are those of iter_data, and a damaged member in the run is still refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from git_theta.filter import smudge
+    from git_theta.filter.clean import Cleaner
+    from git_theta.git.repo import Repo
+    from git_theta.manifest import Manifest
+
+    monkeypatch.chdir(repo.path)
+    rng = np.random.default_rng(5)
+    tensors = {f"t{i:04d}": rng.standard_normal(64).astype(np.float32) for i in range(600)}
+    tensors["big"] = rng.standard_normal(300_000).astype(np.float32)
+    save_safetensors(repo.file("model.safetensors"), tensors)
+    handle = Repo(str(repo.path))
+    with open(repo.file("model.safetensors"), "rb") as f:
+        manifest = Manifest.parse(Cleaner(handle).clean(f, "model.safetensors"), source="model.safetensors")
+    names = sorted(tensors)
+    with ThreadPoolExecutor(2) as pool:
+        source = smudge.StoreTensorSource(manifest, handle.store, pool, "model.safetensors", 1 << 20, workers=2)
+        runs = [bytes(data) for data in source.iter_bytes(names)]
+    assert b"".join(runs) == b"".join(tensors[name].tobytes() for name in names)
+    assert 1 < len(runs) < len(names) // 10  # runs, not a write per tensor
+    victim = manifest.tensors["t0300"]
+    pack = handle.store.path(victim.objects[0].pack.oid)
+    handle.close()
+    assert pack.is_file()
+    raw = bytearray(pack.read_bytes())
+    start = raw.index(tensors["t0300"].tobytes())
+    raw[start] ^= 0xFF  # bit rot inside the pack, after it was written
+    os.chmod(pack, 0o644)
+    pack.write_bytes(raw)
+    handle = Repo(str(repo.path))
+    with ThreadPoolExecutor(2) as pool, pytest.raises(ObjectCorruptError, match="t0300"):
+        source = smudge.StoreTensorSource(manifest, handle.store, pool, "model.safetensors", 1 << 20, workers=2)
+        list(source.iter_bytes(names))
     handle.close()

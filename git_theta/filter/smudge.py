@@ -40,6 +40,7 @@ class StoreTensorSource(TensorSource):
         self._cache = cache
         self._buffers = buffers  # a BufferPool when the format releases each tensor it is given
         self._workers = workers  # threads of ``pool``
+        self._sizes = _SizeMemo()  # (dtype, shape) -> bytes
 
     def _decode(self, entry):
         with using(self._buffers):  # None: plain new buffers
@@ -56,30 +57,63 @@ class StoreTensorSource(TensorSource):
                 oids=[ref.oid],
             ) from None
 
-    def _decode_many(self, entries):
-        read, out = self._store.read, []
+    def _decode_many(self, entries, joined=False):
+        """The decoded bytes of ``entries``, in order; ``joined``: one bytes object of them all
+        (the run of small tensors a format writes back to back: one write instead of one each)."""
+        read, view_of, out = self._store.read, self._store.member_view, []
         for entry in entries:
             if is_raw(entry):
                 # A small tensor stored as its own bytes: a slice of its pack, hashed with sha256
                 # (its id is its digest, so no ledger lookup); anything amiss takes the full decode,
-                # which names the damage.
-                try:
-                    data = read(entry.digest)
-                except ObjectMissingError:
-                    data = None
+                # which names the damage. Joined, the slice is a view of the mapped pack: its
+                # bytes are copied once, into the joined run.
+                data = view_of(entry.digest) if joined else None
+                if data is None:
+                    try:
+                        data = read(entry.digest)
+                    except ObjectMissingError:
+                        data = None
                 if data is not None and sha256(data).hexdigest() == entry.digest:
                     out.append(data)
                     continue
             out.append(self._decode(entry))
-        return out
+        if not joined:
+            return out
+        whole = b"".join(out)
+        out = [data for data in out if not isinstance(data, memoryview)]  # views of the pack go now
+        if self._buffers is not None:
+            for data in out:
+                self._buffers.give(data)  # copied into ``whole``: free for the next tensor
+        return [whole]
+
+    def total_bytes(self):
+        """Bytes of all the tensors."""
+        shapes = Counter((e.dtype, e.shape) for e in self.specs.values())
+        return sum(self._sizes[key] * count for key, count in shapes.items())
 
     def iter_data(self, names):
-        pending = deque()  # (names, sizes, future of their decoded bytes), in file order
+        for name, data in self._decoded(names, joined=False):
+            yield name, data
+            if self._buffers is not None:  # the format is done with it (releases_tensors)
+                self._buffers.give(data)
+            del data
+
+    def iter_bytes(self, names):
+        for _, data in self._decoded(names, joined=True):
+            yield data
+            if self._buffers is not None:
+                self._buffers.give(data)
+            del data
+
+    def _decoded(self, names, joined):
+        """Yield ``(name, bytes)`` for ``names`` in order (``joined``: a batch of small tensors
+        as one item, named by its first), decoding ahead on the pool within the byte budget."""
+        pending = deque()  # (names, sizes, future of their decoded bytes, joined), in file order
         early = {}  # position -> future: a large tensor being decoded ahead of file order
-        memo = {}  # (dtype, shape) -> bytes
         in_flight = 0
         names = list(names)
-        sizes = [entry_size(self.specs[name], memo) for name in names]
+        memo = self._sizes
+        sizes = [memo[self.specs[name].dtype, self.specs[name].shape] for name in names]
         unsubmitted = sum(sizes)
         large = sorted((i for i, size in enumerate(sizes) if size >= EARLY_MIN), key=lambda i: -sizes[i])
         position = 0
@@ -96,7 +130,7 @@ class StoreTensorSource(TensorSource):
                             unsubmitted -= sizes[ahead]
                     if position in early:  # decoded ahead: its place in the file has come
                         pending.append(
-                            (names[position : position + 1], sizes[position : position + 1], early.pop(position))
+                            (names[position : position + 1], sizes[position : position + 1], early.pop(position), False)
                         )
                         in_flight += sizes[position]
                         position += 1
@@ -111,28 +145,31 @@ class StoreTensorSource(TensorSource):
                         batch_bytes += sizes[position]
                         position += 1
                     batch = [self.specs[name] for name in names[start:position]]
+                    together = joined and len(batch) > 1
                     if batch_bytes < GIL_BOUND * len(batch) and all(map(is_raw, batch)):
                         # Tiny raw tensors: hashing them never releases the GIL, so a worker
                         # would only add a hand-off per batch.
-                        job = done(self._decode_many(batch))
+                        job = done(self._decode_many(batch, together))
                     else:
-                        job = self._pool.submit(self._decode_many, batch)
-                    pending.append((names[start:position], sizes[start:position], job))
+                        job = self._pool.submit(self._decode_many, batch, together)
+                    pending.append((names[start:position], sizes[start:position], job, together))
                     in_flight += batch_bytes
                     unsubmitted -= batch_bytes
-                batch_names, batch_sizes, future = pending.popleft()
+                batch_names, batch_sizes, future, together = pending.popleft()
                 decoded = future.result()
+                if together:
+                    in_flight -= sum(batch_sizes)
+                    for _ in batch_names:  # a crash point per tensor, as in file order
+                        kill_point()
+                    yield batch_names[0], decoded.pop()
+                    continue
                 decoded.reverse()  # popped from the end: the list lets go of each tensor it yields
                 for name, size in zip(batch_names, batch_sizes):
-                    data = decoded.pop()
                     in_flight -= size
                     kill_point()
-                    yield name, data
-                    if self._buffers is not None:  # the format is done with it (releases_tensors)
-                        self._buffers.give(data)
-                    del data
+                    yield name, decoded.pop()
         finally:
-            for _, _, future in [*pending, *((None, None, f) for f in early.values())]:
+            for _, _, future, _ in [*pending, *((None, None, f, None) for f in early.values())]:
                 future.cancel()
 
     def _take_early(self, names, sizes, large, position, unsubmitted):
@@ -165,17 +202,14 @@ def done(value):
     return future
 
 
-def entry_size(entry, memo=None):
-    """Bytes of the tensor ``entry`` describes; ``memo`` (a dict) remembers each dtype and shape."""
-    from git_theta.dtypes import nbytes
+class _SizeMemo(dict):
+    """``(dtype, shape) -> bytes``, computed once per distinct pair (20,000 tensors share a few)."""
 
-    if memo is None:
-        return nbytes(entry.dtype, entry.shape)
-    key = (entry.dtype, entry.shape)
-    size = memo.get(key)
-    if size is None:
-        size = memo[key] = nbytes(*key)
-    return size
+    def __missing__(self, key):
+        from git_theta.dtypes import nbytes
+
+        size = self[key] = nbytes(*key)
+        return size
 
 
 class Smudger:
@@ -282,8 +316,8 @@ class Smudger:
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""
         self._keep_shared_bases(manifest)
-        if self.repo.store.trust is not None:
-            self.repo.store.trust.prefetch(manifest.tensors.values())
+        if self.repo.store.trust is not None:  # a raw pair needs no ledger: its id is its digest
+            self.repo.store.trust.prefetch(e for e in manifest.tensors.values() if not is_raw(e))
         source = StoreTensorSource(
             manifest,
             self.repo.store,
@@ -296,10 +330,8 @@ class Smudger:
         )
         # Whole files clean reads ahead (spooled ones, streamed ones within the memory budget) are
         # fingerprinted as they are written, so a re-clean of the same bytes is one lookup.
-        sizes = {}
         remember = self.settings.get_bool("statCache") and (
-            getattr(fmt, "spools", False)
-            or sum(entry_size(e, sizes) for e in manifest.tensors.values()) <= self.settings.get_int("memoryBudget")
+            getattr(fmt, "spools", False) or source.total_bytes() <= self.settings.get_int("memoryBudget")
         )
         if remember:
             from git_theta.formats.spool import WriteOnly

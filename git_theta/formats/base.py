@@ -34,7 +34,9 @@ class TensorSource:
 
     ``specs`` maps each tensor name to its manifest entry (``dtype``, ``shape``). ``iter_data(names)``
     yields ``(name, bytes-like)`` in the order asked, decoding ahead in parallel; for a format with
-    ``releases_tensors`` the bytes may be reused once the next item is requested. ``read_blob(key)``
+    ``releases_tensors`` the bytes may be reused once the next item is requested. ``iter_bytes``
+    gives the same bytes without names, small tensors joined, for formats that write tensors
+    back to back. ``read_blob(key)``
     returns a side object's bytes.
     """
 
@@ -42,6 +44,13 @@ class TensorSource:
 
     def iter_data(self, names):
         raise NotImplementedError
+
+    def iter_bytes(self, names):
+        """The bytes of the tensors ``names``, in order, for a format that writes them back to
+        back: bytes-likes whose concatenation is those tensors (a run of small tensors may come
+        as one), so 200,000 tensors are not 200,000 writes."""
+        for _, data in self.iter_data(names):
+            yield data
 
     def read_blob(self, key):
         raise NotImplementedError

@@ -205,5 +205,5 @@ class SafetensorsFormat(CheckpointFormat):
             raw = build_header(metadata, ordered)
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
-        for _, data in source.iter_data([name for name, _, _ in ordered]):
+        for data in source.iter_bytes([name for name, _, _ in ordered]):  # the data, back to back
             out.write(data)

@@ -405,6 +405,20 @@ class ObjectStore:
             return chunked.assemble(oid, index, lambda part: self.read(part, verify=True))
         return data
 
+    def member_view(self, oid):
+        """A memoryview of packed object ``oid``'s bytes inside its pack's mapping (no copy), or
+        None when it is not in a loaded pack. Unverified, like :meth:`read`; drop it before
+        :meth:`close` (a mapping with views cannot be closed)."""
+        found = self._members.get(oid)
+        if found is None:
+            return None
+        pack, offset, size = found
+        mapped = self._pack_fds.get(pack)
+        if mapped is None:
+            return None  # not mapped yet: read() maps it
+        view = memoryview(mapped)[offset : offset + size]
+        return view if len(view) == size else None
+
     def _read_member(self, oid, reload=False):
         """A packed (or still pending) object's bytes, or None."""
         found = self._member(oid, reload)
