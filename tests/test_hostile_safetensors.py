@@ -4,6 +4,7 @@ import io
 import json
 import struct
 
+import numpy as np
 import pytest
 
 from git_theta.errors import CheckpointError
@@ -86,3 +87,30 @@ def test_git_add_of_hostile_files_fails_cleanly_and_leaves_the_repository_intact
     assert objects_after == objects_before
     repo.git("checkout", "--", "model.safetensors")
     assert repo.file("model.safetensors").read_bytes() == good and repo.status() == ""
+
+
+def test_written_headers_are_the_json_the_safetensors_library_writes():
+    """build_header writes entry by entry; its bytes must equal json.dumps of the whole header
+    (what safetensors writes and what clean recognises as canonical), whatever the names hold."""
+    from safetensors.numpy import save
+
+    from git_theta.formats.safetensors_format import _canonical_order, build_header
+
+    names = ["a", 'q"uote\\back', "é ü", "tab\tnl\n", "\u2028sep", "emoji😀", "\x01ctl", "__meta"]
+    tensors = {
+        name: np.zeros((i % 3, 2), dtype=[np.float32, np.int8, np.float16][i % 3]) for i, name in enumerate(names)
+    }
+    metadata = {"note": 'x"\\y\u2028é'}  # one key: the library orders several as it likes
+    written = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", written[:8])
+    dtypes = {np.dtype(np.float32): "F32", np.dtype(np.int8): "I8", np.dtype(np.float16): "F16"}
+    ordered = _canonical_order([(n, dtypes[t.dtype], t.shape) for n, t in tensors.items()])
+    assert build_header(metadata, ordered) == written[8 : 8 + length]
+    body = {"__metadata__": {"b": "1", "a": "é"}}
+    offset = 0
+    for name, dtype, shape in ordered:
+        size = int(np.prod(shape)) * {"F32": 4, "I8": 1, "F16": 2}[dtype]
+        body[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    assert build_header(body.pop("__metadata__"), ordered) == text + b" " * (-len(text) % 8)

@@ -79,7 +79,15 @@ class StoreTensorSource(TensorSource):
             out.append(self._decode(entry))
         if not joined:
             return out
-        whole = b"".join(out)
+        # Into a recycled buffer (batches have the same few sizes): fresh memory for every run
+        # cost more in page faults than the copy itself.
+        whole = new_run_buffer(sum(map(len, out)), self._buffers)
+        target, position = memoryview(whole), 0
+        for data in out:
+            end = position + len(data)
+            target[position:end] = data
+            position = end
+        del target
         out = [data for data in out if not isinstance(data, memoryview)]  # views of the pack go now
         if self._buffers is not None:
             for data in out:
@@ -202,6 +210,11 @@ def done(value):
     return future
 
 
+def new_run_buffer(nbytes, pool):
+    """A writable buffer for a joined run: from ``pool`` when there is one."""
+    return bytearray(nbytes) if pool is None else pool.take(nbytes)
+
+
 class _SizeMemo(dict):
     """``(dtype, shape) -> bytes``, computed once per distinct pair (20,000 tensors share a few)."""
 
@@ -316,8 +329,9 @@ class Smudger:
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""
         self._keep_shared_bases(manifest)
-        if self.repo.store.trust is not None:  # a raw pair needs no ledger: its id is its digest
-            self.repo.store.trust.prefetch(e for e in manifest.tensors.values() if not is_raw(e))
+        chained = [e for e in manifest.tensors.values() if not is_raw(e)]  # raw: its id is its digest
+        if self.repo.store.trust is not None:
+            self.repo.store.trust.prefetch(chained)
         source = StoreTensorSource(
             manifest,
             self.repo.store,
@@ -338,7 +352,7 @@ class Smudger:
 
             out = WriteOnly(out)  # fingerprints the file, so a later re-clean of it is a lookup
         fmt.join(manifest.fields, source, out, path)
-        self.repo.cache.put_digests(e for e in manifest.tensors.values() if not is_raw(e))
+        self.repo.cache.put_digests(chained)
         if remember:
             from git_theta.formats.spool import whole_file_key
 

@@ -145,8 +145,8 @@ class ObjectStore:
                     data = os.pread(handle.fileno(), size, offset)
                     if hashlib.sha256(data).hexdigest() != member:
                         raise ObjectCorruptError(f"pack {oid}: member {member} does not match its id")
-        for member, (offset, size) in index.entries.items():
-            self._members.setdefault(member, (oid, offset, size))
+        members = self._members  # a member already found in another pack stays there
+        members.update({m: (oid, offset, size) for m, (offset, size) in index.entries.items() if m not in members})
         self._pack_sizes[oid] = total
 
     def _register_pack(self, oid, verify):
@@ -432,7 +432,10 @@ class ObjectStore:
 
             try:
                 with open(self._loose(pack), "rb") as handle:
-                    mine = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                    # Mapped whole at once: a pack is read for most of its members, and one
+                    # populate costs less than a page fault per 64 KiB touched.
+                    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                    mine = mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
             except FileNotFoundError:
                 return None
             except ValueError:  # emptied since its index was read

@@ -25,8 +25,10 @@ number in it is checked against the pack's size before use: a pack from a server
 its sha256 matched the oid the manifest names, and even then its index is bounds-checked.
 """
 
+import array
 import hashlib
 import struct
+import sys
 import threading
 
 from git_theta.errors import ObjectCorruptError
@@ -78,12 +80,17 @@ class PackIndex:
         if len(raw) != _ENTRY.size * count:
             raise ObjectCorruptError(f"pack {oid} is truncated")
         start = HEAD + _ENTRY.size * count
-        entries = {}
-        for member, offset, size in _ENTRY.iter_unpack(raw):
-            if offset < start or offset + size > total:
-                raise ObjectCorruptError(f"pack {oid} has a member outside the pack")
-            entries[member.hex()] = (offset, size)
-        return cls(oid, entries)
+        # Whole columns at once (200,000 members): the oids hexed in one call, the numbers read
+        # as one array of little-endian u64 (6 per entry: 4 of oid, offset, size).
+        words = array.array("Q", raw)
+        if sys.byteorder != "little":
+            words.byteswap()
+        offsets, sizes = words[4::6], words[5::6]
+        if count and (min(offsets) < start or any(o + n > total for o, n in zip(offsets, sizes))):
+            raise ObjectCorruptError(f"pack {oid} has a member outside the pack")
+        hexed = raw.hex()
+        keys = [hexed[i : i + 64] for i in range(0, 96 * count, 96)]
+        return cls(oid, dict(zip(keys, zip(offsets, sizes))))
 
 
 class PackWriter:
