@@ -61,54 +61,66 @@ def build_header(metadata, ordered):
     return raw + b" " * (-len(raw) % 8)
 
 
-def _unique_keys(pairs):
-    """A JSON object hook that refuses duplicate keys (two tensors with one name)."""
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
+class _Pairs(list):
+    """A JSON object as parsed: its (key, value) pairs in order, duplicates kept to be refused.
+
+    Used as json's ``object_pairs_hook``: a list subclass is built in C, where a Python hook
+    made of every one of 200,000 header entries a Python call."""
+
+
+def _unique(pairs, what):
+    """The dict of a parsed JSON object, refusing a key given twice."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise CheckpointError(f"{what} (duplicate key {key!r})")
     return result
 
 
 def parse_header(raw, path):
     """Validate a header; return (metadata or None, [(name, dtype, shape, begin, end)] by offset)."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_Pairs)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
     except RecursionError:  # absurdly nested JSON
         raise CheckpointError(f"{path}: corrupt safetensors header (nested too deeply)") from None
-    if not isinstance(header, dict):
+    if not isinstance(header, _Pairs):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header = _unique(header, f"{path}: corrupt safetensors header")
     metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    if metadata is not None:
+        if not (isinstance(metadata, _Pairs) and all(type(v) is str for _, v in metadata)):
+            raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+        metadata = _unique(metadata, f"{path}: corrupt safetensors header")
     tensors = []
+    sizes = {}  # (dtype, shape) -> bytes, once per distinct pair
     for name, info in header.items():
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{where}: corrupt header entry")
+        if type(info) is not _Pairs:
+            raise CheckpointError(f"{path}: tensor {name!r}: corrupt header entry")
+        info = _unique(info, f"{path}: tensor {name!r}: corrupt header entry")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in DTYPES:
             raise CheckpointError(
-                f"{where}: unsupported dtype {dtype!r}",
+                f"{path}: tensor {name!r}: unsupported dtype {dtype!r}",
                 hint=f"supported: {', '.join(sorted(DTYPES))}",
             )
-        if not (
-            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise CheckpointError(f"{where}: invalid shape {shape!r}")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
-            raise CheckpointError(f"{where}: invalid data_offsets {offsets!r}")
+        # type() is int: not bool (True == 1), not float (8.0 == 8)
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
+        if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
+            raise CheckpointError(f"{path}: tensor {name!r}: invalid data_offsets {offsets!r}")
         begin, end = offsets
-        if end - begin != nbytes(dtype, shape) or begin < 0:
-            raise CheckpointError(f"{where}: data_offsets {offsets} do not match dtype {dtype} and shape {shape}")
-        tensors.append((name, dtype, tuple(shape), begin, end))
+        shape = tuple(shape)
+        size = sizes.get((dtype, shape))
+        if size is None:
+            size = sizes[dtype, shape] = nbytes(dtype, shape)
+        if end - begin != size or begin < 0:
+            raise CheckpointError(
+                f"{path}: tensor {name!r}: data_offsets {offsets} do not match dtype {dtype} and shape {list(shape)}"
+            )
+        tensors.append((name, dtype, shape, begin, end))
     tensors.sort(key=lambda t: (t[3], t[4]))
     position = 0
     for name, _, _, begin, end in tensors:
