@@ -444,3 +444,25 @@ def test_decoded_cache_shares_bases_and_stays_bounded(tmp_path):
     cache.put("a" * 64, b"x" * 200)
     cache.put("b" * 64, b"y" * 200)  # over the 300-byte bound: the least recently used go
     assert cache.get("a" * 64) is None and cache.get("b" * 64) == b"y" * 200
+
+
+def test_structural_candidates_skip_tensors_too_small_to_gain(monkeypatch):
+    """Low-rank is not tried below STRUCTURAL_MIN_BYTES (a 20,000-tensor add spent most of its
+    time in SVDs of 4 KiB matrices), and is tried from there on."""
+    from git_theta.updates import choose as choosing
+
+    tried = []
+    real = choosing.encode_update
+
+    def recording(tensor, name, base=None, **options):
+        tried.append(name)
+        return real(tensor, name, base, **options)
+
+    monkeypatch.setattr(choosing, "encode_update", recording)
+    rng = np.random.default_rng(3)
+    for rows, expect in ((8, False), (32, True)):  # 8 x 128 fp32 = 4 KiB, 32 x 128 = 16 KiB
+        base = (0.05 * rng.standard_normal((rows, 128))).astype(np.float32)
+        new = (base + np.outer(rng.standard_normal(rows), rng.standard_normal(128)) * 0.01).astype(np.float32)
+        tried.clear()
+        choosing.choose(tensor("w", "F32", new.shape, new.tobytes()), tensor("w", "F32", base.shape, base.tobytes()))
+        assert ("low-rank" in tried) is expect

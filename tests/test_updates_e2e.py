@@ -16,7 +16,7 @@ NAME = "model.safetensors"
 def base_model(seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "attn.weight": (rng.standard_normal((48, 40)) * 0.05).astype(np.float32),
+        "attn.weight": (rng.standard_normal((96, 48)) * 0.05).astype(np.float32),
         "mlp.weight": (rng.standard_normal((320, 256)) * 0.05).astype(np.float32),  # > sample size
         "mlp.bias": (rng.standard_normal(256) * 0.01).astype(np.float32),
         "head.weight": (rng.standard_normal((16, 40)) * 0.05).astype(np.float32).astype(np.float16),
@@ -42,7 +42,7 @@ def sparse_change(model, rng, fraction=0.01):
 def low_rank_change(model, rng):
     out = {k: v.copy() for k, v in model.items()}
     w = out["attn.weight"]
-    out["attn.weight"] = (w + rng.standard_normal((48, 2)) @ rng.standard_normal((2, 40)) * 0.01).astype(np.float32)
+    out["attn.weight"] = (w + rng.standard_normal((96, 2)) @ rng.standard_normal((2, 48)) * 0.01).astype(np.float32)
     return out
 
 
@@ -85,8 +85,8 @@ def manifests(repo, specs):
 
 def side_loaded_change(model, rng, path):
     """attn.weight += R @ C and mlp.bias *= ia3, with the side-load file describing it."""
-    r = rng.standard_normal((48, 2)).astype(np.float32)
-    c = (rng.standard_normal((2, 40)) * 0.01).astype(np.float32)
+    r = rng.standard_normal((96, 2)).astype(np.float32)
+    c = (rng.standard_normal((2, 48)) * 0.01).astype(np.float32)
     ia3 = (1 + 0.01 * rng.standard_normal(256)).astype(np.float32)
     save_safetensors(path, {"attn.weight/R": r, "attn.weight/C": c, "mlp.bias/ia3": ia3})
     out = dict(model)
@@ -218,8 +218,8 @@ def test_forced_update_types_and_base(repo):
 
 
 def peft_adapter(tmp_path, model, rng, alpha=8, rank=4):
-    a = (rng.standard_normal((rank, 40)) * 0.1).astype(np.float32)
-    b = (rng.standard_normal((48, rank)) * 0.1).astype(np.float32)
+    a = (rng.standard_normal((rank, 48)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal((96, rank)) * 0.1).astype(np.float32)
     folder = tmp_path / "adapter"
     folder.mkdir(exist_ok=True)
     save_safetensors(
@@ -265,8 +265,8 @@ def test_old_side_load_names(repo, tmp_path):
     model = base_model()
     write(repo, model)
     repo.commit("v0", NAME)
-    r = rng.standard_normal((48, 2)).astype(np.float32)
-    c = (rng.standard_normal((2, 40)) * 0.01).astype(np.float32)
+    r = rng.standard_normal((96, 2)).astype(np.float32)
+    c = (rng.standard_normal((2, 48)) * 0.01).astype(np.float32)
     positions = np.sort(rng.choice(320 * 256, 50, replace=False)).astype(np.int32)
     values = (rng.standard_normal(50) * 0.01).astype(np.float32)
     ia3 = (1 + 0.01 * rng.standard_normal(256)).astype(np.float32)

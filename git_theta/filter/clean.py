@@ -45,7 +45,7 @@ from git_theta.errors import (
 from git_theta.manifest import RAW, MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, is_manifest, is_raw
 from git_theta.formats.peekable import PeekableReader
 from git_theta.config import settings_for
-from git_theta.filter.smudge import GIL_BOUND, done
+from git_theta.filter.smudge import INLINE_BELOW, done
 from git_theta.tensors.keyframes import chain_fits, needs_keyframe
 from git_theta.tensors.streaming import hashes_of
 from git_theta.updates.base import TensorData
@@ -345,9 +345,9 @@ class Cleaner:
                 budget.release(sum(len(t.data) for t in batch))
 
         def submit(job, batch, batch_bytes):
-            """A worker's future, or one done in place for tiny tensors: hashing under 2 KiB never
-            releases the GIL, so a worker would only add hand-offs and lock contention."""
-            if batch_bytes < GIL_BOUND * len(batch):
+            """A worker's future, or one done in place for small tensors (see INLINE_BELOW): a
+            worker would only add hand-offs of the GIL and lock contention."""
+            if batch_bytes < INLINE_BELOW * len(batch):
                 return done(job(batch))
             return pool.submit(job, batch)
 

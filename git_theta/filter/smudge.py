@@ -154,9 +154,8 @@ class StoreTensorSource(TensorSource):
                         position += 1
                     batch = [self.specs[name] for name in names[start:position]]
                     together = joined and len(batch) > 1
-                    if batch_bytes < GIL_BOUND * len(batch) and all(map(is_raw, batch)):
-                        # Tiny raw tensors: hashing them never releases the GIL, so a worker
-                        # would only add a hand-off per batch.
+                    if batch_bytes < INLINE_BELOW * len(batch) and all(map(is_raw, batch)):
+                        # Small raw tensors: a worker would only add hand-offs of the GIL.
                         job = done(self._decode_many(batch, together))
                     else:
                         job = self._pool.submit(self._decode_many, batch, together)
@@ -200,7 +199,11 @@ class StoreTensorSource(TensorSource):
         return large.pop(0)
 
 
-GIL_BOUND = 2048  # hashlib releases the GIL only for more bytes than this
+#: batches of tensors averaging fewer bytes than this are processed in the calling thread. Hashing
+#: a few KiB releases the GIL for microseconds, and a worker then waits for it behind the busy
+#: reading or writing thread: measured on 20,000 tensors of 4 KiB with 1% changed, adding took
+#: 0.82 s with workers and 0.68 s without.
+INLINE_BELOW = 16 << 10
 
 
 def done(value):
