@@ -49,6 +49,25 @@ def test_pack_round_trip_and_members_keep_their_ids(tmp_path):
     fresh.close()
 
 
+def test_pack_bytes_follow_the_documented_layout():
+    """The pack written column by column is the layout of git_theta/store/packs.py, built here
+    entry by entry with struct as an outsider would (members sorted by oid, data after the
+    index), including members larger than a copy block."""
+    members = {}
+    for i in range(300):
+        data = bytes([i % 256]) * (1 + i * 7) if i != 5 else b"x" * (packs.BLOCK + 3)
+        members[hashlib.sha256(data).hexdigest()] = data
+    order = sorted(members)
+    offset = len(packs.MAGIC) + 8 + 48 * len(order)
+    expected = [packs.MAGIC, struct.pack("<Q", len(order))]
+    for oid in order:
+        expected.append(struct.pack("<32sQQ", bytes.fromhex(oid), offset, len(members[oid])))
+        offset += len(members[oid])
+    expected += [members[oid] for oid in order]
+    assert b"".join(bytes(part) for part in packs.pack_bytes(members)) == b"".join(expected)
+    assert b"".join(bytes(p) for p in packs.pack_bytes({})) == packs.MAGIC + struct.pack("<Q", 0)
+
+
 def test_big_objects_stay_loose_and_packs_respect_their_size(tmp_path):
     store = ObjectStore(tmp_path / "objects", fsync=False, pack_threshold=1000, pack_size=4000)
     with store.packing():
@@ -130,6 +149,28 @@ def test_manifest_v2_names_packs_by_id_prefix_and_v1_is_unchanged():
     assert v1.startswith(b"git-theta manifest v1\n") and Manifest.parse(v1).serialize() == v1
     # the digest index's text keeps the pack in full
     assert ObjectRef.parse(str(packed)).pack == pack
+
+
+def test_skim_leaves_out_raw_lines_but_keeps_their_packs_and_every_other_line():
+    """What the stat cache asks on each git status: the objects a manifest needs. Raw shorthand
+    lines are skipped (their objects live in the pack lines' packs); other lines are parsed."""
+    from git_theta.manifest import RAW, TensorEntry, skim
+
+    pack, other = ObjectRef("b" * 64, 999), ObjectRef("e" * 64, 50)
+    raw = {
+        f"t{i}": TensorEntry(f"t{i}", "F32", (2,), d * 64, RAW, (ObjectRef(d * 64, 8, pack),))
+        for i, d in enumerate("0123")
+    }
+    chained = _entry("z", [ObjectRef("c" * 64, 20), ObjectRef("a" * 64, 10, other)])
+    data = Manifest("safetensors", tensors={**raw, "z": chained}).serialize()
+    assert data.startswith(b"git-theta manifest v3\n") and data.count(b" raw @") == 4
+    manifest, packs = skim(data)
+    assert list(manifest.tensors) == ["z"] and manifest.tensors["z"] == chained
+    assert sorted(p.oid for p in packs) == ["b" * 64, "e" * 64]
+    full = Manifest.parse(data)
+    assert {r.oid for r in full.all_objects()} == {r.oid for r in [*packs, *manifest.all_objects()]}
+    plain = Manifest("safetensors", tensors={"z": chained}).serialize()  # no raw lines: parsed whole
+    assert skim(plain)[0].tensors == {"z": chained}
 
 
 @pytest.mark.parametrize(

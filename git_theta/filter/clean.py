@@ -239,12 +239,16 @@ class Cleaner:
 
     def _objects_here(self, data):
         """True when ``data`` is a valid manifest whose objects are all in the local store."""
+        from git_theta.manifest import skim
+
         try:
-            manifest = Manifest.parse(data, source="stat cache")
+            # Raw lines are skimmed: their objects are members of the pack lines' packs.
+            manifest, packs = skim(data, source="stat cache")
         except ManifestError:
             return False
         trust = self.store.trust
-        return all(self.store.freshen(ref.oid) for ref in manifest.all_objects()) and (
+        needed = {ref.oid: ref for ref in [*packs, *manifest.all_objects()]}
+        return all(self.store.freshen(oid) for oid in needed) and (
             trust is None or all(is_raw(e) or trust.trusted(e) for e in manifest.tensors.values())
         )
 

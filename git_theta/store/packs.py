@@ -27,6 +27,7 @@ its sha256 matched the oid the manifest names, and even then its index is bounds
 
 import array
 import hashlib
+import itertools
 import operator
 import struct
 import sys
@@ -58,13 +59,7 @@ def pack_bytes(members):
     hashed and written while it is in cache, in one call (not 20,000 calls of 4 KiB), and no
     fresh memory is faulted in for it. Each part is valid until the next is asked for."""
     order = sorted(members)
-    offset = HEAD + _ENTRY.size * len(order)
-    index = [MAGIC, _COUNT.pack(len(order))]
-    for oid in order:
-        size = len(members[oid])
-        index.append(_ENTRY.pack(bytes.fromhex(oid), offset, size))
-        offset += size
-    yield b"".join(index)
+    yield _index_bytes(order, [len(members[oid]) for oid in order])
     block = memoryview(bytearray(BLOCK))
     held = 0
     for oid in order:
@@ -81,6 +76,28 @@ def pack_bytes(members):
         held += size
     if held:
         yield block[:held]
+
+
+def _index_bytes(order, sizes):
+    """The head and index of a pack of members ``order`` (sorted oids) of ``sizes`` bytes.
+
+    Built a column at a time (each byte of an entry is one strided copy over all entries), not
+    an entry at a time: 200,000 members took 0.3 s one by one."""
+    count = len(order)
+    start = HEAD + _ENTRY.size * count
+    offsets = array.array("Q", itertools.accumulate(sizes[:-1], initial=start)) if count else array.array("Q")
+    lengths = array.array("Q", sizes)
+    if sys.byteorder != "little":
+        offsets.byteswap()
+        lengths.byteswap()
+    table = bytearray(_ENTRY.size * count)
+    oids, offset_bytes, length_bytes = bytes.fromhex("".join(order)), offsets.tobytes(), lengths.tobytes()
+    for k in range(32):
+        table[k :: _ENTRY.size] = oids[k::32]
+    for k in range(8):
+        table[32 + k :: _ENTRY.size] = offset_bytes[k::8]
+        table[40 + k :: _ENTRY.size] = length_bytes[k::8]
+    return MAGIC + _COUNT.pack(count) + bytes(table)
 
 
 class PackIndex:
