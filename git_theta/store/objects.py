@@ -405,19 +405,21 @@ class ObjectStore:
             return chunked.assemble(oid, index, lambda part: self.read(part, verify=True))
         return data
 
-    def member_view(self, oid):
-        """A memoryview of packed object ``oid``'s bytes inside its pack's mapping (no copy), or
-        None when it is not in a loaded pack. Unverified, like :meth:`read`; drop it before
-        :meth:`close` (a mapping with views cannot be closed)."""
-        found = self._members.get(oid)
-        if found is None:
-            return None
-        pack, offset, size = found
-        mapped = self._pack_fds.get(pack)
-        if mapped is None:
-            return None  # not mapped yet: read() maps it
-        view = memoryview(mapped)[offset : offset + size]
-        return view if len(view) == size else None
+    def member_views(self, oids):
+        """For each of ``oids``, a memoryview of the packed object's bytes inside its pack's
+        mapping (no copy), or None when it is not in a pack mapped already. Unverified, like
+        :meth:`read`; drop them before :meth:`close` (a mapping with views cannot be closed)."""
+        members, maps, out = self._members, self._pack_fds, []
+        for oid in oids:
+            found = members.get(oid)
+            mapped = None if found is None else maps.get(found[0])
+            if mapped is None:
+                out.append(None)  # not packed, or its pack not mapped yet: read() maps it
+                continue
+            _, offset, size = found
+            view = memoryview(mapped)[offset : offset + size]
+            out.append(view if len(view) == size else None)
+        return out
 
     def _read_member(self, oid, reload=False):
         """A packed (or still pending) object's bytes, or None."""
