@@ -11,11 +11,16 @@ import sys
 def single_threaded_blas():
     """One BLAS thread per worker: git-theta parallelises over tensors itself, and a multithreaded
     OpenBLAS inside each worker thread oversubscribes the cores (measured 100x slower QR under
-    load). Must run before numpy is imported; a value the user set wins."""
+    load); and no huge-page requests from numpy. Must run before numpy is imported; a value the
+    user set wins."""
     import os
 
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
+    # numpy asks for transparent huge pages on arrays from 4 MiB (the 8 MiB byte-plane chunks of
+    # clean); where the kernel honours that with direct compaction, a chunk's allocation can stall
+    # for milliseconds in the kernel (measured adding a 475 MB model: 1.55-1.57 s without, 1.55-1.86 s with).
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 
 #: glibc's mallopt parameters: the size from which blocks are mapped, and the free memory at the
