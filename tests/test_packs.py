@@ -68,6 +68,39 @@ def test_pack_bytes_follow_the_documented_layout():
     assert b"".join(bytes(p) for p in packs.pack_bytes({})) == packs.MAGIC + struct.pack("<Q", 0)
 
 
+def test_full_packs_are_written_on_their_own_thread_readable_meanwhile_errors_surface(tmp_path, monkeypatch):
+    """A pack that fills up is written while the next fills: its members stay readable until it
+    is stored, flush waits for it, and a failure writing it comes out of the packing block."""
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    store.pack_size = 4096
+    blobs = [bytes([i]) * 700 for i in range(40)]  # ~5 per pack: several packs
+    with store.packing():
+        refs = [store.put_bytes(b) for b in blobs]
+        assert all(bytes(store.read(r.oid)) == b for r, b in zip(refs, blobs))  # written or not
+        assert store.put_bytes(blobs[0]).oid == refs[0].oid  # dedup across packs in flight
+    homes = {r.pack.oid for r in refs}
+    assert len(homes) > 3 and all(store.has(oid) for oid in homes)
+    fresh = ObjectStore(tmp_path / "objects")
+    assert all(bytes(fresh.read(r.oid, verify=True)) == b for r, b in zip(refs, blobs))
+    fresh.close()
+
+    real = ObjectStore.put_chunks
+
+    def full_disk(self, chunks, *args, **kwargs):
+        if kwargs.get("pack") is False:
+            raise OSError(28, "No space left on device")
+        return real(self, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStore, "put_chunks", full_disk)
+    other = ObjectStore(tmp_path / "other", fsync=False)
+    other.pack_size = 4096
+    with pytest.raises(OSError, match="No space"):
+        with other.packing():
+            for i in range(40):
+                other.put_bytes(bytes([i]) * 701)
+    assert other._packer is None
+
+
 def test_big_objects_stay_loose_and_packs_respect_their_size(tmp_path):
     store = ObjectStore(tmp_path / "objects", fsync=False, pack_threshold=1000, pack_size=4000)
     with store.packing():

@@ -90,11 +90,12 @@ class ObjectStore:
             yield
             return
         self._load_packs()
-        self._packer = PackWriter(self, self.pack_size)
+        self._packer = packer = PackWriter(self, self.pack_size)
         try:
             yield
-            self._packer.flush()
+            packer.flush()
         finally:
+            packer.close()
             self._packer = None
 
     def packs_small(self, nbytes):
