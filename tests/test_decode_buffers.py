@@ -275,7 +275,9 @@ def test_iter_bytes_joins_runs_of_small_tensors_and_still_checks_each(repo, monk
     os.chmod(pack, 0o644)
     pack.write_bytes(raw)
     handle = Repo(str(repo.path))
-    with ThreadPoolExecutor(2) as pool, pytest.raises(ObjectCorruptError, match="t0300"):
+    with ThreadPoolExecutor(2) as pool, pytest.raises(ObjectCorruptError, match="t0300") as caught:
         source = smudge.StoreTensorSource(manifest, handle.store, pool, "model.safetensors", 1 << 20, workers=2)
         list(source.iter_bytes(names))
-    handle.close()
+    maps = list(handle.store._pack_fds.values())
+    handle.close()  # while the traceback is alive: it holds no view of a pack
+    assert caught.value and maps and all(mapped.closed for mapped in maps)

@@ -61,40 +61,45 @@ class StoreTensorSource(TensorSource):
     def _decode_many(self, entries, joined=False):
         """The decoded bytes of ``entries``, in order; ``joined``: one bytes object of them all
         (the run of small tensors a format writes back to back: one write instead of one each)."""
-        read, out = self._store.read, []
+        read, out, data = self._store.read, [], None
         # Joined, a small tensor's bytes are a view of its mapped pack: copied once, into the run.
         views = self._store.member_views([e.digest for e in entries]) if joined else repeat(None)
-        for entry, data in zip(entries, views):
-            objects = entry.objects
-            if len(objects) == 1 and objects[0].oid == entry.digest:  # is_raw, 200,000 times
-                # A small tensor stored as its own bytes: a slice of its pack, hashed with sha256
-                # (its id is its digest, so no ledger lookup); anything amiss takes the full decode,
-                # which names the damage.
-                if data is None:
-                    try:
-                        data = read(entry.digest)
-                    except ObjectMissingError:
-                        data = None
-                if data is not None and sha256(data).hexdigest() == entry.digest:
-                    out.append(data)
-                    continue
-            out.append(self._decode(entry))
-        if not joined:
-            return out
-        # Into a recycled buffer (batches have the same few sizes): fresh memory for every run
-        # cost more in page faults than the copy itself.
-        whole = new_run_buffer(sum(map(len, out)), self._buffers)
-        target, position = memoryview(whole), 0
-        for data in out:
-            end = position + len(data)
-            target[position:end] = data
-            position = end
-        del target
-        out = [data for data in out if not isinstance(data, memoryview)]  # views of the pack go now
-        if self._buffers is not None:
+        try:
+            for entry, data in zip(entries, views):
+                objects = entry.objects
+                if len(objects) == 1 and objects[0].oid == entry.digest:  # is_raw, 200,000 times
+                    # A small tensor stored as its own bytes: a slice of its pack, hashed with
+                    # sha256 (its id is its digest, so no ledger lookup); anything amiss takes the
+                    # full decode, which names the damage.
+                    if data is None:
+                        try:
+                            data = read(entry.digest)
+                        except ObjectMissingError:
+                            data = None
+                    if data is not None and sha256(data).hexdigest() == entry.digest:
+                        out.append(data)
+                        continue
+                out.append(self._decode(entry))
+            if not joined:
+                return out
+            # Into a recycled buffer (batches have the same few sizes): fresh memory for every
+            # run cost more in page faults than the copy itself.
+            whole = new_run_buffer(sum(map(len, out)), self._buffers)
+            target, position = memoryview(whole), 0
             for data in out:
-                self._buffers.give(data)  # copied into ``whole``: free for the next tensor
-        return [whole]
+                end = position + len(data)
+                target[position:end] = data
+                position = end
+            del target
+            out = [data for data in out if not isinstance(data, memoryview)]  # the pack's views go
+            if self._buffers is not None:
+                for data in out:
+                    self._buffers.give(data)  # copied into ``whole``: free for the next tensor
+            return [whole]
+        finally:
+            # No view of a pack outlives this call, even in a traceback that keeps this frame
+            # (the pack could not be closed while one is held).
+            views = out = data = None
 
     def total_bytes(self):
         """Bytes of all the tensors."""
