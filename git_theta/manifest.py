@@ -57,9 +57,11 @@ PACK_PREFIX = 12  # ASCII only: str.isdigit() accepts '²', which int() refuses
 _KEY = re.compile(r"[a-z][a-z0-9_.-]*\Z")
 _UPDATE = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _DTYPE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
-#: the common line of a v3 manifest, a small tensor stored raw in a pack, matched whole in one go
-#: (200,000 of them); anything else takes the general parser, which says what is wrong
-_RAW_SHORT = re.compile(r"tensor ([^ %]+) ([A-Z][A-Z0-9_]*) (\[[0-9,]*\]) ([0-9a-f]{64}) raw @([0-9a-f]{12,64})")
+#: the common line of a v3 manifest, a small tensor stored raw in a pack (200,000 of them): matched
+#: whole in one go by the parser (anything else takes the general path, which says what is wrong),
+#: and dropped in one pass by :func:`skim`
+_RAW_FORM = r"tensor ([^ \n%]+) ([A-Z][A-Z0-9_]*) (\[[0-9,]*\]) ([0-9a-f]{64}) raw @([0-9a-f]{12,64})"
+_RAW_SHORT = re.compile(_RAW_FORM)
 _ESCAPE = re.compile(r"[%\x00-\x20\x7f]")
 _NEEDS_ESCAPE = _ESCAPE.search
 
@@ -192,16 +194,11 @@ class TensorEntry:
         """Number of deltas above the keyframe (0 for a dense tensor)."""
         return len(self.objects) - 1
 
-    def line(self, numbers=None, short=None):
-        """The manifest line; ``numbers`` maps pack oids to the prefixes that name them.
-        ``short``: the pack prefix of a raw shorthand reference, when the caller knows it."""
+    def line(self, numbers=None):
+        """The manifest line, every reference in full; ``numbers`` maps pack oids to the prefixes
+        that name them. (The raw shorthand of version 3 is written by :meth:`Manifest.serialize`.)"""
         shape = "[" + ",".join(map(str, self.shape)) + "]"
-        if short is None and numbers is not None and self.update == RAW and _shorthand(self):
-            short = numbers[self.objects[0].pack.oid]
-        if short is not None:
-            objects = "@" + short
-        else:
-            objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
+        objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
         return f"tensor {escape_name(self.name)} {self.dtype} {shape} {self.digest} {self.update} {objects}"
 
     def same_content(self, other):
@@ -212,14 +209,6 @@ class TensorEntry:
             and self.dtype == other.dtype
             and self.shape == other.shape
         )
-
-
-def _shorthand(entry):
-    """True when ``entry``'s line may use the ``@<prefix>`` shorthand (see the module docs)."""
-    from git_theta.dtypes import nbytes
-
-    ref = entry.objects[0]
-    return is_raw(entry) and ref.pack is not None and ref.size == nbytes(entry.dtype, entry.shape)
 
 
 @dataclass
@@ -257,7 +246,7 @@ class Manifest:
             objects = entry.objects
             ref = objects[0] if len(objects) == 1 else None
             if ref is None or entry.update != RAW or ref.pack is None or ref.oid != entry.digest:
-                body.append(entry.line(numbers, None))
+                body.append(entry.line(numbers))
                 continue
             # The common line of a many-tensor checkpoint, written with what its neighbours share.
             key = (entry.dtype, entry.shape)
@@ -267,7 +256,7 @@ class Manifest:
 
                 size = sizes[key] = nbytes(*key)
             if ref.size != size:
-                body.append(entry.line(numbers, None))
+                body.append(entry.line(numbers))
                 continue
             shape = shapes.get(entry.shape)
             if shape is None:
@@ -380,9 +369,7 @@ class Manifest:
         return manifest
 
 
-_RAW_LINES = re.compile(
-    rb"^tensor [^ \n%]+ [A-Z][A-Z0-9_]* \[[0-9,]*\] [0-9a-f]{64} raw @[0-9a-f]{12,64}\n", re.MULTILINE
-)
+_RAW_LINES = re.compile(("^" + _RAW_FORM + "\n").encode(), re.MULTILINE)
 
 
 def skim(data, source="manifest"):
@@ -445,11 +432,7 @@ def _parse_tensor(rest, where, packs=None, shorthand=False, memo=None):
             if not _PACK_PREFIX.match(prefix):
                 raise ManifestError(f"invalid object reference @{prefix}{where}")
             pack = _pack_for(packs, prefix, "", where)
-        ref = _new(ObjectRef)  # the frozen dataclasses' __init__ costs as much as the rest of the line
-        ref.__dict__.update(oid=digest, size=size, pack=pack)
-        entry = _new(TensorEntry)
-        entry.__dict__.update(name=name, dtype=dtype, shape=shape, digest=digest, update=update, objects=(ref,))
-        return entry
+        return _raw_tensor_entry(name, dtype, shape, digest, size, pack)
     objects = tuple(ObjectRef.parse(p, where, packs) for p in parts[5:])
     return TensorEntry(name, dtype, shape, digest, update, objects)
 
@@ -465,6 +448,12 @@ def _raw_entry(name, dtype, shape_text, digest, prefix, packs, memo):
     pack = packs.memo.get(prefix)
     if shape is None or size is None or pack is None or dtype not in memo.dtypes or not name:
         return None
+    return _raw_tensor_entry(name, dtype, shape, digest, size, pack)
+
+
+def _raw_tensor_entry(name, dtype, shape, digest, size, pack):
+    """The entry of a raw tensor in ``pack``, its fields already checked: the frozen dataclasses'
+    ``__init__`` costs as much as the rest of parsing the line."""
     ref = _new(ObjectRef)
     ref.__dict__.update(oid=digest, size=size, pack=pack)
     entry = _new(TensorEntry)

@@ -278,6 +278,6 @@ def test_iter_bytes_joins_runs_of_small_tensors_and_still_checks_each(repo, monk
     with ThreadPoolExecutor(2) as pool, pytest.raises(ObjectCorruptError, match="t0300") as caught:
         source = smudge.StoreTensorSource(manifest, handle.store, pool, "model.safetensors", 1 << 20, workers=2)
         list(source.iter_bytes(names))
-    maps = list(handle.store._pack_fds.values())
+    maps = list(handle.store._pack_maps.values())
     handle.close()  # while the traceback is alive: it holds no view of a pack
     assert caught.value and maps and all(mapped.closed for mapped in maps)

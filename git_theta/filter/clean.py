@@ -247,7 +247,7 @@ class Cleaner:
         except ManifestError:
             return False
         trust = self.store.trust
-        needed = {ref.oid: ref for ref in [*packs, *manifest.all_objects()]}
+        needed = {ref.oid for ref in [*packs, *manifest.all_objects()]}
         return all(self.store.freshen(oid) for oid in needed) and (
             trust is None or all(is_raw(e) or trust.trusted(e) for e in manifest.tensors.values())
         )

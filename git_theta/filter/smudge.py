@@ -14,7 +14,7 @@ from itertools import repeat
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from git_theta import registry as plugins
-from git_theta.tensors.buffers import BufferPool, using
+from git_theta.tensors.buffers import BufferPool, new_buffer, using
 from git_theta.updates.chain import DecodedCache, decode_tensor
 from git_theta.errors import ObjectMissingError
 from git_theta.formats.base import TensorSource
@@ -84,7 +84,8 @@ class StoreTensorSource(TensorSource):
                 return out
             # Into a recycled buffer (batches have the same few sizes): fresh memory for every
             # run cost more in page faults than the copy itself.
-            whole = new_run_buffer(sum(map(len, out)), self._buffers)
+            with using(self._buffers):
+                whole = new_buffer(sum(map(len, out)))
             target, position = memoryview(whole), 0
             for data in out:
                 end = position + len(data)
@@ -107,18 +108,19 @@ class StoreTensorSource(TensorSource):
         return sum(self._sizes[key] * count for key, count in shapes.items())
 
     def iter_data(self, names):
-        for name, data in self._decoded(names, joined=False):
-            yield name, data
-            if self._buffers is not None:  # the format is done with it (releases_tensors)
-                self._buffers.give(data)
-            del data
+        return self._lent(self._decoded(names, joined=False))
 
     def iter_bytes(self, names):
-        for _, data in self._decoded(names, joined=True):
-            yield data
+        return (data for _, data in self._lent(self._decoded(names, joined=True)))
+
+    def _lent(self, items):
+        """``items`` (name, bytes), each buffer taken back once the next item is asked for: the
+        format is done with it then (releases_tensors)."""
+        for item in items:
+            yield item
             if self._buffers is not None:
-                self._buffers.give(data)
-            del data
+                self._buffers.give(item[1])
+            del item
 
     def _decoded(self, names, joined):
         """Yield ``(name, bytes)`` for ``names`` in order (``joined``: a batch of small tensors
@@ -218,11 +220,6 @@ def done(value):
     future = Future()
     future.set_result(value)
     return future
-
-
-def new_run_buffer(nbytes, pool):
-    """A writable buffer for a joined run: from ``pool`` when there is one."""
-    return bytearray(nbytes) if pool is None else pool.take(nbytes)
 
 
 class _SizeMemo(dict):

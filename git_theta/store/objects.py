@@ -57,7 +57,7 @@ class ObjectStore:
         self._pack_sizes = {}  # pack oid -> size
         self._packs_seen = None  # mtime of the packs folder when it was last listed
         self._fresh_packs = set()  # packs this process has freshened already
-        self._pack_fds = {}  # pack oid -> read-only mmap of it (members are read as slices)
+        self._pack_maps = {}  # pack oid -> read-only mmap of it (members are read as slices)
         self._packs_lock = threading.Lock()
         self._packer = None
 
@@ -190,12 +190,12 @@ class ObjectStore:
             pass
         with self._packs_lock:
             self._pack_sizes.pop(oid, None)
-            mapped = self._pack_fds.pop(oid, None)
+            mapped = self._pack_maps.pop(oid, None)
             gone = [m for m, where in self._members.items() if where[0] == oid]
             for member in gone:
                 del self._members[member]
         if mapped is not None:
-            mapped.close()
+            _unmap(mapped)
         for other in list(self._pack_sizes):  # a member also held by another pack is found there
             try:
                 self._index_pack(other, verify=False)
@@ -410,7 +410,7 @@ class ObjectStore:
         """For each of ``oids``, a memoryview of the packed object's bytes inside its pack's
         mapping (no copy), or None when it is not in a pack mapped already. Unverified, like
         :meth:`read`; drop them before :meth:`close` (a mapping with views cannot be closed)."""
-        members, maps, out = self._members, self._pack_fds, []
+        members, maps, out = self._members, self._pack_maps, []
         for oid in oids:
             found = members.get(oid)
             mapped = None if found is None else maps.get(found[0])
@@ -429,7 +429,7 @@ class ObjectStore:
             packer = self._packer
             return None if packer is None else packer.pending(oid)
         pack, offset, size = found
-        mapped = self._pack_fds.get(pack)
+        mapped = self._pack_maps.get(pack)
         if mapped is None:
             import mmap
 
@@ -444,7 +444,7 @@ class ObjectStore:
             except ValueError:  # emptied since its index was read
                 raise ObjectCorruptError(f"pack {pack} is truncated (member {oid})") from None
             with self._packs_lock:
-                mapped = self._pack_fds.setdefault(pack, mine)
+                mapped = self._pack_maps.setdefault(pack, mine)
             if mapped is not mine:
                 mine.close()
         # A slice of the mapping: no system call per member (packs are never rewritten in place).
@@ -456,12 +456,9 @@ class ObjectStore:
     def close(self):
         """Close the packs kept open for reading."""
         with self._packs_lock:
-            maps, self._pack_fds = self._pack_fds, {}
+            maps, self._pack_maps = self._pack_maps, {}
         for mapped in maps.values():
-            try:
-                mapped.close()
-            except BufferError:  # a view of it is still held (a failed read's traceback): the
-                pass  # mapping goes when the view does
+            _unmap(mapped)
 
     def verify(self, oid, size=None):
         """Check a stored object by streaming it through sha256 (memory: one chunk).
@@ -542,3 +539,11 @@ def _map(path):
         if size < MAP_THRESHOLD:
             return f.read()
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _unmap(mapped):
+    """Close a pack's mapping; one a view still holds (a failed read's traceback) goes with it."""
+    try:
+        mapped.close()
+    except BufferError:
+        pass
