@@ -33,6 +33,10 @@ first, then its base, down to a keyframe. Names escape ``%``, whitespace and con
 ``%XX`` so a line always splits on single spaces.
 """
 
+import bisect
+import heapq
+import itertools
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -211,18 +215,69 @@ class TensorEntry:
         )
 
 
-@dataclass
 class Manifest:
-    """A parsed manifest: the format, its file-level fields and side objects, and the tensors."""
+    """A parsed manifest: the format, its file-level fields and side objects, and the tensors.
 
-    format: str
-    fields: dict = field(default_factory=dict)  # key -> single-line text
-    blobs: dict = field(default_factory=dict)  # key -> ObjectRef
-    tensors: dict = field(default_factory=dict)  # name -> TensorEntry
+    ``fields`` maps keys to single-line text, ``blobs`` keys to ObjectRefs and ``tensors`` names
+    to TensorEntry objects. A parsed version 3 manifest keeps its raw shorthand lines as columns
+    (a :class:`RawTable`) until ``tensors`` is first used: checkout of 200,000 small tensors
+    reads them as columns (:meth:`columns`) and never makes an entry per tensor.
+    """
+
+    def __init__(self, format, fields=None, blobs=None, tensors=None):
+        self.format = format
+        self.fields = {} if fields is None else fields
+        self.blobs = {} if blobs is None else blobs
+        self._tensors = {} if tensors is None else tensors
+        self._table = None  # RawTable of raw lines not made entries yet
+        self.pack_lines = ()
+
+    @property
+    def tensors(self):
+        """``{name: TensorEntry}`` of every tensor, by name."""
+        table = self._table
+        if table is not None:
+            self._table = None
+            rows = zip(table.names, table.entries())
+            general = self._tensors
+            # Both sorted by name (the parser checked): merged, they stay in the manifest's order.
+            self._tensors = dict(heapq.merge(general.items(), rows) if general else rows)
+        return self._tensors
+
+    @tensors.setter
+    def tensors(self, value):
+        self._tensors = value
+        self._table = None
+
+    def columns(self):
+        """``(entries, table)``: ``{name: TensorEntry}`` of the tensors that are entries, and the
+        :class:`RawTable` of the rest (None when every tensor is an entry); no entry is made."""
+        return self._tensors, self._table
+
+    def tensor_count(self):
+        """How many tensors the manifest lists."""
+        return len(self._tensors) + (len(self._table.names) if self._table is not None else 0)
+
+    def __eq__(self, other):
+        if not isinstance(other, Manifest):
+            return NotImplemented
+        return (self.format, self.fields, self.blobs, self.tensors) == (
+            other.format,
+            other.fields,
+            other.blobs,
+            other.tensors,
+        )
+
+    def __repr__(self):
+        return f"Manifest(format={self.format!r}, fields={self.fields!r}, {self.tensor_count()} tensors)"
 
     def packs(self):
         """The pack objects holding any of the manifest's objects, sorted by oid."""
         found = {}
+        table = self._table
+        if table is not None:
+            for pack in table.distinct_packs():
+                found[pack.oid] = ObjectRef(pack.oid, pack.size)
         for ref in self._refs():
             pack = ref.pack
             if pack is not None and pack.oid not in found:
@@ -230,8 +285,9 @@ class Manifest:
         return [found[oid] for oid in sorted(found)]
 
     def _refs(self):
+        """The blobs' and the entries' object refs (not the raw table's)."""
         yield from self.blobs.values()
-        for entry in self.tensors.values():
+        for entry in self._tensors.values():
             yield from entry.objects
 
     def serialize(self):
@@ -284,6 +340,7 @@ class Manifest:
     def all_objects(self):
         """Every stored object the manifest needs, each once, in a stable order: a packed object
         counts as its pack (what is stored, kept and transferred)."""
+        self.tensors  # noqa: B018 - every raw line an entry: the order is the entries'
         seen = {}
         for ref in self._refs():
             home = ref.home
@@ -292,6 +349,7 @@ class Manifest:
 
     def member_objects(self):
         """Every object the manifest's tensors and blobs decode from, packed ones included."""
+        self.tensors  # noqa: B018 - every raw line an entry
         seen = {}
         for ref in self._refs():
             seen.setdefault(ref.oid, ref)
@@ -330,43 +388,188 @@ class Manifest:
         shorthand = lines[0] == RAW_LINE
         if not _KEY.match(manifest.format):
             raise ManifestError(f"{source}: invalid format name {manifest.format!r}")
-        memo = _LineMemo()
-        tensors = manifest.tensors
-        quick = _RAW_SHORT.fullmatch if shorthand else None
-        for number, line in enumerate(lines[2:], start=3):
-            match = quick and quick(line)
-            if match:
-                entry = _raw_entry(*match.groups(), packs, memo)
-                if entry is not None and entry.name not in tensors:
-                    tensors[entry.name] = entry
-                    continue
-            kind, _, rest = line.partition(" ")
-            if kind == "tensor":
-                try:
-                    entry = _parse_tensor(rest, "", packs, shorthand, memo)
-                except ManifestError as exc:  # where it is, formatted for the bad line only
-                    raise ManifestError(f"{exc.message} ({source}, line {number})", hint=exc.hint) from None
-                if entry.name in tensors:
-                    raise ManifestError(f"duplicate tensor {entry.name!r} ({source}, line {number})")
+        if shorthand:
+            quick = cls(format=manifest.format)  # a fresh one: the line parser starts over if need be
+            quick.pack_lines = _PackLines()
+            if _read_columns(quick, lines, quick.pack_lines, source):
+                return quick
+        _read_lines(manifest, enumerate(lines[2:], start=3), packs, shorthand, source)
+        return manifest
+
+
+def _read_lines(manifest, numbered, packs, shorthand, source, memo=None):
+    """Parse ``numbered`` ((line number, text) after the format line) into ``manifest``."""
+    memo = memo or _LineMemo()
+    tensors = manifest._tensors
+    quick = _RAW_SHORT.fullmatch if shorthand else None
+    for number, line in numbered:
+        match = quick and quick(line)
+        if match:
+            entry = _raw_entry(*match.groups(), packs, memo)
+            if entry is not None and entry.name not in tensors:
                 tensors[entry.name] = entry
                 continue
-            where = f" ({source}, line {number})"
-            if kind == "pack" and packs is not None:
-                pack = ObjectRef.parse(rest, where)
-                if packs and pack.oid <= packs[-1].oid:
-                    raise ManifestError(f"pack lines out of order{where}")
-                packs.append(pack)
-            elif kind in ("field", "blob"):
-                key, sep, value = rest.partition(" ")
-                if not sep or not _KEY.match(key):
-                    raise ManifestError(f"malformed {kind} line{where}")
-                table = manifest.fields if kind == "field" else manifest.blobs
-                if key in table:
-                    raise ManifestError(f"duplicate {kind} {key!r}{where}")
-                table[key] = value if kind == "field" else ObjectRef.parse(value, where, packs)
-            else:
-                raise ManifestError(f"unknown line kind {kind!r}{where}")
-        return manifest
+        kind, _, rest = line.partition(" ")
+        if kind == "tensor":
+            try:
+                entry = _parse_tensor(rest, "", packs, shorthand, memo)
+            except ManifestError as exc:  # where it is, formatted for the bad line only
+                raise ManifestError(f"{exc.message} ({source}, line {number})", hint=exc.hint) from None
+            if entry.name in tensors:
+                raise ManifestError(f"duplicate tensor {entry.name!r} ({source}, line {number})")
+            tensors[entry.name] = entry
+            continue
+        where = f" ({source}, line {number})"
+        if kind == "pack" and packs is not None:
+            pack = ObjectRef.parse(rest, where)
+            if packs and pack.oid <= packs[-1].oid:
+                raise ManifestError(f"pack lines out of order{where}")
+            packs.append(pack)
+        elif kind in ("field", "blob"):
+            key, sep, value = rest.partition(" ")
+            if not sep or not _KEY.match(key):
+                raise ManifestError(f"malformed {kind} line{where}")
+            table = manifest.fields if kind == "field" else manifest.blobs
+            if key in table:
+                raise ManifestError(f"duplicate {kind} {key!r}{where}")
+            table[key] = value if kind == "field" else ObjectRef.parse(value, where, packs)
+        else:
+            raise ManifestError(f"unknown line kind {kind!r}{where}")
+
+
+#: a line holding this is a raw shorthand line (or damaged: then the line parser says how)
+_RAW_MARK = " " + RAW + " @"
+#: manifests with fewer raw lines than this are parsed line by line (the columns' fixed costs)
+COLUMNS_FROM = 256
+
+
+def _read_columns(manifest, lines, packs, source):
+    """Parse a version 3 manifest whose raw shorthand lines become a :class:`RawTable`, checked
+    a column at a time (each distinct dtype, shape and pack once; the digests as one string).
+
+    Returns False, having changed nothing that counts, when anything is unusual: then the line
+    parser reads the manifest and names any bad line. Accepted here only what the line parser
+    accepts, in the order :meth:`Manifest.serialize` writes: raw names strictly sorted (so also
+    unique), as the other tensor lines; pack lines before the first tensor line.
+    """
+    body = lines[2:]
+    flags = [_RAW_MARK in line for line in body]
+    raw = list(itertools.compress(body, flags))
+    count = len(raw)
+    if count < COLUMNS_FROM or set(map(str.count, raw, itertools.repeat(" "))) != {6}:
+        return False
+    first = flags.index(True)
+    others = list(itertools.compress(body, map(operator.not_, flags)))
+    if any(line.startswith("pack ") for line in others[first:]):
+        return False
+    memo = _LineMemo()
+    try:
+        _read_lines(manifest, enumerate(others), packs, True, source, memo)
+    except ManifestError:
+        return False
+    tokens = " ".join(raw).split(" ")
+    names, dtypes, shape_texts, digests, prefixes = (tokens[k::7] for k in (1, 2, 3, 4, 6))
+    if set(tokens[0::7]) != {"tensor"} or set(tokens[5::7]) != {RAW}:
+        return False
+    try:
+        homes = {
+            text: _pack_for(packs, text[1:])
+            for text in set(prefixes)
+            if text[:1] == "@" and _PACK_PREFIX.match(text[1:])
+        }
+        shapes = {text: _parse_shape(text, "") for text in set(shape_texts)}
+        sizes = {(d, t): _raw_size(d, shapes[t], "") for d, t in set(zip(dtypes, shape_texts)) if _DTYPE.match(d)}
+    except ManifestError:
+        return False
+    joined = "".join(digests)
+    if len(homes) != len(set(prefixes)) or len(sizes) != len(set(zip(dtypes, shape_texts))):
+        return False
+    # 64 characters each, each one of 0-9a-f: what fromhex reads back to the same text (it also
+    # takes A-F and whitespace, which its hex() does not give back).
+    if set(map(len, digests)) != {64}:
+        return False
+    try:
+        binary = bytes.fromhex(joined)
+    except ValueError:
+        return False
+    if binary.hex() != joined:
+        return False
+    if "%" in "".join(names):
+        names = [unescape_name(name) if "%" in name else name for name in names]
+    general = list(manifest._tensors)
+    if not all(names) or not _ascending(names) or not _ascending(general):
+        return False
+    if any(_among(names, name) for name in general):
+        return False
+    if len(sizes) == 1:
+        row_sizes = [next(iter(sizes.values()))] * count
+    else:
+        row_sizes = list(map(sizes.__getitem__, zip(dtypes, shape_texts)))
+    distinct = list({id(p): p for p in homes.values()}.values())
+    number = {text: distinct.index(pack) for text, pack in homes.items()}
+    manifest._table = RawTable(
+        names,
+        dtypes,
+        list(map(shapes.__getitem__, shape_texts)),
+        digests,
+        row_sizes,
+        list(map(homes.__getitem__, prefixes)),
+        distinct,
+        binary,
+        list(map(number.__getitem__, prefixes)),
+    )
+    return True
+
+
+def _ascending(names):
+    """True when ``names`` are strictly increasing (sorted, no name twice)."""
+    return all(map(operator.lt, names, itertools.islice(names, 1, None)))
+
+
+def _among(names, name):
+    """True when ``name`` is in the sorted list ``names``."""
+    at = bisect.bisect_left(names, name)
+    return at < len(names) and names[at] == name
+
+
+class RawTable:
+    """A manifest's raw shorthand lines as columns: row ``i`` is tensor ``names[i]``, stored as
+    its own bytes (object id ``digests[i]``, ``sizes[i]`` bytes) in pack ``packs[i]``, which is
+    ``distinct[numbers[i]]``; ``binary`` is every digest's 32 bytes, back to back.
+
+    Rows are sorted by name. ``location`` is free for a reader to keep where it found the rows.
+    """
+
+    __slots__ = ("names", "dtypes", "shapes", "digests", "sizes", "packs", "distinct", "binary", "numbers", "location")
+
+    def __init__(self, names, dtypes, shapes, digests, sizes, packs, distinct, binary, numbers):
+        self.names = names
+        self.dtypes = dtypes
+        self.shapes = shapes
+        self.digests = digests
+        self.sizes = sizes
+        self.packs = packs
+        self.distinct = distinct
+        self.binary = binary
+        self.numbers = numbers
+        self.location = None
+
+    def __len__(self):
+        return len(self.names)
+
+    def distinct_packs(self):
+        """The pack ObjectRefs the rows name, each once."""
+        return list(self.distinct)
+
+    def entry(self, row):
+        """The TensorEntry of row ``row``."""
+        return _raw_tensor_entry(
+            self.names[row], self.dtypes[row], self.shapes[row], self.digests[row], self.sizes[row], self.packs[row]
+        )
+
+    def entries(self):
+        """The TensorEntry of every row, in order."""
+        return map(_raw_tensor_entry, self.names, self.dtypes, self.shapes, self.digests, self.sizes, self.packs)
 
 
 _RAW_LINES = re.compile(("^" + _RAW_FORM + "\n").encode(), re.MULTILINE)

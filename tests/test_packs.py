@@ -51,19 +51,22 @@ def test_pack_round_trip_and_members_keep_their_ids(tmp_path):
 
 def test_pack_bytes_follow_the_documented_layout():
     """The pack written column by column is the layout of git_theta/store/packs.py, built here
-    entry by entry with struct as an outsider would (members sorted by oid, data after the
-    index), including members larger than a copy block."""
+    entry by entry with struct as an outsider would (the index sorted by oid, the data after it in
+    the order the members were given), including members larger than a copy block."""
     members = {}
     for i in range(300):
         data = bytes([i % 256]) * (1 + i * 7) if i != 5 else b"x" * (packs.BLOCK + 3)
         members[hashlib.sha256(data).hexdigest()] = data
-    order = sorted(members)
-    offset = len(packs.MAGIC) + 8 + 48 * len(order)
-    expected = [packs.MAGIC, struct.pack("<Q", len(order))]
-    for oid in order:
-        expected.append(struct.pack("<32sQQ", bytes.fromhex(oid), offset, len(members[oid])))
-        offset += len(members[oid])
-    expected += [members[oid] for oid in order]
+    assert list(members) != sorted(members)  # the data's order is not the index's
+    offset = len(packs.MAGIC) + 8 + 48 * len(members)
+    placed = {}
+    for oid, data in members.items():
+        placed[oid] = offset
+        offset += len(data)
+    expected = [packs.MAGIC, struct.pack("<Q", len(members))]
+    for oid in sorted(members):
+        expected.append(struct.pack("<32sQQ", bytes.fromhex(oid), placed[oid], len(members[oid])))
+    expected += list(members.values())
     assert b"".join(bytes(part) for part in packs.pack_bytes(members)) == b"".join(expected)
     assert b"".join(bytes(p) for p in packs.pack_bytes({})) == packs.MAGIC + struct.pack("<Q", 0)
 

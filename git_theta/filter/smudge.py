@@ -7,6 +7,7 @@ Delta chains are decoded once per tensor; bases shared between tensors or files 
 (one filter process) are kept in a bounded cache (``theta.baseCache`` bytes).
 """
 
+import itertools
 import threading
 from hashlib import sha256
 from collections import Counter, deque
@@ -18,9 +19,9 @@ from git_theta.tensors.buffers import BufferPool, new_buffer, using
 from git_theta.updates.chain import DecodedCache, decode_tensor
 from git_theta.errors import ObjectMissingError
 from git_theta.formats.base import TensorSource
-from git_theta.manifest import Manifest, is_manifest, is_raw
+from git_theta.manifest import Manifest, ObjectRef, is_manifest, is_raw
 from git_theta.config import settings_for
-from git_theta.testhooks import kill_point
+from git_theta.testhooks import kill_point, kill_points
 
 BATCH_BYTES = 1 << 20  # consecutive tensors decoded by one worker task, up to this many bytes...
 BATCH_TENSORS = 4096  # ...or this many (a future per tiny tensor costs more than the tensor)
@@ -31,8 +32,11 @@ class StoreTensorSource(TensorSource):
     """Decodes a manifest's tensors from the store, a few ahead of the writer, within a byte budget."""
 
     def __init__(self, manifest, store, pool, path, budget, cache=None, buffers=None, workers=1):
-        self.specs = manifest.tensors
         self.blob_keys = set(manifest.blobs)
+        # The manifest's raw shorthand lines stay columns (a RawTable) unless a format asks for
+        # ``specs``: a run of them is written as slices of their packs (_raw_run).
+        self._entries, self._table = manifest.columns()
+        self._rows = None  # name -> row of the table + 1, made when first needed
         self._manifest = manifest
         self._store = store
         self._pool = pool
@@ -42,6 +46,33 @@ class StoreTensorSource(TensorSource):
         self._buffers = buffers  # a BufferPool when the format releases each tensor it is given
         self._workers = workers  # threads of ``pool``
         self._sizes = _SizeMemo()  # (dtype, shape) -> bytes
+
+    @property
+    def specs(self):
+        """``{name: TensorEntry}`` of every tensor (an entry per raw line, made on first use)."""
+        return self._manifest.tensors
+
+    def described(self):
+        entries, table = self._entries, self._table
+        if table is not None and not entries:
+            return table.names, table.dtypes, table.shapes
+        names, dtypes, shapes = list(entries), [e.dtype for e in entries.values()], [e.shape for e in entries.values()]
+        if table is not None:
+            names, dtypes, shapes = names + table.names, dtypes + table.dtypes, shapes + table.shapes
+        return names, dtypes, shapes
+
+    def _row_of(self):
+        """``{name: row + 1}`` of the raw table (never 0, so a row is true)."""
+        if self._rows is None:
+            self._rows = dict(zip(self._table.names, range(1, len(self._table) + 1)))
+        return self._rows
+
+    def _spec(self, name):
+        """The TensorEntry of ``name``, made from its table row if it has one."""
+        entry = self._entries.get(name)
+        if entry is None and self._table is not None:
+            entry = self._table.entry(self._row_of()[name] - 1)
+        return entry
 
     def _decode(self, entry):
         with using(self._buffers):  # None: plain new buffers
@@ -104,14 +135,65 @@ class StoreTensorSource(TensorSource):
 
     def total_bytes(self):
         """Bytes of all the tensors."""
-        shapes = Counter((e.dtype, e.shape) for e in self.specs.values())
-        return sum(self._sizes[key] * count for key, count in shapes.items())
+        shapes = Counter((e.dtype, e.shape) for e in self._entries.values())
+        total = sum(self._sizes[key] * count for key, count in shapes.items())
+        return total + (sum(self._table.sizes) if self._table is not None else 0)
 
     def iter_data(self, names):
         return self._lent(self._decoded(names, joined=False))
 
     def iter_bytes(self, names):
+        table = self._table
+        if table is None:
+            yield from self._joined(names)
+            return
+        if not self._entries and names == table.names:  # raw tensors only, in the table's order
+            yield from self._raw_run(names, None)
+            return
+        rows = list(map(self._row_of().get, names))
+        start = 0
+        for raw, group in itertools.groupby(rows, key=bool):
+            count = len(list(group))
+            if raw:
+                yield from self._raw_run(names[start : start + count], rows[start : start + count])
+            else:
+                yield from self._joined(names[start : start + count])
+            start += count
+
+    def _joined(self, names):
         return (data for _, data in self._lent(self._decoded(names, joined=True)))
+
+    def _raw_run(self, names, rows):
+        """The bytes of the raw tensors ``names`` (table ``rows`` + 1; None: every row, in
+        order): slices of their packs' mappings, one per stretch a pack holds back to back (a
+        first clean lays a file's small tensors out in its pack as in the file). Used when every
+        member is where the manifest says, in a pack that is intact (its members checked by this
+        clone, its bytes unchanged since); otherwise each tensor is decoded and verified."""
+        import numpy as np
+
+        table, store = self._table, self._store
+        location = _locate_rows(store, table)
+        if location is None or not all(store.intact_pack(table.distinct[n].oid) for n in set(table.numbers)):
+            yield from self._joined(names)
+            return
+        numbers, offsets, sizes = location
+        if rows is not None:
+            at = np.array(rows, dtype=np.int64) - 1
+            numbers, offsets, sizes = numbers[at], offsets[at], sizes[at]
+        ends = offsets + sizes
+        breaks = np.flatnonzero((numbers[1:] != numbers[:-1]) | (offsets[1:] != ends[:-1])) + 1
+        starts = [0, *breaks.tolist()]
+        stops = [*breaks.tolist(), len(names)]
+        for first, stop in zip(starts, stops):
+            pack = table.distinct[int(numbers[first])].oid
+            view = store.pack_view(pack, int(offsets[first]), int(ends[stop - 1] - offsets[first]))
+            if view is None:
+                raise ObjectMissingError(f"{self._path}: pack {pack} is missing or truncated", oids=[pack])
+            kill_points(stop - first)  # a crash point per tensor, as in file order
+            try:
+                yield view
+            finally:
+                view = None  # no view of a pack outlives its write (the pack could not be closed)
 
     def _lent(self, items):
         """``items`` (name, bytes), each buffer taken back once the next item is asked for: the
@@ -130,7 +212,8 @@ class StoreTensorSource(TensorSource):
         in_flight = 0
         names = list(names)
         memo = self._sizes
-        sizes = [memo[self.specs[name].dtype, self.specs[name].shape] for name in names]
+        specs = {name: self._spec(name) for name in names}
+        sizes = [memo[specs[name].dtype, specs[name].shape] for name in names]
         unsubmitted = sum(sizes)
         large = sorted((i for i, size in enumerate(sizes) if size >= EARLY_MIN), key=lambda i: -sizes[i])
         position = 0
@@ -143,7 +226,7 @@ class StoreTensorSource(TensorSource):
                     if not early:
                         ahead = self._take_early(names, sizes, large, position, unsubmitted)
                         if ahead is not None:
-                            early[ahead] = self._pool.submit(self._decode_many, [self.specs[names[ahead]]])
+                            early[ahead] = self._pool.submit(self._decode_many, [specs[names[ahead]]])
                             unsubmitted -= sizes[ahead]
                     if position in early:  # decoded ahead: its place in the file has come
                         pending.append(
@@ -161,7 +244,7 @@ class StoreTensorSource(TensorSource):
                     ):
                         batch_bytes += sizes[position]
                         position += 1
-                    batch = [self.specs[name] for name in names[start:position]]
+                    batch = [specs[name] for name in names[start:position]]
                     together = joined and len(batch) > 1
                     if batch_bytes < INLINE_BELOW * len(batch) and all(map(is_raw, batch)):
                         # Small raw tensors: a worker would only add hand-offs of the GIL.
@@ -213,6 +296,48 @@ class StoreTensorSource(TensorSource):
 #: reading or writing thread: measured on 20,000 tensors of 4 KiB with 1% changed, adding took
 #: 0.82 s with workers and 0.68 s without.
 INLINE_BELOW = 16 << 10
+
+
+def _missing(store, manifest):
+    """The ids of the objects ``manifest`` needs that ``store`` lacks (its raw table's members
+    looked up a column at a time)."""
+    entries, table = manifest.columns()
+    if table is None:
+        return [r.oid for r in store.missing(manifest.member_objects())]
+    refs = [*manifest.blobs.values(), *(ref for e in entries.values() for ref in e.objects)]
+    absent = [r.oid for r in store.missing(refs)]
+    if _locate_rows(store, table) is None:  # some not where the manifest says: asked one by one
+        rows = [ObjectRef(d, size) for d, size in zip(table.digests, table.sizes)]
+        absent += [r.oid for r in store.missing(rows)]
+    return absent
+
+
+def _locate_rows(store, table):
+    """``(numbers, offsets, sizes)`` (numpy, one per row) of every raw table row's member in the
+    pack its line names, or None when some row is not found there with its size. Found once per
+    table (kept in ``table.location``), a column at a time."""
+    if table.location is not None:
+        return table.location or None
+    import numpy as np
+
+    digests = np.frombuffer(table.binary, dtype=np.uint8).reshape(len(table), 32)
+    numbers = np.array(table.numbers, dtype=np.int64)
+    offsets = np.zeros(len(table), dtype=np.uint64)
+    sizes = np.zeros(len(table), dtype=np.uint64)
+    table.location = ()  # not found, unless all are
+    for number, pack in enumerate(table.distinct):
+        rows = numbers == number
+        found = store.locate(pack.oid, digests[rows]) if len(table.distinct) > 1 else store.locate(pack.oid, digests)
+        if found is None or not found[2].all():
+            return None
+        if len(table.distinct) > 1:
+            offsets[rows], sizes[rows] = found[0], found[1]
+        else:
+            offsets, sizes = found[0], found[1]
+    if not np.array_equal(sizes, np.array(table.sizes, dtype=np.uint64)):
+        return None
+    table.location = (numbers, offsets, sizes)
+    return table.location
 
 
 def done(value):
@@ -269,10 +394,10 @@ class Smudger:
         store = self.repo.store
         # Packed objects are checked one by one: a pack that is here may still lack one a
         # (damaged or hostile) manifest names.
-        missing = [r.oid for r in store.missing(manifest.member_objects())]
+        missing = _missing(store, manifest)
         if missing:
             self._fetch_missing(manifest, path)
-            missing = [r.oid for r in store.missing(manifest.member_objects())]
+            missing = _missing(store, manifest)
         if missing:
             first = set(missing)
             names = [n for n, e in sorted(manifest.tensors.items()) if any(r.oid in first for r in e.objects)]
@@ -322,21 +447,22 @@ class Smudger:
                 oids=[r.oid for r in refs],
             ) from None
 
-    def _keep_shared_bases(self, manifest):
+    def _keep_shared_bases(self, entries):
         """Tell the base cache which bases are worth a copy: those another tensor builds on too.
 
         That is a base shared by two tensors of this file, or one a file smudged earlier in this
         git command also used (a checkout of several versions or copies of one model).
         """
-        bases = Counter(e.objects[1].oid for e in manifest.tensors.values() if len(e.objects) > 1)
+        bases = Counter(e.objects[1].oid for e in entries if len(e.objects) > 1)
         shared = {oid for oid, count in bases.items() if count > 1 or oid in self._seen_bases}
         self._seen_bases.update(bases)
         self.cache.keep_only(shared)
 
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out``."""
-        self._keep_shared_bases(manifest)
-        chained = [e for e in manifest.tensors.values() if not is_raw(e)]  # raw: its id is its digest
+        entries, _ = manifest.columns()  # the raw table's tensors have no chain
+        self._keep_shared_bases(entries.values())
+        chained = [e for e in entries.values() if not is_raw(e)]  # raw: its id is its digest
         if self.repo.store.trust is not None:
             self.repo.store.trust.prefetch(chained)
         source = StoreTensorSource(

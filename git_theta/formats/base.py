@@ -42,6 +42,12 @@ class TensorSource:
 
     specs = {}
 
+    def described(self):
+        """``(names, dtypes, shapes)``: three lists, one row per tensor. A format that needs no
+        more than this about each tensor asks for it: a source may then make no entry per tensor."""
+        specs = self.specs
+        return list(specs), [e.dtype for e in specs.values()], [e.shape for e in specs.values()]
+
     def iter_data(self, names):
         raise NotImplementedError
 

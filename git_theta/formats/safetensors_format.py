@@ -8,7 +8,9 @@ would write the same bytes (the usual case); otherwise its exact bytes go to the
 readable in the manifest.
 """
 
+import itertools
 import json
+import operator
 import struct
 
 from git_theta.dtypes import DTYPES, nbytes
@@ -30,33 +32,59 @@ _WRITE_RANK = {
 
 def _canonical_order(items):
     """Tensor (name, dtype, shape) tuples in the order the safetensors library writes them."""
-    return sorted(items, key=lambda t: (-_WRITE_RANK.get(t[1], -1), t[0]))
+    return list(zip(*_canonical_columns(*_columns(items))))
+
+
+def _columns(items):
+    """(names, dtypes, shapes) of (name, dtype, shape) tuples."""
+    return tuple(map(list, zip(*items))) if items else ([], [], [])
+
+
+def _canonical_columns(names, dtypes, shapes):
+    """The columns (names, dtypes, shapes) reordered as the safetensors library writes tensors:
+    by dtype rank (descending), then name. Columns already in that order come back as they are
+    (a manifest's 200,000 raw tensors of one dtype, already sorted by name)."""
+    order = None
+    if not all(map(operator.lt, names, itertools.islice(names, 1, None))):
+        order = sorted(range(len(names)), key=names.__getitem__)
+    if len(set(dtypes)) > 1:
+        ranks = [-_WRITE_RANK.get(dtype, -1) for dtype in dtypes]
+        order = sorted(order if order is not None else range(len(names)), key=ranks.__getitem__)  # stable
+    if order is None:
+        return names, dtypes, shapes
+    return tuple([column[i] for i in order] for column in (names, dtypes, shapes))
 
 
 def build_header(metadata, ordered):
+    """Header bytes (padded with spaces to 8) as the safetensors library writes them, for tensor
+    (name, dtype, shape) tuples in file order; see :func:`build_header_columns`."""
+    return build_header_columns(metadata, *_columns(ordered))
+
+
+def build_header_columns(metadata, names, dtypes, shapes):
     """Header bytes (padded with spaces to 8) as the safetensors library writes them.
 
     The same text as ``json.dumps(header, separators=(",", ":"), ensure_ascii=False)`` (the
-    tests compare the two), written entry by entry: the part after each name repeats for
+    tests compare the two), written a column at a time: the part after each name repeats for
     every tensor of one dtype and shape, and 200,000 small dicts cost more than the strings.
     """
     parts = []
     if metadata is not None:
         parts.append('"__metadata__":' + json.dumps(metadata, separators=(",", ":"), ensure_ascii=False))
-    quote = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) uses
-    kinds = {}  # (dtype, shape) -> (size, the entry's text up to its offsets)
-    offset = 0
-    for name, dtype, shape in ordered:
-        kind = kinds.get((dtype, shape))
-        if kind is None:
+    if names:
+        quote = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) uses
+        kinds = {}  # (dtype, shape) -> (size, the entry's text up to its offsets)
+        for dtype, shape in set(zip(dtypes, shapes)):
             dims = ",".join(str(int(d)) for d in shape)
-            kind = kinds[dtype, shape] = (
-                nbytes(dtype, shape),
-                f'{{"dtype":{quote(dtype)},"shape":[{dims}],"data_offsets":[',
-            )
-        size, text = kind
-        parts.append(f"{quote(name)}:{text}{offset},{offset + size}]}}")
-        offset += size
+            kinds[dtype, shape] = (nbytes(dtype, shape), f'{{"dtype":{quote(dtype)},"shape":[{dims}],"data_offsets":[')
+        if len(kinds) == 1:
+            ((size, text),) = kinds.values()
+            sizes, texts = itertools.repeat(size, len(names)), itertools.repeat(text)
+        else:
+            rows = list(map(kinds.__getitem__, zip(dtypes, shapes)))
+            sizes, texts = (size for size, _ in rows), (text for _, text in rows)
+        offsets = list(itertools.accumulate(sizes, initial=0))
+        parts += map("%s:%s%d,%d]}".__mod__, zip(map(quote, names), texts, offsets, itertools.islice(offsets, 1, None)))
     raw = ("{" + ",".join(parts) + "}").encode("utf-8")
     return raw + b" " * (-len(raw) % 8)
 
@@ -216,20 +244,20 @@ class SafetensorsFormat(CheckpointFormat):
 
     def join(self, fields, source, out, path):
         metadata = json.loads(fields["metadata"]) if "metadata" in fields else None
-        described = [(name, e.dtype, e.shape) for name, e in source.specs.items()]
+        names, dtypes, shapes = source.described()
         raw = None
         if "header" in source.blob_keys:
             stored = source.read_blob("header")
             _, tensors = parse_header(stored, path)
             # A header blob that no longer describes the tensors (after a merge changed shapes,
             # say) is replaced by a canonical one rather than producing an invalid file.
-            if sorted((n, d, s) for n, d, s, _, _ in tensors) == sorted(described):
+            if sorted((n, d, s) for n, d, s, _, _ in tensors) == sorted(zip(names, dtypes, shapes)):
                 raw = stored
-                ordered = [(n, d, s) for n, d, s, _, _ in tensors]
+                names = [n for n, _, _, _, _ in tensors]
         if raw is None:
-            ordered = _canonical_order(described)
-            raw = build_header(metadata, ordered)
+            names, dtypes, shapes = _canonical_columns(names, dtypes, shapes)
+            raw = build_header_columns(metadata, names, dtypes, shapes)
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
-        for data in source.iter_bytes([name for name, _, _ in ordered]):  # the data, back to back
+        for data in source.iter_bytes(names):  # the data, back to back
             out.write(data)

@@ -8,8 +8,9 @@ reports it; nothing corrupt is ever returned as good data.
 
 Small objects written inside :meth:`ObjectStore.packing` go into packs instead
 (:mod:`git_theta.store.packs`); every method here finds an object wherever it is, loose or packed.
-Which stored objects are packs is recorded by an empty marker file ``theta/packs/<pack oid>``,
-written once the pack's members were checked against their ids.
+Which stored objects are packs is recorded by a marker file ``theta/packs/<pack oid>``, written
+once the pack's members were checked against their ids; it holds the pack's xxh3-128 then, so a
+later checkout can tell the pack is unchanged without hashing every member (:meth:`ObjectStore.intact_pack`).
 """
 
 import hashlib
@@ -26,6 +27,8 @@ from git_theta.store.trust import max_chain_objects
 from git_theta.testhooks import kill_point
 
 READ_CHUNK = 1 << 20
+#: what a pack's marker holds: the xxh3-128 of the pack as this clone checked it
+PACK_CHECKSUM = "xxh3-128:"
 
 
 class ObjectStore:
@@ -53,11 +56,13 @@ class ObjectStore:
         self._tmp = self.root / "tmp"
         self._root_text = str(self.root)
         self._packs_dir = self.root.parent / "packs"  # beside objects/: every file in there is an object
-        self._members = {}  # member oid -> (pack oid, offset, size), of packs loaded so far
+        self._indexes = {}  # pack oid -> PackIndex, of the packs loaded so far, in load order
+        self._member_map = None  # member oid -> (pack oid, offset, size): see _members
         self._pack_sizes = {}  # pack oid -> size
         self._packs_seen = None  # mtime of the packs folder when it was last listed
         self._fresh_packs = set()  # packs this process has freshened already
         self._pack_maps = {}  # pack oid -> read-only mmap of it (members are read as slices)
+        self._intact = set()  # packs whose checksum intact_pack matched in this process
         self._packs_lock = threading.Lock()
         self._packer = None
 
@@ -146,15 +151,78 @@ class ObjectStore:
                     data = os.pread(handle.fileno(), size, offset)
                     if hashlib.sha256(data).hexdigest() != member:
                         raise ObjectCorruptError(f"pack {oid}: member {member} does not match its id")
-        members = self._members  # a member already found in another pack stays there
-        members.update({m: (oid, offset, size) for m, (offset, size) in index.entries.items() if m not in members})
+        self._indexes[oid] = index
+        members = self._member_map
+        if members is not None:  # a member already found in another pack stays there
+            members.update({m: (oid, offset, size) for m, (offset, size) in index.entries.items() if m not in members})
         self._pack_sizes[oid] = total
 
+    @property
+    def _members(self):
+        """``{member oid: (pack oid, offset, size)}`` of every pack loaded (a member in several
+        packs: the first loaded). Made when a single member is first asked about: a checkout
+        of 200,000 raw tensors finds them a column at a time (:meth:`locate`) instead."""
+        members = self._member_map
+        if members is None:
+            members = {}
+            for oid, index in reversed(list(self._indexes.items())):  # the first loaded wins
+                members.update({m: (oid, offset, size) for m, (offset, size) in index.entries.items()})
+            self._member_map = members
+        return members
+
+    def locate(self, pack, digests):
+        """``(offsets, sizes, found)`` of the rows of ``digests`` (numpy, 32 bytes each) in
+        stored pack ``pack`` (see :meth:`PackIndex.locate`), or None when it is not loaded."""
+        self._load_packs()
+        index = self._indexes.get(pack)
+        return None if index is None else index.locate(digests)
+
     def _register_pack(self, oid, verify):
-        """Record a stored pack: index its members, then write its marker."""
+        """Record a stored pack: index its members, then write its marker, which holds the
+        xxh3-128 of the pack's bytes as they were when this clone checked (or wrote) them."""
+        import xxhash
+
         self._index_pack(oid, verify)
+        hasher = xxhash.xxh3_128()
+        with open(self._loose(oid), "rb") as handle:
+            while chunk := handle.read(READ_CHUNK):
+                hasher.update(chunk)
         self._packs_dir.mkdir(parents=True, exist_ok=True)
-        (self._packs_dir / oid).touch()
+        # Not atomic, and need not be: a torn marker only fails intact_pack (members are then
+        # verified one by one, as in a store from before markers held a checksum).
+        (self._packs_dir / oid).write_text(PACK_CHECKSUM + hasher.hexdigest() + "\n")
+
+    def intact_pack(self, oid):
+        """True when pack ``oid`` still holds the bytes this clone checked when it recorded the
+        pack: every member's sha256 was its id then (a pack this clone wrote, or one it received
+        and verified member by member), and an xxh3-128 of the whole pack, recorded in the local
+        marker no fetch can write, matches now. Its members may then be used without a sha256
+        each (the trusted fast path, DESIGN §12); checked once per process."""
+        if oid in self._intact:
+            return True
+        try:
+            recorded = (self._packs_dir / check_oid(oid)).read_text()
+        except (OSError, UnicodeDecodeError):
+            return False
+        if not recorded.startswith(PACK_CHECKSUM):
+            return False  # recorded before markers held a checksum
+        mapped = self._pack_map(oid)
+        if mapped is None:
+            return False
+        import xxhash
+
+        if recorded.strip() != PACK_CHECKSUM + xxhash.xxh3_128_hexdigest(mapped):
+            return False
+        self._intact.add(oid)
+        return True
+
+    def pack_view(self, oid, offset, size):
+        """A memoryview of ``size`` bytes at ``offset`` of stored pack ``oid`` (its mapping, no
+        copy), or None when the pack is not here or is shorter. Drop it before :meth:`close`."""
+        mapped = self._pack_map(oid)
+        if mapped is None or offset + size > len(mapped):
+            return None
+        return memoryview(mapped)[offset : offset + size]
 
     def pack_oids(self):
         """The ids of the packs this store holds (recorded by their markers), sorted."""
@@ -190,17 +258,12 @@ class ObjectStore:
             pass
         with self._packs_lock:
             self._pack_sizes.pop(oid, None)
+            self._intact.discard(oid)
             mapped = self._pack_maps.pop(oid, None)
-            gone = [m for m, where in self._members.items() if where[0] == oid]
-            for member in gone:
-                del self._members[member]
+            self._indexes.pop(oid, None)
+            self._member_map = None  # made again: a member also in another pack is found there
         if mapped is not None:
             _unmap(mapped)
-        for other in list(self._pack_sizes):  # a member also held by another pack is found there
-            try:
-                self._index_pack(other, verify=False)
-            except (OSError, ObjectCorruptError):
-                continue
 
     def packed_ref(self, oid):
         """The ObjectRef (pack included) of an object in a pack already loaded, freshened; else None."""
@@ -377,6 +440,8 @@ class ObjectStore:
 
     def missing(self, refs):
         """The refs (and parts of chunked objects) that are not in the store."""
+        if not refs:
+            return []
         members = self._members  # the common case, 200,000 times: a member of a loaded pack
         absent = [r for r in refs if r.oid not in members and not self.has(r.oid) and not self.replaced(r.oid)]
         return absent + [p for p in self.chunk_parts(refs) if not self.has(p.oid)]
@@ -429,29 +494,39 @@ class ObjectStore:
             packer = self._packer
             return None if packer is None else packer.pending(oid)
         pack, offset, size = found
-        mapped = self._pack_maps.get(pack)
+        try:
+            mapped = self._pack_map(pack)
+        except ValueError:  # emptied since its index was read
+            raise ObjectCorruptError(f"pack {pack} is truncated (member {oid})") from None
         if mapped is None:
-            import mmap
-
-            try:
-                with open(self._loose(pack), "rb") as handle:
-                    # Mapped whole at once: a pack is read for most of its members, and one
-                    # populate costs less than a page fault per 64 KiB touched.
-                    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-                    mine = mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
-            except FileNotFoundError:
-                return None
-            except ValueError:  # emptied since its index was read
-                raise ObjectCorruptError(f"pack {pack} is truncated (member {oid})") from None
-            with self._packs_lock:
-                mapped = self._pack_maps.setdefault(pack, mine)
-            if mapped is not mine:
-                mine.close()
+            return None
         # A slice of the mapping: no system call per member (packs are never rewritten in place).
         data = mapped[offset : offset + size]
         if len(data) != size:
             raise ObjectCorruptError(f"pack {pack} is truncated (member {oid})")
         return data
+
+    def _pack_map(self, pack):
+        """The read-only mapping of stored pack ``pack`` (kept for the process), or None when it
+        is not here; ValueError when it is empty."""
+        mapped = self._pack_maps.get(pack)
+        if mapped is not None:
+            return mapped
+        import mmap
+
+        try:
+            with open(self._loose(pack), "rb") as handle:
+                # Mapped whole at once: a pack is read for most of its members, and one populate
+                # costs less than a page fault per 64 KiB touched.
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                mine = mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+        except FileNotFoundError:
+            return None
+        with self._packs_lock:
+            mapped = self._pack_maps.setdefault(pack, mine)
+        if mapped is not mine:
+            mine.close()
+        return mapped
 
     def close(self):
         """Close the packs kept open for reading."""

@@ -20,7 +20,10 @@ Layout (all integers little-endian)::
     count x (oid: 32 bytes, offset: u64, size: u64), sorted by oid
     the members' bytes, at their offsets
 
-The index is at the front so a reader finds a member with one binary search and one read. Every
+The index is at the front so a reader finds a member with one binary search and one read. The
+members' bytes follow in the order they were added (since stop 22; readers go by the offsets, so
+older packs, laid out in oid order, read the same): the small tensors of one clean lie in the pack
+as they lie in the file, and checkout writes a run of them as one slice of the pack. Every
 number in it is checked against the pack's size before use: a pack from a server is untrusted until
 its sha256 matched the oid the manifest names, and even then its index is bounds-checked.
 """
@@ -55,15 +58,14 @@ BLOCK = 1 << 20  # members are joined into blocks of about this size for hashing
 def pack_bytes(members):
     """The bytes of a pack holding ``members`` ({oid hex: bytes}), as an iterator of parts.
 
-    Small members come copied into one reused block of about 1 MiB at a time: each block is
-    hashed and written while it is in cache, in one call (not 20,000 calls of 4 KiB), and no
-    fresh memory is faulted in for it. Each part is valid until the next is asked for."""
-    order = sorted(members)
-    yield _index_bytes(order, [len(members[oid]) for oid in order])
+    The index is sorted by oid; the members' bytes follow in ``members``' order. Small members
+    come copied into one reused block of about 1 MiB at a time: each block is hashed and written
+    while it is in cache, in one call (not 20,000 calls of 4 KiB), and no fresh memory is faulted
+    in for it. Each part is valid until the next is asked for."""
+    yield _index_bytes(list(members), [len(data) for data in members.values()])
     block = memoryview(bytearray(BLOCK))
     held = 0
-    for oid in order:
-        data = members[oid]
+    for data in members.values():
         size = len(data)
         if held + size > BLOCK:
             if held:
@@ -78,22 +80,26 @@ def pack_bytes(members):
         yield block[:held]
 
 
-def _index_bytes(order, sizes):
-    """The head and index of a pack of members ``order`` (sorted oids) of ``sizes`` bytes.
+def _index_bytes(oids, sizes):
+    """The head and index of a pack whose members ``oids`` of ``sizes`` bytes follow it in this
+    order; the index lists them sorted by oid.
 
     Built a column at a time (each byte of an entry is one strided copy over all entries), not
     an entry at a time: 200,000 members took 0.3 s one by one."""
-    count = len(order)
+    count = len(oids)
     start = HEAD + _ENTRY.size * count
-    offsets = array.array("Q", itertools.accumulate(sizes[:-1], initial=start)) if count else array.array("Q")
-    lengths = array.array("Q", sizes)
+    placed = list(itertools.accumulate(sizes[:-1], initial=start)) if count else []
+    order = sorted(range(count), key=oids.__getitem__)
+    offsets = array.array("Q", map(placed.__getitem__, order))
+    lengths = array.array("Q", map(sizes.__getitem__, order))
     if sys.byteorder != "little":
         offsets.byteswap()
         lengths.byteswap()
     table = bytearray(_ENTRY.size * count)
-    oids, offset_bytes, length_bytes = bytes.fromhex("".join(order)), offsets.tobytes(), lengths.tobytes()
+    oid_bytes = bytes.fromhex("".join(map(oids.__getitem__, order)))
+    offset_bytes, length_bytes = offsets.tobytes(), lengths.tobytes()
     for k in range(32):
-        table[k :: _ENTRY.size] = oids[k::32]
+        table[k :: _ENTRY.size] = oid_bytes[k::32]
     for k in range(8):
         table[32 + k :: _ENTRY.size] = offset_bytes[k::8]
         table[40 + k :: _ENTRY.size] = length_bytes[k::8]
@@ -101,11 +107,29 @@ def _index_bytes(order, sizes):
 
 
 class PackIndex:
-    """The index of one pack: ``{member oid: (offset, size)}``, checked against the pack's size."""
+    """The index of one pack, checked against the pack's size: its columns as read, the
+    ``{member oid: (offset, size)}`` dict made only when asked for (:attr:`entries`), and
+    :meth:`locate` to find many members at once without it."""
 
-    def __init__(self, oid, entries):
+    def __init__(self, oid, raw, offsets, sizes):
         self.oid = oid
-        self.entries = entries
+        self._raw = raw  # the index entries as stored: count x 48 bytes, meant sorted by oid
+        self._offsets = offsets  # array('Q'), per entry
+        self._sizes = sizes
+        self._entries = None
+        self._columns = None
+
+    def __len__(self):
+        return len(self._offsets)
+
+    @property
+    def entries(self):
+        """``{member oid: (offset, size)}``."""
+        if self._entries is None:
+            hexed = self._raw.hex()
+            keys = [hexed[i : i + 64] for i in range(0, 96 * len(self), 96)]
+            self._entries = dict(zip(keys, zip(self._offsets, self._sizes)))
+        return self._entries
 
     @classmethod
     def read(cls, handle, oid, total):
@@ -121,17 +145,39 @@ class PackIndex:
         if len(raw) != _ENTRY.size * count:
             raise ObjectCorruptError(f"pack {oid} is truncated")
         start = HEAD + _ENTRY.size * count
-        # Whole columns at once (200,000 members): the oids hexed in one call, the numbers read
-        # as one array of little-endian u64 (6 per entry: 4 of oid, offset, size).
+        # Whole columns at once (200,000 members): the numbers read as one array of
+        # little-endian u64 (6 per entry: 4 of oid, offset, size).
         words = array.array("Q", raw)
         if sys.byteorder != "little":
             words.byteswap()
         offsets, sizes = words[4::6], words[5::6]
         if count and (min(offsets) < start or max(map(operator.add, offsets, sizes)) > total):
             raise ObjectCorruptError(f"pack {oid} has a member outside the pack")
-        hexed = raw.hex()
-        keys = [hexed[i : i + 64] for i in range(0, 96 * count, 96)]
-        return cls(oid, dict(zip(keys, zip(offsets, sizes))))
+        return cls(oid, raw, offsets, sizes)
+
+    def locate(self, digests):
+        """``(offsets, sizes, found)`` of the members whose ids are the rows of ``digests`` (a
+        numpy array of 32-byte rows, uint8): numpy arrays, ``found`` False where this pack holds
+        no such member (or its index is not sorted there: found by one binary search per row,
+        each then compared in full, so a wrong index can only fail to find)."""
+        import numpy as np
+
+        if self._columns is None:
+            table = np.frombuffer(self._raw, dtype=np.uint8).reshape(len(self), _ENTRY.size)
+            self._columns = (
+                np.ascontiguousarray(table[:, :8]).view(">u8").ravel(),  # the oids' first 8 bytes, in order
+                table[:, :32],
+                np.frombuffer(self._offsets, dtype=np.uint64),
+                np.frombuffer(self._sizes, dtype=np.uint64),
+            )
+        keys, oids, offsets, sizes = self._columns
+        if not len(keys):
+            nothing = np.zeros(len(digests), dtype=np.uint64)
+            return nothing, nothing, np.zeros(len(digests), dtype=bool)
+        wanted = np.ascontiguousarray(digests[:, :8]).view(">u8").ravel()
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        found = (oids[at] == digests).all(axis=1)
+        return offsets[at], sizes[at], found
 
 
 class PackWriter:
