@@ -249,6 +249,13 @@ class Manifest:
         self._tensors = value
         self._table = None
 
+    def add_table(self, table):
+        """Add the raw tensors of ``table`` (a :class:`RawTable`, rows sorted by name, no name
+        among the entries) without an entry each: clean of 200,000 small tensors."""
+        if self._table is not None:
+            self.tensors  # noqa: B018 - the table in hand becomes entries first
+        self._table = table
+
     def columns(self):
         """``(entries, table)``: ``{name: TensorEntry}`` of the tensors that are entries, and the
         :class:`RawTable` of the rest (None when every tensor is an entry); no entry is made."""
@@ -294,9 +301,9 @@ class Manifest:
         """Canonical bytes: the same manifest always gives the same bytes."""
         packs = self.packs()
         numbers = _pack_names([ref.oid for ref in packs])
-        tensors = self.tensors
+        tensors, table = self._tensors, self._table
         body, shapes, sizes = [], {}, {}
-        raw = False
+        raw = table is not None
         for name in sorted(tensors):
             entry = tensors[name]
             objects = entry.objects
@@ -322,6 +329,11 @@ class Manifest:
                 text = escape_name(text)
             body.append(f"tensor {text} {entry.dtype} {shape} {entry.digest} {RAW} @{numbers[ref.pack.oid]}")
             raw = True
+        if table is not None:  # its rows' lines, merged in by name (both are sorted by name)
+            rows = table.lines(numbers)
+            body = list(heapq.merge(zip(sorted(tensors), body), zip(table.names, rows))) if body else rows
+            if tensors:
+                body = [line for _, line in body]
         first = FIRST_LINE
         if packs:
             first = RAW_LINE if raw else PACKED_LINE
@@ -570,6 +582,36 @@ class RawTable:
     def entries(self):
         """The TensorEntry of every row, in order."""
         return map(_raw_tensor_entry, self.names, self.dtypes, self.shapes, self.digests, self.sizes, self.packs)
+
+    def lines(self, numbers):
+        """The rows' manifest lines (the raw shorthand), in order; ``numbers`` maps pack oids to
+        the prefixes that name them."""
+        shape_text = {shape: "[" + ",".join(map(str, shape)) + "]" for shape in set(self.shapes)}
+        prefix = {id(pack): numbers[pack.oid] for pack in self.distinct}
+        names = self.names
+        if _NEEDS_ESCAPE("".join(names)):
+            names = [escape_name(name) if _NEEDS_ESCAPE(name) else name for name in names]
+        columns = (names, self.dtypes, map(shape_text.__getitem__, self.shapes), self.digests)
+        return list(
+            map(f"tensor %s %s %s %s {RAW} @%s".__mod__, zip(*columns, map(prefix.__getitem__, map(id, self.packs))))
+        )
+
+    @classmethod
+    def of_rows(cls, parts):
+        """A table of the rows ``parts`` give, sorted by name: each part is (names, dtypes,
+        shapes, digests, sizes, packs), the packs objects with ``oid`` and ``size`` (set by the
+        time the table is serialized); names unique over all parts."""
+        names, dtypes, shapes, digests, sizes, packs = (
+            [value for part in parts for value in part[k]] for k in range(6)
+        )
+        if not _ascending(names):
+            order = sorted(range(len(names)), key=names.__getitem__)
+            names, dtypes, shapes, digests, sizes, packs = (
+                [column[i] for i in order] for column in (names, dtypes, shapes, digests, sizes, packs)
+            )
+        distinct = list({id(pack): pack for pack in packs}.values())
+        numbers = {id(pack): n for n, pack in enumerate(distinct)}
+        return cls(names, dtypes, shapes, digests, sizes, packs, distinct, None, [numbers[id(p)] for p in packs])
 
 
 _RAW_LINES = re.compile(("^" + _RAW_FORM + "\n").encode(), re.MULTILINE)

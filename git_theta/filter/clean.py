@@ -18,6 +18,7 @@ it passes the request in ``GIT_THETA_ADD_REQUEST``.
 import json
 import os
 import threading
+from hashlib import sha256
 from concurrent.futures import ThreadPoolExecutor
 
 from git_theta import registry as plugins
@@ -42,13 +43,13 @@ from git_theta.errors import (
     PluginError,
     UpdateError,
 )
-from git_theta.manifest import RAW, MAX_MANIFEST, Manifest, ObjectRef, TensorEntry, is_manifest, is_raw
+from git_theta.manifest import RAW, MAX_MANIFEST, Manifest, ObjectRef, RawTable, TensorEntry, is_manifest, is_raw
 from git_theta.formats.peekable import PeekableReader
 from git_theta.config import settings_for
 from git_theta.filter.smudge import INLINE_BELOW, done
 from git_theta.tensors.keyframes import chain_fits, needs_keyframe
 from git_theta.tensors.streaming import hashes_of
-from git_theta.updates.base import TensorData
+from git_theta.updates.base import TensorData, TensorRun
 
 BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
 BATCH_TENSORS = 4096  # ...or this many (a future per tiny tensor costs more than the tensor)
@@ -348,6 +349,42 @@ class Cleaner:
             finally:
                 budget.release(sum(len(t.data) for t in batch))
 
+        def process_run(run):
+            """The results of a run of small tensors (a TensorRun): those with nothing to reuse
+            or delta against (no parent version, content not met before) go into the pack as
+            they are, all at once, and come back as one tuple of table columns; the others are
+            cleaned one by one as any tensor."""
+            try:
+                view = memoryview(run.data)
+                bounds = run.bounds
+                digests = [sha256(view[begin:end]).hexdigest() for begin, end in zip(bounds, bounds[1:])]
+                rows = range(len(digests))
+                results = []
+                if known or parent_entries or made_here:
+                    rows = []
+                    for i, (name, digest) in enumerate(zip(run.names, digests)):
+                        content = (digest, run.dtypes[i], run.shapes[i])
+                        if digest in known or name in parent_entries or content in made_here:
+                            tensor = TensorData(
+                                name, run.dtypes[i], run.shapes[i], view[bounds[i] : bounds[i + 1]], digest
+                            )
+                            results.append((clean_new(tensor, {}), None))
+                        else:
+                            rows.append(i)
+                if len(rows) == len(digests):
+                    columns = (run.names, run.dtypes, run.shapes, digests, [b - a for a, b in zip(bounds, bounds[1:])])
+                else:
+                    columns = tuple(
+                        [column[i] for i in rows] for column in (run.names, run.dtypes, run.shapes, digests)
+                    )
+                    columns += ([bounds[i + 1] - bounds[i] for i in rows],)
+                views = [view[bounds[i] : bounds[i + 1]] for i in rows]
+                homes = self.store.put_raw_many(columns[3], views)
+                results.append(_RunRows((*columns, homes)))
+                return results
+            finally:
+                budget.release(len(run.data))
+
         def submit(job, batch, batch_bytes):
             """A worker's future, or one done in place for small tensors (see INLINE_BELOW): a
             worker would only add hand-offs of the GIL and lock contention."""
@@ -364,7 +401,19 @@ class Cleaner:
                 # Small tensors go to the workers in batches: a future, a lock round and an index
                 # query per tensor cost more than hashing a small tensor.
                 batch, batch_bytes = [], 0
-                for tensor in checkpoint.tensors():
+                # Without per-tensor fingerprints or a request, a format may hand over runs of
+                # small tensors (stored raw in the pack) as columns: 200,000 tensors of a few
+                # hundred bytes are not 200,000 objects of each kind along the way.
+                small = min(INLINE_BELOW, self.store.pack_threshold)
+                runs = not remember and request is None and small > 0
+                for tensor in checkpoint.runs(small) if runs else checkpoint.tensors():
+                    if isinstance(tensor, TensorRun):
+                        if batch:
+                            futures.append(submit(process, batch, batch_bytes))
+                            batch, batch_bytes = [], 0
+                        budget.add(len(tensor.data))
+                        futures.append(done(process_run(tensor)))
+                        continue
                     budget.add(len(tensor.data))
                     batch.append(tensor)
                     batch_bytes += len(tensor.data)
@@ -393,16 +442,23 @@ class Cleaner:
             for key_name, data in checkpoint.blobs.items():
                 manifest.blobs[key_name] = self.store.put_bytes(data)
         fingerprints = {}
-        for entry, fingerprint in results:
-            if entry.name in manifest.tensors:
+        entries, rows = manifest.tensors, []
+        for result in results:
+            if isinstance(result, _RunRows):
+                rows.append(result.columns)
+                continue
+            entry, fingerprint = result
+            if entry.name in entries:
                 raise CheckpointError(f"{path}: tensor name {entry.name!r} appears twice")
-            manifest.tensors[entry.name] = entry
+            entries[entry.name] = entry
             fingerprints[entry.name] = fingerprint
+        if rows:  # names are unique within a file (the format checked), so across rows and entries
+            manifest.add_table(RawTable.of_rows(rows))
         if request is not None and request.adapter is not None:
             request.adapter.finish(path, list(manifest.tensors))
         data = manifest.serialize()
         # Raw entries are found by their digest among the packs' members: no index row needed.
-        unique = {(e.digest, e.dtype, e.shape): e for e in manifest.tensors.values() if not is_raw(e)}
+        unique = {(e.digest, e.dtype, e.shape): e for e in entries.values() if not is_raw(e)}
         self.cache.put_digests(unique.values())  # one row per content, however many tensors share it
         if key is not None and stat_key(path) == key:
             self.cache.put_stat(path, key, data, fingerprints)
@@ -568,6 +624,15 @@ class Cleaner:
             if objects and self._all_local(entry) and self._vouched(entry, path):  # same rules as above
                 return entry
         return None
+
+
+class _RunRows:
+    """Table columns (names, dtypes, shapes, digests, sizes, packs) of a run's raw tensors."""
+
+    __slots__ = ("columns",)
+
+    def __init__(self, columns):
+        self.columns = columns
 
 
 def _encode_against(tensor, base, request, supplied):

@@ -28,6 +28,12 @@ class CheckpointReader:
         """Yield :class:`git_theta.updates.base.TensorData` objects (without digest)."""
         raise NotImplementedError
 
+    def runs(self, small):
+        """Like :meth:`tensors`, but consecutive tensors of at most ``small`` bytes may come as
+        one :class:`git_theta.updates.base.TensorRun`. A format that reads many small tensors
+        back to back overrides this; by default every tensor comes on its own."""
+        return self.tensors()
+
 
 class TensorSource:
     """What a format's :meth:`CheckpointFormat.join` reads tensors from (given by smudge).

@@ -4,6 +4,9 @@
   fast fingerprint (xxh3-128) of every tensor. When git re-cleans a file whose stat key is unchanged
   (``touch``, ``git status``), each tensor's bytes only need the fingerprint check, not sha256 and
   encoding. The fingerprint is checked for every tensor, so a stale entry can never be used wrongly.
+  Manifest texts are kept once each, by their sha256 (``stat_texts``), apart from the small rows
+  per path (``stat_files``): checking out a 24 MB manifest again only rewrites its path's row.
+  (The first layout, one table ``stat`` with the text in every row, is dropped: a cache.)
 - ``digests``: tensor digest -> how it is stored (update and object chain), so a tensor already
   stored anywhere (another file, branch or shard) costs no new bytes. A hint only: clean reuses
   an entry only when the trust ledger vouches for it.
@@ -15,12 +18,15 @@ Both are caches: losing the file loses speed, never data. Any SQLite error disab
 the process instead of failing the git command.
 """
 
+import hashlib
 import json
 import sqlite3
 import threading
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS stat (path TEXT PRIMARY KEY, key TEXT, manifest BLOB, fingerprints TEXT);
+DROP TABLE IF EXISTS stat;
+CREATE TABLE IF NOT EXISTS stat_files (path TEXT PRIMARY KEY, key TEXT, text BLOB, fingerprints TEXT);
+CREATE TABLE IF NOT EXISTS stat_texts (id BLOB PRIMARY KEY, manifest BLOB);
 CREATE TABLE IF NOT EXISTS digests (digest TEXT, dtype TEXT, shape TEXT, entry TEXT,
                                     PRIMARY KEY (digest, dtype, shape));
 CREATE TABLE IF NOT EXISTS trusted (pair BLOB PRIMARY KEY) WITHOUT ROWID;
@@ -80,7 +86,9 @@ class Cache:
         """(manifest bytes, {tensor name: fingerprint}) for ``path`` if its stat key matches."""
         row = self._run(
             lambda db: db.execute(
-                "SELECT manifest, fingerprints FROM stat WHERE path=? AND key=?", (path, key)
+                "SELECT t.manifest, f.fingerprints FROM stat_files f JOIN stat_texts t ON t.id = f.text "
+                "WHERE f.path=? AND f.key=?",
+                (path, key),
             ).fetchone()
         )
         if row is None:
@@ -91,12 +99,19 @@ class Cache:
             return None
 
     def put_stat(self, path, key, manifest, fingerprints):
-        self._run(
-            lambda db: db.execute(
-                "INSERT OR REPLACE INTO stat VALUES (?,?,?,?)",
-                (path, key, manifest, json.dumps(fingerprints, sort_keys=True)),
+        # Keyed by sha256: the text may come from a repository's author, who could make two
+        # manifests share a weaker hash.
+        ident = hashlib.sha256(manifest).digest()
+
+        def put(db):
+            db.execute("INSERT OR IGNORE INTO stat_texts VALUES (?,?)", (ident, manifest))
+            db.execute(
+                "INSERT OR REPLACE INTO stat_files VALUES (?,?,?,?)",
+                (path, key, ident, json.dumps(fingerprints, sort_keys=True)),
             )
-        )
+            db.execute("DELETE FROM stat_texts WHERE id NOT IN (SELECT text FROM stat_files)")
+
+        self._run(put)
 
     # -- digest index -------------------------------------------------------------------------
     def get_digest(self, digest, dtype, shape):

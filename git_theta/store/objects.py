@@ -112,6 +112,10 @@ class ObjectStore:
         which the caller computed (the tensor digest: no second hash). Returns the ObjectRef."""
         return self._packer.add(data, oid)
 
+    def put_raw_many(self, oids, datas):
+        """:meth:`put_raw` for many small tensors: the pack each is in (see PackWriter.add_many)."""
+        return self._packer.add_many(oids, datas)
+
     def _member(self, oid, reload=False):
         """(pack oid, offset, size) of a packed object, or None."""
         found = self._members.get(oid)

@@ -226,6 +226,36 @@ class PackWriter:
             self._start(*full)
         return ref
 
+    def add_many(self, oids, datas):
+        """:meth:`add` for many small objects whose sha256 ids the caller computed: for each, the
+        pack it is in (a :class:`PendingPack`, or the ObjectRef of a stored pack), under one lock
+        and with no ObjectRef made per object."""
+        homes, full = [], []
+        with self._lock:
+            members = self._members
+            for oid, data in zip(oids, datas):
+                if oid in members:
+                    homes.append(self._pack)
+                    continue
+                size = len(data)
+                home = next((pack for writing, pack, _ in self._writing if oid in writing), None)
+                if home is None:
+                    stored = self._store.packed_ref(oid)
+                    if stored is not None and stored.size == size:
+                        home = stored.pack
+                if home is not None:
+                    homes.append(home)
+                    continue
+                if members and self._size_with(size) > self._limit:
+                    full.append(self._take())
+                    members = self._members
+                members[oid] = data
+                self._bytes += size
+                homes.append(self._pack)
+        for taken in full:
+            self._start(*taken)
+        return homes
+
     def _size_with(self, nbytes):
         """The pack's size with one more member of ``nbytes``."""
         return HEAD + _ENTRY.size * (len(self._members) + 1) + self._bytes + nbytes
