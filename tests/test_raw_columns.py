@@ -36,10 +36,14 @@ def _manifest():
         name = f"layer {i}.w%" if i % 97 == 0 else f"layer.{i}.w"
         dtype, shape = ("F32", (4,)) if i % 3 else ("F16", (2, 3))
         size = 16 if i % 3 else 12
-        tensors[name] = TensorEntry(name, dtype, shape, _digest(i), "raw", (ObjectRef(_digest(i), size, first if i % 5 else second),))
+        tensors[name] = TensorEntry(
+            name, dtype, shape, _digest(i), "raw", (ObjectRef(_digest(i), size, first if i % 5 else second),)
+        )
     for i in range(5):
         name = f"layer.{i * 50}.z"
-        tensors[name] = TensorEntry(name, "F32", (8,), _digest(-i), "sparse", (ObjectRef("c" * 64, 77), ObjectRef("d" * 64, 32, first)))
+        tensors[name] = TensorEntry(
+            name, "F32", (8,), _digest(-i), "sparse", (ObjectRef("c" * 64, 77), ObjectRef("d" * 64, 32, first))
+        )
     return Manifest("safetensors", {"metadata": '{"a":"b"}'}, {"header": ObjectRef("e" * 64, 99)}, tensors)
 
 
@@ -136,7 +140,9 @@ def _checkpoint(path):
     """Small tensors of two dtypes (so the file's order is not the names' order) around two
     large ones (stored on their own, as entries)."""
     rng = np.random.default_rng(3)
-    tensors = {f"block.{i}.norm": rng.standard_normal(16).astype(np.float32 if i % 4 else np.float16) for i in range(ROWS)}
+    tensors = {
+        f"block.{i}.norm": rng.standard_normal(16).astype(np.float32 if i % 4 else np.float16) for i in range(ROWS)
+    }
     tensors["block.100.big"] = rng.standard_normal((256, 300)).astype(np.float32)
     tensors["zz.head"] = rng.standard_normal((300, 256)).astype(np.float32)
     save_safetensors(path, tensors)
@@ -226,3 +232,166 @@ def test_locate_finds_members_and_never_trusts_a_wrong_index(tmp_path):
         if ok:
             assert shuffled[int(offset) : int(offset + size)] == members[oid]
     assert struct.unpack_from("<Q", shuffled, len(packs.MAGIC))[0] == len(members)
+
+
+# -- clean ----------------------------------------------------------------------------------------
+def _header(entries, metadata=None, order=None):
+    """A header as the safetensors library would write it for ``entries`` [(name, dtype, shape)]
+    in this order (json.dumps, compact), padded to 8."""
+    import json
+
+    body = {} if metadata is None else {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = int(np.prod(shape, dtype=np.int64)) * {"F32": 4, "F16": 2, "I8": 1}[dtype]
+        body[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return text + b" " * (-len(text) % 8)
+
+
+def _headers():
+    from git_theta.formats.safetensors_format import _canonical_order
+
+    names = ["a", 'q"uote\\back', "é ü", "tab\tnl\n", "\u2028sep", "emoji😀", "\x01ctl", "__meta", "b"]
+    entries = [(n, ["F32", "I8", "F16"][i % 3], (i % 3, 2)) for i, n in enumerate(names)]
+    canonical = _canonical_order(entries)
+    raw = _header(canonical, {"note": 'x"\\y'})
+    return [
+        ("canonical", raw),
+        ("no metadata", _header(canonical)),
+        ("not the library's order", _header(list(reversed(canonical)))),
+        ("spaces after colons", raw.replace(b'"dtype":', b'"dtype": ')),
+        ("duplicate name", _header([*canonical, ("zz", "F32", (1,))]).replace(b'"zz"', b'"b"')),
+        ("metadata not strings", _header(canonical).replace(b"{", b'{"__metadata__":{"a":1},', 1)),
+        ("duplicate metadata key", raw.replace(b'{"note":', b'{"note":"1","note":', 1)),
+        ("gap", raw.replace(b'"data_offsets":[0,0]', b'"data_offsets":[0,4]', 1)),
+        ("unknown dtype", raw.replace(b'"I8"', b'"Q9"', 1)),
+        ("trailing junk", raw.rstrip(b" ") + b"x"),
+    ]
+
+
+@pytest.mark.parametrize("what,raw", _headers(), ids=[h[0] for h in _headers()])
+def test_header_columns_read_what_parse_header_reads(what, raw):
+    """The one-pass reading of a canonical header gives what the JSON parser gives, and steps
+    aside (to the parser, which says what is wrong) for anything else."""
+    from git_theta.errors import CheckpointError
+    from git_theta.formats.safetensors_format import _canonical_header, build_header, header_columns, parse_header
+
+    try:
+        metadata, tensors = parse_header(raw, "m.safetensors")
+    except CheckpointError as exc:
+        expected = ("error", exc.message)
+    else:
+        described = [t[:3] for t in tensors]
+        expected = ("ok", metadata, described, [e - b for *_, b, e in tensors])
+    try:
+        metadata, names, dtypes, shapes, sizes, canonical = header_columns(raw, "m.safetensors")
+    except CheckpointError as exc:
+        got = ("error", exc.message)
+    else:
+        got = ("ok", metadata, list(zip(names, dtypes, shapes)), sizes)
+        assert canonical == (what in ("canonical", "no metadata"))
+        assert canonical == (build_header(metadata, got[2]) == raw and what != "not the library's order")
+    assert got == expected
+    assert (_canonical_header(raw) is not None) == (what in ("canonical", "no metadata", "not the library's order"))
+
+
+def test_a_file_that_ends_inside_a_run_names_the_tensor(tmp_path):
+    from git_theta.errors import CheckpointError
+    from git_theta.formats.safetensors_format import SafetensorsFormat
+    from git_theta.updates.base import TensorRun
+
+    entries = [(f"t{i:03d}", "F32", (4,)) for i in range(50)]
+    raw = _header(entries)
+    data = struct.pack("<Q", len(raw)) + raw + bytes(range(256)) * 3  # 768 of 800 bytes
+    reader = SafetensorsFormat().split(io.BytesIO(data), "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"m.safetensors: file is truncated in tensor 't048' \(0 of 16 bytes\)"):
+        list(reader.runs(1 << 10))
+    whole = struct.pack("<Q", len(raw)) + raw + bytes(800)
+    (run,) = SafetensorsFormat().split(io.BytesIO(whole), "m.safetensors").runs(1 << 10)
+    assert isinstance(run, TensorRun) and run.names == [n for n, _, _ in entries] and run.bounds[-1] == 800
+    singles = list(SafetensorsFormat().split(io.BytesIO(whole), "m.safetensors").runs(8))
+    assert [t.name for t in singles] == run.names  # larger than ``small``: one by one
+
+
+def _clean(repo_path, data, runs, monkeypatch):
+    from git_theta.filter.clean import Cleaner
+    from git_theta.formats import safetensors_format
+
+    with monkeypatch.context() as patch:
+        if not runs:
+            patch.setattr(safetensors_format._Reader, "runs", lambda self, small: self.tensors())
+        cleaner = Cleaner(Repo(repo_path))
+        try:
+            return cleaner.clean(io.BytesIO(data), MODEL)
+        finally:
+            cleaner.close()
+
+
+def _without_packs(data):
+    """Manifest text with pack ids left out (pack lines, and the prefixes naming them)."""
+    import re
+
+    lines = [line for line in data.decode().split("\n") if not line.startswith("pack ")]
+    return re.sub(r"@[0-9a-f]{12,64}", "@", "\n".join(lines))
+
+
+def test_clean_of_runs_writes_the_manifest_tensor_by_tensor_clean_writes(repo, monkeypatch, tmp_path):
+    """First version, then a second with changed, renamed, duplicated and new small tensors:
+    the run path and the one-by-one path store the same tensors the same way (only the packs'
+    layout differs), the same file always gives the same manifest, and it checks out exactly."""
+    rng = np.random.default_rng(5)
+    v1 = {f"w.{i}": rng.standard_normal(8 + i % 3).astype(np.float32) for i in range(600)}
+    v1["big"] = rng.standard_normal((128, 128)).astype(np.float32)
+    v2 = dict(v1)
+    v2["w.7"] = v2["w.7"] + 1
+    v2["w.8"] = v2["w.8"].copy()
+    v2["w.8"][0] = 3.0
+    v2["copy.of.w9"] = v2["w.9"].copy()
+    v2["fresh"] = np.arange(12, dtype=np.float16)
+    for i, version in enumerate((v1, v2), start=1):
+        save_safetensors(repo.file(MODEL), version)
+        data = repo.file(MODEL).read_bytes()
+        twins = []
+        for runs in (True, False):
+            other = tmp_path / f"v{i}-{runs}"
+            if not other.exists():
+                import shutil
+
+                shutil.copytree(repo.path, other, symlinks=True)
+            twins.append(_clean(other, data, runs, monkeypatch))
+        # The same tensors and objects; only the packs differ, laid out in file order by runs.
+        assert _without_packs(twins[0]) == _without_packs(twins[1])
+        repo.commit(f"v{i}", MODEL)
+        assert repo.show(f"HEAD:{MODEL}") == twins[0]  # the same file makes the same packs
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == data
+
+
+def test_add_many_dedups_and_splits_packs_like_add(tmp_path):
+    from git_theta.store.objects import ObjectStore
+
+    datas = [bytes([i % 7]) * (100 + i % 7) for i in range(40)]
+    oids = [hashlib.sha256(d).hexdigest() for d in datas]
+    one = ObjectStore(tmp_path / "one", pack_size=700)
+    many = ObjectStore(tmp_path / "many", pack_size=700)
+    with one.packing():
+        singles = [one.put_raw(d, o) for d, o in zip(datas, oids)]
+    with many.packing():
+        homes = many.put_raw_many(oids, datas)
+
+    def grouped(packs):  # which members share a pack (the layouts differ, so the pack ids do)
+        groups = {}
+        for oid, pack in zip(oids, packs):
+            groups.setdefault(pack.oid, set()).add(oid)
+        return sorted(map(sorted, groups.values()))
+
+    assert grouped(homes) == grouped([r.pack for r in singles])
+    assert len({h.oid for h in homes}) == 2  # 7 distinct members, split as add splits them
+    assert len(one.pack_oids()) == len(many.pack_oids()) == 2
+    # A member already stored is found in its pack, not packed again.
+    with many.packing():
+        again = many.put_raw_many(oids[:3], datas[:3])
+    assert [h.oid for h in again] == [h.oid for h in homes[:3]] and len(many.pack_oids()) == 2

@@ -112,6 +112,10 @@ class ObjectStore:
         which the caller computed (the tensor digest: no second hash). Returns the ObjectRef."""
         return self._packer.add(data, oid)
 
+    def holds_packs(self):
+        """True when a pack was loaded (so an object may be found in one)."""
+        return bool(self._indexes)
+
     def put_raw_many(self, oids, datas):
         """:meth:`put_raw` for many small tensors: the pack each is in (see PackWriter.add_many)."""
         return self._packer.add_many(oids, datas)

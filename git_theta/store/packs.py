@@ -200,6 +200,7 @@ class PackWriter:
         self._lock = threading.Lock()
         self._pack = PendingPack()
         self._members = {}  # oid -> bytes of the pack being filled
+        self._sequential = set()  # those of them added by add_many (one thread, in file order)
         self._bytes = 0
         self._writing = []  # (members, pack, future) of packs being written, oldest first
         self._thread = None
@@ -231,27 +232,34 @@ class PackWriter:
         pack it is in (a :class:`PendingPack`, or the ObjectRef of a stored pack), under one lock
         and with no ObjectRef made per object."""
         homes, full = [], []
+        stored = self._store.packed_ref if self._store.holds_packs() else None
         with self._lock:
-            members = self._members
+            writing = [(members, pack) for members, pack, _ in self._writing]
+            members, pack, used, sequential = self._members, self._pack, self._bytes, self._sequential
             for oid, data in zip(oids, datas):
                 if oid in members:
-                    homes.append(self._pack)
+                    homes.append(pack)
                     continue
                 size = len(data)
-                home = next((pack for writing, pack, _ in self._writing if oid in writing), None)
-                if home is None:
-                    stored = self._store.packed_ref(oid)
-                    if stored is not None and stored.size == size:
-                        home = stored.pack
+                home = next((other for held, other in writing if oid in held), None) if writing else None
+                if home is None and stored is not None:
+                    ref = stored(oid)
+                    if ref is not None and ref.size == size:
+                        home = ref.pack
                 if home is not None:
                     homes.append(home)
                     continue
-                if members and self._size_with(size) > self._limit:
+                # A pack never exceeds the limit (as in add).
+                if members and HEAD + _ENTRY.size * (len(members) + 1) + used + size > self._limit:
+                    self._bytes = used
                     full.append(self._take())
-                    members = self._members
+                    writing.append(full[-1])  # its members are found there from now on
+                    members, pack, used, sequential = self._members, self._pack, 0, self._sequential
                 members[oid] = data
-                self._bytes += size
-                homes.append(self._pack)
+                sequential.add(oid)
+                used += size
+                homes.append(pack)
+            self._bytes = used
         for taken in full:
             self._start(*taken)
         return homes
@@ -270,8 +278,18 @@ class PackWriter:
             return data
 
     def _take(self):
-        members, pack = self._members, self._pack
-        self._members, self._pack, self._bytes = {}, PendingPack(), 0
+        """The members of the pack being filled, in the order they are laid out, and its pack.
+
+        Members from :meth:`add_many` (runs of a file's small tensors, added in file order by
+        the reading thread) come first, in that order, so checkout finds them back to back;
+        members :meth:`add` got (from any worker thread, in whatever order the workers finish)
+        follow, sorted by oid: the same file always makes the same pack."""
+        members, pack, sequential = self._members, self._pack, self._sequential
+        self._members, self._pack, self._bytes, self._sequential = {}, PendingPack(), 0, set()
+        if len(sequential) != len(members):
+            laid = {oid: data for oid, data in members.items() if oid in sequential}
+            laid.update((oid, members[oid]) for oid in sorted(members) if oid not in sequential)
+            members = laid
         return members, pack
 
     def _start(self, members, pack):
