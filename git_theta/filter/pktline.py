@@ -28,6 +28,15 @@ class PktReader:
 
     def read_packet(self):
         """Return the next payload as bytes, or None for a flush packet. EOFError at clean EOF."""
+        length = self.read_length()
+        if length is None:
+            return None
+        return self._read_exact(length) if length else b""
+
+    def read_length(self):
+        """Read the next packet's length line: its payload's size, None for a flush packet (the
+        payload, if any, is to be read next with :meth:`read_payload_into` or ``read_packet``'s
+        way). EOFError at clean EOF."""
         head = self._read_exact(4)
         try:
             length = int(head, 16)
@@ -37,9 +46,22 @@ class PktReader:
             return None
         if length < 4 or length > MAX_PAYLOAD + 4:
             raise FilterProtocolError(f"bad pkt-line length {length}")
-        if length == 4:
-            return b""
-        return self._read_exact(length - 4)
+        return length - 4
+
+    def read_payload_into(self, view):
+        """Read a payload of exactly ``len(view)`` bytes into ``view`` (no copy in between)."""
+        got = 0
+        readinto = getattr(self._stream, "readinto", None)
+        while got < len(view):
+            if readinto is not None:
+                n = readinto(view[got:])
+            else:
+                data = self._stream.read(len(view) - got)
+                n = len(data or b"")
+                view[got : got + n] = data or b""
+            if not n:
+                raise FilterProtocolError(f"truncated pkt-line: wanted {len(view)} bytes, got {got}")
+            got += n
 
     def read_text_list(self):
         """Read text packets up to a flush; return them without trailing newlines."""
@@ -99,25 +121,34 @@ class PktContentReader:
                 parts.append(self._buffer)
                 self._buffer = b""
             return b"".join(parts)
-        out = bytearray()
-        while len(out) < n:
-            if self._pos >= len(self._buffer) and not self._fill():
-                break
-            take = min(n - len(out), len(self._buffer) - self._pos)
-            out += self._buffer[self._pos : self._pos + take]
-            self._pos += take
-        return bytes(out)
+        out = bytearray(n)
+        got = self.readinto(out)
+        del out[got:]
+        return out  # bytes-like: a copy to bytes would be one more pass over every byte
 
     def readinto(self, buf):
+        """Read into ``buf``; a whole packet that fits is read straight into it (the content of
+        a checkpoint crosses the pipe into its final buffer with no copy in between)."""
         view = memoryview(buf).cast("B")
         filled = 0
         while filled < len(view):
-            if self._pos >= len(self._buffer) and not self._fill():
+            if self._pos < len(self._buffer):
+                take = min(len(view) - filled, len(self._buffer) - self._pos)
+                view[filled : filled + take] = memoryview(self._buffer)[self._pos : self._pos + take]
+                self._pos += take
+                filled += take
+                continue
+            if self._done:
                 break
-            take = min(len(view) - filled, len(self._buffer) - self._pos)
-            view[filled : filled + take] = self._buffer[self._pos : self._pos + take]
-            self._pos += take
-            filled += take
+            length = self._pkt.read_length()
+            if length is None:
+                self._done = True
+                break
+            if length <= len(view) - filled:
+                self._pkt.read_payload_into(view[filled : filled + length])
+                filled += length
+            else:
+                self._buffer, self._pos = self._pkt._read_exact(length) if length else b"", 0
         return filled
 
     def drain(self):

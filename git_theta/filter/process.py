@@ -163,11 +163,39 @@ def few_collections():
     gc.set_threshold(100_000, 50, 100)
 
 
+class _Lazy:
+    """A worker made when it is first used: a checkout never imports clean's modules, nor an add
+    smudge's (the filter starts for every git command that touches a tracked file)."""
+
+    def __init__(self, make):
+        self._make = make
+        self._made = None
+
+    def __getattr__(self, name):
+        if self._made is None:
+            self._made = self._make()
+        return getattr(self._made, name)
+
+    def close(self):
+        if self._made is not None:
+            self._made.close()
+
+
+def _cleaner(repo):
+    from git_theta.filter.clean import Cleaner
+
+    return Cleaner(repo)
+
+
+def _smudger(repo):
+    from git_theta.filter.smudge import Smudger
+
+    return Smudger(repo)
+
+
 def run(report):
     """Entry point of ``git-theta filter-process``."""
-    from git_theta.filter.clean import Cleaner
     from git_theta.git.repo import Repo
-    from git_theta.filter.smudge import Smudger
 
     stdout = protect_stdout()
     few_collections()
@@ -179,7 +207,7 @@ def run(report):
         repo = Repo(".")
         repo_holder.append(repo)
         ensure_hooks(repo)  # a fresh clone gets its pre-push hook, so its pushes carry the objects
-        return Cleaner(repo), Smudger(repo)
+        return _Lazy(lambda: _cleaner(repo)), _Lazy(lambda: _smudger(repo))
 
     try:
         FilterServer(sys.stdin.buffer, stdout, make_workers, report).serve()

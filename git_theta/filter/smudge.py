@@ -169,24 +169,19 @@ class StoreTensorSource(TensorSource):
         first clean lays a file's small tensors out in its pack as in the file). Used when every
         member is where the manifest says, in a pack that is intact (its members checked by this
         clone, its bytes unchanged since); otherwise each tensor is decoded and verified."""
-        import numpy as np
-
         table, store = self._table, self._store
         location = _locate_rows(store, table)
-        if location is None or not all(store.intact_pack(table.distinct[n].oid) for n in set(table.numbers)):
+        if location is None or not all(store.intact_pack(pack.oid) for pack in table.distinct):
             yield from self._joined(names)
             return
         numbers, offsets, sizes = location
         if rows is not None:
-            at = np.array(rows, dtype=np.int64) - 1
-            numbers, offsets, sizes = numbers[at], offsets[at], sizes[at]
-        ends = offsets + sizes
-        breaks = np.flatnonzero((numbers[1:] != numbers[:-1]) | (offsets[1:] != ends[:-1])) + 1
-        starts = [0, *breaks.tolist()]
-        stops = [*breaks.tolist(), len(names)]
-        for first, stop in zip(starts, stops):
+            at = [row - 1 for row in rows]
+            numbers, offsets, sizes = (_pick(column, at) for column in location)
+        for first, stop in _stretches(numbers, offsets, sizes):
             pack = table.distinct[int(numbers[first])].oid
-            view = store.pack_view(pack, int(offsets[first]), int(ends[stop - 1] - offsets[first]))
+            begin = int(offsets[first])
+            view = store.pack_view(pack, begin, int(offsets[stop - 1] + sizes[stop - 1]) - begin)
             if view is None:
                 raise ObjectMissingError(f"{self._path}: pack {pack} is missing or truncated", oids=[pack])
             kill_points(stop - first)  # a crash point per tensor, as in file order
@@ -312,32 +307,78 @@ def _missing(store, manifest):
     return absent
 
 
+#: raw tables of at least this many rows are located with numpy: its import (~55 ms) costs more
+#: than looking up 20,000 rows one by one, less than looking up 200,000
+NUMPY_ROWS = 50_000
+
+
 def _locate_rows(store, table):
-    """``(numbers, offsets, sizes)`` (numpy, one per row) of every raw table row's member in the
-    pack its line names, or None when some row is not found there with its size. Found once per
-    table (kept in ``table.location``), a column at a time."""
+    """``(numbers, offsets, sizes)``, one per row, of every raw table row's member in the pack
+    its line names, or None when some row is not found there with its size. Found once per
+    table (kept in ``table.location``), a column at a time: numpy arrays for a large table,
+    lists for a small one."""
     if table.location is not None:
         return table.location or None
+    table.location = ()  # not found, unless all are
+    found = (_located_numpy if len(table) >= NUMPY_ROWS else _located)(store, table)
+    if found is not None:
+        table.location = found
+    return found
+
+
+def _located(store, table):
+    """:func:`_locate_rows` row by row, in each pack's index dict."""
+    indexes = [store.pack_index(pack.oid) for pack in table.distinct]
+    if None in indexes:
+        return None
+    if len(indexes) == 1:
+        found = list(map(indexes[0].entries.get, table.digests))
+    else:
+        found = [indexes[number].entries.get(digest) for number, digest in zip(table.numbers, table.digests)]
+    if None in found:
+        return None
+    sizes = [size for _, size in found]
+    if sizes != table.sizes:
+        return None
+    return table.numbers, [offset for offset, _ in found], sizes
+
+
+def _located_numpy(store, table):
+    """:func:`_locate_rows` with one binary search per pack over its index (numpy)."""
     import numpy as np
 
     digests = np.frombuffer(table.binary, dtype=np.uint8).reshape(len(table), 32)
     numbers = np.array(table.numbers, dtype=np.int64)
     offsets = np.zeros(len(table), dtype=np.uint64)
     sizes = np.zeros(len(table), dtype=np.uint64)
-    table.location = ()  # not found, unless all are
     for number, pack in enumerate(table.distinct):
-        rows = numbers == number
-        found = store.locate(pack.oid, digests[rows]) if len(table.distinct) > 1 else store.locate(pack.oid, digests)
+        rows = numbers == number if len(table.distinct) > 1 else slice(None)
+        found = store.locate(pack.oid, digests[rows])
         if found is None or not found[2].all():
             return None
-        if len(table.distinct) > 1:
-            offsets[rows], sizes[rows] = found[0], found[1]
-        else:
-            offsets, sizes = found[0], found[1]
+        offsets[rows], sizes[rows] = found[0], found[1]
     if not np.array_equal(sizes, np.array(table.sizes, dtype=np.uint64)):
         return None
-    table.location = (numbers, offsets, sizes)
-    return table.location
+    return numbers, offsets, sizes
+
+
+def _pick(column, at):
+    """``column`` (a list or numpy array) at positions ``at``."""
+    return [column[i] for i in at] if isinstance(column, list) else column[at]
+
+
+def _stretches(numbers, offsets, sizes):
+    """``(first, stop)`` of each stretch of rows lying back to back in one pack."""
+    count = len(offsets)
+    if isinstance(offsets, list):
+        breaks = [
+            i for i in range(1, count) if numbers[i] != numbers[i - 1] or offsets[i] != offsets[i - 1] + sizes[i - 1]
+        ]
+    else:
+        ends = offsets + sizes
+        breaks = ((numbers[1:] != numbers[:-1]) | (offsets[1:] != ends[:-1])).nonzero()[0] + 1
+        breaks = breaks.tolist()
+    return zip([0, *breaks], [*breaks, count])
 
 
 def done(value):

@@ -63,7 +63,7 @@ class ReplayReader:
             return self._stream.readinto(view)
         chunk = self._chunks[0]
         take = min(len(chunk) - self._offset, len(view))
-        view[:take] = chunk[self._offset : self._offset + take]
+        view[:take] = memoryview(chunk)[self._offset : self._offset + take]  # no copy in between
         self._offset += take
         if self._offset == len(chunk):
             self._chunks.popleft()

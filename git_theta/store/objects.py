@@ -178,6 +178,11 @@ class ObjectStore:
             self._member_map = members
         return members
 
+    def pack_index(self, pack):
+        """The PackIndex of stored pack ``pack``, or None when it is not here."""
+        self._load_packs()
+        return self._indexes.get(pack)
+
     def locate(self, pack, digests):
         """``(offsets, sizes, found)`` of the rows of ``digests`` (numpy, 32 bytes each) in
         stored pack ``pack`` (see :meth:`PackIndex.locate`), or None when it is not loaded."""
@@ -185,20 +190,23 @@ class ObjectStore:
         index = self._indexes.get(pack)
         return None if index is None else index.locate(digests)
 
-    def _register_pack(self, oid, verify):
+    def _register_pack(self, oid, verify, checksum=None):
         """Record a stored pack: index its members, then write its marker, which holds the
-        xxh3-128 of the pack's bytes as they were when this clone checked (or wrote) them."""
-        import xxhash
-
+        xxh3-128 of the pack's bytes as they were when this clone checked (or wrote) them
+        (``checksum``, when the writer took it on the way)."""
         self._index_pack(oid, verify)
-        hasher = xxhash.xxh3_128()
-        with open(self._loose(oid), "rb") as handle:
-            while chunk := handle.read(READ_CHUNK):
-                hasher.update(chunk)
+        if checksum is None:
+            import xxhash
+
+            hasher = xxhash.xxh3_128()
+            with open(self._loose(oid), "rb") as handle:
+                while chunk := handle.read(READ_CHUNK):
+                    hasher.update(chunk)
+            checksum = hasher.hexdigest()
         self._packs_dir.mkdir(parents=True, exist_ok=True)
         # Not atomic, and need not be: a torn marker only fails intact_pack (members are then
         # verified one by one, as in a store from before markers held a checksum).
-        (self._packs_dir / oid).write_text(PACK_CHECKSUM + hasher.hexdigest() + "\n")
+        (self._packs_dir / oid).write_text(PACK_CHECKSUM + checksum + "\n")
 
     def intact_pack(self, oid):
         """True when pack ``oid`` still holds the bytes this clone checked when it recorded the
@@ -363,12 +371,21 @@ class ObjectStore:
             DiskFullError.check(exc, self.root, "storing an object")
             raise
         digest = hashlib.sha256()
+        # A pack this clone writes (pack=False, nothing expected) records its xxh3 in its marker:
+        # taken on the way, not by reading the pack back.
+        checksum = None
+        if pack is False and expect is None:
+            import xxhash
+
+            checksum = xxhash.xxh3_128()
         size = 0
         head = b""
         try:
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
                     digest.update(chunk)
+                    if checksum is not None:
+                        checksum.update(chunk)
                     out.write(chunk)
                     if size < len(PACK_MAGIC):
                         head += bytes(chunk[: len(PACK_MAGIC) - size])
@@ -394,7 +411,8 @@ class ObjectStore:
                 os.replace(tmp_name, final)
             kill_point()
             if head == PACK_MAGIC and oid not in self._pack_sizes:
-                self._try_register(oid, verify=not (pack is False and expect is None))
+                mine = checksum is not None  # written here: its members' ids were computed here
+                self._try_register(oid, verify=not mine, checksum=checksum.hexdigest() if mine else None)
             return ObjectRef(oid, size)
         except BaseException as exc:
             try:
@@ -404,10 +422,10 @@ class ObjectStore:
             DiskFullError.check(exc, self.root, "storing an object")
             raise
 
-    def _try_register(self, oid, verify):
+    def _try_register(self, oid, verify, checksum=None):
         """Record a pack just stored; anything else that merely starts like one stays an object."""
         try:
-            self._register_pack(oid, verify)
+            self._register_pack(oid, verify, checksum)
         except ObjectCorruptError:
             if not verify:
                 raise
