@@ -483,18 +483,19 @@ def _read_columns(manifest, lines, packs, source):
     names, dtypes, shape_texts, digests, prefixes = (tokens[k::7] for k in (1, 2, 3, 4, 6))
     if set(tokens[0::7]) != {"tensor"} or set(tokens[5::7]) != {RAW}:
         return False
+    distinct_prefixes, kinds = set(prefixes), set(zip(dtypes, shape_texts))
     try:
         homes = {
             text: _pack_for(packs, text[1:])
-            for text in set(prefixes)
+            for text in distinct_prefixes
             if text[:1] == "@" and _PACK_PREFIX.match(text[1:])
         }
         shapes = {text: _parse_shape(text, "") for text in set(shape_texts)}
-        sizes = {(d, t): _raw_size(d, shapes[t], "") for d, t in set(zip(dtypes, shape_texts)) if _DTYPE.match(d)}
+        sizes = {(d, t): _raw_size(d, shapes[t], "") for d, t in kinds if _DTYPE.match(d)}
     except ManifestError:
         return False
     joined = "".join(digests)
-    if len(homes) != len(set(prefixes)) or len(sizes) != len(set(zip(dtypes, shape_texts))):
+    if len(homes) != len(distinct_prefixes) or len(sizes) != len(kinds):
         return False
     # 64 characters each, each one of 0-9a-f: what fromhex reads back to the same text (it also
     # takes A-F and whitespace, which its hex() does not give back).

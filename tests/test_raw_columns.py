@@ -395,3 +395,27 @@ def test_add_many_dedups_and_splits_packs_like_add(tmp_path):
     with many.packing():
         again = many.put_raw_many(oids[:3], datas[:3])
     assert [h.oid for h in again] == [h.oid for h in homes[:3]] and len(many.pack_oids()) == 2
+
+
+def test_a_first_add_streams_and_leaves_a_whole_file_row_for_the_next_clean(repo, monkeypatch):
+    """With no stat-cache row for the path, clean streams the file (no read-ahead) and takes its
+    fingerprint on the way; the next clean of the same bytes is answered from that row, and of
+    other bytes is not."""
+    from git_theta.filter import clean as clean_module
+    from git_theta.filter.clean import Cleaner
+    from git_theta.formats import peekable
+
+    _checkpoint(repo.file(MODEL))
+    data = repo.file(MODEL).read_bytes()
+    monkeypatch.setattr(peekable, "read_ahead", lambda *a, **k: pytest.fail("read ahead on a first add"))
+    cleaner = Cleaner(Repo(repo.path))
+    first = cleaner.clean(io.BytesIO(data), MODEL)
+    monkeypatch.undo()
+    assert cleaner.cache.has_stat("/whole-file/" + MODEL)
+    monkeypatch.setattr(clean_module.Cleaner, "_clean_checkpoint", lambda *a, **k: pytest.fail("parsed again"))
+    assert cleaner.clean(io.BytesIO(data), MODEL) == first
+    monkeypatch.undo()
+    other = bytearray(data)
+    other[-1] ^= 1
+    assert cleaner.clean(io.BytesIO(bytes(other)), MODEL) != first
+    cleaner.close()

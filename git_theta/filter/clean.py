@@ -16,6 +16,7 @@ it passes the request in ``GIT_THETA_ADD_REQUEST``.
 """
 
 import json
+import operator
 import os
 import threading
 from hashlib import sha256
@@ -213,7 +214,7 @@ class Cleaner:
         """Clean a format read as a stream. A file of up to ``theta.memoryBudget`` bytes is read
         ahead and fingerprinted first: bytes cleaned or checked out before at this path (``touch``,
         ``git status`` after a checkout) cost that read and one lookup, not a parse of every tensor."""
-        from git_theta.formats.peekable import ReplayReader, read_ahead
+        from git_theta.formats.peekable import FingerprintReader, ReplayReader, read_ahead
         from git_theta.formats.spool import whole_file_key
 
         limit = self.settings.get_int("memoryBudget")
@@ -224,6 +225,16 @@ class Cleaner:
         if not self.settings.get_bool("statCache") or request is not None or size > limit:
             # A file larger than the budget streams as it comes: nothing is held for it.
             return self._clean_checkpoint(fmt, reader, path, key, cached, request)
+        if not self.cache.has_stat(whole_file_key(path)):
+            # Nothing cached for this path (a file added for the first time): no lookup can hit,
+            # so the file streams, fingerprinted on the way, and its row is written for next time.
+            # Reading it all ahead first would leave git waiting until the whole file was read.
+            hashing = FingerprintReader(reader)
+            data = self._clean_checkpoint(fmt, hashing, path, None, None, request)
+            while hashing.read(1 << 20):  # the fingerprint is of the whole file, read or not
+                pass
+            self.cache.put_stat(whole_file_key(path), hashing.fingerprint, data, {})
+            return data
         chunks, fingerprint = read_ahead(reader, limit)
         if fingerprint is not None:
             hit = self.cache.get_stat(whole_file_key(path), fingerprint)
@@ -355,9 +366,9 @@ class Cleaner:
             they are, all at once, and come back as one tuple of table columns; the others are
             cleaned one by one as any tensor."""
             try:
-                view = memoryview(run.data)
                 bounds = run.bounds
-                digests = [sha256(view[begin:end]).hexdigest() for begin, end in zip(bounds, bounds[1:])]
+                views = list(map(memoryview(run.data).__getitem__, map(slice, bounds, bounds[1:])))
+                digests = [sha256(data).hexdigest() for data in views]
                 rows = range(len(digests))
                 results = []
                 if known or parent_entries or made_here:
@@ -365,20 +376,15 @@ class Cleaner:
                     for i, (name, digest) in enumerate(zip(run.names, digests)):
                         content = (digest, run.dtypes[i], run.shapes[i])
                         if digest in known or name in parent_entries or content in made_here:
-                            tensor = TensorData(
-                                name, run.dtypes[i], run.shapes[i], view[bounds[i] : bounds[i + 1]], digest
-                            )
+                            tensor = TensorData(name, run.dtypes[i], run.shapes[i], views[i], digest)
                             results.append((clean_new(tensor, {}), None))
                         else:
                             rows.append(i)
-                if len(rows) == len(digests):
-                    columns = (run.names, run.dtypes, run.shapes, digests, [b - a for a, b in zip(bounds, bounds[1:])])
-                else:
-                    columns = tuple(
-                        [column[i] for i in rows] for column in (run.names, run.dtypes, run.shapes, digests)
-                    )
-                    columns += ([bounds[i + 1] - bounds[i] for i in rows],)
-                views = [view[bounds[i] : bounds[i + 1]] for i in rows]
+                sizes = list(map(operator.sub, bounds[1:], bounds))
+                columns = (run.names, run.dtypes, run.shapes, digests, sizes, views)
+                if len(rows) != len(digests):
+                    columns = tuple([column[i] for i in rows] for column in columns)
+                *columns, views = columns
                 homes = self.store.put_raw_many(columns[3], views)
                 results.append(_RunRows((*columns, homes)))
                 return results

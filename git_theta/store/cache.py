@@ -98,6 +98,11 @@ class Cache:
         except ValueError:
             return None
 
+    def has_stat(self, path):
+        """True when the stat cache has a row for ``path`` (whatever its key)."""
+        row = self._run(lambda db: db.execute("SELECT 1 FROM stat_files WHERE path=?", (path,)).fetchone())
+        return row is not None
+
     def put_stat(self, path, key, manifest, fingerprints):
         # Keyed by sha256: the text may come from a repository's author, who could make two
         # manifests share a weaker hash.

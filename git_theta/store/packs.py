@@ -29,6 +29,7 @@ its sha256 matched the oid the manifest names, and even then its index is bounds
 """
 
 import array
+import bisect
 import hashlib
 import itertools
 import operator
@@ -59,25 +60,22 @@ def pack_bytes(members):
     """The bytes of a pack holding ``members`` ({oid hex: bytes}), as an iterator of parts.
 
     The index is sorted by oid; the members' bytes follow in ``members``' order. Small members
-    come copied into one reused block of about 1 MiB at a time: each block is hashed and written
-    while it is in cache, in one call (not 20,000 calls of 4 KiB), and no fresh memory is faulted
-    in for it. Each part is valid until the next is asked for."""
-    yield _index_bytes(list(members), [len(data) for data in members.values()])
-    block = memoryview(bytearray(BLOCK))
-    held = 0
-    for data in members.values():
-        size = len(data)
-        if held + size > BLOCK:
-            if held:
-                yield block[:held]
-                held = 0
-            if size > BLOCK:  # a large member goes out as it is
-                yield data
-                continue
-        block[held : held + size] = data
-        held += size
-    if held:
-        yield block[:held]
+    come joined into parts of about 1 MiB (each hashed and written while it is in cache, in one
+    call: not 200,000 calls of a few hundred bytes, nor a Python step per member); a member
+    larger than that comes as it is."""
+    values = list(members.values())
+    sizes = list(map(len, values))
+    yield _index_bytes(list(members), sizes)
+    ends = list(itertools.accumulate(sizes))
+    start, done = 0, 0
+    while start < len(values):
+        stop = bisect.bisect_right(ends, done + BLOCK, start)
+        if stop == start:  # larger than a block
+            yield values[start]
+            stop = start + 1
+        else:
+            yield b"".join(values[start:stop])
+        done, start = ends[stop - 1], stop
 
 
 def _index_bytes(oids, sizes):
@@ -236,6 +234,16 @@ class PackWriter:
         with self._lock:
             writing = [(members, pack) for members, pack, _ in self._writing]
             members, pack, used, sequential = self._members, self._pack, self._bytes, self._sequential
+            if stored is None and not writing and len(sequential) == len(members):
+                # The usual run: all new, distinct, fitting the pack being filled; added a
+                # column at a time (200,000 members one by one took 0.3 s).
+                total = sum(map(len, datas))
+                fits = HEAD + _ENTRY.size * (len(members) + len(oids)) + used + total <= self._limit
+                if fits and members.keys().isdisjoint(oids) and len(set(oids)) == len(oids):
+                    members.update(zip(oids, datas))
+                    sequential.update(oids)
+                    self._bytes = used + total
+                    return [pack] * len(oids)
             for oid, data in zip(oids, datas):
                 if oid in members:
                     homes.append(pack)
