@@ -7,7 +7,8 @@ re-exported here under a name that stays when the package's modules move, so the
 working across git-theta's internal reorganisations:
 
 - formats: :class:`CheckpointFormat`, :class:`CheckpointReader`, :class:`TensorSource`,
-  :class:`ByteCursor` (reading headers from git's pipe), :func:`dump_json`, :func:`put_json`,
+  :class:`TensorRun` (many small tensors over one buffer, what ``CheckpointReader.runs`` may
+  yield), :class:`ByteCursor` (reading headers from git's pipe), :func:`dump_json`, :func:`put_json`,
   :func:`get_json`, :func:`escape_name` / :func:`unescape_name` (tensor names in manifests);
 - update types: :class:`UpdateType`, :class:`Encoded`, :class:`TensorData`, :func:`writable_base`;
 - merge operators: :class:`MergeOperator`, :class:`Param`, :class:`OperatorError`,
@@ -46,7 +47,7 @@ from git_theta.formats.stream import ByteCursor
 from git_theta.manifest import Manifest, escape_name, unescape_name
 from git_theta.merge.operator import MergeOperator, OperatorError, Param
 from git_theta.merge.params import resolve as _resolve
-from git_theta.updates.base import Encoded, TensorData, UpdateType, writable_base
+from git_theta.updates.base import Encoded, TensorData, TensorRun, UpdateType, writable_base
 
 #: the plugin kinds, as :func:`get_plugin` and :func:`plugin_names` name them
 KINDS = ("format", "update", "merge")
@@ -90,6 +91,7 @@ __all__ = [
     "Param",
     "PluginError",
     "TensorData",
+    "TensorRun",
     "TensorSource",
     "UnsafeCheckpointError",
     "UpdateError",

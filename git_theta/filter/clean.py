@@ -214,8 +214,8 @@ class Cleaner:
         """Clean a format read as a stream. A file of up to ``theta.memoryBudget`` bytes is read
         ahead and fingerprinted first: bytes cleaned or checked out before at this path (``touch``,
         ``git status`` after a checkout) cost that read and one lookup, not a parse of every tensor."""
-        from git_theta.formats.peekable import FingerprintReader, ReplayReader, read_ahead
-        from git_theta.formats.spool import whole_file_key
+        from git_theta.formats.peekable import ReplayReader, read_ahead
+        from git_theta.formats.spool import FingerprintReader, whole_file_key
 
         limit = self.settings.get_int("memoryBudget")
         try:

@@ -109,33 +109,3 @@ def read_ahead(stream, limit, chunk=1 << 20):
         chunks.append(data)
         total += len(data)
     return chunks, None
-
-
-class FingerprintReader:
-    """A binary reader that passes ``stream`` through, taking the xxh3-128 of every byte read
-    (the fingerprint :func:`read_ahead` takes, without holding the bytes)."""
-
-    def __init__(self, stream):
-        import xxhash
-
-        self._stream = stream
-        self._digest = xxhash.xxh3_128()
-
-    @property
-    def fingerprint(self):
-        """xxh3-128 of everything read so far."""
-        return self._digest.hexdigest()
-
-    def readinto(self, buf):
-        view = memoryview(buf).cast("B")
-        n = self._stream.readinto(view)
-        self._digest.update(view[:n])
-        return n
-
-    def read(self, n=-1):
-        data = self._stream.read(n)
-        self._digest.update(data)
-        return data
-
-    def readable(self):
-        return True

@@ -99,27 +99,51 @@ def spooled(stream, suffix=""):
         yield spool.file
 
 
-class WriteOnly:
+class _Fingerprinted:
+    """A stream wrapper taking the xxh3-128 of every byte that passes through it (the same
+    fingerprint :class:`Spool` and :func:`~git_theta.formats.peekable.read_ahead` take)."""
+
+    def __init__(self, stream):
+        import xxhash
+
+        self._stream = stream
+        self._digest = xxhash.xxh3_128()
+
+    @property
+    def fingerprint(self):
+        """xxh3-128 of everything passed through so far."""
+        return self._digest.hexdigest()
+
+
+class FingerprintReader(_Fingerprinted):
+    """A binary reader passing ``stream`` through, fingerprinting every byte read (without
+    holding the bytes, unlike ``read_ahead``)."""
+
+    def readinto(self, buf):
+        view = memoryview(buf).cast("B")
+        n = self._stream.readinto(view)
+        self._digest.update(view[:n])
+        return n
+
+    def read(self, n=-1):
+        data = self._stream.read(n)
+        self._digest.update(data)
+        return data
+
+    def readable(self):
+        return True
+
+
+class WriteOnly(_Fingerprinted):
     """Exposes only ``write``/``flush`` of a binary stream, fingerprinting what passes through.
 
     Zip writers produce different bytes for seekable and unseekable outputs (data descriptors);
     hiding ``seek``/``tell`` makes checkout write the same bytes whatever ``out`` is.
     """
 
-    def __init__(self, out):
-        import xxhash
-
-        self._out = out
-        self._digest = xxhash.xxh3_128()
-
-    @property
-    def fingerprint(self):
-        """xxh3-128 of everything written so far (the same fingerprint :class:`Spool` takes)."""
-        return self._digest.hexdigest()
-
     def write(self, data):
         self._digest.update(data)
-        self._out.write(data)
+        self._stream.write(data)
         return len(data)
 
     def flush(self):
