@@ -148,8 +148,9 @@ def _checkpoint(path):
     save_safetensors(path, tensors)
 
 
-def _smudged(repo, monkeypatch):
-    """The checkpoint smudged in this process, and the tensors decoded one by one meanwhile."""
+def _smudged(repo, monkeypatch, data=None):
+    """The checkpoint (HEAD's, or manifest ``data``) smudged in this process, and the tensors
+    decoded one by one meanwhile."""
     decoded = []
     original = smudge_module.StoreTensorSource._decode_many
 
@@ -158,10 +159,10 @@ def _smudged(repo, monkeypatch):
         return original(self, entries, joined)
 
     monkeypatch.setattr(smudge_module.StoreTensorSource, "_decode_many", counting)
-    smudger = Smudger(Repo(repo.path))
+    smudger = Smudger(Repo(getattr(repo, "path", repo)))
     try:
         out = io.BytesIO()
-        data = repo.show(f"HEAD:{MODEL}")
+        data = repo.show(f"HEAD:{MODEL}") if data is None else data
         smudger.write(*smudger.prepare(data, MODEL), MODEL, out)
     finally:
         smudger.close()
@@ -169,7 +170,15 @@ def _smudged(repo, monkeypatch):
     return out.getvalue(), decoded
 
 
-def test_checkout_writes_raw_runs_from_intact_packs_and_verifies_the_rest(repo, monkeypatch):
+@pytest.mark.parametrize("numpy_rows", [smudge_module.NUMPY_ROWS, 1], ids=["dict", "numpy"])
+def test_checkout_writes_raw_runs_from_intact_packs_and_verifies_the_rest(repo, monkeypatch, numpy_rows, tmp_path):
+    """Raw rows found in each pack's index dict (small tables) or by numpy's binary search
+    (large ones): the same bytes either way."""
+    import shutil
+
+    monkeypatch.setattr(smudge_module, "NUMPY_ROWS", numpy_rows)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(repo.path, fresh, symlinks=True)  # an empty store, for the layout by oid
     _checkpoint(repo.file(MODEL))
     original = repo.file(MODEL).read_bytes()
     repo.commit("v1", MODEL)
@@ -180,6 +189,11 @@ def test_checkout_writes_raw_runs_from_intact_packs_and_verifies_the_rest(repo, 
     repo.git("checkout", "--", MODEL)
     assert repo.file(MODEL).read_bytes() == original
     written, decoded = _smudged(repo, monkeypatch)
+    assert written == original and sorted(decoded) == ["block.100.big", "zz.head"]
+    # A pack laid out by oid (as clean without runs writes one): many short stretches, same bytes.
+    shuffled = _clean(fresh, original, False, monkeypatch)
+    assert Manifest.parse(shuffled).packs() != manifest.packs()
+    written, decoded = _smudged(fresh, monkeypatch, shuffled)
     assert written == original and sorted(decoded) == ["block.100.big", "zz.head"]
     # A pack recorded before markers held a checksum: every member is verified, same bytes.
     marks = sorted((repo.path / ".git" / "theta" / "packs").iterdir())

@@ -320,7 +320,8 @@ def _locate_rows(store, table):
     if table.location is not None:
         return table.location or None
     table.location = ()  # not found, unless all are
-    found = (_located_numpy if len(table) >= NUMPY_ROWS else _located)(store, table)
+    large = len(table) >= NUMPY_ROWS and table.binary is not None
+    found = (_located_numpy if large else _located)(store, table)
     if found is not None:
         table.location = found
     return found
