@@ -433,3 +433,28 @@ def test_a_first_add_streams_and_leaves_a_whole_file_row_for_the_next_clean(repo
     other[-1] ^= 1
     assert cleaner.clean(io.BytesIO(bytes(other)), MODEL) != first
     cleaner.close()
+
+
+def test_entry_index_resolves_names_first_then_digests_without_entries(monkeypatch):
+    """A later manifest counts only for names the earlier ones lack (a model's other files
+    behind the file's own parent), by name and by digest; raw rows are found as rows."""
+    from git_theta.filter.clean import EntryIndex
+
+    own = Manifest.parse(_manifest().serialize())
+    other = _manifest()
+    moved = "layer.1.w"  # a raw tensor (row 0 shares its digest with a sparse entry)
+    other.tensors = {
+        moved: TensorEntry(
+            moved, "F32", (4,), _digest(-99), "raw", (ObjectRef(_digest(-99), 16, ObjectRef("a" * 64, 1000)),)
+        ),
+        "only.elsewhere": TensorEntry("only.elsewhere", "F32", (4,), _digest(-98), "sparse", (ObjectRef("c" * 64, 7),)),
+    }
+    assert own.columns()[1] is not None
+    by_name = EntryIndex([own, other], by_digest=False)
+    by_digest = EntryIndex([own, other], by_digest=True, extra={"x": other.tensors["only.elsewhere"]})
+    assert by_name.get(moved).digest != _digest(-99)  # the file's own parent wins
+    assert _digest(-99) not in by_digest  # shadowed by name: its digest does not count
+    assert by_name.get("only.elsewhere").update == "sparse" and _digest(-98) in by_digest
+    table, row = by_digest.raw_row(own.tensors[moved].digest)
+    assert table.names[row] == moved and by_digest.raw_row(_digest(-98)) is None
+    assert own.columns()[1] is table  # nothing above made an entry per raw line

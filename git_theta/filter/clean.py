@@ -166,6 +166,7 @@ class Cleaner:
         from git_theta.git.models import ParentModels
 
         self._models = ParentModels(repo)  # a tensor's base by name anywhere in its model
+        self._pack_members = {}  # pack oid -> its index's members (raw rows reused from it)
 
     def _executor(self):
         if self._pool is None:
@@ -270,13 +271,14 @@ class Cleaner:
         parent = parent_manifest(
             self.repo, path, request.base if request else None, request is not None, self._models.parsed
         )
-        parent_entries = parent.tensors if parent else {}
+        # A tensor's parent version by name: the file's own, then other files of the same model
+        # (a re-shard moves tensors between files). Then entries by digest, to reuse: those and
+        # the stat-cached manifest's.
+        sources = [parent] if parent else []
         if request is None or request.base is None:
-            # Other files of the same model (a re-shard moves tensors between files): by name,
-            # then their digests below. The file's own parent version comes first.
-            parent_entries = {**self._models.entries(path, prefer_head=request is not None), **parent_entries}
+            sources += self._models.manifests(path, prefer_head=request is not None)
+        parent_entries = EntryIndex(sources, by_digest=False)
         max_depth = self.settings.get_int("maxChainDepth")
-        known = {}  # digest -> TensorEntry from the parent or the stat-cached manifest
         cached_entries, fingerprints_before = {}, {}
         if cached is not None:
             try:
@@ -284,9 +286,7 @@ class Cleaner:
                 fingerprints_before = cached[1]
             except ManifestError:
                 cached_entries = {}
-        for source in parent_entries, cached_entries:
-            for entry in source.values():
-                known.setdefault(entry.digest, entry)
+        known = EntryIndex(sources, by_digest=True, extra=cached_entries)
 
         remember = key is not None or bool(cached_entries)  # per-tensor fingerprints are of use
         budget = _Budget(self.settings.get_int("memoryBudget"))
@@ -370,23 +370,32 @@ class Cleaner:
                 views = list(map(memoryview(run.data).__getitem__, map(slice, bounds, bounds[1:])))
                 digests = [sha256(data).hexdigest() for data in views]
                 rows = range(len(digests))
-                results = []
+                sizes = list(map(operator.sub, bounds[1:], bounds))
+                results, reused = [], []
                 if known or parent_entries or made_here:
                     rows = []
                     for i, (name, digest) in enumerate(zip(run.names, digests)):
                         content = (digest, run.dtypes[i], run.shapes[i])
-                        if digest in known or name in parent_entries or content in made_here:
-                            tensor = TensorData(name, run.dtypes[i], run.shapes[i], views[i], digest)
-                            results.append((clean_new(tensor, {}), None))
-                        else:
-                            rows.append(i)
-                sizes = list(map(operator.sub, bounds[1:], bounds))
+                        if content not in made_here:
+                            # Stored raw in a pack here already (an unchanged tensor): its row
+                            # again, no entry made (200,000 of them in a new version).
+                            pack = self._raw_home(known.raw_row(digest), content, sizes[i])
+                            if pack is not None:
+                                reused.append((name, run.dtypes[i], run.shapes[i], digest, sizes[i], pack))
+                                continue
+                            if digest not in known and name not in parent_entries:
+                                rows.append(i)
+                                continue
+                        tensor = TensorData(name, run.dtypes[i], run.shapes[i], views[i], digest)
+                        results.append((clean_new(tensor, {}), None))
                 columns = (run.names, run.dtypes, run.shapes, digests, sizes, views)
                 if len(rows) != len(digests):
                     columns = tuple([column[i] for i in rows] for column in columns)
                 *columns, views = columns
                 homes = self.store.put_raw_many(columns[3], views)
                 results.append(_RunRows((*columns, homes)))
+                if reused:
+                    results.append(_RunRows(tuple(map(list, zip(*reused)))))
                 return results
             finally:
                 budget.release(len(run.data))
@@ -469,6 +478,23 @@ class Cleaner:
         if key is not None and stat_key(path) == key:
             self.cache.put_stat(path, key, data, fingerprints)
         return data
+
+    def _raw_home(self, found, content, size):
+        """The pack to reuse for a raw tensor of ``content`` (digest, dtype, shape) and ``size``
+        bytes, given ``found`` (a raw table row with that digest, see EntryIndex.raw_row): that
+        row's pack when its dtype and shape match and the pack here holds the tensor (freshened,
+        as _all_local does); else None (the tensor takes the per-tensor path)."""
+        if found is None:
+            return None
+        table, row = found
+        if table.dtypes[row] != content[1] or table.shapes[row] != content[2] or table.sizes[row] != size:
+            return None
+        pack = table.packs[row]
+        members = self._pack_members.get(pack.oid)
+        if members is None:
+            index = self.store.pack_index(pack.oid)
+            members = self._pack_members[pack.oid] = index.entries if index and self.store.freshen(pack.oid) else {}
+        return pack if content[0] in members else None
 
     def _encode_changed(self, tensor, base_entry, path, budget, request, max_depth):
         """Store a tensor whose bytes are new: as a delta of its parent version when that is smaller."""
@@ -630,6 +656,81 @@ class Cleaner:
             if objects and self._all_local(entry) and self._vouched(entry, path):  # same rules as above
                 return entry
         return None
+
+
+class EntryIndex:
+    """TensorEntry by name (or by digest) over several manifests, without an entry per raw line:
+    a manifest's raw table is looked up through a dict of one column, and an entry is made only
+    for a row asked for.
+
+    A name belongs to the first manifest that has it (a model's other files count only for
+    names the file's own parent lacks); by digest, the entries those names resolve to, then
+    ``extra`` (``{name: entry}``, the stat-cached manifest), the first with a digest winning."""
+
+    def __init__(self, manifests, by_digest, extra=None):
+        self._sources = []  # ({key: entry}, None) or (table, {key: row})
+        seen = set()  # names of the manifests before
+        for manifest in {id(m): m for m in manifests}.values():
+            entries, table = manifest.columns()
+            names = table.names if table is not None else []
+            if seen:
+                entries = {n: e for n, e in entries.items() if n not in seen}
+            self._add(entries, by_digest)
+            if table is not None:
+                rows = range(len(names)) if not seen else [i for i, n in enumerate(names) if n not in seen]
+                keys = table.digests if by_digest else names
+                # reversed: the first of several rows with one key wins, as for entries
+                self._sources.append(
+                    (
+                        table,
+                        {keys[i]: i for i in reversed(rows)}
+                        if seen
+                        else dict(zip(reversed(keys), range(len(keys) - 1, -1, -1))),
+                    )
+                )
+            seen.update(entries)
+            seen.update(names)
+        self._add(extra or {}, by_digest)
+
+    def _add(self, entries, by_digest):
+        if by_digest:
+            keyed = {}
+            for entry in entries.values():
+                keyed.setdefault(entry.digest, entry)
+            entries = keyed
+        if entries:
+            self._sources.append((entries, None))
+
+    def __bool__(self):
+        return bool(self._sources)
+
+    def _find(self, key):
+        for source, rows in self._sources:
+            if rows is None:
+                entry = source.get(key)
+                if entry is not None:
+                    return source, None, entry
+            else:
+                row = rows.get(key)
+                if row is not None:
+                    return source, row, None
+        return None
+
+    def get(self, key):
+        """The entry of ``key``, or None."""
+        found = self._find(key)
+        if found is None:
+            return None
+        table, row, entry = found
+        return entry if row is None else table.entry(row)
+
+    def __contains__(self, key):
+        return self._find(key) is not None
+
+    def raw_row(self, key):
+        """``(table, row)`` when ``key`` is first found as a raw table row, else None."""
+        found = self._find(key)
+        return None if found is None or found[1] is None else found[:2]
 
 
 class _RunRows:

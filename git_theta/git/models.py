@@ -349,17 +349,18 @@ class ParentModels:
                     result.tensors.update(manifest.tensors)
         return result
 
-    def entries(self, path, prefer_head=False):
-        """{tensor name: TensorEntry} of ``path``'s model in the parent version, other files
-        included; the first version in order (index, HEAD) that holds a name wins."""
+    def manifests(self, path, prefer_head=False):
+        """The manifests of ``path``'s model in the parent version, other files included, in the
+        order their tensors count (index, then HEAD): the first that holds a name wins. Parsed
+        once per git blob; a manifest's raw lines stay columns."""
         if self.repo is None or self.repo.work_tree is None:
-            return {}
+            return []
         state = self._current_state()
         if state != self._state:
             self._listings.clear()
             self._state = state
         folder, own = posixpath.dirname(path), stem(path)
-        result = {}
+        result = []
         for rev in ("HEAD", None) if prefer_head else (None, "HEAD"):
             key = (folder, rev)
             if key not in self._listings:
@@ -372,8 +373,7 @@ class ParentModels:
                     continue
                 manifest = self._manifest(oid, other)
                 if manifest is not None:
-                    for name, entry in manifest.tensors.items():
-                        result.setdefault(name, entry)
+                    result.append(manifest)
         return result
 
 
