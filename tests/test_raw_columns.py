@@ -455,6 +455,7 @@ def test_entry_index_resolves_names_first_then_digests_without_entries(monkeypat
     assert by_name.get(moved).digest != _digest(-99)  # the file's own parent wins
     assert _digest(-99) not in by_digest  # shadowed by name: its digest does not count
     assert by_name.get("only.elsewhere").update == "sparse" and _digest(-98) in by_digest
-    table, row = by_digest.raw_row(own.tensors[moved].digest)
-    assert table.names[row] == moved and by_digest.raw_row(_digest(-98)) is None
-    assert own.columns()[1] is table  # nothing above made an entry per raw line
+    own_table = own.columns()[1]
+    assert own_table is not None  # nothing above made an entry per raw line
+    table, row = by_digest.raw_row(own_table.digests[own_table.names.index(moved)])
+    assert table is own_table and table.names[row] == moved and by_digest.raw_row(_digest(-98)) is None
