@@ -3,7 +3,8 @@ sparse history, git-theta against Git LFS on the same files, measured alternatel
 
 For each case and repeat, each tool gets a fresh repository (the order alternates between repeats)
 and is timed on ``git add``, ``git commit``, ``git checkout`` of the file after deleting it (checked
-byte-identical), and ``git status`` after ``touch``; the table prints the median of the repeats,
+byte-identical), ``git status`` after ``touch``, and ``git add`` of a new version with 1% of the
+tensors changed; the table prints the median of the repeats,
 git-theta's ratio to Git LFS, the peak RSS of the command's largest process (git or its filter) and
 the files and bytes in each store. The machine's load (``uptime``) is printed with the table.
 
@@ -126,11 +127,14 @@ def one_file(tool, work, source, env):
     os.utime(target)
     t_status, _ = measured(["git", "status", "--porcelain"], work, env)
     files = sum(1 for p in store.rglob("*") if p.is_file())
+    change_one_percent(target)
+    t_readd, _ = measured(["git", "add", target.name], work, env)
     return {
         "add": t_add,
         "commit": t_commit,
         "checkout": t_checkout,
         "status": t_status,
+        "re-add, 1% changed": t_readd,
         "peak MiB add": m_add,
         "peak MiB checkout": m_checkout,
         "filter MiB add": f_add,
@@ -138,6 +142,24 @@ def one_file(tool, work, source, env):
         "store files": files,
         "store MB": du(store) / 1e6,
     }
+
+
+def change_one_percent(path, seed=0):
+    """Change one byte of 1% of the tensors of safetensors file ``path`` (at least one): a new
+    version of a checkpoint of which most tensors did not move."""
+    import json
+    import struct
+
+    data = bytearray(Path(path).read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    names = sorted(n for n in header if n != "__metadata__")
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(len(names), max(1, len(names) // 100), replace=False):
+        begin, end = header[names[i]]["data_offsets"]
+        if end > begin:
+            data[8 + length + begin] ^= 0x10
+    Path(path).write_bytes(bytes(data))
 
 
 def history(tool, work, sources, env, server=None):
