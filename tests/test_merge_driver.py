@@ -22,7 +22,7 @@ def tensors(seed, **changes):
     rng = np.random.default_rng(seed)
     base = {
         "embed.weight": rng.standard_normal((16, 8)).astype(np.float32),
-        "layer.0.weight": rng.standard_normal((8, 8)).astype(np.float32),
+        "layer.0.weight": rng.standard_normal((32, 8)).astype(np.float32),  # a sparse delta pays
         "layer.0.bias": rng.standard_normal(8).astype(np.float32),
         "head.weight": rng.standard_normal((4, 8)).astype(np.float32),
         "step": np.array([7], dtype=np.int64),

@@ -459,3 +459,29 @@ def test_entry_index_resolves_names_first_then_digests_without_entries(monkeypat
     assert own_table is not None  # nothing above made an entry per raw line
     table, row = by_digest.raw_row(own_table.digests[own_table.names.index(moved)])
     assert table is own_table and table.names[row] == moved and by_digest.raw_row(_digest(-98)) is None
+
+
+def test_a_small_tensor_is_stored_raw_when_no_delta_is_smaller(repo):
+    """A changed small tensor takes the smallest encoding, its raw bytes included: a one-element
+    change of a 320-byte tensor would be a 333-byte delta object (stored raw instead, no chain);
+    of a 4 KiB tensor a delta pays. ``git theta add --update-type`` keeps what the user named."""
+    small, wide = np.arange(80, dtype=np.float32), np.arange(1024, dtype=np.float32)
+    save_safetensors(repo.file(MODEL), {"small": small, "wide": wide})
+    repo.commit("v1", MODEL)
+    small2, wide2 = small.copy(), wide.copy()
+    small2[5] = wide2[5] = -1.0
+    save_safetensors(repo.file(MODEL), {"small": small2, "wide": wide2})
+    repo.commit("v2", MODEL)
+    tensors = Manifest.parse(repo.show(f"HEAD:{MODEL}")).tensors
+    assert tensors["small"].update == "raw" and tensors["small"].chain_depth == 0
+    assert tensors["wide"].update != "raw" and tensors["wide"].chain_depth == 1
+    assert tensors["wide"].objects[0].size < 4096
+    small2[6] = -2.0
+    save_safetensors(repo.file(MODEL), {"small": small2, "wide": wide2})
+    expected = repo.file(MODEL).read_bytes()
+    repo.theta("add", MODEL, "--update-type", "sparse")
+    assert Manifest.parse(repo.show(f":{MODEL}")).tensors["small"].update == "sparse"
+    repo.git("commit", "-qm", "v3")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == expected

@@ -271,9 +271,10 @@ def test_chain_repeating_one_delta_is_refused_at_once_with_a_short_line(repo):
     """A manifest whose chain repeats one real delta 100,000 times: refused before decoding (the
     configured depth plus the margin), in one short error line naming file, tensor, object, count.
     With the bound raised, a long chain that does not decode still fails in a short line."""
-    save_safetensors(repo.file("model.safetensors"), GENUINE)
+    wide = np.arange(1024, dtype=np.float32) / 1024  # 4 KiB: a one-element delta pays
+    save_safetensors(repo.file("model.safetensors"), dict(GENUINE, w=wide))
     repo.commit("v1", "model.safetensors")
-    changed = GENUINE["w"].copy()
+    changed = wide.copy()
     changed[3] = 7.0
     save_safetensors(repo.file("model.safetensors"), dict(GENUINE, w=changed))
     repo.commit("v2: a sparse delta", "model.safetensors")

@@ -31,6 +31,7 @@ from git_theta.updates.chain import (
     encode_update,
     encoded_size,
     keyframe_entry,
+    object_size,
     store_encoded,
     tensor_digest,
 )
@@ -557,8 +558,15 @@ class Cleaner:
                     base, base_entry = keyframe, key_entry
             else:
                 result = _encode_against(tensor, base, request, supplied)
-            if result[0].keyframe and self.store.packs_small(len(tensor.data)):
-                return self._keyframe(tensor)  # no delta pays: small tensors are stored raw
+            forced = request is not None and (request.update_type or request.adapter)
+            if self.store.packs_small(len(tensor.data)) and (
+                result[0].keyframe or (not forced and object_size(tensor, *result, base) >= len(tensor.data))
+            ):
+                # A small tensor's raw keyframe is its bytes alone: a delta object whose header
+                # and payload come to as much (a one-element change of a 320-byte tensor: 333
+                # bytes) saves nothing and adds a chain to decode. An update the user named is
+                # kept as asked.
+                return self._keyframe(tensor)
             if not self._fits(result, base_entry, size, request):
                 return self._keyframe(tensor)  # reading this version stays near its raw size
             return store_encoded(self.store, tensor, *result, base=base, base_entry=base_entry)

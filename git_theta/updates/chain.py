@@ -66,18 +66,29 @@ def encoded_size(encoded):
     return sum(len(p) for p in encoded.parts)
 
 
-def store_encoded(store, tensor, update, encoded, base=None, base_entry=None):
-    """Store an encoding of ``tensor`` and return its TensorEntry (chain extends ``base_entry``'s)."""
+def _object_header(tensor, update, encoded, base):
+    """The container header bytes of an object storing ``encoded`` for ``tensor``."""
     header = dict(encoded.header)
     header.update(update=update.name, dtype=tensor.dtype, shape=list(tensor.shape))
     header["check"] = tensor_checksum(tensor.data, tensor.digest)
     if not update.keyframe:
         header["base"] = base.digest
+    return object_codec.header_bytes(header)
+
+
+def object_size(tensor, update, encoded, base=None):
+    """Bytes of the object :func:`store_encoded` would store (header and payload)."""
+    return len(_object_header(tensor, update, encoded, base)) + encoded_size(encoded)
+
+
+def store_encoded(store, tensor, update, encoded, base=None, base_entry=None):
+    """Store an encoding of ``tensor`` and return its TensorEntry (chain extends ``base_entry``'s)."""
+    header = _object_header(tensor, update, encoded, base)
     parts = encoded.parts
     if isinstance(parts, list):
-        ref = store.put_chunks([object_codec.header_bytes(header), *parts])
+        ref = store.put_chunks([header, *parts])
     else:  # an iterator (a huge tensor's dense payload, encoded while it is written)
-        ref = store.put_chunks(itertools.chain([object_codec.header_bytes(header)], parts))
+        ref = store.put_chunks(itertools.chain([header], parts))
     chain = (ref,) + (tuple(base_entry.objects) if not update.keyframe else ())
     entry = TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, update.name, chain)
     if store.trust is not None:  # encoded here from bytes whose digest the caller computed
