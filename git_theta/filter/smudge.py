@@ -318,8 +318,8 @@ def _locate_rows(store, table):
     table (kept in ``table.location``), a column at a time: numpy arrays for a large table,
     lists for a small one."""
     if table.location is not None:
-        return table.location or None
-    table.location = ()  # not found, unless all are
+        return table.location
+    # Not found is not kept: a fetch (Smudger._fetch_missing) may bring the packs meanwhile.
     large = len(table) >= NUMPY_ROWS and table.binary is not None
     found = (_located_numpy if large else _located)(store, table)
     if found is not None:
