@@ -387,11 +387,14 @@ class Cleaner:
                             if digest not in known and name not in parent_entries:
                                 rows.append(i)
                                 continue
-                        tensor = TensorData(name, run.dtypes[i], run.shapes[i], views[i], digest)
+                        # Its own copy: a pack keeps what it is given until written, and a view
+                        # would keep the whole run's buffer (4 MiB) for one small tensor.
+                        tensor = TensorData(name, run.dtypes[i], run.shapes[i], bytes(views[i]), digest)
                         results.append((clean_new(tensor, {}), None))
                 columns = (run.names, run.dtypes, run.shapes, digests, sizes, views)
                 if len(rows) != len(digests):
                     columns = tuple([column[i] for i in rows] for column in columns)
+                    columns = (*columns[:5], list(map(bytes, columns[5])))  # as above: copies
                 *columns, views = columns
                 homes = self.store.put_raw_many(columns[3], views)
                 results.append(_RunRows((*columns, homes)))
