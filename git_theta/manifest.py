@@ -66,6 +66,8 @@ _DTYPE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 #: and dropped in one pass by :func:`skim`
 _RAW_FORM = r"tensor ([^ \n%]+) ([A-Z][A-Z0-9_]*) (\[[0-9,]*\]) ([0-9a-f]{64}) raw @([0-9a-f]{12,64})"
 _RAW_SHORT = re.compile(_RAW_FORM)
+#: the raw shorthand line, from (escaped name, dtype, shape text, digest, pack prefix)
+_RAW_TENSOR_LINE = f"tensor %s %s %s %s {RAW} @%s"
 _ESCAPE = re.compile(r"[%\x00-\x20\x7f]")
 _NEEDS_ESCAPE = _ESCAPE.search
 
@@ -201,7 +203,7 @@ class TensorEntry:
     def line(self, numbers=None):
         """The manifest line, every reference in full; ``numbers`` maps pack oids to the prefixes
         that name them. (The raw shorthand of version 3 is written by :meth:`Manifest.serialize`.)"""
-        shape = "[" + ",".join(map(str, self.shape)) + "]"
+        shape = _shape_text(self.shape)
         objects = " ".join(str(ref) if numbers is None else _ref_text(ref, numbers) for ref in self.objects)
         return f"tensor {escape_name(self.name)} {self.dtype} {shape} {self.digest} {self.update} {objects}"
 
@@ -283,7 +285,7 @@ class Manifest:
         found = {}
         table = self._table
         if table is not None:
-            for pack in table.distinct_packs():
+            for pack in table.distinct:
                 found[pack.oid] = ObjectRef(pack.oid, pack.size)
         for ref in self._refs():
             pack = ref.pack
@@ -304,7 +306,8 @@ class Manifest:
         tensors, table = self._tensors, self._table
         body, shapes, sizes = [], {}, {}
         raw = table is not None
-        for name in sorted(tensors):
+        names = sorted(tensors)
+        for name in names:
             entry = tensors[name]
             objects = entry.objects
             ref = objects[0] if len(objects) == 1 else None
@@ -323,15 +326,15 @@ class Manifest:
                 continue
             shape = shapes.get(entry.shape)
             if shape is None:
-                shape = shapes[entry.shape] = "[" + ",".join(map(str, entry.shape)) + "]"
+                shape = shapes[entry.shape] = _shape_text(entry.shape)
             text = entry.name
             if _NEEDS_ESCAPE(text):
                 text = escape_name(text)
-            body.append(f"tensor {text} {entry.dtype} {shape} {entry.digest} {RAW} @{numbers[ref.pack.oid]}")
+            body.append(_RAW_TENSOR_LINE % (text, entry.dtype, shape, entry.digest, numbers[ref.pack.oid]))
             raw = True
         if table is not None:  # its rows' lines, merged in by name (both are sorted by name)
             rows = table.lines(numbers)
-            body = list(heapq.merge(zip(sorted(tensors), body), zip(table.names, rows))) if body else rows
+            body = list(heapq.merge(zip(names, body), zip(table.names, rows))) if body else rows
             if tensors:
                 body = [line for _, line in body]
         first = FIRST_LINE
@@ -570,10 +573,6 @@ class RawTable:
     def __len__(self):
         return len(self.names)
 
-    def distinct_packs(self):
-        """The pack ObjectRefs the rows name, each once."""
-        return list(self.distinct)
-
     def entry(self, row):
         """The TensorEntry of row ``row``."""
         return _raw_tensor_entry(
@@ -587,15 +586,13 @@ class RawTable:
     def lines(self, numbers):
         """The rows' manifest lines (the raw shorthand), in order; ``numbers`` maps pack oids to
         the prefixes that name them."""
-        shape_text = {shape: "[" + ",".join(map(str, shape)) + "]" for shape in set(self.shapes)}
+        shape_text = {shape: _shape_text(shape) for shape in set(self.shapes)}
         prefix = {id(pack): numbers[pack.oid] for pack in self.distinct}
         names = self.names
         if _NEEDS_ESCAPE("".join(names)):
             names = [escape_name(name) if _NEEDS_ESCAPE(name) else name for name in names]
         columns = (names, self.dtypes, map(shape_text.__getitem__, self.shapes), self.digests)
-        return list(
-            map(f"tensor %s %s %s %s {RAW} @%s".__mod__, zip(*columns, map(prefix.__getitem__, map(id, self.packs))))
-        )
+        return list(map(_RAW_TENSOR_LINE.__mod__, zip(*columns, map(prefix.__getitem__, map(id, self.packs)))))
 
     @classmethod
     def of_rows(cls, parts):
@@ -717,6 +714,11 @@ def _raw_size(dtype, shape, where):
     for d in shape:
         size *= d
     return size
+
+
+def _shape_text(shape):
+    """A shape as a manifest line writes it: ``[d0,d1,...]``."""
+    return "[" + ",".join(map(str, shape)) + "]"
 
 
 def _parse_shape(text, where):

@@ -167,7 +167,6 @@ class Cleaner:
         from git_theta.git.models import ParentModels
 
         self._models = ParentModels(repo)  # a tensor's base by name anywhere in its model
-        self._pack_members = {}  # pack oid -> its index's members (raw rows reused from it)
 
     def _executor(self):
         if self._pool is None:
@@ -494,11 +493,7 @@ class Cleaner:
         if table.dtypes[row] != content[1] or table.shapes[row] != content[2] or table.sizes[row] != size:
             return None
         pack = table.packs[row]
-        members = self._pack_members.get(pack.oid)
-        if members is None:
-            index = self.store.pack_index(pack.oid)
-            members = self._pack_members[pack.oid] = index.entries if index and self.store.freshen(pack.oid) else {}
-        return pack if content[0] in members else None
+        return pack if self.store.in_pack(pack.oid, content[0]) else None
 
     def _encode_changed(self, tensor, base_entry, path, budget, request, max_depth):
         """Store a tensor whose bytes are new: as a delta of its parent version when that is smaller."""
@@ -688,17 +683,10 @@ class EntryIndex:
                 entries = {n: e for n, e in entries.items() if n not in seen}
             self._add(entries, by_digest)
             if table is not None:
-                rows = range(len(names)) if not seen else [i for i, n in enumerate(names) if n not in seen]
                 keys = table.digests if by_digest else names
+                rows = [i for i, n in enumerate(names) if n not in seen] if seen else range(len(names))
                 # reversed: the first of several rows with one key wins, as for entries
-                self._sources.append(
-                    (
-                        table,
-                        {keys[i]: i for i in reversed(rows)}
-                        if seen
-                        else dict(zip(reversed(keys), range(len(keys) - 1, -1, -1))),
-                    )
-                )
+                self._sources.append((table, dict(zip(map(keys.__getitem__, reversed(rows)), reversed(rows)))))
             seen.update(entries)
             seen.update(names)
         self._add(extra or {}, by_digest)

@@ -179,13 +179,17 @@ def _read_exact(stream, size, path, what):
                 raise _truncated(path, what, len(buf), size)
             buf += chunk
         return buf
-    buf = bytearray(size)
+    return _read_into(stream, bytearray(size), lambda got: _truncated(path, what, got, size))
+
+
+def _read_into(stream, buf, truncated):
+    """``buf`` filled from ``stream``; ``truncated(got)`` is the error when the file ends first."""
     view = memoryview(buf)
     got = 0
-    while got < size:
+    while got < len(buf):
         n = stream.readinto(view[got:])
         if not n:
-            raise _truncated(path, what, got, size)
+            raise truncated(got)
         got += n
     return buf
 
@@ -335,16 +339,12 @@ class _Reader(CheckpointReader):
     def _read_run(self, names, bounds):
         """The bytes of a run of tensors, read in one piece; a file that ends inside it names the
         tensor it ends in."""
-        buf = bytearray(bounds[-1])
-        view = memoryview(buf)
-        got = 0
-        while got < len(buf):
-            n = self.stream.readinto(view[got:])
-            if not n:
-                at = bisect.bisect_right(bounds, got) - 1
-                raise _truncated(self.path, f"tensor {names[at]!r}", got - bounds[at], bounds[at + 1] - bounds[at])
-            got += n
-        return buf
+
+        def truncated(got):
+            at = bisect.bisect_right(bounds, got) - 1
+            return _truncated(self.path, f"tensor {names[at]!r}", got - bounds[at], bounds[at + 1] - bounds[at])
+
+        return _read_into(self.stream, bytearray(bounds[-1]), truncated)
 
 
 class SafetensorsFormat(CheckpointFormat):

@@ -185,10 +185,15 @@ class ObjectStore:
 
     def locate(self, pack, digests):
         """``(offsets, sizes, found)`` of the rows of ``digests`` (numpy, 32 bytes each) in
-        stored pack ``pack`` (see :meth:`PackIndex.locate`), or None when it is not loaded."""
-        self._load_packs()
-        index = self._indexes.get(pack)
+        stored pack ``pack`` (see :meth:`PackIndex.locate`), or None when it is not here."""
+        index = self.pack_index(pack)
         return None if index is None else index.locate(digests)
+
+    def in_pack(self, pack, oid):
+        """True when stored pack ``pack`` holds object ``oid``; the pack is freshened, as
+        :meth:`freshen` does for an object reused (once per process)."""
+        index = self._indexes.get(pack) or self.pack_index(pack)
+        return index is not None and oid in index.entries and self._freshen_pack(pack)
 
     def _register_pack(self, oid, verify, checksum=None):
         """Record a stored pack: index its members, then write its marker, which holds the

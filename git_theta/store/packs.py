@@ -205,36 +205,25 @@ class PackWriter:
 
     def add(self, data, oid=None):
         oid = oid or hashlib.sha256(data).hexdigest()
-        full = None
-        with self._lock:
-            if oid in self._members:
-                return ObjectRef(oid, len(data), self._pack)
-            for members, pack, _ in self._writing:
-                if oid in members:
-                    return ObjectRef(oid, len(data), pack)
-            stored = self._store.packed_ref(oid)  # in a pack this store knew when packing began
-            if stored is not None and stored.size == len(data):
-                return stored
-            # A pack never exceeds the limit (theta.packSize, and the host's theta.maxObjectSize).
-            if self._members and self._size_with(len(data)) > self._limit:
-                full = self._take()
-            self._members[oid] = data
-            self._bytes += len(data)
-            ref = ObjectRef(oid, len(data), self._pack)
-        if full is not None:
-            self._start(*full)
-        return ref
+        (home,) = self._add_all([oid], [data], in_order=False)
+        return ObjectRef(oid, len(data), home)
 
     def add_many(self, oids, datas):
-        """:meth:`add` for many small objects whose sha256 ids the caller computed: for each, the
-        pack it is in (a :class:`PendingPack`, or the ObjectRef of a stored pack), under one lock
-        and with no ObjectRef made per object."""
+        """:meth:`add` for many small objects whose sha256 ids the caller computed, in file order
+        (laid out first, in this order: see :meth:`_take`): for each, the pack it is in (a
+        :class:`PendingPack`, or the ObjectRef of a stored pack), under one lock and with no
+        ObjectRef made per object."""
+        return self._add_all(oids, datas, in_order=True)
+
+    def _add_all(self, oids, datas, in_order):
+        """The pack of each object added (``in_order``: by add_many); an object already in the
+        pack being filled, one being written, or a stored pack is not added again."""
         homes, full = [], []
         stored = self._store.packed_ref if self._store.holds_packs() else None
         with self._lock:
             writing = [(members, pack) for members, pack, _ in self._writing]
             members, pack, used, sequential = self._members, self._pack, self._bytes, self._sequential
-            if stored is None and not writing and len(sequential) == len(members):
+            if in_order and stored is None and not writing and len(sequential) == len(members):
                 # The usual run: all new, distinct, fitting the pack being filled; added a
                 # column at a time (200,000 members one by one took 0.3 s).
                 total = sum(map(len, datas))
@@ -251,30 +240,27 @@ class PackWriter:
                 size = len(data)
                 home = next((other for held, other in writing if oid in held), None) if writing else None
                 if home is None and stored is not None:
-                    ref = stored(oid)
+                    ref = stored(oid)  # in a pack this store knew when packing began
                     if ref is not None and ref.size == size:
                         home = ref.pack
                 if home is not None:
                     homes.append(home)
                     continue
-                # A pack never exceeds the limit (as in add).
+                # A pack never exceeds the limit (theta.packSize, and the host's theta.maxObjectSize).
                 if members and HEAD + _ENTRY.size * (len(members) + 1) + used + size > self._limit:
                     self._bytes = used
                     full.append(self._take())
                     writing.append(full[-1])  # its members are found there from now on
                     members, pack, used, sequential = self._members, self._pack, 0, self._sequential
                 members[oid] = data
-                sequential.add(oid)
+                if in_order:
+                    sequential.add(oid)
                 used += size
                 homes.append(pack)
             self._bytes = used
         for taken in full:
             self._start(*taken)
         return homes
-
-    def _size_with(self, nbytes):
-        """The pack's size with one more member of ``nbytes``."""
-        return HEAD + _ENTRY.size * (len(self._members) + 1) + self._bytes + nbytes
 
     def pending(self, oid):
         """The bytes of a member not yet written, or None."""

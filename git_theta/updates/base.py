@@ -33,16 +33,6 @@ class TensorRun:
     bounds: list  # len(names) + 1 offsets into data
     data: object  # bytes-like
 
-    def tensors(self):
-        """The run as TensorData, each a view of the run's buffer."""
-        view = memoryview(self.data)
-        return [
-            TensorData(name, dtype, shape, view[begin:end])
-            for name, dtype, shape, begin, end in zip(
-                self.names, self.dtypes, self.shapes, self.bounds, self.bounds[1:]
-            )
-        ]
-
 
 @dataclass
 class Encoded:
