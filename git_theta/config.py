@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 
 from git_theta.errors import ConfigError
 
+#: the unit suffixes git config accepts on integers
+_INT_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
 # name -> (default, kind, help). Names are git config keys under ``theta.`` (camelCase like git's).
 DEFAULTS = {
     "fsync": (True, "bool", "fsync objects before renaming them into place"),
@@ -41,6 +44,7 @@ DEFAULTS = {
     "batchSize": (100, "int", "objects per LFS batch request"),
     "retries": (4, "int", "retries of a failed request (connection error, 429, 5xx) with backoff"),
     "skipSmudge": (False, "bool", "leave manifests in the work tree at checkout (then: git theta checkout)"),
+    "layoutCache": (True, "bool", "write a many-tensor file smudged before again from its recorded layout"),
     "maxObjectSize": (2 << 30, "int", "largest object sent to a remote; bigger objects are split"),
     "packThreshold": (
         256 << 10,
@@ -195,11 +199,19 @@ class Settings:
         return parse_bool(self.get(name), f"theta.{name}")
 
     def get_int(self, name):
+        """An integer setting; like git's own, it may end in ``k``, ``m`` or ``g`` (times 1024,
+        1024², 1024³): ``git config theta.memoryBudget 512m``."""
         value = self.get(name)
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().replace("_", "")
+        scale = _INT_UNITS.get(text[-1:].lower(), 1) if not text.lower().startswith("0x") else 1
         try:
-            return int(str(value).strip().replace("_", ""), 0) if not isinstance(value, int) else value
+            return int(text[:-1] if scale > 1 else text, 0) * scale
         except ValueError:
-            raise ConfigError(f"theta.{name} must be an integer, not {value!r}") from None
+            raise ConfigError(
+                f"theta.{name} must be an integer, not {value!r}", hint="write a number, optionally ending in k, m or g"
+            ) from None
 
     def section(self, prefix):
         """Every config key under ``theta.<prefix>.`` (lowercase names) with its raw value."""

@@ -142,3 +142,20 @@ def test_keys_without_value_and_spelling():
     assert settings.ssl_verify("https://h.example/x") is False
     assert config_key("Remote.Origin.LfsUrl") == "remote.Origin.lfsurl"
     assert config_key("theta.memoryBudget") == "theta.memorybudget"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("512m", 512 << 20), ("48M", 48 << 20), ("2g", 2 << 30), ("64k", 64 << 10), ("1_000", 1000), ("0x10", 16)],
+)
+def test_integers_take_gits_unit_suffixes(value, expected):
+    assert Settings([("theta.memorybudget", value)]).get_int("memoryBudget") == expected
+
+
+@pytest.mark.parametrize("value", ["12q", "m", "lots", "1.5g"])
+def test_an_integer_that_is_not_one_names_the_setting(value):
+    from git_theta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"theta\.memoryBudget must be an integer") as caught:
+        Settings([("theta.memorybudget", value)]).get_int("memoryBudget")
+    assert "k, m or g" in caught.value.hint
