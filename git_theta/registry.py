@@ -115,6 +115,14 @@ def provider(kind, name):
     return package_of(ep) if ep is not None else None
 
 
+def version(kind, name):
+    """The version of the package that provides plugin ``name`` of ``kind`` (None when no
+    installed package does)."""
+    ep = _group(kind).get(name)
+    dist = getattr(ep, "dist", None)
+    return dist.version if dist is not None else None
+
+
 def install_hint(kind, name, package=None):
     """What to tell a user who needs plugin ``name`` of ``kind`` and does not have it."""
     package = package or KNOWN_PACKAGES.get((kind, name))

@@ -1,5 +1,7 @@
 """Smudge: write a checkpoint back from its manifest, decoding tensors ahead in parallel.
 
+A many-tensor file smudged before is written from the layout recorded then (filter/layouts.py).
+
 Content that is not a manifest (a file committed before it was tracked) passes through unchanged.
 Every object is checked for presence before anything is written, so a missing object fails the file
 cleanly; every decoded tensor is checked against its digest, so corrupt data is never written out.
@@ -18,6 +20,7 @@ from git_theta import registry as plugins
 from git_theta.tensors.buffers import BufferPool, new_buffer, using
 from git_theta.updates.chain import DecodedCache, decode_tensor
 from git_theta.errors import ObjectMissingError
+from git_theta.filter.layouts import Layout, LayoutRecorder, layout_key
 from git_theta.formats.base import TensorSource
 from git_theta.manifest import Manifest, ObjectRef, is_manifest, is_raw
 from git_theta.config import settings_for
@@ -46,6 +49,7 @@ class StoreTensorSource(TensorSource):
         self._buffers = buffers  # a BufferPool when the format releases each tensor it is given
         self._workers = workers  # threads of ``pool``
         self._sizes = _SizeMemo()  # (dtype, shape) -> bytes
+        self.recorder = None  # a LayoutRecorder told of every pack slice handed out
 
     @property
     def specs(self):
@@ -140,6 +144,8 @@ class StoreTensorSource(TensorSource):
         return total + (sum(self._table.sizes) if self._table is not None else 0)
 
     def iter_data(self, names):
+        if self.recorder is not None:
+            self.recorder.abandon()
         return self._lent(self._decoded(names, joined=False))
 
     def iter_bytes(self, names):
@@ -161,6 +167,8 @@ class StoreTensorSource(TensorSource):
             start += count
 
     def _joined(self, names):
+        if self.recorder is not None:
+            self.recorder.abandon()  # decoded tensors: not a layout worth keeping
         return (data for _, data in self._lent(self._decoded(names, joined=True)))
 
     def _raw_run(self, names, rows):
@@ -185,6 +193,8 @@ class StoreTensorSource(TensorSource):
             if view is None:
                 raise ObjectMissingError(f"{self._path}: pack {pack} is missing or truncated", oids=[pack])
             kill_points(stop - first)  # a crash point per tensor, as in file order
+            if self.recorder is not None:
+                self.recorder.expect(view, pack, begin, stop - first)
             try:
                 yield view
             finally:
@@ -285,6 +295,10 @@ class StoreTensorSource(TensorSource):
             return None
         return large.pop(0)
 
+
+#: manifests from this size are written from a recorded layout when they were before (one with
+#: fewer bytes cannot have the raw table, COLUMNS_FROM lines, that a layout is recorded for)
+LAYOUT_FROM = 16 << 10
 
 #: batches of tensors averaging fewer bytes than this are processed in the calling thread. Hashing
 #: a few KiB releases the GIL for microseconds, and a worker then waits for it behind the busy
@@ -426,12 +440,21 @@ class Smudger:
         """Parse and check a manifest before any output: returns (manifest, format) or None.
 
         None means ``data`` is not a manifest and passes through unchanged. Raises for an unknown
-        format or missing objects, naming the file, the tensors and the object ids.
+        format or missing objects, naming the file, the tensors and the object ids. A manifest
+        whose file this clone smudged before from intact packs gives ``(Layout, None)`` instead:
+        :meth:`write` writes the file from the layout recorded then, without parsing it.
         """
         if not is_manifest(data) or self.settings.get_bool("skipSmudge"):
             return None  # skip-smudge: the manifest stays in the work tree (git theta checkout)
+        key = self._layout_key(data)
+        if key is not None:
+            layout = self._recorded_layout(key)
+            if layout is not None:
+                layout.text = data
+                return layout, None
         manifest = Manifest.parse(data, source=path)
         manifest.text = data  # what git has: the stat cache keeps it as is (no re-serializing)
+        manifest.layout_key = key  # record how it is written (write)
         fmt = plugins.get("format", manifest.format, needed_by=path, package=manifest.fields.get(plugins.PACKAGE_FIELD))
         store = self.repo.store
         # Packed objects are checked one by one: a pack that is here may still lack one a
@@ -500,9 +523,57 @@ class Smudger:
         self._seen_bases.update(bases)
         self.cache.keep_only(shared)
 
+    def _layout_key(self, data):
+        """The key of the layout of manifest ``data`` (None: it has none, or layouts are off)."""
+        if len(data) < LAYOUT_FROM or not self.settings.get_bool("layoutCache"):
+            return None
+        lines = data[:512].split(b"\n", 2)
+        if len(lines) < 3 or not lines[1].startswith(b"format "):
+            return None  # parsing says what is wrong
+        name = lines[1][len(b"format ") :].decode("utf-8", "replace")
+        version = plugins.version("format", name)
+        return layout_key(data, f"{name} {version}") if version is not None else None
+
+    def _recorded_layout(self, key):
+        """The layout recorded for the manifest with layout key ``key``, when every pack it
+        slices is here, intact and long enough; otherwise None (the manifest is smudged)."""
+        stored = self.repo.cache.get_layout(key)
+        layout = Layout.from_bytes(stored) if stored is not None else None
+        if layout is None:
+            return None
+        store = self.repo.store
+        if not all(store.intact_pack(pack) for pack in layout.packs):
+            return None
+        if any(view is None for view, _ in layout.pieces(store)):
+            return None
+        return layout
+
+    def _write_layout(self, layout, path, out):
+        """Write the file ``layout`` recorded (see :mod:`git_theta.filter.layouts`)."""
+        remember = self.settings.get_bool("statCache") and (
+            layout.spools or layout.total <= self.settings.get_int("memoryBudget")
+        )
+        if remember:
+            from git_theta.formats.spool import WriteOnly, whole_file_key
+
+            out = WriteOnly(out)
+        for piece, tensors in layout.pieces(self.repo.store):
+            if piece is None:  # checked by prepare: gone since (a prune running meanwhile)
+                raise ObjectMissingError(
+                    f"{path}: a pack it is written from went missing", hint="run the checkout again"
+                )
+            kill_points(tensors)
+            out.write(piece)
+        if remember:
+            self.repo.cache.put_stat(whole_file_key(path), out.fingerprint, layout.text, {})
+
     def write(self, manifest, fmt, path, out):
-        """Write the checkpoint ``manifest`` describes to ``out``."""
-        entries, _ = manifest.columns()  # the raw table's tensors have no chain
+        """Write the checkpoint ``manifest`` describes to ``out`` (or, given a :class:`Layout`
+        by :meth:`prepare`, the file it recorded)."""
+        if isinstance(manifest, Layout):
+            self._write_layout(manifest, path, out)
+            return
+        entries, table = manifest.columns()  # the raw table's tensors have no chain
         self._keep_shared_bases(entries.values())
         chained = [e for e in entries.values() if not is_raw(e)]  # raw: its id is its digest
         if self.repo.store.trust is not None:
@@ -526,7 +597,15 @@ class Smudger:
             from git_theta.formats.spool import WriteOnly
 
             out = WriteOnly(out)  # fingerprints the file, so a later re-clean of it is a lookup
-        fmt.join(manifest.fields, source, out, path)
+        key = getattr(manifest, "layout_key", None)
+        target = out
+        if key is not None and table is not None and not chained:
+            target = source.recorder = LayoutRecorder(out)
+        fmt.join(manifest.fields, source, target, path)
+        layout = source.recorder.layout() if source.recorder is not None else None
+        if layout is not None:
+            layout.spools = bool(getattr(fmt, "spools", False))
+            self.repo.cache.put_layout(key, layout.to_bytes())
         self.repo.cache.put_digests(chained)
         if remember:
             from git_theta.formats.spool import whole_file_key

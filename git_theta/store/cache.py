@@ -10,11 +10,14 @@
 - ``digests``: tensor digest -> how it is stored (update and object chain), so a tensor already
   stored anywhere (another file, branch or shard) costs no new bytes. A hint only: clean reuses
   an entry only when the trust ledger vouches for it.
+- ``layouts``: how the last few many-tensor files smudged were written (literal bytes and pack
+  slices, :mod:`git_theta.filter.layouts`), by the sha256 of their manifest: smudging the same
+  manifest again replays it. The :data:`LAYOUTS_KEPT` most recently used are kept.
 - ``trusted``: the trust ledger (:mod:`git_theta.store.trust`), keys of the (object chain ->
   tensor digest) pairs this clone verified with sha256 or encoded itself. Nothing a repository or
   remote ships can write it.
 
-Both are caches: losing the file loses speed, never data. Any SQLite error disables the cache for
+All are caches: losing the file loses speed, never data. Any SQLite error disables the cache for
 the process instead of failing the git command.
 """
 
@@ -30,8 +33,12 @@ CREATE TABLE IF NOT EXISTS stat_texts (id BLOB PRIMARY KEY, manifest BLOB);
 CREATE TABLE IF NOT EXISTS digests (digest TEXT, dtype TEXT, shape TEXT, entry TEXT,
                                     PRIMARY KEY (digest, dtype, shape));
 CREATE TABLE IF NOT EXISTS trusted (pair BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS layouts (id BLOB PRIMARY KEY, used INTEGER, layout BLOB);
 """
 
+
+#: layouts kept (the most recently used): a 200,000-tensor file's is ~2 MB
+LAYOUTS_KEPT = 16
 
 #: values bound per ``IN (...)`` query: well under SQLite's limit on bound variables (999 before
 #: 3.32), so a lookup of any number of values works on any SQLite
@@ -115,6 +122,34 @@ class Cache:
                 (path, key, ident, json.dumps(fingerprints, sort_keys=True)),
             )
             db.execute("DELETE FROM stat_texts WHERE id NOT IN (SELECT text FROM stat_files)")
+
+        self._run(put)
+
+    # -- layouts (see git_theta.filter.layouts) --------------------------------------------------
+    def get_layout(self, ident):
+        """The stored layout with key ``ident``, or None; marks it as the most recently used."""
+
+        def get(db):
+            row = db.execute("SELECT layout FROM layouts WHERE id=?", (ident,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE layouts SET used=(SELECT MAX(used) + 1 FROM layouts) WHERE id=?", (ident,))
+            return row
+
+        row = self._run(get)
+        return bytes(row[0]) if row is not None else None
+
+    def put_layout(self, ident, layout):
+        """Keep ``layout`` (bytes) under key ``ident``, dropping all but the most recently used."""
+
+        def put(db):
+            db.execute(
+                "INSERT OR REPLACE INTO layouts VALUES (?, (SELECT COALESCE(MAX(used), 0) + 1 FROM layouts), ?)",
+                (ident, layout),
+            )
+            db.execute(
+                "DELETE FROM layouts WHERE id NOT IN (SELECT id FROM layouts ORDER BY used DESC LIMIT ?)",
+                (LAYOUTS_KEPT,),
+            )
 
         self._run(put)
 

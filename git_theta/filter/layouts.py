@@ -1,0 +1,180 @@
+"""File layouts: what a smudge wrote, kept so that the same manifest is written again without
+working it out anew.
+
+A checkpoint whose tensors are all small raw tensors in packs (a mixture-of-experts checkpoint, an
+optimizer state) is written as its format's own bytes (a safetensors header) and slices of packs.
+Working that out from a 200,000-line manifest is most of such a checkout: parsing the manifest,
+finding every tensor in its pack's index and rendering the header took ~0.6 s, writing the bytes
+~0.1 s (measured on the development machine, docs/storage.md). So the first smudge of a manifest
+records the layout it wrote: the literal bytes, and for each slice its pack, offset and length. A
+later smudge of the same manifest bytes (back to a branch, a version checked out again) replays
+it: a sha256 of the manifest, one cache lookup, the packs' check, and the writes.
+
+Trust (DESIGN §12): a layout lives in the local cache, which nothing a repository or a remote
+ships can write, and only this clone's own smudge of intact packs records one. It is keyed by the
+sha256 of the manifest bytes and the format's name and version. Every pack it slices must still be intact
+(:meth:`~git_theta.store.objects.ObjectStore.intact_pack`) when it is replayed; otherwise the
+manifest is smudged as usual. A replay writes exactly the bytes the recorded smudge wrote: the
+literal bytes as they were written, the slices from packs whose bytes are unchanged.
+"""
+
+import hashlib
+import json
+
+
+#: literal bytes (a format's headers) a layout may hold; a smudge that writes more than this
+#: outside pack slices (decoded tensors) is not recorded
+LITERAL_LIMIT = 64 << 20
+#: the start of a stored layout
+MAGIC = b"git-theta layout 1\n"
+
+
+def layout_key(manifest, writer):
+    """The cache key of the layout of ``manifest`` (its bytes as git hands them to the filter),
+    as written by ``writer`` (the format and the version of the package that provides it: a new
+    version may write a file differently, so its layouts are not those of the old one)."""
+    return hashlib.sha256(b"%s%s\0%s" % (MAGIC, writer.encode(), manifest)).digest()
+
+
+class Layout:
+    """A smudged file as ``parts``: ``[None, length, tensors]`` for literal bytes (the next of
+    ``literals``), ``[pack number, offset, length, tensors]`` for a slice of ``packs[number]``.
+    ``tensors`` counts the tensors a part holds (a crash point each, as in the smudge it replays)."""
+
+    def __init__(self, packs, parts, literals, total, spools=False):
+        self.packs = packs
+        self.parts = parts
+        self.literals = literals
+        self.total = total  # bytes of the file
+        self.spools = spools  # the format spools its output (see Smudger.write: the stat cache)
+        self.text = None  # the manifest it is the layout of (set when it is replayed)
+
+    def to_bytes(self):
+        """The layout as stored in the cache (zstd-compressed)."""
+        import zstandard
+
+        head = json.dumps(
+            {"total": self.total, "spools": self.spools, "packs": self.packs, "parts": self.parts}
+        ).encode()
+        body = b"".join([MAGIC, b"%d\n" % len(head), head, *self.literals])
+        return zstandard.ZstdCompressor(level=1).compress(body)
+
+    @classmethod
+    def from_bytes(cls, stored):
+        """The layout :meth:`to_bytes` stored, or None when ``stored`` is not one (a cache is a
+        hint: anything unexpected means the manifest is smudged as usual)."""
+        import zstandard
+
+        try:
+            body = zstandard.ZstdDecompressor().decompress(stored)
+            if not body.startswith(MAGIC):
+                return None
+            length, _, rest = body[len(MAGIC) :].partition(b"\n")
+            head = json.loads(rest[: int(length)])
+            literal = memoryview(rest)[int(length) :]
+            packs, parts, total, spools = head["packs"], head["parts"], int(head["total"]), bool(head["spools"])
+            literals, position, size = [], 0, 0
+            for part in parts:
+                if part[0] is None:
+                    literals.append(literal[position : position + part[1]])
+                    position += part[1]
+                    size += part[1]
+                elif isinstance(packs[part[0]], str) and min(part[1:]) >= 0:
+                    size += part[2]
+                else:
+                    return None
+        except (zstandard.ZstdError, ValueError, KeyError, TypeError, IndexError):
+            return None
+        if position != len(literal) or size != total:
+            return None
+        return cls(packs, parts, literals, total, spools)
+
+    def pieces(self, store):
+        """Yield ``(bytes, tensors)`` of the file in order: literal bytes and views of packs
+        (each dropped before the next is yielded); None for a slice its pack no longer holds."""
+        literals = iter(self.literals)
+        for part in self.parts:
+            if part[0] is None:
+                yield next(literals), part[2]
+                continue
+            view = store.pack_view(self.packs[part[0]], part[1], part[2])
+            try:
+                yield view, part[3]
+            finally:
+                view = None
+
+
+class LayoutRecorder:
+    """The smudge's output, written through, with a record of its layout.
+
+    The tensor source announces each slice of a pack it hands out (:meth:`expect`); when the
+    format writes exactly that object next, it is recorded as the slice. Anything else written is
+    recorded as literal bytes, up to :data:`LITERAL_LIMIT`. A source that decodes tensors instead
+    calls :meth:`abandon` (their bytes are not worth keeping in the cache).
+    """
+
+    def __init__(self, out, limit=LITERAL_LIMIT):
+        self._out = out
+        self._limit = limit
+        self._packs = {}  # pack oid -> number
+        self._parts = []
+        self._literals = []  # a bytearray per literal part
+        self._literal_bytes = 0
+        self._total = 0
+        self._expected = None
+        self.broken = False
+
+    def expect(self, view, pack, offset, tensors):
+        """``view`` (of ``pack`` at ``offset``, holding ``tensors`` tensors) is handed out next."""
+        self._expected = (view, pack, offset, tensors)
+
+    def abandon(self):
+        """Record nothing for this file."""
+        self.broken = True
+        self._parts, self._literals = [], []
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        written = self._out.write(data)
+        if not self.broken:
+            self._note(data)
+        return written
+
+    def flush(self):
+        flush = getattr(self._out, "flush", None)
+        if flush is not None:
+            flush()
+
+    def _note(self, data):
+        expected, self._expected = self._expected, None
+        size = memoryview(data).nbytes
+        self._total += size
+        last = self._parts[-1] if self._parts else None
+        if expected is not None and expected[0] is data:
+            _, pack, offset, tensors = expected
+            number = self._packs.setdefault(pack, len(self._packs))
+            if last is not None and last[0] == number and last[1] + last[2] == offset:
+                last[2] += size
+                last[3] += tensors
+            else:
+                self._parts.append([number, offset, size, tensors])
+            return
+        self._literal_bytes += size
+        if self._literal_bytes > self._limit:
+            self.abandon()
+        elif last is not None and last[0] is None:
+            last[1] += size
+            self._literals[-1] += data
+        else:
+            self._parts.append([None, size, 0])
+            self._literals.append(bytearray(data))
+
+    def layout(self):
+        """The :class:`Layout` written, or None (abandoned, or not a slice of a pack in it)."""
+        if self.broken or not self._packs:
+            return None
+        return Layout(
+            list(self._packs), [list(p) for p in self._parts], [bytes(b) for b in self._literals], self._total
+        )

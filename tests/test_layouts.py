@@ -1,0 +1,209 @@
+"""Layouts (git_theta/filter/layouts.py): a many-tensor file smudged once is written again from
+the layout its smudge recorded, byte for byte, and only while every pack it slices is intact."""
+
+import io
+import sqlite3
+
+import numpy as np
+import pytest
+
+from conftest import save_safetensors
+from git_theta import config, registry
+from git_theta import manifest as manifest_module
+from git_theta.errors import GitThetaError
+from git_theta.filter.layouts import Layout, LayoutRecorder
+from git_theta.filter.smudge import Smudger
+from git_theta.git.repo import Repo
+from git_theta.manifest import Manifest
+from git_theta.store import cache as cache_module
+
+MODEL = "model.safetensors"
+ROWS = manifest_module.COLUMNS_FROM + 44
+
+
+def _checkpoint(path, seed=0, big=False):
+    """``ROWS`` small tensors of two dtypes (all stored raw, in a pack); ``big``: and one large
+    tensor (stored on its own, decoded at checkout)."""
+    rng = np.random.default_rng(seed)
+    tensors = {
+        f"block.{i}.norm": rng.standard_normal(16).astype(np.float32 if i % 4 else np.float16) for i in range(ROWS)
+    }
+    if big:
+        tensors["zz.head"] = rng.standard_normal((300, 256)).astype(np.float32)
+    save_safetensors(path, tensors)
+    return path.read_bytes()
+
+
+def _layouts(repo):
+    db = sqlite3.connect(repo.path / ".git" / "theta" / "cache.sqlite3")
+    try:
+        return db.execute("SELECT COUNT(*) FROM layouts").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _smudge(repo, data):
+    """(what :meth:`Smudger.prepare` gave, the bytes written) for manifest ``data``, in process."""
+    smudger = Smudger(Repo(repo.path))
+    try:
+        prepared = smudger.prepare(data, MODEL)
+        out = io.BytesIO()
+        smudger.write(*prepared, MODEL, out)
+        return prepared[0], out.getvalue()
+    finally:
+        smudger.close()
+        smudger.repo.store.close()
+
+
+def _pack_file(repo, data):
+    pack = Manifest.parse(data).columns()[1].distinct[0].oid
+    return repo.path / ".git" / "theta" / "objects" / pack[:2] / pack[2:4] / pack
+
+
+def test_a_file_smudged_before_is_written_again_from_its_layout(repo, monkeypatch):
+    original = _checkpoint(repo.file(MODEL))
+    repo.commit("v1", MODEL)
+    data = repo.show(f"HEAD:{MODEL}")
+    assert _layouts(repo) == 0  # an add records none: only a smudge does
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == original and _layouts(repo) == 1
+    # Written again without the manifest being parsed: the layout alone.
+    with monkeypatch.context() as patch:
+        patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
+        prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Layout) and written == original
+    # Through git too, and the stat row it leaves makes the next status a lookup.
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == original and repo.status() == ""
+    # Off: the manifest is smudged as usual, the same bytes.
+    repo.git("config", "theta.layoutCache", "false")
+    config.forget()
+    prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Manifest) and written == original
+
+
+def test_a_new_version_of_the_format_does_not_replay_the_old_ones_layouts(repo, monkeypatch):
+    original = _checkpoint(repo.file(MODEL))
+    repo.commit("v1", MODEL)
+    data = repo.show(f"HEAD:{MODEL}")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert isinstance(_smudge(repo, data)[0], Layout)
+    monkeypatch.setattr(registry, "version", lambda kind, name: "99.0")
+    prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Manifest) and written == original
+    assert isinstance(_smudge(repo, data)[0], Layout) and _layouts(repo) == 2  # its own, recorded now
+
+
+def test_each_version_has_its_own_layout(repo):
+    first = _checkpoint(repo.file(MODEL), seed=1)
+    repo.commit("v1", MODEL)
+    second = _checkpoint(repo.file(MODEL), seed=2)
+    repo.commit("v2", MODEL)
+    for rev, expected in [("HEAD~1", first), ("HEAD", second), ("HEAD~1", first), ("HEAD", second)]:
+        repo.git("checkout", "-q", rev, "--", MODEL)
+        assert repo.file(MODEL).read_bytes() == expected
+    assert _layouts(repo) == 2
+
+
+def test_a_file_with_a_decoded_tensor_records_no_layout(repo):
+    original = _checkpoint(repo.file(MODEL), big=True)
+    repo.commit("v1", MODEL)
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == original and _layouts(repo) == 0
+
+
+def test_a_layout_is_not_replayed_over_a_changed_pack(repo):
+    """A pack whose bytes changed since this clone checked it: the layout steps aside, and the
+    member's sha256 stops the checkout, as without a layout."""
+    _checkpoint(repo.file(MODEL))
+    repo.commit("v1", MODEL)
+    data = repo.show(f"HEAD:{MODEL}")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert _layouts(repo) == 1
+    path = _pack_file(repo, data)
+    damaged = bytearray(path.read_bytes())
+    damaged[-3] ^= 0x40
+    path.chmod(0o644)
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(GitThetaError, match="corrupt|does not match"):
+        _smudge(repo, data)
+
+
+def test_a_layout_is_not_replayed_over_a_pack_this_clone_cannot_vouch_for(repo):
+    """A marker without a checksum (recorded before there were any): every member is verified
+    one by one, and the bytes are the same."""
+    original = _checkpoint(repo.file(MODEL))
+    repo.commit("v1", MODEL)
+    data = repo.show(f"HEAD:{MODEL}")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    for mark in (repo.path / ".git" / "theta" / "packs").iterdir():
+        mark.write_text("")
+    prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Manifest) and written == original
+
+
+def test_the_recorder_keeps_slices_and_literal_bytes_in_order():
+    out = io.BytesIO()
+    recorder = LayoutRecorder(out, limit=100)
+    pack = memoryview(b"0123456789abcdef")
+    recorder.write(b"head")
+    recorder.write(b"er")
+    first, second = pack[0:4], pack[4:10]
+    recorder.expect(first, "p" * 64, 0, 2)
+    recorder.write(first)
+    recorder.expect(second, "p" * 64, 4, 3)  # back to back: one slice
+    recorder.write(second)
+    copy = bytes(pack[10:12])
+    recorder.expect(pack[10:12], "p" * 64, 10, 1)
+    recorder.write(copy)  # not the object handed out: literal bytes
+    layout = recorder.layout()
+    assert out.getvalue() == b"header0123456789ab"
+    assert layout.parts == [[None, 6, 0], [0, 0, 10, 5], [None, 2, 0]] and layout.total == 18
+    stored = Layout.from_bytes(layout.to_bytes())
+    assert stored.parts == layout.parts and [bytes(b) for b in stored.literals] == [b"header", b"ab"]
+    assert stored.packs == ["p" * 64] and stored.total == 18
+
+
+def test_the_recorder_gives_up_beyond_its_literal_limit_or_when_abandoned():
+    recorder = LayoutRecorder(io.BytesIO(), limit=8)
+    view = memoryview(b"abcd")
+    recorder.expect(view, "p" * 64, 0, 1)
+    recorder.write(view)
+    recorder.write(b"x" * 9)
+    assert recorder.layout() is None
+    recorder = LayoutRecorder(io.BytesIO())
+    recorder.expect(view, "p" * 64, 0, 1)
+    recorder.write(view)
+    recorder.abandon()
+    assert recorder.layout() is None
+    assert LayoutRecorder(io.BytesIO()).layout() is None  # no slice of a pack: nothing to keep
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"not zstd",
+        Layout(["p" * 64], [[0, 0, 10, 1]], [], 11).to_bytes(),  # total does not add up
+        Layout(["p" * 64], [[1, 0, 10, 1]], [], 10).to_bytes(),  # no such pack
+        Layout(["p" * 64], [[0, -5, 10, 1]], [], 10).to_bytes(),  # negative offset
+        Layout(["p" * 64], [[None, 4, 0]], [b"ab"], 4).to_bytes(),  # literal shorter than it says
+    ],
+)
+def test_a_stored_layout_that_does_not_add_up_is_ignored(stored):
+    assert Layout.from_bytes(stored) is None
+
+
+def test_the_cache_keeps_the_most_recently_used_layouts(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "LAYOUTS_KEPT", 3)
+    cache = cache_module.Cache(tmp_path / "cache.sqlite3")
+    for i in range(3):
+        cache.put_layout(b"%d" % i, b"layout %d" % i)
+    assert cache.get_layout(b"0") == b"layout 0"  # used: now the most recent
+    cache.put_layout(b"3", b"layout 3")
+    assert [cache.get_layout(b"%d" % i) for i in range(4)] == [b"layout 0", None, b"layout 2", b"layout 3"]
