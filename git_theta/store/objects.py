@@ -160,9 +160,9 @@ class ObjectStore:
                     if hashlib.sha256(data).hexdigest() != member:
                         raise ObjectCorruptError(f"pack {oid}: member {member} does not match its id")
         self._indexes[oid] = index
-        members = self._member_map
-        if members is not None:  # a member already found in another pack stays there
-            members.update({m: (oid, offset, size) for m, (offset, size) in index.entries.items() if m not in members})
+        # The member map is made again when next asked for (the pack loaded first still wins):
+        # updating it now cost 0.2 s per 200,000-member pack a clean writes, asked for or not.
+        self._member_map = None
         self._pack_sizes[oid] = total
 
     @property
@@ -353,6 +353,24 @@ class ObjectStore:
             found = self._member(oid, reload=True)
             return None if found is None else found[2]
 
+    def _already_stored(self, oid, size):
+        """True when object ``oid`` of ``size`` bytes is stored already (then freshened)."""
+        if size <= self.pack_threshold:
+            return self.size(oid) == size and self.freshen(oid)
+        # Larger than a pack member (a pack, a tensor's object): only a loose copy can be it. The
+        # member map is not asked, so a clean that just wrote a 200,000-member pack does not
+        # make it (0.2 s) to store the next one.
+        path = self._loose(oid)
+        try:
+            if os.stat(path).st_size != size:
+                return False
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        except PermissionError:  # a shared, read-only store: present, but prune is not ours to run
+            pass
+        return True
+
     def put_chunks(self, chunks, expect=None, split=True, pack=True):
         """Store the concatenation of ``chunks`` (bytes-like); return its ObjectRef.
 
@@ -409,7 +427,7 @@ class ObjectStore:
             if split and expect is None and self.max_object_size and size > self.max_object_size:
                 return self._split(tmp_name, oid, size)
             final = self.path(oid)
-            if self.size(oid) == size and self.freshen(oid):
+            if self._already_stored(oid, size):
                 os.unlink(tmp_name)
             else:
                 final.parent.mkdir(parents=True, exist_ok=True)
