@@ -33,6 +33,11 @@ DEFAULTS = {
         "int",
         "a delta is stored only if its whole chain stays within this percent of the tensor's raw size",
     ),
+    "deltaMinBytes": (
+        512,
+        "int",
+        "a changed tensor smaller than this is stored whole (no delta tried) unless an update type is named",
+    ),
     "maxFullDeltas": (
         1,
         "int",

@@ -485,3 +485,47 @@ def test_a_small_tensor_is_stored_raw_when_no_delta_is_smaller(repo):
     repo.file(MODEL).unlink()
     repo.git("checkout", "--", MODEL)
     assert repo.file(MODEL).read_bytes() == expected
+
+
+def _stored_as(repo, rev=":"):
+    return {n: e.update for n, e in Manifest.parse(repo.show(f"{rev}{MODEL}")).tensors.items()}
+
+
+@pytest.mark.parametrize("count", [3, ROWS], ids=["one-by-one", "runs"])
+def test_a_changed_tensor_under_delta_min_bytes_is_stored_whole_without_trying(repo, count):
+    """Under ``theta.deltaMinBytes`` (512) a changed tensor is stored as its bytes and no delta
+    is tried (on the per-tensor path and for runs of small tensors alike); at the threshold it
+    is, and a delta smaller than the tensor is kept. Set to 0, a small fp16 tensor with a few
+    changed elements gets its (smaller) sparse delta; an update type the user names still
+    applies under the threshold."""
+    rng = np.random.default_rng(0)
+    names = [f"t.{i:03d}" for i in range(count)]
+    first = {n: rng.standard_normal(200).astype(np.float16) for n in names}  # 400 bytes each
+    first["wide"] = rng.standard_normal(256).astype(np.float16)  # 512 bytes
+    save_safetensors(repo.file(MODEL), first)
+    repo.commit("v1", MODEL)
+    changed = {n: v.copy() for n, v in first.items()}
+    for v in changed.values():
+        v[:3] += 1  # three elements: a sparse delta is far smaller than the tensor
+    save_safetensors(repo.file(MODEL), changed)
+    repo.git("add", MODEL)
+    stored = _stored_as(repo)
+    assert {stored[n] for n in names} == {"raw"} and stored["wide"] == "sparse"
+    repo.git("commit", "-qm", "v2")
+    for v in changed.values():
+        v[3] += 1
+    save_safetensors(repo.file(MODEL), changed)
+    repo.git("config", "theta.deltaMinBytes", "0")
+    repo.git("add", MODEL)
+    stored = _stored_as(repo)  # "wide" is a keyframe again: its chain would pass 130% of its size
+    assert {stored[n] for n in names} == {"sparse"}
+    repo.git("reset", "-q")
+    repo.git("config", "--unset", "theta.deltaMinBytes")
+    expected = repo.file(MODEL).read_bytes()
+    repo.theta("add", MODEL, "--update-type", "sparse")
+    stored = _stored_as(repo)
+    assert {stored[n] for n in names} == {"sparse"}
+    repo.git("commit", "-qm", "v3")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == expected

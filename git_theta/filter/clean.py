@@ -279,6 +279,7 @@ class Cleaner:
             sources += self._models.manifests(path, prefer_head=request is not None)
         parent_entries = EntryIndex(sources, by_digest=False)
         max_depth = self.settings.get_int("maxChainDepth")
+        delta_min = self.settings.get_int("deltaMinBytes")
         cached_entries, fingerprints_before = {}, {}
         if cached is not None:
             try:
@@ -383,8 +384,8 @@ class Cleaner:
                             if pack is not None:
                                 reused.append((name, run.dtypes[i], run.shapes[i], digest, sizes[i], pack))
                                 continue
-                            if digest not in known and name not in parent_entries:
-                                rows.append(i)
+                            if digest not in known and (sizes[i] < delta_min or name not in parent_entries):
+                                rows.append(i)  # new, or too small for a delta (_encode_changed)
                                 continue
                         # Its own copy: a pack keeps what it is given until written, and a view
                         # would keep the whole run's buffer (4 MiB) for one small tensor.
@@ -496,14 +497,22 @@ class Cleaner:
         return pack if self.store.in_pack(pack.oid, content[0]) else None
 
     def _encode_changed(self, tensor, base_entry, path, budget, request, max_depth):
-        """Store a tensor whose bytes are new: as a delta of its parent version when that is smaller."""
+        """Store a tensor whose bytes are new: as a delta of its parent version when that is smaller.
+
+        A tensor under ``theta.deltaMinBytes`` is stored whole without trying: a delta object's
+        header alone is 230-290 bytes (it names the base's digest), so measured on a fine-tune
+        step no fp32 tensor under 640 bytes had a smaller delta, while trying cost ~0.2 ms each
+        (40 s for 200,000 changed tensors), and a delta costs every checkout a decode.
+        """
         supplied = None
         if request is not None and request.adapter is not None:
             key, supplied = request.adapter.lookup(tensor.name)
             if supplied is not None:
                 request.adapter.used.add(key)
+        forced = request is not None and (request.update_type or request.adapter)
         usable = (
             base_entry is not None
+            and (forced or len(tensor.data) >= self.settings.get_int("deltaMinBytes"))
             and base_entry.dtype == tensor.dtype
             and base_entry.shape == tuple(tensor.shape)
             and self._all_local(base_entry)
@@ -556,7 +565,6 @@ class Cleaner:
                     base, base_entry = keyframe, key_entry
             else:
                 result = _encode_against(tensor, base, request, supplied)
-            forced = request is not None and (request.update_type or request.adapter)
             if self.store.packs_small(len(tensor.data)) and (
                 result[0].keyframe or (not forced and object_size(tensor, *result, base) >= len(tensor.data))
             ):
