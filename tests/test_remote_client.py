@@ -66,6 +66,26 @@ def test_endpoint_precedence_and_lfsconfig_allow_list(repo, monkeypatch):
     assert found.kind == "dir" and found.path == repo.path.parent / "shared"
 
 
+@pytest.mark.parametrize(
+    "url, configured, expected",
+    [
+        ("http://127.0.0.1:8080/a.git/info/lfs", None, 1),
+        ("http://localhost/a.git/info/lfs", None, 1),
+        ("http://[::1]:9000/a.git/info/lfs", None, 1),
+        ("http://127.0.0.1:8080/a.git/info/lfs", "3", 3),  # what the user set wins
+        ("https://lfs.example.com/a.git/info/lfs", None, 4),
+        ("https://127.0.0.1.example.com/a.git/info/lfs", None, 4),  # a name, not an address
+    ],
+)
+def test_a_server_on_this_machine_gets_one_transfer_at_a_time(repo, url, configured, expected):
+    from git_theta.remote.transfer import Transfer
+
+    config = [("theta.transfers", configured)] if configured else []
+    found = endpoint.Endpoint("origin", "http", url=url)
+    with Transfer(Repo(repo.path), found, Settings(config, environ={})) as transfer:
+        assert transfer.workers == expected
+
+
 def test_retry_delay_honours_retry_after_within_bounds():
     assert retry_delay(0, "3") == 3
     assert retry_delay(0, "86400") == MAX_BACKOFF
