@@ -138,6 +138,15 @@ def random_state_dict(seed=0, shapes=None, dtype="float32"):
     return {name: (rng.standard_normal(shape) * 0.02).astype(dtype) for name, shape in shapes.items()}
 
 
+def damage_object(repo_path, oid, at=-3):
+    """Flip a bit of stored object ``oid`` (a pack, say) in the repository at ``repo_path``."""
+    path = Path(repo_path) / ".git" / "theta" / "objects" / oid[:2] / oid[2:4] / oid
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x40
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
 def save_safetensors(path, tensors, metadata=None):
     """Write numpy arrays as safetensors with the safetensors library (byte-canonical output)."""
     from safetensors.numpy import save_file

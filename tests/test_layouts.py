@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from conftest import save_safetensors
+from conftest import damage_object, save_safetensors
 from git_theta import config, registry
 from git_theta import manifest as manifest_module
 from git_theta.errors import GitThetaError
@@ -53,11 +53,6 @@ def _smudge(repo, data):
     finally:
         smudger.close()
         smudger.repo.store.close()
-
-
-def _pack_file(repo, data):
-    pack = Manifest.parse(data).columns()[1].distinct[0].oid
-    return repo.path / ".git" / "theta" / "objects" / pack[:2] / pack[2:4] / pack
 
 
 def test_a_file_smudged_before_is_written_again_from_its_layout(repo, monkeypatch):
@@ -125,11 +120,7 @@ def test_a_layout_is_not_replayed_over_a_changed_pack(repo):
     repo.file(MODEL).unlink()
     repo.git("checkout", "--", MODEL)
     assert _layouts(repo) == 1
-    path = _pack_file(repo, data)
-    damaged = bytearray(path.read_bytes())
-    damaged[-3] ^= 0x40
-    path.chmod(0o644)
-    path.write_bytes(bytes(damaged))
+    damage_object(repo.path, Manifest.parse(data).columns()[1].distinct[0].oid)
     with pytest.raises(GitThetaError, match="corrupt|does not match"):
         _smudge(repo, data)
 

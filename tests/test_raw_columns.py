@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import save_safetensors
+from conftest import damage_object, save_safetensors
 from git_theta import manifest as manifest_module
 from git_theta.errors import GitThetaError, ManifestError
 from git_theta.filter import smudge as smudge_module
@@ -210,12 +210,7 @@ def test_a_pack_changed_since_it_was_recorded_is_not_trusted(repo, monkeypatch):
     _checkpoint(repo.file(MODEL))
     repo.commit("v1", MODEL)
     manifest = Manifest.parse(repo.show(f"HEAD:{MODEL}"))
-    pack = manifest.columns()[1].distinct[0].oid
-    path = repo.path / ".git" / "theta" / "objects" / pack[:2] / pack[2:4] / pack
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x40
-    path.chmod(0o644)
-    path.write_bytes(bytes(data))
+    damage_object(repo.path, manifest.columns()[1].distinct[0].oid)
     with pytest.raises(GitThetaError, match="corrupt|does not match"):
         _smudged(repo, monkeypatch)
 
