@@ -34,12 +34,19 @@ def _checkpoint(path, seed=0, big=False):
     return path.read_bytes()
 
 
-def _layouts(repo):
+def _sql(repo, statement):
+    """The first value ``statement`` gives in the repository's cache (committed)."""
     db = sqlite3.connect(repo.path / ".git" / "theta" / "cache.sqlite3")
     try:
-        return db.execute("SELECT COUNT(*) FROM layouts").fetchone()[0]
+        with db:
+            row = db.execute(statement).fetchone()
+        return row[0] if row else None
     finally:
         db.close()
+
+
+def _layouts(repo):
+    return _sql(repo, "SELECT COUNT(*) FROM layouts")
 
 
 def _smudge(repo, data):
@@ -68,9 +75,11 @@ def test_a_file_smudged_before_is_written_again_from_its_layout(repo, monkeypatc
         patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
         prepared, written = _smudge(repo, data)
     assert isinstance(prepared, Layout) and written == original
-    # Through git too, and the stat row it leaves makes the next status a lookup.
+    # Through git too; it leaves the stat row that makes the next status after a touch a lookup.
+    _sql(repo, "DELETE FROM stat_files")
     repo.file(MODEL).unlink()
     repo.git("checkout", "--", MODEL)
+    assert _sql(repo, "SELECT COUNT(*) FROM stat_files") == 1  # before status could clean it
     assert repo.file(MODEL).read_bytes() == original and repo.status() == ""
     # Off: the manifest is smudged as usual, the same bytes.
     repo.git("config", "theta.layoutCache", "false")

@@ -41,12 +41,14 @@ class Layout:
     ``literals``), ``[pack number, offset, length, tensors]`` for a slice of ``packs[number]``.
     ``tensors`` counts the tensors a part holds (a crash point each, as in the smudge it replays)."""
 
-    def __init__(self, packs, parts, literals, total, spools=False):
+    def __init__(self, packs, parts, literals, total, budgeted=0):
         self.packs = packs
         self.parts = parts
         self.literals = literals
         self.total = total  # bytes of the file
-        self.spools = spools  # the format spools its output (see Smudger.write: the stat cache)
+        # The bytes Smudger.write weighs against theta.memoryBudget to fingerprint the file for
+        # the stat cache (its tensors' bytes; 0 when its format spools, which is always).
+        self.budgeted = budgeted
         self.text = None  # the manifest it is the layout of (set when it is replayed)
 
     def to_bytes(self):
@@ -54,7 +56,7 @@ class Layout:
         import zstandard
 
         head = json.dumps(
-            {"total": self.total, "spools": self.spools, "packs": self.packs, "parts": self.parts}
+            {"total": self.total, "budgeted": self.budgeted, "packs": self.packs, "parts": self.parts}
         ).encode()
         body = b"".join([MAGIC, b"%d\n" % len(head), head, *self.literals])
         return zstandard.ZstdCompressor(level=1).compress(body)
@@ -72,7 +74,7 @@ class Layout:
             length, _, rest = body[len(MAGIC) :].partition(b"\n")
             head = json.loads(rest[: int(length)])
             literal = memoryview(rest)[int(length) :]
-            packs, parts, total, spools = head["packs"], head["parts"], int(head["total"]), bool(head["spools"])
+            packs, parts, total, budgeted = head["packs"], head["parts"], int(head["total"]), int(head["budgeted"])
             literals, position, size = [], 0, 0
             for part in parts:
                 if part[0] is None:
@@ -87,7 +89,7 @@ class Layout:
             return None
         if position != len(literal) or size != total:
             return None
-        return cls(packs, parts, literals, total, spools)
+        return cls(packs, parts, literals, total, budgeted)
 
     def pieces(self, store):
         """Yield ``(bytes, tensors)`` of the file in order: literal bytes and views of packs

@@ -548,11 +548,15 @@ class Smudger:
             return None
         return layout
 
+    def _fingerprints(self, budgeted):
+        """True when a file written is fingerprinted for the stat cache, so that a re-clean of
+        the same bytes is one lookup: the whole files clean reads ahead, those of a format that
+        spools (``budgeted`` 0) and those whose tensors (``budgeted`` bytes) fit the memory budget."""
+        return self.settings.get_bool("statCache") and budgeted <= self.settings.get_int("memoryBudget")
+
     def _write_layout(self, layout, path, out):
         """Write the file ``layout`` recorded (see :mod:`git_theta.filter.layouts`)."""
-        remember = self.settings.get_bool("statCache") and (
-            layout.spools or layout.total <= self.settings.get_int("memoryBudget")
-        )
+        remember = self._fingerprints(layout.budgeted)
         if remember:
             from git_theta.formats.spool import WriteOnly, whole_file_key
 
@@ -588,11 +592,8 @@ class Smudger:
             self.buffers if getattr(fmt, "releases_tensors", False) else None,
             self.settings.threads(),
         )
-        # Whole files clean reads ahead (spooled ones, streamed ones within the memory budget) are
-        # fingerprinted as they are written, so a re-clean of the same bytes is one lookup.
-        remember = self.settings.get_bool("statCache") and (
-            getattr(fmt, "spools", False) or source.total_bytes() <= self.settings.get_int("memoryBudget")
-        )
+        budgeted = 0 if getattr(fmt, "spools", False) else source.total_bytes()
+        remember = self._fingerprints(budgeted)
         if remember:
             from git_theta.formats.spool import WriteOnly
 
@@ -604,7 +605,7 @@ class Smudger:
         fmt.join(manifest.fields, source, target, path)
         layout = source.recorder.layout() if source.recorder is not None else None
         if layout is not None:
-            layout.spools = bool(getattr(fmt, "spools", False))
+            layout.budgeted = budgeted
             self.repo.cache.put_layout(key, layout.to_bytes())
         self.repo.cache.put_digests(chained)
         if remember:
