@@ -524,3 +524,38 @@ def test_a_changed_tensor_under_delta_min_bytes_is_stored_whole_without_trying(r
     repo.file(MODEL).unlink()
     repo.git("checkout", "--", MODEL)
     assert repo.file(MODEL).read_bytes() == expected
+
+
+def test_a_row_a_parent_claims_is_reused_only_where_the_pack_holds_it(repo, monkeypatch):
+    """A parent manifest that says a pack holds a tensor it does not hold (written by hand, or by
+    an attacker) is a claim: the new version stores that tensor in a pack of its own, reuses the
+    rows whose packs hold them, and checks out exactly."""
+    rng = np.random.default_rng(9)
+    names = [f"w.{i:03d}" for i in range(ROWS)]
+    first = {n: rng.standard_normal(100).astype(np.float32) for n in names}
+    save_safetensors(repo.file(MODEL), first)
+    repo.commit("v1", MODEL)
+    second = dict(first)
+    second[names[7]] = rng.standard_normal(100).astype(np.float32)  # 400 bytes: stored whole
+    save_safetensors(repo.file(MODEL), second)
+    expected = repo.file(MODEL).read_bytes()
+    claimed = hashlib.sha256(second[names[7]].tobytes()).hexdigest()
+    lines = repo.show(f"HEAD:{MODEL}").decode().split("\n")
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"tensor {names[3]} "))
+    parts = lines[at].split(" ")
+    parts[4] = claimed  # "names[3] is in the pack, with the bytes the user is about to add"
+    lines[at] = " ".join(parts)
+    blob = repo.git("hash-object", "-w", "--stdin", input="\n".join(lines)).stdout.strip()
+    repo.git("update-index", "--cacheinfo", f"100644,{blob},{MODEL}")
+    repo.git("commit", "-qm", "a manifest that claims too much")
+    repo.file(MODEL).write_bytes(expected)
+    manifest = Manifest.parse(_clean(repo.path, expected, True, monkeypatch))
+    entries = manifest.tensors
+    stored = Manifest.parse(repo.show(f"HEAD:{MODEL}")).packs()
+    assert entries[names[7]].objects[0].pack.oid not in {p.oid for p in stored}  # a new pack
+    assert entries[names[8]].objects[0].pack.oid in {p.oid for p in stored}  # reused
+    repo.git("add", MODEL)
+    repo.git("commit", "-qm", "v2")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == expected

@@ -375,12 +375,13 @@ class Cleaner:
                 results, reused = [], []
                 if known or parent_entries or made_here:
                     rows = []
+                    homes = self._raw_homes(known, run, digests, sizes) if known else {}
                     for i, (name, digest) in enumerate(zip(run.names, digests)):
                         content = (digest, run.dtypes[i], run.shapes[i])
                         if content not in made_here:
                             # Stored raw in a pack here already (an unchanged tensor): its row
                             # again, no entry made (200,000 of them in a new version).
-                            pack = self._raw_home(known.raw_row(digest), content, sizes[i])
+                            pack = homes.get(i)
                             if pack is not None:
                                 reused.append((name, run.dtypes[i], run.shapes[i], digest, sizes[i], pack))
                                 continue
@@ -483,18 +484,28 @@ class Cleaner:
             self.cache.put_stat(path, key, data, fingerprints)
         return data
 
-    def _raw_home(self, found, content, size):
-        """The pack to reuse for a raw tensor of ``content`` (digest, dtype, shape) and ``size``
-        bytes, given ``found`` (a raw table row with that digest, see EntryIndex.raw_row): that
-        row's pack when its dtype and shape match and the pack here holds the tensor (freshened,
-        as _all_local does); else None (the tensor takes the per-tensor path)."""
-        if found is None:
-            return None
-        table, row = found
-        if table.dtypes[row] != content[1] or table.shapes[row] != content[2] or table.sizes[row] != size:
-            return None
-        pack = table.packs[row]
-        return pack if self.store.in_pack(pack.oid, content[0]) else None
+    def _raw_homes(self, known, run, digests, sizes):
+        """``{i: pack}`` for the tensors of ``run`` (a TensorRun, with their ``digests`` and
+        ``sizes``) to reuse as they are: a raw table row of ``known`` (see EntryIndex.raw_row)
+        with the same digest, dtype, shape and size, in a pack here that holds the tensor
+        (freshened, as _all_local does); the others take the per-tensor path. A manifest's rows
+        are claims: each pack is asked for all its candidates at once."""
+        asked = {}  # pack oid -> (pack, positions, digests)
+        for i, digest in enumerate(digests):
+            found = known.raw_row(digest)
+            if found is None:
+                continue
+            table, row = found
+            if table.dtypes[row] != run.dtypes[i] or table.shapes[row] != run.shapes[i] or table.sizes[row] != sizes[i]:
+                continue
+            pack = table.packs[row]
+            _, positions, wanted = asked.setdefault(pack.oid, (pack, [], []))
+            positions.append(i)
+            wanted.append(digest)
+        homes = {}
+        for oid, (pack, positions, wanted) in asked.items():
+            homes.update((i, pack) for i, held in zip(positions, self.store.in_pack(oid, wanted)) if held)
+        return homes
 
     def _encode_changed(self, tensor, base_entry, path, budget, request, max_depth):
         """Store a tensor whose bytes are new: as a delta of its parent version when that is smaller.

@@ -189,11 +189,16 @@ class ObjectStore:
         index = self.pack_index(pack)
         return None if index is None else index.locate(digests)
 
-    def in_pack(self, pack, oid):
-        """True when stored pack ``pack`` holds object ``oid``; the pack is freshened, as
-        :meth:`freshen` does for an object reused (once per process)."""
+    def in_pack(self, pack, oids):
+        """For each of ``oids``, whether stored pack ``pack`` holds the object; the pack is
+        freshened when it holds any, as :meth:`freshen` does for an object reused (once per
+        process)."""
         index = self._indexes.get(pack) or self.pack_index(pack)
-        return index is not None and oid in index.entries and self._freshen_pack(pack)
+        entries = index.entries if index is not None else {}
+        held = [oid in entries for oid in oids]
+        if not any(held) or not self._freshen_pack(pack):
+            return [False] * len(oids)
+        return held
 
     def _register_pack(self, oid, verify, checksum=None):
         """Record a stored pack: index its members, then write its marker, which holds the
