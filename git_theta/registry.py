@@ -2,8 +2,9 @@
 
 Every plugin, built-in or third-party, is a Python entry point in one of the groups below whose
 object is a class (instantiated once) or an instance with a ``name`` attribute equal to the entry
-point's name. Entry points are read on first use and each plugin is imported only when needed, so
-the filter's start-up stays light.
+point's name. Entry points are read on first use (from a per-user cache while the installed
+distributions have not changed, :mod:`git_theta.entry_points`) and each plugin is imported only
+when needed, so the filter's start-up stays light.
 
 Checks, so a bad plugin fails loudly and early rather than corrupting a manifest:
 
@@ -45,17 +46,21 @@ PACKAGE_FIELD = "plugin.package"
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _lock = threading.Lock()
-_entry_points = {}  # kind -> {name: EntryPoint}
+_declared = None  # {group: [entry_points.Entry]} of every group, read once
+_entry_points = {}  # kind -> {name: entry_points.Entry}, checked
 _loaded = {}  # (kind, name) -> plugin object
 
 
 def _group(kind):
     with _lock:
         if kind not in _entry_points:
-            from importlib.metadata import entry_points
+            global _declared
+            if _declared is None:
+                from git_theta import entry_points
 
+                _declared = entry_points.read(list(GROUPS.values()))  # every group at once
             found = {}
-            for ep in entry_points(group=GROUPS[kind]):
+            for ep in _declared[GROUPS[kind]]:
                 if not _NAME.match(ep.name):
                     raise PluginError(
                         f"malformed {kind} plugin name {ep.name!r} (from {_origin(ep)})",
@@ -76,22 +81,20 @@ def _group(kind):
 
 def package_of(ep):
     """Name of the distribution that registered entry point ``ep`` ("?" when unknown)."""
-    dist = getattr(ep, "dist", None)
-    return dist.metadata["Name"] if dist is not None else "?"
+    return ep.package or "?"
 
 
 def _origin(ep):
-    dist = getattr(ep, "dist", None)
-    if dist is None:
+    if ep.package is None:
         return ep.value
-    return f"{dist.metadata['Name']} {dist.version} ({ep.value})"
+    return f"{ep.package} {ep.version} ({ep.value})"
 
 
 def location(ep):
     """Where the plugin's package is installed: its source folder for an editable install."""
     import json
 
-    dist = getattr(ep, "dist", None)
+    dist = ep.distribution()
     if dist is None:
         return "?"
     try:
@@ -119,8 +122,7 @@ def version(kind, name):
     """The version of the package that provides plugin ``name`` of ``kind`` (None when no
     installed package does)."""
     ep = _group(kind).get(name)
-    dist = getattr(ep, "dist", None)
-    return dist.version if dist is not None else None
+    return ep.version if ep is not None else None
 
 
 def install_hint(kind, name, package=None):
@@ -208,14 +210,13 @@ def describe():
     rows = []
     for kind in GROUPS:
         for name, ep in sorted(_group(kind).items()):
-            dist = getattr(ep, "dist", None)
             package = package_of(ep)
             rows.append(
                 {
                     "kind": kind,
                     "name": name,
                     "package": package,
-                    "version": dist.version if dist is not None else "?",
+                    "version": ep.version or "?",
                     "builtin": package == BUILTIN_PACKAGE,
                     "object": ep.value,
                     "location": location(ep),
@@ -225,7 +226,13 @@ def describe():
 
 
 def reset():
-    """Forget what was loaded (tests that install plugins at run time call this)."""
+    """Forget what was loaded, and read entry points afresh from now on, never from or into
+    the cache (tests that install plugins at run time call this)."""
+    from git_theta import entry_points
+
+    global _declared
     with _lock:
+        entry_points.forget()
+        _declared = None
         _entry_points.clear()
         _loaded.clear()
