@@ -112,12 +112,53 @@ def test_each_version_has_its_own_layout(repo):
     assert _layouts(repo) == 2
 
 
-def test_a_file_with_a_decoded_tensor_records_no_layout(repo):
+def test_a_file_mostly_decoded_records_no_layout(repo):
+    """A large decoded tensor (300 KB against 19 KB of slices): its time goes to decoding, and
+    its bytes do not belong in the cache."""
     original = _checkpoint(repo.file(MODEL), big=True)
     repo.commit("v1", MODEL)
     repo.file(MODEL).unlink()
     repo.git("checkout", "--", MODEL)
     assert repo.file(MODEL).read_bytes() == original and _layouts(repo) == 0
+
+
+def test_a_version_with_a_few_deltas_is_written_again_from_its_layout(repo, monkeypatch):
+    """A second version whose changed tensors are deltas: the layout keeps their decoded bytes
+    (verified when they were decoded) beside the slices of the unchanged ones."""
+    rng = np.random.default_rng(4)
+    tensors = {f"block.{i:03d}.w": rng.standard_normal(160).astype(np.float32) for i in range(ROWS)}  # 640 B
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v1", MODEL)
+    for name in list(tensors)[::50]:
+        tensors[name] = tensors[name].copy()
+        tensors[name][:2] += 1  # two entries: a sparse delta, smaller than the tensor
+    save_safetensors(repo.file(MODEL), tensors)
+    expected = repo.file(MODEL).read_bytes()
+    repo.commit("v2", MODEL)
+    data = repo.show(f"HEAD:{MODEL}")
+    updates = {e.update for e in Manifest.parse(data).tensors.values()}
+    assert updates == {"raw", "sparse"}
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == expected and _layouts(repo) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
+        prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Layout) and written == expected
+
+
+def test_a_layout_damaged_on_disk_is_ignored(repo):
+    original = _checkpoint(repo.file(MODEL))
+    repo.commit("v1", MODEL)
+    data = repo.show(f"HEAD:{MODEL}")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    stored = bytearray(_sql(repo, "SELECT layout FROM layouts"))
+    stored[len(stored) // 2] ^= 0x01  # zstd's checksum catches it
+    assert Layout.from_bytes(bytes(stored)) is None
+    _sql(repo, f"UPDATE layouts SET layout = x'{stored.hex()}'")
+    prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Manifest) and written == original
 
 
 def test_a_layout_is_not_replayed_over_a_changed_pack(repo):

@@ -1,29 +1,31 @@
 """File layouts: what a smudge wrote, kept so that the same manifest is written again without
 working it out anew.
 
-A checkpoint whose tensors are all small raw tensors in packs (a mixture-of-experts checkpoint, an
+A checkpoint whose tensors are small raw tensors in packs (a mixture-of-experts checkpoint, an
 optimizer state) is written as its format's own bytes (a safetensors header) and slices of packs.
 Working that out from a 200,000-line manifest is most of such a checkout: parsing the manifest,
 finding every tensor in its pack's index and rendering the header took ~0.6 s, writing the bytes
 ~0.1 s (measured on the development machine, docs/storage.md). So the first smudge of a manifest
-records the layout it wrote: the literal bytes, and for each slice its pack, offset and length. A
-later smudge of the same manifest bytes (back to a branch, a version checked out again) replays
-it: a sha256 of the manifest, one cache lookup, the packs' check, and the writes.
+records the layout it wrote: the literal bytes (the header, and the few tensors it decoded, such
+as a new version's changed tensors stored as deltas), and for each slice its pack, offset and
+length. A later smudge of the same manifest bytes (back to a branch, a version checked out again)
+replays it: a sha256 of the manifest, one cache lookup, the packs' check, and the writes.
 
 Trust (DESIGN §12): a layout lives in the local cache, which nothing a repository or a remote
-ships can write, and only this clone's own smudge of intact packs records one. It is keyed by the
-sha256 of the manifest bytes and the format's name and version. Every pack it slices must still be intact
+ships can write, and only this clone's own smudge records one, from intact packs and tensors it
+verified before writing them. It is keyed by the sha256 of the manifest bytes and the format's
+name and version, and stored with zstd's checksum. Every pack it slices must still be intact
 (:meth:`~git_theta.store.objects.ObjectStore.intact_pack`) when it is replayed; otherwise the
-manifest is smudged as usual. A replay writes exactly the bytes the recorded smudge wrote: the
-literal bytes as they were written, the slices from packs whose bytes are unchanged.
+manifest is smudged as usual. A replay writes exactly the bytes the recorded smudge wrote.
 """
 
 import hashlib
 import json
 
 
-#: literal bytes (a format's headers) a layout may hold; a smudge that writes more than this
-#: outside pack slices (decoded tensors) is not recorded
+#: literal bytes (a format's headers, the few tensors decoded) a layout may hold; a smudge that
+#: writes more than this outside pack slices, or decoded more than half its file, is not recorded:
+#: its time goes to decoding, and its decoded bytes are not worth a place in the cache
 LITERAL_LIMIT = 64 << 20
 #: the start of a stored layout
 MAGIC = b"git-theta layout 1\n"
@@ -59,7 +61,8 @@ class Layout:
             {"total": self.total, "budgeted": self.budgeted, "packs": self.packs, "parts": self.parts}
         ).encode()
         body = b"".join([MAGIC, b"%d\n" % len(head), head, *self.literals])
-        return zstandard.ZstdCompressor(level=1).compress(body)
+        # With zstd's own checksum: a layout damaged on disk fails to decompress, and is ignored.
+        return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(body)
 
     @classmethod
     def from_bytes(cls, stored):
@@ -111,8 +114,9 @@ class LayoutRecorder:
 
     The tensor source announces each slice of a pack it hands out (:meth:`expect`); when the
     format writes exactly that object next, it is recorded as the slice. Anything else written is
-    recorded as literal bytes, up to :data:`LITERAL_LIMIT`. A source that decodes tensors instead
-    calls :meth:`abandon` (their bytes are not worth keeping in the cache).
+    recorded as literal bytes, up to :data:`LITERAL_LIMIT`: the format's own bytes, and the
+    tensors the smudge decoded (a few changed tensors stored as deltas, verified as every decoded
+    tensor is). A source that hands tensors to the format as arrays calls :meth:`abandon`.
     """
 
     def __init__(self, out, limit=LITERAL_LIMIT):
@@ -122,6 +126,7 @@ class LayoutRecorder:
         self._parts = []
         self._literals = []  # a bytearray per literal part
         self._literal_bytes = 0
+        self._decoded_bytes = 0
         self._total = 0
         self._expected = None
         self.broken = False
@@ -129,6 +134,11 @@ class LayoutRecorder:
     def expect(self, view, pack, offset, tensors):
         """``view`` (of ``pack`` at ``offset``, holding ``tensors`` tensors) is handed out next."""
         self._expected = (view, pack, offset, tensors)
+
+    def expect_decoded(self, data):
+        """``data``, decoded tensors (verified), is handed out next: literal bytes that count
+        against the half of the file a layout may have decoded."""
+        self._expected = (data, None, None, None)
 
     def abandon(self):
         """Record nothing for this file."""
@@ -154,7 +164,9 @@ class LayoutRecorder:
         size = memoryview(data).nbytes
         self._total += size
         last = self._parts[-1] if self._parts else None
-        if expected is not None and expected[0] is data:
+        if expected is not None and expected[0] is data and expected[1] is None:
+            self._decoded_bytes += size
+        elif expected is not None and expected[0] is data:
             _, pack, offset, tensors = expected
             number = self._packs.setdefault(pack, len(self._packs))
             if last is not None and last[0] == number and last[1] + last[2] == offset:
@@ -175,7 +187,7 @@ class LayoutRecorder:
 
     def layout(self):
         """The :class:`Layout` written, or None (abandoned, or not a slice of a pack in it)."""
-        if self.broken or not self._packs:
+        if self.broken or not self._packs or 2 * self._decoded_bytes > self._total:
             return None
         return Layout(
             list(self._packs), [list(p) for p in self._parts], [bytes(b) for b in self._literals], self._total

@@ -167,9 +167,10 @@ class StoreTensorSource(TensorSource):
             start += count
 
     def _joined(self, names):
-        if self.recorder is not None:
-            self.recorder.abandon()  # decoded tensors: not a layout worth keeping
-        return (data for _, data in self._lent(self._decoded(names, joined=True)))
+        for _, data in self._lent(self._decoded(names, joined=True)):
+            if self.recorder is not None:
+                self.recorder.expect_decoded(data)
+            yield data
 
     def _raw_run(self, names, rows):
         """The bytes of the raw tensors ``names`` (table ``rows`` + 1; None: every row, in
@@ -600,7 +601,7 @@ class Smudger:
             out = WriteOnly(out)  # fingerprints the file, so a later re-clean of it is a lookup
         key = getattr(manifest, "layout_key", None)
         target = out
-        if key is not None and table is not None and not chained:
+        if key is not None and table is not None:
             target = source.recorder = LayoutRecorder(out)
         fmt.join(manifest.fields, source, target, path)
         layout = source.recorder.layout() if source.recorder is not None else None
