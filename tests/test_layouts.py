@@ -224,6 +224,25 @@ def test_the_recorder_gives_up_beyond_its_literal_limit_or_when_abandoned():
     recorder.abandon()
     assert recorder.layout() is None
     assert LayoutRecorder(io.BytesIO()).layout() is None  # no slice of a pack: nothing to keep
+    # Decoded tensors: within their own limit, and at most half the file.
+    recorder = LayoutRecorder(io.BytesIO(), decoded_limit=6)
+    recorder.expect(view, "p" * 64, 0, 1)
+    recorder.write(view)
+    decoded = b"dddd"
+    recorder.expect_decoded(decoded)
+    recorder.write(decoded)
+    assert recorder.layout().parts == [[0, 0, 4, 1], [None, 4, 0]]
+    more = b"eee"
+    recorder.expect_decoded(more)
+    recorder.write(more)  # 7 decoded bytes: past the limit
+    assert recorder.layout() is None
+    recorder = LayoutRecorder(io.BytesIO())
+    recorder.expect(view, "p" * 64, 0, 1)
+    recorder.write(view)
+    most = b"ddddd"
+    recorder.expect_decoded(most)
+    recorder.write(most)  # 5 of 9 bytes decoded: more than half
+    assert recorder.layout() is None
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,9 @@ import json
 #: writes more than this outside pack slices, or decoded more than half its file, is not recorded:
 #: its time goes to decoding, and its decoded bytes are not worth a place in the cache
 LITERAL_LIMIT = 64 << 20
+#: decoded bytes a layout may hold: a smudge that decodes more gives up its record at once, not
+#: after copying 64 MiB of a dense model's tensors
+DECODED_LIMIT = 16 << 20
 #: the start of a stored layout
 MAGIC = b"git-theta layout 1\n"
 
@@ -119,9 +122,10 @@ class LayoutRecorder:
     tensor is). A source that hands tensors to the format as arrays calls :meth:`abandon`.
     """
 
-    def __init__(self, out, limit=LITERAL_LIMIT):
+    def __init__(self, out, limit=LITERAL_LIMIT, decoded_limit=DECODED_LIMIT):
         self._out = out
         self._limit = limit
+        self._decoded_limit = decoded_limit
         self._packs = {}  # pack oid -> number
         self._parts = []
         self._literals = []  # a bytearray per literal part
@@ -166,6 +170,9 @@ class LayoutRecorder:
         last = self._parts[-1] if self._parts else None
         if expected is not None and expected[0] is data and expected[1] is None:
             self._decoded_bytes += size
+            if self._decoded_bytes > self._decoded_limit:
+                self.abandon()
+                return
         elif expected is not None and expected[0] is data:
             _, pack, offset, tensors = expected
             number = self._packs.setdefault(pack, len(self._packs))
