@@ -62,19 +62,35 @@ def _smudge(repo, data):
         smudger.repo.store.close()
 
 
+def _checked_out(repo, big=False):
+    """(file bytes, manifest bytes) of :func:`_checkpoint` committed, then checked out through git
+    (recording its layout, if it gets one)."""
+    original = _checkpoint(repo.file(MODEL), big=big)
+    repo.commit("v1", MODEL)
+    data = repo.show(f"HEAD:{MODEL}")
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    return original, data
+
+
+def _replays_without_parsing(repo, monkeypatch, data, expected):
+    """Check the file out through git (recording its layout), then smudge manifest ``data``
+    again in this process: written from the layout alone, its manifest never parsed."""
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == expected and _layouts(repo) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
+        prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Layout) and written == expected
+
+
 def test_a_file_smudged_before_is_written_again_from_its_layout(repo, monkeypatch):
     original = _checkpoint(repo.file(MODEL))
     repo.commit("v1", MODEL)
     data = repo.show(f"HEAD:{MODEL}")
     assert _layouts(repo) == 0  # an add records none: only a smudge does
-    repo.file(MODEL).unlink()
-    repo.git("checkout", "--", MODEL)
-    assert repo.file(MODEL).read_bytes() == original and _layouts(repo) == 1
-    # Written again without the manifest being parsed: the layout alone.
-    with monkeypatch.context() as patch:
-        patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
-        prepared, written = _smudge(repo, data)
-    assert isinstance(prepared, Layout) and written == original
+    _replays_without_parsing(repo, monkeypatch, data, original)
     # Through git too; it leaves the stat row that makes the next status after a touch a lookup.
     _sql(repo, "DELETE FROM stat_files")
     repo.file(MODEL).unlink()
@@ -89,11 +105,7 @@ def test_a_file_smudged_before_is_written_again_from_its_layout(repo, monkeypatc
 
 
 def test_a_new_version_of_the_format_does_not_replay_the_old_ones_layouts(repo, monkeypatch):
-    original = _checkpoint(repo.file(MODEL))
-    repo.commit("v1", MODEL)
-    data = repo.show(f"HEAD:{MODEL}")
-    repo.file(MODEL).unlink()
-    repo.git("checkout", "--", MODEL)
+    original, data = _checked_out(repo)
     assert isinstance(_smudge(repo, data)[0], Layout)
     monkeypatch.setattr(registry, "version", lambda kind, name: "99.0")
     prepared, written = _smudge(repo, data)
@@ -115,10 +127,7 @@ def test_each_version_has_its_own_layout(repo):
 def test_a_file_mostly_decoded_records_no_layout(repo):
     """A large decoded tensor (300 KB against 19 KB of slices): its time goes to decoding, and
     its bytes do not belong in the cache."""
-    original = _checkpoint(repo.file(MODEL), big=True)
-    repo.commit("v1", MODEL)
-    repo.file(MODEL).unlink()
-    repo.git("checkout", "--", MODEL)
+    original, _ = _checked_out(repo, big=True)
     assert repo.file(MODEL).read_bytes() == original and _layouts(repo) == 0
 
 
@@ -138,21 +147,11 @@ def test_a_version_with_a_few_deltas_is_written_again_from_its_layout(repo, monk
     data = repo.show(f"HEAD:{MODEL}")
     updates = {e.update for e in Manifest.parse(data).tensors.values()}
     assert updates == {"raw", "sparse"}
-    repo.file(MODEL).unlink()
-    repo.git("checkout", "--", MODEL)
-    assert repo.file(MODEL).read_bytes() == expected and _layouts(repo) == 1
-    with monkeypatch.context() as patch:
-        patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
-        prepared, written = _smudge(repo, data)
-    assert isinstance(prepared, Layout) and written == expected
+    _replays_without_parsing(repo, monkeypatch, data, expected)
 
 
 def test_a_layout_damaged_on_disk_is_ignored(repo):
-    original = _checkpoint(repo.file(MODEL))
-    repo.commit("v1", MODEL)
-    data = repo.show(f"HEAD:{MODEL}")
-    repo.file(MODEL).unlink()
-    repo.git("checkout", "--", MODEL)
+    original, data = _checked_out(repo)
     stored = bytearray(_sql(repo, "SELECT layout FROM layouts"))
     stored[len(stored) // 2] ^= 0x01  # zstd's checksum catches it
     assert Layout.from_bytes(bytes(stored)) is None
@@ -164,11 +163,7 @@ def test_a_layout_damaged_on_disk_is_ignored(repo):
 def test_a_layout_is_not_replayed_over_a_changed_pack(repo):
     """A pack whose bytes changed since this clone checked it: the layout steps aside, and the
     member's sha256 stops the checkout, as without a layout."""
-    _checkpoint(repo.file(MODEL))
-    repo.commit("v1", MODEL)
-    data = repo.show(f"HEAD:{MODEL}")
-    repo.file(MODEL).unlink()
-    repo.git("checkout", "--", MODEL)
+    _, data = _checked_out(repo)
     assert _layouts(repo) == 1
     damage_object(repo.path, Manifest.parse(data).columns()[1].distinct[0].oid)
     with pytest.raises(GitThetaError, match="corrupt|does not match"):
@@ -178,11 +173,7 @@ def test_a_layout_is_not_replayed_over_a_changed_pack(repo):
 def test_a_layout_is_not_replayed_over_a_pack_this_clone_cannot_vouch_for(repo):
     """A marker without a checksum (recorded before there were any): every member is verified
     one by one, and the bytes are the same."""
-    original = _checkpoint(repo.file(MODEL))
-    repo.commit("v1", MODEL)
-    data = repo.show(f"HEAD:{MODEL}")
-    repo.file(MODEL).unlink()
-    repo.git("checkout", "--", MODEL)
+    original, data = _checked_out(repo)
     for mark in (repo.path / ".git" / "theta" / "packs").iterdir():
         mark.write_text("")
     prepared, written = _smudge(repo, data)
