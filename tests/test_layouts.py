@@ -10,7 +10,7 @@ import pytest
 from conftest import damage_object, save_safetensors
 from git_theta import config, registry
 from git_theta import manifest as manifest_module
-from git_theta.errors import GitThetaError
+from git_theta.errors import GitThetaError, ObjectMissingError
 from git_theta.filter.layouts import Layout, LayoutRecorder
 from git_theta.filter.smudge import Smudger
 from git_theta.git.repo import Repo
@@ -168,6 +168,21 @@ def test_a_layout_is_not_replayed_over_a_changed_pack(repo):
     damage_object(repo.path, Manifest.parse(data).columns()[1].distinct[0].oid)
     with pytest.raises(GitThetaError, match="corrupt|does not match"):
         _smudge(repo, data)
+
+
+def test_a_pack_emptied_on_disk_is_missing_not_an_internal_error(repo):
+    """An empty file cannot be mapped: the layout, the column path and a member's read all see a
+    pack shorter than it should be, and the checkout says which objects to fetch."""
+    _, data = _checked_out(repo)
+    pack = Manifest.parse(data).columns()[1].distinct[0].oid
+    path = repo.path / ".git" / "theta" / "objects" / pack[:2] / pack[2:4] / pack
+    path.chmod(0o644)
+    path.write_bytes(b"")
+    with pytest.raises(ObjectMissingError, match="missing"):
+        _smudge(repo, data)
+    repo.file(MODEL).unlink()
+    failed = repo.git("checkout", "--", MODEL, check=False)
+    assert "internal error" not in failed.stderr and "git theta fetch" in failed.stderr
 
 
 def test_a_layout_is_not_replayed_over_a_pack_this_clone_cannot_vouch_for(repo):

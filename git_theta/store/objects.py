@@ -548,10 +548,7 @@ class ObjectStore:
             packer = self._packer
             return None if packer is None else packer.pending(oid)
         pack, offset, size = found
-        try:
-            mapped = self._pack_map(pack)
-        except ValueError:  # emptied since its index was read
-            raise ObjectCorruptError(f"pack {pack} is truncated (member {oid})") from None
+        mapped = self._pack_map(pack)
         if mapped is None:
             return None
         # A slice of the mapping: no system call per member (packs are never rewritten in place).
@@ -562,7 +559,9 @@ class ObjectStore:
 
     def _pack_map(self, pack):
         """The read-only mapping of stored pack ``pack`` (kept for the process), or None when it
-        is not here; ValueError when it is empty."""
+        is not here. An empty file (a pack truncated on disk) cannot be mapped: its bytes are
+        ``b""``, so every reader finds it shorter than it should be (a member's read says the pack
+        is truncated, a slice is not there, its checksum does not match)."""
         mapped = self._pack_maps.get(pack)
         if mapped is not None:
             return mapped
@@ -576,6 +575,8 @@ class ObjectStore:
                 mine = mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
         except FileNotFoundError:
             return None
+        except ValueError:  # empty
+            return b""
         with self._packs_lock:
             mapped = self._pack_maps.setdefault(pack, mine)
         if mapped is not mine:
