@@ -513,7 +513,7 @@ def _read_columns(manifest, lines, packs, source):
     if "%" in "".join(names):
         names = [unescape_name(name) if "%" in name else name for name in names]
     general = list(manifest._tensors)
-    if not all(names) or not _ascending(names) or not _ascending(general):
+    if not all(names) or not strictly_ascending(names) or not strictly_ascending(general):
         return False
     if any(_among(names, name) for name in general):
         return False
@@ -537,7 +537,7 @@ def _read_columns(manifest, lines, packs, source):
     return True
 
 
-def _ascending(names):
+def strictly_ascending(names):
     """True when ``names`` are strictly increasing (sorted, no name twice)."""
     return all(map(operator.lt, names, itertools.islice(names, 1, None)))
 
@@ -602,7 +602,7 @@ class RawTable:
         names, dtypes, shapes, digests, sizes, packs = (
             [value for part in parts for value in part[k]] for k in range(6)
         )
-        if not _ascending(names):
+        if not strictly_ascending(names):
             order = sorted(range(len(names)), key=names.__getitem__)
             names, dtypes, shapes, digests, sizes, packs = (
                 [column[i] for i in order] for column in (names, dtypes, shapes, digests, sizes, packs)

@@ -11,12 +11,12 @@ readable in the manifest.
 import bisect
 import itertools
 import json
-import operator
 import re
 import struct
 
 from git_theta.dtypes import DTYPES, nbytes
 from git_theta.errors import CheckpointError
+from git_theta.manifest import strictly_ascending
 from git_theta.updates.base import TensorData, TensorRun
 from git_theta.formats.base import CheckpointFormat, CheckpointReader
 from git_theta.tensors.streaming import read_hashed
@@ -47,7 +47,7 @@ def _canonical_columns(names, dtypes, shapes):
     by dtype rank (descending), then name. Columns already in that order come back as they are
     (a manifest's 200,000 raw tensors of one dtype, already sorted by name)."""
     order = None
-    if not all(map(operator.lt, names, itertools.islice(names, 1, None))):
+    if not strictly_ascending(names):
         order = sorted(range(len(names)), key=names.__getitem__)
     if len(set(dtypes)) > 1:
         ranks = [-_WRITE_RANK.get(dtype, -1) for dtype in dtypes]
