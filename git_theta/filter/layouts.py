@@ -169,7 +169,7 @@ class LayoutRecorder:
         self._total += size
         last = self._parts[-1] if self._parts else None
         if expected is not None and expected[0] is data and expected[1] is None:
-            self._decoded_bytes += size
+            self._decoded_bytes += size  # then kept below as literal bytes, as any other
             if self._decoded_bytes > self._decoded_limit:
                 self.abandon()
                 return
@@ -192,10 +192,10 @@ class LayoutRecorder:
             self._parts.append([None, size, 0])
             self._literals.append(bytearray(data))
 
-    def layout(self):
-        """The :class:`Layout` written, or None (abandoned, or not a slice of a pack in it)."""
+    def layout(self, budgeted=0):
+        """The :class:`Layout` written (``budgeted``: see :class:`Layout`), or None (abandoned,
+        mostly decoded, or not a slice of a pack in it)."""
         if self.broken or not self._packs or 2 * self._decoded_bytes > self._total:
             return None
-        return Layout(
-            list(self._packs), [list(p) for p in self._parts], [bytes(b) for b in self._literals], self._total
-        )
+        parts, literals = [list(p) for p in self._parts], [bytes(b) for b in self._literals]
+        return Layout(list(self._packs), parts, literals, self._total, budgeted)

@@ -11,6 +11,7 @@ Delta chains are decoded once per tensor; bases shared between tensors or files 
 
 import itertools
 import threading
+from contextlib import contextmanager
 from hashlib import sha256
 from collections import Counter, deque
 from itertools import repeat
@@ -549,28 +550,32 @@ class Smudger:
             return None
         return layout
 
-    def _fingerprints(self, budgeted):
-        """True when a file written is fingerprinted for the stat cache, so that a re-clean of
-        the same bytes is one lookup: the whole files clean reads ahead, those of a format that
-        spools (``budgeted`` 0) and those whose tensors (``budgeted`` bytes) fit the memory budget."""
-        return self.settings.get_bool("statCache") and budgeted <= self.settings.get_int("memoryBudget")
+    @contextmanager
+    def _fingerprinted(self, out, path, budgeted, text):
+        """Yield ``out`` to write a file through. When a re-clean of its bytes should be one
+        lookup (the whole files clean reads ahead: a format that spools, ``budgeted`` 0, or
+        tensors of ``budgeted`` bytes within the memory budget), it is wrapped to fingerprint
+        what passes, and the file's stat row, with manifest ``text()``, is written once the
+        block has written the whole file."""
+        if not (self.settings.get_bool("statCache") and budgeted <= self.settings.get_int("memoryBudget")):
+            yield out
+            return
+        from git_theta.formats.spool import WriteOnly, whole_file_key
+
+        fingerprinted = WriteOnly(out)
+        yield fingerprinted
+        self.repo.cache.put_stat(whole_file_key(path), fingerprinted.fingerprint, text(), {})
 
     def _write_layout(self, layout, path, out):
         """Write the file ``layout`` recorded (see :mod:`git_theta.filter.layouts`)."""
-        remember = self._fingerprints(layout.budgeted)
-        if remember:
-            from git_theta.formats.spool import WriteOnly, whole_file_key
-
-            out = WriteOnly(out)
-        for piece, tensors in layout.pieces(self.repo.store):
-            if piece is None:  # checked by prepare: gone since (a prune running meanwhile)
-                raise ObjectMissingError(
-                    f"{path}: a pack it is written from went missing", hint="run the checkout again"
-                )
-            kill_points(tensors)
-            out.write(piece)
-        if remember:
-            self.repo.cache.put_stat(whole_file_key(path), out.fingerprint, layout.text, {})
+        with self._fingerprinted(out, path, layout.budgeted, lambda: layout.text) as out:
+            for piece, tensors in layout.pieces(self.repo.store):
+                if piece is None:  # checked by prepare: gone since (a prune running meanwhile)
+                    raise ObjectMissingError(
+                        f"{path}: a pack it is written from went missing", hint="run the checkout again"
+                    )
+                kill_points(tensors)
+                out.write(piece)
 
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out`` (or, given a :class:`Layout`
@@ -594,23 +599,17 @@ class Smudger:
             self.settings.threads(),
         )
         budgeted = 0 if getattr(fmt, "spools", False) else source.total_bytes()
-        remember = self._fingerprints(budgeted)
-        if remember:
-            from git_theta.formats.spool import WriteOnly
 
-            out = WriteOnly(out)  # fingerprints the file, so a later re-clean of it is a lookup
-        key = getattr(manifest, "layout_key", None)
-        target = out
-        if key is not None and table is not None:
-            target = source.recorder = LayoutRecorder(out)
-        fmt.join(manifest.fields, source, target, path)
-        layout = source.recorder.layout() if source.recorder is not None else None
-        if layout is not None:
-            layout.budgeted = budgeted
-            self.repo.cache.put_layout(key, layout.to_bytes())
-        self.repo.cache.put_digests(chained)
-        if remember:
-            from git_theta.formats.spool import whole_file_key
+        def text():  # what git has (prepare keeps it), else written out: no re-serializing
+            return getattr(manifest, "text", None) or manifest.serialize()
 
-            text = getattr(manifest, "text", None) or manifest.serialize()
-            self.repo.cache.put_stat(whole_file_key(path), out.fingerprint, text, {})
+        with self._fingerprinted(out, path, budgeted, text) as out:
+            key = getattr(manifest, "layout_key", None)
+            target = out
+            if key is not None and table is not None:
+                target = source.recorder = LayoutRecorder(out)
+            fmt.join(manifest.fields, source, target, path)
+            layout = source.recorder.layout(budgeted) if source.recorder is not None else None
+            if layout is not None:
+                self.repo.cache.put_layout(key, layout.to_bytes())
+            self.repo.cache.put_digests(chained)
