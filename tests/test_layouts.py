@@ -85,11 +85,28 @@ def _replays_without_parsing(repo, monkeypatch, data, expected):
     assert isinstance(prepared, Layout) and written == expected
 
 
+def _forget_layouts(repo):
+    """Drop every layout (those an add recorded), so that the next checkout records its own."""
+    _sql(repo, "DELETE FROM layouts")
+    assert _layouts(repo) == 0
+
+
+def _replays_what_the_add_recorded(repo, monkeypatch, expected):
+    """The version just committed (never checked out) smudges from the layout its add recorded,
+    its manifest never parsed, to the bytes it was added from."""
+    data = repo.show(f"HEAD:{MODEL}")
+    with monkeypatch.context() as patch:
+        patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
+        prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Layout) and written == expected
+    return data
+
+
 def test_a_file_smudged_before_is_written_again_from_its_layout(repo, monkeypatch):
     original = _checkpoint(repo.file(MODEL))
     repo.commit("v1", MODEL)
     data = repo.show(f"HEAD:{MODEL}")
-    assert _layouts(repo) == 0  # an add records none: only a smudge does
+    _forget_layouts(repo)  # the add's own: this checkout records one
     _replays_without_parsing(repo, monkeypatch, data, original)
     # Through git too; it leaves the stat row that makes the next status after a touch a lookup.
     _sql(repo, "DELETE FROM stat_files")
@@ -147,7 +164,66 @@ def test_a_version_with_a_few_deltas_is_written_again_from_its_layout(repo, monk
     data = repo.show(f"HEAD:{MODEL}")
     updates = {e.update for e in Manifest.parse(data).tensors.values()}
     assert updates == {"raw", "sparse"}
+    _replays_what_the_add_recorded(repo, monkeypatch, expected)  # the deltas' bytes as added
+    _forget_layouts(repo)
     _replays_without_parsing(repo, monkeypatch, data, expected)
+
+
+def test_a_version_added_here_checks_out_from_the_layout_its_add_recorded(repo, monkeypatch):
+    """The add records the layout its first checkout writes: the file's header, then slices of
+    the packs its tensors went into (two dtypes: not in the table's order), the same bytes a
+    smudge writes and records."""
+    original = _checkpoint(repo.file(MODEL))
+    repo.commit("v1", MODEL)
+    assert _layouts(repo) == 1
+    added = _sql(repo, "SELECT layout FROM layouts")
+    data = _replays_what_the_add_recorded(repo, monkeypatch, original)
+    _forget_layouts(repo)
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == original
+    smudged = Layout.from_bytes(_sql(repo, "SELECT layout FROM layouts"))
+    assert smudged.parts == Layout.from_bytes(added).parts and _smudge(repo, data)[1] == original
+    # Off: nothing is recorded.
+    repo.git("config", "theta.layoutCache", "false")
+    config.forget()
+    _forget_layouts(repo)
+    _checkpoint(repo.file(MODEL), seed=5)
+    repo.commit("v2", MODEL)
+    assert _layouts(repo) == 0
+
+
+def test_an_add_of_tensors_in_the_tables_order_records_one_slice(repo, monkeypatch):
+    """One dtype, names sorted: the file's tensors are its raw table's rows in order, found a
+    column at a time: the header, then one slice of the pack they went into."""
+    rng = np.random.default_rng(7)
+    save_safetensors(repo.file(MODEL), {f"s.{i:04d}": rng.standard_normal(12).astype(np.float32) for i in range(ROWS)})
+    original = repo.file(MODEL).read_bytes()
+    repo.commit("v1", MODEL)
+    layout = Layout.from_bytes(_sql(repo, "SELECT layout FROM layouts"))
+    assert [part[0] for part in layout.parts] == [None, 0] and layout.parts[1][3] == ROWS
+    _replays_what_the_add_recorded(repo, monkeypatch, original)
+
+
+def test_an_add_records_the_layout_of_a_header_the_library_did_not_write(repo, monkeypatch):
+    """A header kept as a blob (keys in another order, spaces): its layout holds it as read."""
+    import json
+    import struct
+
+    rng = np.random.default_rng(6)
+    tensors = {f"t.{i}": rng.standard_normal(8).astype(np.float32) for i in range(ROWS)}
+    entries, offset = {}, 0
+    for name in reversed(list(tensors)):
+        entries[name] = {"shape": [8], "dtype": "F32", "data_offsets": [offset, offset + 32]}
+        offset += 32
+    header = json.dumps(entries, indent=1).encode()
+    header += b" " * (-len(header) % 8)
+    body = b"".join(tensors[name].tobytes() for name in reversed(list(tensors)))
+    original = struct.pack("<Q", len(header)) + header + body
+    repo.file(MODEL).write_bytes(original)
+    repo.commit("v1", MODEL)
+    assert "header" in Manifest.parse(repo.show(f"HEAD:{MODEL}")).blobs
+    _replays_what_the_add_recorded(repo, monkeypatch, original)
 
 
 def test_a_layout_damaged_on_disk_is_ignored(repo):

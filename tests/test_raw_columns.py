@@ -13,6 +13,7 @@ import pytest
 from conftest import damage_object, save_safetensors
 from git_theta import manifest as manifest_module
 from git_theta.errors import GitThetaError, ManifestError
+from git_theta.filter import layouts as layouts_module
 from git_theta.filter import smudge as smudge_module
 from git_theta.filter.smudge import Smudger
 from git_theta.git.repo import Repo
@@ -170,13 +171,13 @@ def _smudged(repo, monkeypatch, data=None):
     return out.getvalue(), decoded
 
 
-@pytest.mark.parametrize("numpy_rows", [smudge_module.NUMPY_ROWS, 1], ids=["dict", "numpy"])
+@pytest.mark.parametrize("numpy_rows", [layouts_module.NUMPY_ROWS, 1], ids=["dict", "numpy"])
 def test_checkout_writes_raw_runs_from_intact_packs_and_verifies_the_rest(repo, monkeypatch, numpy_rows, tmp_path):
     """Raw rows found in each pack's index dict (small tables) or by numpy's binary search
     (large ones): the same bytes either way."""
     import shutil
 
-    monkeypatch.setattr(smudge_module, "NUMPY_ROWS", numpy_rows)
+    monkeypatch.setattr(layouts_module, "NUMPY_ROWS", numpy_rows)
     fresh = tmp_path / "fresh"
     shutil.copytree(repo.path, fresh, symlinks=True)  # an empty store, for the layout by oid
     _checkpoint(repo.file(MODEL))

@@ -48,6 +48,7 @@ from git_theta.errors import (
 from git_theta.manifest import RAW, MAX_MANIFEST, Manifest, ObjectRef, RawTable, TensorEntry, is_manifest, is_raw
 from git_theta.formats.peekable import PeekableReader
 from git_theta.config import settings_for
+from git_theta.filter.layouts import CleanRecord, layout_key_of
 from git_theta.filter.smudge import INLINE_BELOW, done
 from git_theta.tensors.keyframes import chain_fits, needs_keyframe
 from git_theta.tensors.streaming import hashes_of
@@ -356,6 +357,8 @@ class Cleaner:
                 for tensor, (entry, fingerprint) in zip(batch, checked):
                     if entry is None:
                         entry = clean_new(tensor, stored)
+                    if record is not None:
+                        record.stored(tensor.name, entry, tensor.data)
                     results.append((entry, fingerprint))
                 return results
             finally:
@@ -391,7 +394,10 @@ class Cleaner:
                         # Its own copy: a pack keeps what it is given until written, and a view
                         # would keep the whole run's buffer (4 MiB) for one small tensor.
                         tensor = TensorData(name, run.dtypes[i], run.shapes[i], bytes(views[i]), digest)
-                        results.append((clean_new(tensor, {}), None))
+                        entry = clean_new(tensor, {})
+                        if record is not None:
+                            record.stored(name, entry, tensor.data)
+                        results.append((entry, None))
                 columns = (run.names, run.dtypes, run.shapes, digests, sizes, views)
                 if len(rows) != len(digests):
                     columns = tuple([column[i] for i in rows] for column in columns)
@@ -412,6 +418,8 @@ class Cleaner:
                 return done(job(batch))
             return pool.submit(job, batch)
 
+        # What the file is made of, for the layout its checkout will write (filter/layouts.py).
+        layouts, record = self.settings.get_bool("layoutCache"), None
         # Small objects go into packs, written (one fsync, one rename each) before the manifest.
         with self.store.packing():
             futures = []
@@ -427,13 +435,20 @@ class Cleaner:
                 small = min(INLINE_BELOW, self.store.pack_threshold)
                 runs = not remember and request is None and small > 0
                 for tensor in checkpoint.runs(small) if runs else checkpoint.tensors():
+                    if record is None and layouts and checkpoint.prelude is not None:
+                        record = CleanRecord(checkpoint.prelude)  # the header is read by now
                     if isinstance(tensor, TensorRun):
+                        if record is not None:
+                            bounds = tensor.bounds
+                            record.read(tensor.names, list(map(operator.sub, bounds[1:], bounds)))
                         if batch:
                             futures.append(submit(process, batch, batch_bytes))
                             batch, batch_bytes = [], 0
                         budget.add(len(tensor.data))
                         futures.append(done(process_run(tensor)))
                         continue
+                    if record is not None:
+                        record.read([tensor.name], [len(tensor.data)])
                     budget.add(len(tensor.data))
                     batch.append(tensor)
                     batch_bytes += len(tensor.data)
@@ -482,7 +497,19 @@ class Cleaner:
         self.cache.put_digests(unique.values())  # one row per content, however many tensors share it
         if key is not None and stat_key(path) == key:
             self.cache.put_stat(path, key, data, fingerprints)
+        if record is not None:
+            self._record_layout(record, manifest, data, fmt.name)
         return data
+
+    def _record_layout(self, record, manifest, data, format_name):
+        """Record the layout of the file just cleaned (``record``) for manifest ``data``: its
+        first checkout is then written as a later one is (filter/layouts.py)."""
+        key = layout_key_of(data, format_name)
+        if key is None:
+            return
+        layout = record.layout(self.store, *manifest.columns())
+        if layout is not None:
+            self.cache.put_layout(key, layout.to_bytes())
 
     def _raw_homes(self, known, run, digests, sizes):
         """``{i: pack}`` for the tensors of ``run`` (a TensorRun, with their ``digests`` and

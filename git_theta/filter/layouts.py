@@ -21,6 +21,10 @@ manifest is smudged as usual. A replay writes exactly the bytes the recorded smu
 
 import hashlib
 import json
+import threading
+
+from git_theta import registry as plugins
+from git_theta.manifest import is_raw
 
 
 #: literal bytes (a format's headers, the few tensors decoded) a layout may hold; a smudge that
@@ -32,6 +36,9 @@ LITERAL_LIMIT = 64 << 20
 DECODED_LIMIT = 16 << 20
 #: the start of a stored layout
 MAGIC = b"git-theta layout 1\n"
+#: manifests from this size are written from a recorded layout when they were before (one with
+#: fewer bytes cannot have the raw table, COLUMNS_FROM lines, that a layout is recorded for)
+LAYOUT_FROM = 16 << 10
 
 
 def layout_key(manifest, writer):
@@ -39,6 +46,15 @@ def layout_key(manifest, writer):
     as written by ``writer`` (the format and the version of the package that provides it: a new
     version may write a file differently, so its layouts are not those of the old one)."""
     return hashlib.sha256(b"%s%s\0%s" % (MAGIC, writer.encode(), manifest)).digest()
+
+
+def layout_key_of(manifest, format_name):
+    """The cache key of the layout of ``manifest`` (bytes) in format ``format_name``, or None:
+    a manifest shorter than :data:`LAYOUT_FROM`, or a format no installed package provides."""
+    if len(manifest) < LAYOUT_FROM:
+        return None
+    version = plugins.version("format", format_name)
+    return layout_key(manifest, f"{format_name} {version}") if version is not None else None
 
 
 class Layout:
@@ -199,3 +215,175 @@ class LayoutRecorder:
             return None
         parts, literals = [list(p) for p in self._parts], [bytes(b) for b in self._literals]
         return Layout(list(self._packs), parts, literals, self._total, budgeted)
+
+
+class CleanRecord:
+    """What a clean read of a file, kept to record the layout its checkout will write: a version
+    added here checks out from its layout the first time too (switching back to a branch, a
+    reset, a stash), not only once a smudge has recorded one.
+
+    A format whose file is its ``prelude`` (the bytes before the first tensor) followed by each
+    tensor's bytes in the order read (safetensors) makes one; clean tells it each tensor read
+    (:meth:`read`, in file order) and what it stored for each (:meth:`stored`). A tensor stored
+    other than as its own bytes in a pack (a delta, a dense keyframe) is kept as literal bytes,
+    up to :data:`DECODED_LIMIT` and half the file as for a smudge's decoded tensors; beyond that
+    no layout is recorded. Its bytes are the ones clean hashed, so they are the tensor's.
+    """
+
+    def __init__(self, prelude, limit=DECODED_LIMIT):
+        self.prelude = bytes(prelude)
+        self._names, self._sizes = [], []
+        self._kept = {}  # name -> bytes of a tensor stored other than raw in a pack
+        self._kept_bytes = 0
+        self._limit = limit
+        self._lock = threading.Lock()  # stored() is told from clean's workers
+        self.broken = len(self.prelude) > LITERAL_LIMIT
+
+    def read(self, names, sizes):
+        """Tensors ``names`` of ``sizes`` bytes come next in the file (the reading thread)."""
+        self._names += names
+        self._sizes += sizes
+
+    def stored(self, name, entry, data):
+        """Tensor ``name`` (its bytes ``data``) is stored as ``entry``."""
+        if self.broken or is_raw(entry):
+            return
+        with self._lock:
+            self._kept_bytes += len(data)
+            if self._kept_bytes > self._limit:
+                self.broken = True
+                self._kept = {}
+            else:
+                self._kept[name] = bytes(data)
+
+    def layout(self, store, entries, table):
+        """The :class:`Layout` of the file (the manifest's tensor ``entries`` and raw ``table``,
+        their packs written), or None: a tensor not in a pack nor kept, a member not found where
+        the manifest says, or too much kept."""
+        budgeted = sum(self._sizes)  # as Smudger.write weighs a format that does not spool
+        total = len(self.prelude) + budgeted
+        if self.broken or table is None or 2 * self._kept_bytes > total:
+            return None
+        location = locate_rows(store, table)
+        if location is None:
+            return None
+        packs, parts = {}, [[None, len(self.prelude), 0]]
+        literals = [self.prelude]
+        if not entries and self._names == table.names and list(self._sizes) == list(table.sizes):
+            # Every tensor a row of the table, in its order (one dtype, names sorted): its
+            # stretches at once (a column at a time, 200,000 rows)
+            numbers, offsets, sizes = location
+            for first, stop in stretches(numbers, offsets, sizes):
+                pack = table.distinct[int(numbers[first])].oid
+                begin = int(offsets[first])
+                end = int(offsets[stop - 1]) + int(sizes[stop - 1])
+                parts.append([packs.setdefault(pack, len(packs)), begin, end - begin, stop - first])
+            return Layout(list(packs), parts, literals, total, budgeted)
+        rows = dict(zip(table.names, range(len(table))))
+        numbers, offsets, sizes = location
+        literals = [bytearray(self.prelude)]  # kept tensors next to it are appended
+        for name, size in zip(self._names, self._sizes):
+            kept = self._kept.get(name)
+            if kept is not None:
+                if parts[-1][0] is None:
+                    parts[-1][1] += size
+                    literals[-1] += kept
+                else:
+                    parts.append([None, size, 0])
+                    literals.append(bytearray(kept))
+                continue
+            row = rows.get(name)
+            if row is not None:
+                found = (table.distinct[int(numbers[row])].oid, int(offsets[row]), int(sizes[row]))
+            else:
+                entry = entries.get(name)
+                found = store.member(entry.digest) if entry is not None and is_raw(entry) else None
+            if found is None or found[2] != size:
+                return None
+            number, offset = packs.setdefault(found[0], len(packs)), found[1]
+            last = parts[-1]
+            if last[0] == number and last[1] + last[2] == offset:
+                last[2] += size
+                last[3] += 1
+            else:
+                parts.append([number, offset, size, 1])
+        if not packs:
+            return None
+        return Layout(list(packs), parts, [bytes(b) for b in literals], total, budgeted)
+
+
+#: raw tables of at least this many rows are located with numpy: its import (~55 ms) costs more
+#: than looking up 20,000 rows one by one, less than looking up 200,000
+NUMPY_ROWS = 50_000
+
+
+def locate_rows(store, table):
+    """``(numbers, offsets, sizes)``, one per row, of every raw table row's member in the pack
+    its line names, or None when some row is not found there with its size. Found once per
+    table (kept in ``table.location``), a column at a time: numpy arrays for a large table,
+    lists for a small one."""
+    if table.location is not None:
+        return table.location
+    # Not found is not kept: a fetch (Smudger._fetch_missing) may bring the packs meanwhile.
+    large = len(table) >= NUMPY_ROWS
+    if large and table.binary is None:  # a table clean made: its digests' bytes, once
+        table.binary = bytes.fromhex("".join(table.digests))
+    found = (_located_numpy if large else _located)(store, table)
+    if found is not None:
+        table.location = found
+    return found
+
+
+def _located(store, table):
+    """:func:`_locate_rows` row by row, in each pack's index dict."""
+    indexes = [store.pack_index(pack.oid) for pack in table.distinct]
+    if None in indexes:
+        return None
+    if len(indexes) == 1:
+        found = list(map(indexes[0].entries.get, table.digests))
+    else:
+        found = [indexes[number].entries.get(digest) for number, digest in zip(table.numbers, table.digests)]
+    if None in found:
+        return None
+    sizes = [size for _, size in found]
+    if sizes != table.sizes:
+        return None
+    return table.numbers, [offset for offset, _ in found], sizes
+
+
+def _located_numpy(store, table):
+    """:func:`_locate_rows` with one binary search per pack over its index (numpy)."""
+    import numpy as np
+
+    digests = np.frombuffer(table.binary, dtype=np.uint8).reshape(len(table), 32)
+    numbers = np.array(table.numbers, dtype=np.int64)
+    offsets = np.zeros(len(table), dtype=np.uint64)
+    sizes = np.zeros(len(table), dtype=np.uint64)
+    for number, pack in enumerate(table.distinct):
+        rows = numbers == number if len(table.distinct) > 1 else slice(None)
+        found = store.locate(pack.oid, digests[rows])
+        if found is None or not found[2].all():
+            return None
+        offsets[rows], sizes[rows] = found[0], found[1]
+    if not np.array_equal(sizes, np.array(table.sizes, dtype=np.uint64)):
+        return None
+    return numbers, offsets, sizes
+
+
+def pick(column, at):
+    """``column`` (a list or numpy array) at positions ``at``."""
+    return [column[i] for i in at] if isinstance(column, list) else column[at]
+
+
+def stretches(numbers, offsets, sizes):
+    """``(first, stop)`` of each stretch of rows lying back to back in one pack."""
+    count = len(offsets)
+    if isinstance(offsets, list):
+        breaks = [
+            i for i in range(1, count) if numbers[i] != numbers[i - 1] or offsets[i] != offsets[i - 1] + sizes[i - 1]
+        ]
+    else:
+        ends = offsets + sizes
+        breaks = ((numbers[1:] != numbers[:-1]) | (offsets[1:] != ends[:-1])).nonzero()[0] + 1
+        breaks = breaks.tolist()
+    return zip([0, *breaks], [*breaks, count])

@@ -21,7 +21,7 @@ from git_theta import registry as plugins
 from git_theta.tensors.buffers import BufferPool, new_buffer, using
 from git_theta.updates.chain import DecodedCache, decode_tensor
 from git_theta.errors import ObjectMissingError
-from git_theta.filter.layouts import Layout, LayoutRecorder, layout_key
+from git_theta.filter.layouts import Layout, LayoutRecorder, layout_key_of, locate_rows, pick, stretches
 from git_theta.formats.base import TensorSource
 from git_theta.manifest import Manifest, ObjectRef, is_manifest, is_raw
 from git_theta.config import settings_for
@@ -180,15 +180,15 @@ class StoreTensorSource(TensorSource):
         member is where the manifest says, in a pack that is intact (its members checked by this
         clone, its bytes unchanged since); otherwise each tensor is decoded and verified."""
         table, store = self._table, self._store
-        location = _locate_rows(store, table)
+        location = locate_rows(store, table)
         if location is None or not all(store.intact_pack(pack.oid) for pack in table.distinct):
             yield from self._joined(names)
             return
         numbers, offsets, sizes = location
         if rows is not None:
             at = [row - 1 for row in rows]
-            numbers, offsets, sizes = (_pick(column, at) for column in location)
-        for first, stop in _stretches(numbers, offsets, sizes):
+            numbers, offsets, sizes = (pick(column, at) for column in location)
+        for first, stop in stretches(numbers, offsets, sizes):
             pack = table.distinct[int(numbers[first])].oid
             begin = int(offsets[first])
             view = store.pack_view(pack, begin, int(offsets[stop - 1] + sizes[stop - 1]) - begin)
@@ -298,10 +298,6 @@ class StoreTensorSource(TensorSource):
         return large.pop(0)
 
 
-#: manifests from this size are written from a recorded layout when they were before (one with
-#: fewer bytes cannot have the raw table, COLUMNS_FROM lines, that a layout is recorded for)
-LAYOUT_FROM = 16 << 10
-
 #: batches of tensors averaging fewer bytes than this are processed in the calling thread. Hashing
 #: a few KiB releases the GIL for microseconds, and a worker then waits for it behind the busy
 #: reading or writing thread: measured on 20,000 tensors of 4 KiB with 1% changed, adding took
@@ -317,85 +313,10 @@ def _missing(store, manifest):
         return [r.oid for r in store.missing(manifest.member_objects())]
     refs = [*manifest.blobs.values(), *(ref for e in entries.values() for ref in e.objects)]
     absent = [r.oid for r in store.missing(refs)]
-    if _locate_rows(store, table) is None:  # some not where the manifest says: asked one by one
+    if locate_rows(store, table) is None:  # some not where the manifest says: asked one by one
         rows = [ObjectRef(d, size) for d, size in zip(table.digests, table.sizes)]
         absent += [r.oid for r in store.missing(rows)]
     return absent
-
-
-#: raw tables of at least this many rows are located with numpy: its import (~55 ms) costs more
-#: than looking up 20,000 rows one by one, less than looking up 200,000
-NUMPY_ROWS = 50_000
-
-
-def _locate_rows(store, table):
-    """``(numbers, offsets, sizes)``, one per row, of every raw table row's member in the pack
-    its line names, or None when some row is not found there with its size. Found once per
-    table (kept in ``table.location``), a column at a time: numpy arrays for a large table,
-    lists for a small one."""
-    if table.location is not None:
-        return table.location
-    # Not found is not kept: a fetch (Smudger._fetch_missing) may bring the packs meanwhile.
-    large = len(table) >= NUMPY_ROWS and table.binary is not None
-    found = (_located_numpy if large else _located)(store, table)
-    if found is not None:
-        table.location = found
-    return found
-
-
-def _located(store, table):
-    """:func:`_locate_rows` row by row, in each pack's index dict."""
-    indexes = [store.pack_index(pack.oid) for pack in table.distinct]
-    if None in indexes:
-        return None
-    if len(indexes) == 1:
-        found = list(map(indexes[0].entries.get, table.digests))
-    else:
-        found = [indexes[number].entries.get(digest) for number, digest in zip(table.numbers, table.digests)]
-    if None in found:
-        return None
-    sizes = [size for _, size in found]
-    if sizes != table.sizes:
-        return None
-    return table.numbers, [offset for offset, _ in found], sizes
-
-
-def _located_numpy(store, table):
-    """:func:`_locate_rows` with one binary search per pack over its index (numpy)."""
-    import numpy as np
-
-    digests = np.frombuffer(table.binary, dtype=np.uint8).reshape(len(table), 32)
-    numbers = np.array(table.numbers, dtype=np.int64)
-    offsets = np.zeros(len(table), dtype=np.uint64)
-    sizes = np.zeros(len(table), dtype=np.uint64)
-    for number, pack in enumerate(table.distinct):
-        rows = numbers == number if len(table.distinct) > 1 else slice(None)
-        found = store.locate(pack.oid, digests[rows])
-        if found is None or not found[2].all():
-            return None
-        offsets[rows], sizes[rows] = found[0], found[1]
-    if not np.array_equal(sizes, np.array(table.sizes, dtype=np.uint64)):
-        return None
-    return numbers, offsets, sizes
-
-
-def _pick(column, at):
-    """``column`` (a list or numpy array) at positions ``at``."""
-    return [column[i] for i in at] if isinstance(column, list) else column[at]
-
-
-def _stretches(numbers, offsets, sizes):
-    """``(first, stop)`` of each stretch of rows lying back to back in one pack."""
-    count = len(offsets)
-    if isinstance(offsets, list):
-        breaks = [
-            i for i in range(1, count) if numbers[i] != numbers[i - 1] or offsets[i] != offsets[i - 1] + sizes[i - 1]
-        ]
-    else:
-        ends = offsets + sizes
-        breaks = ((numbers[1:] != numbers[:-1]) | (offsets[1:] != ends[:-1])).nonzero()[0] + 1
-        breaks = breaks.tolist()
-    return zip([0, *breaks], [*breaks, count])
 
 
 def done(value):
@@ -527,14 +448,12 @@ class Smudger:
 
     def _layout_key(self, data):
         """The key of the layout of manifest ``data`` (None: it has none, or layouts are off)."""
-        if len(data) < LAYOUT_FROM or not self.settings.get_bool("layoutCache"):
+        if not self.settings.get_bool("layoutCache"):
             return None
         lines = data[:512].split(b"\n", 2)
         if len(lines) < 3 or not lines[1].startswith(b"format "):
             return None  # parsing says what is wrong
-        name = lines[1][len(b"format ") :].decode("utf-8", "replace")
-        version = plugins.version("format", name)
-        return layout_key(data, f"{name} {version}") if version is not None else None
+        return layout_key_of(data, lines[1][len(b"format ") :].decode("utf-8", "replace"))
 
     def _recorded_layout(self, key):
         """The layout recorded for the manifest with layout key ``key``, when every pack it

@@ -23,6 +23,10 @@ class CheckpointReader:
         #: many bytes with :func:`git_theta.tensors.streaming.read_hashed`, which hashes them
         #: while they arrive (None: never)
         self.stream_threshold = None
+        #: the file's bytes before its first tensor, set by a reader whose file is exactly these
+        #: bytes followed by each tensor's bytes in the order it yields them (safetensors): clean
+        #: then records how the version it adds is written back (filter/layouts.py). None: not so
+        self.prelude = None
 
     def tensors(self):
         """Yield :class:`git_theta.updates.base.TensorData` objects (without digest)."""

@@ -310,6 +310,7 @@ class _Reader(CheckpointReader):
             self.fields["metadata"] = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
         if not canonical:
             self.blobs["header"] = raw
+        self.prelude = struct.pack("<Q", len(raw)) + raw  # then the tensors, back to back
         huge = self.stream_threshold
         count, position = len(names), 0
         while position < count:

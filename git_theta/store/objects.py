@@ -120,6 +120,10 @@ class ObjectStore:
         """:meth:`put_raw` for many small tensors: the pack each is in (see PackWriter.add_many)."""
         return self._packer.add_many(oids, datas)
 
+    def member(self, oid):
+        """``(pack oid, offset, size)`` of packed object ``oid`` in a pack here, or None."""
+        return self._member(oid, reload=True)
+
     def _member(self, oid, reload=False):
         """(pack oid, offset, size) of a packed object, or None."""
         found = self._members.get(oid)
