@@ -205,6 +205,32 @@ def test_an_add_of_tensors_in_the_tables_order_records_one_slice(repo, monkeypat
     _replays_what_the_add_recorded(repo, monkeypatch, original)
 
 
+def test_the_first_add_of_a_file_takes_its_layout_from_the_packs_it_wrote(repo, monkeypatch):
+    """The first clean of a file knows where its tensors went (each pack's order): it neither
+    reads a pack index nor binary-searches one (``locate_rows``), across two packs too."""
+    from git_theta.filter import layouts
+    from git_theta.filter.clean import Cleaner
+
+    repo.git("config", "theta.packSize", "20k")  # 300 tensors of 64 bytes, 48 of index each: 2 packs
+    config.forget()
+    rng = np.random.default_rng(8)
+    save_safetensors(repo.file(MODEL), {f"p.{i:04d}": rng.standard_normal(16).astype(np.float32) for i in range(ROWS)})
+    original = repo.file(MODEL).read_bytes()
+    monkeypatch.setattr(layouts, "locate_rows", lambda *a: pytest.fail("rows located"))
+    handle = Repo(repo.path)
+    cleaner = Cleaner(handle)
+    try:
+        data = cleaner.clean(io.BytesIO(original), MODEL)
+    finally:
+        cleaner.close()
+        handle.store.close()
+    assert len(Manifest.parse(data).packs()) == 2
+    layout = Layout.from_bytes(_sql(repo, "SELECT layout FROM layouts"))
+    assert [part[0] for part in layout.parts] == [None, 0, 1]
+    prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Layout) and written == original
+
+
 def test_an_add_records_the_layout_of_a_header_the_library_did_not_write(repo, monkeypatch):
     """A header kept as a blob (keys in another order, spaces): its layout holds it as read."""
     import json

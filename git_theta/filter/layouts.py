@@ -1,5 +1,5 @@
-"""File layouts: what a smudge wrote, kept so that the same manifest is written again without
-working it out anew.
+"""File layouts: how a many-tensor file is written, kept so that the same manifest is written
+again without working it out anew.
 
 A checkpoint whose tensors are small raw tensors in packs (a mixture-of-experts checkpoint, an
 optimizer state) is written as its format's own bytes (a safetensors header) and slices of packs.
@@ -9,11 +9,13 @@ finding every tensor in its pack's index and rendering the header took ~0.6 s, w
 records the layout it wrote: the literal bytes (the header, and the few tensors it decoded, such
 as a new version's changed tensors stored as deltas), and for each slice its pack, offset and
 length. A later smudge of the same manifest bytes (back to a branch, a version checked out again)
-replays it: a sha256 of the manifest, one cache lookup, the packs' check, and the writes.
+replays it: a sha256 of the manifest, one cache lookup, the packs' check, and the writes. The add
+of a version records the same layout from what it read (:class:`CleanRecord`), so even the first
+checkout of a version added in this clone is a replay.
 
 Trust (DESIGN §12): a layout lives in the local cache, which nothing a repository or a remote
-ships can write, and only this clone's own smudge records one, from intact packs and tensors it
-verified before writing them. It is keyed by the sha256 of the manifest bytes and the format's
+ships can write, and only this clone's own smudge or clean records one, from intact packs and
+tensors it verified before writing them (or hashed for the manifest it wrote). It is keyed by the sha256 of the manifest bytes and the format's
 name and version, and stored with zstd's checksum. Every pack it slices must still be intact
 (:meth:`~git_theta.store.objects.ObjectStore.intact_pack`) when it is replayed; otherwise the
 manifest is smudged as usual. A replay writes exactly the bytes the recorded smudge wrote.
@@ -266,14 +268,22 @@ class CleanRecord:
         total = len(self.prelude) + budgeted
         if self.broken or table is None or 2 * self._kept_bytes > total:
             return None
+        packs, parts = {}, [[None, len(self.prelude), 0]]
+        literals = [self.prelude]
+        in_order = not entries and self._names == table.names and self._sizes == list(table.sizes)
+        if in_order:
+            # Every tensor a row of the table, in its order (one dtype, names sorted); the first
+            # version of a file: each in the pack this clean wrote, in the pack's order
+            written = _written_in_order(table)
+            if written is not None:
+                for pack, offset, size, count in written:
+                    parts.append([packs.setdefault(pack, len(packs)), offset, size, count])
+                return Layout(list(packs), parts, literals, total, budgeted)
         location = locate_rows(store, table)
         if location is None:
             return None
-        packs, parts = {}, [[None, len(self.prelude), 0]]
-        literals = [self.prelude]
-        if not entries and self._names == table.names and list(self._sizes) == list(table.sizes):
-            # Every tensor a row of the table, in its order (one dtype, names sorted): its
-            # stretches at once (a column at a time, 200,000 rows)
+        if in_order:
+            # Its stretches at once (a column at a time, 200,000 rows)
             numbers, offsets, sizes = location
             for first, stop in stretches(numbers, offsets, sizes):
                 pack = table.distinct[int(numbers[first])].oid
@@ -312,6 +322,26 @@ class CleanRecord:
         if not packs:
             return None
         return Layout(list(packs), parts, [bytes(b) for b in literals], total, budgeted)
+
+
+def _written_in_order(table):
+    """``[(pack oid, offset, size, rows)]``: the rows of ``table`` (a clean's own) as stretches
+    of the packs that clean wrote, when each pack's rows are consecutive in the table and are
+    its first members, in its order (as the first clean of a file lays them out); else None.
+    No index is read, no numpy imported: the packs' own record of their order says where."""
+    numbers, digests, sizes = table.numbers, table.digests, table.sizes
+    found, row = [], 0
+    while row < len(table):
+        number = numbers[row]
+        pack = table.distinct[number]
+        order, count = getattr(pack, "order", None), numbers.count(number)
+        if order is None or numbers[row : row + count].count(number) != count:
+            return None
+        if order[:count] != digests[row : row + count]:
+            return None
+        found.append((pack.oid, pack.start, sum(sizes[row : row + count]), count))
+        row += count
+    return found
 
 
 #: raw tables of at least this many rows are located with numpy: its import (~55 ms) costs more

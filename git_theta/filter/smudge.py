@@ -1,6 +1,7 @@
 """Smudge: write a checkpoint back from its manifest, decoding tensors ahead in parallel.
 
-A many-tensor file smudged before is written from the layout recorded then (filter/layouts.py).
+A many-tensor file added or smudged before is written from the layout recorded then
+(filter/layouts.py).
 
 Content that is not a manifest (a file committed before it was tracked) passes through unchanged.
 Every object is checked for presence before anything is written, so a missing object fails the file

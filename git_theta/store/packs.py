@@ -314,6 +314,7 @@ class PackWriter:
             return
         ref = self._store.put_chunks(pack_bytes(members), split=False, pack=False)
         pack.oid, pack.size = ref.oid, ref.size
+        pack.order, pack.start = list(members), HEAD + _ENTRY.size * len(members)
 
     def flush(self):
         """Write the pack being filled (one temp file, one fsync, one rename), after any pack
@@ -336,10 +337,14 @@ class PackWriter:
 
 
 class PendingPack:
-    """The pack a member is going into; ``oid`` and ``size`` are set once it is written."""
+    """The pack a member is going into; ``oid`` and ``size`` are set once it is written, with
+    ``order``, its members' ids in the order their bytes follow one another from offset
+    ``start`` (what the clean that wrote it needs to record the layout of its file)."""
 
-    __slots__ = ("oid", "size")
+    __slots__ = ("oid", "size", "order", "start")
 
     def __init__(self):
         self.oid = None
         self.size = None
+        self.order = None
+        self.start = None
