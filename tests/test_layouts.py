@@ -231,6 +231,18 @@ def test_the_first_add_of_a_file_takes_its_layout_from_the_packs_it_wrote(repo, 
     assert isinstance(prepared, Layout) and written == original
 
 
+def test_an_add_of_a_file_with_repeated_tensors_records_where_each_is(repo, monkeypatch):
+    """Tensors with the same bytes are one pack member: each is a slice of it, in file order."""
+    rng = np.random.default_rng(9)
+    same = np.zeros(24, dtype=np.float32)
+    tensors = {f"r.{i:04d}": same if i % 3 == 0 else rng.standard_normal(24).astype(np.float32) for i in range(ROWS)}
+    save_safetensors(repo.file(MODEL), tensors)
+    original = repo.file(MODEL).read_bytes()
+    repo.commit("v1", MODEL)
+    assert _layouts(repo) == 1
+    _replays_what_the_add_recorded(repo, monkeypatch, original)
+
+
 def test_an_add_records_the_layout_of_a_header_the_library_did_not_write(repo, monkeypatch):
     """A header kept as a blob (keys in another order, spaces): its layout holds it as read."""
     import json
