@@ -160,6 +160,8 @@ class Repo:
             self._cat_file = None
         if "store" in self.__dict__:
             self.store.close()
+        if "cache" in self.__dict__:
+            self.cache.close()
 
     def relative(self, path):
         """``path`` relative to the work tree root, with forward slashes (git's pathname)."""
