@@ -99,3 +99,16 @@ def test_portable_install_records_the_bare_command_and_uninstall_removes_either(
     r.theta("install")
     r.theta("uninstall")
     assert not any(key.startswith(("filter.theta", "merge.theta")) for key in config(r))
+
+
+def test_the_filter_places_its_hooks_where_core_hooks_path_says(repo):
+    """A repository whose hooks live elsewhere (core.hooksPath, relative to the work tree, as
+    husky and pre-commit set it) gets the pre-push hook there from its first filter run."""
+    default = repo.path / ".git" / "hooks" / "pre-push"
+    default.unlink(missing_ok=True)  # placed by the fixture's first filter run
+    repo.git("config", "core.hooksPath", "tools/hooks")
+    save_safetensors(repo.path / "model.safetensors", random_state_dict(seed=3))
+    repo.git("add", "model.safetensors")
+    placed = repo.path / "tools" / "hooks" / "pre-push"
+    assert "git-theta pre-push hook" in placed.read_text()
+    assert not default.exists()

@@ -22,8 +22,8 @@ SOURCE = Path(__file__).parent.parent / "hooks"
 
 
 def hooks_dir(repo):
-    out = repo.git("rev-parse", "--git-path", "hooks").decode().strip()
-    return (Path(repo.cwd) / out).resolve()
+    """Git's hooks folder for ``repo`` (asked when the Repo was made: ``--git-path hooks``)."""
+    return repo.hooks_dir
 
 
 def _ours(path):

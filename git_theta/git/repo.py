@@ -87,14 +87,13 @@ class Repo:
 
     def __init__(self, path="."):
         path = Path(path).resolve()
-        proc = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel", "--git-dir", "--git-common-dir"],
-            cwd=path,
-            capture_output=True,
-        )
+        # The hooks folder too (core.hooksPath honoured): the filter process places its hooks at
+        # every start, and one git process less is ~10-25 ms of each start.
+        asked = ["--git-dir", "--git-common-dir", "--git-path", "hooks"]
+        proc = subprocess.run(["git", "rev-parse", "--show-toplevel", *asked], cwd=path, capture_output=True)
         if proc.returncode != 0:
             # a bare repository has no top level
-            proc = subprocess.run(["git", "rev-parse", "--git-dir", "--git-common-dir"], cwd=path, capture_output=True)
+            proc = subprocess.run(["git", "rev-parse", *asked], cwd=path, capture_output=True)
             if proc.returncode != 0:
                 raise NotInRepositoryError(
                     f"not a git repository: {path}", hint="run this inside a git repository (git init)"
@@ -106,6 +105,7 @@ class Repo:
             self.work_tree = Path(lines.pop(0))
         self.git_dir = (path / lines[0]).resolve()
         self.common_dir = (path / lines[1]).resolve()
+        self.hooks_dir = (path / lines[2]).resolve()
         self.cwd = self.work_tree or self.git_dir
         self._cat_file = None
 
