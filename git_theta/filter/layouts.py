@@ -235,16 +235,19 @@ class CleanRecord:
     """
 
     def __init__(self, prelude, limit=DECODED_LIMIT):
-        self.prelude = bytes(prelude)
+        # A header past the literal limit (up to 100 MB in a hostile file) is not held a second time.
+        self.broken = len(prelude) > LITERAL_LIMIT
+        self.prelude = b"" if self.broken else bytes(prelude)
         self._names, self._sizes = [], []
         self._kept = {}  # name -> bytes of a tensor stored other than raw in a pack
         self._kept_bytes = 0
         self._limit = limit
         self._lock = threading.Lock()  # stored() is told from clean's workers
-        self.broken = len(self.prelude) > LITERAL_LIMIT
 
     def read(self, names, sizes):
         """Tensors ``names`` of ``sizes`` bytes come next in the file (the reading thread)."""
+        if self.broken:
+            return
         self._names += names
         self._sizes += sizes
 
