@@ -73,16 +73,22 @@ def _checked_out(repo, big=False):
     return original, data
 
 
+def _replayed(repo, monkeypatch, data, expected):
+    """Smudge manifest ``data`` in this process: written from its recorded layout alone, its
+    manifest never parsed, to ``expected``."""
+    with monkeypatch.context() as patch:
+        patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
+        prepared, written = _smudge(repo, data)
+    assert isinstance(prepared, Layout) and written == expected
+
+
 def _replays_without_parsing(repo, monkeypatch, data, expected):
     """Check the file out through git (recording its layout), then smudge manifest ``data``
     again in this process: written from the layout alone, its manifest never parsed."""
     repo.file(MODEL).unlink()
     repo.git("checkout", "--", MODEL)
     assert repo.file(MODEL).read_bytes() == expected and _layouts(repo) == 1
-    with monkeypatch.context() as patch:
-        patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
-        prepared, written = _smudge(repo, data)
-    assert isinstance(prepared, Layout) and written == expected
+    _replayed(repo, monkeypatch, data, expected)
 
 
 def _forget_layouts(repo):
@@ -95,10 +101,7 @@ def _replays_what_the_add_recorded(repo, monkeypatch, expected):
     """The version just committed (never checked out) smudges from the layout its add recorded,
     its manifest never parsed, to the bytes it was added from."""
     data = repo.show(f"HEAD:{MODEL}")
-    with monkeypatch.context() as patch:
-        patch.setattr(Manifest, "parse", classmethod(lambda cls, *a, **k: pytest.fail("manifest parsed")))
-        prepared, written = _smudge(repo, data)
-    assert isinstance(prepared, Layout) and written == expected
+    _replayed(repo, monkeypatch, data, expected)
     return data
 
 

@@ -375,6 +375,8 @@ class Cleaner:
                 digests = [sha256(data).hexdigest() for data in views]
                 rows = range(len(digests))
                 sizes = list(map(operator.sub, bounds[1:], bounds))
+                if record is not None:
+                    record.read(run.names, sizes)  # in file order: runs are cleaned as they are read
                 results, reused = [], []
                 if known or parent_entries or made_here:
                     rows = []
@@ -419,7 +421,7 @@ class Cleaner:
             return pool.submit(job, batch)
 
         # What the file is made of, for the layout its checkout will write (filter/layouts.py).
-        layouts, record = self.settings.get_bool("layoutCache"), None
+        recording, record = self.settings.get_bool("layoutCache"), None
         # Small objects go into packs, written (one fsync, one rename each) before the manifest.
         with self.store.packing():
             futures = []
@@ -435,12 +437,9 @@ class Cleaner:
                 small = min(INLINE_BELOW, self.store.pack_threshold)
                 runs = not remember and request is None and small > 0
                 for tensor in checkpoint.runs(small) if runs else checkpoint.tensors():
-                    if record is None and layouts and checkpoint.prelude is not None:
+                    if record is None and recording and checkpoint.prelude is not None:
                         record = CleanRecord(checkpoint.prelude)  # the header is read by now
                     if isinstance(tensor, TensorRun):
-                        if record is not None:
-                            bounds = tensor.bounds
-                            record.read(tensor.names, list(map(operator.sub, bounds[1:], bounds)))
                         if batch:
                             futures.append(submit(process, batch, batch_bytes))
                             batch, batch_bytes = [], 0

@@ -15,8 +15,9 @@ checkout of a version added in this clone is a replay.
 
 Trust (DESIGN §12): a layout lives in the local cache, which nothing a repository or a remote
 ships can write, and only this clone's own smudge or clean records one, from intact packs and
-tensors it verified before writing them (or hashed for the manifest it wrote). It is keyed by the sha256 of the manifest bytes and the format's
-name and version, and stored with zstd's checksum. Every pack it slices must still be intact
+tensors it verified before writing them (or hashed for the manifest it wrote). It is keyed by
+the sha256 of the manifest bytes and the format's name and version, and stored with zstd's
+checksum. Every pack it slices must still be intact
 (:meth:`~git_theta.store.objects.ObjectStore.intact_pack`) when it is replayed; otherwise the
 manifest is smudged as usual. A replay writes exactly the bytes the recorded smudge wrote.
 """
@@ -132,6 +133,43 @@ class Layout:
                 view = None
 
 
+class _Parts:
+    """A layout's parts as they are laid down, in file order: literal bytes that follow literal
+    bytes join their part, and a slice that continues the last slice of the same pack joins it."""
+
+    def __init__(self):
+        self.packs = {}  # pack oid -> number
+        self.parts = []
+        self._pieces = []  # per literal part, its pieces (copies: a writer may reuse its buffers)
+
+    def literal(self, data):
+        """Literal bytes ``data`` come next."""
+        size = memoryview(data).nbytes
+        piece = data if type(data) is bytes else bytes(data)
+        last = self.parts[-1] if self.parts else None
+        if last is not None and last[0] is None:
+            last[1] += size
+            self._pieces[-1].append(piece)
+        else:
+            self.parts.append([None, size, 0])
+            self._pieces.append([piece])
+
+    def slice(self, pack, offset, size, tensors):
+        """``size`` bytes of ``pack`` at ``offset``, holding ``tensors`` tensors, come next."""
+        number = self.packs.setdefault(pack, len(self.packs))
+        last = self.parts[-1] if self.parts else None
+        if last is not None and last[0] == number and last[1] + last[2] == offset:
+            last[2] += size
+            last[3] += tensors
+        else:
+            self.parts.append([number, offset, size, tensors])
+
+    def layout(self, total, budgeted):
+        """The :class:`Layout` of the parts laid down (one piece is kept as it is, not copied)."""
+        literals = [b"".join(pieces) for pieces in self._pieces]
+        return Layout(list(self.packs), [list(p) for p in self.parts], literals, total, budgeted)
+
+
 class LayoutRecorder:
     """The smudge's output, written through, with a record of its layout.
 
@@ -146,9 +184,7 @@ class LayoutRecorder:
         self._out = out
         self._limit = limit
         self._decoded_limit = decoded_limit
-        self._packs = {}  # pack oid -> number
-        self._parts = []
-        self._literals = []  # a bytearray per literal part
+        self._parts = _Parts()
         self._literal_bytes = 0
         self._decoded_bytes = 0
         self._total = 0
@@ -167,7 +203,7 @@ class LayoutRecorder:
     def abandon(self):
         """Record nothing for this file."""
         self.broken = True
-        self._parts, self._literals = [], []
+        self._parts = _Parts()
 
     def writable(self):
         return True
@@ -187,7 +223,6 @@ class LayoutRecorder:
         expected, self._expected = self._expected, None
         size = memoryview(data).nbytes
         self._total += size
-        last = self._parts[-1] if self._parts else None
         if expected is not None and expected[0] is data and expected[1] is None:
             self._decoded_bytes += size  # then kept below as literal bytes, as any other
             if self._decoded_bytes > self._decoded_limit:
@@ -195,30 +230,20 @@ class LayoutRecorder:
                 return
         elif expected is not None and expected[0] is data:
             _, pack, offset, tensors = expected
-            number = self._packs.setdefault(pack, len(self._packs))
-            if last is not None and last[0] == number and last[1] + last[2] == offset:
-                last[2] += size
-                last[3] += tensors
-            else:
-                self._parts.append([number, offset, size, tensors])
+            self._parts.slice(pack, offset, size, tensors)
             return
         self._literal_bytes += size
         if self._literal_bytes > self._limit:
             self.abandon()
-        elif last is not None and last[0] is None:
-            last[1] += size
-            self._literals[-1] += data
         else:
-            self._parts.append([None, size, 0])
-            self._literals.append(bytearray(data))
+            self._parts.literal(data)
 
     def layout(self, budgeted=0):
         """The :class:`Layout` written (``budgeted``: see :class:`Layout`), or None (abandoned,
         mostly decoded, or not a slice of a pack in it)."""
-        if self.broken or not self._packs or 2 * self._decoded_bytes > self._total:
+        if self.broken or not self._parts.packs or 2 * self._decoded_bytes > self._total:
             return None
-        parts, literals = [list(p) for p in self._parts], [bytes(b) for b in self._literals]
-        return Layout(list(self._packs), parts, literals, self._total, budgeted)
+        return self._parts.layout(self._total, budgeted)
 
 
 class CleanRecord:
@@ -271,41 +296,29 @@ class CleanRecord:
         total = len(self.prelude) + budgeted
         if self.broken or table is None or 2 * self._kept_bytes > total:
             return None
-        packs, parts = {}, [[None, len(self.prelude), 0]]
-        literals = [self.prelude]
+        parts = _Parts()
+        parts.literal(self.prelude)
         in_order = not entries and self._names == table.names and self._sizes == list(table.sizes)
-        if in_order:
-            # Every tensor a row of the table, in its order (one dtype, names sorted); the first
-            # version of a file: each in the pack this clean wrote, in the pack's order
-            written = _written_in_order(table)
-            if written is not None:
-                for pack, offset, size, count in written:
-                    parts.append([packs.setdefault(pack, len(packs)), offset, size, count])
-                return Layout(list(packs), parts, literals, total, budgeted)
+        # Every tensor a row of the table, in its order (one dtype, names sorted), in the packs
+        # this clean wrote, in their order (the first version of a file): where is known.
+        written = _written_in_order(table) if in_order else None
+        if written is not None:
+            for pack, offset, size, count in written:
+                parts.slice(pack, offset, size, count)
+            return parts.layout(total, budgeted)
         location = locate_rows(store, table)
         if location is None:
             return None
-        if in_order:
-            # Its stretches at once (a column at a time, 200,000 rows)
-            numbers, offsets, sizes = location
-            for first, stop in stretches(numbers, offsets, sizes):
-                pack = table.distinct[int(numbers[first])].oid
-                begin = int(offsets[first])
-                end = int(offsets[stop - 1]) + int(sizes[stop - 1])
-                parts.append([packs.setdefault(pack, len(packs)), begin, end - begin, stop - first])
-            return Layout(list(packs), parts, literals, total, budgeted)
+        if in_order:  # the rows' stretches at once (a column at a time, 200,000 rows)
+            for pack, offset, size, count in pack_slices(table, *location):
+                parts.slice(pack, offset, size, count)
+            return parts.layout(total, budgeted)
         rows = dict(zip(table.names, range(len(table))))
         numbers, offsets, sizes = location
-        literals = [bytearray(self.prelude)]  # kept tensors next to it are appended
         for name, size in zip(self._names, self._sizes):
             kept = self._kept.get(name)
             if kept is not None:
-                if parts[-1][0] is None:
-                    parts[-1][1] += size
-                    literals[-1] += kept
-                else:
-                    parts.append([None, size, 0])
-                    literals.append(bytearray(kept))
+                parts.literal(kept)
                 continue
             row = rows.get(name)
             if row is not None:
@@ -315,16 +328,8 @@ class CleanRecord:
                 found = store.member(entry.digest) if entry is not None and is_raw(entry) else None
             if found is None or found[2] != size:
                 return None
-            number, offset = packs.setdefault(found[0], len(packs)), found[1]
-            last = parts[-1]
-            if last[0] == number and last[1] + last[2] == offset:
-                last[2] += size
-                last[3] += 1
-            else:
-                parts.append([number, offset, size, 1])
-        if not packs:
-            return None
-        return Layout(list(packs), parts, [bytes(b) for b in literals], total, budgeted)
+            parts.slice(found[0], found[1], size, 1)
+        return parts.layout(total, budgeted) if parts.packs else None
 
 
 def _written_in_order(table):
@@ -370,7 +375,7 @@ def locate_rows(store, table):
 
 
 def _located(store, table):
-    """:func:`_locate_rows` row by row, in each pack's index dict."""
+    """:func:`locate_rows` row by row, in each pack's index dict."""
     indexes = [store.pack_index(pack.oid) for pack in table.distinct]
     if None in indexes:
         return None
@@ -387,7 +392,7 @@ def _located(store, table):
 
 
 def _located_numpy(store, table):
-    """:func:`_locate_rows` with one binary search per pack over its index (numpy)."""
+    """:func:`locate_rows` with one binary search per pack over its index (numpy)."""
     import numpy as np
 
     digests = np.frombuffer(table.binary, dtype=np.uint8).reshape(len(table), 32)
@@ -410,8 +415,10 @@ def pick(column, at):
     return [column[i] for i in at] if isinstance(column, list) else column[at]
 
 
-def stretches(numbers, offsets, sizes):
-    """``(first, stop)`` of each stretch of rows lying back to back in one pack."""
+def pack_slices(table, numbers, offsets, sizes):
+    """``(pack oid, offset, size, rows)`` of each stretch of rows (their ``numbers``, ``offsets``
+    and ``sizes``: lists or numpy arrays, as :func:`locate_rows` gives, or some of them) lying
+    back to back in one of ``table``'s packs."""
     count = len(offsets)
     if isinstance(offsets, list):
         breaks = [
@@ -421,4 +428,7 @@ def stretches(numbers, offsets, sizes):
         ends = offsets + sizes
         breaks = ((numbers[1:] != numbers[:-1]) | (offsets[1:] != ends[:-1])).nonzero()[0] + 1
         breaks = breaks.tolist()
-    return zip([0, *breaks], [*breaks, count])
+    for first, stop in zip([0, *breaks], [*breaks, count]):
+        begin = int(offsets[first])
+        end = int(offsets[stop - 1]) + int(sizes[stop - 1])
+        yield table.distinct[int(numbers[first])].oid, begin, end - begin, stop - first

@@ -22,7 +22,7 @@ from git_theta import registry as plugins
 from git_theta.tensors.buffers import BufferPool, new_buffer, using
 from git_theta.updates.chain import DecodedCache, decode_tensor
 from git_theta.errors import ObjectMissingError
-from git_theta.filter.layouts import Layout, LayoutRecorder, layout_key_of, locate_rows, pick, stretches
+from git_theta.filter.layouts import Layout, LayoutRecorder, layout_key_of, locate_rows, pack_slices, pick
 from git_theta.formats.base import TensorSource
 from git_theta.manifest import Manifest, ObjectRef, is_manifest, is_raw
 from git_theta.config import settings_for
@@ -189,15 +189,13 @@ class StoreTensorSource(TensorSource):
         if rows is not None:
             at = [row - 1 for row in rows]
             numbers, offsets, sizes = (pick(column, at) for column in location)
-        for first, stop in stretches(numbers, offsets, sizes):
-            pack = table.distinct[int(numbers[first])].oid
-            begin = int(offsets[first])
-            view = store.pack_view(pack, begin, int(offsets[stop - 1] + sizes[stop - 1]) - begin)
+        for pack, begin, size, count in pack_slices(table, numbers, offsets, sizes):
+            view = store.pack_view(pack, begin, size)
             if view is None:
                 raise ObjectMissingError(f"{self._path}: pack {pack} is missing or truncated", oids=[pack])
-            kill_points(stop - first)  # a crash point per tensor, as in file order
+            kill_points(count)  # a crash point per tensor, as in file order
             if self.recorder is not None:
-                self.recorder.expect(view, pack, begin, stop - first)
+                self.recorder.expect(view, pack, begin, count)
             try:
                 yield view
             finally:
