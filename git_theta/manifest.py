@@ -607,7 +607,10 @@ class RawTable:
             names, dtypes, shapes, digests, sizes, packs = (
                 [column[i] for i in order] for column in (names, dtypes, shapes, digests, sizes, packs)
             )
-        distinct = list({id(pack): pack for pack in packs}.values())
+        # A pack is one pack however many objects stand for it (a written pack by its oid).
+        by_key = {}
+        packs = [by_key.setdefault(pack.oid or id(pack), pack) for pack in packs]
+        distinct = list(by_key.values())
         numbers = {id(pack): n for n, pack in enumerate(distinct)}
         return cls(names, dtypes, shapes, digests, sizes, packs, distinct, None, [numbers[id(p)] for p in packs])
 

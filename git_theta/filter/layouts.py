@@ -399,8 +399,12 @@ def _located_numpy(store, table):
     numbers = np.array(table.numbers, dtype=np.int64)
     offsets = np.zeros(len(table), dtype=np.uint64)
     sizes = np.zeros(len(table), dtype=np.uint64)
+    # The rows of each pack, from one sort: a mask per pack would be packs x rows of work, and a
+    # manifest may name as many packs as it has rows.
+    order = np.argsort(numbers, kind="stable")
+    bounds = np.searchsorted(numbers[order], np.arange(len(table.distinct) + 1))
     for number, pack in enumerate(table.distinct):
-        rows = numbers == number if len(table.distinct) > 1 else slice(None)
+        rows = order[bounds[number] : bounds[number + 1]] if len(table.distinct) > 1 else slice(None)
         found = store.locate(pack.oid, digests[rows])
         if found is None or not found[2].all():
             return None

@@ -59,6 +59,7 @@ class ObjectStore:
         self._indexes = {}  # pack oid -> PackIndex, of the packs loaded so far, in load order
         self._member_map = None  # member oid -> (pack oid, offset, size): see _members
         self._pack_sizes = {}  # pack oid -> size
+        self._pack_refs = {}  # pack oid -> its ObjectRef, one per pack (see packed_ref)
         self._packs_seen = None  # mtime of the packs folder when it was last listed
         self._fresh_packs = set()  # packs this process has freshened already
         self._pack_maps = {}  # pack oid -> read-only mmap of it (members are read as slices)
@@ -199,7 +200,7 @@ class ObjectStore:
         process)."""
         index = self._indexes.get(pack) or self.pack_index(pack)
         entries = index.entries if index is not None else {}
-        held = [oid in entries for oid in oids]
+        held = list(map(entries.__contains__, oids))
         if not any(held) or not self._freshen_pack(pack):
             return [False] * len(oids)
         return held
@@ -288,6 +289,7 @@ class ObjectStore:
             pass
         with self._packs_lock:
             self._pack_sizes.pop(oid, None)
+            self._pack_refs.pop(oid, None)
             self._intact.discard(oid)
             mapped = self._pack_maps.pop(oid, None)
             self._indexes.pop(oid, None)
@@ -300,7 +302,12 @@ class ObjectStore:
         found = self._members.get(oid)
         if found is None or not self._freshen_pack(found[0]):
             return None
-        return ObjectRef(oid, found[2], ObjectRef(found[0], self._pack_sizes[found[0]]))
+        # One ref per pack, not one per member: a table of the members found (a re-add of
+        # 200,000 tensors) then names a handful of packs, not thousands of copies of them.
+        home = self._pack_refs.get(found[0])
+        if home is None:
+            home = self._pack_refs[found[0]] = ObjectRef(found[0], self._pack_sizes[found[0]])
+        return ObjectRef(oid, found[2], home)
 
     def _freshen_pack(self, pack):
         if pack in self._fresh_packs:
