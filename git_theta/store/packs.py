@@ -78,6 +78,11 @@ def pack_bytes(members):
         done, start = ends[stop - 1], stop
 
 
+#: packs of at least this many members get their index built with numpy: its import (~0.1 s)
+#: costs more than sorting 50,000 ids in Python, less than sorting 200,000 (0.65 s)
+NUMPY_MEMBERS = 50_000
+
+
 def _index_bytes(oids, sizes):
     """The head and index of a pack whose members ``oids`` of ``sizes`` bytes follow it in this
     order; the index lists them sorted by oid.
@@ -85,6 +90,8 @@ def _index_bytes(oids, sizes):
     Built a column at a time (each byte of an entry is one strided copy over all entries), not
     an entry at a time: 200,000 members took 0.3 s one by one."""
     count = len(oids)
+    if count >= NUMPY_MEMBERS:
+        return _index_bytes_numpy(oids, sizes)
     start = HEAD + _ENTRY.size * count
     placed = list(itertools.accumulate(sizes[:-1], initial=start)) if count else []
     order = sorted(range(count), key=oids.__getitem__)
@@ -102,6 +109,26 @@ def _index_bytes(oids, sizes):
         table[32 + k :: _ENTRY.size] = offset_bytes[k::8]
         table[40 + k :: _ENTRY.size] = length_bytes[k::8]
     return MAGIC + _COUNT.pack(count) + bytes(table)
+
+
+def _index_bytes_numpy(oids, sizes):
+    """:func:`_index_bytes` with numpy: the same bytes (the tests compare the two)."""
+    import numpy as np
+
+    count = len(oids)
+    ids = np.frombuffer(bytes.fromhex("".join(oids)), dtype=np.uint8).reshape(count, 32)
+    words = ids.view(">u8")  # each id as 4 big-endian words: sorting them sorts the ids
+    order = np.lexsort(words.T[::-1])  # last key first: the first word decides, then the next
+    lengths = np.array(sizes, dtype=np.uint64)
+    placed = np.empty(count, dtype=np.uint64)
+    placed[0] = HEAD + _ENTRY.size * count
+    np.cumsum(lengths[:-1], out=placed[1:])
+    placed[1:] += placed[0]
+    table = np.empty((count, _ENTRY.size), dtype=np.uint8)
+    table[:, :32] = ids[order]
+    table[:, 32:40] = placed[order].astype("<u8").view(np.uint8).reshape(count, 8)
+    table[:, 40:48] = lengths[order].astype("<u8").view(np.uint8).reshape(count, 8)
+    return MAGIC + _COUNT.pack(count) + table.tobytes()
 
 
 class PackIndex:
