@@ -23,7 +23,9 @@ manifest is smudged as usual. A replay writes exactly the bytes the recorded smu
 """
 
 import hashlib
+import itertools
 import json
+import operator
 import threading
 
 from git_theta import registry as plugins
@@ -381,14 +383,14 @@ def _located(store, table):
         return None
     if len(indexes) == 1:
         found = list(map(indexes[0].entries.get, table.digests))
-    else:
-        found = [indexes[number].entries.get(digest) for number, digest in zip(table.numbers, table.digests)]
+    else:  # each row in the index of its own pack, still with no Python step per row
+        found = list(map(dict.get, map([index.entries for index in indexes].__getitem__, table.numbers), table.digests))
     if None in found:
         return None
-    sizes = [size for _, size in found]
+    offsets, sizes = map(list, zip(*found)) if found else ([], [])
     if sizes != table.sizes:
         return None
-    return table.numbers, [offset for offset, _ in found], sizes
+    return table.numbers, offsets, sizes
 
 
 def _located_numpy(store, table):
@@ -425,9 +427,12 @@ def pack_slices(table, numbers, offsets, sizes):
     back to back in one of ``table``'s packs."""
     count = len(offsets)
     if isinstance(offsets, list):
-        breaks = [
-            i for i in range(1, count) if numbers[i] != numbers[i - 1] or offsets[i] != offsets[i - 1] + sizes[i - 1]
-        ]
+        follows = map(
+            operator.and_,
+            map(operator.eq, numbers[1:], numbers),
+            map(operator.eq, offsets[1:], map(operator.add, offsets, sizes)),
+        )
+        breaks = list(itertools.compress(range(1, count), map(operator.not_, follows)))
     else:
         ends = offsets + sizes
         breaks = ((numbers[1:] != numbers[:-1]) | (offsets[1:] != ends[:-1])).nonzero()[0] + 1
