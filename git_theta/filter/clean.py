@@ -524,28 +524,29 @@ class Cleaner:
         holds the tensor (freshened, as _all_local does); the others take the per-tensor path.
         A manifest's rows are claims: each pack is asked for all its candidates at once. Done a
         column at a time: a re-add of 200,000 unchanged tensors took 2 s one by one."""
-        tables, rows = known.raw_rows(digests)
         homes = [None] * len(digests)
-        for table in {id(t): t for t in tables if t is not None}.values():
-            at = [i for i, t in enumerate(tables) if t is table] if len(tables) > 1 else range(len(tables))
-            mine = pick(rows, at)
+        for table, at, mine in known.raw_rows(digests):
+            whole = len(at) == len(digests)  # every tensor a row of this table: no copies of the run's columns
             same = map(
                 operator.and_,
-                map(operator.eq, pick(table.dtypes, mine), pick(run.dtypes, at)),
+                map(operator.eq, pick(table.dtypes, mine), run.dtypes if whole else pick(run.dtypes, at)),
                 map(
                     operator.and_,
-                    map(operator.eq, pick(table.shapes, mine), pick(run.shapes, at)),
-                    map(operator.eq, pick(table.sizes, mine), pick(sizes, at)),
+                    map(operator.eq, pick(table.shapes, mine), run.shapes if whole else pick(run.shapes, at)),
+                    map(operator.eq, pick(table.sizes, mine), sizes if whole else pick(sizes, at)),
                 ),
             )
             ok = list(same)
-            packs = pick(table.packs, mine)
-            distinct = {id(pack): pack for pack in packs}.values()
-            for pack in distinct:  # a handful
-                if len(distinct) > 1:
-                    positions = [i for i, home, good in zip(at, packs, ok) if good and home is pack]
-                else:
-                    positions = list(itertools.compress(at, ok))
+            numbers = pick(table.numbers, mine)
+            if len(set(numbers)) == 1:
+                groups = {numbers[0]: list(itertools.compress(at, ok))}
+            else:  # one pass, however many packs the table names
+                groups = {}
+                for i, number, good in zip(at, numbers, ok):
+                    if good:
+                        groups.setdefault(number, []).append(i)
+            for number, positions in groups.items():
+                pack = table.distinct[number]
                 held = self.store.in_pack(pack.oid, pick(digests, positions))
                 for i in itertools.compress(positions, held):
                     homes[i] = pack
@@ -795,22 +796,26 @@ class EntryIndex:
         return None if found is None or found[1] is None else found[:2]
 
     def raw_rows(self, keys):
-        """:meth:`raw_row` for many ``keys`` at once: ``(tables, rows)``, for each key the table
-        and row, or None and None; each source is asked a column at a time."""
-        tables, rows = [None] * len(keys), [None] * len(keys)
-        pending = range(len(keys))
+        """:meth:`raw_row` for many ``keys`` at once: ``[(table, positions, rows)]``, for each
+        table the positions in ``keys`` of the keys first found as its rows, and those rows;
+        each source is asked a column at a time."""
+        found_in, pending = [], range(len(keys))
         for source, index in self._sources:
             if not pending:
                 break
             if index is None:  # entries: a key found here is not a raw row, and is done
-                pending = [i for i in pending if keys[i] not in source]
+                pending = list(
+                    itertools.compress(pending, map(operator.not_, map(source.__contains__, pick(keys, pending))))
+                )
                 continue
             found = list(map(index.get, pick(keys, pending)))
-            for i, row in zip(pending, found):
-                if row is not None:
-                    tables[i], rows[i] = source, row
-            pending = [i for i, row in zip(pending, found) if row is None]
-        return tables, rows
+            hits = list(map(operator.is_not, found, itertools.repeat(None)))
+            if any(hits):
+                found_in.append(
+                    (source, list(itertools.compress(pending, hits)), list(itertools.compress(found, hits)))
+                )
+            pending = list(itertools.compress(pending, map(operator.not_, hits)))
+        return found_in
 
 
 class _RunRows:

@@ -418,7 +418,7 @@ def _located_numpy(store, table):
 
 def pick(column, at):
     """``column`` (a list or numpy array) at positions ``at``."""
-    return [column[i] for i in at] if isinstance(column, list) else column[at]
+    return list(map(column.__getitem__, at)) if isinstance(column, list) else column[at]
 
 
 def pack_slices(table, numbers, offsets, sizes):

@@ -152,7 +152,8 @@ class PackIndex:
         """``{member oid: (offset, size)}``."""
         if self._entries is None:
             hexed = self._raw.hex()
-            keys = [hexed[i : i + 64] for i in range(0, 96 * len(self), 96)]
+            starts = range(0, 96 * len(self), 96)
+            keys = map(hexed.__getitem__, map(slice, starts, range(64, 96 * len(self) + 64, 96)))
             self._entries = dict(zip(keys, zip(self._offsets, self._sizes)))
         return self._entries
 
