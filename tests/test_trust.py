@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import xxhash
 
 from conftest import save_safetensors
@@ -327,3 +328,41 @@ def test_ledger_prefetch_answers_a_file_in_one_query_and_never_trusts_more(tmp_p
     ledger.record([entry(2)])  # this process verified it
     assert ledger.trusted(entry(2)) and not ledger.trusted(entry(3))
     assert TrustLedger(cache).trusted(entry(2)) and not TrustLedger(cache).trusted(entry(3))
+
+
+def test_pairs_recorded_in_a_batch_are_written_together_when_it_ends(tmp_path):
+    """A clean or checkout records its pairs in one write when it ends (nested blocks: when the
+    outer one does); this process trusts them at once, another process once they are written,
+    and a batch that fails still writes what it verified."""
+    from git_theta.manifest import ObjectRef, TensorEntry
+    from git_theta.store.cache import Cache
+    from git_theta.store.trust import TrustLedger, batched
+
+    class Counting(Cache):
+        writes = 0
+
+        def put_trusted(self, keys):
+            Counting.writes += 1
+            return super().put_trusted(keys)
+
+    def entry(i):
+        return TensorEntry(f"t{i}", "F32", (1,), f"{i:064x}", "dense", (ObjectRef(f"{i + 100:064x}", 10),))
+
+    cache = Counting(tmp_path / "cache.sqlite3")
+    ledger = TrustLedger(cache)
+    with ledger.batch():
+        with batched(ledger):
+            for i in range(50):
+                ledger.record([entry(i)])
+        assert ledger.trusted(entry(7)) and Counting.writes == 0
+        assert not TrustLedger(cache).trusted(entry(7))  # not written yet
+    assert Counting.writes == 1 and TrustLedger(cache).trusted(entry(49))
+    with pytest.raises(RuntimeError):
+        with ledger.batch():
+            ledger.record([entry(60)])
+            raise RuntimeError("the checkout failed after verifying one tensor")
+    assert Counting.writes == 2 and TrustLedger(cache).trusted(entry(60))
+    ledger.record([entry(61)])  # outside a batch: at once
+    assert Counting.writes == 3 and TrustLedger(cache).trusted(entry(61))
+    with batched(None):  # a store without a ledger
+        pass

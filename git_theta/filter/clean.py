@@ -48,6 +48,7 @@ from git_theta.errors import (
 )
 from git_theta.manifest import RAW, MAX_MANIFEST, Manifest, ObjectRef, RawTable, TensorEntry, is_manifest, is_raw
 from git_theta.formats.peekable import PeekableReader
+from git_theta.store.trust import batched
 from git_theta.config import settings_for
 from git_theta.filter.layouts import CleanRecord, layout_key_of, pick
 from git_theta.filter.smudge import INLINE_BELOW, done
@@ -182,6 +183,10 @@ class Cleaner:
 
     def clean(self, stream, path):
         """Read a checkpoint (or a manifest) from ``stream``; return the manifest bytes."""
+        with batched(self.store.trust):  # the pairs its new encodings make: one write
+            return self._clean(stream, path)
+
+    def _clean(self, stream, path):
         reader = PeekableReader(stream)
         head = reader.peek(SNIFF_BYTES)
         if is_manifest(head):

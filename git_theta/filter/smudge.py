@@ -26,6 +26,7 @@ from git_theta.filter.layouts import Layout, LayoutRecorder, layout_key_of, loca
 from git_theta.formats.base import TensorSource
 from git_theta.manifest import Manifest, ObjectRef, is_manifest, is_raw
 from git_theta.config import settings_for
+from git_theta.store.trust import batched
 from git_theta.testhooks import kill_point, kill_points
 
 BATCH_BYTES = 1 << 20  # consecutive tensors decoded by one worker task, up to this many bytes...
@@ -498,6 +499,10 @@ class Smudger:
     def write(self, manifest, fmt, path, out):
         """Write the checkpoint ``manifest`` describes to ``out`` (or, given a :class:`Layout`
         by :meth:`prepare`, the file it recorded)."""
+        with batched(self.repo.store.trust):  # the pairs its decodes verify: one write
+            self._write(manifest, fmt, path, out)
+
+    def _write(self, manifest, fmt, path, out):
         if isinstance(manifest, Layout):
             self._write_layout(manifest, path, out)
             return

@@ -20,6 +20,7 @@ and its object ids, so the key says nothing a repository could forge. Losing the
 sha256 pass per tensor at the next checkout, never correctness; ``forget`` empties it.
 """
 
+import contextlib
 import hashlib
 import threading
 
@@ -41,6 +42,11 @@ def pair_key(entry):
     return hasher.digest()
 
 
+def batched(trust):
+    """``trust.batch()``, or nothing to do for a store without a ledger (None)."""
+    return contextlib.nullcontext() if trust is None else trust.batch()
+
+
 class TrustLedger:
     """Trusted pairs of one repository, read from and written to its :class:`~git_theta.store.cache.Cache`.
 
@@ -54,6 +60,8 @@ class TrustLedger:
         self._known = set()
         self._absent = set()  # keys :meth:`prefetch` found untrusted (until recorded)
         self._lock = threading.Lock()
+        self._batches = 0  # open :meth:`batch` blocks
+        self._pending = set()  # keys recorded within them, not written yet
 
     def prefetch(self, entries):
         """Look up the pairs of ``entries`` in one query, so :meth:`trusted` asks SQLite nothing
@@ -92,8 +100,29 @@ class TrustLedger:
             keys -= self._known
             self._known |= keys
             self._absent -= keys
+            if self._batches:
+                self._pending |= keys
+                return
         if keys:
             self._cache.put_trusted(keys)
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Within this block, pairs recorded are written to the cache together when it ends (one
+        transaction, not one per tensor: a re-add of 20,000 tensors with 200 changed spent 0.1 s
+        committing 200 of them); this process knows them at once. Blocks may nest."""
+        with self._lock:
+            self._batches += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._batches -= 1
+                keys = self._pending if not self._batches else set()
+                if keys:
+                    self._pending = set()
+            if keys:
+                self._cache.put_trusted(keys)
 
     def forget(self):
         """Forget every trusted pair: the next decode of each tensor is sha256-verified again."""
