@@ -600,19 +600,24 @@ class RawTable:
         shapes, digests, sizes, packs), the packs objects with ``oid`` and ``size`` (set by the
         time the table is serialized); names unique over all parts."""
         names, dtypes, shapes, digests, sizes, packs = (
-            [value for part in parts for value in part[k]] for k in range(6)
+            list(itertools.chain.from_iterable(part[k] for part in parts)) for k in range(6)
         )
         if not strictly_ascending(names):
             order = sorted(range(len(names)), key=names.__getitem__)
             names, dtypes, shapes, digests, sizes, packs = (
                 [column[i] for i in order] for column in (names, dtypes, shapes, digests, sizes, packs)
             )
-        # A pack is one pack however many objects stand for it (a written pack by its oid).
-        by_key = {}
-        packs = [by_key.setdefault(pack.oid or id(pack), pack) for pack in packs]
+        # A pack is one pack however many objects stand for it (a written pack by its oid); the
+        # objects are a handful, the rows 200,000: each row is mapped in C, by its object's id.
+        by_key, canonical = {}, {}
+        for ident, pack in dict(zip(map(id, packs), packs)).items():
+            canonical[ident] = by_key.setdefault(pack.oid or ident, pack)
         distinct = list(by_key.values())
-        numbers = {id(pack): n for n, pack in enumerate(distinct)}
-        return cls(names, dtypes, shapes, digests, sizes, packs, distinct, None, [numbers[id(p)] for p in packs])
+        place = {id(pack): n for n, pack in enumerate(distinct)}
+        number = {ident: place[id(pack)] for ident, pack in canonical.items()}
+        idents = list(map(id, packs))
+        packs = list(map(canonical.__getitem__, idents))
+        return cls(names, dtypes, shapes, digests, sizes, packs, distinct, None, list(map(number.__getitem__, idents)))
 
 
 _RAW_LINES = re.compile(("^" + _RAW_FORM + "\n").encode(), re.MULTILINE)

@@ -383,7 +383,7 @@ class Cleaner:
                 sizes = list(map(operator.sub, bounds[1:], bounds))
                 if record is not None:
                     record.read(run.names, sizes)  # in file order: runs are cleaned as they are read
-                results, reused = [], []
+                results, kept = [], []
                 if known or parent_entries or made_here:
                     # Unchanged tensors stored raw in a pack here (200,000 of them in a new
                     # version) are found a column at a time and keep their rows, no entry made;
@@ -394,9 +394,6 @@ class Cleaner:
                         contents = zip(digests, run.dtypes, run.shapes)
                         homes = [None if c in made_here else h for c, h in zip(contents, homes)]
                     kept = [i for i, home in enumerate(homes) if home is not None]
-                    if kept:
-                        reused = [pick(column, kept) for column in (run.names, run.dtypes, run.shapes, digests, sizes)]
-                        reused.append(pick(homes, kept))
                     rows = []
                     for i in itertools.compress(range(len(homes)), map(operator.not_, homes)):
                         name, digest = run.names[i], digests[i]
@@ -412,15 +409,21 @@ class Cleaner:
                         if record is not None:
                             record.stored(name, entry, tensor.data)
                         results.append((entry, None))
-                columns = (run.names, run.dtypes, run.shapes, digests, sizes, views)
-                if len(rows) != len(digests):
-                    columns = tuple([column[i] for i in rows] for column in columns)
-                    columns = (*columns[:5], list(map(bytes, columns[5])))  # as above: copies
-                *columns, views = columns
-                homes = self.store.put_raw_many(columns[3], views)
-                results.append(_RunRows((*columns, homes)))
-                if reused:
-                    results.append(_RunRows(tuple(reused)))
+                if len(rows) == len(digests):
+                    results.append(
+                        _RunRows(
+                            (run.names, run.dtypes, run.shapes, digests, sizes, self.store.put_raw_many(digests, views))
+                        )
+                    )
+                    return results
+                # Its own copy of each (as above), and the rows kept and stored here as one part,
+                # in file order: a file's rows then reach the table sorted, with nothing to sort.
+                new = self.store.put_raw_many(pick(digests, rows), list(map(bytes, pick(views, rows))))
+                for i, home in zip(rows, new):
+                    homes[i] = home
+                order = sorted(rows + kept)  # two ascending runs: merged, not sorted
+                columns = (run.names, run.dtypes, run.shapes, digests, sizes, homes)
+                results.append(_RunRows(tuple(pick(column, order) for column in columns)))
                 return results
             finally:
                 budget.release(len(run.data))
