@@ -541,10 +541,7 @@ def test_a_row_a_parent_claims_is_reused_only_where_the_pack_holds_it(repo, monk
     an attacker) is a claim: the new version stores that tensor in a pack of its own, reuses the
     rows whose packs hold them, and checks out exactly."""
     rng = np.random.default_rng(9)
-    names = [f"w.{i:03d}" for i in range(ROWS)]
-    first = {n: rng.standard_normal(100).astype(np.float32) for n in names}
-    save_safetensors(repo.file(MODEL), first)
-    repo.commit("v1", MODEL)
+    names, first = _committed_rows(repo, rng, 100)
     second = dict(first)
     second[names[7]] = rng.standard_normal(100).astype(np.float32)  # 400 bytes: stored whole
     save_safetensors(repo.file(MODEL), second)
@@ -577,11 +574,7 @@ def test_a_re_added_table_names_each_pack_once(repo, monkeypatch):
     of times cost a locate per copy (a re-add of 200,000 tensors spent 1.3 s there)."""
     from git_theta.manifest import RawTable
 
-    rng = np.random.default_rng(11)
-    names = [f"w.{i:03d}" for i in range(ROWS)]
-    first = {n: rng.standard_normal(20).astype(np.float32) for n in names}
-    save_safetensors(repo.file(MODEL), first)
-    repo.commit("v1", MODEL)
+    names, first = _committed_rows(repo, np.random.default_rng(11), 20)
     second = dict(first)
     for name in names[::10]:
         second[name] = second[name] + 1
@@ -602,3 +595,12 @@ def test_a_re_added_table_names_each_pack_once(repo, monkeypatch):
     repo.file(MODEL).unlink()
     repo.git("checkout", "--", MODEL)
     assert repo.file(MODEL).read_bytes() == data
+
+
+def _committed_rows(repo, rng, size):
+    """(names, tensors): ROWS small fp32 tensors of ``size`` elements, committed as v1."""
+    names = [f"w.{i:03d}" for i in range(ROWS)]
+    tensors = {n: rng.standard_normal(size).astype(np.float32) for n in names}
+    save_safetensors(repo.file(MODEL), tensors)
+    repo.commit("v1", MODEL)
+    return names, tensors

@@ -22,6 +22,7 @@ import pytest
 import xxhash
 
 from conftest import save_safetensors
+from git_theta.store.cache import Cache
 
 GENUINE = {"w": np.arange(64, dtype=np.float32) / 64, "b": np.ones(8, dtype=np.float32)}
 EVIL_W = np.full(64, 13.0, dtype=np.float32)  # what the attacker wants checked out instead
@@ -305,26 +306,15 @@ def test_chain_repeating_one_delta_is_refused_at_once_with_a_short_line(repo):
 def test_ledger_prefetch_answers_a_file_in_one_query_and_never_trusts_more(tmp_path):
     """A checkout looks up every pair of a file at once; a pair found untrusted stays untrusted
     until it is recorded (verified), and a recorded one is trusted."""
-    from git_theta.manifest import ObjectRef, TensorEntry
-    from git_theta.store.cache import Cache
     from git_theta.store.trust import TrustLedger
 
-    class Counting(Cache):
-        lookups = 0
-
-        def is_trusted(self, key):
-            Counting.lookups += 1
-            return super().is_trusted(key)
-
-    def entry(i):
-        return TensorEntry(f"t{i}", "F32", (1,), f"{i:064x}", "dense", (ObjectRef(f"{i + 100:064x}", 10),))
-
-    cache = Counting(tmp_path / "cache.sqlite3")
+    cache = _CountingCache(tmp_path / "cache.sqlite3")
+    entry = _ledger_entry
     TrustLedger(cache).record([entry(0), entry(1)])  # verified by an earlier process
     ledger = TrustLedger(cache)
     ledger.prefetch([entry(i) for i in range(4)])
     assert [ledger.trusted(entry(i)) for i in range(4)] == [True, True, False, False]
-    assert Counting.lookups == 0
+    assert cache.lookups == 0
     ledger.record([entry(2)])  # this process verified it
     assert ledger.trusted(entry(2)) and not ledger.trusted(entry(3))
     assert TrustLedger(cache).trusted(entry(2)) and not TrustLedger(cache).trusted(entry(3))
@@ -334,35 +324,47 @@ def test_pairs_recorded_in_a_batch_are_written_together_when_it_ends(tmp_path):
     """A clean or checkout records its pairs in one write when it ends (nested blocks: when the
     outer one does); this process trusts them at once, another process once they are written,
     and a batch that fails still writes what it verified."""
-    from git_theta.manifest import ObjectRef, TensorEntry
-    from git_theta.store.cache import Cache
     from git_theta.store.trust import TrustLedger, batched
 
-    class Counting(Cache):
-        writes = 0
-
-        def put_trusted(self, keys):
-            Counting.writes += 1
-            return super().put_trusted(keys)
-
-    def entry(i):
-        return TensorEntry(f"t{i}", "F32", (1,), f"{i:064x}", "dense", (ObjectRef(f"{i + 100:064x}", 10),))
-
-    cache = Counting(tmp_path / "cache.sqlite3")
+    cache = _CountingCache(tmp_path / "cache.sqlite3")
+    entry = _ledger_entry
     ledger = TrustLedger(cache)
     with ledger.batch():
         with batched(ledger):
             for i in range(50):
                 ledger.record([entry(i)])
-        assert ledger.trusted(entry(7)) and Counting.writes == 0
+        assert ledger.trusted(entry(7)) and cache.writes == 0
         assert not TrustLedger(cache).trusted(entry(7))  # not written yet
-    assert Counting.writes == 1 and TrustLedger(cache).trusted(entry(49))
+    assert cache.writes == 1 and TrustLedger(cache).trusted(entry(49))
     with pytest.raises(RuntimeError):
         with ledger.batch():
             ledger.record([entry(60)])
             raise RuntimeError("the checkout failed after verifying one tensor")
-    assert Counting.writes == 2 and TrustLedger(cache).trusted(entry(60))
+    assert cache.writes == 2 and TrustLedger(cache).trusted(entry(60))
     ledger.record([entry(61)])  # outside a batch: at once
-    assert Counting.writes == 3 and TrustLedger(cache).trusted(entry(61))
+    assert cache.writes == 3 and TrustLedger(cache).trusted(entry(61))
     with batched(None):  # a store without a ledger
         pass
+
+
+def _ledger_entry(i):
+    """A made-up entry whose pair is ``i``'s own."""
+    from git_theta.manifest import ObjectRef, TensorEntry
+
+    return TensorEntry(f"t{i}", "F32", (1,), f"{i:064x}", "dense", (ObjectRef(f"{i + 100:064x}", 10),))
+
+
+class _CountingCache(Cache):
+    """A cache that counts single-pair lookups and ledger writes."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.lookups = self.writes = 0
+
+    def is_trusted(self, key):
+        self.lookups += 1
+        return super().is_trusted(key)
+
+    def put_trusted(self, keys):
+        self.writes += 1
+        return super().put_trusted(keys)
