@@ -4,6 +4,7 @@
 give, refuse what they refuse, and step aside whenever a pack cannot be vouched for."""
 
 import hashlib
+import operator
 import io
 import struct
 
@@ -568,12 +569,20 @@ def test_a_row_a_parent_claims_is_reused_only_where_the_pack_holds_it(repo, monk
     assert repo.file(MODEL).read_bytes() == expected
 
 
-def test_a_re_added_table_names_each_pack_once(repo, monkeypatch):
+@pytest.mark.parametrize("numpy_rows", [layouts_module.NUMPY_ROWS, 1], ids=["dict", "numpy"])
+def test_a_re_added_table_names_each_pack_once(repo, monkeypatch, numpy_rows):
     """A version cleaned again (its changed tensors are in a pack here by then) makes a table
     that names each pack once, whichever ref stands for it: a table naming one pack thousands
-    of times cost a locate per copy (a re-add of 200,000 tensors spent 1.3 s there)."""
+    of times cost a locate per copy (a re-add of 200,000 tensors spent 1.3 s there). Its rows
+    lie in two packs, interleaved: the layout the add records (rows located either way) writes
+    the file back exactly."""
     from git_theta.manifest import RawTable
 
+    monkeypatch.setattr(layouts_module, "NUMPY_ROWS", numpy_rows)
+    ways = []  # how the recorded layout's rows were located
+    for way in ("_located", "_located_numpy"):
+        real_way = getattr(layouts_module, way)
+        monkeypatch.setattr(layouts_module, way, lambda *a, w=way, f=real_way: ways.append(w) or f(*a))
     names, first = _committed_rows(repo, np.random.default_rng(11), 20)
     second = dict(first)
     for name in names[::10]:
@@ -590,7 +599,24 @@ def test_a_re_added_table_names_each_pack_once(repo, monkeypatch):
     table = made[-1]
     assert len(table.distinct) == len({pack.oid for pack in table.distinct}) == 2
     assert {pack.oid for pack in table.packs} == {pack.oid for pack in table.distinct}
-    repo.git("add", MODEL)
+    numbers = table.numbers
+    assert sum(map(operator.ne, numbers, numbers[1:])) > 2  # the packs' rows interleave
+    from git_theta.filter.layouts import Layout
+    from git_theta.filter.smudge import Smudger
+
+    smudger = Smudger(Repo(repo.path))  # the layout this clean recorded, rows located as asked
+    try:
+        prepared = smudger.prepare(again, MODEL)
+        out = io.BytesIO()
+        smudger.write(*prepared, MODEL, out)
+    finally:
+        smudger.close()
+    assert isinstance(prepared[0], Layout) and out.getvalue() == data
+    assert set(ways) == {"_located_numpy" if numpy_rows == 1 else "_located"}
+    # Committed as cleaned here (not by git add's own filter): the checkout replays the layout
+    # these cleans recorded, its rows located as the test asked.
+    blob = repo.git("hash-object", "-w", "--stdin", input=again.decode()).stdout.strip()
+    repo.git("update-index", "--cacheinfo", f"100644,{blob},{MODEL}")
     repo.git("commit", "-qm", "v2")
     repo.file(MODEL).unlink()
     repo.git("checkout", "--", MODEL)
