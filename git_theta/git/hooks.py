@@ -21,11 +21,6 @@ MARKER = "git-theta pre-push hook"
 SOURCE = Path(__file__).parent.parent / "hooks"
 
 
-def hooks_dir(repo):
-    """Git's hooks folder for ``repo`` (asked when the Repo was made: ``--git-path hooks``)."""
-    return repo.hooks_dir
-
-
 def _ours(path):
     try:
         return MARKER in path.read_text(errors="replace")
@@ -43,7 +38,7 @@ def _write(dest, content):
 
 def install_hooks(repo, chain=True):
     """Install the hooks; returns a list of ``(hook, what happened)``."""
-    folder = hooks_dir(repo)
+    folder = repo.hooks_dir  # git's own (core.hooksPath honoured), asked by Repo
     folder.mkdir(parents=True, exist_ok=True)
     report = []
     for name in HOOKS:
@@ -84,7 +79,7 @@ def ensure_hooks(repo):
 
 def uninstall_hooks(repo):
     """Remove our hooks; a chained ``<hook>.local`` goes back in place. Returns what happened."""
-    folder = hooks_dir(repo)
+    folder = repo.hooks_dir
     report = []
     for name in HOOKS:
         dest = folder / name
