@@ -39,13 +39,9 @@ def tensor_checksum(data, digest=None):
     fails when a manifest names another tensor for the object: the object need not record the
     digest (64 bytes of header per object, 0.07% of a 15 MB model's new version).
     """
-    if digest is None:
-        import xxhash
-
-        return CHECKSUM + xxhash.xxh3_128_hexdigest(data)
     hasher = checksum_hasher(digest)
     hasher.update(data)
-    return BOUND_CHECKSUM + hasher.hexdigest()
+    return _tagged(hasher.hexdigest(), digest)
 
 
 def checksum_hasher(digest=None):
@@ -54,6 +50,17 @@ def checksum_hasher(digest=None):
     import xxhash
 
     return xxhash.xxh3_128(bytes.fromhex(digest)) if digest is not None else xxhash.xxh3_128()
+
+
+def _tagged(hexdigest, digest):
+    """The checksum text of a hasher's ``hexdigest``, bound to ``digest`` or not."""
+    return (CHECKSUM if digest is None else BOUND_CHECKSUM) + hexdigest
+
+
+def _checksum_seed(entry, checksum):
+    """What an object's recorded ``checksum`` covers before the tensor's bytes: the entry's
+    digest when the checksum is bound to it, else None."""
+    return entry.digest if isinstance(checksum, str) and checksum.startswith(BOUND_CHECKSUM) else None
 
 
 def encode_update(tensor, update_name="dense", base=None, **options):
@@ -364,9 +371,7 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
                 # the decoder a running digest it can feed while each piece is in cache
                 # (tensors/hashing.py), not a pass over the whole tensor afterwards.
                 check = header.get("check")
-                hasher = None
-                if fast_ok and _usable(check):
-                    hasher = checksum_hasher(entry.digest if check.startswith(BOUND_CHECKSUM) else None)
+                hasher = checksum_hasher(_checksum_seed(entry, check)) if fast_ok and _usable(check) else None
                 running = RunningDigest(nbytes(entry.dtype, entry.shape), hasher)
             try:
                 with offering(running):
@@ -394,13 +399,11 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
             f"{str(recorded)[:12]}, the manifest names digest {entry.digest[:12]} "
             "(the manifest was altered)",
         )
-    bound = isinstance(checksum, str) and checksum.startswith(BOUND_CHECKSUM)
     # The object's checksum was chosen by whoever wrote the object: it only stands in for sha256
     # on a pair this clone has verified or encoded itself (the trust ledger, DESIGN §12).
     if fast_ok and _usable(checksum):
-        fed = running and running.hexdigest()
-        got = ((BOUND_CHECKSUM if bound else CHECKSUM) + fed) if fed else None
-        if (got or tensor_checksum(data, entry.digest if bound else None)) != checksum:
+        seed, fed = _checksum_seed(entry, checksum), running and running.hexdigest()
+        if (_tagged(fed, seed) if fed else tensor_checksum(data, seed)) != checksum:
             raise _chain_error(store, entry, where, "decoded bytes do not match the recorded checksum")
     elif ((running and running.hexdigest()) or tensor_digest(data)) != entry.digest:
         raise _chain_error(
