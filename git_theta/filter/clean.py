@@ -798,15 +798,10 @@ class EntryIndex:
     def __contains__(self, key):
         return self._find(key) is not None
 
-    def raw_row(self, key):
-        """``(table, row)`` when ``key`` is first found as a raw table row, else None."""
-        found = self._find(key)
-        return None if found is None or found[1] is None else found[:2]
-
     def raw_rows(self, keys):
-        """:meth:`raw_row` for many ``keys`` at once: ``[(table, positions, rows)]``, for each
-        table the positions in ``keys`` of the keys first found as its rows, and those rows;
-        each source is asked a column at a time."""
+        """Where ``keys`` are first found as raw table rows: ``[(table, positions, rows)]``, for
+        each table the positions in ``keys`` of the keys first found as its rows (a key an
+        entry holds first is no row), and those rows; each source is asked a column at a time."""
         found_in, pending = [], range(len(keys))
         for source, index in self._sources:
             if not pending:
