@@ -2,12 +2,29 @@
 
 import json
 
-from lfs_server import free_port, lfs_server  # noqa: F401 - the fixture
+from lfs_server import free_port, in_blocks, lfs_server  # noqa: F401 - the fixture
 
 from conftest import GitRepo, random_state_dict, save_safetensors
 from git_theta.manifest import Manifest
 
 MODEL = "model.safetensors"
+
+
+def test_the_test_server_sends_bodies_in_blocks_unchanged():
+    """The test server's framing (tests/lfs_server.py): a body iterated by lines goes out in
+    blocks of at most the block size past the last piece, the same bytes, and the body closed."""
+    closed = []
+
+    class Body(list):
+        def close(self):
+            closed.append(True)
+
+    lines = [bytes([i % 256]) * (i % 300 + 1) + b"\n" for i in range(5000)]
+    seen = []
+    app = in_blocks(lambda environ, start: (start("200 OK", []), Body(lines))[1], size=4096)
+    blocks = list(app({}, lambda status, headers: seen.append(status)))
+    assert b"".join(blocks) == b"".join(lines) and seen == ["200 OK"] and closed == [True]
+    assert len(blocks) < len(lines) // 10 and all(len(b) < 4096 + 302 for b in blocks)
 
 
 def _oids(manifest_bytes):
