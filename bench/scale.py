@@ -240,7 +240,7 @@ def clone_head(tool, work, head, env, server):
     # One download at a time, set explicitly for both tools (git-theta's theta.transfers, Git LFS's
     # lfs.concurrenttransfers): on loopback there is no latency for parallel downloads to hide,
     # and the Python server and client then only contend for the two cores. (Unset, git-theta
-    # already makes one transfer at a time to a loopback endpoint; Git LFS keeps its 8.)
+    # makes 4 transfers at a time and Git LFS 8.)
     one = ["-c", "theta.transfers=1"] if tool == "git-theta" else ["-c", "lfs.concurrenttransfers=1"]
     t_one, _ = measured(["git", *one, "clone", "-q", str(bare), str(clone)], work.parent, env)
     if (clone / "model.safetensors").read_bytes() != Path(head).read_bytes():

@@ -51,23 +51,6 @@ class Endpoint:
         return str(self.path) if self.kind == "dir" else self.url
 
     @property
-    def loopback(self):
-        """True for an HTTP endpoint on this machine (``localhost``, ``127.0.0.1``, ``::1``, ...),
-        judged from the URL alone (no name is looked up)."""
-        import ipaddress
-        from urllib.parse import urlsplit
-
-        if self.kind != "http":
-            return False
-        host = urlsplit(self.url).hostname or ""
-        if host == "localhost" or host.endswith(".localhost"):
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
-
-    @property
     def key(self):
         """A stable file-name-safe key for local records about this remote."""
         return re.sub(r"[^A-Za-z0-9._-]", "_", self.remote)[:100] or "_"

@@ -76,11 +76,6 @@ class Transfer:
         self.endpoint = endpoint
         self.settings = settings or settings_for(repo)
         self.workers = max(1, self.settings.get_int("transfers"))
-        if endpoint.loopback and self.settings.raw("transfers") is None:
-            # A server on this machine: no latency for parallel transfers to hide, only its cores
-            # to share. Measured with giftless on 127.0.0.1, a fresh clone of 16 objects took
-            # 1.7-1.8 s one at a time and 2.6-2.9 s four at a time (the server's CPU doubled).
-            self.workers = 1
         self.batch_size = max(1, self.settings.get_int("batchSize"))
         if endpoint.kind == "dir":
             self._dir = DirectoryRemote(endpoint.path, fsync=self.settings.get_bool("fsync"))
