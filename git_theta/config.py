@@ -26,7 +26,16 @@ DEFAULTS = {
     "statCache": (True, "bool", "reuse the last manifest of an unchanged file (checked by content hash)"),
     "threads": (0, "int", "worker threads for encoding and decoding (0: one per core)"),
     "memoryBudget": (192 << 20, "int", "bytes of tensors in flight beyond the one being read"),
-    "maxChainDepth": (32, "int", "deltas on top of a dense keyframe before clean stores a new keyframe in any case"),
+    "maxChainDepth": (
+        32,
+        "int",
+        "versions a keyframe's deltas may cover before clean stores a new keyframe in any case",
+    ),
+    "skipDeltas": (
+        True,
+        "bool",
+        "a new sparse delta replaces the newest of its chain like a binary counter (short chains, larger store)",
+    ),
     "keyframePercent": (50, "int", "a new keyframe once the deltas on a keyframe add up to this percent of its size"),
     "maxChainPercent": (
         130,

@@ -123,10 +123,20 @@ def in_blocks(app, size=BLOCK):
     return wrapped
 
 
+def _create_path(spath):
+    """giftless's LocalStorage._create_path, without its race: two uploads to a new repository
+    path at once both saw no folder, and the second mkdir answered the client a 500 (which our
+    client retried)."""
+    Path(spath).mkdir(parents=True, exist_ok=True)
+
+
 def main(storage):
     os.environ["GIFTLESS_CONFIG_STR"] = CONFIG % storage
     import waitress
     from giftless.app import init_app
+    from giftless.storage.local_storage import LocalStorage
+
+    LocalStorage._create_path = staticmethod(_create_path)
 
     app = in_blocks(init_app())
     sock = socket.socket()

@@ -16,6 +16,21 @@ def _chain(*sizes):
     return TensorEntry("w", "F32", (4,), "0" * 64, "sparse" if len(refs) > 1 else "dense", refs)
 
 
+def test_skip_depth_is_a_binary_counter():
+    from git_theta.tensors.keyframes import skip_depth
+
+    assert skip_depth([]) == (0, 1)  # on a keyframe: a delta of one version
+    assert skip_depth([1]) == (1, 2)  # replaces the newest delta: on the keyframe, two versions
+    assert skip_depth([2]) == (0, 1)  # stacks
+    assert skip_depth([1, 2, 4, 16]) == (3, 8)  # carries through 1, 2, 4; stops at 16
+    assert skip_depth([1, 1, 1]) == (1, 2)  # a chain of one-version deltas (older versions)
+    spans = []  # version n's chain is one delta per one bit of n
+    for version in range(1, 65):
+        skipped, span = skip_depth(spans)
+        spans = [span, *spans[skipped:]]
+        assert sorted(spans) == [1 << b for b in range(7) if version >> b & 1] and sum(spans) == version
+
+
 def test_the_rule_prices_the_chain():
     assert not needs_keyframe(_chain(1000), 32, 50)  # a keyframe alone
     assert not needs_keyframe(_chain(10, 10, 10, 1000), 32, 50)  # small deltas stack
@@ -38,8 +53,12 @@ def test_sparse_history_stacks_deltas_and_a_drifting_one_rekeys(repo):
         expected.append(repo.file(MODEL).read_bytes())
         repo.commit(f"v{version}", MODEL)
     found = [Manifest.parse(repo.show(f"HEAD~{k}:{MODEL}")) for k in range(9, -1, -1)]
-    depths = [m.tensors["sparse"].chain_depth for m in found]
-    assert depths == list(range(10))  # 1% changes: nine deltas on one keyframe (depth 8 used to re-key)
+    sparse_entries = [m.tensors["sparse"] for m in found]
+    # 1% changes: one keyframe for all ten versions (depth 8 used to re-key), and version v's chain
+    # holds one delta per one bit of v (skip deltas: 7 reads deltas covering 4, 2 and 1 versions)
+    assert len({e.objects[-1] for e in sparse_entries}) == 1
+    assert [e.chain_depth for e in sparse_entries] == [bin(v).count("1") for v in range(10)]
+    assert sparse_entries[8].objects[1:] == sparse_entries[0].objects  # 8 deltas straight on the keyframe
     kinds = [m.tensors["drifting"] for m in found]
     # every delta of the drifting tensor is large: each is soon half a keyframe, so it re-keys
     assert any(e.chain_depth == 0 for e in kinds[2:])
@@ -47,6 +66,44 @@ def test_sparse_history_stacks_deltas_and_a_drifting_one_rekeys(repo):
     for k, data in zip(range(9, -1, -1), expected):
         repo.git("checkout", "-q", f"HEAD~{k}", "--", MODEL)
         assert repo.file(MODEL).read_bytes() == data
+
+
+def _sparse_history(repo, versions):
+    """Commit ``versions`` states of one tensor with 1% of its entries changed per version; return
+    the manifests' entries (oldest first) and each version's bytes."""
+    rng = np.random.default_rng(5)
+    weight = (0.02 * rng.standard_normal(20000)).astype(np.float32)
+    expected = []
+    for version in range(versions):
+        if version:
+            at = rng.choice(weight.size, weight.size // 100, replace=False)
+            weight[at] += np.float32(1e-3)
+        save_safetensors(repo.file(MODEL), {"w": weight})
+        expected.append(repo.file(MODEL).read_bytes())
+        repo.commit(f"v{version}", MODEL)
+    entries = [Manifest.parse(repo.show(f"HEAD~{k}:{MODEL}")).tensors["w"] for k in range(versions - 1, -1, -1)]
+    return entries, expected
+
+
+def test_max_chain_depth_counts_the_versions_skip_deltas_cover(repo):
+    repo.git("config", "theta.maxChainDepth", "5")
+    entries, expected = _sparse_history(repo, 9)
+    keyframes = [e.objects[-1] for e in entries]
+    # versions 0-5 share a keyframe (their deltas cover at most 5 versions); 6 re-keys, though
+    # version 5's chain was two objects (spans 4 and 1)
+    assert len(set(keyframes[:6])) == 1 and keyframes[6] != keyframes[5] and entries[6].chain_depth == 0
+    assert entries[5].chain_depth == 2
+    assert [e.chain_depth for e in entries[6:]] == [0, 1, 1]
+    for k, data in zip(range(8, -1, -1), expected):
+        repo.git("checkout", "-q", f"HEAD~{k}", "--", MODEL)
+        assert repo.file(MODEL).read_bytes() == data
+
+
+def test_skip_deltas_off_stacks_one_delta_per_version(repo):
+    repo.git("config", "theta.skipDeltas", "false")
+    entries, _ = _sparse_history(repo, 6)
+    assert [e.chain_depth for e in entries] == [0, 1, 2, 3, 4, 5]
+    assert all(e.objects[1:] == p.objects for p, e in zip(entries, entries[1:]))  # each on its parent
 
 
 def test_a_delta_is_stored_only_while_its_chain_stays_near_the_raw_size():

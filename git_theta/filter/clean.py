@@ -52,9 +52,9 @@ from git_theta.store.trust import batched
 from git_theta.config import settings_for
 from git_theta.filter.layouts import CleanRecord, layout_key_of, pick
 from git_theta.filter.smudge import INLINE_BELOW, done
-from git_theta.tensors.keyframes import chain_fits, needs_keyframe
+from git_theta.tensors.keyframes import chain_fits, chain_versions, needs_keyframe, skip_depth
 from git_theta.tensors.streaming import hashes_of
-from git_theta.updates.base import TensorData, TensorRun
+from git_theta.updates.base import Encoded, TensorData, TensorRun
 
 BATCH_BYTES = 1 << 20  # tensors handed to a worker together, up to this many bytes...
 BATCH_TENSORS = 4096  # ...or this many (a future per tiny tensor costs more than the tensor)
@@ -591,8 +591,16 @@ class Cleaner:
             return self._keyframe(tensor)
         size = nbytes(base_entry.dtype, base_entry.shape)
         deep = needs_keyframe(base_entry, max_depth, self.settings.get_int("keyframePercent"))
-        full_headers = None if supplied is not None or deep else self._full_chain_headers(base_entry)
-        held = size * (1 if full_headers is None else 2)  # decoded bases count against the bytes in flight
+        headers = None if supplied is not None or deep else self._chain_headers(base_entry)
+        if headers is not None and chain_versions(headers) + 1 > max_depth:
+            deep, headers = True, None  # theta.maxChainDepth counts versions, skipped ones too
+        full_headers = self._full_chain_headers(headers)
+        # A partial delta may skip the newest deltas of the chain (tensors/keyframes.py): its base
+        # is then an older version on the parent's chain, decoded on the way to the parent.
+        skip = None
+        if full_headers is None and headers and not forced and self.settings.get_bool("skipDeltas"):
+            skip = self._skip_base(base_entry, headers)
+        held = size * (1 if full_headers is None and skip is None else 2)  # decoded bases are bytes in flight
         budget.add(held)
         try:
             try:
@@ -608,6 +616,9 @@ class Cleaner:
                     )
                     # The parent starts from the keyframe just decoded: one keyframe decode, not two.
                     base_bytes = decode_tensor(self.store, base_entry, path, known=(key_entry, keyframe.data))
+                elif skip is not None:
+                    skip_bytes = decode_tensor(self.store, skip[0], path)
+                    base_bytes = decode_tensor(self.store, base_entry, path, known=(skip[0], skip_bytes))
                 else:
                     base_bytes = decode_tensor(self.store, base_entry, path)
             except (ObjectCorruptError, ObjectMissingError):
@@ -629,6 +640,28 @@ class Cleaner:
                     base, base_entry = keyframe, key_entry
             else:
                 result = _encode_against(tensor, base, request, supplied)
+                if skip is not None and not getattr(result[0], "full_pass", True):
+                    # The change from the parent is partial (what it is decides the type): the same
+                    # type then takes it against the older version, with the skipped deltas' changes.
+                    skip_entry, span = skip
+                    older = TensorData(
+                        skip_entry.name, skip_entry.dtype, skip_entry.shape, skip_bytes, skip_entry.digest
+                    )
+                    merged = encode_update(tensor, result[0].name, older)
+                    replaced = sum(
+                        ref.size for ref in base_entry.objects[: len(base_entry.objects) - len(skip_entry.objects)]
+                    )
+                    # Taken when the version's chain reads no more than stacking would (the skipped
+                    # deltas plus this one), and stays a small change: a skipped delta that was a
+                    # whole-tensor change (a forced sparse) would make it near a keyframe's size.
+                    if (
+                        merged is not None
+                        and encoded_size(merged[1]) <= encoded_size(result[1]) + replaced
+                        and 2 * encoded_size(merged[1]) <= len(tensor.data)
+                    ):
+                        update, encoded = merged
+                        result = update, Encoded({**encoded.header, "span": span}, encoded.parts)
+                        base, base_entry = older, skip_entry
             if self.store.packs_small(len(tensor.data)) and (
                 result[0].keyframe or (not forced and object_size(tensor, *result, base) >= len(tensor.data))
             ):
@@ -660,8 +693,39 @@ class Cleaner:
             return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, RAW, (ref,))
         return encode_tensor(self.store, tensor)
 
-    def _full_chain_headers(self, entry):
-        """The object headers of ``entry``'s chain (see :func:`chain_headers`) when it stacks
+    def _chain_headers(self, entry):
+        """The object headers of ``entry``'s chain (see :func:`chain_headers`), or None for a lone
+        keyframe or a chain that cannot be read (left to the decode to report)."""
+        if entry.chain_depth == 0:
+            return None
+        try:
+            return chain_headers(self.store, entry)
+        except (ObjectCorruptError, ObjectMissingError):
+            return None
+
+    def _skip_base(self, entry, headers):
+        """``(entry of an older version on entry's chain, span)`` when a new partial delta should
+        skip the chain's newest deltas (:func:`skip_depth`), else None. Only partial deltas are
+        skipped; a delta without a ``span`` covers one version."""
+        spans = []
+        for header in headers[:-1]:
+            try:
+                partial = not getattr(plugins.get("update", header.get("update")), "full_pass", True)
+            except PluginError:
+                break
+            span = header.get("span", 1)
+            if not partial or type(span) is not int or span < 1:
+                break
+            spans.append(span)
+        skipped, span = skip_depth(spans)
+        digest = headers[skipped - 1].get("base") if skipped else None
+        if not isinstance(digest, str):
+            return None
+        update = headers[skipped].get("update")  # the keyframe's, when every delta is skipped
+        return TensorEntry(entry.name, entry.dtype, entry.shape, digest, str(update), entry.objects[skipped:]), span
+
+    def _full_chain_headers(self, headers):
+        """``headers`` (of a chain, see :meth:`_chain_headers`) when the chain stacks
         ``theta.maxFullDeltas`` whole-tensor deltas already, else None.
 
         Each whole-tensor delta (int-delta, low-rank) costs a checkout a pass over the tensor, as
@@ -670,12 +734,11 @@ class Cleaner:
         steps add up), but decoding it is one keyframe plus one delta, however long the history.
         Reads only object headers; a chain that cannot be read is left to the decode to report.
         """
-        if entry.chain_depth == 0:
+        if headers is None:
             return None
         try:
-            headers = chain_headers(self.store, entry)
             full = sum(getattr(plugins.get("update", h.get("update")), "full_pass", True) for h in headers[:-1])
-        except (ObjectCorruptError, ObjectMissingError, PluginError):
+        except PluginError:
             return None
         return headers if full >= max(1, self.settings.get_int("maxFullDeltas")) else None
 
