@@ -31,6 +31,18 @@ def test_skip_depth_is_a_binary_counter():
         assert sorted(spans) == [1 << b for b in range(7) if version >> b & 1] and sum(spans) == version
 
 
+def test_chain_versions_reads_spans_as_claims():
+    from git_theta.tensors.keyframes import chain_versions
+
+    keyframe = {"update": "dense"}
+    assert chain_versions([keyframe]) == 0
+    assert chain_versions([{"span": 4}, {}, {"span": 2}, keyframe]) == 7  # absent: one version
+    # a span from someone else's object is a claim: malformed ones count as one version, and a
+    # huge one only makes the next version a keyframe (the bound it is compared with)
+    assert chain_versions([{"span": "8"}, {"span": True}, {"span": -3}, {"span": 0}, keyframe]) == 4
+    assert chain_versions([{"span": 1 << 70}, keyframe]) == 1 << 70
+
+
 def test_the_rule_prices_the_chain():
     assert not needs_keyframe(_chain(1000), 32, 50)  # a keyframe alone
     assert not needs_keyframe(_chain(10, 10, 10, 1000), 32, 50)  # small deltas stack
