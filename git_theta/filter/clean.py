@@ -721,8 +721,8 @@ class Cleaner:
         digest = headers[skipped - 1].get("base") if skipped else None
         if not isinstance(digest, str):
             return None
-        update = headers[skipped].get("update")  # the keyframe's, when every delta is skipped
-        return TensorEntry(entry.name, entry.dtype, entry.shape, digest, str(update), entry.objects[skipped:]), span
+        update = str(headers[skipped].get("update", "dense"))  # the keyframe's, when every delta is skipped
+        return TensorEntry(entry.name, entry.dtype, entry.shape, digest, update, entry.objects[skipped:]), span
 
     def _full_chain_headers(self, headers):
         """``headers`` (of a chain, see :meth:`_chain_headers`) when the chain stacks
