@@ -52,7 +52,7 @@ from git_theta.store.trust import batched
 from git_theta.config import settings_for
 from git_theta.filter.layouts import CleanRecord, layout_key_of, pick
 from git_theta.filter.smudge import INLINE_BELOW, done
-from git_theta.tensors.keyframes import chain_fits, chain_versions, needs_keyframe, skip_depth
+from git_theta.tensors.keyframes import chain_fits, chain_versions, needs_keyframe, skip_depth, span_of
 from git_theta.tensors.streaming import hashes_of
 from git_theta.updates.base import Encoded, TensorData, TensorRun
 
@@ -713,8 +713,8 @@ class Cleaner:
                 partial = not getattr(plugins.get("update", header.get("update")), "full_pass", True)
             except PluginError:
                 break
-            span = header.get("span", 1)
-            if not partial or type(span) is not int or span < 1:
+            span = span_of(header)
+            if not partial or span is None:
                 break
             spans.append(span)
         skipped, span = skip_depth(spans)

@@ -86,13 +86,16 @@ def skip_depth(spans):
     return skipped, covered
 
 
+def span_of(header):
+    """The versions a delta's object ``header`` says it covers: its ``span``, 1 when absent, None
+    when malformed (a span is a claim of whoever wrote the object)."""
+    span = header.get("span", 1)
+    return span if type(span) is int and span >= 1 else None
+
+
 def chain_versions(headers):
     """The versions a chain's deltas cover (``headers`` from the chain's own object down to its
-    keyframe): the sum of their ``span`` values, 1 for a delta without one (or with a bad one).
+    keyframe): the sum of their spans (:func:`span_of`), 1 for a malformed one.
     ``theta.maxChainDepth`` bounds this, not the number of objects, so skip deltas keep the
     keyframe cadence of a chain of one delta per version (and what a fresh clone fetches)."""
-    total = 0
-    for header in headers[:-1]:
-        span = header.get("span", 1)
-        total += span if type(span) is int and span >= 1 else 1
-    return total
+    return sum(span_of(header) or 1 for header in headers[:-1])
