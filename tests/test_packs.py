@@ -5,6 +5,7 @@ import hashlib
 import json
 import struct
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -107,6 +108,33 @@ def test_full_packs_are_written_on_their_own_thread_readable_meanwhile_errors_su
             for i in range(40):
                 other.put_bytes(bytes([i]) * 701)
     assert other._packer is None
+
+
+def test_flush_writes_the_last_pack_while_the_one_before_is_still_written(tmp_path, monkeypatch):
+    """The end of a clean: the last pack is written while the pack thread still writes the full
+    one before it (not after it), and the last pack's members stay readable meanwhile."""
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    store.pack_size = 4096
+    blobs = [bytes([i]) * 700 for i in range(7)]  # a full pack, then the last one
+    last_started, read_meanwhile = threading.Event(), []
+    real = ObjectStore.put_chunks
+
+    def overlapping(self, chunks, *args, **kwargs):
+        if kwargs.get("pack") is False:
+            if threading.current_thread().name.startswith("theta-pack"):
+                if not last_started.wait(10):
+                    raise AssertionError("the last pack was not written while this one was")
+            else:
+                last_started.set()
+                read_meanwhile.append(bytes(self.read(refs[-1].oid)))
+        return real(self, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStore, "put_chunks", overlapping)
+    with store.packing():
+        refs = [store.put_bytes(b) for b in blobs]
+    assert read_meanwhile == [blobs[-1]]
+    assert len({r.pack.oid for r in refs}) == 2
+    assert all(bytes(store.read(r.oid, verify=True)) == b for r, b in zip(refs, blobs))
 
 
 def test_big_objects_stay_loose_and_packs_respect_their_size(tmp_path):
