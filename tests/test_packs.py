@@ -2,6 +2,7 @@
 store, manifests, real git, prune, fsck, a real Git LFS server and a crash while a pack is written."""
 
 import hashlib
+import io
 import json
 import struct
 import subprocess
@@ -51,17 +52,19 @@ def test_pack_round_trip_and_members_keep_their_ids(tmp_path):
 
 
 @pytest.mark.parametrize("numpy_from", [packs.NUMPY_MEMBERS, 1])
-def test_pack_bytes_follow_the_documented_layout(numpy_from, monkeypatch):
+@pytest.mark.parametrize("alike", [False, True])
+def test_pack_bytes_follow_the_documented_layout(numpy_from, alike, monkeypatch):
     """The pack written column by column is the layout of git_theta/store/packs.py, built here
     entry by entry with struct as an outsider would (the index sorted by oid, the data after it in
     the order the members were given), including members larger than a copy block; the index
-    built with numpy (a pack of many members) is the same, ids sharing their first words too."""
+    built with numpy (a pack of many members) is the same, ids sharing their first 8 bytes too;
+    and it reads back (its largest member is not its last, so the quick bound does not hold)."""
     monkeypatch.setattr(packs, "NUMPY_MEMBERS", numpy_from)
     members = {}
     for i in range(300):
         data = bytes([i % 256]) * (1 + i * 7) if i != 5 else b"x" * (packs.BLOCK + 3)
         members[hashlib.sha256(data).hexdigest()] = data
-    for tail in ("9" * 48, "1" * 48, "5" * 48):  # not real ids: alike in their first 8 bytes
+    for tail in ("9" * 48, "1" * 48, "5" * 48) if alike else ():  # not real ids: alike in their first 8 bytes
         members["ab" * 8 + tail] = tail.encode()
     assert list(members) != sorted(members)  # the data's order is not the index's
     offset = len(packs.MAGIC) + 8 + 48 * len(members)
@@ -73,8 +76,11 @@ def test_pack_bytes_follow_the_documented_layout(numpy_from, monkeypatch):
     for oid in sorted(members):
         expected.append(struct.pack("<32sQQ", bytes.fromhex(oid), placed[oid], len(members[oid])))
     expected += list(members.values())
-    assert b"".join(bytes(part) for part in packs.pack_bytes(members)) == b"".join(expected)
+    written = b"".join(bytes(part) for part in packs.pack_bytes(members))
+    assert written == b"".join(expected)
     assert b"".join(bytes(p) for p in packs.pack_bytes({})) == packs.MAGIC + struct.pack("<Q", 0)
+    index = packs.PackIndex.read(io.BytesIO(written), "p" * 64, len(written))
+    assert index.entries == {oid: (placed[oid], len(data)) for oid, data in members.items()}
 
 
 def test_full_packs_are_written_on_their_own_thread_readable_meanwhile_errors_surface(tmp_path, monkeypatch):
@@ -167,6 +173,8 @@ def _pack_with_index(entries, body=b"z" * 64):
     [
         [(b"\1" * 32, 0, 4)],  # a member overlapping the index
         [(b"\1" * 32, 80, 1 << 40)],  # a member past the end
+        # the furthest member ends at the end; a shorter one, but not the largest, past it
+        [(b"\1" * 32, packs.HEAD + 144, 60), (b"\2" * 32, packs.HEAD + 207, 1), (b"\3" * 32, packs.HEAD + 154, 60)],
     ],
 )
 def test_tampered_pack_index_is_rejected(tmp_path, entries):

@@ -117,8 +117,13 @@ def _index_bytes_numpy(oids, sizes):
 
     count = len(oids)
     ids = np.frombuffer(bytes.fromhex("".join(oids)), dtype=np.uint8).reshape(count, 32)
-    words = ids.view(">u8")  # each id as 4 big-endian words: sorting them sorts the ids
-    order = np.lexsort(words.T[::-1])  # last key first: the first word decides, then the next
+    # Each id's first 8 bytes as one number (big-endian, so numbers sort as the ids do), made
+    # native: one sort on it took a quarter of the time of a sort on four big-endian words.
+    first = ids[:, :8].copy().view(">u8").ravel().astype(np.uint64)
+    order = np.argsort(first)
+    ranked = first[order]
+    if count > 1 and not (ranked[1:] != ranked[:-1]).all():  # ids sharing their first 8 bytes
+        order = np.lexsort(ids.view(">u8").T[::-1])  # last key first: the first word decides
     lengths = np.array(sizes, dtype=np.uint64)
     placed = np.empty(count, dtype=np.uint64)
     placed[0] = HEAD + _ENTRY.size * count
@@ -177,7 +182,13 @@ class PackIndex:
         if sys.byteorder != "little":
             words.byteswap()
         offsets, sizes = words[4::6], words[5::6]
-        if count and (min(offsets) < start or max(map(operator.add, offsets, sizes)) > total):
+        # The largest offset plus the largest size within the pack bounds every member's end
+        # (two passes in C, where adding 200,000 pairs in Python took 20-30 ms); only when it
+        # does not is each end checked.
+        if count and (
+            min(offsets) < start
+            or (max(offsets) + max(sizes) > total and max(map(operator.add, offsets, sizes)) > total)
+        ):
             raise ObjectCorruptError(f"pack {oid} has a member outside the pack")
         return cls(oid, raw, offsets, sizes)
 
