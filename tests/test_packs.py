@@ -173,7 +173,7 @@ def _pack_with_index(entries, body=b"z" * 64):
     [
         [(b"\1" * 32, 0, 4)],  # a member overlapping the index
         [(b"\1" * 32, 80, 1 << 40)],  # a member past the end
-        # the furthest member ends at the end; a shorter one, but not the largest, past it
+        # the furthest member ends at the end of the pack, one that starts before it past the end
         [(b"\1" * 32, packs.HEAD + 144, 60), (b"\2" * 32, packs.HEAD + 207, 1), (b"\3" * 32, packs.HEAD + 154, 60)],
     ],
 )
