@@ -61,9 +61,14 @@ DEFAULTS = {
     "layoutCache": (True, "bool", "write a many-tensor file smudged before again from its recorded layout"),
     "maxObjectSize": (2 << 30, "int", "largest object sent to a remote; bigger objects are split"),
     "packThreshold": (
+        2 << 20,
+        "int",
+        "objects up to this many bytes written by one clean go into a pack (0: never pack)",
+    ),
+    "rawThreshold": (
         256 << 10,
         "int",
-        "objects up to this many bytes written by one clean go into a pack, tensors stored raw (0: never pack)",
+        "tensors up to this many bytes (and theta.packThreshold) are stored as their own bytes in a pack",
     ),
     "packSize": (64 << 20, "int", "bytes of small objects collected before a pack is written"),
     "streamThreshold": (

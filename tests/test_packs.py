@@ -300,6 +300,40 @@ def test_twenty_thousand_tensors_round_trip_through_git_in_a_few_files(repo):
     assert repo.status() == ""
 
 
+@pytest.mark.parametrize(
+    "config, mid_update, mid_packed",
+    [
+        ((), "dense", True),  # the defaults: a compressed keyframe inside the pack
+        ((("theta.rawThreshold", "1m"),), "raw", True),  # its own bytes, in the pack
+        ((("theta.packThreshold", "256k"),), "dense", False),  # a compressed keyframe on its own
+    ],
+)
+def test_mid_size_tensors_are_encoded_and_packed_small_ones_stored_raw(repo, config, mid_update, mid_packed):
+    """theta.packThreshold (2 MiB) decides which objects go into a pack, theta.rawThreshold
+    (256 KiB) which tensors go in as their own bytes; each setting moves only its own line, a
+    4 KiB tensor stays raw in the pack, and every variant checks out bit for bit."""
+    for key, value in config:
+        repo.git("config", key, value)
+    rng = np.random.default_rng(3)
+    tensors = {
+        "mid.w": (0.02 * rng.standard_normal(128 << 10)).astype(np.float32),  # 512 KiB
+        "small.w": rng.standard_normal(1024).astype(np.float32),  # 4 KiB
+    }
+    save_safetensors(repo.file(MODEL), tensors)
+    original = repo.file(MODEL).read_bytes()
+    repo.commit("v1", MODEL)
+    manifest = Manifest.parse(repo.show(f"HEAD:{MODEL}"))
+    mid, small = manifest.tensors["mid.w"], manifest.tensors["small.w"]
+    assert small.update == "raw" and small.objects[0].pack is not None
+    assert mid.update == mid_update and (mid.objects[0].pack is not None) == mid_packed
+    if mid_update == "dense":
+        assert mid.objects[0].size < 512 << 10  # compressed, not the raw bytes
+    assert len(_files(_objects_dir(repo))) == (1 if mid_packed else 2)
+    repo.file(MODEL).unlink()
+    repo.git("checkout", "--", MODEL)
+    assert repo.file(MODEL).read_bytes() == original
+
+
 def test_unchanged_tensors_cost_no_new_bytes_and_a_changed_one_goes_into_the_new_pack(repo):
     tensors = _many(300)
     save_safetensors(repo.file(MODEL), tensors)

@@ -352,7 +352,7 @@ class Cleaner:
                 # would hand back the encoding the request is meant to replace.
                 # A small tensor goes into a pack as its own bytes, found by its digest among the
                 # packs' members (ObjectStore.put_raw): the index is asked about larger ones only.
-                small = self.store.packs_small
+                small = self.store.stores_raw
                 lookups = [
                     t
                     for t, (e, _) in zip(batch, checked)
@@ -449,7 +449,7 @@ class Cleaner:
                 # Without per-tensor fingerprints or a request, a format may hand over runs of
                 # small tensors (stored raw in the pack) as columns: 200,000 tensors of a few
                 # hundred bytes are not 200,000 objects of each kind along the way.
-                small = min(INLINE_BELOW, self.store.pack_threshold)
+                small = min(INLINE_BELOW, self.store.raw_limit)
                 runs = not remember and request is None and small > 0
                 for tensor in checkpoint.runs(small) if runs else checkpoint.tensors():
                     if record is None and recording and checkpoint.prelude is not None:
@@ -662,7 +662,7 @@ class Cleaner:
                         update, encoded = merged
                         result = update, Encoded({**encoded.header, "span": span}, encoded.parts)
                         base, base_entry = older, skip_entry
-            if self.store.packs_small(len(tensor.data)) and (
+            if self.store.stores_raw(len(tensor.data)) and (
                 result[0].keyframe or (not forced and object_size(tensor, *result, base) >= len(tensor.data))
             ):
                 # A small tensor's raw keyframe is its bytes alone: a delta object whose header
@@ -688,7 +688,7 @@ class Cleaner:
     def _keyframe(self, tensor):
         """A new keyframe of ``tensor``: its own bytes in the pack being filled when it is small
         (``raw``: no second sha256, no header, no compression), else ``dense``."""
-        if self.store.packs_small(len(tensor.data)):
+        if self.store.stores_raw(len(tensor.data)):
             ref = self.store.put_raw(tensor.data, tensor.digest)
             return TensorEntry(tensor.name, tensor.dtype, tuple(tensor.shape), tensor.digest, RAW, (ref,))
         return encode_tensor(self.store, tensor)
@@ -781,7 +781,7 @@ class Cleaner:
             and self._vouched(entry, path)
         ):
             return _renamed(entry, tensor.name)
-        if self.store.packs_small(len(tensor.data)):
+        if self.store.stores_raw(len(tensor.data)):
             # Stored raw in some pack already (any file, branch or version): its id is the digest.
             ref = self.store.packed_ref(tensor.digest)
             if ref is not None and ref.size == len(tensor.data):

@@ -126,6 +126,7 @@ class Repo:
             fsync=settings.get_bool("fsync"),
             max_object_size=settings.get_int("maxObjectSize"),
             pack_threshold=settings.get_int("packThreshold"),
+            raw_threshold=settings.get_int("rawThreshold"),
             pack_size=settings.get_int("packSize"),
         )
         store.trust = TrustLedger(self.cache)

@@ -34,7 +34,7 @@ PACK_CHECKSUM = "xxh3-128:"
 class ObjectStore:
     """Content-addressed storage of immutable byte objects."""
 
-    def __init__(self, root, fsync=True, max_object_size=0, pack_threshold=None, pack_size=None):
+    def __init__(self, root, fsync=True, max_object_size=0, pack_threshold=None, pack_size=None, raw_threshold=None):
         from git_theta.store import packs
 
         self.root = Path(root)
@@ -49,6 +49,7 @@ class ObjectStore:
         self.stream_threshold = DEFAULTS["streamThreshold"][0]
         self.threads = 1
         self.pack_threshold = packs.DEFAULT_THRESHOLD if pack_threshold is None else pack_threshold
+        self.raw_threshold = packs.RAW_THRESHOLD if raw_threshold is None else raw_threshold
         self.pack_size = packs.DEFAULT_SIZE if pack_size is None else pack_size
         if max_object_size:  # a pack is an object: it must fit the host too
             self.pack_size = min(self.pack_size, max_object_size)
@@ -104,9 +105,16 @@ class ObjectStore:
             packer.close()
             self._packer = None
 
-    def packs_small(self, nbytes):
-        """True when an object of ``nbytes`` written now goes into a pack."""
-        return self._packer is not None and nbytes <= self.pack_threshold
+    @property
+    def raw_limit(self):
+        """Tensors of at most this many bytes are stored as their own bytes (``raw``) in a pack."""
+        return min(self.raw_threshold, self.pack_threshold)
+
+    def stores_raw(self, nbytes):
+        """True when a tensor of ``nbytes`` keyframed now is stored raw in the pack being filled
+        (and found by its digest among packs' members). A larger one is encoded, and its objects
+        still go into the pack when they are at most ``pack_threshold`` bytes."""
+        return self._packer is not None and nbytes <= self.raw_limit
 
     def put_raw(self, data, oid):
         """Store a small tensor's own bytes in the pack being filled; ``oid`` is their sha256,

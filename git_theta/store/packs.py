@@ -1,10 +1,11 @@
 """Packs: many small objects stored, kept and transferred as one ordinary object.
 
 A checkpoint of 20,000 small tensors would otherwise be 20,000 files, each with its own temp file,
-fsync, rename, directory entries and LFS transfer. Objects smaller than ``theta.packThreshold``
-(256 KiB by default) written during one clean are collected in memory and written as a pack when
-the clean ends or the pack reaches ``theta.packSize`` bytes (64 MiB): one fsync and one rename per
-pack. A pack is an ordinary content-addressed object (its oid is the sha256 of its bytes), so any
+fsync, rename, directory entries and LFS transfer. Objects of at most ``theta.packThreshold``
+bytes (2 MiB by default) written during one clean are collected in memory and written as a pack
+when the clean ends or the pack reaches ``theta.packSize`` bytes (64 MiB): one fsync and one rename
+per pack. Tensors of at most ``theta.rawThreshold`` bytes (256 KiB) go in as their own bytes
+(``raw``); larger ones as the objects their encoding makes (a dense keyframe, a delta). A pack is an ordinary content-addressed object (its oid is the sha256 of its bytes), so any
 Git LFS server holds it unchanged.
 
 Each member keeps its own identity: its oid is the sha256 of its bytes, exactly as if it were
@@ -44,7 +45,8 @@ MAGIC = b"GTPACK1\n"
 _COUNT = struct.Struct("<Q")
 _ENTRY = struct.Struct("<32sQQ")
 HEAD = len(MAGIC) + _COUNT.size
-DEFAULT_THRESHOLD = 256 << 10
+DEFAULT_THRESHOLD = 2 << 20  # objects up to this many bytes go into packs
+RAW_THRESHOLD = 256 << 10  # tensors up to this many bytes are stored raw in a pack
 DEFAULT_SIZE = 64 << 20
 
 
