@@ -5,8 +5,9 @@ fsync, rename, directory entries and LFS transfer. Objects of at most ``theta.pa
 bytes (2 MiB by default) written during one clean are collected in memory and written as a pack
 when the clean ends or the pack reaches ``theta.packSize`` bytes (64 MiB): one fsync and one rename
 per pack. Tensors of at most ``theta.rawThreshold`` bytes (256 KiB) go in as their own bytes
-(``raw``); larger ones as the objects their encoding makes (a dense keyframe, a delta). A pack is an ordinary content-addressed object (its oid is the sha256 of its bytes), so any
-Git LFS server holds it unchanged.
+(``raw``); larger ones as the objects their encoding makes (a dense keyframe, a delta). A pack is
+an ordinary content-addressed object (its oid is the sha256 of its bytes), so any Git LFS server
+holds it unchanged.
 
 Each member keeps its own identity: its oid is the sha256 of its bytes, exactly as if it were
 stored on its own, so dedup (an unchanged tensor costs no new bytes, in whichever pack it is),
