@@ -24,11 +24,21 @@ def git_side(requests):
 class Upper:
     """A stand-in worker: clean upper-cases, smudge lower-cases; 'bad' paths fail."""
 
-    def clean(self, stream, path):
+    def __init__(self, settle=None):
+        self._settle = settle or (lambda path: None)  # called with the path of a deferred clean
+        self._pending = None
+
+    def clean(self, stream, path, defer=False):
         data = stream.read()
         if path.startswith("bad"):
             raise CheckpointError(f"{path}: corrupt")
+        self._pending = path if defer else None
         return data.upper()
+
+    def settle(self):
+        path, self._pending = self._pending, None
+        if path is not None:
+            self._settle(path)
 
     def plan(self, data, path):
         if path.startswith("bad"):
@@ -79,6 +89,32 @@ def test_one_failing_file_answers_error_and_the_process_keeps_serving():
     assert read_response(reader) == ("success", b"xyz")
     assert read_response(reader) == ("error", None)
     assert [p for p, _ in reports] == ["bad.bin", "bad2"]
+
+
+def test_a_clean_is_settled_after_its_answer_is_sent_and_before_the_next_request():
+    """Bookkeeping waits until git has the manifest (so git stores it meanwhile), and is done
+    before the next file is read; when it fails, the file's answer stands and the failure is
+    reported."""
+    stdout = io.BytesIO()
+    seen = []
+
+    def settle(path):
+        reader = PktReader(io.BytesIO(stdout.getvalue()))
+        reader.read_text_list(), reader.read_text_list()
+        answers = [read_response(reader) for _ in range(len(seen) + 1)]
+        seen.append((path, answers[-1]))
+        if path == "b.bin":
+            raise CheckpointError("the cache could not be written")
+
+    worker = Upper(settle)
+    reports = []
+    requests = [("clean", "a.bin", b"abc"), ("clean", "b.bin", b"def"), ("clean", "c.bin", b"ghi")]
+    FilterServer(git_side(requests), stdout, lambda: (worker, worker), lambda exc, path: reports.append(path)).serve()
+    assert seen == [("a.bin", ("success", b"ABC")), ("b.bin", ("success", b"DEF")), ("c.bin", ("success", b"GHI"))]
+    assert reports == ["b.bin"]
+    reader = PktReader(io.BytesIO(stdout.getvalue()))
+    reader.read_text_list(), reader.read_text_list()
+    assert [read_response(reader) for _ in requests] == [s for _, s in seen]
 
 
 def test_large_content_round_trips_through_packets():

@@ -234,6 +234,32 @@ def test_the_first_add_of_a_file_takes_its_layout_from_the_packs_it_wrote(repo, 
     assert isinstance(prepared, Layout) and written == original
 
 
+def test_a_deferred_clean_records_its_layout_and_stat_row_when_settled(repo):
+    """``clean(defer=True)`` (the filter process's) answers first and keeps its bookkeeping for
+    ``settle``: the layout and the whole-file stat row appear then, as an undeferred clean
+    writes them at once; ``close`` settles what is left."""
+    from git_theta.filter.clean import Cleaner
+
+    original = _checkpoint(repo.file(MODEL), seed=11)
+    for settle in (True, False):
+        handle = Repo(repo.path)
+        cleaner = Cleaner(handle)
+        try:
+            data = cleaner.clean(io.BytesIO(original), MODEL, defer=True)
+            assert _layouts(repo) == 0 and _sql(repo, "SELECT COUNT(*) FROM stat_files") == 0
+            if settle:
+                cleaner.settle()
+                assert _layouts(repo) == 1 and _sql(repo, "SELECT COUNT(*) FROM stat_files") == 1
+                assert cleaner.clean(io.BytesIO(original), MODEL, defer=True) == data  # the stat row's answer
+        finally:
+            cleaner.close()
+            handle.store.close()
+        assert _layouts(repo) == 1 and _sql(repo, "SELECT COUNT(*) FROM stat_files") == 1
+        assert _smudge(repo, data)[1] == original
+        _sql(repo, "DELETE FROM layouts")
+        _sql(repo, "DELETE FROM stat_files")
+
+
 def test_an_add_of_a_file_with_repeated_tensors_records_where_each_is(repo, monkeypatch):
     """Tensors with the same bytes are one pack member: each is a slice of it, in file order."""
     rng = np.random.default_rng(9)

@@ -387,7 +387,8 @@ def _located(store, table):
         found = list(map(dict.get, map([index.entries for index in indexes].__getitem__, table.numbers), table.digests))
     if None in found:
         return None
-    offsets, sizes = map(list, zip(*found)) if found else ([], [])
+    # A column at a time: zip(*found) would be one call with an argument per row.
+    offsets, sizes = (list(map(operator.itemgetter(i), found)) for i in (0, 1))
     if sizes != table.sizes:
         return None
     return table.numbers, offsets, sizes

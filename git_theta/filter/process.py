@@ -108,7 +108,7 @@ class FilterServer:
 
     def _clean(self, cleaner, content, path):
         try:
-            result = cleaner.clean(content, path)
+            result = cleaner.clean(content, path, defer=True)
         except BaseException as exc:  # noqa: BLE001 - one file's failure must not stop the process
             content.drain()
             if not isinstance(exc, Exception):
@@ -123,6 +123,10 @@ class FilterServer:
         body.flush()
         self._writer.flush()  # end of content
         self._writer.flush()  # status unchanged
+        try:  # while git stores the manifest: caches only, so the file's answer stands
+            cleaner.settle()
+        except Exception as exc:  # noqa: BLE001
+            self._report(exc, path)
 
     def _smudge(self, smudger, content, path):
         data = content.read()

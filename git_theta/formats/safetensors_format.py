@@ -11,6 +11,7 @@ readable in the manifest.
 import bisect
 import itertools
 import json
+import operator
 import re
 import struct
 
@@ -39,7 +40,7 @@ def _canonical_order(items):
 
 def _columns(items):
     """(names, dtypes, shapes) of (name, dtype, shape) tuples."""
-    return tuple(map(list, zip(*items))) if items else ([], [], [])
+    return tuple(list(map(operator.itemgetter(i), items)) for i in range(3))
 
 
 def _canonical_columns(names, dtypes, shapes):
@@ -263,7 +264,8 @@ def _canonical_header(raw):
     found = _ENTRY.findall(text, position)
     if not found:
         return None
-    quoted, dtypes, shape_texts = (list(column) for column in zip(*found))
+    # A column at a time: zip(*found) makes a 200,000-argument call (0.05-0.1 s, 5x slower).
+    quoted, dtypes, shape_texts = (list(map(operator.itemgetter(i), found)) for i in range(3))
     names = quoted
     if "\\" in "".join(quoted):
         try:
