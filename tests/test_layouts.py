@@ -260,6 +260,31 @@ def test_a_deferred_clean_records_its_layout_and_stat_row_when_settled(repo):
         _sql(repo, "DELETE FROM stat_files")
 
 
+def test_a_deferred_clean_that_fails_after_its_tensors_leaves_no_rows(repo, monkeypatch):
+    """A deferred clean that fails once its tensors are cleaned (here: taking the file's
+    fingerprint, after the layout and the digest rows were kept for later) leaves nothing to
+    write later: no layout, no stat row for bytes git never got a manifest of."""
+    from git_theta.filter.clean import Cleaner
+    from git_theta.formats import spool
+
+    original = _checkpoint(repo.file(MODEL), seed=12)
+
+    def broken(self):
+        raise OSError("the pipe broke")
+
+    monkeypatch.setattr(spool.FingerprintReader, "fingerprint", property(broken))
+    handle = Repo(repo.path)
+    cleaner = Cleaner(handle)
+    try:
+        with pytest.raises(OSError):
+            cleaner.clean(io.BytesIO(original), MODEL, defer=True)
+        cleaner.settle()
+    finally:
+        cleaner.close()
+        handle.store.close()
+    assert _layouts(repo) == 0 and _sql(repo, "SELECT COUNT(*) FROM stat_files") == 0
+
+
 def test_an_add_of_a_file_with_repeated_tensors_records_where_each_is(repo, monkeypatch):
     """Tensors with the same bytes are one pack member: each is a slice of it, in file order."""
     rng = np.random.default_rng(9)

@@ -195,8 +195,12 @@ class Cleaner:
         the next file's request, so the next clean finds them as if written at once."""
         self.settle()
         self._deferred = [] if defer else None
-        with batched(self.store.trust):  # the pairs its new encodings make: one write
-            return self._clean(stream, path)
+        try:
+            with batched(self.store.trust):  # the pairs its new encodings make: one write
+                return self._clean(stream, path)
+        except BaseException:
+            self._deferred = None  # a clean that failed leaves no rows to write later
+            raise
 
     def settle(self):
         """Do the bookkeeping a ``clean(defer=True)`` left (see :meth:`clean`)."""
