@@ -130,6 +130,57 @@ def test_a_huge_tensor_round_trips_through_git_and_stores_the_same_object(repo, 
     assert repo.status() == ""  # the hashes taken while reading feed the stat cache too
 
 
+def test_checkout_hands_a_huge_keyframe_to_git_as_it_decodes(repo, monkeypatch):
+    """Above theta.streamThreshold the filter process writes a keyframe to git a piece at a time
+    as it decodes, with no tensor-sized buffer, and checks it after its last piece: exact, the
+    pair trusted from then on (sha256 the first time, the object's checksum after), a delta on
+    it decoded whole as before."""
+    from git_theta.filter.smudge import Smudger
+    from git_theta.git.repo import Repo
+    from git_theta.updates import chain
+
+    repo.git("config", "theta.streamThreshold", "65536")
+    state = _state(3)
+    save_safetensors(repo.file(MODEL), state)
+    first = repo.file(MODEL).read_bytes()
+    repo.commit("v1", MODEL)
+    (repo.path / ".git" / "theta" / "cache.sqlite3").unlink()  # as a fresh clone: nothing trusted
+    monkeypatch.setattr(planes, "PIECE_BYTES", 64 << 10)  # 16 pieces of the 1 MiB tensor
+    streamed = []
+    real = chain.stream_tensor
+
+    def counted(store, entry, path):
+        for piece in real(store, entry, path):
+            streamed.append((entry.name, len(piece)))
+            yield piece
+
+    monkeypatch.setattr("git_theta.filter.smudge.stream_tensor", counted)
+    data = repo.show(f"HEAD:{MODEL}")
+    for attempt in ("untrusted", "trusted"):
+        smudger = Smudger(Repo(repo.path))
+        try:
+            entry = Manifest.parse(data).tensors["embed.weight"]
+            assert smudger.repo.store.trust.trusted(entry) is (attempt == "trusted")
+            out = io.BytesIO()
+            smudger.write(*smudger.prepare(data, MODEL), MODEL, out, streaming=True)
+            assert out.getvalue() == first
+            assert smudger.repo.store.trust.trusted(entry)
+        finally:
+            smudger.close()
+            smudger.repo.store.close()
+        assert [size for name, size in streamed] == [64 << 10] * 16 and {n for n, _ in streamed} == {"embed.weight"}
+        streamed.clear()
+    # Through git, and a version whose big tensor is a delta on that keyframe (decoded whole).
+    state["embed.weight"][::89] += np.float32(1e-3)
+    save_safetensors(repo.file(MODEL), state)
+    second = repo.file(MODEL).read_bytes()
+    repo.commit("v2", MODEL)
+    for rev, expected in (("HEAD~1", first), ("HEAD", second)):
+        repo.file(MODEL).unlink()
+        repo.git("checkout", "-q", rev, "--", MODEL)
+        assert repo.file(MODEL).read_bytes() == expected
+
+
 def test_a_huge_tensor_that_releases_its_pages_checks_out_exact(repo):
     """A keyframe above streaming.RELEASE_BYTES decodes with its pages released, and checks out exact."""
     save_safetensors(repo.file(MODEL), _state(5, big=(streaming.RELEASE_BYTES // 4 + 1000,)))

@@ -10,6 +10,7 @@ valid, correctly content-addressed objects. Everything else is real git.
 """
 
 import hashlib
+import io
 import json
 import resource
 import sqlite3
@@ -126,6 +127,47 @@ def test_forged_checksum_is_refused_by_every_decode_path(repo):
     assert [(p["kind"], p["tensor"]) for p in problems] == [("bad-tensor", "w")]
     # Still untrusted after all those refusals: a second checkout verifies (and refuses) again.
     assert repo.git("checkout", "--", "model.safetensors", check=False).returncode != 0
+
+
+def test_a_forged_keyframe_streamed_to_git_is_discarded_with_the_file(repo):
+    """A keyframe at or above ``theta.streamThreshold`` goes to git a piece at a time as it
+    decodes and is checked after its last byte: the forged one's bytes reach git, the check
+    fails, the file ends with status=error, and git writes none of it; the pair stays untrusted.
+    The same object under the threshold is refused before a byte (the test above)."""
+    save_safetensors(repo.file("model.safetensors"), GENUINE)
+    repo.commit("genuine", "model.safetensors")
+    ref = plant(repo, forged_dense(EVIL_W.tobytes(), sha(GENUINE["w"])))
+    commit_manifest(repo, "model.safetensors", manifest_with(repo, "HEAD:model.safetensors", "w", ref), "forged")
+    repo.git("config", "theta.streamThreshold", "64")  # w's 256 bytes stream
+    for state in ("fresh clone", "again"):
+        if state == "fresh clone":
+            fresh_clone_state(repo)
+        repo.file("model.safetensors").unlink(missing_ok=True)
+        checkout = repo.git("checkout", "--", "model.safetensors", check=False)
+        assert checkout.returncode != 0, state
+        assert "'w'" in checkout.stderr and "tensor digest" in checkout.stderr, checkout.stderr
+        assert ref[:12] in checkout.stderr
+        written = repo.file("model.safetensors")
+        assert not written.exists() or EVIL_W.tobytes() not in written.read_bytes(), state
+    # What the filter process did, in process: streaming, the forged bytes went out before the
+    # check failed (so git above had them, and dropped them); without, not a byte of them.
+    from git_theta import config
+    from git_theta.errors import ObjectCorruptError
+    from git_theta.filter.smudge import Smudger
+    from git_theta.git.repo import Repo
+
+    config.forget()
+    smudger = Smudger(Repo(repo.path))
+    try:
+        data = repo.show("HEAD:model.safetensors")
+        for streaming in (True, False):
+            out = io.BytesIO()
+            with pytest.raises(ObjectCorruptError, match="tensor digest"):
+                smudger.write(*smudger.prepare(data, "model.safetensors"), "model.safetensors", out, streaming)
+            assert (EVIL_W.tobytes() in out.getvalue()) is streaming
+    finally:
+        smudger.close()
+        smudger.repo.store.close()
 
 
 def test_forged_checksum_in_a_diff_or_merge_input_is_refused(repo):

@@ -144,7 +144,8 @@ class FilterServer:
             if prepared is None:
                 body.write(data)
             else:
-                smudger.write(*prepared, path, body)
+                # git keeps what it reads until the status after it: an error discards the file
+                smudger.write(*prepared, path, body, streaming=True)
             body.flush()
         except Exception as exc:  # noqa: BLE001 - git discards the content when we end with error
             body.flush()

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from git_theta import registry as plugins
 from git_theta.tensors.buffers import BufferPool, new_buffer, using
-from git_theta.updates.chain import DecodedCache, decode_tensor
+from git_theta.updates.chain import DecodedCache, decode_tensor, stream_tensor, streamable
 from git_theta.errors import ObjectMissingError
 from git_theta.filter.layouts import Layout, LayoutRecorder, layout_key_of, locate_rows, pack_slices, pick
 from git_theta.formats.base import TensorSource
@@ -37,7 +37,7 @@ EARLY_MIN = 16 << 20  # tensors from this size may be decoded ahead of file orde
 class StoreTensorSource(TensorSource):
     """Decodes a manifest's tensors from the store, a few ahead of the writer, within a byte budget."""
 
-    def __init__(self, manifest, store, pool, path, budget, cache=None, buffers=None, workers=1):
+    def __init__(self, manifest, store, pool, path, budget, cache=None, buffers=None, workers=1, stream=False):
         self.blob_keys = set(manifest.blobs)
         # The manifest's raw shorthand lines stay columns (a RawTable) unless a format asks for
         # ``specs``: a run of them is written as slices of their packs (_raw_run).
@@ -53,6 +53,9 @@ class StoreTensorSource(TensorSource):
         self._workers = workers  # threads of ``pool``
         self._sizes = _SizeMemo()  # (dtype, shape) -> bytes
         self.recorder = None  # a LayoutRecorder told of every pack slice handed out
+        # Huge keyframes handed on a piece at a time as they decode, checked after their last
+        # byte: only for an output that is discarded when that check fails (git's filter process).
+        self._stream = stream
 
     @property
     def specs(self):
@@ -170,10 +173,25 @@ class StoreTensorSource(TensorSource):
             start += count
 
     def _joined(self, names):
-        for _, data in self._lent(self._decoded(names, joined=True)):
-            if self.recorder is not None:
-                self.recorder.expect_decoded(data)
-            yield data
+        """The decoded bytes of ``names``, in order: decoded ahead on the pool and handed on whole
+        (batches of small tensors joined), except that with ``stream`` a huge keyframe
+        (:func:`streamable`) is handed on a piece at a time as it decodes, in its place: no
+        tensor-sized buffer, and git receives its first bytes while the rest decode."""
+        entries, store, streamed = self._entries, self._store, []
+        if self._stream:
+            streamed = [i for i, name in enumerate(names) if name in entries and streamable(store, entries[name])]
+        start = 0
+        for at in [*streamed, len(names)]:
+            if start < at:
+                for _, data in self._lent(self._decoded(names[start:at], joined=True)):
+                    if self.recorder is not None:
+                        self.recorder.expect_decoded(data)
+                    yield data
+            if at < len(names):
+                if self.recorder is not None:
+                    self.recorder.abandon()  # no literal of bytes not yet checked, nor of a huge tensor
+                yield from stream_tensor(store, entries[names[at]], self._path)
+            start = at + 1
 
     def _raw_run(self, names, rows):
         """The bytes of the raw tensors ``names`` (table ``rows`` + 1; None: every row, in
@@ -496,13 +514,19 @@ class Smudger:
                 kill_points(tensors)
                 out.write(piece)
 
-    def write(self, manifest, fmt, path, out):
+    def write(self, manifest, fmt, path, out, streaming=False):
         """Write the checkpoint ``manifest`` describes to ``out`` (or, given a :class:`Layout`
-        by :meth:`prepare`, the file it recorded)."""
-        with batched(self.repo.store.trust):  # the pairs its decodes verify: one write
-            self._write(manifest, fmt, path, out)
+        by :meth:`prepare`, the file it recorded).
 
-    def _write(self, manifest, fmt, path, out):
+        Every tensor is checked (sha256, or a trusted pair's checksum) before a byte of it is
+        written, except with ``streaming``: then a huge keyframe is written as it decodes and
+        checked after its last byte, and a failed check raises after part of the file went to
+        ``out``. Only for an ``out`` whose reader then discards the file: git's filter protocol
+        (the file ends with ``status=error`` and git writes none of it)."""
+        with batched(self.repo.store.trust):  # the pairs its decodes verify: one write
+            self._write(manifest, fmt, path, out, streaming)
+
+    def _write(self, manifest, fmt, path, out, streaming=False):
         if isinstance(manifest, Layout):
             self._write_layout(manifest, path, out)
             return
@@ -520,6 +544,7 @@ class Smudger:
             self.cache,
             self.buffers if getattr(fmt, "releases_tensors", False) else None,
             self.settings.threads(),
+            stream=streaming,
         )
         budgeted = 0 if getattr(fmt, "spools", False) else source.total_bytes()
 

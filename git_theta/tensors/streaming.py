@@ -216,6 +216,22 @@ class PageReleaser:
 RELEASE_BYTES = 16 << 20
 
 
+def iter_decoded_releasing(payload, nbytes, itemsize, oid):
+    """:func:`git_theta.tensors.planes.iter_decoded_chunks`, dropping the pages of a
+    memory-mapped ``payload`` (see :class:`PageReleaser`) once each chunk's pieces are out: the
+    tensor a piece at a time with neither a tensor-sized buffer nor the whole mapping resident."""
+    from git_theta.tensors.planes import chunk_step, iter_decoded_chunks
+
+    releaser = PageReleaser(payload)
+    ends = [] if releaser.idle else frame_ends(payload, itemsize)
+    step = chunk_step(itemsize)
+    for start, piece in iter_decoded_chunks(payload, nbytes, itemsize, oid):
+        yield start, piece
+        end = start + len(piece)
+        if ends and (end % step == 0 or end == nbytes) and (end - 1) // step < len(ends):
+            releaser.through(ends[(end - 1) // step])
+
+
 def decode_releasing(payload, nbytes, itemsize, oid, out, digest=None):
     """:func:`git_theta.tensors.planes.decode_planes` into ``out``, dropping the pages of a
     memory-mapped ``payload`` (see :class:`PageReleaser`) once each chunk is decoded."""

@@ -75,6 +75,12 @@ class UpdateType:
         """
         raise NotImplementedError
 
+    #: Optional, for a keyframe type: ``decode_pieces(header, payload, spec, oid)`` yielding
+    #: ``(start, piece)``, the bytes :meth:`decode` gives in order, a piece at a time (each valid
+    #: until the next is asked for). Checkout then writes a huge tensor to git as it decodes,
+    #: with no tensor-sized buffer, and checks it after its last byte. None: decoded whole.
+    decode_pieces = None
+
 
 def writable_base(base):
     """``base`` itself when the chain walk handed it over to be decoded in place (a bytearray, see

@@ -356,13 +356,7 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
             header, payload = _unpack(store, entry, depth, raw, ref)
             top = header  # ends as the tensor's own object's header (depth 0 is always read)
             update = plugins.get("update", header["update"], needed_by=f"{where}, object {ref.oid}")
-            if header.get("dtype") != entry.dtype or tuple(header.get("shape", ())) != entry.shape:
-                raise ObjectCorruptError(
-                    f"object {ref.oid} holds a {header.get('dtype')} {header.get('shape')} tensor, "
-                    f"the manifest says {entry.dtype} {list(entry.shape)}"
-                )
-            if update.keyframe != (depth == len(objects) - 1):
-                raise ObjectCorruptError(f"object {ref.oid} is out of place in the chain")
+            _check_placed(header, update, entry, depth, ref)
             if strict and not update.keyframe and header.get("base") != expected_base:
                 raise ObjectCorruptError(f"object {ref.oid} is a delta of a different base")
             spec = TensorData(entry.name, entry.dtype, entry.shape, None)
@@ -389,7 +383,28 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
                 immediate_base = (tuple(r.oid for r in objects[1:]), bytes(data))
     except ObjectCorruptError as exc:
         raise _chain_error(store, entry, where, exc.message) from None
-    recorded, checksum = top.get("digest"), top.get("check")
+    _check_recorded_digest(store, entry, where, top)
+    _verify(store, entry, where, top, running, data, fast_ok)
+    if immediate_base is not None:
+        cache.put(*immediate_base)
+    return data
+
+
+def _check_placed(header, update, entry, depth, ref):
+    """Refuse an object of the chain at ``depth`` whose header describes another tensor, or a
+    keyframe anywhere but at the chain's end (and a delta there)."""
+    if header.get("dtype") != entry.dtype or tuple(header.get("shape", ())) != entry.shape:
+        raise ObjectCorruptError(
+            f"object {ref.oid} holds a {header.get('dtype')} {header.get('shape')} tensor, "
+            f"the manifest says {entry.dtype} {list(entry.shape)}"
+        )
+    if update.keyframe != (depth == len(entry.objects) - 1):
+        raise ObjectCorruptError(f"object {ref.oid} is out of place in the chain")
+
+
+def _check_recorded_digest(store, entry, where, top):
+    """Refuse a tensor's own object (header ``top``) that records another digest than the entry."""
+    recorded = top.get("digest")
     if recorded is not None and recorded != entry.digest:
         raise _chain_error(
             store,
@@ -399,13 +414,24 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
             f"{str(recorded)[:12]}, the manifest names digest {entry.digest[:12]} "
             "(the manifest was altered)",
         )
+
+
+def _verify(store, entry, where, top, running, data, fast_ok):
+    """The final check of a decoded tensor: ``running`` (what the decoder fed, or None) or else
+    ``data`` hashed whole, against the object's checksum (a pair this clone trusts, ``fast_ok``)
+    or the entry's sha256 digest, which then makes the pair trusted. ``data`` None: the bytes
+    were handed on as they were decoded, so ``running`` must have had every one, in order."""
+    fed = running and running.hexdigest()
+    if data is None and not fed:
+        raise _chain_error(store, entry, where, "the decoder did not give every byte of the tensor once, in order")
+    checksum = top.get("check")
     # The object's checksum was chosen by whoever wrote the object: it only stands in for sha256
     # on a pair this clone has verified or encoded itself (the trust ledger, DESIGN §12).
     if fast_ok and _usable(checksum):
-        seed, fed = _checksum_seed(entry, checksum), running and running.hexdigest()
+        seed = _checksum_seed(entry, checksum)
         if (_tagged(fed, seed) if fed else tensor_checksum(data, seed)) != checksum:
             raise _chain_error(store, entry, where, "decoded bytes do not match the recorded checksum")
-    elif ((running and running.hexdigest()) or tensor_digest(data)) != entry.digest:
+    elif (fed or tensor_digest(data)) != entry.digest:
         raise _chain_error(
             store,
             entry,
@@ -415,6 +441,56 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
         )
     elif store.trust is not None and not is_raw(entry):  # a raw pair needs no ledger: id == digest
         store.trust.record([entry])
-    if immediate_base is not None:
-        cache.put(*immediate_base)
-    return data
+
+
+def streamable(store, entry):
+    """True when a checkout may write ``entry``'s tensor a piece at a time as it decodes
+    (:func:`stream_tensor`): one keyframe object of at least ``theta.streamThreshold`` bytes."""
+    return len(entry.objects) == 1 and not is_raw(entry) and nbytes(entry.dtype, entry.shape) >= store.stream_threshold
+
+
+def stream_tensor(store, entry, path="?"):
+    """Yield the bytes of a :func:`streamable` entry's tensor a piece at a time as its update
+    type decodes them (``decode_pieces``), with no tensor-sized buffer; a type without
+    ``decode_pieces`` gives its :func:`decode_tensor` result as one piece.
+
+    The check :func:`decode_tensor` makes before it returns (sha256, or a trusted pair's
+    checksum) is made on the pieces as they pass and settled after the last one: a mismatch
+    raises ObjectCorruptError only then. So this is only for a consumer that discards all it
+    was given when that happens: git's filter protocol, where the file then ends with
+    ``status=error`` and git writes none of it. Each piece is valid until the next is asked for.
+    """
+    where = f"{path}: tensor {entry.name!r}"
+    ref = entry.objects[0]
+    try:
+        raw = store.read(ref.oid)
+    except ObjectMissingError:
+        raise ObjectMissingError(
+            f"{where}: object {ref.oid} is missing (chain {_describe_chain(entry)})",
+            hint="fetch it with 'git theta fetch' (or restore it from a clone that has it)",
+            oids=[ref.oid],
+        ) from None
+    try:
+        header, payload = _unpack(store, entry, 0, raw, ref)
+        update = plugins.get("update", header["update"], needed_by=f"{where}, object {ref.oid}")
+        _check_placed(header, update, entry, 0, ref)
+    except ObjectCorruptError as exc:
+        raise _chain_error(store, entry, where, exc.message) from None
+    _check_recorded_digest(store, entry, where, header)
+    pieces = getattr(update, "decode_pieces", None)
+    if pieces is None:
+        del raw, payload
+        yield decode_tensor(store, entry, path)
+        return
+    fast_ok = store.trust is not None and store.trust.trusted(entry)
+    check = header.get("check")
+    hasher = checksum_hasher(_checksum_seed(entry, check)) if fast_ok and _usable(check) else None
+    running = RunningDigest(nbytes(entry.dtype, entry.shape), hasher)
+    spec = TensorData(entry.name, entry.dtype, entry.shape, None)
+    try:
+        for start, piece in pieces(header, payload, spec, ref.oid):
+            running.feed(start, piece)
+            yield piece
+    except ObjectCorruptError as exc:
+        raise _chain_error(store, entry, where, exc.message) from None
+    _verify(store, entry, where, header, running, None, fast_ok)
