@@ -10,7 +10,8 @@ clone either
   diff or merge input, clean verifying a parent or index entry before reusing it), or
 - encoded the chain itself from bytes whose sha256 it computed (clean, merge).
 
-Until then every decode hashes its result with sha256 before a byte is handed on; afterwards the
+Until then every decode hashes its result with sha256 before a byte is kept (a huge keyframe's
+checkout hands its bytes to git as they decode, and git drops the file if they hash otherwise); afterwards the
 object's xxh3 checksum suffices (it catches accidental corruption at a tenth of the cost). Dedup
 and delta bases reuse trusted pairs only.
 

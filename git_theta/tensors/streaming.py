@@ -10,12 +10,12 @@ A tensor of at least ``theta.streamThreshold`` bytes (64 MiB by default) takes t
   threads and handed to the object writer in order as they finish, a few chunks ahead; the object
   file is hashed and written incrementally. The encoded tensor is never held whole.
 - **Decoding** (smudge, a dense keyframe): the object is memory-mapped, and the pages of each
-  chunk's frames are dropped from the process once the chunk is decoded into the output buffer,
-  so the mapping does not add a second tensor's worth of resident memory.
+  chunk's frames are dropped from the process once the chunk is decoded, so the mapping does not
+  add a second tensor's worth of resident memory. In the filter process the decoded pieces go to
+  git as they come (:func:`iter_decoded_releasing`, checked after the last one: git drops a file
+  whose status ends in error); elsewhere they fill one buffer, checked before a byte is written.
 
-What stays whole is the tensor's own buffer: clean needs it for dedup and deltas, and smudge must
-verify a tensor's sha256 before any byte of it reaches git (docs/security.md), which it cannot do
-for bytes it has already handed on. So the filter holds one copy plus a few chunks.
+What stays whole is the tensor's own buffer in clean, which needs it for dedup and deltas.
 """
 
 import hashlib
