@@ -345,18 +345,8 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
     try:
         for depth in range(start, -1, -1):
             ref = objects[depth]
-            try:
-                raw = store.read(ref.oid)
-            except ObjectMissingError:
-                raise ObjectMissingError(
-                    f"{where}: object {ref.oid} is missing (chain {_describe_chain(entry)})",
-                    hint="fetch it with 'git theta fetch' (or restore it from a clone that has it)",
-                    oids=[ref.oid],
-                ) from None
-            header, payload = _unpack(store, entry, depth, raw, ref)
+            header, payload, update = _read_placed(store, entry, where, depth)
             top = header  # ends as the tensor's own object's header (depth 0 is always read)
-            update = plugins.get("update", header["update"], needed_by=f"{where}, object {ref.oid}")
-            _check_placed(header, update, entry, depth, ref)
             if strict and not update.keyframe and header.get("base") != expected_base:
                 raise ObjectCorruptError(f"object {ref.oid} is a delta of a different base")
             spec = TensorData(entry.name, entry.dtype, entry.shape, None)
@@ -388,6 +378,25 @@ def _decode_chain(store, entry, path, cache, known, strict, full=False):
     if immediate_base is not None:
         cache.put(*immediate_base)
     return data
+
+
+def _read_placed(store, entry, where, depth):
+    """``(header, payload, update type)`` of the object at ``depth`` of ``entry``'s chain, read and
+    checked to belong there (:func:`_check_placed`); ObjectMissingError, naming the tensor and its
+    chain, when it is not in the store."""
+    ref = entry.objects[depth]
+    try:
+        raw = store.read(ref.oid)
+    except ObjectMissingError:
+        raise ObjectMissingError(
+            f"{where}: object {ref.oid} is missing (chain {_describe_chain(entry)})",
+            hint="fetch it with 'git theta fetch' (or restore it from a clone that has it)",
+            oids=[ref.oid],
+        ) from None
+    header, payload = _unpack(store, entry, depth, raw, ref)
+    update = plugins.get("update", header["update"], needed_by=f"{where}, object {ref.oid}")
+    _check_placed(header, update, entry, depth, ref)
+    return header, payload, update
 
 
 def _check_placed(header, update, entry, depth, ref):
@@ -463,23 +472,13 @@ def stream_tensor(store, entry, path="?"):
     where = f"{path}: tensor {entry.name!r}"
     ref = entry.objects[0]
     try:
-        raw = store.read(ref.oid)
-    except ObjectMissingError:
-        raise ObjectMissingError(
-            f"{where}: object {ref.oid} is missing (chain {_describe_chain(entry)})",
-            hint="fetch it with 'git theta fetch' (or restore it from a clone that has it)",
-            oids=[ref.oid],
-        ) from None
-    try:
-        header, payload = _unpack(store, entry, 0, raw, ref)
-        update = plugins.get("update", header["update"], needed_by=f"{where}, object {ref.oid}")
-        _check_placed(header, update, entry, 0, ref)
+        header, payload, update = _read_placed(store, entry, where, 0)
     except ObjectCorruptError as exc:
         raise _chain_error(store, entry, where, exc.message) from None
     _check_recorded_digest(store, entry, where, header)
     pieces = getattr(update, "decode_pieces", None)
     if pieces is None:
-        del raw, payload
+        del payload
         yield decode_tensor(store, entry, path)
         return
     fast_ok = store.trust is not None and store.trust.trusted(entry)
