@@ -74,7 +74,7 @@ DEFAULTS = {
     "streamThreshold": (
         64 << 20,
         "int",
-        "tensors of at least this many bytes are read, encoded and decoded in pieces (memory: one copy)",
+        "tensors of at least this many bytes are read, encoded and decoded in pieces (add: one copy; checkout: none)",
     ),
     "pruneExpire": ("1.hour", "str", "git theta prune keeps unreferenced objects younger than this"),
 }
