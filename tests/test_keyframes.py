@@ -129,6 +129,21 @@ def test_a_delta_is_stored_only_while_its_chain_stays_near_the_raw_size():
     assert chain_fits(_chain(400), 300, 256, 110)  # a tiny tensor's objects are mostly header
 
 
+def test_the_room_a_chain_leaves_a_delta_is_what_chain_fits_allows():
+    """chain_room (known before a delta is encoded) is the largest delta chain_fits takes."""
+    from git_theta.tensors.keyframes import chain_fits, chain_room
+
+    for chain, raw, percent in (
+        (_chain(80_000), 100_000, 110),
+        (_chain(1000, 1000, 90_000), 100_000, 110),
+        (_chain(400), 256, 110),
+        (_chain(90_000), 100_000, 130),
+    ):
+        room = chain_room(chain, raw, percent)
+        assert chain_fits(chain, int(room), raw, percent) and not chain_fits(chain, int(room) + 1, raw, percent)
+    assert chain_room(_chain(120_000), 100_000, 110) < 0  # no delta fits on this chain
+
+
 def _dense_fine_tune(repo, step, versions=4):
     """Commit ``versions`` states where every entry moves by ~``step`` (N(0, step) noise on weights
     of scale 0.02); return the manifests' entries, oldest first."""

@@ -446,6 +446,33 @@ def test_decoded_cache_shares_bases_and_stays_bounded(tmp_path):
     assert cache.get("a" * 64) is None and cache.get("b" * 64) == b"y" * 200
 
 
+def test_a_delta_past_the_chains_room_is_not_encoded_in_full(monkeypatch):
+    """A fine-tune step whose sampled winner is int-delta: with room for it, it is encoded and
+    chosen; with a room its estimate passes by more than ROOM_MARGIN, choose encodes nothing in
+    full and answers None (the caller stores a keyframe, as the chain rule would have it)."""
+    from git_theta.updates import choose as choosing
+
+    full = []
+    real = choosing.encode_update
+
+    def recording(tensor, name, base=None, **options):
+        if tensor.shape != (choosing.SAMPLE_BLOCKS * choosing.BLOCK_ELEMENTS,) and name != "low-rank":
+            full.append(name)  # a full encoding (low-rank, structural, is always tried in full)
+        return real(tensor, name, base, **options)
+
+    monkeypatch.setattr(choosing, "encode_update", recording)
+    rng = np.random.default_rng(10)
+    base = (rng.standard_normal((400, 256)) * 0.05).astype(np.float32)
+    new = (base * (1 + 1e-4 * rng.standard_normal(base.shape))).astype(np.float32)
+    args = tensor("w", "F32", new.shape, new.tobytes()), tensor("w", "F32", base.shape, base.tobytes())
+    update, encoded = choosing.choose(*args, room=new.nbytes)
+    assert update.name == "int-delta" and full == ["int-delta"]
+    full.clear()
+    small = choosing.encoded_size(encoded) / (2 * choosing.ROOM_MARGIN)
+    assert choosing.choose(*args, room=small) is None
+    assert full == []  # neither int-delta nor dense encoded in full
+
+
 def test_structural_candidates_skip_tensors_too_small_to_gain(monkeypatch):
     """Low-rank is not tried below STRUCTURAL_MIN_BYTES (a 20,000-tensor add spent most of its
     time in SVDs of 4 KiB matrices), and is tried from there on."""

@@ -52,7 +52,7 @@ from git_theta.store.trust import batched
 from git_theta.config import settings_for
 from git_theta.filter.layouts import CleanRecord, layout_key_of, pick
 from git_theta.filter.smudge import INLINE_BELOW, done
-from git_theta.tensors.keyframes import chain_fits, chain_versions, needs_keyframe, skip_depth, span_of
+from git_theta.tensors.keyframes import chain_fits, chain_room, chain_versions, needs_keyframe, skip_depth, span_of
 from git_theta.tensors.streaming import hashes_of
 from git_theta.updates.base import Encoded, TensorData, TensorRun
 
@@ -662,16 +662,21 @@ class Cleaner:
                 request.adapter.check(path, tensor, base, supplied)
             if deep:
                 return self._keyframe(tensor)  # a keyframe bounds the chain
+            # What the chain rule (_fits) leaves a delta, known before one is encoded; none for an
+            # update the user named, which _fits keeps as asked.
+            percent = None if forced else self.settings.get_int("maxChainPercent")
             if keyframe is not None:
                 # The chain holds theta.maxFullDeltas whole-tensor deltas already: only a partial
                 # delta (sparse) may stack on the parent; anything else is taken on the keyframe.
                 result = _partial_delta(tensor, base, request)
                 if result is None:
-                    result = _encode_against(tensor, keyframe, request, None)
+                    room = chain_room(key_entry, size, percent) if percent is not None else None
+                    result = _encode_against(tensor, keyframe, request, None, room)
                     base, base_entry = keyframe, key_entry
             else:
-                result = _encode_against(tensor, base, request, supplied)
-                if skip is not None and not getattr(result[0], "full_pass", True):
+                room = chain_room(base_entry, size, percent) if percent is not None and skip is None else None
+                result = _encode_against(tensor, base, request, supplied, room)
+                if result is not None and skip is not None and not getattr(result[0], "full_pass", True):
                     # The change from the parent is partial (what it is decides the type): the same
                     # type then takes it against the older version, with the skipped deltas' changes.
                     skip_entry, span = skip
@@ -693,6 +698,8 @@ class Cleaner:
                         update, encoded = merged
                         result = update, Encoded({**encoded.header, "span": span}, encoded.parts)
                         base, base_entry = older, skip_entry
+            if result is None:
+                return self._keyframe(tensor)  # no delta could fit the chain rule (_fits)
             if self.store.stores_raw(len(tensor.data)) and (
                 result[0].keyframe or (not forced and object_size(tensor, *result, base) >= len(tensor.data))
             ):
@@ -924,9 +931,10 @@ class _RunRows:
         self.columns = columns
 
 
-def _encode_against(tensor, base, request, supplied):
+def _encode_against(tensor, base, request, supplied, room=None):
     """(update, Encoded) for ``tensor`` against ``base``: the supplied adapter's update, else the
-    forced type, else (or where those do not apply) the automatic choice."""
+    forced type, else (or where those do not apply) the automatic choice; None when ``room``
+    (the bytes the chain rule leaves a delta) rules every delta out (see ``choose``)."""
     result = None
     if supplied is not None:
         result = encode_update(tensor, supplied.update, base, **supplied.options())
@@ -935,7 +943,7 @@ def _encode_against(tensor, base, request, supplied):
     if result is None:  # not forced, or the forced type does not apply to this tensor
         from git_theta.updates.choose import choose
 
-        result = choose(tensor, base)
+        result = choose(tensor, base, room)
     return result
 
 

@@ -64,8 +64,14 @@ def chain_fits(base_entry, delta_bytes, raw_bytes, percent):
     """True when a delta of ``delta_bytes`` on ``base_entry``'s chain keeps the chain (every
     object a checkout of the new version reads) within ``percent`` percent of ``raw_bytes``
     (plus :data:`HEADER_SLACK`)."""
-    chain = sum(ref.size for ref in base_entry.objects) + delta_bytes
-    return chain * 100 <= percent * raw_bytes + HEADER_SLACK * 100
+    return delta_bytes <= chain_room(base_entry, raw_bytes, percent)
+
+
+def chain_room(base_entry, raw_bytes, percent):
+    """The most bytes a delta on ``base_entry``'s chain may take under :func:`chain_fits` (below
+    zero when none may): known before the delta is encoded, so a delta whose estimated size is
+    far past it need not be encoded at all."""
+    return (percent * raw_bytes + HEADER_SLACK * 100) / 100 - sum(ref.size for ref in base_entry.objects)
 
 
 def skip_depth(spans):
