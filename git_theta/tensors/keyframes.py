@@ -18,10 +18,13 @@ is stored only when its chain (keyframe plus deltas, this delta included) stays 
 ``theta.maxChainPercent`` percent (130 by default) of the tensor's raw size; otherwise the version
 is stored as a keyframe. Git LFS reads and fetches exactly the raw size, so a clone of any version
 moves at most 1.3x its bytes. This rule needs the new delta's size, so clean applies it after
-encoding (:func:`chain_fits`). 130 keeps the int-delta of a full fine-tune step that costs less than
-half a keyframe (0.39 of the raw size on GPT-2-size weights, against 0.84 for a keyframe: chain
-1.23) and turns a delta that saves little (0.84 + 0.62, or 0.9 + 0.63) into a keyframe; 110 would
-make every dense fine-tune a keyframe, twice the store for a clone that reads 1.1x, not 1.25x.
+encoding (:func:`chain_fits`); the room it leaves (:func:`chain_room`) is known before, and a delta
+estimated well past it on a sample is not encoded at all (``updates/choose.py``).
+
+130 keeps the int-delta of a full fine-tune step that costs less than half a keyframe (0.39 of the
+raw size on GPT-2-size weights, against 0.84 for a keyframe: chain 1.23) and turns a delta that
+saves little (0.84 + 0.62, or 0.9 + 0.63) into a keyframe; 110 would make every dense fine-tune a
+keyframe, twice the store for a clone that reads 1.1x, not 1.25x.
 
 Deltas that touch only what changed (``sparse``) also skip (``theta.skipDeltas``, on by default): a
 new one is taken against an older version of the chain, like a binary counter (:func:`skip_depth`).
