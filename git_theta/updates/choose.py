@@ -30,8 +30,8 @@ STRUCTURAL_MIN_BYTES = 16 << 10
 #: a structural encoding this far below the sampled winner's estimate is kept without encoding the
 #: winner in full (estimates are within ~10% of the real size; this leaves room for a bad sample)
 CLEAR_WIN = 0.5
-#: a sampled delta estimated at more than this times the chain's room is not encoded in full (the
-#: chain rule would turn it down for a keyframe); the margin covers a bad sample
+#: a sampled whole-tensor delta estimated at more than this times the chain's room is not encoded
+#: in full (the chain rule would turn it down for a keyframe); the margin covers a bad sample
 ROOM_MARGIN = 1.25
 
 
@@ -58,9 +58,9 @@ def choose(tensor, base, room=None):
 
     ``base`` may be None (no usable base: dense). ``room`` is the most bytes a delta may take
     (the chain rule, :func:`git_theta.tensors.keyframes.chain_room`): when the sampled winner is
-    a delta estimated well past it, nothing is encoded and None comes back, for the caller to
-    store a keyframe as the rule would have it anyway (a dense fine-tune of a 1 GiB tensor
-    otherwise encoded its 0.8 GB int-delta in full only to throw it away).
+    a whole-tensor delta estimated well past it, nothing is encoded and None comes back, for the
+    caller to store a keyframe as the rule would have it anyway (a dense fine-tune of a 1 GiB
+    tensor otherwise encoded its 0.8 GB int-delta in full only to throw it away).
     """
     sampled, structural = _candidates()
     if base is None:
@@ -93,7 +93,16 @@ def choose(tensor, base, room=None):
         tried = _structural(tensor, base, structural, estimates[winner])
         if tried is not None and encoded_size(tried[1]) <= CLEAR_WIN * estimates[winner]:
             return tried
-        if room is not None and winner != "dense" and winner not in done and estimates[winner] > ROOM_MARGIN * room:
+        # A whole-tensor delta's size scales with the data, so its sampled estimate holds (a
+        # sparse one's may not: a small sample of a sparse change compresses badly).
+        whole = getattr(next((u for u in sampled if u.name == winner), None), "full_pass", True)
+        if (
+            room is not None
+            and winner != "dense"
+            and winner not in done
+            and whole
+            and estimates[winner] > ROOM_MARGIN * room
+        ):
             return tried if tried is not None and encoded_size(tried[1]) <= room else None
         best = done.get(winner) or encode_update(tensor, winner, base) or encode_update(tensor, "dense")
         best_size, dense_size = encoded_size(best[1]), estimates.get("dense")
