@@ -181,6 +181,26 @@ def test_checkout_hands_a_huge_keyframe_to_git_as_it_decodes(repo, monkeypatch):
         assert repo.file(MODEL).read_bytes() == expected
 
 
+@pytest.mark.parametrize("where", [0.5, 0.95])
+def test_a_damaged_keyframe_handed_to_git_as_it_decodes_is_never_written(repo, where):
+    """A bit flipped inside a keyframe that goes to git as it decodes: the checkout fails (at
+    the frame that no longer decodes, or at the check after the last byte), names the tensor,
+    and git writes no file."""
+    from conftest import damage_object
+
+    repo.git("config", "theta.streamThreshold", "65536")
+    save_safetensors(repo.file(MODEL), _state(4))
+    repo.commit("v1", MODEL)
+    ref = Manifest.parse(repo.show(f"HEAD:{MODEL}")).tensors["embed.weight"].objects[0]
+    damage_object(repo.path, ref.oid, at=int(ref.size * where))
+    (repo.path / ".git" / "theta" / "cache.sqlite3").unlink()  # nothing trusted, nothing cached
+    repo.file(MODEL).unlink()
+    proc = repo.git("checkout", "--", MODEL, check=False)
+    assert proc.returncode != 0 and "'embed.weight'" in proc.stderr, proc.stderr
+    assert "internal error" not in proc.stderr
+    assert not repo.file(MODEL).exists()
+
+
 def test_a_huge_tensor_that_releases_its_pages_checks_out_exact(repo):
     """A keyframe above streaming.RELEASE_BYTES decodes with its pages released, and checks out exact."""
     save_safetensors(repo.file(MODEL), _state(5, big=(streaming.RELEASE_BYTES // 4 + 1000,)))
