@@ -73,8 +73,9 @@ def chain_fits(base_entry, delta_bytes, raw_bytes, percent):
 def chain_room(base_entry, raw_bytes, percent):
     """The most bytes a delta on ``base_entry``'s chain may take under :func:`chain_fits` (below
     zero when none may): known before the delta is encoded, so a delta whose estimated size is
-    far past it need not be encoded at all."""
-    return (percent * raw_bytes + HEADER_SLACK * 100) / 100 - sum(ref.size for ref in base_entry.objects)
+    far past it need not be encoded at all. Whole bytes, rounded down: ``chain_fits`` stays the
+    exact integer comparison it was."""
+    return (percent * raw_bytes + HEADER_SLACK * 100) // 100 - sum(ref.size for ref in base_entry.objects)
 
 
 def skip_depth(spans):
