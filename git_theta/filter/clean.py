@@ -215,6 +215,13 @@ class Cleaner:
         else:
             self._deferred.append(work)
 
+    def _remember_file(self, path, fingerprint, data):
+        """Keep the whole-file stat row: the file at ``path`` whose bytes have ``fingerprint``
+        cleans to manifest ``data`` (bookkeeping: see :meth:`clean`)."""
+        from git_theta.formats.spool import whole_file_key
+
+        self._bookkeep(lambda: self.cache.put_stat(whole_file_key(path), fingerprint, data, {}))
+
     def _clean(self, stream, path):
         reader = PeekableReader(stream)
         head = reader.peek(SNIFF_BYTES)
@@ -245,7 +252,7 @@ class Cleaner:
             data = self._clean_checkpoint(fmt, spool, path, key, cached, request)
             if remember:
                 fingerprint = spool.fingerprint
-                self._bookkeep(lambda: self.cache.put_stat(whole_file_key(path), fingerprint, data, {}))
+                self._remember_file(path, fingerprint, data)
             return data
 
     def _clean_streamed(self, fmt, reader, path, key, cached, request):
@@ -272,7 +279,7 @@ class Cleaner:
             while hashing.read(1 << 20):  # the fingerprint is of the whole file, read or not
                 pass
             fingerprint = hashing.fingerprint
-            self._bookkeep(lambda: self.cache.put_stat(whole_file_key(path), fingerprint, data, {}))
+            self._remember_file(path, fingerprint, data)
             return data
         chunks, fingerprint = read_ahead(reader, limit)
         if fingerprint is not None:
@@ -285,7 +292,7 @@ class Cleaner:
             key = cached = None
         data = self._clean_checkpoint(fmt, ReplayReader(chunks, reader), path, key, cached, request)
         if fingerprint is not None:
-            self._bookkeep(lambda: self.cache.put_stat(whole_file_key(path), fingerprint, data, {}))
+            self._remember_file(path, fingerprint, data)
         return data
 
     def _objects_here(self, data):

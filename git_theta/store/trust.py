@@ -11,9 +11,9 @@ clone either
 - encoded the chain itself from bytes whose sha256 it computed (clean, merge).
 
 Until then every decode hashes its result with sha256 before a byte is kept (a huge keyframe's
-checkout hands its bytes to git as they decode, and git drops the file if they hash otherwise); afterwards the
-object's xxh3 checksum suffices (it catches accidental corruption at a tenth of the cost). Dedup
-and delta bases reuse trusted pairs only.
+checkout hands its bytes to git as they decode, and git drops the file if they hash otherwise);
+afterwards the object's xxh3 checksum suffices (it catches accidental corruption at a tenth of the
+cost). Dedup and delta bases reuse trusted pairs only.
 
 The ledger lives in the local SQLite cache (``<git common dir>/theta/cache.sqlite3``, table
 ``trusted``), which no fetch, clone or push can write: a pair is keyed by the sha256 of its digest
